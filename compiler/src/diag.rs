@@ -1,0 +1,132 @@
+//! Diagnostics: what every stage reports to the user, rendered rustc-style by `codespan-reporting`.
+//!
+//! Each stage has its own `thiserror` enum; each error converts to a [`Diagnostic`] carrying a message,
+//! labelled spans (the first is primary: the caret) and notes. Errors without a source location
+//! (a corrupt weights file, say) are diagnostics with no labels.
+
+use codespan_reporting::diagnostic::{Diagnostic as CsDiagnostic, Label, Severity};
+use codespan_reporting::files::SimpleFile;
+use codespan_reporting::term::{self, termcolor};
+
+/// A byte range in the model source.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Span {
+    pub start: usize,
+    pub end: usize,
+}
+
+impl Span {
+    pub fn new(start: usize, end: usize) -> Self {
+        Span { start, end }
+    }
+    /// The span from the start of `self` to the end of `other`.
+    pub fn to(self, other: Span) -> Span {
+        Span::new(self.start.min(other.start), self.end.max(other.end))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    Error,
+    Warning,
+    Note,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Diagnostic {
+    pub level: Level,
+    pub message: String,
+    /// (span, label); the first is the primary label.
+    pub labels: Vec<(Span, String)>,
+    pub notes: Vec<String>,
+}
+
+impl Diagnostic {
+    pub fn error(message: impl Into<String>) -> Self {
+        Diagnostic { level: Level::Error, message: message.into(), labels: vec![], notes: vec![] }
+    }
+    pub fn warning(message: impl Into<String>) -> Self {
+        Diagnostic { level: Level::Warning, ..Self::error(message) }
+    }
+    pub fn note_level(message: impl Into<String>) -> Self {
+        Diagnostic { level: Level::Note, ..Self::error(message) }
+    }
+    pub fn label(mut self, span: Span, text: impl Into<String>) -> Self {
+        self.labels.push((span, text.into()));
+        self
+    }
+    pub fn note(mut self, text: impl Into<String>) -> Self {
+        self.notes.push(text.into());
+        self
+    }
+    pub fn primary_start(&self) -> usize {
+        self.labels.first().map_or(usize::MAX, |(s, _)| s.start)
+    }
+    pub fn is_error(&self) -> bool {
+        self.level == Level::Error
+    }
+}
+
+/// The model source a diagnostic points into.
+#[derive(Clone, Debug)]
+pub struct Source {
+    pub name: String,
+    pub text: String,
+}
+
+impl Source {
+    pub fn new(name: impl Into<String>, text: impl Into<String>) -> Self {
+        Source { name: name.into(), text: text.into() }
+    }
+
+    /// 1-based `line:column` of a byte offset.
+    pub fn line_col(&self, offset: usize) -> (usize, usize) {
+        let before = &self.text[..offset.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let col = before.rfind('\n').map_or(before.chars().count(), |nl| before[nl + 1..].chars().count()) + 1;
+        (line, col)
+    }
+
+    fn to_codespan(&self, d: &Diagnostic) -> CsDiagnostic<()> {
+        let severity = match d.level {
+            Level::Error => Severity::Error,
+            Level::Warning => Severity::Warning,
+            Level::Note => Severity::Note,
+        };
+        let len = self.text.len();
+        let clamp = |s: Span| s.start.min(len)..s.end.min(len).max(s.start.min(len));
+        let labels = d
+            .labels
+            .iter()
+            .enumerate()
+            .map(|(i, (s, m))| if i == 0 { Label::primary((), clamp(*s)) } else { Label::secondary((), clamp(*s)) }.with_message(m))
+            .collect();
+        CsDiagnostic::new(severity).with_message(&d.message).with_labels(labels).with_notes(d.notes.clone())
+    }
+
+    /// Renders diagnostics as plain text (for tests and files).
+    pub fn render_plain(&self, diags: &[Diagnostic]) -> String {
+        let files = SimpleFile::new(&self.name, &self.text);
+        let config = term::Config::default();
+        diags.iter().map(|d| term::emit_into_string(&config, &files, &self.to_codespan(d)).unwrap_or_else(|_| d.message.clone())).collect()
+    }
+
+    /// Renders diagnostics to stderr, coloured when stderr is a terminal.
+    pub fn emit(&self, diags: &[Diagnostic]) {
+        use std::io::IsTerminal;
+        let choice = if std::io::stderr().is_terminal() { termcolor::ColorChoice::Auto } else { termcolor::ColorChoice::Never };
+        let mut out = termcolor::StandardStream::stderr(choice);
+        let files = SimpleFile::new(&self.name, &self.text);
+        let config = term::Config::default();
+        for d in diags {
+            if term::emit_to_write_style(&mut out, &config, &files, &self.to_codespan(d)).is_err() {
+                eprintln!("{:?}: {}", d.level, d.message);
+            }
+        }
+    }
+}
+
+/// A stage failed; the diagnostics say why (warnings may be among them).
+#[derive(Debug, thiserror::Error)]
+#[error("{} error(s)", .0.iter().filter(|d| d.is_error()).count())]
+pub struct Failed(pub Vec<Diagnostic>);

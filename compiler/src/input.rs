@@ -1,0 +1,107 @@
+//! Inputs: images and `.npy` files → one batched NCHW f32 tensor for the model's input.
+//!
+//! Images are preprocessed as Chainer's imagenet example does at test time (documented in `docs/cli.md`):
+//! resize so the shorter side is [`Preprocess::resize`] (triangle filter), center-crop to the model's input
+//! size, RGB, CHW, values in 0..255, minus the per-channel mean, times the scale. Grayscale images are
+//! expanded to RGB and alpha is dropped. A `.npy` is a raw float tensor (N,C,H,W) or (C,H,W), used as is.
+
+use cnnc_runtime::op::Batched;
+use crate::weights::{read_npy, NpyError};
+use cnnc_runtime::Tensor;
+use std::path::Path;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Preprocess {
+    /// Length of the shorter side after resizing, before the center crop.
+    pub resize: u32,
+    /// Subtracted per RGB channel (ImageNet means, 0..255 scale).
+    pub mean: [f32; 3],
+    /// Multiplied after the mean is subtracted.
+    pub scale: f32,
+}
+
+impl Default for Preprocess {
+    fn default() -> Self {
+        Preprocess { resize: 256, mean: [123.68, 116.78, 103.94], scale: 1.0 / 255.0 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InputError {
+    #[error("cannot read input `{path}`: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("input `{path}` is not a readable image or .npy file: {reason}")]
+    Decode { path: String, reason: String },
+    #[error("input `{path}` has shape {got:?}, but the model takes {} (or one sample without the batch axis)", Batched(expected))]
+    Shape { path: String, got: Vec<usize>, expected: Vec<usize> },
+    #[error("input `{path}` has dtype {dtype}; .npy inputs must be float32 (or float64)")]
+    Dtype { path: String, dtype: String },
+    #[error("input `{path}`: images need a model input of shape [3, H, W], but the model takes {}", Batched(expected))]
+    NotImageModel { path: String, expected: Vec<usize> },
+    #[error("input `{path}`: after resizing to a shorter side of {resize}, the image is {w}x{h}, smaller than the model's {cw}x{ch} input (raise --resize)")]
+    TooSmall { path: String, resize: u32, w: u32, h: u32, cw: usize, ch: usize },
+    #[error("input `{path}` holds non-finite values (NaN or infinity)")]
+    NonFinite { path: String },
+}
+
+/// Loads one input file as a batch for a model whose input has per-sample shape `dims`.
+pub fn load(path: &Path, dims: &[usize], pre: &Preprocess) -> Result<Tensor, InputError> {
+    let p = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| InputError::Io { path: p.clone(), source })?;
+    let t = if bytes.starts_with(b"\x93NUMPY") { npy(&p, &bytes, dims)? } else { image(&p, &bytes, dims, pre)? };
+    if t.data().iter().any(|v| !v.is_finite()) {
+        return Err(InputError::NonFinite { path: p });
+    }
+    Ok(t)
+}
+
+fn npy(p: &str, bytes: &[u8], dims: &[usize]) -> Result<Tensor, InputError> {
+    let f = npyz::NpyFile::new(bytes).map_err(|e| InputError::Decode { path: p.into(), reason: e.to_string() })?;
+    let (shape, data) = read_npy(f).map_err(|e| match e {
+        NpyError::Dtype(dtype) => InputError::Dtype { path: p.into(), dtype },
+        NpyError::Bad(reason) => InputError::Decode { path: p.into(), reason },
+    })?;
+    let batched = if shape.len() == dims.len() && shape == dims {
+        [&[1][..], &shape].concat()
+    } else if shape.len() == dims.len() + 1 && shape[1..] == *dims && shape[0] > 0 {
+        shape.clone()
+    } else {
+        return Err(InputError::Shape { path: p.into(), got: shape, expected: dims.to_vec() });
+    };
+    Ok(Tensor::new(batched, data).expect("npy data matches its shape"))
+}
+
+fn image(p: &str, bytes: &[u8], dims: &[usize], pre: &Preprocess) -> Result<Tensor, InputError> {
+    let &[3, ch, cw] = dims else {
+        return Err(InputError::NotImageModel { path: p.into(), expected: dims.to_vec() });
+    };
+    let img = image::load_from_memory(bytes).map_err(|e| InputError::Decode { path: p.into(), reason: e.to_string() })?.to_rgb8();
+    let (w, h) = img.dimensions();
+    let r = pre.resize as u64;
+    // Shorter side → `resize`, keeping the aspect ratio (rounded to the nearest pixel).
+    let (nw, nh) = if w <= h { (r, (h as u64 * r + w as u64 / 2) / w as u64) } else { ((w as u64 * r + h as u64 / 2) / h as u64, r) };
+    let (nw, nh) = (nw.max(1) as u32, nh.max(1) as u32);
+    if (nw as usize) < cw || (nh as usize) < ch {
+        return Err(InputError::TooSmall { path: p.into(), resize: pre.resize, w: nw, h: nh, cw, ch });
+    }
+    let resized = image::imageops::resize(&img, nw, nh, image::imageops::FilterType::Triangle);
+    let (top, left) = ((nh as usize - ch) / 2, (nw as usize - cw) / 2);
+    let mut data = vec![0f32; 3 * ch * cw];
+    for c in 0..3 {
+        for y in 0..ch {
+            for x in 0..cw {
+                let px = resized.get_pixel((left + x) as u32, (top + y) as u32);
+                data[(c * ch + y) * cw + x] = (px[c] as f32 - pre.mean[c]) * pre.scale;
+            }
+        }
+    }
+    Ok(Tensor::new(vec![1, 3, ch, cw], data).expect("3*ch*cw values"))
+}
+
+/// Concatenates batches along the batch axis.
+pub fn concat_batches(parts: Vec<Tensor>) -> Tensor {
+    let mut shape = parts[0].shape().to_vec();
+    shape[0] = parts.iter().map(Tensor::batch).sum();
+    let data = parts.into_iter().flat_map(Tensor::into_data).collect();
+    Tensor::new(shape, data).expect("same per-sample shape")
+}

@@ -1,0 +1,82 @@
+//! Stable text forms of a graph: the IR dump (`--emit ir`) and the per-layer table (`cnnc compile`).
+//!
+//! Both are snapshot-tested for every model in `models/`; change them only on purpose.
+
+use super::{Graph, Kind};
+use crate::diag::Source;
+use cnnc_runtime::op::Batched;
+use std::fmt::Write;
+
+/// One line per node: `%id = op[attrs](args) {params} : shape  # layer @ line:col`.
+pub fn dump(g: &Graph, src: &Source) -> String {
+    let mut out = format!("graph {} {{\n", g.name);
+    for (id, n) in g.nodes() {
+        let (line, col) = src.line_col(n.span.start);
+        let head = match &n.kind {
+            Kind::Input(_) => format!("{id} = input {}", n.layer),
+            Kind::Op(op) => {
+                let args: Vec<String> = g.args(id).iter().map(ToString::to_string).collect();
+                let params = if n.params.is_empty() { String::new() } else { format!(" {{{}}}", n.params.join(", ")) };
+                format!("{id} = {op}({}){params}", args.join(", "))
+            }
+        };
+        writeln!(out, "  {head} : {}  # {} @ {line}:{col}", Batched(&n.shape), n.layer).expect("write to String");
+    }
+    writeln!(out, "  return {}\n}}", g.output).expect("write to String");
+    out
+}
+
+/// The per-layer table: layer, op, output shape, parameters, MACs per image, and exact totals.
+pub fn table(g: &Graph) -> String {
+    let mut rows = vec![["layer".to_string(), "op".into(), "output".into(), "params".into(), "MACs".into()]];
+    let mut seen = std::collections::HashSet::new();
+    let (mut total_params, mut total_macs) = (0u64, 0u64);
+    for (_, n) in g.nodes() {
+        let (name, params, macs) = match &n.kind {
+            Kind::Input(_) => ("input", 0, 0),
+            Kind::Op(op) => {
+                let params: u64 = n
+                    .params
+                    .iter()
+                    .zip(op.params())
+                    .filter(|(k, _)| seen.insert((*k).clone()))
+                    .map(|(_, (_, s))| s.iter().product::<usize>() as u64)
+                    .sum();
+                (op.name(), params, op.macs(&n.shape))
+            }
+        };
+        total_params += params;
+        total_macs += macs;
+        let dash = |v: u64| if v == 0 { "-".to_string() } else { thousands(v) };
+        rows.push([n.layer.clone(), name.into(), Batched(&n.shape).to_string(), dash(params), dash(macs)]);
+    }
+    rows.push(["total".into(), String::new(), String::new(), thousands(total_params), thousands(total_macs)]);
+    let widths: Vec<usize> = (0..5).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+    let mut out = format!("model {}: {} layers\n", g.name, g.g.node_count() - g.inputs.len());
+    for (i, r) in rows.iter().enumerate() {
+        if i + 1 == rows.len() {
+            writeln!(out, "{}", "-".repeat(widths.iter().sum::<usize>() + 8)).expect("write to String");
+        }
+        let line = format!(
+            "{:<w0$}  {:<w1$}  {:<w2$}  {:>w3$}  {:>w4$}",
+            r[0], r[1], r[2], r[3], r[4],
+            w0 = widths[0], w1 = widths[1], w2 = widths[2], w3 = widths[3], w4 = widths[4]
+        );
+        writeln!(out, "{}", line.trim_end()).expect("write to String");
+    }
+    writeln!(out, "{} MACs per image ({:.4} GFLOP), {} parameters", total_macs, 2.0 * total_macs as f64 / 1e9, total_params).expect("write to String");
+    out
+}
+
+/// `1135256096` → `1,135,256,096`.
+pub fn thousands(v: u64) -> String {
+    let s = v.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}

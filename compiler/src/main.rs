@@ -1,0 +1,253 @@
+//! The `cnnc` command line: `compile` and `run`. Exit codes: 0 success, 1 bad model, weights or input,
+//! 2 usage. Every output file is written to a temporary file beside it and renamed into place, so a failed
+//! run never leaves a partial file.
+
+use anyhow::{anyhow, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use cnnc::diag::{Failed, Source};
+use cnnc::input::{self, Preprocess};
+use cnnc::ir::{self, Graph, Kind};
+use cnnc::weights::{self, Weights};
+use cnnc_runtime::{Op, Tensor};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "cnnc", version, about = "A compiler for CNNs written like Chainer models", propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Check a model, infer its shapes, and print its layer table (or its IR).
+    Compile {
+        /// The model file (`.model`).
+        model: PathBuf,
+        /// What to print.
+        #[arg(long, value_enum, default_value_t = Emit::Table)]
+        emit: Emit,
+        /// Write to FILE instead of standard output.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// Run a model on images or .npy tensors and print the top classes.
+    Run {
+        /// The model file; defaults to the bundled AlexBN.
+        model: Option<PathBuf>,
+        /// Input files: images (.png, .jpg) or .npy tensors (N,C,H,W) or (C,H,W). Several form one batch.
+        #[arg(long, short, required = true, num_args = 1.., value_name = "FILE")]
+        input: Vec<PathBuf>,
+        /// Chainer `save_npz` file or safetensors file with the model's parameters.
+        #[arg(long, short, value_name = "FILE")]
+        weights: Option<PathBuf>,
+        /// Write the raw outputs (logits, shape (N, classes)) to this .npy file.
+        #[arg(long, short, value_name = "FILE.npy")]
+        output: Option<PathBuf>,
+        /// How many classes to print per input.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..))]
+        top: u16,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Image preprocessing: shorter side after resizing, before the center crop.
+        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=16384))]
+        resize: u32,
+        /// Image preprocessing: per-channel mean subtracted, as R,G,B on the 0..255 scale.
+        #[arg(long, value_parser = parse_mean, value_name = "R,G,B")]
+        mean: Option<[f32; 3]>,
+        /// Image preprocessing: factor applied after the mean is subtracted.
+        #[arg(long, value_parser = parse_finite)]
+        scale: Option<f32>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Emit {
+    /// The per-layer table with parameters and MACs.
+    Table,
+    /// The layer-graph IR, one node per line.
+    Ir,
+}
+
+fn parse_finite(s: &str) -> Result<f32, String> {
+    s.trim().parse::<f32>().ok().filter(|v| v.is_finite()).ok_or_else(|| format!("`{s}` is not a finite number"))
+}
+
+fn parse_mean(s: &str) -> Result<[f32; 3], String> {
+    let v: Vec<f32> = s.split(',').map(parse_finite).collect::<Result<_, _>>()?;
+    v.try_into().map_err(|_| format!("`{s}` is not three comma-separated numbers R,G,B"))
+}
+
+/// A failure whose message has already been printed.
+#[derive(Debug, thiserror::Error)]
+#[error("reported")]
+struct Reported;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Compile { model, emit, output } => compile(&model, emit, output.as_deref()),
+        Cmd::Run { model, input, weights, output, top, json, resize, mean, scale } => {
+            let defaults = Preprocess::default();
+            let pre = Preprocess { resize, mean: mean.unwrap_or(defaults.mean), scale: scale.unwrap_or(defaults.scale) };
+            run(model.as_deref(), &input, weights.as_deref(), output.as_deref(), top as usize, json, &pre)
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if !e.is::<Reported>() {
+                eprintln!("error: {e:#}");
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Reads and compiles a model, printing its diagnostics.
+fn front_end(model: Option<&Path>) -> Result<(Source, Graph)> {
+    let src = match model {
+        Some(p) => Source::new(p.display().to_string(), std::fs::read_to_string(p).with_context(|| format!("cannot read model `{}`", p.display()))?),
+        None => Source::new("alexbn.model (bundled)", cnnc::ALEXBN),
+    };
+    match cnnc::compile(&src) {
+        Ok((g, warnings)) => {
+            src.emit(&warnings);
+            Ok((src, g))
+        }
+        Err(Failed(diags)) => {
+            src.emit(&diags);
+            let n = diags.iter().filter(|d| d.is_error()).count();
+            eprintln!("error: could not compile `{}` ({n} error{})", src.name, if n == 1 { "" } else { "s" });
+            Err(Reported.into())
+        }
+    }
+}
+
+fn compile(model: &Path, emit: Emit, output: Option<&Path>) -> Result<()> {
+    let (src, g) = front_end(Some(model))?;
+    let text = match emit {
+        Emit::Table => ir::table(&g),
+        Emit::Ir => ir::dump(&g, &src),
+    };
+    match output {
+        Some(path) => write_atomic(path, |w| Ok(w.write_all(text.as_bytes())?)),
+        None => Ok(print!("{text}")),
+    }
+}
+
+fn run(model: Option<&Path>, inputs: &[PathBuf], weights: Option<&Path>, output: Option<&Path>, top: usize, json: bool, pre: &Preprocess) -> Result<()> {
+    let (src, g) = front_end(model)?;
+    let [input_node] = g.inputs[..] else {
+        return Err(anyhow!("`{}` takes {} inputs; `cnnc run` feeds models with exactly one", src.name, g.inputs.len()));
+    };
+    let dims = g.node(input_node).shape.clone();
+    let mut parts = Vec::new();
+    let mut labels = Vec::new();
+    for path in inputs {
+        let t = input::load(path, &dims, pre)?;
+        let name = path.display().to_string();
+        labels.extend((0..t.batch()).map(|i| if t.batch() == 1 { name.clone() } else { format!("{name}[{i}]") }));
+        parts.push(t);
+    }
+    let x = input::concat_batches(parts);
+
+    let mut w = match weights {
+        Some(p) => Weights::open(p).map_err(|e| anyhow!(e))?,
+        None => {
+            eprintln!("warning: no --weights given: parameters are initialised randomly (Chainer's LeCunNormal, fixed seed)");
+            eprintln!("warning: THE PREDICTIONS BELOW ARE MEANINGLESS; pass --weights FILE.npz for real ones");
+            Weights::init()
+        }
+    };
+    let bound = match weights::bind(&g, &mut w) {
+        Ok(b) => {
+            src.emit(&b.notes);
+            b
+        }
+        Err(diags) => {
+            src.emit(&diags);
+            return Err(Reported.into());
+        }
+    };
+    let plan = cnnc::lower::lower(&g, bound).context("internal error while lowering")?;
+    let y = plan.run(vec![x])?;
+    if let Some(path) = output {
+        write_atomic(path, |w| write_npy(w, &y))?;
+    }
+    report(&g, &y, &labels, top, json, weights)
+}
+
+/// Prints the top classes per sample (softmax probabilities unless the model already ends in softmax).
+fn report(g: &Graph, y: &Tensor, labels: &[String], top: usize, json: bool, weights: Option<&Path>) -> Result<()> {
+    let classes = y.shape()[1..].iter().product::<usize>();
+    let ends_in_softmax = matches!(&g.node(g.output).kind, Kind::Op(Op::Softmax { .. }));
+    if y.shape().len() != 2 {
+        println!("output shape {:?} (not a vector of class scores; use --output to save it)", y.shape());
+        return Ok(());
+    }
+    let names: Vec<&str> = if classes == 1000 { IMAGENET.lines().collect() } else { vec![] };
+    let mut results = Vec::new();
+    for (label, row) in labels.iter().zip(y.data().chunks(classes)) {
+        let probs: Vec<f64> = if ends_in_softmax {
+            row.iter().map(|&v| v as f64).collect()
+        } else {
+            let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+            let e: Vec<f64> = row.iter().map(|&v| (v as f64 - m).exp()).collect();
+            let s: f64 = e.iter().sum();
+            e.into_iter().map(|v| v / s).collect()
+        };
+        let mut idx: Vec<usize> = (0..classes).collect();
+        idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+        idx.truncate(top);
+        results.push((label, idx.into_iter().map(|i| (i, names.get(i).copied(), probs[i], row[i])).collect::<Vec<_>>()));
+    }
+    if json {
+        let items: Vec<_> = results
+            .iter()
+            .map(|(label, top)| {
+                let top: Vec<_> = top.iter().map(|(i, n, p, l)| serde_json::json!({"class": i, "name": n, "probability": p, "logit": l})).collect();
+                serde_json::json!({"input": label, "top": top})
+            })
+            .collect();
+        let doc = serde_json::json!({"model": g.name, "weights": weights.map(|p| p.display().to_string()), "results": items});
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    for (label, top) in results {
+        println!("{label}");
+        for (rank, (i, name, p, logit)) in top.iter().enumerate() {
+            println!("  {:>2}. {:>4}  {:<28} {:>7.3}%  (logit {logit:.4})", rank + 1, i, name.unwrap_or("-"), p * 100.0);
+        }
+    }
+    Ok(())
+}
+
+const IMAGENET: &str = include_str!("../data/imagenet_classes.txt");
+
+fn write_npy(w: &mut dyn Write, y: &Tensor) -> Result<()> {
+    use npyz::WriterBuilder;
+    let shape: Vec<u64> = y.shape().iter().map(|&d| d as u64).collect();
+    let mut npy = npyz::WriteOptions::<f32>::new().default_dtype().shape(&shape).writer(w).begin_nd()?;
+    npy.extend(y.data().iter().copied())?;
+    npy.finish()?;
+    Ok(())
+}
+
+/// Writes `path` through a temporary file in the same directory, renamed into place only on success.
+fn write_atomic(path: &Path, body: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let ctx = || format!("cannot write `{}`", path.display());
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(ctx)?;
+    {
+        let mut buf = std::io::BufWriter::new(tmp.as_file_mut());
+        body(&mut buf).with_context(ctx)?;
+        buf.flush().with_context(ctx)?;
+    }
+    tmp.persist(path).map_err(|e| e.error).with_context(ctx)?;
+    Ok(())
+}
+

@@ -1,0 +1,50 @@
+//! Syntax: model text → AST.
+//!
+//! Owns the lexer ([`lex`]), the recursive-descent parser ([`parse`]) and the AST. It accepts the DSL
+//! described in `docs/dsl.md`: Python-like, newlines end statements except inside brackets, `#` comments,
+//! tabs and CRLF. Invariant left: every AST node carries the byte span it came from; a file that parses
+//! has no nesting deeper than [`MAX_DEPTH`]. Errors never stop at the first: the parser resynchronises at
+//! the next statement and reports all of them.
+
+mod ast;
+mod lexer;
+mod parser;
+
+pub use ast::*;
+pub use lexer::{lex, Tok, Token};
+pub use parser::parse;
+
+use crate::diag::{Diagnostic, Span};
+
+/// Deepest expression nesting the parser accepts (the parser recurses once per level).
+pub const MAX_DEPTH: usize = 64;
+
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum SyntaxError {
+    #[error("unexpected character `{ch}`")]
+    UnexpectedChar { ch: char, span: Span },
+    #[error("unterminated string literal")]
+    UnterminatedString { span: Span },
+    #[error("invalid number `{text}`: {reason}")]
+    BadNumber { text: String, reason: String, span: Span },
+    #[error("expected {expected}, found {found}")]
+    Expected { expected: String, found: String, span: Span },
+    #[error("unmatched `{close}`")]
+    Unmatched { close: char, span: Span },
+    #[error("expression nested more than {MAX_DEPTH} levels deep")]
+    TooDeep { span: Span },
+}
+
+impl SyntaxError {
+    pub fn diagnostic(&self) -> Diagnostic {
+        let d = Diagnostic::error(self.to_string());
+        match self {
+            SyntaxError::UnexpectedChar { span, .. } => d.label(*span, "not part of the model language"),
+            SyntaxError::UnterminatedString { span } => d.label(*span, "string starts here").note("strings end with the same quote on the same line"),
+            SyntaxError::BadNumber { span, .. } => d.label(*span, "here"),
+            SyntaxError::Expected { span, expected, .. } => d.label(*span, format!("expected {expected}")),
+            SyntaxError::Unmatched { span, .. } => d.label(*span, "no matching opening bracket"),
+            SyntaxError::TooDeep { span } => d.label(*span, "this expression").note("split it into several statements"),
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! Weights: Chainer `save_npz` files and safetensors files → parameters bound to a graph.
+//!
+//! Keys are Chainer's (`conv1/W`, `bn1/avg_mean`, `res2/0/conv1/W`). Binding checks every key and shape the
+//! graph needs and reports all problems at once, pointing at the link declarations; keys the model does not
+//! use (`bn1/N`, auxiliary heads) are listed in a note. Without a file, [`init`] initialises like Chainer
+//! (LeCunNormal W, zero biases, BN γ=1 β=0 mean 0 var 1) from a fixed seed.
+
+use crate::diag::Diagnostic;
+use crate::ir::{Graph, ParamSpec};
+use cnnc_runtime::{rng, Tensor};
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WeightError {
+    #[error("cannot read weights file `{path}`: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("`{path}` is not a valid {format} file: {reason}")]
+    Corrupt { path: String, format: &'static str, reason: String },
+    #[error("`{path}` is neither a Chainer .npz (zip) nor a safetensors file")]
+    UnknownFormat { path: String },
+    #[error("`{key}` in `{path}` has dtype {dtype}; cnnc reads float32 and float64")]
+    Dtype { path: String, key: String, dtype: String },
+}
+
+impl WeightError {
+    pub fn diagnostic(&self) -> Diagnostic {
+        Diagnostic::error(self.to_string())
+    }
+}
+
+/// Arrays read from a weights file, by key. Loaded lazily: only keys the model uses are decoded.
+pub struct Weights {
+    path: String,
+    store: Store,
+}
+
+enum Store {
+    Npz(npyz::npz::NpzArchive<Cursor<Vec<u8>>>),
+    Safetensors(Vec<u8>),
+    /// Deterministic initialisation (no file).
+    Init,
+}
+
+/// A raw array: shape and values converted to f32.
+pub type Array = (Vec<usize>, Vec<f32>);
+
+impl Weights {
+    /// Opens a `.npz` (as written by `chainer.serializers.save_npz`, compressed or not) or a safetensors file,
+    /// telling them apart by content.
+    pub fn open(path: &Path) -> Result<Weights, WeightError> {
+        let p = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|source| WeightError::Io { path: p.clone(), source })?;
+        let store = if bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"PK\x05\x06") {
+            let npz = npyz::npz::NpzArchive::new(Cursor::new(bytes))
+                .map_err(|e| WeightError::Corrupt { path: p.clone(), format: "npz", reason: e.to_string() })?;
+            Store::Npz(npz)
+        } else if bytes.len() >= 9 && bytes[8] == b'{' {
+            safetensors::SafeTensors::deserialize(&bytes)
+                .map_err(|e| WeightError::Corrupt { path: p.clone(), format: "safetensors", reason: e.to_string() })?;
+            Store::Safetensors(bytes)
+        } else {
+            return Err(WeightError::UnknownFormat { path: p });
+        };
+        Ok(Weights { path: p, store })
+    }
+
+    /// No file: parameters are initialised deterministically (see [`init_param`]).
+    pub fn init() -> Weights {
+        Weights { path: "<initialised>".into(), store: Store::Init }
+    }
+
+    pub fn is_init(&self) -> bool {
+        matches!(self.store, Store::Init)
+    }
+
+    pub fn keys(&self) -> Vec<String> {
+        match &self.store {
+            Store::Npz(z) => z.array_names().map(str::to_string).collect(),
+            Store::Safetensors(b) => safetensors::SafeTensors::deserialize(b).map(|s| s.names().into_iter().map(str::to_string).collect()).unwrap_or_default(),
+            Store::Init => vec![],
+        }
+    }
+
+    fn read(&mut self, key: &str) -> Result<Array, WeightError> {
+        let corrupt = |reason: String| WeightError::Corrupt { path: self.path.clone(), format: "npz", reason: format!("array `{key}`: {reason}") };
+        match &mut self.store {
+            Store::Npz(z) => {
+                let npy = z.by_name(key).map_err(|e| corrupt(e.to_string()))?.ok_or_else(|| corrupt("missing".into()))?;
+                let (shape, data) = read_npy(npy).map_err(|e| match e {
+                    NpyError::Dtype(dtype) => WeightError::Dtype { path: self.path.clone(), key: key.into(), dtype },
+                    NpyError::Bad(reason) => corrupt(reason),
+                })?;
+                Ok((shape, data))
+            }
+            Store::Safetensors(bytes) => {
+                let st = safetensors::SafeTensors::deserialize(bytes).expect("validated in open");
+                let t = st.tensor(key).map_err(|e| WeightError::Corrupt { path: self.path.clone(), format: "safetensors", reason: e.to_string() })?;
+                let data: Vec<f32> = match t.dtype() {
+                    safetensors::Dtype::F32 => t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect(),
+                    safetensors::Dtype::F64 => t.data().chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32).collect(),
+                    d => return Err(WeightError::Dtype { path: self.path.clone(), key: key.into(), dtype: format!("{d:?}") }),
+                };
+                Ok((t.shape().to_vec(), data))
+            }
+            Store::Init => unreachable!("initialised weights are not read"),
+        }
+    }
+}
+
+/// Why an `.npy` array could not be read as f32.
+pub enum NpyError {
+    Dtype(String),
+    Bad(String),
+}
+
+/// Reads a C-order float32 or float64 `.npy` array as f32 (the one npy reader for weights and inputs).
+pub fn read_npy<R: std::io::Read>(npy: npyz::NpyFile<R>) -> Result<Array, NpyError> {
+    let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
+    if npy.order() == npyz::Order::Fortran && shape.len() > 1 {
+        return Err(NpyError::Bad("Fortran-order arrays are not supported (use np.ascontiguousarray)".into()));
+    }
+    let bad = |e: std::io::Error| NpyError::Bad(e.to_string());
+    let data = match npy.dtype().descr().trim_matches('\'') {
+        "<f4" | ">f4" => npy.into_vec::<f32>().map_err(bad)?,
+        "<f8" | ">f8" => npy.into_vec::<f64>().map_err(bad)?.into_iter().map(|x| x as f32).collect(),
+        other => return Err(NpyError::Dtype(other.into())),
+    };
+    Ok((shape, data))
+}
+
+/// Chainer's default initialisation of one parameter, deterministic per key: W ~ LeCunNormal
+/// (N(0, 1/fan_in)), biases and β and avg_mean 0, γ and avg_var 1.
+pub fn init_param(spec: &ParamSpec) -> Tensor {
+    let n: usize = spec.shape.iter().product();
+    let data: Vec<f32> = match spec.key.rsplit('/').next() {
+        Some("W") => {
+            let std = (1.0 / spec.shape[1..].iter().product::<usize>() as f64).sqrt();
+            rng::normal(&spec.key, n).map(|v| (v * std) as f32).collect()
+        }
+        Some("gamma" | "avg_var") => vec![1.0; n],
+        _ => vec![0.0; n],
+    };
+    Tensor::new(spec.shape.clone(), data).expect("n matches shape")
+}
+
+/// The parameters of a graph, in [`Graph::params`] order, with notes about the file.
+pub struct Bound {
+    pub params: Vec<(ParamSpec, Tensor)>,
+    pub notes: Vec<Diagnostic>,
+}
+
+/// Reads every parameter the graph needs, checking keys and shapes; reports all problems at once.
+pub fn bind(graph: &Graph, w: &mut Weights) -> Result<Bound, Vec<Diagnostic>> {
+    let specs = graph.params();
+    if w.is_init() {
+        let params = specs.into_iter().map(|s| (init_param(&s), s)).map(|(t, s)| (s, t)).collect();
+        return Ok(Bound { params, notes: vec![] });
+    }
+    let keys = w.keys();
+    let prefix = common_prefix(&specs, &keys);
+    let (mut params, mut errors, mut notes) = (Vec::new(), Vec::new(), Vec::new());
+    if !prefix.is_empty() {
+        notes.push(Diagnostic::note_level(format!("`{}` stores the model's parameters under `{prefix}`; using them", w.path)));
+    }
+    for spec in specs {
+        let key = format!("{prefix}{}", spec.key);
+        if !keys.contains(&key) {
+            errors.push(missing(&w.path, &spec, &keys));
+            continue;
+        }
+        match w.read(&key) {
+            Ok((shape, data)) if shape == spec.shape => params.push((spec, Tensor::new(shape, data).expect("npy shape matches data"))),
+            Ok((shape, _)) => {
+                let mut d = Diagnostic::error(format!("parameter `{key}` has shape {shape:?} in `{}`, but the model needs {:?}", w.path, spec.shape));
+                if let Some(decl) = spec.decl {
+                    d = d.label(decl, format!("this link needs {key} of shape {:?}", spec.shape));
+                }
+                errors.push(d);
+            }
+            Err(e) => errors.push(e.diagnostic()),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let used: std::collections::HashSet<String> = params.iter().map(|(s, _)| format!("{prefix}{}", s.key)).collect();
+    let unused: Vec<&String> = keys.iter().filter(|k| !used.contains(*k)).collect();
+    if !unused.is_empty() {
+        let shown: Vec<&str> = unused.iter().take(8).map(|s| s.as_str()).collect();
+        let more = if unused.len() > shown.len() { format!(" and {} more", unused.len() - shown.len()) } else { String::new() };
+        notes.push(Diagnostic::note_level(format!("{} key(s) in `{}` are not used by the model and are ignored: {}{more}", unused.len(), w.path, shown.join(", "))));
+    }
+    Ok(Bound { params, notes })
+}
+
+/// A prefix such as `predictor/` (a Chainer `Classifier`) under which the file stores every key, if the
+/// keys are not found as they are.
+fn common_prefix(specs: &[ParamSpec], keys: &[String]) -> String {
+    let Some(first) = specs.first() else { return String::new() };
+    if keys.contains(&first.key) {
+        return String::new();
+    }
+    let candidates: Vec<&str> = keys.iter().filter_map(|k| k.strip_suffix(&first.key)).filter(|p| p.ends_with('/')).collect();
+    match candidates.as_slice() {
+        [p] if specs.iter().all(|s| keys.contains(&format!("{p}{}", s.key))) => p.to_string(),
+        _ => String::new(),
+    }
+}
+
+fn missing(path: &str, spec: &ParamSpec, keys: &[String]) -> Diagnostic {
+    let mut d = Diagnostic::error(format!("`{path}` has no parameter `{}` (shape {:?})", spec.key, spec.shape));
+    if let Some(decl) = spec.decl {
+        d = d.label(decl, format!("this link needs `{}`", spec.key));
+    }
+    let link = spec.key.rsplit_once('/').map_or("", |(l, _)| l);
+    let siblings: Vec<&str> = keys.iter().filter(|k| k.rsplit_once('/').is_some_and(|(l, _)| l == link)).map(String::as_str).collect();
+    let mut sample: BTreeMap<&str, ()> = BTreeMap::new();
+    for k in keys.iter().take(6) {
+        sample.insert(k, ());
+    }
+    if !siblings.is_empty() {
+        d.note(format!("the file has under `{link}/`: {}", siblings.join(", ")))
+    } else if keys.is_empty() {
+        d.note("the file holds no arrays")
+    } else {
+        d.note(format!("the file has {} keys, e.g. {}", keys.len(), sample.keys().copied().collect::<Vec<_>>().join(", ")))
+    }
+}

@@ -1,0 +1,355 @@
+//! The closed set of tensor operations cnnc knows.
+//!
+//! Every op is one variant of [`Op`] with a typed attribute struct. This module owns, for each op:
+//! its output shape ([`Op::output_shape`]), the Chainer names and shapes of its parameters
+//! ([`Op::params`]), and its multiply-accumulate count ([`Op::macs`]). The reference semantics live in
+//! [`crate::reference`]. Shapes here are *per sample*: the batch axis is implicit and symbolic.
+
+use std::fmt;
+
+/// A per-sample shape (the batch axis is omitted).
+pub type Dims = Vec<usize>;
+
+/// `L.Convolution2D`: weights `W` (out, in/groups, kh, kw), optional bias `b` (out).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Conv2d {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub kernel: [usize; 2],
+    pub stride: [usize; 2],
+    pub pad: [usize; 2],
+    pub groups: usize,
+    pub bias: bool,
+}
+
+/// `L.BatchNormalization` at inference: y = γ (x − avg_mean) / √(avg_var + eps) + β, per channel.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchNorm {
+    pub channels: usize,
+    pub eps: f64,
+}
+
+/// `L.Linear`: the input is flattened per sample in NCHW order; y = x·Wᵀ + b with W (out, in).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Linear {
+    pub in_features: usize,
+    pub out_features: usize,
+    pub bias: bool,
+}
+
+/// `F.max_pooling_2d` / `F.average_pooling_2d`.
+///
+/// `cover_all` (max pooling only) uses Chainer's ceil-mode size `(H + 2p − k + s − 1) / s + 1`;
+/// average pooling always divides by `kh·kw`, padded zeros included (Chainer's semantics).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Pool2d {
+    pub kernel: [usize; 2],
+    pub stride: [usize; 2],
+    pub pad: [usize; 2],
+    pub cover_all: bool,
+}
+
+/// `F.local_response_normalization`: y = x · (k + α Σ x²)^(−β), the sum over the `n / 2` channels on each
+/// side, clipped at the edges. Chainer multiplies α by the plain sum (ONNX and PyTorch use α/n).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Lrn {
+    pub n: usize,
+    pub k: f64,
+    pub alpha: f64,
+    pub beta: f64,
+}
+
+/// An axis of the full (batched) tensor, as Chainer numbers them: axis 0 is the batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Axis(pub usize);
+
+/// The closed op set. Inputs are activations; parameters are listed by [`Op::params`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    Conv2d(Conv2d),
+    BatchNorm(BatchNorm),
+    Linear(Linear),
+    Relu,
+    MaxPool2d(Pool2d),
+    AvgPool2d(Pool2d),
+    Lrn(Lrn),
+    /// Identity at inference; the ratio is kept for the dump.
+    Dropout { ratio: f64 },
+    Softmax { axis: Axis },
+    /// Reshape to the given per-sample dims (already resolved: no −1).
+    Reshape { dims: Dims },
+    Concat { axis: Axis },
+    Add,
+}
+
+/// Why an op cannot be applied to inputs of the given shapes. The message is complete on its own;
+/// the compiler adds the source location.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ShapeError(pub String);
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ShapeError> {
+    Err(ShapeError(msg.into()))
+}
+
+/// Formats a per-sample shape with the symbolic batch axis in front: `[N, 96, 55, 55]`.
+pub struct Batched<'a>(pub &'a [usize]);
+
+impl fmt::Display for Batched<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[N")?;
+        for d in self.0 {
+            write!(f, ", {d}")?;
+        }
+        write!(f, "]")
+    }
+}
+
+/// Output extent of a sliding window, or `None` when the window does not fit.
+pub fn window_out(size: usize, k: usize, s: usize, p: usize, cover_all: bool) -> Option<usize> {
+    let span = (size + 2 * p).checked_sub(k)?;
+    Some(if cover_all { (span + s - 1) / s + 1 } else { span / s + 1 })
+}
+
+impl Op {
+    /// Number of activation inputs the op takes (`None`: any number ≥ 1).
+    pub fn arity(&self) -> Option<usize> {
+        match self {
+            Op::Concat { .. } => None,
+            Op::Add => Some(2),
+            _ => Some(1),
+        }
+    }
+
+    /// The short name used in dumps and tables.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Conv2d(_) => "conv2d",
+            Op::BatchNorm(_) => "batch_norm",
+            Op::Linear(_) => "linear",
+            Op::Relu => "relu",
+            Op::MaxPool2d(_) => "max_pool2d",
+            Op::AvgPool2d(_) => "avg_pool2d",
+            Op::Lrn(_) => "lrn",
+            Op::Dropout { .. } => "dropout",
+            Op::Softmax { .. } => "softmax",
+            Op::Reshape { .. } => "reshape",
+            Op::Concat { .. } => "concat",
+            Op::Add => "add",
+        }
+    }
+
+    /// The parameters the op reads, as (Chainer suffix, shape), in the order kernels receive them.
+    pub fn params(&self) -> Vec<(&'static str, Dims)> {
+        match self {
+            Op::Conv2d(c) => {
+                let w = vec![c.out_channels, c.in_channels / c.groups, c.kernel[0], c.kernel[1]];
+                let mut p = vec![("W", w)];
+                if c.bias {
+                    p.push(("b", vec![c.out_channels]));
+                }
+                p
+            }
+            Op::Linear(l) => {
+                let mut p = vec![("W", vec![l.out_features, l.in_features])];
+                if l.bias {
+                    p.push(("b", vec![l.out_features]));
+                }
+                p
+            }
+            Op::BatchNorm(b) => ["gamma", "beta", "avg_mean", "avg_var"]
+                .into_iter()
+                .map(|n| (n, vec![b.channels]))
+                .collect(),
+            _ => vec![],
+        }
+    }
+
+    /// Infers the per-sample output shape from the per-sample input shapes.
+    pub fn output_shape(&self, inputs: &[&[usize]]) -> Result<Dims, ShapeError> {
+        match self.arity() {
+            Some(n) if inputs.len() != n => return err(format!("expects {n} input(s), got {}", inputs.len())),
+            None if inputs.is_empty() => return err("expects at least one input"),
+            _ => {}
+        }
+        let x = inputs[0];
+        match self {
+            Op::Conv2d(c) => {
+                let [ch, h, w] = chw(x, "convolution")?;
+                if ch != c.in_channels {
+                    return err(format!(
+                        "expects {} input channels, but its input {} has {ch}",
+                        c.in_channels,
+                        Batched(x)
+                    ));
+                }
+                let oh = window_out(h, c.kernel[0], c.stride[0], c.pad[0], false);
+                let ow = window_out(w, c.kernel[1], c.stride[1], c.pad[1], false);
+                match (oh, ow) {
+                    (Some(oh), Some(ow)) => Ok(vec![c.out_channels, oh, ow]),
+                    _ => err(format!(
+                        "kernel {}x{} does not fit input {} with pad {}x{}",
+                        c.kernel[0],
+                        c.kernel[1],
+                        Batched(x),
+                        c.pad[0],
+                        c.pad[1]
+                    )),
+                }
+            }
+            Op::BatchNorm(b) => {
+                if x.first() != Some(&b.channels) {
+                    return err(format!(
+                        "normalizes {} channels, but its input {} has {}",
+                        b.channels,
+                        Batched(x),
+                        x.first().map_or("none".into(), |c| c.to_string())
+                    ));
+                }
+                Ok(x.to_vec())
+            }
+            Op::Linear(l) => {
+                let n: usize = x.iter().product();
+                if n != l.in_features {
+                    return err(format!(
+                        "expects {} input features, but its input {} flattens to {n}",
+                        l.in_features,
+                        Batched(x)
+                    ));
+                }
+                Ok(vec![l.out_features])
+            }
+            Op::MaxPool2d(p) | Op::AvgPool2d(p) => {
+                let [ch, h, w] = chw(x, "pooling")?;
+                let oh = window_out(h, p.kernel[0], p.stride[0], p.pad[0], p.cover_all);
+                let ow = window_out(w, p.kernel[1], p.stride[1], p.pad[1], p.cover_all);
+                match (oh, ow) {
+                    (Some(oh), Some(ow)) => Ok(vec![ch, oh, ow]),
+                    _ => err(format!("window {}x{} does not fit input {}", p.kernel[0], p.kernel[1], Batched(x))),
+                }
+            }
+            Op::Lrn(_) => {
+                chw(x, "local response normalization")?;
+                Ok(x.to_vec())
+            }
+            Op::Relu | Op::Dropout { .. } => Ok(x.to_vec()),
+            Op::Softmax { axis } => {
+                per_sample_axis(*axis, x)?;
+                Ok(x.to_vec())
+            }
+            Op::Reshape { dims } => {
+                let (a, b): (usize, usize) = (x.iter().product(), dims.iter().product());
+                if a != b {
+                    return err(format!("cannot reshape {} ({a} values) to {}", Batched(x), Batched(dims)));
+                }
+                Ok(dims.clone())
+            }
+            Op::Concat { axis } => {
+                let ax = per_sample_axis(*axis, x)?;
+                let mut out = x.to_vec();
+                for (i, y) in inputs.iter().enumerate().skip(1) {
+                    let same_rest = y.len() == x.len() && (0..x.len()).all(|d| d == ax || x[d] == y[d]);
+                    if !same_rest {
+                        return err(format!(
+                            "input {} has shape {}, which does not match {} except along axis {}",
+                            i + 1,
+                            Batched(y),
+                            Batched(x),
+                            axis.0
+                        ));
+                    }
+                    out[ax] += y[ax];
+                }
+                Ok(out)
+            }
+            Op::Add => {
+                if inputs[0] != inputs[1] {
+                    return err(format!(
+                        "operands have different shapes {} and {} (no broadcasting, as in Chainer)",
+                        Batched(inputs[0]),
+                        Batched(inputs[1])
+                    ));
+                }
+                Ok(x.to_vec())
+            }
+        }
+    }
+
+    /// Multiply-accumulates per sample (convolutions and linear layers; other ops count zero).
+    pub fn macs(&self, output: &[usize]) -> u64 {
+        let out: u64 = output.iter().map(|&d| d as u64).product();
+        match self {
+            Op::Conv2d(c) => out * (c.in_channels / c.groups * c.kernel[0] * c.kernel[1]) as u64,
+            Op::Linear(l) => out * l.in_features as u64,
+            _ => 0,
+        }
+    }
+}
+
+fn chw(x: &[usize], what: &str) -> Result<[usize; 3], ShapeError> {
+    match *x {
+        [c, h, w] => Ok([c, h, w]),
+        _ => err(format!("{what} needs a 4-d input [N, C, H, W], got {}", Batched(x))),
+    }
+}
+
+/// Maps a Chainer axis (0 = batch) to a per-sample axis.
+pub fn per_sample_axis(axis: Axis, x: &[usize]) -> Result<usize, ShapeError> {
+    match axis.0 {
+        0 => err("axis 0 is the batch axis, which is symbolic; use axis ≥ 1"),
+        a if a > x.len() => err(format!("axis {a} is out of range for {}", Batched(x))),
+        a => Ok(a - 1),
+    }
+}
+
+impl fmt::Display for Op {
+    /// The op with its attributes, as in the IR dump: `conv2d[96 <- 3, k=11x11, s=4x4, p=0x0]`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hw = |v: [usize; 2]| format!("{}x{}", v[0], v[1]);
+        write!(f, "{}", self.name())?;
+        match self {
+            Op::Conv2d(c) => {
+                write!(f, "[{} <- {}, k={}, s={}, p={}", c.out_channels, c.in_channels, hw(c.kernel), hw(c.stride), hw(c.pad))?;
+                if c.groups != 1 {
+                    write!(f, ", groups={}", c.groups)?;
+                }
+                write!(f, "{}]", if c.bias { "" } else { ", nobias" })
+            }
+            Op::BatchNorm(b) => write!(f, "[{}, eps={:e}]", b.channels, b.eps),
+            Op::Linear(l) => write!(f, "[{} <- {}{}]", l.out_features, l.in_features, if l.bias { "" } else { ", nobias" }),
+            Op::MaxPool2d(p) | Op::AvgPool2d(p) => {
+                write!(f, "[k={}, s={}, p={}", hw(p.kernel), hw(p.stride), hw(p.pad))?;
+                write!(f, "{}]", if p.cover_all { ", cover_all" } else { "" })
+            }
+            Op::Lrn(l) => write!(f, "[n={}, k={}, alpha={:e}, beta={}]", l.n, l.k, l.alpha, l.beta),
+            Op::Dropout { ratio } => write!(f, "[ratio={ratio}]"),
+            Op::Softmax { axis } | Op::Concat { axis } => write!(f, "[axis={}]", axis.0),
+            Op::Reshape { dims } => write!(f, "{}", Batched(dims)),
+            Op::Relu | Op::Add => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cover_all_is_ceil_mode() {
+        // ResNet50's stem pool (k3 s2 p0) on 112: 56 with cover_all, 55 without;
+        // GoogLeNetBN's (k3 s2 p1): 57.
+        assert_eq!(window_out(112, 3, 2, 0, true), Some(56));
+        assert_eq!(window_out(112, 3, 2, 0, false), Some(55));
+        assert_eq!(window_out(112, 3, 2, 1, true), Some(57));
+        assert_eq!(window_out(55, 3, 2, 0, true), Some(27));
+        assert_eq!(window_out(2, 3, 1, 0, false), None);
+    }
+
+    #[test]
+    fn concat_checks_other_axes() {
+        let op = Op::Concat { axis: Axis(1) };
+        assert_eq!(op.output_shape(&[&[2, 4, 4], &[3, 4, 4]]).unwrap(), vec![5, 4, 4]);
+        assert!(op.output_shape(&[&[2, 4, 4], &[3, 4, 5]]).is_err());
+        assert!(Op::Concat { axis: Axis(0) }.output_shape(&[&[2]]).is_err());
+    }
+}

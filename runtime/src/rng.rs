@@ -1,0 +1,56 @@
+//! A counter-based pseudo-random generator (SplitMix64 of a per-key seed), used for deterministic
+//! default initialisation and for test weights that a few lines of numpy reproduce bit for bit
+//! (`tests/fixtures/gen_fixtures.py`).
+//!
+//! Value `i` (from 1) of stream `key` is `mix(fnv1a64(key) + i·φ)`. Being counter-based, streams are
+//! independent of generation order, and a tensor's values depend only on its Chainer key.
+
+const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+
+pub fn fnv1a64(key: &str) -> u64 {
+    key.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The first `n` 64-bit values of stream `key`.
+pub fn bits(key: &str, n: usize) -> impl Iterator<Item = u64> {
+    let seed = fnv1a64(key);
+    (1..=n as u64).map(move |i| mix(seed.wrapping_add(i.wrapping_mul(GOLDEN))))
+}
+
+/// `n` uniforms in [0, 1), each exactly representable as f32 (24 random bits).
+pub fn uniform(key: &str, n: usize) -> impl Iterator<Item = f64> {
+    bits(key, n).map(|b| (b >> 40) as f64 * (1.0 / (1u64 << 24) as f64))
+}
+
+/// `n` standard normals by Box–Muller (the first output of each pair of 53-bit uniforms).
+pub fn normal(key: &str, n: usize) -> impl Iterator<Item = f64> {
+    let scale = 1.0 / (1u64 << 53) as f64;
+    let mut b = bits(key, 2 * n);
+    (0..n).map(move |_| {
+        let (u1, u2) = (((b.next().unwrap() >> 11) + 1) as f64 * scale, (b.next().unwrap() >> 11) as f64 * scale);
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn fnv_known_values() {
+        assert_eq!(super::fnv1a64(""), 0xcbf29ce484222325);
+        assert_eq!(super::fnv1a64("a"), 0xaf63dc4c8601ec8c);
+    }
+
+    #[test]
+    fn normals_look_normal() {
+        let v: Vec<f64> = super::normal("probe", 100_000).collect();
+        let mean = v.iter().sum::<f64>() / v.len() as f64;
+        let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / v.len() as f64;
+        assert!(mean.abs() < 0.02 && (var - 1.0).abs() < 0.02, "mean {mean} var {var}");
+    }
+}

@@ -1,0 +1,84 @@
+//! Helpers for cnnc's cross-crate tests: repository paths, `.npy` files, and running a model file through
+//! the library (front end → weights → plan → reference runtime), so that tests compare numbers, not text.
+
+use cnnc::diag::Source;
+use cnnc::weights::{self, Bound, Weights};
+use cnnc_runtime::{rng, Tensor};
+use std::path::{Path, PathBuf};
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is inside the repository").to_path_buf()
+}
+
+pub fn fixtures() -> PathBuf {
+    root().join("tests/fixtures")
+}
+
+/// Every `.model` file under `models/`, sorted.
+pub fn model_files() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(root().join("models"))
+        .expect("models/ exists")
+        .map(|e| e.expect("readable entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "model"))
+        .collect();
+    v.sort();
+    v
+}
+
+pub fn load_npy(path: &Path) -> Tensor {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let f = npyz::NpyFile::new(&bytes[..]).expect("valid npy");
+    let (shape, data) = weights::read_npy(f).unwrap_or_else(|_| panic!("{} is not f32/f64", path.display()));
+    Tensor::new(shape, data).expect("consistent npy")
+}
+
+pub fn source(path: &Path) -> Source {
+    Source::new(path.display().to_string(), std::fs::read_to_string(path).expect("readable model"))
+}
+
+/// Compiles `model` and runs it on `x` with parameters from `params` (a weights file, or a generator).
+pub fn run_model(model: &Path, params: Params, x: Tensor) -> Tensor {
+    let src = source(model);
+    let (g, _) = cnnc::compile(&src).unwrap_or_else(|f| panic!("{}", src.render_plain(&f.0)));
+    let bound = match params {
+        Params::File(p) => {
+            let mut w = Weights::open(p).expect("weights open");
+            weights::bind(&g, &mut w).unwrap_or_else(|d| panic!("{}", src.render_plain(&d)))
+        }
+        Params::Init => weights::bind(&g, &mut Weights::init()).expect("init binds"),
+        Params::Generated(f) => Bound { params: g.params().into_iter().map(|s| (s.clone(), f(&s.key, &s.shape))).collect(), notes: vec![] },
+    };
+    cnnc::lower::lower(&g, bound).expect("lowers").run(vec![x]).expect("runs")
+}
+
+pub enum Params<'a> {
+    File(&'a Path),
+    Init,
+    Generated(fn(&str, &[usize]) -> Tensor),
+}
+
+/// Asserts max |got − want| ≤ `rel` · max |want| (shapes equal).
+pub fn assert_close(got: &Tensor, want: &Tensor, rel: f32, what: &str) {
+    assert_eq!(got.shape(), want.shape(), "{what}: shape");
+    let (diff, scale) = (got.max_abs_diff(want), want.max_abs().max(1e-30));
+    assert!(diff <= rel * scale, "{what}: max |diff| {diff:e} > {rel:e} × max |want| {scale:e}");
+}
+
+/// The test-weight scheme of `tests/fixtures/gen_fixtures.py` (see `tests/fixtures/alexbn_full/README.md`):
+/// every tensor from the counter-based PRNG keyed by its Chainer key, computed in f64, cast once to f32.
+pub fn prng_param(key: &str, shape: &[usize]) -> Tensor {
+    let n: usize = shape.iter().product();
+    let u = || rng::uniform(key, n);
+    let data: Vec<f64> = match key.rsplit('/').next().unwrap_or(key) {
+        "W" => {
+            let std = (1.0 / shape[1..].iter().product::<usize>() as f64).sqrt();
+            rng::normal(key, n).map(|v| v * std).collect()
+        }
+        "b" => u().map(|v| v * 0.2 - 0.1).collect(),
+        "gamma" | "avg_var" => u().map(|v| 0.5 + v).collect(),
+        "beta" => u().map(|v| v - 0.5).collect(),
+        "avg_mean" => u().map(|v| (v - 0.5) * 0.2).collect(),
+        _ => rng::normal(key, n).collect(),
+    };
+    Tensor::new(shape.to_vec(), data.into_iter().map(|v| v as f32).collect()).expect("n matches shape")
+}
