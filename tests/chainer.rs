@@ -57,3 +57,19 @@ fn full_alexbn_matches_chainer() {
     // The target is 1e-4; the reference runtime lands far inside it.
     assert_close(&got, &want, 2e-5, "alexbn full size (tight)");
 }
+
+/// Image preprocessing against an independent Pillow implementation of the documented steps
+/// (`tests/fixtures/preprocess/gen_preprocess.py`). Pillow's bilinear and the `image` crate's triangle
+/// filter resample slightly differently: most pixels agree to a few 0..255 levels.
+#[test]
+fn png_preprocessing_matches_pillow() {
+    let got = cnnc::input::load(&root().join("models/examples/cat.png"), &[3, 227, 227], &Default::default()).unwrap();
+    let want = load_npy(&fixtures().join("preprocess/cat_227.npy"));
+    assert_eq!(got.shape(), [&[1][..], want.shape()].concat());
+    let diffs: Vec<f32> = got.data().iter().zip(want.data()).map(|(a, b)| (a - b).abs() * 255.0).collect();
+    let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
+    assert!(mean < 1.0, "mean |diff| {mean} levels");
+    // A shifted crop or swapped channels would move the mean by tens of levels.
+    let within = diffs.iter().filter(|&&d| d <= 8.0).count() as f32 / diffs.len() as f32;
+    assert!(within > 0.97, "only {within} of pixels within 8 levels");
+}

@@ -41,6 +41,7 @@ const CASES: &[(&str, &str, usize, &[&str])] = &[
     ("empty_file", "# nothing here\n", 1, &["expected `model Name { ... }`"]),
     ("missing_argument", "model M {\n    forward(x: [3, 4, 4]) {\n        return F.max_pooling_2d(x)\n    }\n}\n", 1, &["`max_pooling_2d` is missing its argument `ksize`"]),
     ("groups_mismatch", "model M {\n    c = L.Convolution2D(None, 6, 3, groups=4)\n    forward(x: [4, 5, 5]) {\n        return self.c(x)\n    }\n}\n", 1, &["groups=4 must divide both channel counts"]),
+    ("bad_link_path", "model M {\n    b = L.B.atchNormalization(3)\n    forward(x: [3, 2, 2]) {\n        return self.b(x)\n    }\n}\n", 1, &["unknown link constructor `L.B.atchNormalization`"]),
     ("unclosed_model", "model M {\n    forward(x: [3]) {\n        return F.relu(x)\n    }\n", 1, &["expected `}` closing the model"]),
 ];
 

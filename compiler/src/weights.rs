@@ -186,7 +186,8 @@ pub fn bind(graph: &Graph, w: &mut Weights) -> Result<Bound, Vec<Diagnostic>> {
         return Err(errors);
     }
     let used: std::collections::HashSet<String> = params.iter().map(|(s, _)| format!("{prefix}{}", s.key)).collect();
-    let unused: Vec<&String> = keys.iter().filter(|k| !used.contains(*k)).collect();
+    let mut unused: Vec<&String> = keys.iter().filter(|k| !used.contains(*k)).collect();
+    unused.sort();
     if !unused.is_empty() {
         let shown: Vec<&str> = unused.iter().take(8).map(|s| s.as_str()).collect();
         let more = if unused.len() > shown.len() { format!(" and {} more", unused.len() - shown.len()) } else { String::new() };

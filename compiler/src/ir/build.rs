@@ -312,7 +312,11 @@ impl Builder {
             self.arg_error(e.span, format!("a link declaration needs a link constructor, found {}", e.kind.describe()), "e.g. `L.Linear(4096, 1000)`");
             return None;
         };
-        let name = strip_prefix(callee, "L")?;
+        let Some(name) = strip_prefix(callee, "L") else {
+            let path: Vec<&str> = callee.iter().map(|i| i.name.as_str()).collect();
+            self.arg_error(e.span, format!("unknown link constructor `{}`", path.join(".")), "expected `L.Link(...)` or `Link(...)`");
+            return None;
+        };
         let Some((_, sig)) = LINKS.iter().find(|(n, _)| *n == name.name) else {
             self.unknown("link", name, LINKS.iter().map(|l| l.0));
             return None;
@@ -504,7 +508,8 @@ impl Builder {
                         v.clone()
                     }
                     None => {
-                        let known: Vec<String> = self.vars.keys().cloned().collect();
+                        let mut known: Vec<String> = self.vars.keys().cloned().collect();
+                        known.sort();
                         self.unknown("name", name, known.iter().map(String::as_str));
                         Value::Poison
                     }

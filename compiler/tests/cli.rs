@@ -1,0 +1,332 @@
+//! The `cnnc` binary as a user meets it: exit codes (0 ok, 1 bad model/weights/input, 2 usage), messages
+//! that name the culprit, and no output file left behind by a failed run.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn fixture(p: &str) -> String {
+    root().join("tests/fixtures").join(p).display().to_string()
+}
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn cnnc(args: &[&str]) -> Out {
+    let o = Command::new(env!("CARGO_BIN_EXE_cnnc")).args(args).current_dir(root()).output().expect("cnnc runs");
+    Out { code: o.status.code().expect("exited, not killed"), stdout: String::from_utf8_lossy(&o.stdout).into(), stderr: String::from_utf8_lossy(&o.stderr).into() }
+}
+
+/// Asserts a failure with `code` whose stderr names every `culprit`, and that it did not panic.
+fn fails(args: &[&str], code: i32, culprits: &[&str]) -> Out {
+    let o = cnnc(args);
+    assert_eq!(o.code, code, "cnnc {args:?}\nstderr:\n{}", o.stderr);
+    assert!(!o.stderr.contains("panicked"), "panic: {}", o.stderr);
+    for c in culprits {
+        assert!(o.stderr.contains(c), "stderr of cnnc {args:?} does not name {c:?}:\n{}", o.stderr);
+    }
+    o
+}
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p.display().to_string()
+}
+
+fn npy(dir: &Path, name: &str, shape: &[u64], data: &[f32]) -> String {
+    use npyz::WriterBuilder;
+    let p = dir.join(name);
+    let mut w = npyz::WriteOptions::new().default_dtype().shape(shape).writer(std::fs::File::create(&p).unwrap()).begin_nd().unwrap();
+    w.extend(data.iter().copied()).unwrap();
+    w.finish().unwrap();
+    p.display().to_string()
+}
+
+fn read_npy(p: &str) -> (Vec<u64>, Vec<f32>) {
+    let f = npyz::NpyFile::new(std::fs::File::open(p).unwrap()).unwrap();
+    (f.shape().to_vec(), f.into_vec::<f32>().unwrap())
+}
+
+const SMALL: &str = "alexbn_small/model.model";
+
+// ---- compile ----
+
+#[test]
+fn compile_prints_the_table_with_exact_macs() {
+    let o = cnnc(&["compile", "models/alexbn.model"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.contains("1,135,256,096") && o.stdout.contains("1135256096 MACs per image"), "{}", o.stdout);
+    assert!(o.stdout.contains("conv1             conv2d      [N, 96, 55, 55]"), "{}", o.stdout);
+}
+
+#[test]
+fn compile_emits_ir_to_a_file() {
+    let d = tmp();
+    let out = d.path().join("alexbn.ir");
+    let o = cnnc(&["compile", "models/alexbn.model", "--emit", "ir", "-o", out.to_str().unwrap()]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.is_empty());
+    assert!(std::fs::read_to_string(out).unwrap().starts_with("graph AlexBN {\n  %0 = input x : [N, 3, 227, 227]"));
+}
+
+#[test]
+fn compile_missing_model_file() {
+    fails(&["compile", "models/nope.model"], 1, &["cannot read model `models/nope.model`"]);
+}
+
+#[test]
+fn compile_bad_model_points_at_the_line() {
+    let d = tmp();
+    let m = write(d.path(), "bad.model", b"model M {\n    c = L.Convolution2D(3, 8, 3)\n    forward(x: [4, 8, 8]) {\n        return self.c(x)\n    }\n}\n");
+    let out = d.path().join("bad.ir");
+    fails(&["compile", &m, "--emit", "ir", "-o", out.to_str().unwrap()], 1, &["bad.model:4:16", "`c` expects 3 input channels", "could not compile"]);
+    assert!(!out.exists(), "a failed compile left an output file");
+}
+
+#[test]
+fn compile_non_utf8_model() {
+    let d = tmp();
+    let m = write(d.path(), "bin.model", &[0xff, 0xfe, 0x00, 0x41]);
+    fails(&["compile", &m], 1, &["bin.model"]);
+}
+
+// ---- usage errors (exit 2) ----
+
+#[test]
+fn unknown_flag_is_a_usage_error() {
+    fails(&["compile", "models/alexbn.model", "--frobnicate"], 2, &["--frobnicate"]);
+}
+
+#[test]
+fn run_requires_an_input() {
+    fails(&["run"], 2, &["--input"]);
+}
+
+#[test]
+fn run_rejects_top_zero() {
+    fails(&["run", "--input", "x.npy", "--top", "0"], 2, &["--top"]);
+}
+
+#[test]
+fn run_rejects_a_malformed_mean() {
+    fails(&["run", "--input", "x.npy", "--mean", "1,2"], 2, &["--mean", "three comma-separated numbers"]);
+}
+
+#[test]
+fn unknown_emit_kind_is_a_usage_error() {
+    fails(&["compile", "models/alexbn.model", "--emit", "ptx"], 2, &["--emit", "ptx"]);
+}
+
+// ---- bad inputs (exit 1, no output file) ----
+
+fn run_fails_without_output(extra: &[&str], culprits: &[&str]) {
+    let d = tmp();
+    let out = d.path().join("y.npy");
+    let mut args = vec!["run"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--output", out.to_str().unwrap()]);
+    fails(&args, 1, culprits);
+    assert!(!out.exists(), "a failed run left {}", out.display());
+    assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0, "temporary files left behind");
+}
+
+#[test]
+fn run_missing_input_file() {
+    run_fails_without_output(&["--input", "no/such.png"], &["cannot read input `no/such.png`"]);
+}
+
+#[test]
+fn run_corrupt_image() {
+    let d = tmp();
+    let img = write(d.path(), "broken.png", b"\x89PNG\r\n\x1a\nthis is not really a png");
+    run_fails_without_output(&["--input", &img], &["broken.png", "not a readable image"]);
+}
+
+#[test]
+fn run_npy_with_the_wrong_shape() {
+    let d = tmp();
+    let x = npy(d.path(), "x.npy", &[2, 3, 8, 8], &vec![0.0; 2 * 3 * 64]);
+    run_fails_without_output(&["--input", &x], &["x.npy", "[2, 3, 8, 8]", "[N, 3, 227, 227]"]);
+}
+
+#[test]
+fn run_npy_with_an_integer_dtype() {
+    let d = tmp();
+    let p = d.path().join("ints.npy");
+    npyz::to_file_1d(&p, vec![1i32, 2, 3]).unwrap();
+    run_fails_without_output(&["--input", p.to_str().unwrap()], &["ints.npy", "dtype <i4"]);
+}
+
+#[test]
+fn run_npy_with_nan() {
+    let d = tmp();
+    let mut data = vec![0.0f32; 3 * 227 * 227];
+    data[7] = f32::NAN;
+    let x = npy(d.path(), "nan.npy", &[3, 227, 227], &data);
+    run_fails_without_output(&["--input", &x], &["nan.npy", "non-finite"]);
+}
+
+#[test]
+fn run_corrupt_weights_file() {
+    let d = tmp();
+    let w = write(d.path(), "w.npz", b"definitely not weights");
+    run_fails_without_output(&[&fixture(SMALL), "--input", &fixture("alexbn_small/in.npy"), "--weights", &w], &["w.npz", "neither a Chainer .npz"]);
+}
+
+#[test]
+fn run_truncated_npz() {
+    let d = tmp();
+    let bytes = std::fs::read(fixture("alexbn_small/weights.npz")).unwrap();
+    let w = write(d.path(), "cut.npz", &bytes[..bytes.len() / 2]);
+    run_fails_without_output(&[&fixture(SMALL), "--input", &fixture("alexbn_small/in.npy"), "--weights", &w], &["cut.npz", "not a valid npz"]);
+}
+
+#[test]
+fn run_missing_weights_file() {
+    run_fails_without_output(&[&fixture(SMALL), "--input", &fixture("alexbn_small/in.npy"), "--weights", "no/such.npz"], &["cannot read weights file `no/such.npz`"]);
+}
+
+#[test]
+fn run_input_that_is_neither_image_nor_npy() {
+    run_fails_without_output(&["--input", &fixture("alexbn_full/prng_probe.json")], &["prng_probe.json", "not a readable image or .npy"]);
+}
+
+#[test]
+fn run_weights_with_wrong_shapes_names_key_and_shapes() {
+    let d = tmp();
+    let x = npy(d.path(), "x.npy", &[3, 227, 227], &vec![0.5; 3 * 227 * 227]);
+    run_fails_without_output(&["--input", &x, "--weights", &fixture("alexbn_small/weights.npz")], &["`conv1/W`", "[16, 3, 11, 11]", "[96, 3, 11, 11]", "alexbn.model (bundled):3:5"]);
+}
+
+#[test]
+fn run_weights_missing_a_key_names_it() {
+    run_fails_without_output(
+        &[&fixture(SMALL), "--input", &fixture("alexbn_small/in.npy"), "--weights", &fixture("ops/conv_basic.npz")],
+        &["has no parameter `conv1/W`", "has no parameter `fc8/b`"],
+    );
+}
+
+#[test]
+fn run_output_into_a_missing_directory() {
+    fails(&["run", &fixture(SMALL), "--input", &fixture("alexbn_small/in.npy"), "--weights", &fixture("alexbn_small/weights.npz"), "--output", "no/such/dir/y.npy"], 1, &["cannot write `no/such/dir/y.npy`"]);
+}
+
+#[test]
+fn failed_run_keeps_an_existing_output_file() {
+    let d = tmp();
+    let out = write(d.path(), "y.npy", b"keep me");
+    fails(&["run", "--input", "no/such.png", "--output", &out], 1, &["no/such.png"]);
+    assert_eq!(std::fs::read(&out).unwrap(), b"keep me");
+}
+
+#[test]
+fn image_smaller_than_the_crop() {
+    run_fails_without_output(&["--input", "models/examples/cat.jpg", "--resize", "100"], &["cat.jpg", "raise --resize"]);
+}
+
+#[test]
+fn run_needs_a_single_input_model() {
+    let d = tmp();
+    let m = write(d.path(), "two.model", b"model Two {\n    forward(a: [3], b: [3]) {\n        return a + b\n    }\n}\n");
+    fails(&["run", &m, "--input", "x.npy"], 1, &["takes 2 inputs"]);
+}
+
+// ---- successful runs ----
+
+#[test]
+fn run_matches_chainer_and_writes_logits() {
+    let d = tmp();
+    let out = d.path().join("y.npy");
+    let o = cnnc(&["run", &fixture(SMALL), "--weights", &fixture("alexbn_small/weights.npz"), "--input", &fixture("alexbn_small/in.npy"), "--output", out.to_str().unwrap(), "--json", "--top", "3"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stderr.contains("bn1/N, bn2/N") && o.stderr.contains("ignored"), "{}", o.stderr);
+    let (shape, got) = read_npy(out.to_str().unwrap());
+    let (_, want) = read_npy(&fixture("alexbn_small/out.npy"));
+    assert_eq!(shape, [2, 100]);
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(diff <= 1e-5 * scale, "diff {diff} scale {scale}");
+    let doc: serde_json::Value = serde_json::from_str(&o.stdout).expect("valid JSON");
+    assert_eq!(doc["results"].as_array().unwrap().len(), 2);
+    let top = doc["results"][0]["top"].as_array().unwrap();
+    assert_eq!(top.len(), 3);
+    let best = (0..100).max_by(|&a, &b| got[a].total_cmp(&got[b])).unwrap();
+    assert_eq!(top[0]["class"], best);
+}
+
+#[test]
+fn run_default_model_on_an_image_warns_loudly() {
+    let o = cnnc(&["run", "--input", "models/examples/cat.jpg"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stderr.contains("MEANINGLESS"), "{}", o.stderr);
+    assert!(o.stdout.starts_with("models/examples/cat.jpg\n"), "{}", o.stdout);
+    assert_eq!(o.stdout.lines().filter(|l| l.contains('%')).count(), 5, "{}", o.stdout);
+}
+
+#[test]
+fn grayscale_and_alpha_images_form_one_batch() {
+    let d = tmp();
+    let gray = d.path().join("gray.png");
+    image::GrayImage::from_fn(300, 260, |x, y| image::Luma([((x + y) % 256) as u8])).save(&gray).unwrap();
+    let rgba = d.path().join("rgba.png");
+    image::RgbaImage::from_fn(260, 300, |x, y| image::Rgba([x as u8, y as u8, 7, 128])).save(&rgba).unwrap();
+    let out = d.path().join("y.npy");
+    let o = cnnc(&["run", "--input", gray.to_str().unwrap(), rgba.to_str().unwrap(), "--output", out.to_str().unwrap(), "--top", "1"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(read_npy(out.to_str().unwrap()).0, [2, 1000]);
+    assert!(o.stdout.contains("gray.png\n") && o.stdout.contains("rgba.png\n"), "{}", o.stdout);
+}
+
+/// Re-encodes the reduced AlexBN's npz as safetensors and as a Classifier-style npz (`predictor/` keys).
+#[test]
+fn safetensors_and_prefixed_npz_give_the_same_logits() {
+    use npyz::WriterBuilder;
+    let d = tmp();
+    let mut arch = npyz::npz::NpzArchive::open(fixture("alexbn_small/weights.npz")).unwrap();
+    let names: Vec<String> = arch.array_names().map(str::to_string).collect();
+    let mut arrays = Vec::new();
+    for n in names.iter().filter(|n| !n.ends_with("/N")) {
+        let f = arch.by_name(n).unwrap().unwrap();
+        let shape: Vec<usize> = f.shape().iter().map(|&s| s as usize).collect();
+        arrays.push((n.clone(), shape, f.into_vec::<f32>().unwrap()));
+    }
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = arrays.iter().map(|(n, s, v)| (n.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect(), s.clone())).collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> =
+        bytes.iter().map(|(n, b, s)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap())).collect();
+    let st = d.path().join("w.safetensors");
+    std::fs::write(&st, safetensors::serialize(views, None).unwrap()).unwrap();
+
+    let pre = d.path().join("classifier.npz");
+    let mut npz = npyz::npz::NpzWriter::create(&pre).unwrap();
+    for (n, s, v) in &arrays {
+        let shape: Vec<u64> = s.iter().map(|&x| x as u64).collect();
+        let mut w = npz.array::<f32>(&format!("predictor/{n}"), Default::default()).unwrap().default_dtype().shape(&shape).begin_nd().unwrap();
+        w.extend(v.iter().copied()).unwrap();
+        w.finish().unwrap();
+    }
+    drop(npz);
+
+    let mut outputs = Vec::new();
+    for (i, w) in [fixture("alexbn_small/weights.npz"), st.display().to_string(), pre.display().to_string()].iter().enumerate() {
+        let out = d.path().join(format!("y{i}.npy"));
+        let o = cnnc(&["run", &fixture(SMALL), "--weights", w, "--input", &fixture("alexbn_small/in.npy"), "--output", out.to_str().unwrap()]);
+        assert_eq!(o.code, 0, "{w}: {}", o.stderr);
+        if i == 2 {
+            assert!(o.stderr.contains("under `predictor/`"), "{}", o.stderr);
+        }
+        outputs.push(read_npy(out.to_str().unwrap()).1);
+    }
+    assert_eq!(outputs[0], outputs[1]);
+    assert_eq!(outputs[0], outputs[2]);
+}
