@@ -42,6 +42,9 @@ const CASES: &[(&str, &str, usize, &[&str])] = &[
     ("missing_argument", "model M {\n    forward(x: [3, 4, 4]) {\n        return F.max_pooling_2d(x)\n    }\n}\n", 1, &["`max_pooling_2d` is missing its argument `ksize`"]),
     ("groups_mismatch", "model M {\n    c = L.Convolution2D(None, 6, 3, groups=4)\n    forward(x: [4, 5, 5]) {\n        return self.c(x)\n    }\n}\n", 1, &["groups=4 must divide both channel counts"]),
     ("bad_link_path", "model M {\n    b = L.B.atchNormalization(3)\n    forward(x: [3, 2, 2]) {\n        return self.b(x)\n    }\n}\n", 1, &["unknown link constructor `L.B.atchNormalization`"]),
+    ("huge_linear", "model M {\n    fc = L.Linear(None, 2147483648)\n    forward(x: [1024, 1024]) {\n        return self.fc(x)\n    }\n}\n", 1, &["parameter `W` of shape [2147483648, 1048576] has more than 4294967296 elements"]),
+    ("huge_argument", "model M {\n    fc = L.Linear(3, 9999999999999)\n    forward(x: [3]) {\n        return self.fc(x)\n    }\n}\n", 1, &["`out_size` = 9999999999999 exceeds cnnc's limit"]),
+    ("huge_input", "model M {\n    forward(x: [65536, 65536, 65536]) {\n        return F.relu(x)\n    }\n}\n", 1, &["more than 4294967296 elements per sample"]),
     ("unclosed_model", "model M {\n    forward(x: [3]) {\n        return F.relu(x)\n    }\n", 1, &["expected `}` closing the model"]),
 ];
 

@@ -296,10 +296,16 @@ impl Builder {
 
     fn input_shape(&mut self, e: &Expr) -> Option<Dims> {
         let v = self.expr(e);
-        let dims = match &v {
-            Value::Tuple(items) => items.iter().map(|d| if let Value::Int(i @ 1..) = d { Some(*i as usize) } else { None }).collect(),
+        let dims: Option<Dims> = match &v {
+            Value::Tuple(items) => items.iter().map(|d| if let Value::Int(i @ 1..=MAX_DIM) = d { Some(*i as usize) } else { None }).collect(),
             _ => None,
         };
+        if let Some(d) = &dims {
+            if elements(d).is_none() {
+                self.arg_error(e.span, format!("input shape has more than {MAX_ELEMENTS} elements per sample"), "too large");
+                return None;
+            }
+        }
         if dims.is_none() && v != Value::Poison {
             self.arg_error(e.span, "an input shape is a list of positive integers", "like `[3, 227, 227]`");
         }
@@ -437,6 +443,10 @@ impl Builder {
 
     fn usize(&mut self, v: &Value, span: Span, what: &str, min: i64) -> Option<usize> {
         match v {
+            Value::Int(i) if *i > MAX_DIM => {
+                self.arg_error(span, format!("`{what}` = {i} exceeds cnnc's limit of {MAX_DIM}"), "too large");
+                None
+            }
             Value::Int(i) if *i >= min => Some(*i as usize),
             Value::Poison => None,
             _ => {
@@ -725,7 +735,14 @@ impl Builder {
     /// Adds a node after inferring its shape; a shape error is reported against `span`.
     fn node(&mut self, op: Op, inputs: Vec<NodeIndex>, span: Span, layer: &str, decl: Option<Span>, params: Vec<String>) -> Value {
         let shapes: Vec<&[usize]> = inputs.iter().map(|i| self.g[*i].shape.as_slice()).collect();
+        let too_big = op.params().into_iter().find(|(_, d)| elements(d).is_none());
+        if let Some((name, d)) = too_big {
+            return self.shape_error(layer, format!("parameter `{name}` of shape {d:?} has more than {MAX_ELEMENTS} elements"), span, decl);
+        }
         match op.output_shape(&shapes) {
+            Ok(shape) if elements(&shape).is_none() => {
+                self.shape_error(layer, format!("output {} has more than {MAX_ELEMENTS} elements per sample", cnnc_runtime::op::Batched(&shape)), span, decl)
+            }
             Ok(shape) => {
                 let id = self.g.add_node(Node { kind: Kind::Op(op), shape, span, layer: layer.into(), params, decl });
                 for (slot, i) in inputs.into_iter().enumerate() {
@@ -736,6 +753,16 @@ impl Builder {
             Err(e) => self.shape_error(layer, e.0, span, decl),
         }
     }
+}
+
+/// Largest integer argument (sizes, strides, ...): keeps every shape computation far from overflow.
+const MAX_DIM: i64 = 1 << 31;
+/// Largest tensor or parameter, in elements per sample (16 GiB of f32).
+const MAX_ELEMENTS: usize = 1 << 32;
+
+/// Element count of a shape, if within [`MAX_ELEMENTS`].
+fn elements(d: &[usize]) -> Option<usize> {
+    d.iter().try_fold(1usize, |a, &b| a.checked_mul(b)).filter(|&n| n <= MAX_ELEMENTS)
 }
 
 /// Keeps only the nodes that reach the output, preserving order (and so topological order).
