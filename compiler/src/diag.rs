@@ -5,23 +5,35 @@
 //! (a corrupt weights file, say) are diagnostics with no labels.
 
 use codespan_reporting::diagnostic::{Diagnostic as CsDiagnostic, Label, Severity};
-use codespan_reporting::files::SimpleFile;
+use codespan_reporting::files::SimpleFiles;
 use codespan_reporting::term::{self, termcolor};
 
-/// A byte range in the model source.
+/// Which source a span points into.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FileId(pub u8);
+
+impl FileId {
+    /// The user's model file.
+    pub const MODEL: FileId = FileId(0);
+    /// The bundled prelude (`L.Inception` and the other built-in composite links).
+    pub const PRELUDE: FileId = FileId(1);
+}
+
+/// A byte range in one source file.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Span {
+    pub file: FileId,
     pub start: usize,
     pub end: usize,
 }
 
 impl Span {
-    pub fn new(start: usize, end: usize) -> Self {
-        Span { start, end }
+    pub fn new(file: FileId, start: usize, end: usize) -> Self {
+        Span { file, start, end }
     }
-    /// The span from the start of `self` to the end of `other`.
+    /// The span from the start of `self` to the end of `other` (same file).
     pub fn to(self, other: Span) -> Span {
-        Span::new(self.start.min(other.start), self.end.max(other.end))
+        Span::new(self.file, self.start.min(other.start), self.end.max(other.end))
     }
 }
 
@@ -59,15 +71,16 @@ impl Diagnostic {
         self.notes.push(text.into());
         self
     }
+    /// Sort key: the primary label's position (model file first), unlabelled last.
     pub fn primary_start(&self) -> usize {
-        self.labels.first().map_or(usize::MAX, |(s, _)| s.start)
+        self.labels.first().map_or(usize::MAX, |(s, _)| ((s.file.0 as usize) << 48) + s.start)
     }
     pub fn is_error(&self) -> bool {
         self.level == Level::Error
     }
 }
 
-/// The model source a diagnostic points into.
+/// The sources diagnostics point into: the model file and the bundled prelude.
 #[derive(Clone, Debug)]
 pub struct Source {
     pub name: String,
@@ -79,34 +92,64 @@ impl Source {
         Source { name: name.into(), text: text.into() }
     }
 
-    /// 1-based `line:column` of a byte offset.
-    pub fn line_col(&self, offset: usize) -> (usize, usize) {
-        let before = &self.text[..offset.min(self.text.len())];
+    fn file(&self, id: FileId) -> (&str, &str) {
+        if id == FileId::PRELUDE {
+            ("<prelude>", crate::PRELUDE)
+        } else {
+            (&self.name, &self.text)
+        }
+    }
+
+    /// 1-based `line:column` of a span's start.
+    pub fn line_col(&self, span: Span) -> (usize, usize) {
+        let text = self.file(span.file).1;
+        let before = &text[..span.start.min(text.len())];
         let line = before.matches('\n').count() + 1;
         let col = before.rfind('\n').map_or(before.chars().count(), |nl| before[nl + 1..].chars().count()) + 1;
         (line, col)
     }
 
-    fn to_codespan(&self, d: &Diagnostic) -> CsDiagnostic<()> {
+    /// `name:line:column` of a span's start.
+    pub fn location(&self, span: Span) -> String {
+        let (line, col) = self.line_col(span);
+        format!("{}:{line}:{col}", self.file(span.file).0)
+    }
+
+    fn files(&self) -> SimpleFiles<&str, &str> {
+        let mut files = SimpleFiles::new();
+        for id in [FileId::MODEL, FileId::PRELUDE] {
+            let (name, text) = self.file(id);
+            let got = files.add(name, text);
+            debug_assert_eq!(got, id.0 as usize);
+        }
+        files
+    }
+
+    fn to_codespan(&self, d: &Diagnostic) -> CsDiagnostic<usize> {
         let severity = match d.level {
             Level::Error => Severity::Error,
             Level::Warning => Severity::Warning,
             Level::Note => Severity::Note,
         };
-        let len = self.text.len();
-        let clamp = |s: Span| s.start.min(len)..s.end.min(len).max(s.start.min(len));
+        let clamp = |s: Span| {
+            let len = self.file(s.file).1.len();
+            s.start.min(len)..s.end.min(len).max(s.start.min(len))
+        };
         let labels = d
             .labels
             .iter()
             .enumerate()
-            .map(|(i, (s, m))| if i == 0 { Label::primary((), clamp(*s)) } else { Label::secondary((), clamp(*s)) }.with_message(m))
+            .map(|(i, (s, m))| {
+                let id = s.file.0 as usize;
+                if i == 0 { Label::primary(id, clamp(*s)) } else { Label::secondary(id, clamp(*s)) }.with_message(m)
+            })
             .collect();
         CsDiagnostic::new(severity).with_message(&d.message).with_labels(labels).with_notes(d.notes.clone())
     }
 
     /// Renders diagnostics as plain text (for tests and files).
     pub fn render_plain(&self, diags: &[Diagnostic]) -> String {
-        let files = SimpleFile::new(&self.name, &self.text);
+        let files = self.files();
         let config = term::Config::default();
         diags.iter().map(|d| term::emit_into_string(&config, &files, &self.to_codespan(d)).unwrap_or_else(|_| d.message.clone())).collect()
     }
@@ -116,7 +159,7 @@ impl Source {
         use std::io::IsTerminal;
         let choice = if std::io::stderr().is_terminal() { termcolor::ColorChoice::Auto } else { termcolor::ColorChoice::Never };
         let mut out = termcolor::StandardStream::stderr(choice);
-        let files = SimpleFile::new(&self.name, &self.text);
+        let files = self.files();
         let config = term::Config::default();
         for d in diags {
             if term::emit_to_write_style(&mut out, &config, &files, &self.to_codespan(d)).is_err() {

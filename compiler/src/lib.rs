@@ -12,13 +12,19 @@ pub mod lower;
 pub mod syntax;
 pub mod weights;
 
-use diag::{Diagnostic, Failed, Source};
+use diag::{Diagnostic, Failed, FileId, Source};
 
 /// The bundled default model (Chainer's AlexBN).
 pub const ALEXBN: &str = include_str!("../../models/alexbn.model");
 
+/// Chainer's built-in composite links (`L.Inception`, `L.InceptionBN`, `L.MLPConvolution2D`), written in
+/// the model language and in scope in every model.
+pub const PRELUDE: &str = include_str!("prelude.model");
+
 /// Parses and builds a model. On success, returns the graph and any warnings.
 pub fn compile(src: &Source) -> Result<(ir::Graph, Vec<Diagnostic>), Failed> {
-    let file = syntax::parse(&src.text).map_err(|errs| Failed(errs.iter().map(|e| e.diagnostic()).collect()))?;
-    ir::build(&file).map_err(Failed)
+    let to_diags = |errs: Vec<syntax::SyntaxError>| Failed(errs.iter().map(|e| e.diagnostic()).collect());
+    let file = syntax::parse(&src.text, FileId::MODEL).map_err(to_diags)?;
+    let prelude = syntax::parse(PRELUDE, FileId::PRELUDE).map_err(to_diags)?;
+    ir::build(&[&file, &prelude]).map_err(Failed)
 }

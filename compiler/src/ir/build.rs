@@ -1,13 +1,17 @@
-//! AST → [`Graph`]: evaluates a model's link declarations and its `forward` body, inferring every shape.
+//! AST → [`Graph`]: instantiates the model's links (and the chains inside them), then evaluates `forward`,
+//! inferring every shape.
 //!
-//! Links and functions are bound by Chainer's signatures and defaults (see the tables `LINKS` and
-//! `FUNCTIONS`). Evaluation never stops at the first error: a failed expression becomes `Value::Poison`,
-//! which later uses accept silently, so each mistake is reported once.
+//! Everything but tensors is known at compile time: chain parameters, `if`, `for` and arithmetic are
+//! evaluated here, so the graph is straight-line. Links are instances in an arena, each with its Chainer
+//! path (`res2/0/conv1`), which names its parameters (`res2/0/conv1/W`). Primitive links and functions are
+//! bound by Chainer's signatures and defaults (`LINKS`, `FUNCTIONS`). Evaluation never stops at the first
+//! error: a failed expression becomes `Value::Poison`, which later uses accept silently, so each mistake is
+//! reported once.
 
 use super::{Graph, Kind, Node, NodeId};
 use crate::diag::{Diagnostic, Span};
-use crate::syntax::{Arg, BinOp, Expr, ExprKind, File, Ident, Model, Stmt};
-use cnnc_runtime::op::{Axis, BatchNorm, Conv2d, Dims, Linear, Lrn, Pool2d};
+use crate::syntax::{Arg, BinOp, Decl, Expr, ExprKind, File, Ident, Item, ItemKind, Stmt};
+use cnnc_runtime::op::{Axis, Batched, BatchNorm, Conv2d, Dims, Linear, Lrn, Pool2d};
 use cnnc_runtime::Op;
 use petgraph::graph::{DiGraph, NodeIndex};
 use std::collections::HashMap;
@@ -29,16 +33,14 @@ impl BuildError {
         let d = Diagnostic::error(self.to_string());
         match self {
             BuildError::Unknown { span, suggestion, known, what, .. } => {
-                let d = d.label(*span, format!("not a known {what}"));
-                let d = match suggestion {
-                    Some(s) => d.note(format!("did you mean `{s}`?")),
-                    None => d,
-                };
-                if known.is_empty() {
-                    d
-                } else {
-                    d.note(format!("known: {}", known.join(", ")))
+                let mut d = d.label(*span, format!("not a known {what}"));
+                if let Some(s) = suggestion {
+                    d = d.note(format!("did you mean `{s}`?"));
                 }
+                if !known.is_empty() {
+                    d = d.note(format!("known: {}", known.join(", ")));
+                }
+                d
             }
             BuildError::Argument { span, label, .. } => d.label(*span, label),
             BuildError::Shape { span, decl, .. } => {
@@ -69,6 +71,7 @@ enum Value {
     Str(String),
     Tuple(Vec<Value>),
     Tensor(NodeIndex),
+    Link(LinkId),
     /// The result of an expression that already reported an error.
     Poison,
 }
@@ -83,38 +86,48 @@ impl Value {
             Value::Str(_) => "a string",
             Value::Tuple(_) => "a tuple",
             Value::Tensor(_) => "a tensor",
+            Value::Link(_) => "a link",
             Value::Poison => "an erroneous value",
         }
     }
 }
 
-/// A declared link, with its input size once known (`None` in Chainer means "infer on first call").
+type LinkId = usize;
+
+/// A primitive link, with its input size once known (`None` in Chainer means "infer on first call").
 #[derive(Clone, Debug)]
-enum LinkKind {
+enum Prim {
     Conv { conv: Conv2d, infer_in: bool },
     BatchNorm { bn: BatchNorm, infer: bool },
     Linear { linear: Linear, infer_in: bool },
 }
 
-struct LinkState {
-    name: Ident,
+enum Body<'a> {
+    /// `None` when its declaration failed (already reported).
+    Prim(Option<Prim>),
+    Chain { item: &'a Item, consts: HashMap<String, Value>, children: Vec<(String, LinkId)> },
+}
+
+/// A link instance: a primitive link or a chain, named by its Chainer path.
+struct Link<'a> {
+    path: String,
     decl: Span,
-    kind: Option<LinkKind>,
+    body: Body<'a>,
     used: bool,
 }
 
-/// A function or link signature: (parameter, default). `REQUIRED` marks parameters without a default.
-type Signature = &'static [(&'static str, DefaultValue)];
+/// A primitive link or function signature: (parameter, default); `Required` marks no default.
+type Signature = &'static [(&'static str, Default)];
 
 #[derive(Clone, Copy)]
-enum DefaultValue {
+enum Default {
     Required,
     Int(i64),
     Float(f64),
     Bool(bool),
     None,
 }
-use DefaultValue::Required as REQUIRED;
+const REQUIRED: Default = Default::Required;
 
 const LINKS: &[(&str, Signature)] = &[
     (
@@ -122,222 +135,364 @@ const LINKS: &[(&str, Signature)] = &[
         &[
             ("in_channels", REQUIRED),
             ("out_channels", REQUIRED),
-            ("ksize", DefaultValue::None),
-            ("stride", DefaultValue::Int(1)),
-            ("pad", DefaultValue::Int(0)),
-            ("nobias", DefaultValue::Bool(false)),
-            ("dilate", DefaultValue::Int(1)),
-            ("groups", DefaultValue::Int(1)),
+            ("ksize", Default::None),
+            ("stride", Default::Int(1)),
+            ("pad", Default::Int(0)),
+            ("nobias", Default::Bool(false)),
+            ("initialW", Default::None),
+            ("initial_bias", Default::None),
+            ("dilate", Default::Int(1)),
+            ("groups", Default::Int(1)),
         ],
     ),
     // `decay` only matters for training; accepted so that Chainer code pastes unchanged.
-    ("BatchNormalization", &[("size", DefaultValue::None), ("decay", DefaultValue::Float(0.9)), ("eps", DefaultValue::Float(2e-5))]),
-    ("Linear", &[("in_size", REQUIRED), ("out_size", DefaultValue::None), ("nobias", DefaultValue::Bool(false))]),
+    ("BatchNormalization", &[("size", Default::None), ("decay", Default::Float(0.9)), ("eps", Default::Float(2e-5))]),
+    ("Linear", &[("in_size", REQUIRED), ("out_size", Default::None), ("nobias", Default::Bool(false)), ("initialW", Default::None), ("initial_bias", Default::None)]),
 ];
 
 const FUNCTIONS: &[(&str, Signature)] = &[
     ("relu", &[("x", REQUIRED)]),
-    ("max_pooling_2d", &[("x", REQUIRED), ("ksize", REQUIRED), ("stride", DefaultValue::None), ("pad", DefaultValue::Int(0)), ("cover_all", DefaultValue::Bool(true))]),
-    ("average_pooling_2d", &[("x", REQUIRED), ("ksize", REQUIRED), ("stride", DefaultValue::None), ("pad", DefaultValue::Int(0))]),
+    ("max_pooling_2d", &[("x", REQUIRED), ("ksize", REQUIRED), ("stride", Default::None), ("pad", Default::Int(0)), ("cover_all", Default::Bool(true))]),
+    ("average_pooling_2d", &[("x", REQUIRED), ("ksize", REQUIRED), ("stride", Default::None), ("pad", Default::Int(0))]),
     (
         "local_response_normalization",
-        &[("x", REQUIRED), ("n", DefaultValue::Int(5)), ("k", DefaultValue::Float(2.0)), ("alpha", DefaultValue::Float(1e-4)), ("beta", DefaultValue::Float(0.75))],
+        &[("x", REQUIRED), ("n", Default::Int(5)), ("k", Default::Float(2.0)), ("alpha", Default::Float(1e-4)), ("beta", Default::Float(0.75))],
     ),
-    ("dropout", &[("x", REQUIRED), ("ratio", DefaultValue::Float(0.5))]),
-    ("softmax", &[("x", REQUIRED), ("axis", DefaultValue::Int(1))]),
+    ("dropout", &[("x", REQUIRED), ("ratio", Default::Float(0.5))]),
+    ("softmax", &[("x", REQUIRED), ("axis", Default::Int(1))]),
     ("reshape", &[("x", REQUIRED), ("shape", REQUIRED)]),
     ("flatten", &[("x", REQUIRED)]),
-    ("concat", &[("xs", REQUIRED), ("axis", DefaultValue::Int(1))]),
+    ("concat", &[("xs", REQUIRED), ("axis", Default::Int(1))]),
+    // Compile-time helpers.
+    ("len", &[("x", REQUIRED)]),
+    ("range", &[("start", REQUIRED), ("stop", Default::None), ("step", Default::Int(1))]),
 ];
 
-/// Builds the graph of the (single) model in `file`. On success returns warnings alongside.
-pub fn build(file: &File) -> Result<(Graph, Vec<Diagnostic>), Vec<Diagnostic>> {
+/// Largest integer argument (sizes, strides, ...): keeps every shape computation far from overflow.
+const MAX_DIM: i64 = 1 << 31;
+/// Largest tensor or parameter, in elements per sample (16 GiB of f32).
+const MAX_ELEMENTS: usize = 1 << 32;
+/// Deepest nesting of chain instantiations and calls (a chain that contains itself hits this).
+const MAX_NESTING: usize = 64;
+/// Most iterations of one `for` loop, and most nodes in a graph: bounds compile time on runaway loops.
+const MAX_ITERATIONS: usize = 100_000;
+const MAX_NODES: usize = 1_000_000;
+
+/// Builds the graph of the model in `files[0]`, with the chains of every file in scope. On success
+/// returns warnings alongside.
+pub fn build(files: &[&File]) -> Result<(Graph, Vec<Diagnostic>), Vec<Diagnostic>> {
     let mut b = Builder::default();
-    for extra in file.models.iter().skip(1) {
-        b.error(BuildError::Structure {
-            message: "a model file holds one model".into(),
-            span: extra.name.span,
-            label: "second model here".into(),
-            note: Some(format!("the first is `{}`", file.models[0].name.name)),
-        });
+    let mut model: Option<&Item> = None;
+    for (fi, file) in files.iter().enumerate() {
+        for item in &file.items {
+            if item.kind == ItemKind::Model {
+                match (fi, model) {
+                    (0, None) => model = Some(item),
+                    (0, Some(first)) => b.push(
+                        Diagnostic::error("a model file holds one model").label(item.name.span, "second model here").label(first.name.span, "first model here"),
+                    ),
+                    _ => {}
+                }
+            } else if let Some(prev) = b.items.insert(&item.name.name, item) {
+                b.push(
+                    Diagnostic::error(format!("`{}` is defined twice", item.name.name))
+                        .label(item.name.span, "defined again here")
+                        .label(prev.name.span, "first defined here"),
+                );
+            }
+        }
     }
-    let graph = b.model(&file.models[0]);
+    let Some(model) = model else {
+        let span = files[0].items.first().map_or(Span::default(), |i| i.name.span);
+        b.push(Diagnostic::error("the file defines no `model`").label(span, "expected `model Name { ... }`").note("chains are used by a model; add `model Name { ... forward(x: [C, H, W]) { ... } }`"));
+        return Err(b.diags);
+    };
+    let graph = b.model(model);
+    b.unused_links(0);
+    b.diags.sort_by_key(|d| (d.primary_start(), d.is_error()));
     match graph {
         Some(g) if !b.diags.iter().any(Diagnostic::is_error) => Ok((g, b.diags)),
         _ => Err(b.diags),
     }
 }
 
-#[derive(Default)]
-struct Builder {
-    g: DiGraph<Node, u32>,
-    diags: Vec<Diagnostic>,
-    links: Vec<LinkState>,
-    /// name → (value, span of the assignment, read since?)
+/// Names visible to an expression: local variables (with a read flag) and the instance `self` refers to.
+struct Scope {
     vars: HashMap<String, (Value, Span, bool)>,
+    this: LinkId,
+    /// In link declarations (instantiation) rather than in `forward`.
+    declaring: bool,
 }
 
-impl Builder {
-    fn error(&mut self, e: BuildError) {
-        self.diags.push(e.diagnostic());
+#[derive(Default)]
+struct Builder<'a> {
+    items: HashMap<&'a str, &'a Item>,
+    g: DiGraph<Node, u32>,
+    diags: Vec<Diagnostic>,
+    links: Vec<Link<'a>>,
+    /// Chain instantiations and calls in progress: (call span, path), outermost first.
+    stack: Vec<(Span, String)>,
+}
+
+impl<'a> Builder<'a> {
+    /// Adds a diagnostic once (a chain called twice reports the same mistake once), with the call that led
+    /// into a chain as context.
+    fn push(&mut self, mut d: Diagnostic) {
+        if let Some((outer, _)) = self.stack.first() {
+            if d.is_error() && !d.labels.iter().any(|(s, _)| s == outer) {
+                let path: Vec<&str> = self.stack.iter().map(|(_, p)| p.as_str()).collect();
+                d = d.label(*outer, format!("in `{}`", path.last().expect("non-empty")));
+                if path.len() > 1 {
+                    d = d.note(format!("while evaluating {}", path.join(" → ")));
+                }
+            }
+        }
+        if !self.diags.contains(&d) {
+            self.diags.push(d);
+        }
     }
 
-    fn arg_error(&mut self, span: Span, message: impl Into<String>, label: impl Into<String>) -> Value {
-        self.error(BuildError::Argument { message: message.into(), span, label: label.into() });
+    fn error(&mut self, e: BuildError) -> Value {
+        self.push(e.diagnostic());
         Value::Poison
     }
 
-    fn model(&mut self, m: &Model) -> Option<Graph> {
-        for decl in &m.links {
-            if let Some(prev) = self.links.iter().find(|l| l.name.name == decl.name.name) {
-                let prev = prev.name.span;
-                self.diags.push(
-                    Diagnostic::error(format!("link `{}` is declared twice", decl.name.name))
-                        .label(decl.name.span, "declared again here")
-                        .label(prev, "first declared here"),
-                );
-                continue;
-            }
-            let kind = self.link_decl(&decl.value);
-            self.links.push(LinkState { name: decl.name.clone(), decl: decl.name.span.to(decl.value.span), kind, used: false });
+    fn arg_error(&mut self, span: Span, message: impl Into<String>, label: impl Into<String>) -> Value {
+        self.error(BuildError::Argument { message: message.into(), span, label: label.into() })
+    }
+
+    fn structure(&mut self, span: Span, message: impl Into<String>, label: impl Into<String>, note: Option<String>) -> Value {
+        self.error(BuildError::Structure { message: message.into(), span, label: label.into(), note })
+    }
+
+    fn model(&mut self, m: &'a Item) -> Option<Graph> {
+        self.links.push(Link { path: String::new(), decl: m.name.span, body: Body::Chain { item: m, consts: HashMap::new(), children: vec![] }, used: true });
+        let mut scope = Scope { vars: HashMap::new(), this: 0, declaring: true };
+        self.decls(&m.body, &mut scope);
+        if let Body::Chain { consts, .. } = &mut self.links[0].body {
+            *consts = scope.vars.into_iter().map(|(k, (v, _, _))| (k, v)).collect();
         }
         let Some(fwd) = &m.forward else {
-            self.error(BuildError::Structure {
-                message: format!("model `{}` has no `forward`", m.name.name),
-                span: m.name.span,
-                label: "declared here".into(),
-                note: Some("add `forward(x: [C, H, W]) { ... return h }`".into()),
-            });
+            self.structure(m.name.span, format!("model `{}` has no `forward`", m.name.name), "declared here", Some("add `forward(x: [C, H, W]) { ... return h }`".into()));
             return None;
         };
+        if fwd.params.is_empty() {
+            self.structure(fwd.span, "`forward` takes no input", "here", None);
+        }
         let mut inputs = Vec::new();
+        let mut args = Vec::new();
         for (i, p) in fwd.params.iter().enumerate() {
             let dims = match &p.shape {
                 Some(e) => self.input_shape(e),
                 None => {
-                    self.error(BuildError::Structure {
-                        message: format!("input `{}` has no shape", p.name.name),
-                        span: p.name.span,
-                        label: "needs a per-sample shape".into(),
-                        note: Some(format!("write e.g. `{}: [3, 227, 227]` (the batch axis is implicit)", p.name.name)),
-                    });
+                    self.structure(
+                        p.name.span,
+                        format!("input `{}` has no shape", p.name.name),
+                        "needs a per-sample shape",
+                        Some(format!("write e.g. `{}: [3, 227, 227]` (the batch axis is implicit)", p.name.name)),
+                    );
                     None
                 }
             };
-            let v = match dims {
+            args.push(match dims {
                 Some(shape) => {
-                    let node = Node { kind: Kind::Input(i), shape, span: p.name.span, layer: p.name.name.clone(), params: vec![], decl: None };
-                    let id = self.g.add_node(node);
+                    let id = self.g.add_node(Node { kind: Kind::Input(i), shape, span: p.name.span, layer: p.name.name.clone(), params: vec![], decl: None });
                     inputs.push(NodeId(id));
                     Value::Tensor(id)
                 }
                 None => Value::Poison,
-            };
-            self.vars.insert(p.name.name.clone(), (v, p.name.span, false));
+            });
         }
-        if fwd.params.is_empty() {
-            self.error(BuildError::Structure { message: "`forward` takes no input".into(), span: fwd.span, label: "here".into(), note: None });
-        }
-        let mut output = None;
-        for stmt in &fwd.body {
-            match stmt {
-                Stmt::Assign { target, value } => {
-                    let v = self.expr(value);
-                    if let Some((_, span, false)) = self.vars.get(&target.name) {
-                        self.diags.push(Diagnostic::warning(format!("value assigned to `{}` is never used", target.name)).label(*span, "assigned here"));
-                    }
-                    self.vars.insert(target.name.clone(), (v, target.span, false));
-                }
-                Stmt::Return { value, span } => {
-                    if output.is_some() {
-                        self.error(BuildError::Structure { message: "a second `return`".into(), span: *span, label: "unreachable".into(), note: None });
-                        continue;
-                    }
-                    output = Some((self.expr(value), value.span));
-                }
+        let out = self.run_forward(0, args, m.span)?;
+        match out {
+            Value::Tensor(id) => Some(finish(&self.g, m.name.name.clone(), inputs, id)),
+            Value::Poison => None,
+            v => {
+                self.structure(fwd.span, format!("`forward` must return a tensor, not {}", v.describe()), "this forward", None);
+                None
             }
         }
-        for (name, (_, span, used)) in &self.vars {
-            if !used && !name.starts_with('_') {
-                let input = fwd.params.iter().any(|p| &p.name.name == name);
-                let (what, label) = if input { ("input", "declared here") } else { ("value assigned to", "assigned here") };
-                self.diags.push(Diagnostic::warning(format!("{what} `{name}` is never used")).label(*span, label));
-            }
-        }
-        for l in &self.links {
-            if !l.used {
-                self.diags.push(
-                    Diagnostic::warning(format!("link `{}` is never called", l.name.name))
-                        .label(l.name.span, "declared here")
-                        .note("its parameters are not part of the model"),
-                );
-            }
-        }
-        self.diags.sort_by_key(|d| (d.primary_start(), d.is_error()));
-        let out = match output {
-            Some((Value::Tensor(id), _)) => id,
-            Some((Value::Poison, _)) => return None,
-            Some((v, span)) => {
-                self.arg_error(span, format!("`forward` must return a tensor, not {}", v.describe()), "returned here");
-                return None;
-            }
-            None => {
-                self.error(BuildError::Structure {
-                    message: "`forward` has no `return`".into(),
-                    span: fwd.span,
-                    label: "this forward".into(),
-                    note: Some("end it with `return h`".into()),
-                });
-                return None;
-            }
-        };
-        Some(finish(&self.g, m.name.name.clone(), inputs, out))
     }
 
-    fn input_shape(&mut self, e: &Expr) -> Option<Dims> {
-        let v = self.expr(e);
+    fn input_shape(&mut self, e: &'a Expr) -> Option<Dims> {
+        let mut scope = Scope { vars: HashMap::new(), this: 0, declaring: true };
+        let v = self.expr(e, &mut scope);
         let dims: Option<Dims> = match &v {
             Value::Tuple(items) => items.iter().map(|d| if let Value::Int(i @ 1..=MAX_DIM) = d { Some(*i as usize) } else { None }).collect(),
             _ => None,
         };
-        if let Some(d) = &dims {
-            if elements(d).is_none() {
+        match &dims {
+            Some(d) if elements(d).is_none() => {
                 self.arg_error(e.span, format!("input shape has more than {MAX_ELEMENTS} elements per sample"), "too large");
+                None
+            }
+            None if v != Value::Poison => {
+                self.arg_error(e.span, "an input shape is a list of positive integers", "like `[3, 227, 227]`");
+                None
+            }
+            _ => dims,
+        }
+    }
+
+    // ---- declarations (instantiation) ----
+
+    fn decls(&mut self, decls: &'a [Decl], scope: &mut Scope) {
+        for d in decls {
+            match d {
+                Decl::Assign { name, value } => {
+                    if let Some(ctor) = self.constructor(value, scope) {
+                        let (path, decl) = (self.child_path(scope.this, &name.name), name.span.to(value.span));
+                        let id = self.construct(ctor, value, path.clone(), decl, scope).unwrap_or_else(|| self.poisoned(path, decl));
+                        self.add_child(scope.this, name, id);
+                    } else {
+                        let v = self.expr(value, scope);
+                        if matches!(v, Value::Tensor(_) | Value::Link(_)) {
+                            self.arg_error(value.span, format!("a declaration cannot hold {}", v.describe()), "declare links with a constructor call");
+                        }
+                        scope.vars.insert(name.name.clone(), (v, name.span, true));
+                    }
+                }
+                Decl::Child(e) => {
+                    let is_list = matches!(&self.links[scope.this].body, Body::Chain { item, .. } if item.kind == ItemKind::ChainList);
+                    match self.constructor(e, scope) {
+                        Some(ctor) if is_list => {
+                            let index = self.children(scope.this).len().to_string();
+                            let path = self.child_path(scope.this, &index);
+                            let id = self.construct(ctor, e, path.clone(), e.span, scope).unwrap_or_else(|| self.poisoned(path, e.span));
+                            self.add_child(scope.this, &Ident { name: index, span: e.span }, id);
+                        }
+                        Some(_) => {
+                            self.structure(e.span, "a link without a name", "only a `chainlist` numbers its children", Some("write `name = ...`".into()));
+                        }
+                        None => {
+                            self.expr(e, scope);
+                            self.structure(e.span, "expected a declaration", "not `name = ...` or a link", None);
+                        }
+                    }
+                }
+                Decl::If { cond, then, otherwise } => match self.truth(cond, scope) {
+                    Some(true) => self.decls(then, scope),
+                    Some(false) => self.decls(otherwise, scope),
+                    None => {}
+                },
+                Decl::For { var, iter, body } => {
+                    for v in self.iteration(iter, scope) {
+                        scope.vars.insert(var.name.clone(), (v, var.span, true));
+                        self.decls(body, scope);
+                    }
+                }
+                Decl::Assert { cond, message, span } => self.assert(cond, message.as_ref(), *span, scope),
+            }
+        }
+    }
+
+    /// A link whose declaration failed (already reported): calls of it are silent `Poison`.
+    fn poisoned(&mut self, path: String, decl: Span) -> LinkId {
+        self.links.push(Link { path, decl, body: Body::Prim(None), used: true });
+        self.links.len() - 1
+    }
+
+    fn child_path(&self, parent: LinkId, name: &str) -> String {
+        match self.links[parent].path.as_str() {
+            "" => name.to_string(),
+            p => format!("{p}/{name}"),
+        }
+    }
+
+    fn children(&self, id: LinkId) -> &[(String, LinkId)] {
+        match &self.links[id].body {
+            Body::Chain { children, .. } => children,
+            Body::Prim(_) => &[],
+        }
+    }
+
+    fn add_child(&mut self, parent: LinkId, name: &Ident, id: LinkId) {
+        if let Some(&(_, prev)) = self.children(parent).iter().find(|(n, _)| *n == name.name) {
+            let prev = self.links[prev].decl;
+            self.push(Diagnostic::error(format!("link `{}` is declared twice", name.name)).label(name.span, "declared again here").label(prev, "first declared here"));
+            return;
+        }
+        if let Body::Chain { children, .. } = &mut self.links[parent].body {
+            children.push((name.name.clone(), id));
+        }
+    }
+
+    /// If `e` is a call of a link constructor (`L.Linear(...)`, `Block(...)`, anything under `L.`), its path.
+    fn constructor(&self, e: &'a Expr, scope: &Scope) -> Option<&'a [Ident]> {
+        let ExprKind::Call { callee, .. } = &e.kind else { return None };
+        let ExprKind::Path(path) = &callee.kind else { return None };
+        match path.as_slice() {
+            [ns, ..] if ns.name == "L" && path.len() > 1 => Some(path),
+            [n] if !scope.vars.contains_key(&n.name) && (LINKS.iter().any(|(l, _)| *l == n.name) || self.items.contains_key(n.name.as_str())) => Some(path),
+            _ => None,
+        }
+    }
+
+    /// Instantiates a primitive link or a chain at `path`.
+    fn construct(&mut self, ctor: &'a [Ident], call: &'a Expr, path: String, decl: Span, scope: &mut Scope) -> Option<LinkId> {
+        let ExprKind::Call { args, .. } = &call.kind else { unreachable!("constructor() checked for a call") };
+        let ctor = match ctor {
+            [_, n] | [n] => n,
+            _ => {
+                let joined: Vec<&str> = ctor.iter().map(|i| i.name.as_str()).collect();
+                self.eval_args(args, scope);
+                self.arg_error(ctor[0].span.to(ctor[ctor.len() - 1].span), format!("unknown link constructor `{}`", joined.join(".")), "expected `L.Link(...)` or `Link(...)`");
+                return None;
+            }
+        };
+        if let Some((_, sig)) = LINKS.iter().find(|(l, _)| *l == ctor.name) {
+            let prim = self.prim_decl(&ctor.name, sig, args, call.span, scope);
+            self.links.push(Link { path, decl, body: Body::Prim(prim), used: false });
+            return Some(self.links.len() - 1);
+        }
+        let Some(&item) = self.items.get(ctor.name.as_str()) else {
+            let mut known: Vec<&str> = LINKS.iter().map(|l| l.0).chain(self.items.keys().copied()).collect();
+            known.sort();
+            self.unknown("link", ctor, &known);
+            return None;
+        };
+        if self.stack.len() >= MAX_NESTING {
+            self.structure(decl, format!("chains nest more than {MAX_NESTING} deep"), "here", Some(format!("does `{}` contain itself?", item.name.name)));
+            return None;
+        }
+        let sig: Vec<(String, Option<Value>)> = item
+            .params
+            .iter()
+            .map(|p| (p.name.name.clone(), p.default.as_ref().map(|d| self.expr(d, &mut Scope { vars: HashMap::new(), this: 0, declaring: true }))))
+            .collect();
+        let values = self.bind(&item.name.name, &sig, args, call.span, scope)?;
+        let consts: HashMap<String, (Value, Span, bool)> = sig.iter().zip(&item.params).zip(values).map(|(((n, _), p), v)| (n.clone(), (v, p.name.span, true))).collect();
+        self.links.push(Link { path: path.clone(), decl, body: Body::Chain { item, consts: HashMap::new(), children: vec![] }, used: false });
+        let id = self.links.len() - 1;
+        self.stack.push((call.span, path));
+        let mut inner = Scope { vars: consts, this: id, declaring: true };
+        self.decls(&item.body, &mut inner);
+        self.stack.pop();
+        if let Body::Chain { consts, .. } = &mut self.links[id].body {
+            *consts = inner.vars.into_iter().map(|(k, (v, _, _))| (k, v)).collect();
+        }
+        Some(id)
+    }
+
+    /// Evaluates a primitive link declaration such as `L.Convolution2D(3, 96, 11, stride=4)`.
+    fn prim_decl(&mut self, name: &str, sig: Signature, args: &'a [Arg], call: Span, scope: &mut Scope) -> Option<Prim> {
+        let v = self.bind(name, &static_sig(sig), args, call, scope)?;
+        let span_of = |i: usize| arg_span(args, &static_sig(sig), i, call);
+        for (i, (p, _)) in sig.iter().enumerate() {
+            if p.starts_with("initial") && v[i] != Value::None {
+                self.arg_error(span_of(i), format!("`{p}` is not supported: cnnc loads parameters from a weights file or initialises them itself"), "remove it");
                 return None;
             }
         }
-        if dims.is_none() && v != Value::Poison {
-            self.arg_error(e.span, "an input shape is a list of positive integers", "like `[3, 227, 227]`");
-        }
-        dims
-    }
-
-    /// Evaluates a link declaration such as `L.Convolution2D(3, 96, 11, stride=4)`.
-    fn link_decl(&mut self, e: &Expr) -> Option<LinkKind> {
-        let ExprKind::Call { callee, args } = &e.kind else {
-            self.arg_error(e.span, format!("a link declaration needs a link constructor, found {}", e.kind.describe()), "e.g. `L.Linear(4096, 1000)`");
-            return None;
-        };
-        let Some(name) = strip_prefix(callee, "L") else {
-            let path: Vec<&str> = callee.iter().map(|i| i.name.as_str()).collect();
-            self.arg_error(e.span, format!("unknown link constructor `{}`", path.join(".")), "expected `L.Link(...)` or `Link(...)`");
-            return None;
-        };
-        let Some((_, sig)) = LINKS.iter().find(|(n, _)| *n == name.name) else {
-            self.unknown("link", name, LINKS.iter().map(|l| l.0));
-            return None;
-        };
-        let v = self.bind(&name.name, sig, args, e.span)?;
-        let span_of = |i: usize| arg_span(args, sig, i, e.span);
-        match name.name.as_str() {
+        match name {
             "Convolution2D" => {
                 // Chainer's two-argument form `Convolution2D(out, ksize)` infers the input channels.
                 let (inp, out, k, ks) = match &v[2] {
                     Value::None => (Value::None, v[0].clone(), v[1].clone(), span_of(1)),
                     _ => (v[0].clone(), v[1].clone(), v[2].clone(), span_of(2)),
                 };
-                if !matches!(v[6], Value::Int(1)) {
-                    self.arg_error(span_of(6), "dilated convolutions are not supported", "dilate must be 1");
+                if !matches!(v[8], Value::Int(1)) {
+                    self.arg_error(span_of(8), "dilated convolutions are not supported", "dilate must be 1");
                 }
                 let conv = Conv2d {
                     in_channels: if inp == Value::None { 0 } else { self.usize(&inp, span_of(0), "in_channels", 1)? },
@@ -345,14 +500,14 @@ impl Builder {
                     kernel: self.pair(&k, ks, "ksize", 1)?,
                     stride: self.pair(&v[3], span_of(3), "stride", 1)?,
                     pad: self.pair(&v[4], span_of(4), "pad", 0)?,
-                    groups: self.usize(&v[7], span_of(7), "groups", 1)?,
+                    groups: self.usize(&v[9], span_of(9), "groups", 1)?,
                     bias: !self.bool(&v[5], span_of(5), "nobias")?,
                 };
                 if conv.out_channels % conv.groups != 0 || (inp != Value::None && conv.in_channels % conv.groups != 0) {
-                    self.arg_error(span_of(7), format!("groups={} must divide both channel counts", conv.groups), "here");
+                    self.arg_error(span_of(9), format!("groups={} must divide both channel counts", conv.groups), "here");
                     return None;
                 }
-                Some(LinkKind::Conv { infer_in: inp == Value::None, conv })
+                Some(Prim::Conv { infer_in: inp == Value::None, conv })
             }
             "BatchNormalization" => {
                 let eps = self.float(&v[2], span_of(2), "eps")?;
@@ -363,7 +518,7 @@ impl Builder {
                 self.float(&v[1], span_of(1), "decay")?;
                 let infer = v[0] == Value::None;
                 let channels = if infer { 0 } else { self.usize(&v[0], span_of(0), "size", 1)? };
-                Some(LinkKind::BatchNorm { bn: BatchNorm { channels, eps }, infer })
+                Some(Prim::BatchNorm { bn: BatchNorm { channels, eps }, infer })
             }
             "Linear" => {
                 // `Linear(out)` infers the input size, as in Chainer.
@@ -373,29 +528,29 @@ impl Builder {
                     out_features: self.usize(&out, span_of(1), "out_size", 1)?,
                     bias: !self.bool(&v[2], span_of(2), "nobias")?,
                 };
-                Some(LinkKind::Linear { infer_in: inp == Value::None, linear })
+                Some(Prim::Linear { infer_in: inp == Value::None, linear })
             }
             _ => unreachable!("LINKS and this match list the same names"),
         }
     }
 
-    fn unknown<'a>(&mut self, what: &'static str, name: &Ident, known: impl Iterator<Item = &'a str> + Clone) {
-        let suggestion = known.clone().filter(|k| edit_distance(k, &name.name) <= 2.max(name.name.len() / 3)).min_by_key(|k| edit_distance(k, &name.name));
+    fn unknown(&mut self, what: &'static str, name: &Ident, known: &[&str]) -> Value {
+        let suggestion = known.iter().filter(|k| edit_distance(k, &name.name) <= 2.max(name.name.len() / 3)).min_by_key(|k| edit_distance(k, &name.name));
         self.error(BuildError::Unknown {
             what,
             name: name.name.clone(),
             span: name.span,
-            suggestion: suggestion.map(str::to_string),
-            known: known.map(str::to_string).collect(),
-        });
+            suggestion: suggestion.map(|s| s.to_string()),
+            known: known.iter().map(|s| s.to_string()).collect(),
+        })
     }
 
-    /// Binds call arguments to a signature: positional, then keyword, then defaults.
-    fn bind(&mut self, callee: &str, sig: Signature, args: &[Arg], span: Span) -> Option<Vec<Value>> {
+    /// Binds call arguments to a signature: positional, then keyword, then defaults (`None`: required).
+    fn bind(&mut self, callee: &str, sig: &[(String, Option<Value>)], args: &'a [Arg], span: Span, scope: &mut Scope) -> Option<Vec<Value>> {
         let mut slots: Vec<Option<Value>> = vec![None; sig.len()];
         let mut ok = true;
         for (i, a) in args.iter().enumerate() {
-            let v = self.expr(&a.value);
+            let v = self.expr(&a.value, scope);
             let slot = match &a.keyword {
                 None if args[..i].iter().any(|a| a.keyword.is_some()) => {
                     self.arg_error(a.value.span, "positional argument after a keyword argument", "move it before the keywords");
@@ -411,7 +566,8 @@ impl Builder {
                 Some(k) => match sig.iter().position(|(n, _)| *n == k.name) {
                     Some(p) => p,
                     None => {
-                        self.unknown("keyword", k, sig.iter().map(|(n, _)| *n));
+                        let known: Vec<&str> = sig.iter().map(|(n, _)| n.as_str()).collect();
+                        self.unknown("keyword", k, &known);
                         ok = false;
                         continue;
                     }
@@ -427,19 +583,18 @@ impl Builder {
         for ((name, default), slot) in sig.iter().zip(slots) {
             out.push(match (slot, default) {
                 (Some(v), _) => v,
-                (None, DefaultValue::Required) => {
+                (None, Some(d)) => d.clone(),
+                (None, None) => {
                     self.arg_error(span, format!("`{callee}` is missing its argument `{name}`"), "in this call");
                     ok = false;
                     Value::Poison
                 }
-                (None, DefaultValue::Int(i)) => Value::Int(*i),
-                (None, DefaultValue::Float(f)) => Value::Float(*f),
-                (None, DefaultValue::Bool(b)) => Value::Bool(*b),
-                (None, DefaultValue::None) => Value::None,
             });
         }
         (ok && !out.contains(&Value::Poison)).then_some(out)
     }
+
+    // ---- conversions ----
 
     fn usize(&mut self, v: &Value, span: Span, what: &str, min: i64) -> Option<usize> {
         match v {
@@ -451,7 +606,8 @@ impl Builder {
             Value::Poison => None,
             _ => {
                 let want = if min > 0 { "a positive integer" } else { "a non-negative integer" };
-                self.arg_error(span, format!("`{what}` must be {want}, found {}", describe(v)), "here");
+                let found = if let Value::Int(i) = v { i.to_string() } else { v.describe().to_string() };
+                self.arg_error(span, format!("`{what}` must be {want}, found {found}"), "here");
                 None
             }
         }
@@ -503,112 +659,265 @@ impl Builder {
         }
     }
 
-    fn expr(&mut self, e: &Expr) -> Value {
+    /// Python truthiness of a compile-time value (`None` on error).
+    fn truth(&mut self, cond: &'a Expr, scope: &mut Scope) -> Option<bool> {
+        match self.expr(cond, scope) {
+            Value::Bool(b) => Some(b),
+            Value::Int(i) => Some(i != 0),
+            Value::Float(f) => Some(f != 0.0),
+            Value::None => Some(false),
+            Value::Str(s) => Some(!s.is_empty()),
+            Value::Tuple(t) => Some(!t.is_empty()),
+            Value::Poison => None,
+            v => {
+                self.arg_error(cond.span, format!("a condition must be known at compile time, not {}", v.describe()), "here");
+                None
+            }
+        }
+    }
+
+    fn iteration(&mut self, iter: &'a Expr, scope: &mut Scope) -> Vec<Value> {
+        match self.expr(iter, scope) {
+            Value::Tuple(items) if items.len() <= MAX_ITERATIONS => items,
+            Value::Tuple(_) => {
+                self.arg_error(iter.span, format!("a loop runs at most {MAX_ITERATIONS} times"), "too many");
+                vec![]
+            }
+            Value::Poison => vec![],
+            v => {
+                self.arg_error(iter.span, format!("cannot loop over {}", v.describe()), "use `range(...)` or a tuple");
+                vec![]
+            }
+        }
+    }
+
+    fn assert(&mut self, cond: &'a Expr, message: Option<&'a Expr>, span: Span, scope: &mut Scope) {
+        if self.truth(cond, scope) == Some(false) {
+            let text = match message.map(|m| self.expr(m, scope)) {
+                Some(Value::Str(s)) => s,
+                _ => "assertion failed".into(),
+            };
+            self.structure(span, text, "this assertion failed", None);
+        }
+    }
+
+    // ---- expressions ----
+
+    fn expr(&mut self, e: &'a Expr, scope: &mut Scope) -> Value {
         match &e.kind {
             ExprKind::Int(i) => Value::Int(*i),
             ExprKind::Float(f) => Value::Float(*f),
             ExprKind::Bool(b) => Value::Bool(*b),
             ExprKind::None => Value::None,
             ExprKind::Str(s) => Value::Str(s.clone()),
-            ExprKind::Tuple(items) => Value::Tuple(items.iter().map(|i| self.expr(i)).collect()),
-            ExprKind::Path(path) => match path.as_slice() {
-                [name] => match self.vars.get_mut(&name.name) {
-                    Some((v, _, used)) => {
-                        *used = true;
-                        v.clone()
-                    }
-                    None => {
-                        let mut known: Vec<String> = self.vars.keys().cloned().collect();
-                        known.sort();
-                        self.unknown("name", name, known.iter().map(String::as_str));
-                        Value::Poison
-                    }
-                },
-                _ => self.arg_error(e.span, "links and functions must be called", "add the arguments in parentheses"),
-            },
-            ExprKind::Neg(inner) => match self.expr(inner) {
-                Value::Int(i) => Value::Int(-i),
+            ExprKind::Tuple(items) => Value::Tuple(items.iter().map(|i| self.expr(i, scope)).collect()),
+            ExprKind::Path(path) => self.path(path, e.span, scope),
+            ExprKind::Neg(inner) => match self.expr(inner, scope) {
+                Value::Int(i) => i.checked_neg().map(Value::Int).unwrap_or_else(|| self.arg_error(e.span, "integer overflow", "here")),
                 Value::Float(f) => Value::Float(-f),
                 Value::Poison => Value::Poison,
                 v => self.arg_error(e.span, format!("cannot negate {}", v.describe()), "here"),
             },
+            ExprKind::Not(inner) => self.truth(inner, scope).map_or(Value::Poison, |b| Value::Bool(!b)),
+            ExprKind::Binary { op: op @ (BinOp::And | BinOp::Or), lhs, rhs } => match self.truth(lhs, scope) {
+                // Short-circuit, as in Python (the result is a boolean here).
+                Some(l) if l == (*op == BinOp::Or) => Value::Bool(l),
+                Some(_) => self.truth(rhs, scope).map_or(Value::Poison, Value::Bool),
+                None => Value::Poison,
+            },
             ExprKind::Binary { op, lhs, rhs } => {
-                let (a, b) = (self.expr(lhs), self.expr(rhs));
+                let (a, b) = (self.expr(lhs, scope), self.expr(rhs, scope));
                 self.binary(*op, a, b, e.span)
             }
-            ExprKind::Call { callee, args } => self.call(callee, args, e.span),
+            ExprKind::Index { base, index } => {
+                let (b, i) = (self.expr(base, scope), self.expr(index, scope));
+                self.index(b, i, e.span)
+            }
+            ExprKind::Call { callee, args } => self.call(callee, args, e.span, scope),
+        }
+    }
+
+    fn path(&mut self, path: &'a [Ident], span: Span, scope: &mut Scope) -> Value {
+        match path {
+            [name] if name.name == "self" => Value::Link(scope.this),
+            [name] => {
+                if let Some((v, _, used)) = scope.vars.get_mut(&name.name) {
+                    *used = true;
+                    return v.clone();
+                }
+                if let Some(&(_, id)) = self.children(scope.this).iter().find(|(n, _)| *n == name.name) {
+                    return Value::Link(id);
+                }
+                let mut known: Vec<String> = scope.vars.keys().cloned().collect();
+                known.sort();
+                self.unknown("name", name, &known.iter().map(String::as_str).collect::<Vec<_>>())
+            }
+            // A declaration that failed left a poisoned constant: stay silent.
+            [this, name] if this.name == "self" && matches!(scope.vars.get(&name.name), Some((Value::Poison, _, _))) => Value::Poison,
+            [this, name] if this.name == "self" => self.child(scope.this, name),
+            _ => {
+                let joined: Vec<&str> = path.iter().map(|i| i.name.as_str()).collect();
+                self.arg_error(span, format!("unknown name `{}`", joined.join(".")), "not a variable, `self.link` or `F.function`")
+            }
+        }
+    }
+
+    fn child(&mut self, of: LinkId, name: &Ident) -> Value {
+        if let Some(&(_, id)) = self.children(of).iter().find(|(n, _)| *n == name.name) {
+            return Value::Link(id);
+        }
+        let known: Vec<String> = self.children(of).iter().map(|(n, _)| n.clone()).collect();
+        self.unknown("link", name, &known.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    fn index(&mut self, base: Value, index: Value, span: Span) -> Value {
+        let len = match &base {
+            Value::Tuple(t) => t.len(),
+            Value::Link(id) => self.children(*id).len(),
+            Value::Poison => return Value::Poison,
+            v => return self.arg_error(span, format!("cannot index {}", v.describe()), "here"),
+        };
+        let i = match index {
+            Value::Int(i) if i < 0 && i.unsigned_abs() as usize <= len => len - i.unsigned_abs() as usize,
+            Value::Int(i) if i >= 0 && (i as usize) < len => i as usize,
+            Value::Int(i) => return self.arg_error(span, format!("index {i} is out of range for length {len}"), "here"),
+            Value::Poison => return Value::Poison,
+            v => return self.arg_error(span, format!("an index must be an integer, not {}", v.describe()), "here"),
+        };
+        match base {
+            Value::Tuple(mut t) => t.swap_remove(i),
+            Value::Link(id) => Value::Link(self.children(id)[i].1),
+            _ => unreachable!("matched above"),
         }
     }
 
     fn binary(&mut self, op: BinOp, a: Value, b: Value, span: Span) -> Value {
         use Value::*;
+        let num = |v: &Value| match v {
+            Int(i) => Some(*i as f64),
+            Float(f) => Some(*f),
+            _ => Option::None,
+        };
         match (op, &a, &b) {
             (_, Poison, _) | (_, _, Poison) => Poison,
             (BinOp::Add, Tensor(x), Tensor(y)) => self.node(Op::Add, vec![*x, *y], span, "+", Option::None, vec![]),
-            (_, Int(x), Int(y)) => {
+            (BinOp::Eq, _, _) => Bool(a == b || matches!((num(&a), num(&b)), (Some(x), Some(y)) if x == y)),
+            (BinOp::Ne, _, _) => Bool(!(a == b || matches!((num(&a), num(&b)), (Some(x), Some(y)) if x == y))),
+            (BinOp::Add, Tuple(x), Tuple(y)) => Tuple([x.clone(), y.clone()].concat()),
+            (_, Int(x), Int(y)) if !matches!(op, BinOp::Div | BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge) => {
+                let floor_div = |x: i64, y: i64| x.checked_div(y).map(|q| if (x % y != 0) && ((x < 0) != (y < 0)) { q - 1 } else { q });
                 let r = match op {
                     BinOp::Add => x.checked_add(*y),
                     BinOp::Sub => x.checked_sub(*y),
                     BinOp::Mul => x.checked_mul(*y),
-                    BinOp::Div => return if *y == 0 { self.arg_error(span, "division by zero", "here") } else { Float(*x as f64 / *y as f64) },
-                    BinOp::FloorDiv => (*y != 0).then(|| x.div_euclid(*y) - if y < &0 && x.rem_euclid(*y) != 0 { 1 } else { 0 }),
-                    BinOp::Rem => (*y != 0).then(|| x - y * (x.div_euclid(*y) - if y < &0 && x.rem_euclid(*y) != 0 { 1 } else { 0 })),
+                    BinOp::FloorDiv => floor_div(*x, *y),
+                    BinOp::Rem => floor_div(*x, *y).and_then(|q| q.checked_mul(*y)).and_then(|m| x.checked_sub(m)),
+                    _ => unreachable!("excluded by the guard"),
                 };
                 r.map(Int).unwrap_or_else(|| self.arg_error(span, "integer overflow or division by zero", "here"))
             }
-            (_, Int(_) | Float(_), Int(_) | Float(_)) => {
-                let f = |v: &Value| if let Int(i) = v { *i as f64 } else if let Float(f) = v { *f } else { 0.0 };
-                let (x, y) = (f(&a), f(&b));
-                Float(match op {
-                    BinOp::Add => x + y,
-                    BinOp::Sub => x - y,
-                    BinOp::Mul => x * y,
-                    BinOp::Div => x / y,
-                    BinOp::FloorDiv => (x / y).floor(),
-                    BinOp::Rem => x - y * (x / y).floor(),
-                })
-            }
-            _ => self.arg_error(span, format!("unsupported operands: {} and {}", a.describe(), b.describe()), "in this expression"),
+            _ => match (num(&a), num(&b)) {
+                (Some(x), Some(y)) => match op {
+                    BinOp::Lt => Bool(x < y),
+                    BinOp::Le => Bool(x <= y),
+                    BinOp::Gt => Bool(x > y),
+                    BinOp::Ge => Bool(x >= y),
+                    BinOp::Div | BinOp::FloorDiv | BinOp::Rem if y == 0.0 => self.arg_error(span, "division by zero", "here"),
+                    BinOp::Add => Float(x + y),
+                    BinOp::Sub => Float(x - y),
+                    BinOp::Mul => Float(x * y),
+                    BinOp::Div => Float(x / y),
+                    BinOp::FloorDiv => Float((x / y).floor()),
+                    BinOp::Rem => Float(x - y * (x / y).floor()),
+                    _ => unreachable!("handled above"),
+                },
+                _ => self.arg_error(span, format!("unsupported operands: {} and {}", a.describe(), b.describe()), "in this expression"),
+            },
         }
     }
 
-    fn call(&mut self, callee: &[Ident], args: &[Arg], span: Span) -> Value {
-        let segs: Vec<&str> = callee.iter().map(|i| i.name.as_str()).collect();
-        // `self.link(x)` or `link(x)`
-        let link_name = match segs.as_slice() {
-            ["self", _] => Some(&callee[1]),
-            [l] if self.links.iter().any(|s| s.name.name == *l) => Some(&callee[0]),
+    fn call(&mut self, callee: &'a Expr, args: &'a [Arg], span: Span, scope: &mut Scope) -> Value {
+        // Functions: `F.relu`, or a plain name that is not a variable or a child link.
+        let function = match &callee.kind {
+            ExprKind::Path(p) => match p.as_slice() {
+                [ns, f] if ns.name == "F" => Some(f),
+                [f] if !scope.vars.contains_key(&f.name) && !self.children(scope.this).iter().any(|(n, _)| *n == f.name) => Some(f),
+                [ns, l] if ns.name == "L" => {
+                    self.eval_args(args, scope);
+                    return self.structure(l.span, format!("link `{}` constructed inside `forward`", l.name), "here", Some("declare links before `forward`: `name = L.Link(...)`, then call `self.name(x)`".into()));
+                }
+                _ => None,
+            },
             _ => None,
         };
-        if let Some(name) = link_name {
-            return self.link_call(name, args, span);
+        if let Some(f) = function {
+            return self.function(f, args, span, scope);
         }
-        let known_fn = strip_prefix(callee, "F").and_then(|n| FUNCTIONS.iter().find(|(f, _)| *f == n.name));
-        if known_fn.is_none() {
-            // Evaluate the arguments anyway: their errors and uses still count.
-            for a in args {
-                self.expr(&a.value);
+        match self.expr(callee, scope) {
+            Value::Link(id) => self.call_link(id, args, span, scope),
+            Value::Poison => {
+                self.eval_args(args, scope);
+                Value::Poison
+            }
+            v => {
+                self.eval_args(args, scope);
+                self.arg_error(callee.span, format!("{} is not callable", v.describe()), "called here")
             }
         }
-        let Some(name) = strip_prefix(callee, "F") else {
-            return self.arg_error(span, format!("unknown callee `{}`", segs.join(".")), "expected `F.function`, `self.link` or a plain name");
+    }
+
+    /// Evaluates arguments whose call failed, so that their own errors and uses still count.
+    fn eval_args(&mut self, args: &'a [Arg], scope: &mut Scope) {
+        for a in args {
+            self.expr(&a.value, scope);
+        }
+    }
+
+    fn function(&mut self, name: &'a Ident, args: &'a [Arg], span: Span, scope: &mut Scope) -> Value {
+        let Some(&(fname, sig)) = FUNCTIONS.iter().find(|(n, _)| *n == name.name) else {
+            self.eval_args(args, scope);
+            let mut known: Vec<String> = FUNCTIONS.iter().map(|f| f.0.to_string()).collect();
+            known.extend(self.children(scope.this).iter().map(|(n, _)| format!("self.{n}")));
+            if scope.declaring && (LINKS.iter().any(|l| l.0 == name.name) || self.items.contains_key(name.name.as_str())) {
+                return self.structure(span, "a link must be declared with a name", "`name = ...`", None);
+            }
+            return self.unknown("function or link", name, &known.iter().map(String::as_str).collect::<Vec<_>>());
         };
-        let Some((fname, sig)) = FUNCTIONS.iter().find(|(n, _)| *n == name.name) else {
-            let links: Vec<String> = self.links.iter().map(|l| format!("self.{}", l.name.name)).collect();
-            let known = FUNCTIONS.iter().map(|f| f.0).chain(links.iter().map(String::as_str)).collect::<Vec<_>>();
-            self.unknown("function or link", name, known.into_iter());
-            return Value::Poison;
+        let sig_values = static_sig(sig);
+        let Some(v) = self.bind(fname, &sig_values, args, span, scope) else { return Value::Poison };
+        let sp = |i: usize| arg_span(args, &sig_values, i, span);
+        let prefix = match self.links[scope.this].path.as_str() {
+            "" => String::new(),
+            p => format!("{p}/"),
         };
-        let Some(v) = self.bind(fname, sig, args, span) else { return Value::Poison };
-        let sp = |i: usize| arg_span(args, sig, i, span);
-        let layer = format!("F.{fname}");
-        let op = match *fname {
+        let layer = format!("{prefix}F.{fname}");
+        let op = match fname {
+            "len" => {
+                return match &v[0] {
+                    Value::Tuple(t) => Value::Int(t.len() as i64),
+                    Value::Link(id) => Value::Int(self.children(*id).len() as i64),
+                    v => self.arg_error(sp(0), format!("`len` of {}", v.describe()), "has no length"),
+                }
+            }
+            "range" => {
+                let (start, stop) = if v[1] == Value::None { (Value::Int(0), v[0].clone()) } else { (v[0].clone(), v[1].clone()) };
+                return match (start, stop, &v[2]) {
+                    (Value::Int(a), Value::Int(b), Value::Int(s)) if *s != 0 => {
+                        let n = if *s > 0 { (b - a).max(0).div_euclid(*s) + i64::from((b - a).max(0) % s != 0) } else { (a - b).max(0).div_euclid(-s) + i64::from((a - b).max(0) % -s != 0) };
+                        if n as usize > MAX_ITERATIONS {
+                            return self.arg_error(span, format!("a range holds at most {MAX_ITERATIONS} values"), "too long");
+                        }
+                        Value::Tuple((0..n).map(|i| Value::Int(a + i * s)).collect())
+                    }
+                    _ => self.arg_error(span, "`range` takes integers and a non-zero step", "here"),
+                };
+            }
             "relu" => Some(Op::Relu),
             "max_pooling_2d" | "average_pooling_2d" => (|| {
                 let kernel = self.pair(&v[1], sp(1), "ksize", 1)?;
                 let stride = if v[2] == Value::None { kernel } else { self.pair(&v[2], sp(2), "stride", 1)? };
                 let pad = self.pair(&v[3], sp(3), "pad", 0)?;
-                if *fname == "max_pooling_2d" {
+                if fname == "max_pooling_2d" {
                     let cover_all = self.bool(&v[4], sp(4), "cover_all")?;
                     Some(Op::MaxPool2d(Pool2d { kernel, stride, pad, cover_all }))
                 } else {
@@ -659,90 +968,200 @@ impl Builder {
     fn reshape_op(&mut self, v: &[Value], span: Span) -> Option<Op> {
         let dims = match &v[1] {
             Value::Tuple(t) if t.first() == Some(&Value::Int(-1)) && t.len() >= 2 => {
-                t[1..].iter().map(|d| if let Value::Int(i @ 1..) = d { Some(*i as usize) } else { None }).collect::<Option<Dims>>()
+                t[1..].iter().map(|d| if let Value::Int(i @ 1..=MAX_DIM) = d { Some(*i as usize) } else { None }).collect::<Option<Dims>>()
             }
             Value::Poison => return None,
             _ => None,
         };
-        match dims {
-            Some(dims) => Some(Op::Reshape { dims }),
-            None => {
-                self.error(BuildError::Structure {
-                    message: "`reshape` needs a shape `(-1, d1, d2, ...)` with positive d's".into(),
-                    span,
-                    label: "here".into(),
-                    note: Some("the batch axis is symbolic, so the first entry must be -1".into()),
-                });
-                None
-            }
+        if dims.is_none() {
+            self.structure(span, "`reshape` needs a shape `(-1, d1, d2, ...)` with positive d's", "here", Some("the batch axis is symbolic, so the first entry must be -1".into()));
         }
+        dims.map(|dims| Op::Reshape { dims })
     }
 
-    fn link_call(&mut self, name: &Ident, args: &[Arg], span: Span) -> Value {
-        let Some(idx) = self.links.iter().position(|l| l.name.name == name.name) else {
-            let known: Vec<String> = self.links.iter().map(|l| l.name.name.clone()).collect();
-            self.unknown("link", name, known.iter().map(String::as_str));
-            return Value::Poison;
-        };
-        self.links[idx].used = true;
-        let (decl, lname) = (self.links[idx].decl, name.name.clone());
-        if args.len() != 1 || args[0].keyword.is_some() {
-            for a in args {
-                self.expr(&a.value);
-            }
-            return self.arg_error(span, format!("link `{lname}` takes exactly one positional input"), "in this call");
+    // ---- link calls ----
+
+    fn call_link(&mut self, id: LinkId, args: &'a [Arg], span: Span, scope: &mut Scope) -> Value {
+        if scope.declaring {
+            self.eval_args(args, scope);
+            return self.structure(span, "links are called inside `forward`", "not here", None);
         }
-        let x = self.expr(&args[0].value);
-        let Some(x) = self.tensor(&x, args[0].value.span) else { return Value::Poison };
-        let Some(kind) = self.links[idx].kind.clone() else { return Value::Poison };
+        let path = self.links[id].path.clone();
+        if let Some(k) = args.iter().find_map(|a| a.keyword.as_ref()) {
+            self.eval_args(args, scope);
+            return self.arg_error(k.span, format!("`{path}` takes positional inputs only"), "keyword argument");
+        }
+        let values: Vec<Value> = args.iter().map(|a| self.expr(&a.value, scope)).collect();
+        self.links[id].used = true;
+        if matches!(self.links[id].body, Body::Prim(_)) {
+            if values.len() != 1 {
+                return self.arg_error(span, format!("link `{path}` takes exactly one input"), "in this call");
+            }
+            let Some(x) = self.tensor(&values[0], args[0].value.span) else { return Value::Poison };
+            return self.prim_call(id, x, span);
+        }
+        if values.contains(&Value::Poison) {
+            return Value::Poison;
+        }
+        self.run_forward(id, values, span).unwrap_or(Value::Poison)
+    }
+
+    /// Runs a chain's forward (or, for a `chainlist` without one, its children in sequence).
+    fn run_forward(&mut self, id: LinkId, args: Vec<Value>, span: Span) -> Option<Value> {
+        let Body::Chain { item, consts, .. } = &self.links[id].body else { unreachable!("only chains have a forward") };
+        let (item, path) = (*item, self.links[id].path.clone());
+        let mut vars: HashMap<String, (Value, Span, bool)> = consts.iter().map(|(k, v)| (k.clone(), (v.clone(), item.name.span, true))).collect();
+        if self.stack.len() >= MAX_NESTING {
+            self.structure(span, format!("calls nest more than {MAX_NESTING} deep"), "here", None);
+            return None;
+        }
+        let Some(fwd) = &item.forward else {
+            if item.kind != ItemKind::ChainList {
+                self.structure(span, format!("`{}` has no `forward`", item.name.name), "called here", None);
+                return None;
+            }
+            let [mut x] = <[Value; 1]>::try_from(args).ok().or_else(|| {
+                self.arg_error(span, format!("chainlist `{path}` without a forward takes one input"), "in this call");
+                None
+            })?;
+            self.stack.push((span, path));
+            for (_, child) in self.children(id).to_vec() {
+                self.links[child].used = true;
+                x = match &self.links[child].body {
+                    Body::Prim(_) => match self.tensor(&x, span) {
+                        Some(t) => self.prim_call(child, t, span),
+                        None => Value::Poison,
+                    },
+                    Body::Chain { .. } => self.run_forward(child, vec![x], span).unwrap_or(Value::Poison),
+                };
+            }
+            self.stack.pop();
+            return Some(x);
+        };
+        if args.len() != fwd.params.len() {
+            self.arg_error(span, format!("`{}` takes {} input(s), got {}", item.name.name, fwd.params.len(), args.len()), "in this call");
+            return None;
+        }
+        for (p, v) in fwd.params.iter().zip(args) {
+            if item.kind != ItemKind::Model && p.shape.is_some() {
+                self.structure(p.name.span, "a chain's inputs take their shapes from the caller", "remove the shape", None);
+            }
+            vars.insert(p.name.name.clone(), (v, p.name.span, false));
+        }
+        let is_model = item.kind == ItemKind::Model;
+        if !is_model {
+            self.stack.push((span, path));
+        }
+        let mut scope = Scope { vars, this: id, declaring: false };
+        let out = self.stmts(&fwd.body, &mut scope);
+        let mut unused: Vec<(&String, &Span)> = scope.vars.iter().filter(|(n, (_, _, used))| !used && !n.starts_with('_')).map(|(n, (_, s, _))| (n, s)).collect();
+        unused.sort_by_key(|(_, s)| s.start);
+        for (name, span) in unused {
+            let input = fwd.params.iter().any(|p| &p.name.name == name);
+            let (what, label) = if input { ("input", "declared here") } else { ("value assigned to", "assigned here") };
+            self.push(Diagnostic::warning(format!("{what} `{name}` is never used")).label(*span, label));
+        }
+        if !is_model {
+            self.stack.pop();
+        }
+        if out.is_none() {
+            self.structure(fwd.span, "`forward` ends without `return`", "this forward", Some("end it with `return h`".into()));
+        }
+        out
+    }
+
+    /// Executes statements; `Some(value)` once a `return` runs.
+    fn stmts(&mut self, stmts: &'a [Stmt], scope: &mut Scope) -> Option<Value> {
+        for s in stmts {
+            match s {
+                Stmt::Assign { target, value } => {
+                    let v = self.expr(value, scope);
+                    if let Some((_, span, false)) = scope.vars.get(&target.name) {
+                        let span = *span;
+                        self.push(Diagnostic::warning(format!("value assigned to `{}` is never used", target.name)).label(span, "assigned here"));
+                    }
+                    scope.vars.insert(target.name.clone(), (v, target.span, false));
+                }
+                Stmt::Return { value, .. } => return Some(self.expr(value, scope)),
+                Stmt::If { cond, then, otherwise } => {
+                    let r = match self.truth(cond, scope) {
+                        Some(true) => self.stmts(then, scope),
+                        Some(false) => self.stmts(otherwise, scope),
+                        None => Some(Value::Poison),
+                    };
+                    if r.is_some() {
+                        return r;
+                    }
+                }
+                Stmt::For { var, iter, body } => {
+                    for v in self.iteration(iter, scope) {
+                        scope.vars.insert(var.name.clone(), (v, var.span, true));
+                        if let Some(r) = self.stmts(body, scope) {
+                            return Some(r);
+                        }
+                    }
+                }
+                Stmt::Assert { cond, message, span } => self.assert(cond, message.as_ref(), *span, scope),
+            }
+        }
+        None
+    }
+
+    fn prim_call(&mut self, id: LinkId, x: NodeIndex, span: Span) -> Value {
+        let (decl, path) = (self.links[id].decl, self.links[id].path.clone());
+        let kind = match &self.links[id].body {
+            Body::Prim(Some(k)) => k.clone(),
+            _ => return Value::Poison,
+        };
         let in_shape = self.g[x].shape.clone();
         // Chainer infers `None` sizes on the first call; later calls must agree.
-        let (op, infer) = match kind {
-            LinkKind::Conv { mut conv, infer_in } => {
+        let (op, inferred) = match kind {
+            Prim::Conv { mut conv, infer_in } => {
                 if infer_in {
                     conv.in_channels = in_shape.first().copied().unwrap_or(0);
                 }
                 if conv.in_channels % conv.groups != 0 {
-                    return self.shape_error(&lname, format!("has groups={} which does not divide {} input channels", conv.groups, conv.in_channels), span, Some(decl));
+                    return self.error(BuildError::Shape {
+                        layer: path,
+                        message: format!("has groups={} which does not divide {} input channels", conv.groups, conv.in_channels),
+                        span,
+                        decl: Some(decl),
+                    });
                 }
-                (Op::Conv2d(conv.clone()), infer_in.then_some(LinkKind::Conv { conv, infer_in: false }))
+                (Op::Conv2d(conv.clone()), infer_in.then_some(Prim::Conv { conv, infer_in: false }))
             }
-            LinkKind::BatchNorm { mut bn, infer } => {
+            Prim::BatchNorm { mut bn, infer } => {
                 if infer {
                     bn.channels = in_shape.first().copied().unwrap_or(0);
                 }
-                (Op::BatchNorm(bn.clone()), infer.then_some(LinkKind::BatchNorm { bn, infer: false }))
+                (Op::BatchNorm(bn.clone()), infer.then_some(Prim::BatchNorm { bn, infer: false }))
             }
-            LinkKind::Linear { mut linear, infer_in } => {
+            Prim::Linear { mut linear, infer_in } => {
                 if infer_in {
                     linear.in_features = in_shape.iter().product();
                 }
-                (Op::Linear(linear.clone()), infer_in.then_some(LinkKind::Linear { linear, infer_in: false }))
+                (Op::Linear(linear.clone()), infer_in.then_some(Prim::Linear { linear, infer_in: false }))
             }
         };
-        if let Some(k) = infer {
-            self.links[idx].kind = Some(k);
+        if let Some(k) = inferred {
+            self.links[id].body = Body::Prim(Some(k));
         }
-        let params = op.params().iter().map(|(suffix, _)| format!("{lname}/{suffix}")).collect();
-        self.node(op, vec![x], span, &lname, Some(decl), params)
-    }
-
-    fn shape_error(&mut self, layer: &str, message: String, span: Span, decl: Option<Span>) -> Value {
-        self.error(BuildError::Shape { layer: layer.into(), message, span, decl });
-        Value::Poison
+        let params = op.params().iter().map(|(suffix, _)| format!("{path}/{suffix}")).collect();
+        self.node(op, vec![x], span, &path, Some(decl), params)
     }
 
     /// Adds a node after inferring its shape; a shape error is reported against `span`.
     fn node(&mut self, op: Op, inputs: Vec<NodeIndex>, span: Span, layer: &str, decl: Option<Span>, params: Vec<String>) -> Value {
-        let shapes: Vec<&[usize]> = inputs.iter().map(|i| self.g[*i].shape.as_slice()).collect();
-        let too_big = op.params().into_iter().find(|(_, d)| elements(d).is_none());
-        if let Some((name, d)) = too_big {
-            return self.shape_error(layer, format!("parameter `{name}` of shape {d:?} has more than {MAX_ELEMENTS} elements"), span, decl);
+        if self.g.node_count() >= MAX_NODES {
+            return self.structure(span, format!("the model has more than {MAX_NODES} nodes"), "while adding this one", None);
         }
+        let shape_error = |message: String| BuildError::Shape { layer: layer.into(), message, span, decl };
+        if let Some((name, d)) = op.params().into_iter().find(|(_, d)| elements(d).is_none()) {
+            return self.error(shape_error(format!("parameter `{name}` of shape {d:?} has more than {MAX_ELEMENTS} elements")));
+        }
+        let shapes: Vec<&[usize]> = inputs.iter().map(|i| self.g[*i].shape.as_slice()).collect();
         match op.output_shape(&shapes) {
-            Ok(shape) if elements(&shape).is_none() => {
-                self.shape_error(layer, format!("output {} has more than {MAX_ELEMENTS} elements per sample", cnnc_runtime::op::Batched(&shape)), span, decl)
-            }
+            Ok(shape) if elements(&shape).is_none() => self.error(shape_error(format!("output {} has more than {MAX_ELEMENTS} elements per sample", Batched(&shape)))),
             Ok(shape) => {
                 let id = self.g.add_node(Node { kind: Kind::Op(op), shape, span, layer: layer.into(), params, decl });
                 for (slot, i) in inputs.into_iter().enumerate() {
@@ -750,15 +1169,37 @@ impl Builder {
                 }
                 Value::Tensor(id)
             }
-            Err(e) => self.shape_error(layer, e.0, span, decl),
+            Err(e) => self.error(shape_error(e.0)),
+        }
+    }
+
+    /// Warns about links never called: the topmost unused link of each subtree, once per declaration.
+    fn unused_links(&mut self, id: LinkId) {
+        for (_, child) in self.children(id).to_vec() {
+            if !self.links[child].used {
+                let (path, decl) = (self.links[child].path.clone(), self.links[child].decl);
+                self.push(Diagnostic::warning(format!("link `{path}` is never called")).label(decl, "declared here").note("its parameters are not part of the model"));
+            } else {
+                self.unused_links(child);
+            }
         }
     }
 }
 
-/// Largest integer argument (sizes, strides, ...): keeps every shape computation far from overflow.
-const MAX_DIM: i64 = 1 << 31;
-/// Largest tensor or parameter, in elements per sample (16 GiB of f32).
-const MAX_ELEMENTS: usize = 1 << 32;
+fn static_sig(sig: Signature) -> Vec<(String, Option<Value>)> {
+    sig.iter()
+        .map(|(n, d)| {
+            let v = match d {
+                Default::Required => None,
+                Default::Int(i) => Some(Value::Int(*i)),
+                Default::Float(f) => Some(Value::Float(*f)),
+                Default::Bool(b) => Some(Value::Bool(*b)),
+                Default::None => Some(Value::None),
+            };
+            (n.to_string(), v)
+        })
+        .collect()
+}
 
 /// Element count of a shape, if within [`MAX_ELEMENTS`].
 fn elements(d: &[usize]) -> Option<usize> {
@@ -776,10 +1217,7 @@ fn finish(g: &DiGraph<Node, u32>, name: String, inputs: Vec<NodeId>, output: Nod
         live[i.0.index()] = true;
     }
     let mut remap = vec![NodeIndex::end(); g.node_count()];
-    let pruned = g.filter_map(
-        |i, n| live[i.index()].then(|| n.clone()),
-        |_, e| Some(*e),
-    );
+    let pruned = g.filter_map(|i, n| live[i.index()].then(|| n.clone()), |_, e| Some(*e));
     let mut next = 0;
     for (i, l) in live.iter().enumerate() {
         if *l {
@@ -790,17 +1228,8 @@ fn finish(g: &DiGraph<Node, u32>, name: String, inputs: Vec<NodeId>, output: Nod
     Graph { name, g: pruned, inputs: inputs.iter().map(|i| NodeId(remap[i.0.index()])).collect(), output: NodeId(remap[output.index()]) }
 }
 
-/// `L.Linear` → `Linear`, `Linear` → `Linear`; any other prefix is not a name of this namespace.
-fn strip_prefix<'a>(path: &'a [Ident], ns: &str) -> Option<&'a Ident> {
-    match path {
-        [n] => Some(n),
-        [p, n] if p.name == ns => Some(n),
-        _ => None,
-    }
-}
-
 /// The span of the argument bound to signature slot `i`, or the call's span when it was defaulted.
-fn arg_span(args: &[Arg], sig: Signature, i: usize, call: Span) -> Span {
+fn arg_span(args: &[Arg], sig: &[(String, Option<Value>)], i: usize, call: Span) -> Span {
     args.iter()
         .enumerate()
         .find(|(pos, a)| match &a.keyword {
@@ -808,13 +1237,6 @@ fn arg_span(args: &[Arg], sig: Signature, i: usize, call: Span) -> Span {
             None => *pos == i,
         })
         .map_or(call, |(_, a)| a.keyword.as_ref().map_or(a.value.span, |k| k.span.to(a.value.span)))
-}
-
-fn describe(v: &Value) -> String {
-    match v {
-        Value::Int(i) => format!("{i}"),
-        other => other.describe().into(),
-    }
 }
 
 fn edit_distance(a: &str, b: &str) -> usize {

@@ -3,7 +3,7 @@
 //! Both are snapshot-tested for every model in `models/`; change them only on purpose.
 
 use super::{Graph, Kind};
-use crate::diag::Source;
+use crate::diag::{FileId, Source};
 use cnnc_runtime::op::Batched;
 use std::fmt::Write;
 
@@ -11,7 +11,6 @@ use std::fmt::Write;
 pub fn dump(g: &Graph, src: &Source) -> String {
     let mut out = format!("graph {} {{\n", g.name);
     for (id, n) in g.nodes() {
-        let (line, col) = src.line_col(n.span.start);
         let head = match &n.kind {
             Kind::Input(_) => format!("{id} = input {}", n.layer),
             Kind::Op(op) => {
@@ -20,7 +19,13 @@ pub fn dump(g: &Graph, src: &Source) -> String {
                 format!("{id} = {op}({}){params}", args.join(", "))
             }
         };
-        writeln!(out, "  {head} : {}  # {} @ {line}:{col}", Batched(&n.shape), n.layer).expect("write to String");
+        let at = if n.span.file == FileId::MODEL {
+            let (line, col) = src.line_col(n.span);
+            format!("{line}:{col}")
+        } else {
+            src.location(n.span)
+        };
+        writeln!(out, "  {head} : {}  # {} @ {at}", Batched(&n.shape), n.layer).expect("write to String");
     }
     writeln!(out, "  return {}\n}}", g.output).expect("write to String");
     out

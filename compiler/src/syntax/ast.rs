@@ -8,26 +8,50 @@ pub struct Ident {
     pub span: Span,
 }
 
-/// A source file: one or more `model` blocks.
+/// A source file: `model`, `chain` and `chainlist` items.
 #[derive(Clone, Debug, PartialEq)]
 pub struct File {
-    pub models: Vec<Model>,
+    pub items: Vec<Item>,
 }
 
-/// `model Name { links... forward(...) { ... } }`
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ItemKind {
+    /// The network: `model Name { ... }`; its forward inputs declare shapes.
+    Model,
+    /// A `chainer.Chain`: named child links and a forward.
+    Chain,
+    /// A `chainer.ChainList`: children numbered 0, 1, ...; without a forward, calls them in sequence.
+    ChainList,
+}
+
+/// `chain Name(param, kw=default) { declarations... forward(...) { ... } }`
 #[derive(Clone, Debug, PartialEq)]
-pub struct Model {
+pub struct Item {
+    pub kind: ItemKind,
     pub name: Ident,
-    pub links: Vec<LinkDecl>,
+    pub params: Vec<ParamDecl>,
+    pub body: Vec<Decl>,
     pub forward: Option<Forward>,
     pub span: Span,
 }
 
-/// `conv1 = L.Convolution2D(3, 96, 11, stride=4)`
+/// A chain parameter with its optional default.
 #[derive(Clone, Debug, PartialEq)]
-pub struct LinkDecl {
+pub struct ParamDecl {
     pub name: Ident,
-    pub value: Expr,
+    pub default: Option<Expr>,
+}
+
+/// What an item body holds, evaluated once per instance (at compile time).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decl {
+    /// `conv1 = L.Convolution2D(...)` (a child link) or `mid = ch * 2` (a constant).
+    Assign { name: Ident, value: Expr },
+    /// A bare link expression in a `chainlist`: the next numbered child.
+    Child(Expr),
+    If { cond: Expr, then: Vec<Decl>, otherwise: Vec<Decl> },
+    For { var: Ident, iter: Expr, body: Vec<Decl> },
+    Assert { cond: Expr, message: Option<Expr>, span: Span },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -37,7 +61,7 @@ pub struct Forward {
     pub span: Span,
 }
 
-/// A forward input: `x: [3, 227, 227]` (the per-sample shape; the batch axis is implicit).
+/// A forward input: `x: [3, 227, 227]` (per-sample shape; required on a model, absent on chains).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Param {
     pub name: Ident,
@@ -48,6 +72,9 @@ pub struct Param {
 pub enum Stmt {
     Assign { target: Ident, value: Expr },
     Return { value: Expr, span: Span },
+    If { cond: Expr, then: Vec<Stmt>, otherwise: Vec<Stmt> },
+    For { var: Ident, iter: Expr, body: Vec<Stmt> },
+    Assert { cond: Expr, message: Option<Expr>, span: Span },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -64,6 +91,14 @@ pub enum BinOp {
     Div,
     FloorDiv,
     Rem,
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    And,
+    Or,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -77,9 +112,11 @@ pub enum ExprKind {
     Path(Vec<Ident>),
     /// `(a, b)` or `[a, b]`; a parenthesised single expression without a comma is not a tuple.
     Tuple(Vec<Expr>),
-    Call { callee: Vec<Ident>, args: Vec<Arg> },
+    Call { callee: Box<Expr>, args: Vec<Arg> },
+    Index { base: Box<Expr>, index: Box<Expr> },
     Binary { op: BinOp, lhs: Box<Expr>, rhs: Box<Expr> },
     Neg(Box<Expr>),
+    Not(Box<Expr>),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -100,7 +137,8 @@ impl ExprKind {
             ExprKind::Path(_) => "a name",
             ExprKind::Tuple(_) => "a tuple",
             ExprKind::Call { .. } => "a call",
-            ExprKind::Binary { .. } | ExprKind::Neg(_) => "an arithmetic expression",
+            ExprKind::Index { .. } => "an index expression",
+            ExprKind::Binary { .. } | ExprKind::Neg(_) | ExprKind::Not(_) => "an operator expression",
         }
     }
 }

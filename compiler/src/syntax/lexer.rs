@@ -1,7 +1,7 @@
 //! The lexer: text → tokens. Newlines are tokens, except inside `()` and `[]` (as in Python).
 
 use super::SyntaxError;
-use crate::diag::Span;
+use crate::diag::{FileId, Span};
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Tok {
@@ -9,7 +9,7 @@ pub enum Tok {
     Int(i64),
     Float(f64),
     Str(String),
-    /// One of `( ) [ ] { } , = : . + - * / // %`.
+    /// One of [`PUNCTS`].
     Punct(&'static str),
     Newline,
     Eof,
@@ -35,22 +35,23 @@ impl Tok {
     }
 }
 
-pub(super) const PUNCTS: [&str; 16] = ["//", "(", ")", "[", "]", "{", "}", ",", "=", ":", ".", "+", "-", "*", "/", "%"];
+/// Longest first, so that `//` wins over `/` and `==` over `=`.
+pub(super) const PUNCTS: [&str; 22] = ["//", "==", "!=", "<=", ">=", "(", ")", "[", "]", "{", "}", ",", "=", ":", ".", "+", "-", "*", "/", "%", "<", ">"];
 
 /// Splits `src` into tokens, collecting every lexical error.
-pub fn lex(src: &str) -> (Vec<Token>, Vec<SyntaxError>) {
+pub fn lex(src: &str, file: FileId) -> (Vec<Token>, Vec<SyntaxError>) {
     let (mut toks, mut errs, mut depth) = (Vec::new(), Vec::new(), 0usize);
     let bytes = src.as_bytes();
     let mut i = 0;
     while i < src.len() {
         let c = src[i..].chars().next().expect("in bounds");
         let start = i;
-        let span = |end: usize| Span::new(start, end);
+        let span = |end: usize| Span::new(file, start, end);
         match c {
             '\n' => {
                 i += 1;
                 if depth == 0 && !matches!(toks.last(), Some(Token { tok: Tok::Newline, .. }) | None) {
-                    toks.push(Token { tok: Tok::Newline, span: Span::new(start, start) });
+                    toks.push(Token { tok: Tok::Newline, span: Span::new(file, start, start) });
                 }
                 continue;
             }
@@ -123,7 +124,7 @@ pub fn lex(src: &str) -> (Vec<Token>, Vec<SyntaxError>) {
             },
         }
     }
-    toks.push(Token { tok: Tok::Eof, span: Span::new(src.len(), src.len()) });
+    toks.push(Token { tok: Tok::Eof, span: Span::new(file, src.len(), src.len()) });
     (toks, errs)
 }
 
@@ -132,7 +133,7 @@ mod tests {
     use super::*;
 
     fn toks(src: &str) -> Vec<Tok> {
-        let (t, e) = lex(src);
+        let (t, e) = lex(src, FileId::MODEL);
         assert!(e.is_empty(), "{e:?}");
         t.into_iter().map(|t| t.tok).collect()
     }
@@ -151,7 +152,7 @@ mod tests {
 
     #[test]
     fn errors_are_collected() {
-        let (_, e) = lex("a = $ + 99999999999999999999 + 'x\n");
+        let (_, e) = lex("a = $ + 99999999999999999999 + 'x\n", FileId::MODEL);
         assert_eq!(e.len(), 3, "{e:?}");
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! Owns the lexer ([`lex`]), the recursive-descent parser ([`parse`]) and the AST. It accepts the DSL
 //! described in `docs/dsl.md`: Python-like, newlines end statements except inside brackets, `#` comments,
-//! tabs and CRLF. Invariant left: every AST node carries the byte span it came from; a file that parses
-//! has no nesting deeper than [`MAX_DEPTH`]. Errors never stop at the first: the parser resynchronises at
+//! tabs and CRLF. Invariant left: every AST node carries the span (file and bytes) it came from; a file
+//! that parses has no expression or block nesting deeper than [`MAX_DEPTH`], so later recursive passes
+//! cannot overflow the stack. Errors never stop at the first: the parser resynchronises at
 //! the next statement and reports all of them.
 
 mod ast;
@@ -36,6 +37,17 @@ pub enum SyntaxError {
 }
 
 impl SyntaxError {
+    pub fn span(&self) -> Span {
+        match self {
+            SyntaxError::UnexpectedChar { span, .. }
+            | SyntaxError::UnterminatedString { span }
+            | SyntaxError::BadNumber { span, .. }
+            | SyntaxError::Expected { span, .. }
+            | SyntaxError::Unmatched { span, .. }
+            | SyntaxError::TooDeep { span } => *span,
+        }
+    }
+
     pub fn diagnostic(&self) -> Diagnostic {
         let d = Diagnostic::error(self.to_string());
         match self {

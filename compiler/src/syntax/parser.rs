@@ -1,20 +1,21 @@
 //! Recursive-descent parser: tokens → [`File`]. Resynchronises at the next line after an error.
 
 use super::*;
-use crate::diag::Span;
+use crate::diag::{FileId, Span};
 
-pub fn parse(src: &str) -> Result<File, Vec<SyntaxError>> {
-    let (toks, mut errs) = lex(src);
+/// Parses one source file. Spans are tagged with `file`.
+pub fn parse(src: &str, file: FileId) -> Result<File, Vec<SyntaxError>> {
+    let (toks, mut errs) = lex(src, file);
     let mut p = Parser { toks, pos: 0, errs: Vec::new(), depth: 0 };
-    let file = p.file();
+    let parsed = p.file();
     // A line the lexer already rejected would only add follow-on parse errors.
-    let line_of = |at: usize| src[..at.min(src.len())].matches('\n').count();
-    let bad_lines: Vec<usize> = errs.iter().map(|e| line_of(e.diagnostic().primary_start())).collect();
-    errs.extend(p.errs.into_iter().filter(|e| !bad_lines.contains(&line_of(e.diagnostic().primary_start()))));
+    let line_of = |e: &SyntaxError| src[..e.span().start.min(src.len())].matches('\n').count();
+    let bad_lines: std::collections::HashSet<usize> = errs.iter().map(line_of).collect();
+    errs.extend(p.errs.into_iter().filter(|e| !bad_lines.contains(&line_of(e))));
     if errs.is_empty() {
-        Ok(file)
+        Ok(parsed)
     } else {
-        errs.sort_by_key(|e| e.diagnostic().primary_start());
+        errs.sort_by_key(|e| e.span().start);
         Err(errs)
     }
 }
@@ -27,6 +28,11 @@ struct Parser {
 }
 
 type PResult<T> = Result<T, SyntaxError>;
+
+/// Syntax errors reported before the parser gives up on the rest of the file.
+const MAX_ERRORS: usize = 100;
+
+const ITEM_WORDS: [(&str, ItemKind); 3] = [("model", ItemKind::Model), ("chain", ItemKind::Chain), ("chainlist", ItemKind::ChainList)];
 
 impl Parser {
     fn peek(&self) -> &Token {
@@ -43,7 +49,7 @@ impl Parser {
         t
     }
     fn at(&self, p: &str) -> bool {
-        self.peek().tok == Tok::Punct(match_punct(p))
+        matches!(self.peek().tok, Tok::Punct(q) if q == p)
     }
     fn at_word(&self, w: &str) -> bool {
         matches!(&self.peek().tok, Tok::Ident(s) if s == w)
@@ -54,6 +60,9 @@ impl Parser {
             self.bump();
         }
         hit
+    }
+    fn eat_word(&mut self, w: &str) -> Option<Span> {
+        self.at_word(w).then(|| self.bump().span)
     }
     fn expected<T>(&self, what: &str) -> PResult<T> {
         let t = self.peek();
@@ -77,7 +86,7 @@ impl Parser {
             self.bump();
         }
     }
-    /// Ends a statement: a newline, or a closing `}` that the caller consumes.
+    /// Ends a line: a newline, or a closing `}` that the caller consumes.
     fn end_of_line(&mut self) -> PResult<()> {
         match self.peek().tok {
             Tok::Newline => {
@@ -88,9 +97,14 @@ impl Parser {
             _ => self.expected("end of line"),
         }
     }
-    /// Error recovery: skips to the start of the next line, stopping before a `}`.
+    /// Error recovery: skips to the start of the next line, stopping before a `}`. After
+    /// [`MAX_ERRORS`] errors, skips to the end of the file.
     fn recover(&mut self, e: SyntaxError) {
         self.errs.push(e);
+        if self.errs.len() >= MAX_ERRORS {
+            self.pos = self.toks.len() - 1;
+            return;
+        }
         while !matches!(self.peek().tok, Tok::Newline | Tok::Eof | Tok::Punct("}")) {
             self.bump();
         }
@@ -98,59 +112,146 @@ impl Parser {
     }
 
     fn file(&mut self) -> File {
-        let mut models = Vec::new();
+        let mut items = Vec::new();
         self.newlines();
         while self.peek().tok != Tok::Eof {
-            match self.model() {
-                Ok(m) => models.push(m),
+            match self.item() {
+                Ok(m) => items.push(m),
                 Err(e) => {
                     self.errs.push(e);
-                    // Skip to the next `model` keyword at the start of a line.
-                    while self.peek().tok != Tok::Eof && !(self.at_word("model") && self.toks[self.pos - 1].tok == Tok::Newline) {
+                    // Skip to the next item keyword at the start of a line.
+                    while self.peek().tok != Tok::Eof
+                        && !(ITEM_WORDS.iter().any(|(w, _)| self.at_word(w)) && self.toks[self.pos - 1].tok == Tok::Newline)
+                    {
                         self.bump();
                     }
                 }
             }
             self.newlines();
         }
-        if models.is_empty() && self.errs.is_empty() {
-            self.errs.push(SyntaxError::Expected { expected: "`model Name { ... }`".into(), found: "end of file".into(), span: self.peek().span });
-        }
-        File { models }
+        File { items }
     }
 
-    fn model(&mut self) -> PResult<Model> {
+    fn item(&mut self) -> PResult<Item> {
         let start = self.peek().span;
-        if !self.at_word("model") {
-            return self.expected("`model`");
-        }
+        let Some(&(_, kind)) = ITEM_WORDS.iter().find(|(w, _)| self.at_word(w)) else {
+            return self.expected("`model`, `chain` or `chainlist`");
+        };
         self.bump();
-        let name = self.ident("a model name")?;
+        let name = self.ident("a name")?;
+        let mut params = Vec::new();
+        if kind != ItemKind::Model {
+            self.expect("(")?;
+            while !self.at(")") {
+                let name = self.ident("a parameter name")?;
+                let default = if self.eat("=") { Some(self.expr()?) } else { None };
+                params.push(ParamDecl { name, default });
+                if !self.eat(",") {
+                    break;
+                }
+            }
+            self.expect(")")?;
+        }
         self.newlines();
+        let (body, forward, end) = self.block(|p| p.decl(), true)?;
+        let forward = match forward.as_slice() {
+            [] => None,
+            [f, rest @ ..] => {
+                if let Some(second) = rest.first() {
+                    self.errs.push(SyntaxError::Expected { expected: "one `forward`".into(), found: "a second `forward`".into(), span: second.span });
+                }
+                Some(f.clone())
+            }
+        };
+        Ok(Item { kind, name, params, body, forward, span: start.to(end) })
+    }
+
+    /// `{ line* }`: lines parsed by `line`; with `forwards`, `forward(...) { ... }` lines are collected apart.
+    fn block<T>(&mut self, line: impl FnMut(&mut Self) -> PResult<T>, forwards: bool) -> PResult<(Vec<T>, Vec<Forward>, Span)> {
+        self.check_depth(1)?;
+        self.depth += 1;
+        let r = self.block_inner(line, forwards);
+        self.depth -= 1;
+        r
+    }
+
+    fn block_inner<T>(&mut self, mut line: impl FnMut(&mut Self) -> PResult<T>, forwards: bool) -> PResult<(Vec<T>, Vec<Forward>, Span)> {
         self.expect("{")?;
         self.newlines();
-        let (mut links, mut forward) = (Vec::new(), None);
+        let (mut lines, mut fwds) = (Vec::new(), Vec::new());
         while !self.at("}") {
             if self.peek().tok == Tok::Eof {
-                return self.expected("`}` closing the model");
+                return self.expected("`}`");
             }
-            let item = if self.at_word("forward") && self.peek_at(1) == &Tok::Punct("(") {
-                self.forward().map(|f| forward = Some(f))
+            let r = if forwards && self.at_word("forward") && self.peek_at(1) == &Tok::Punct("(") {
+                self.forward().map(|f| fwds.push(f))
             } else {
-                self.link().map(|l| links.push(l))
+                line(self).map(|l| lines.push(l))
             };
-            if let Err(e) = item.and_then(|_| self.end_of_line()) {
+            if let Err(e) = r.and_then(|_| self.end_of_line()) {
                 self.recover(e);
             }
         }
         let end = self.bump().span;
-        Ok(Model { name, links, forward, span: start.to(end) })
+        Ok((lines, fwds, end))
     }
 
-    fn link(&mut self) -> PResult<LinkDecl> {
-        let name = self.ident("a link declaration (`name = L.Link(...)`) or `forward(...)`")?;
-        self.expect("=")?;
-        Ok(LinkDecl { name, value: self.expr()? })
+    /// `if cond { ... } else { ... }` (also `else if`), sharing the shape between declarations and statements.
+    fn if_else<T>(&mut self, line: fn(&mut Self) -> PResult<T>, wrap: fn(Expr, Vec<T>, Vec<T>) -> T) -> PResult<T> {
+        self.bump();
+        let cond = self.expr()?;
+        let (then, _, _) = self.block(line, false)?;
+        let save = self.pos;
+        self.newlines();
+        let otherwise = if self.eat_word("else").is_some() {
+            if self.at_word("if") {
+                vec![self.if_else(line, wrap)?]
+            } else {
+                self.block(line, false)?.0
+            }
+        } else {
+            self.pos = save;
+            vec![]
+        };
+        Ok(wrap(cond, then, otherwise))
+    }
+
+    fn for_loop<T>(&mut self, line: fn(&mut Self) -> PResult<T>) -> PResult<(Ident, Expr, Vec<T>)> {
+        self.bump();
+        let var = self.ident("a loop variable")?;
+        if self.eat_word("in").is_none() {
+            return self.expected("`in`");
+        }
+        let iter = self.expr()?;
+        Ok((var, iter, self.block(line, false)?.0))
+    }
+
+    fn assert(&mut self) -> PResult<(Expr, Option<Expr>, Span)> {
+        let start = self.bump().span;
+        let cond = self.expr()?;
+        let message = if self.eat(",") { Some(self.expr()?) } else { None };
+        let end = message.as_ref().map_or(cond.span, |m| m.span);
+        Ok((cond, message, start.to(end)))
+    }
+
+    fn decl(&mut self) -> PResult<Decl> {
+        if self.at_word("if") {
+            return self.if_else(Self::decl, |cond, then, otherwise| Decl::If { cond, then, otherwise });
+        }
+        if self.at_word("for") {
+            let (var, iter, body) = self.for_loop(Self::decl)?;
+            return Ok(Decl::For { var, iter, body });
+        }
+        if self.at_word("assert") {
+            let (cond, message, span) = self.assert()?;
+            return Ok(Decl::Assert { cond, message, span });
+        }
+        if matches!(self.peek().tok, Tok::Ident(_)) && self.peek_at(1) == &Tok::Punct("=") {
+            let name = self.ident("a name")?;
+            self.bump();
+            return Ok(Decl::Assign { name, value: self.expr()? });
+        }
+        Ok(Decl::Child(self.expr()?))
     }
 
     fn forward(&mut self) -> PResult<Forward> {
@@ -167,19 +268,7 @@ impl Parser {
         }
         self.expect(")")?;
         self.newlines();
-        self.expect("{")?;
-        self.newlines();
-        let mut body = Vec::new();
-        while !self.at("}") {
-            if self.peek().tok == Tok::Eof {
-                return self.expected("`}` closing `forward`");
-            }
-            match self.stmt().and_then(|s| self.end_of_line().map(|_| s)) {
-                Ok(s) => body.push(s),
-                Err(e) => self.recover(e),
-            }
-        }
-        let end = self.bump().span;
+        let (body, _, end) = self.block(Self::stmt, false)?;
         Ok(Forward { params, body, span: start.to(end) })
     }
 
@@ -189,21 +278,40 @@ impl Parser {
             let value = self.expr()?;
             return Ok(Stmt::Return { span: span.to(value.span), value });
         }
-        let target = self.ident("a statement (`name = expression` or `return expression`)")?;
+        if self.at_word("if") {
+            return self.if_else(Self::stmt, |cond, then, otherwise| Stmt::If { cond, then, otherwise });
+        }
+        if self.at_word("for") {
+            let (var, iter, body) = self.for_loop(Self::stmt)?;
+            return Ok(Stmt::For { var, iter, body });
+        }
+        if self.at_word("assert") {
+            let (cond, message, span) = self.assert()?;
+            return Ok(Stmt::Assert { cond, message, span });
+        }
+        let target = self.ident("a statement (`name = expression`, `return`, `if`, `for` or `assert`)")?;
         self.expect("=")?;
         Ok(Stmt::Assign { target, value: self.expr()? })
     }
 
     fn expr(&mut self) -> PResult<Expr> {
+        self.nested(|p| p.binary(0))
+    }
+
+    /// Runs `f` one nesting level deeper, failing past [`MAX_DEPTH`].
+    fn nested(&mut self, f: impl FnOnce(&mut Self) -> PResult<Expr>) -> PResult<Expr> {
         self.depth += 1;
-        let r = if self.depth > MAX_DEPTH { Err(SyntaxError::TooDeep { span: self.peek().span }) } else { self.binary(0) };
+        let r = if self.depth > MAX_DEPTH { Err(SyntaxError::TooDeep { span: self.peek().span }) } else { f(self) };
         self.depth -= 1;
         r
     }
 
-    /// Precedence climbing over `+ -` (level 0) and `* / // %` (level 1).
+    /// Precedence climbing, loosest first: `or`, `and`, comparisons, `+ -`, `* / // %`.
     fn binary(&mut self, level: usize) -> PResult<Expr> {
-        const LEVELS: [&[(&str, BinOp)]; 2] = [
+        const LEVELS: [&[(&str, BinOp)]; 5] = [
+            &[("or", BinOp::Or)],
+            &[("and", BinOp::And)],
+            &[("==", BinOp::Eq), ("!=", BinOp::Ne), ("<=", BinOp::Le), (">=", BinOp::Ge), ("<", BinOp::Lt), (">", BinOp::Gt)],
             &[("+", BinOp::Add), ("-", BinOp::Sub)],
             &[("*", BinOp::Mul), ("//", BinOp::FloorDiv), ("/", BinOp::Div), ("%", BinOp::Rem)],
         ];
@@ -211,7 +319,10 @@ impl Parser {
             return self.unary();
         }
         let mut lhs = self.binary(level + 1)?;
-        while let Some(&(_, op)) = LEVELS[level].iter().find(|(p, _)| self.at(p)) {
+        let mut folds = 0;
+        while let Some(&(_, op)) = LEVELS[level].iter().find(|(p, _)| self.at(p) || self.at_word(p)) {
+            folds += 1;
+            self.check_depth(folds)?;
             self.bump();
             let rhs = self.binary(level + 1)?;
             lhs = Expr { span: lhs.span.to(rhs.span), kind: ExprKind::Binary { op, lhs: Box::new(lhs), rhs: Box::new(rhs) } };
@@ -220,15 +331,57 @@ impl Parser {
     }
 
     fn unary(&mut self) -> PResult<Expr> {
-        if self.at("-") {
+        let not = self.at_word("not");
+        if self.at("-") || not {
             let start = self.bump().span;
-            self.depth += 1;
-            let r = if self.depth > MAX_DEPTH { Err(SyntaxError::TooDeep { span: start }) } else { self.unary() };
-            self.depth -= 1;
-            let inner = r?;
-            return Ok(Expr { span: start.to(inner.span), kind: ExprKind::Neg(Box::new(inner)) });
+            let inner = self.nested(|p| p.unary())?;
+            let kind = if not { ExprKind::Not(Box::new(inner.clone())) } else { ExprKind::Neg(Box::new(inner.clone())) };
+            return Ok(Expr { span: start.to(inner.span), kind });
         }
-        self.primary()
+        let mut e = self.primary()?;
+        // Postfix: calls `f(...)` and indexing `a[i]`, left to right.
+        for folds in 1.. {
+            self.check_depth(folds)?;
+            if self.eat("(") {
+                let args = self.args()?;
+                let end = self.expect(")")?;
+                e = Expr { span: e.span.to(end), kind: ExprKind::Call { callee: Box::new(e), args } };
+            } else if self.eat("[") {
+                let index = self.expr()?;
+                let end = self.expect("]")?;
+                e = Expr { span: e.span.to(end), kind: ExprKind::Index { base: Box::new(e), index: Box::new(index) } };
+            } else {
+                return Ok(e);
+            }
+        }
+        unreachable!("the loop returns")
+    }
+
+    /// A left-folded chain (`a + b + c`, `f(x)(y)`) nests its tree as deeply as brackets do.
+    fn check_depth(&self, folds: usize) -> PResult<()> {
+        if self.depth + folds > MAX_DEPTH {
+            return Err(SyntaxError::TooDeep { span: self.peek().span });
+        }
+        Ok(())
+    }
+
+    fn args(&mut self) -> PResult<Vec<Arg>> {
+        let mut args = Vec::new();
+        while !self.at(")") {
+            let keyword = match (self.peek().tok.clone(), self.peek_at(1)) {
+                (Tok::Ident(_), Tok::Punct("=")) => {
+                    let k = self.ident("a keyword")?;
+                    self.bump();
+                    Some(k)
+                }
+                _ => None,
+            };
+            args.push(Arg { keyword, value: self.expr()? });
+            if !self.eat(",") {
+                break;
+            }
+        }
+        Ok(args)
     }
 
     fn primary(&mut self) -> PResult<Expr> {
@@ -260,29 +413,8 @@ impl Parser {
                 while self.eat(".") {
                     path.push(self.ident("a name after `.`")?);
                 }
-                let start = path[0].span;
-                if self.at("(") {
-                    self.bump();
-                    let mut args = Vec::new();
-                    while !self.at(")") {
-                        let keyword = match (self.peek().tok.clone(), self.peek_at(1)) {
-                            (Tok::Ident(_), Tok::Punct("=")) => {
-                                let k = self.ident("a keyword")?;
-                                self.bump();
-                                Some(k)
-                            }
-                            _ => None,
-                        };
-                        args.push(Arg { keyword, value: self.expr()? });
-                        if !self.eat(",") {
-                            break;
-                        }
-                    }
-                    let end = self.expect(")")?;
-                    return Ok(Expr { span: start.to(end), kind: ExprKind::Call { callee: path, args } });
-                }
-                let end = path.last().expect("non-empty").span;
-                Ok(Expr { span: start.to(end), kind: ExprKind::Path(path) })
+                let span = path[0].span.to(path.last().expect("non-empty").span);
+                Ok(Expr { span, kind: ExprKind::Path(path) })
             }
             Tok::Punct(open @ ("(" | "[")) => {
                 let close = if *open == "(" { ")" } else { "]" };
@@ -313,42 +445,62 @@ impl Parser {
     }
 }
 
-fn match_punct(p: &str) -> &'static str {
-    super::lexer::PUNCTS.iter().find(|q| **q == p).copied().unwrap_or("\0")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn ok(src: &str) -> File {
+        parse(src, FileId::MODEL).unwrap_or_else(|e| panic!("{e:#?}"))
+    }
+
     #[test]
     fn parses_alexbn() {
-        let f = parse(include_str!("../../../models/alexbn.model")).unwrap();
-        assert_eq!(f.models[0].links.len(), 10);
-        assert_eq!(f.models[0].forward.as_ref().unwrap().body.len(), 8);
+        let f = ok(include_str!("../../../models/alexbn.model"));
+        assert_eq!(f.items[0].body.len(), 10);
+        assert_eq!(f.items[0].forward.as_ref().unwrap().body.len(), 8);
+    }
+
+    #[test]
+    fn parses_chains_with_control_flow() {
+        let f = ok("chainlist B(n, k=2) {\n  L.Linear(3, 3)\n  for i in range(n - 1) {\n    Linear(3, 3)\n  }\n  if k > 1 and not n == 0 {\n    c = k * 2\n  } else if k == 1 {\n    c = 1\n  }\n  else {\n    assert False, 'no'\n  }\n  forward(x) {\n    for i in range(len(self)) {\n      x = self[i](x)\n    }\n    return x\n  }\n}\n");
+        let item = &f.items[0];
+        assert_eq!((item.kind, item.params.len(), item.body.len()), (ItemKind::ChainList, 2, 3));
+        let Decl::If { otherwise, .. } = &item.body[2] else { panic!() };
+        assert!(matches!(&otherwise[0], Decl::If { otherwise, .. } if otherwise.len() == 1));
     }
 
     #[test]
     fn reports_every_bad_line() {
         let src = "model M {\n  a = L.Linear(3 4)\n  b = \n  forward(x: [3]) {\n    h = F.relu(x))\n    return h\n  }\n}\n";
-        let errs = parse(src).unwrap_err();
+        let errs = parse(src, FileId::MODEL).unwrap_err();
         assert_eq!(errs.len(), 3, "{errs:#?}");
     }
 
     #[test]
     fn deep_nesting_is_an_error_not_a_crash() {
-        let src = format!("model M {{\n forward(x: [1]) {{\n return {}x{}\n }}\n}}\n", "(".repeat(100_000), ")".repeat(100_000));
-        let errs = parse(&src).unwrap_err();
-        assert!(errs.iter().any(|e| matches!(e, SyntaxError::TooDeep { .. })));
-        let src = format!("model M {{\n forward(x: [1]) {{\n return {}x\n }}\n}}\n", "-".repeat(100_000));
-        assert!(parse(&src).is_err());
+        let long = [
+            format!("{}x{}", "(".repeat(100_000), ")".repeat(100_000)),
+            format!("{}x", "-".repeat(100_000)),
+            format!("{}x", "not ".repeat(100_000)),
+            format!("x{}", " + x".repeat(100_000)),
+            format!("f{}", "(x)".repeat(100_000)),
+            format!("x{}", "[0]".repeat(100_000)),
+        ];
+        let ifs = format!("model M {{\n forward(x: [1]) {{\n {} return x {} }}\n}}\n", "if True {\n".repeat(50_000), "}\n".repeat(50_000));
+        assert!(parse(&ifs, FileId::MODEL).is_err());
+        for inner in long {
+            let src = format!("model M {{\n forward(x: [1]) {{\n return {inner}\n }}\n}}\n");
+            assert!(parse(&src, FileId::MODEL).is_err());
+        }
     }
 
     #[test]
     fn precedence() {
-        let f = parse("model M {\n a = f(1 + 2 * 3 - -4 // 2)\n}\n").unwrap();
-        let ExprKind::Call { args, .. } = &f.models[0].links[0].value.kind else { panic!() };
-        let ExprKind::Binary { op: BinOp::Sub, lhs, .. } = &args[0].value.kind else { panic!("{:?}", args[0]) };
-        assert!(matches!(lhs.kind, ExprKind::Binary { op: BinOp::Add, .. }));
+        let f = ok("model M {\n a = f(1 + 2 * 3 - -4 // 2 == 3 or x)\n}\n");
+        let Decl::Assign { value, .. } = &f.items[0].body[0] else { panic!() };
+        let ExprKind::Call { args, .. } = &value.kind else { panic!() };
+        let ExprKind::Binary { op: BinOp::Or, lhs, .. } = &args[0].value.kind else { panic!("{:?}", args[0]) };
+        let ExprKind::Binary { op: BinOp::Eq, lhs, .. } = &lhs.kind else { panic!() };
+        assert!(matches!(lhs.kind, ExprKind::Binary { op: BinOp::Sub, .. }));
     }
 }
