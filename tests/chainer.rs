@@ -2,7 +2,6 @@
 //! and the full-size AlexBN with PRNG weights that both sides generate. Fixtures come from
 //! `tests/fixtures/gen_fixtures.py`.
 
-use cnnc_runtime::Tensor;
 use cnnc_tests::*;
 
 #[test]
@@ -47,15 +46,69 @@ fn prng_matches_numpy_bit_for_bit() {
     }
 }
 
-/// The full-size AlexBN (62 M parameters) against Chainer's logits, batch 2 (about 5 s in release mode).
+/// A full-size model of the Chainer imagenet family against Chainer 7.8.1 (fixtures from
+/// `tests/fixtures/gen_models.py`): the same parameter keys and shapes as `save_npz` writes, the same MACs
+/// per layer, and logits within 1e-4 × max |logit| for a batch of 2 with PRNG weights and input.
+fn check_model(name: &str) {
+    let dir = fixtures().join("models").join(name);
+    let model = root().join("models").join(format!("{name}.model"));
+    let src = source(&model);
+    let (g, warnings) = cnnc::compile(&src).unwrap_or_else(|f| panic!("{}", src.render_plain(&f.0)));
+    assert!(warnings.is_empty(), "{}", src.render_plain(&warnings));
+
+    let mut ours: Vec<String> = g.params().iter().map(|p| format!("{} {}", p.key, p.shape.iter().map(ToString::to_string).collect::<Vec<_>>().join(","))).collect();
+    ours.sort();
+    let theirs: Vec<String> = std::fs::read_to_string(dir.join("params.txt")).unwrap().lines().map(str::to_string).collect();
+    assert_eq!(ours, theirs, "{name}: parameter keys and shapes");
+
+    let macs = std::fs::read_to_string(dir.join("macs.txt")).unwrap();
+    let mut per_layer: Vec<(String, u64)> = macs.lines().map(|l| l.rsplit_once(' ').unwrap()).map(|(k, v)| (k.to_string(), v.parse().unwrap())).collect();
+    let (_, total) = per_layer.pop().unwrap();
+    assert_eq!(g.macs(), total, "{name}: MACs per image");
+    let layers: Vec<(String, u64)> = g
+        .nodes()
+        .filter_map(|(_, n)| match &n.kind {
+            cnnc::ir::Kind::Op(op) if op.macs(&n.shape) > 0 => Some((n.layer.clone(), op.macs(&n.shape))),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(layers, per_layer, "{name}: MACs per layer, in execution order");
+
+    let s = g.node(g.inputs[0]).shape.clone();
+    let x = prng_param("input", &[2, s[0], s[1], s[2]]);
+    let got = run_model(&model, Params::Generated(prng_param), x);
+    let want = load_npy(&dir.join("logits.npy"));
+    assert_close(&got, &want, 1e-4, name);
+}
+
 #[test]
-fn full_alexbn_matches_chainer() {
-    let x = prng_param("input", &[2, 3, 227, 227]);
-    let got = run_model(&root().join("models/alexbn.model"), Params::Generated(prng_param), x);
-    let want: Tensor = load_npy(&fixtures().join("alexbn_full/logits.npy"));
-    assert_close(&got, &want, 1e-4, "alexbn full size");
-    // The target is 1e-4; the reference runtime lands far inside it.
-    assert_close(&got, &want, 2e-5, "alexbn full size (tight)");
+fn alex_matches_chainer() {
+    check_model("alex");
+}
+
+#[test]
+fn alexbn_matches_chainer() {
+    check_model("alexbn");
+}
+
+#[test]
+fn nin_matches_chainer() {
+    check_model("nin");
+}
+
+#[test]
+fn googlenet_matches_chainer() {
+    check_model("googlenet");
+}
+
+#[test]
+fn googlenetbn_matches_chainer() {
+    check_model("googlenetbn");
+}
+
+#[test]
+fn resnet50_matches_chainer() {
+    check_model("resnet50");
 }
 
 /// Image preprocessing against an independent Pillow implementation of the documented steps

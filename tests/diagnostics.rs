@@ -45,6 +45,33 @@ const CASES: &[(&str, &str, usize, &[&str])] = &[
     ("huge_linear", "model M {\n    fc = L.Linear(None, 2147483648)\n    forward(x: [1024, 1024]) {\n        return self.fc(x)\n    }\n}\n", 1, &["parameter `W` of shape [2147483648, 1048576] has more than 4294967296 elements"]),
     ("huge_argument", "model M {\n    fc = L.Linear(3, 9999999999999)\n    forward(x: [3]) {\n        return self.fc(x)\n    }\n}\n", 1, &["`out_size` = 9999999999999 exceeds cnnc's limit"]),
     ("huge_input", "model M {\n    forward(x: [65536, 65536, 65536]) {\n        return F.relu(x)\n    }\n}\n", 1, &["more than 4294967296 elements per sample"]),
+    (
+        "error_inside_a_chain",
+        "chain C(k) {\n    l = L.Linear(k, 2)\n    forward(x) {\n        return self.l(x)\n    }\n}\nmodel M {\n    c = C(5)\n    forward(x: [3]) {\n        return self.c(x)\n    }\n}\n",
+        1,
+        &["`c/l` expects 5 input features, but its input [N, 3] flattens to 3", "m.model:4:16", "in `c`"],
+    ),
+    ("chain_missing_argument", "chain C(k) {\n    l = L.Linear(k, 2)\n    forward(x) {\n        return self.l(x)\n    }\n}\nmodel M {\n    c = C()\n    forward(x: [3]) {\n        return self.c(x)\n    }\n}\n", 1, &["`C` is missing its argument `k`"]),
+    (
+        "recursive_chain",
+        "chain A(n) {\n    a = A(n)\n    forward(x) {\n        return x\n    }\n}\nmodel M {\n    a = A(1)\n    forward(x: [3]) {\n        return self.a(x)\n    }\n}\n",
+        1,
+        &["chains nest more than 64 deep", "does `A` contain itself?"],
+    ),
+    (
+        "builtin_link_assertion",
+        "model M {\n    inc = L.InceptionBN(None, 0, 4, 4, 4, 4, 'min', stride=2)\n    forward(x: [3, 8, 8]) {\n        return self.inc(x)\n    }\n}\n",
+        1,
+        &["pooltype must be 'max' or 'avg'", "<prelude>:", "in `inc`"],
+    ),
+    (
+        "chainlist_index_out_of_range",
+        "chainlist S() {\n    L.Linear(3, 3)\n    forward(x) {\n        return self[1](x)\n    }\n}\nmodel M {\n    s = S()\n    forward(x: [3]) {\n        return self.s(x)\n    }\n}\n",
+        1,
+        &["index 1 is out of range for length 1"],
+    ),
+    ("unnamed_link_in_chain", "chain C(k) {\n    L.Linear(k, 2)\n    forward(x) {\n        return self.l(x)\n    }\n}\nmodel M {\n    c = C(5)\n    forward(x: [5]) {\n        return self.c(x)\n    }\n}\n", 2, &["a link without a name", "only a `chainlist` numbers its children"]),
+    ("loop_over_a_number", "model M {\n    for i in 3 {\n        c = i\n    }\n    forward(x: [3]) {\n        return x\n    }\n}\n", 1, &["cannot loop over an integer"]),
     ("unclosed_model", "model M {\n    forward(x: [3]) {\n        return F.relu(x)\n    }\n", 1, &["expected `}`, found end of file"]),
 ];
 

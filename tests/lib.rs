@@ -61,6 +61,7 @@ pub enum Params<'a> {
 pub fn assert_close(got: &Tensor, want: &Tensor, rel: f32, what: &str) {
     assert_eq!(got.shape(), want.shape(), "{what}: shape");
     let (diff, scale) = (got.max_abs_diff(want), want.max_abs().max(1e-30));
+    eprintln!("{what}: max |diff| / max |want| = {:.2e}", diff / scale);
     assert!(diff <= rel * scale, "{what}: max |diff| {diff:e} > {rel:e} × max |want| {scale:e}");
 }
 

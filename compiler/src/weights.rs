@@ -186,12 +186,15 @@ pub fn bind(graph: &Graph, w: &mut Weights) -> Result<Bound, Vec<Diagnostic>> {
         return Err(errors);
     }
     let used: std::collections::HashSet<String> = params.iter().map(|(s, _)| format!("{prefix}{}", s.key)).collect();
-    let mut unused: Vec<&String> = keys.iter().filter(|k| !used.contains(*k)).collect();
+    let (counters, mut unused): (Vec<&String>, Vec<&String>) = keys.iter().filter(|k| !used.contains(*k)).partition(|k| k.ends_with("/N"));
     unused.sort();
     if !unused.is_empty() {
         let shown: Vec<&str> = unused.iter().take(8).map(|s| s.as_str()).collect();
         let more = if unused.len() > shown.len() { format!(" and {} more", unused.len() - shown.len()) } else { String::new() };
         notes.push(Diagnostic::note_level(format!("{} key(s) in `{}` are not used by the model and are ignored: {}{more}", unused.len(), w.path, shown.join(", "))));
+    }
+    if !counters.is_empty() {
+        notes.push(Diagnostic::note_level(format!("{} BatchNormalization sample counter(s) (`.../N`) in `{}` are ignored: inference uses avg_mean and avg_var", counters.len(), w.path)));
     }
     Ok(Bound { params, notes })
 }

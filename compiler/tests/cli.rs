@@ -250,7 +250,7 @@ fn run_matches_chainer_and_writes_logits() {
     let out = d.path().join("y.npy");
     let o = cnnc(&["run", &fixture(SMALL), "--weights", &fixture("alexbn_small/weights.npz"), "--input", &fixture("alexbn_small/in.npy"), "--output", out.to_str().unwrap(), "--json", "--top", "3"]);
     assert_eq!(o.code, 0, "{}", o.stderr);
-    assert!(o.stderr.contains("bn1/N, bn2/N") && o.stderr.contains("ignored"), "{}", o.stderr);
+    assert!(o.stderr.contains("2 BatchNormalization sample counter(s) (`.../N`)"), "{}", o.stderr);
     let (shape, got) = read_npy(out.to_str().unwrap());
     let (_, want) = read_npy(&fixture("alexbn_small/out.npy"));
     assert_eq!(shape, [2, 100]);
@@ -329,4 +329,28 @@ fn safetensors_and_prefixed_npz_give_the_same_logits() {
     }
     assert_eq!(outputs[0], outputs[1]);
     assert_eq!(outputs[0], outputs[2]);
+}
+
+/// Keys nest as Chainer names them; a wrong or missing one deep inside a chainlist is named in full.
+#[test]
+fn nested_chain_keys_are_named_in_full() {
+    use npyz::WriterBuilder;
+    let d = tmp();
+    let m = write(
+        d.path(),
+        "tiny.model",
+        b"chain Unit(c) {\n    conv = L.Convolution2D(c, c, 3, pad=1)\n    forward(x) {\n        return F.relu(self.conv(x))\n    }\n}\n\nchainlist Stage(n, c) {\n    for i in range(n) {\n        Unit(c)\n    }\n}\n\nmodel Tiny {\n    res = Stage(2, 4)\n    forward(x: [4, 5, 5]) {\n        return self.res(x)\n    }\n}\n",
+    );
+    let npz_path = d.path().join("w.npz");
+    let mut npz = npyz::npz::NpzWriter::create(&npz_path).unwrap();
+    for (key, shape) in [("res/0/conv/W", vec![4u64, 4, 3, 3]), ("res/1/conv/W", vec![4, 4, 1, 1]), ("res/1/conv/b", vec![4])] {
+        let n = shape.iter().product::<u64>() as usize;
+        let mut w = npz.array::<f32>(key, Default::default()).unwrap().default_dtype().shape(&shape).begin_nd().unwrap();
+        w.extend(vec![0.5f32; n]).unwrap();
+        w.finish().unwrap();
+    }
+    drop(npz);
+    let x = npy(d.path(), "x.npy", &[4, 5, 5], &[1.0; 100]);
+    let o = fails(&["run", &m, "--weights", npz_path.to_str().unwrap(), "--input", &x], 1, &["has no parameter `res/0/conv/b`", "`res/1/conv/W` has shape [4, 4, 1, 1]", "[4, 4, 3, 3]"]);
+    assert!(o.stderr.contains("tiny.model:2:5"), "points at the link's declaration:\n{}", o.stderr);
 }

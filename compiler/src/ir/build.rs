@@ -238,12 +238,13 @@ impl<'a> Builder<'a> {
     /// Adds a diagnostic once (a chain called twice reports the same mistake once), with the call that led
     /// into a chain as context.
     fn push(&mut self, mut d: Diagnostic) {
-        if let Some((outer, _)) = self.stack.first() {
+        if let (Some((outer, top)), Some((_, inner))) = (self.stack.first(), self.stack.last()) {
             if d.is_error() && !d.labels.iter().any(|(s, _)| s == outer) {
-                let path: Vec<&str> = self.stack.iter().map(|(_, p)| p.as_str()).collect();
-                d = d.label(*outer, format!("in `{}`", path.last().expect("non-empty")));
-                if path.len() > 1 {
-                    d = d.note(format!("while evaluating {}", path.join(" → ")));
+                d = d.label(*outer, format!("in `{top}`"));
+                if inner != top {
+                    // Paths nest (`res2/0/conv1`), so the innermost names the whole chain of calls.
+                    let short = if inner.len() > 80 { format!("{}…{}", &inner[..40], &inner[inner.len() - 39..]) } else { inner.clone() };
+                    d = d.note(format!("inside `{short}`"));
                 }
             }
         }
@@ -390,6 +391,14 @@ impl<'a> Builder<'a> {
     fn poisoned(&mut self, path: String, decl: Span) -> LinkId {
         self.links.push(Link { path, decl, body: Body::Prim(None), used: true });
         self.links.len() - 1
+    }
+
+    /// `res2/0/` for nodes made inside the link at `res2/0`; empty at the model's top level.
+    fn layer_prefix(&self, id: LinkId) -> String {
+        match self.links[id].path.as_str() {
+            "" => String::new(),
+            p => format!("{p}/"),
+        }
     }
 
     fn child_path(&self, parent: LinkId, name: &str) -> String {
@@ -727,7 +736,8 @@ impl<'a> Builder<'a> {
             },
             ExprKind::Binary { op, lhs, rhs } => {
                 let (a, b) = (self.expr(lhs, scope), self.expr(rhs, scope));
-                self.binary(*op, a, b, e.span)
+                let layer = format!("{}+", self.layer_prefix(scope.this));
+                self.binary(*op, a, b, e.span, &layer)
             }
             ExprKind::Index { base, index } => {
                 let (b, i) = (self.expr(base, scope), self.expr(index, scope));
@@ -791,7 +801,7 @@ impl<'a> Builder<'a> {
         }
     }
 
-    fn binary(&mut self, op: BinOp, a: Value, b: Value, span: Span) -> Value {
+    fn binary(&mut self, op: BinOp, a: Value, b: Value, span: Span, layer: &str) -> Value {
         use Value::*;
         let num = |v: &Value| match v {
             Int(i) => Some(*i as f64),
@@ -800,7 +810,7 @@ impl<'a> Builder<'a> {
         };
         match (op, &a, &b) {
             (_, Poison, _) | (_, _, Poison) => Poison,
-            (BinOp::Add, Tensor(x), Tensor(y)) => self.node(Op::Add, vec![*x, *y], span, "+", Option::None, vec![]),
+            (BinOp::Add, Tensor(x), Tensor(y)) => self.node(Op::Add, vec![*x, *y], span, layer, Option::None, vec![]),
             (BinOp::Eq, _, _) => Bool(a == b || matches!((num(&a), num(&b)), (Some(x), Some(y)) if x == y)),
             (BinOp::Ne, _, _) => Bool(!(a == b || matches!((num(&a), num(&b)), (Some(x), Some(y)) if x == y))),
             (BinOp::Add, Tuple(x), Tuple(y)) => Tuple([x.clone(), y.clone()].concat()),
@@ -886,11 +896,7 @@ impl<'a> Builder<'a> {
         let sig_values = static_sig(sig);
         let Some(v) = self.bind(fname, &sig_values, args, span, scope) else { return Value::Poison };
         let sp = |i: usize| arg_span(args, &sig_values, i, span);
-        let prefix = match self.links[scope.this].path.as_str() {
-            "" => String::new(),
-            p => format!("{p}/"),
-        };
-        let layer = format!("{prefix}F.{fname}");
+        let layer = format!("{}F.{fname}", self.layer_prefix(scope.this));
         let op = match fname {
             "len" => {
                 return match &v[0] {
