@@ -65,20 +65,18 @@ fn check_model(name: &str) {
     let mut per_layer: Vec<(String, u64)> = macs.lines().map(|l| l.rsplit_once(' ').unwrap()).map(|(k, v)| (k.to_string(), v.parse().unwrap())).collect();
     let (_, total) = per_layer.pop().unwrap();
     assert_eq!(g.macs(), total, "{name}: MACs per image");
-    let layers: Vec<(String, u64)> = g
-        .nodes()
-        .filter_map(|(_, n)| match &n.kind {
-            cnnc::ir::Kind::Op(op) if op.macs(&n.shape) > 0 => Some((n.layer.clone(), op.macs(&n.shape))),
-            _ => None,
-        })
-        .collect();
+    let layers: Vec<(String, u64)> = g.nodes().map(|(id, n)| (n.layer.clone(), g.node_macs(id))).filter(|(_, m)| *m > 0).collect();
     assert_eq!(layers, per_layer, "{name}: MACs per layer, in execution order");
 
     let s = g.node(g.inputs[0]).shape.clone();
     let x = prng_param("input", &[2, s[0], s[1], s[2]]);
-    let got = run_model(&model, Params::Generated(prng_param), x);
+    let got = run_graph(&src, &g, Params::Generated(prng_param), x.clone());
     let want = load_npy(&dir.join("logits.npy"));
     assert_close(&got, &want, 1e-4, name);
+    // The optimized model (BatchNormalization folded, epilogues fused) agrees with both.
+    let fast = run_graph(&src, &optimized(&g, 1), Params::Generated(prng_param), x);
+    assert_close(&fast, &want, 1e-4, &format!("{name} -O1 vs Chainer"));
+    assert_close(&fast, &got, 1e-5, &format!("{name} -O1 vs -O0"));
 }
 
 #[test]

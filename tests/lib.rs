@@ -38,8 +38,21 @@ pub fn source(path: &Path) -> Source {
 
 /// Compiles `model` and runs it on `x` with parameters from `params` (a weights file, or a generator).
 pub fn run_model(model: &Path, params: Params, x: Tensor) -> Tensor {
-    let src = source(model);
-    let (g, _) = cnnc::compile(&src).unwrap_or_else(|f| panic!("{}", src.render_plain(&f.0)));
+    run_source(&source(model), params, x, 0)
+}
+
+/// Compiles a model, optimizes it at `level` (0: not at all), and runs it on `x`.
+pub fn run_source(src: &Source, params: Params, x: Tensor, level: u8) -> Tensor {
+    let (g, _) = cnnc::compile(src).unwrap_or_else(|f| panic!("{}", src.render_plain(&f.0)));
+    run_graph(src, &optimized(&g, level), params, x)
+}
+
+pub fn optimized(g: &cnnc::ir::Graph, level: u8) -> cnnc::ir::Graph {
+    cnnc::opt::optimize(g, &cnnc::opt::Options { level, ..Default::default() }).0
+}
+
+/// Runs a compiled (possibly optimized) graph on `x`.
+pub fn run_graph(src: &Source, g: &cnnc::ir::Graph, params: Params, x: Tensor) -> Tensor {
     let bound = match params {
         Params::File(p) => {
             let mut w = Weights::open(p).expect("weights open");

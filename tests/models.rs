@@ -14,6 +14,7 @@ fn every_model_snapshot() {
         assert!(warnings.is_empty(), "{name}: {}", src.render_plain(&warnings));
         insta::assert_snapshot!(format!("{name}.ir"), cnnc::ir::dump(&g, &src));
         insta::assert_snapshot!(format!("{name}.table"), cnnc::ir::table(&g));
+        insta::assert_snapshot!(format!("{name}.ir-opt"), cnnc::ir::dump(&optimized(&g, 1), &src));
     }
 }
 

@@ -9,6 +9,7 @@ pub mod diag;
 pub mod input;
 pub mod ir;
 pub mod lower;
+pub mod opt;
 pub mod syntax;
 pub mod weights;
 

@@ -32,6 +32,15 @@ enum Cmd {
         /// Write to FILE instead of standard output.
         #[arg(short, long, value_name = "FILE")]
         output: Option<PathBuf>,
+        /// Optimization level: 0 disables rewriting, 1 runs every rule.
+        #[arg(short = 'O', default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+        opt: u8,
+        /// Print the rules the optimizer fired and the estimated cost change (to standard error).
+        #[arg(long)]
+        explain: bool,
+        /// The backend whose cost model guides the optimizer.
+        #[arg(long, value_enum, default_value_t = Target::Cpu)]
+        target: Target,
     },
     /// Run a model on images or .npy tensors and print the top classes.
     Run {
@@ -61,7 +70,18 @@ enum Cmd {
         /// Image preprocessing: factor applied after the mean is subtracted.
         #[arg(long, value_parser = parse_finite)]
         scale: Option<f32>,
+        /// Optimization level: 0 disables rewriting, 1 runs every rule.
+        #[arg(short = 'O', default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+        opt: u8,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Target {
+    /// CPU (the runtime's kernels).
+    Cpu,
+    /// NVIDIA GPU (PTX).
+    Cuda,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -70,6 +90,8 @@ enum Emit {
     Table,
     /// The layer-graph IR, one node per line.
     Ir,
+    /// The IR after optimization, with the rules that produced each rewritten node.
+    IrOpt,
 }
 
 fn parse_finite(s: &str) -> Result<f32, String> {
@@ -89,11 +111,18 @@ struct Reported;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::Compile { model, emit, output } => compile(&model, emit, output.as_deref()),
-        Cmd::Run { model, input, weights, output, top, json, resize, mean, scale } => {
+        Cmd::Compile { model, emit, output, opt, explain, target } => {
+            let model_costs = match target {
+                Target::Cpu => cnnc::opt::lang::CPU,
+                Target::Cuda => cnnc::opt::lang::CUDA,
+            };
+            compile(&model, emit, output.as_deref(), &cnnc::opt::Options { level: opt, model: model_costs }, explain)
+        }
+        Cmd::Run { model, input, weights, output, top, json, resize, mean, scale, opt } => {
             let defaults = Preprocess::default();
             let pre = Preprocess { resize, mean: mean.unwrap_or(defaults.mean), scale: scale.unwrap_or(defaults.scale) };
-            run(model.as_deref(), &input, weights.as_deref(), output.as_deref(), top as usize, json, &pre)
+            let opts = cnnc::opt::Options { level: opt, ..Default::default() };
+            run(model.as_deref(), &input, weights.as_deref(), output.as_deref(), top as usize, json, &pre, &opts)
         }
     };
     match result {
@@ -127,11 +156,16 @@ fn front_end(model: Option<&Path>) -> Result<(Source, Graph)> {
     }
 }
 
-fn compile(model: &Path, emit: Emit, output: Option<&Path>) -> Result<()> {
+fn compile(model: &Path, emit: Emit, output: Option<&Path>, opts: &cnnc::opt::Options, explain: bool) -> Result<()> {
     let (src, g) = front_end(Some(model))?;
+    let (optimized, report) = cnnc::opt::optimize(&g, opts);
+    if explain {
+        eprint!("{}", cnnc::opt::explain(&report));
+    }
     let text = match emit {
         Emit::Table => ir::table(&g),
         Emit::Ir => ir::dump(&g, &src),
+        Emit::IrOpt => ir::dump(&optimized, &src),
     };
     match output {
         Some(path) => write_atomic(path, |w| Ok(w.write_all(text.as_bytes())?)),
@@ -139,7 +173,8 @@ fn compile(model: &Path, emit: Emit, output: Option<&Path>) -> Result<()> {
     }
 }
 
-fn run(model: Option<&Path>, inputs: &[PathBuf], weights: Option<&Path>, output: Option<&Path>, top: usize, json: bool, pre: &Preprocess) -> Result<()> {
+#[allow(clippy::too_many_arguments)]
+fn run(model: Option<&Path>, inputs: &[PathBuf], weights: Option<&Path>, output: Option<&Path>, top: usize, json: bool, pre: &Preprocess, opts: &cnnc::opt::Options) -> Result<()> {
     let (src, g) = front_end(model)?;
     let [input_node] = g.inputs[..] else {
         return Err(anyhow!("`{}` takes {} inputs; `cnnc run` feeds models with exactly one", src.name, g.inputs.len()));
@@ -173,6 +208,7 @@ fn run(model: Option<&Path>, inputs: &[PathBuf], weights: Option<&Path>, output:
             return Err(Reported.into());
         }
     };
+    let (g, _) = cnnc::opt::optimize(&g, opts);
     let plan = cnnc::lower::lower(&g, bound).context("internal error while lowering")?;
     let y = plan.run(vec![x])?;
     if let Some(path) = output {

@@ -354,3 +354,34 @@ fn nested_chain_keys_are_named_in_full() {
     let o = fails(&["run", &m, "--weights", npz_path.to_str().unwrap(), "--input", &x], 1, &["has no parameter `res/0/conv/b`", "`res/1/conv/W` has shape [4, 4, 1, 1]", "[4, 4, 3, 3]"]);
     assert!(o.stderr.contains("tiny.model:2:5"), "points at the link's declaration:\n{}", o.stderr);
 }
+
+#[test]
+fn emit_ir_opt_and_explain_show_provenance() {
+    let o = cnnc(&["compile", "models/alexbn.model", "--emit", "ir-opt", "--explain"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.contains("conv2d+relu+max_pool2d[96 <- 3"), "{}", o.stdout);
+    assert!(o.stdout.contains("[fold-bn-into-conv, fuse-conv-relu, fuse-conv-relu-maxpool; cost "), "{}", o.stdout);
+    assert!(o.stderr.contains("fold-bn-into-conv") && o.stderr.contains("stopped: saturated") && o.stderr.contains("optimizer time"), "{}", o.stderr);
+    let o0 = cnnc(&["compile", "models/alexbn.model", "--emit", "ir-opt", "-O0"]);
+    assert_eq!(o0.stdout, cnnc(&["compile", "models/alexbn.model", "--emit", "ir"]).stdout);
+}
+
+#[test]
+fn unknown_optimization_level_is_a_usage_error() {
+    fails(&["compile", "models/alexbn.model", "-O3"], 2, &["-O"]);
+}
+
+#[test]
+fn run_at_o0_and_o1_agree() {
+    let d = tmp();
+    let mut outs = Vec::new();
+    for level in ["-O0", "-O1"] {
+        let out = d.path().join(format!("y{level}.npy"));
+        let o = cnnc(&["run", &fixture(SMALL), "--weights", &fixture("alexbn_small/weights.npz"), "--input", &fixture("alexbn_small/in.npy"), "--output", out.to_str().unwrap(), level]);
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        outs.push(read_npy(out.to_str().unwrap()).1);
+    }
+    let scale = outs[0].iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = outs[0].iter().zip(&outs[1]).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(diff <= 1e-5 * scale, "diff {diff} scale {scale}");
+}

@@ -59,6 +59,31 @@ pub struct Lrn {
     pub beta: f64,
 }
 
+/// A convolution or linear layer with its epilogue fused: bias, then ReLU, then max pooling, applied
+/// before the store. Its meaning is exactly that composition (see `reference::eval`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fused {
+    pub base: FusedBase,
+    pub relu: bool,
+    /// Max pooling after the activation (convolutions only).
+    pub pool: Option<Pool2d>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum FusedBase {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+impl Fused {
+    pub fn base_op(&self) -> Op {
+        match &self.base {
+            FusedBase::Conv(c) => Op::Conv2d(c.clone()),
+            FusedBase::Linear(l) => Op::Linear(l.clone()),
+        }
+    }
+}
+
 /// An axis of the full (batched) tensor, as Chainer numbers them: axis 0 is the batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Axis(pub usize);
@@ -80,6 +105,9 @@ pub enum Op {
     Reshape { dims: Dims },
     Concat { axis: Axis },
     Add,
+    Fused(Fused),
+    /// `len` entries from `start` along `axis` (the outputs of merged parallel convolutions).
+    Slice { axis: Axis, start: usize, len: usize },
 }
 
 /// Why an op cannot be applied to inputs of the given shapes. The message is complete on its own;
@@ -136,6 +164,12 @@ impl Op {
             Op::Reshape { .. } => "reshape",
             Op::Concat { .. } => "concat",
             Op::Add => "add",
+            Op::Fused(f) => match (&f.base, f.pool.is_some()) {
+                (FusedBase::Conv(_), false) => "conv2d+relu",
+                (FusedBase::Conv(_), true) => "conv2d+relu+max_pool2d",
+                (FusedBase::Linear(_), _) => "linear+relu",
+            },
+            Op::Slice { .. } => "slice",
         }
     }
 
@@ -157,6 +191,7 @@ impl Op {
                 }
                 p
             }
+            Op::Fused(f) => f.base_op().params(),
             Op::BatchNorm(b) => ["gamma", "beta", "avg_mean", "avg_var"]
                 .into_iter()
                 .map(|n| (n, vec![b.channels]))
@@ -262,6 +297,22 @@ impl Op {
                 }
                 Ok(out)
             }
+            Op::Fused(f) => {
+                let y = f.base_op().output_shape(inputs)?;
+                match &f.pool {
+                    Some(p) => Op::MaxPool2d(p.clone()).output_shape(&[&y]),
+                    None => Ok(y),
+                }
+            }
+            Op::Slice { axis, start, len } => {
+                let ax = per_sample_axis(*axis, x)?;
+                if start + len > x[ax] || *len == 0 {
+                    return err(format!("slice {start}..{} is out of range for axis {} of {}", start + len, axis.0, Batched(x)));
+                }
+                let mut out = x.to_vec();
+                out[ax] = *len;
+                Ok(out)
+            }
             Op::Add => {
                 if inputs[0] != inputs[1] {
                     return err(format!(
@@ -275,12 +326,14 @@ impl Op {
         }
     }
 
-    /// Multiply-accumulates per sample (convolutions and linear layers; other ops count zero).
-    pub fn macs(&self, output: &[usize]) -> u64 {
-        let out: u64 = output.iter().map(|&d| d as u64).product();
+    /// Multiply-accumulates per sample for these input shapes (convolutions and linear layers, fused or
+    /// not; other ops count zero). Inputs must be valid for the op.
+    pub fn macs(&self, inputs: &[&[usize]]) -> u64 {
+        let out = || -> u64 { self.output_shape(inputs).map_or(0, |o| o.iter().map(|&d| d as u64).product()) };
         match self {
-            Op::Conv2d(c) => out * (c.in_channels / c.groups * c.kernel[0] * c.kernel[1]) as u64,
-            Op::Linear(l) => out * l.in_features as u64,
+            Op::Conv2d(c) => out() * (c.in_channels / c.groups * c.kernel[0] * c.kernel[1]) as u64,
+            Op::Linear(l) => out() * l.in_features as u64,
+            Op::Fused(f) => f.base_op().macs(inputs),
             _ => 0,
         }
     }
@@ -326,6 +379,18 @@ impl fmt::Display for Op {
             Op::Softmax { axis } | Op::Concat { axis } => write!(f, "[axis={}]", axis.0),
             Op::Reshape { dims } => write!(f, "{}", Batched(dims)),
             Op::Relu | Op::Add => Ok(()),
+            Op::Slice { axis, start, len } => write!(f, "[axis={}, {start}..{}]", axis.0, start + len),
+            Op::Fused(fu) => {
+                // `conv2d+relu+max_pool2d[96 <- 3, ...; k=3x3, ...]`: base attributes, then the pool's.
+                let base = fu.base_op().to_string();
+                let attrs = base.strip_prefix(fu.base_op().name()).unwrap_or("");
+                write!(f, "{}", &attrs[..attrs.len().saturating_sub(1)])?;
+                if let Some(p) = &fu.pool {
+                    let pool = Op::MaxPool2d(p.clone()).to_string();
+                    write!(f, "; {}", &pool["max_pool2d[".len()..pool.len() - 1])?;
+                }
+                write!(f, "]")
+            }
         }
     }
 }

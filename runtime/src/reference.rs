@@ -62,6 +62,27 @@ pub fn eval(op: &Op, inputs: &[&Tensor], params: &[&Tensor]) -> Tensor {
             let data = x.data().iter().zip(inputs[1].data()).map(|(a, b)| a + b).collect();
             Tensor::new(shape, data).expect("validated")
         }
+        // Defined by composition: the layer, then ReLU, then max pooling.
+        Op::Fused(f) => {
+            let mut y = eval(&f.base_op(), inputs, params);
+            if f.relu {
+                y = map(&y, |v| v.max(0.0));
+            }
+            match &f.pool {
+                Some(p) => eval(&Op::MaxPool2d(p.clone()), &[&y], &[]),
+                None => y,
+            }
+        }
+        Op::Slice { axis, start, len } => {
+            let ax = axis.0;
+            let outer: usize = x.shape()[..ax].iter().product();
+            let (full, inner) = (x.shape()[ax], x.shape()[ax + 1..].iter().product::<usize>());
+            let mut data = Vec::with_capacity(shape.iter().product());
+            for o in 0..outer {
+                data.extend_from_slice(&x.data()[(o * full + start) * inner..(o * full + start + len) * inner]);
+            }
+            Tensor::new(shape, data).expect("validated")
+        }
     }
 }
 

@@ -8,7 +8,7 @@
 //! error: a failed expression becomes `Value::Poison`, which later uses accept silently, so each mistake is
 //! reported once.
 
-use super::{Graph, Kind, Node, NodeId};
+use super::{param_specs, Graph, Kind, Node, NodeId, Param};
 use crate::diag::{Diagnostic, Span};
 use crate::syntax::{Arg, BinOp, Decl, Expr, ExprKind, File, Ident, Item, ItemKind, Stmt};
 use cnnc_runtime::op::{Axis, Batched, BatchNorm, Conv2d, Dims, Linear, Lrn, Pool2d};
@@ -297,7 +297,7 @@ impl<'a> Builder<'a> {
             };
             args.push(match dims {
                 Some(shape) => {
-                    let id = self.g.add_node(Node { kind: Kind::Input(i), shape, span: p.name.span, layer: p.name.name.clone(), params: vec![], decl: None });
+                    let id = self.g.add_node(Node { kind: Kind::Input(i), shape, span: p.name.span, layer: p.name.name.clone(), params: vec![], decl: None, provenance: None });
                     inputs.push(NodeId(id));
                     Value::Tensor(id)
                 }
@@ -1152,12 +1152,12 @@ impl<'a> Builder<'a> {
         if let Some(k) = inferred {
             self.links[id].body = Body::Prim(Some(k));
         }
-        let params = op.params().iter().map(|(suffix, _)| format!("{path}/{suffix}")).collect();
+        let params = op.params().iter().map(|(suffix, _)| Param::Key(format!("{path}/{suffix}"))).collect();
         self.node(op, vec![x], span, &path, Some(decl), params)
     }
 
     /// Adds a node after inferring its shape; a shape error is reported against `span`.
-    fn node(&mut self, op: Op, inputs: Vec<NodeIndex>, span: Span, layer: &str, decl: Option<Span>, params: Vec<String>) -> Value {
+    fn node(&mut self, op: Op, inputs: Vec<NodeIndex>, span: Span, layer: &str, decl: Option<Span>, params: Vec<Param>) -> Value {
         if self.g.node_count() >= MAX_NODES {
             return self.structure(span, format!("the model has more than {MAX_NODES} nodes"), "while adding this one", None);
         }
@@ -1169,7 +1169,7 @@ impl<'a> Builder<'a> {
         match op.output_shape(&shapes) {
             Ok(shape) if elements(&shape).is_none() => self.error(shape_error(format!("output {} has more than {MAX_ELEMENTS} elements per sample", Batched(&shape)))),
             Ok(shape) => {
-                let id = self.g.add_node(Node { kind: Kind::Op(op), shape, span, layer: layer.into(), params, decl });
+                let id = self.g.add_node(Node { kind: Kind::Op(op), shape, span, layer: layer.into(), params, decl, provenance: None });
                 for (slot, i) in inputs.into_iter().enumerate() {
                     self.g.add_edge(i, id, slot as u32);
                 }
@@ -1231,7 +1231,8 @@ fn finish(g: &DiGraph<Node, u32>, name: String, inputs: Vec<NodeId>, output: Nod
             next += 1;
         }
     }
-    Graph { name, g: pruned, inputs: inputs.iter().map(|i| NodeId(remap[i.0.index()])).collect(), output: NodeId(remap[output.index()]) }
+    let param_specs = param_specs(&pruned);
+    Graph { name, g: pruned, inputs: inputs.iter().map(|i| NodeId(remap[i.0.index()])).collect(), output: NodeId(remap[output.index()]), param_specs }
 }
 
 /// The span of the argument bound to signature slot `i`, or the call's span when it was defaulted.

@@ -15,7 +15,8 @@ pub fn dump(g: &Graph, src: &Source) -> String {
             Kind::Input(_) => format!("{id} = input {}", n.layer),
             Kind::Op(op) => {
                 let args: Vec<String> = g.args(id).iter().map(ToString::to_string).collect();
-                let params = if n.params.is_empty() { String::new() } else { format!(" {{{}}}", n.params.join(", ")) };
+                let params: Vec<String> = n.params.iter().map(ToString::to_string).collect();
+                let params = if params.is_empty() { String::new() } else { format!(" {{{}}}", params.join(", ")) };
                 format!("{id} = {op}({}){params}", args.join(", "))
             }
         };
@@ -25,7 +26,11 @@ pub fn dump(g: &Graph, src: &Source) -> String {
         } else {
             src.location(n.span)
         };
-        writeln!(out, "  {head} : {}  # {} @ {at}", Batched(&n.shape), n.layer).expect("write to String");
+        let why = match &n.provenance {
+            Some(p) => format!(" [{}; cost {:.0} -> {:.0}]", p.rules.join(", "), p.cost_before, p.cost_after),
+            None => String::new(),
+        };
+        writeln!(out, "  {head} : {}  # {} @ {at}{why}", Batched(&n.shape), n.layer).expect("write to String");
     }
     writeln!(out, "  return {}\n}}", g.output).expect("write to String");
     out
@@ -36,7 +41,7 @@ pub fn table(g: &Graph) -> String {
     let mut rows = vec![["layer".to_string(), "op".into(), "output".into(), "params".into(), "MACs".into()]];
     let mut seen = std::collections::HashSet::new();
     let (mut total_params, mut total_macs) = (0u64, 0u64);
-    for (_, n) in g.nodes() {
+    for (id, n) in g.nodes() {
         let (name, params, macs) = match &n.kind {
             Kind::Input(_) => ("input", 0, 0),
             Kind::Op(op) => {
@@ -47,7 +52,7 @@ pub fn table(g: &Graph) -> String {
                     .filter(|(k, _)| seen.insert((*k).clone()))
                     .map(|(_, (_, s))| s.iter().product::<usize>() as u64)
                     .sum();
-                (op.name(), params, op.macs(&n.shape))
+                (op.name(), params, g.node_macs(id))
             }
         };
         total_params += params;

@@ -18,6 +18,7 @@ use petgraph::graph::{DiGraph, NodeIndex};
 use petgraph::visit::EdgeRef;
 use std::fmt;
 
+
 /// A node of the graph, printed `%7`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NodeId(pub NodeIndex<u32>);
@@ -44,10 +45,47 @@ pub struct Node {
     pub span: Span,
     /// The link (`conv1`), function (`F.relu`) or input (`x`) the node came from.
     pub layer: String,
-    /// Chainer keys of the parameters, in [`Op::params`] order.
-    pub params: Vec<String>,
+    /// The parameters, in [`Op::params`] order: Chainer keys, or (after optimization) terms over them.
+    pub params: Vec<Param>,
     /// Where the link that owns `params` was declared.
     pub decl: Option<Span>,
+    /// For a node the optimizer rewrote: the rules that produced it and its estimated cost change.
+    pub provenance: Option<Provenance>,
+}
+
+/// A node parameter: a Chainer key, or a transform of others that the compiler evaluates once, when it
+/// binds the weights (never per inference).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Param {
+    Key(String),
+    /// W·γ/√(var + eps), per output channel: BatchNormalization `bn` folded into the layer's weights.
+    FoldW { w: Box<Param>, bn: String, eps_bits: u64 },
+    /// (b − avg_mean)·γ/√(avg_var + eps) + β, with b = 0 for a layer without bias.
+    FoldB { b: Option<Box<Param>>, bn: String, eps_bits: u64 },
+    /// Concatenation along the first (output) axis: merged parallel layers.
+    Cat(Vec<Param>),
+}
+
+impl fmt::Display for Param {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Param::Key(k) => write!(f, "{k}"),
+            Param::FoldW { w, bn, .. } => write!(f, "fold_w({w}, {bn})"),
+            Param::FoldB { b: Some(b), bn, .. } => write!(f, "fold_b({b}, {bn})"),
+            Param::FoldB { b: None, bn, .. } => write!(f, "fold_b(0, {bn})"),
+            Param::Cat(ps) => write!(f, "cat({})", ps.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")),
+        }
+    }
+}
+
+/// Why the optimizer produced a node.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Provenance {
+    /// Rule names, in the order they fired on the way to this node.
+    pub rules: Vec<String>,
+    /// Estimated cost of the original nodes it replaces, and of itself (cost-model units: ns per sample).
+    pub cost_before: f64,
+    pub cost_after: f64,
 }
 
 /// A parameter the graph needs: Chainer key, shape, and the declaration of its link.
@@ -65,6 +103,8 @@ pub struct Graph {
     pub g: DiGraph<Node, u32>,
     pub inputs: Vec<NodeId>,
     pub output: NodeId,
+    /// The Chainer parameters the model reads (kept through optimization: weights bind against these).
+    pub param_specs: Vec<ParamSpec>,
 }
 
 impl Graph {
@@ -84,23 +124,43 @@ impl Graph {
         e.into_iter().map(|(_, n)| n).collect()
     }
 
-    /// Multiply-accumulates per sample.
-    pub fn macs(&self) -> u64 {
-        self.nodes().map(|(_, n)| if let Kind::Op(op) = &n.kind { op.macs(&n.shape) } else { 0 }).sum()
+    /// The per-sample shapes of a node's inputs.
+    pub fn arg_shapes(&self, id: NodeId) -> Vec<&[usize]> {
+        self.args(id).into_iter().map(|a| self.node(a).shape.as_slice()).collect()
     }
 
-    /// Every parameter the graph reads, once each, in first-use order.
+    /// Multiply-accumulates per sample of one node.
+    pub fn node_macs(&self, id: NodeId) -> u64 {
+        match &self.node(id).kind {
+            Kind::Op(op) => op.macs(&self.arg_shapes(id)),
+            Kind::Input(_) => 0,
+        }
+    }
+
+    /// Multiply-accumulates per sample.
+    pub fn macs(&self) -> u64 {
+        self.nodes().map(|(id, _)| self.node_macs(id)).sum()
+    }
+
+    /// Every Chainer parameter the model reads, once each, in first-use order.
     pub fn params(&self) -> Vec<ParamSpec> {
-        let mut out: Vec<ParamSpec> = Vec::new();
-        for (_, n) in self.nodes() {
-            if let Kind::Op(op) = &n.kind {
-                for (key, (_, shape)) in n.params.iter().zip(op.params()) {
+        self.param_specs.clone()
+    }
+}
+
+/// The parameter specs of a freshly built graph, whose node parameters are all plain keys.
+pub(crate) fn param_specs(g: &DiGraph<Node, u32>) -> Vec<ParamSpec> {
+    let mut out: Vec<ParamSpec> = Vec::new();
+    for n in g.node_weights() {
+        if let Kind::Op(op) = &n.kind {
+            for (param, (_, shape)) in n.params.iter().zip(op.params()) {
+                if let Param::Key(key) = param {
                     if !out.iter().any(|p| &p.key == key) {
                         out.push(ParamSpec { key: key.clone(), shape, decl: n.decl });
                     }
                 }
             }
         }
-        out
     }
+    out
 }

@@ -1,0 +1,453 @@
+//! The optimizer: equality saturation over the layer graph with egg, then cost-based extraction.
+//!
+//! Owns the rewrite rules ([`RULES`], one line each), the cost model per backend ([`lang::CostModel`]),
+//! and the provenance of every rewritten node. The graph goes into an e-graph (sharing kept), the rules
+//! run under fixed limits, the cheapest equivalent graph comes back out, and each node records the rules
+//! that produced it and its cost before and after. Weight transforms (BatchNormalization folded into a
+//! convolution) stay symbolic terms until `lower` evaluates them once.
+//! Invariant left: the optimized graph computes the same function as its input (each rule is checked on
+//! the reference runtime) and keeps the input's parameter specs, so weights bind the same way.
+
+pub mod lang;
+
+use crate::ir::{Graph, Kind, Node, NodeId, Param, Provenance};
+use cnnc_runtime::op::{Dims, Pool2d};
+use cnnc_runtime::Op;
+use egg::{EGraph, Id, Language, Pattern, PatternAst, Rewrite, Runner, Subst, Symbol, Var};
+use lang::{op_of, Attr, Cnn, Cost, CostModel, Shapes};
+use petgraph::graph::{DiGraph, NodeIndex};
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+/// The rewrite rules: (name, left side, right side). `docs/rewrites.md` justifies each one.
+pub const RULES: &[(&str, &str, &str)] = &[
+    ("drop-dropout", "(dropout ?r ?x)", "?x"),
+    ("fold-bn-into-conv", "(bn ?n (conv ?a ?x ?w ?b) ?g ?be ?m ?v)", "(conv ?a ?x (fold-w ?n ?w ?g ?v) (fold-b ?n ?b ?g ?be ?m ?v))"),
+    ("fold-bn-into-linear", "(bn ?n (linear ?a ?x ?w ?b) ?g ?be ?m ?v)", "(linear ?a ?x (fold-w ?n ?w ?g ?v) (fold-b ?n ?b ?g ?be ?m ?v))"),
+    ("fuse-conv-relu", "(relu (conv ?a ?x ?w ?b))", "(conv-relu ?a ?x ?w ?b)"),
+    ("fuse-conv-relu-maxpool", "(maxpool ?p (conv-relu ?a ?x ?w ?b))", "(conv-relu-maxpool ?a ?p ?x ?w ?b)"),
+    ("fuse-linear-relu", "(relu (linear ?a ?x ?w ?b))", "(linear-relu ?a ?x ?w ?b)"),
+    ("relu-before-maxpool", "(relu (maxpool ?p ?x))", "(maxpool ?p (relu ?x))"),
+    ("relu-idempotent", "(relu (relu ?x))", "(relu ?x)"),
+    ("drop-identity-reshape", "(reshape ?r ?x)", "?x"),
+];
+
+/// Extra conditions, by rule name: a rule fires only where its condition holds.
+fn condition(rule: &str, eg: &EGraph<Cnn, Shapes>, s: &Subst) -> bool {
+    let var = |v: &str| s[v.parse::<Var>().expect("a pattern variable")];
+    match rule {
+        // relu(max(window)) = max(relu(window)) when every window holds at least one input element; with
+        // cover_all and pad + stride > kernel, a window can lie wholly in the −∞ padding (−∞ vs 0).
+        "relu-before-maxpool" => match attr(eg, var("?p")) {
+            Op::MaxPool2d(p) => !p.cover_all || (0..2).all(|i| p.pad[i] + p.stride[i] <= p.kernel[i]),
+            _ => false,
+        },
+        // Only a reshape to the shape it already has is an identity.
+        "drop-identity-reshape" => match attr(eg, var("?r")) {
+            Op::Reshape { dims } => eg[var("?x")].data.as_ref() == Some(&dims),
+            _ => false,
+        },
+        _ => true,
+    }
+}
+
+fn attr(eg: &EGraph<Cnn, Shapes>, id: Id) -> Op {
+    eg[id].nodes.iter().find_map(|n| if let Cnn::Attr(a) = n { Some(a.op.clone()) } else { None }).expect("attribute leaf")
+}
+
+/// Which rules and original nodes an e-node stands for.
+#[derive(Clone, Debug, Default)]
+struct Origin {
+    rules: Vec<&'static str>,
+    nodes: BTreeSet<usize>,
+}
+
+/// Origins of e-nodes, keyed by the e-node as it was added (looked up canonically).
+#[derive(Default)]
+struct Origins(Vec<(Cnn, Origin)>);
+
+impl Origins {
+    fn of(&self, eg: &EGraph<Cnn, Shapes>, node: &Cnn) -> Origin {
+        let canon = |n: &Cnn| n.clone().map_children(|c| eg.find(c));
+        let key = canon(node);
+        let mut out = Origin::default();
+        for (n, o) in &self.0 {
+            if canon(n) == key {
+                for r in &o.rules {
+                    if !out.rules.contains(r) {
+                        out.rules.push(r);
+                    }
+                }
+                out.nodes.extend(&o.nodes);
+            }
+        }
+        out
+    }
+}
+
+/// Applies a rule's right side and records, for each e-node it adds, the rule and what the left side
+/// absorbed (the e-nodes it matched, found again through the searcher's pattern).
+struct Tracked {
+    name: &'static str,
+    /// The left side again: egg hands appliers the searcher's pattern only when explanations are on.
+    lhs: Pattern<Cnn>,
+    rhs: Pattern<Cnn>,
+    origins: std::sync::Arc<std::sync::Mutex<Origins>>,
+}
+
+impl egg::Applier<Cnn, Shapes> for Tracked {
+    fn apply_one(&self, eg: &mut EGraph<Cnn, Shapes>, eclass: Id, subst: &Subst, _: Option<&PatternAst<Cnn>>, _: Symbol) -> Vec<Id> {
+        if !condition(self.name, eg, subst) {
+            return vec![];
+        }
+        let mut origin = Origin::default();
+        {
+            let mut ids: Vec<Id> = Vec::new();
+            for n in self.lhs.ast.as_ref() {
+                let id = match n {
+                    egg::ENodeOrVar::Var(v) => subst[*v],
+                    egg::ENodeOrVar::ENode(e) => {
+                        let e = e.clone().map_children(|i| ids[usize::from(i)]);
+                        let o = self.origins.lock().expect("not poisoned").of(eg, &e);
+                        origin.rules.extend(o.rules.iter().filter(|r| !origin.rules.contains(r)).collect::<Vec<_>>());
+                        origin.nodes.extend(o.nodes);
+                        eg.lookup(e).unwrap_or(eclass)
+                    }
+                };
+                ids.push(id);
+            }
+        }
+        origin.rules.push(self.name);
+        let mut ids: Vec<Id> = Vec::new();
+        for n in self.rhs.ast.as_ref() {
+            ids.push(match n {
+                egg::ENodeOrVar::Var(v) => subst[*v],
+                egg::ENodeOrVar::ENode(e) => {
+                    let e = e.clone().map_children(|i| ids[usize::from(i)]);
+                    self.origins.lock().expect("not poisoned").0.push((e.clone(), origin.clone()));
+                    eg.add(e)
+                }
+            });
+        }
+        let root = *ids.last().expect("a right side has a root");
+        if eg.union(eclass, root) {
+            vec![eclass]
+        } else {
+            vec![]
+        }
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        self.rhs.vars()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Options {
+    /// 0: no rewriting; 1: every rule.
+    pub level: u8,
+    pub model: CostModel,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { level: 1, model: lang::CPU }
+    }
+}
+
+/// What the optimizer did.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// (rule, times applied, nodes of the result it contributed to, their total cost change).
+    pub rules: Vec<(&'static str, usize, usize, f64)>,
+    pub cost_before: f64,
+    pub cost_after: f64,
+    pub iterations: usize,
+    pub egraph_nodes: usize,
+    pub stop_reason: String,
+    pub time: Duration,
+    pub model: CostModel,
+}
+
+/// Runner limits: generous for these graphs (AlexBN saturates in a few iterations and a few hundred
+/// e-nodes), tight enough that a pathological model cannot stall the compiler.
+const ITER_LIMIT: usize = 30;
+const NODE_LIMIT: usize = 200_000;
+const TIME_LIMIT: Duration = Duration::from_secs(2);
+
+/// Optimizes a graph; returns the graph (unchanged at level 0) and a report.
+pub fn optimize(g: &Graph, opts: &Options) -> (Graph, Report) {
+    let start = Instant::now();
+    let cost_before: f64 = g.nodes().map(|(id, _)| node_cost(g, id, &opts.model)).sum();
+    let mut report = Report {
+        rules: vec![],
+        cost_before,
+        cost_after: cost_before,
+        iterations: 0,
+        egraph_nodes: 0,
+        stop_reason: "not run (-O0)".into(),
+        time: Duration::ZERO,
+        model: opts.model,
+    };
+    if opts.level == 0 {
+        return (g.clone(), report);
+    }
+    let origins = std::sync::Arc::new(std::sync::Mutex::new(Origins::default()));
+    let (eg, root, classes) = to_egraph(g, &mut origins.lock().expect("not poisoned"));
+    let rules: Vec<Rewrite<Cnn, Shapes>> = RULES
+        .iter()
+        .map(|(name, lhs, rhs)| {
+            let lhs: Pattern<Cnn> = lhs.parse().expect("rule left sides parse");
+            let applier = Tracked { name, lhs: lhs.clone(), rhs: rhs.parse().expect("rule right sides parse"), origins: origins.clone() };
+            Rewrite::new(*name, lhs, applier).expect("rules are well-formed")
+        })
+        .collect();
+    let runner = Runner::default().with_egraph(eg).with_iter_limit(ITER_LIMIT).with_node_limit(NODE_LIMIT).with_time_limit(TIME_LIMIT).run(&rules);
+    let mut fired: HashMap<&str, usize> = HashMap::new();
+    for it in &runner.iterations {
+        for (rule, n) in &it.applied {
+            *fired.entry(RULES.iter().find(|r| r.0 == rule.as_str()).map_or("?", |r| r.0)).or_default() += n;
+        }
+    }
+    let eg = &runner.egraph;
+    let extractor = egg::Extractor::new(eg, Cost { egraph: eg, model: opts.model });
+    let out = from_egraph(g, eg, &extractor, eg.find(root), &classes, &origins.lock().expect("not poisoned"), &opts.model);
+    report.cost_after = out.nodes().map(|(id, _)| node_cost(&out, id, &opts.model)).sum();
+    report.rules = RULES
+        .iter()
+        .map(|(name, _, _)| {
+            let used: Vec<&Provenance> = out.nodes().filter_map(|(_, n)| n.provenance.as_ref()).filter(|p| p.rules.iter().any(|r| r == name)).collect();
+            (*name, fired.get(name).copied().unwrap_or(0), used.len(), used.iter().map(|p| p.cost_after - p.cost_before).sum())
+        })
+        .collect();
+    report.iterations = runner.iterations.len();
+    report.egraph_nodes = eg.total_number_of_nodes();
+    report.stop_reason = format!("{:?}", runner.stop_reason.as_ref().expect("the runner stopped")).to_lowercase();
+    report.time = start.elapsed();
+    (out, report)
+}
+
+fn node_cost(g: &Graph, id: NodeId, model: &CostModel) -> f64 {
+    match &g.node(id).kind {
+        Kind::Op(op) => model.kernel(op, &g.arg_shapes(id)),
+        Kind::Input(_) => 0.0,
+    }
+}
+
+/// Adds every node of the graph to a fresh e-graph; returns it, the output's e-class and each node's class.
+fn to_egraph(g: &Graph, origins: &mut Origins) -> (EGraph<Cnn, Shapes>, Id, Vec<Id>) {
+    let mut shapes = Shapes::default();
+    for (_, n) in g.nodes() {
+        if let Kind::Input(_) = n.kind {
+            shapes.inputs.insert(Symbol::from(&n.layer), n.shape.clone());
+        }
+    }
+    for p in g.params() {
+        shapes.params.insert(Symbol::from(&p.key), p.shape.clone());
+    }
+    let mut eg = EGraph::new(shapes);
+    let mut classes: Vec<Id> = Vec::new();
+    for (id, n) in g.nodes() {
+        let node = match &n.kind {
+            Kind::Input(_) => Cnn::Input(eg.add(Cnn::Key(Symbol::from(&n.layer)))),
+            Kind::Op(op) => {
+                let args: Vec<Id> = g.args(id).iter().map(|a| classes[a.0.index()]).collect();
+                let params: Vec<Id> = n.params.iter().map(|p| param_term(&mut eg, p)).collect();
+                op_node(&mut eg, op, &args, &params)
+            }
+        };
+        origins.0.push((node.clone(), Origin { rules: vec![], nodes: [id.0.index()].into() }));
+        classes.push(eg.add(node));
+    }
+    eg.rebuild();
+    let root = classes[g.output.0.index()];
+    (eg, root, classes)
+}
+
+fn param_term(eg: &mut EGraph<Cnn, Shapes>, p: &Param) -> Id {
+    match p {
+        Param::Key(k) => {
+            let key = eg.add(Cnn::Key(Symbol::from(k)));
+            eg.add(Cnn::Param(key))
+        }
+        // Terms come back in only when optimizing an optimized graph; keep them opaque but exact.
+        other => {
+            let key = eg.add(Cnn::Key(Symbol::from(other.to_string())));
+            eg.add(Cnn::Param(key))
+        }
+    }
+}
+
+fn op_node(eg: &mut EGraph<Cnn, Shapes>, op: &Op, args: &[Id], params: &[Id]) -> Cnn {
+    let a = eg.add(Cnn::Attr(Attr::new(op.clone())));
+    let bias = |eg: &mut EGraph<Cnn, Shapes>| params.get(1).copied().unwrap_or_else(|| eg.add(Cnn::NoBias));
+    let x = args.first().copied().unwrap_or(a);
+    match op {
+        Op::Conv2d(_) => Cnn::Conv([a, x, params[0], bias(eg)]),
+        Op::Linear(_) => Cnn::Linear([a, x, params[0], bias(eg)]),
+        Op::BatchNorm(_) => Cnn::Bn([a, x, params[0], params[1], params[2], params[3]]),
+        Op::Relu => Cnn::Relu(x),
+        Op::Add => Cnn::Add([args[0], args[1]]),
+        Op::MaxPool2d(_) => Cnn::MaxPool([a, x]),
+        Op::AvgPool2d(_) => Cnn::AvgPool([a, x]),
+        Op::Lrn(_) => Cnn::Lrn([a, x]),
+        Op::Dropout { .. } => Cnn::Dropout([a, x]),
+        Op::Softmax { .. } => Cnn::Softmax([a, x]),
+        Op::Reshape { .. } => Cnn::Reshape([a, x]),
+        Op::Slice { .. } => Cnn::Slice([a, x]),
+        Op::Concat { .. } => Cnn::Concat([&[a][..], args].concat().into()),
+        Op::Fused(f) => {
+            let base = eg.add(Cnn::Attr(Attr::new(f.base_op())));
+            match &f.pool {
+                Some(p) => {
+                    let p = eg.add(Cnn::Attr(Attr::new(Op::MaxPool2d(Pool2d::clone(p)))));
+                    Cnn::ConvReluMaxPool([base, p, x, params[0], bias(eg)])
+                }
+                None if matches!(f.base, cnnc_runtime::op::FusedBase::Conv(_)) => Cnn::ConvRelu([base, x, params[0], bias(eg)]),
+                None => Cnn::LinearRelu([base, x, params[0], bias(eg)]),
+            }
+        }
+    }
+}
+
+/// Builds the extracted graph: each chosen e-node once (sharing kept), children first.
+fn from_egraph(
+    g: &Graph,
+    eg: &EGraph<Cnn, Shapes>,
+    ex: &egg::Extractor<Cost, Cnn, Shapes>,
+    root: Id,
+    classes: &[Id],
+    origins: &Origins,
+    model: &CostModel,
+) -> Graph {
+    let mut out = Out { g: DiGraph::new(), done: HashMap::new() };
+    // Inputs first, in their original order, even if unused.
+    let mut inputs = Vec::new();
+    for &i in &g.inputs {
+        let idx = out.g.add_node(g.node(i).clone());
+        out.done.insert(eg.find(classes[i.0.index()]), idx);
+        inputs.push(NodeId(idx));
+    }
+    let output = emit(g, eg, ex, root, origins, model, &mut out);
+    Graph { name: g.name.clone(), g: out.g, inputs, output: NodeId(output), param_specs: g.param_specs.clone() }
+}
+
+struct Out {
+    g: DiGraph<Node, u32>,
+    done: HashMap<Id, NodeIndex>,
+}
+
+fn emit(g: &Graph, eg: &EGraph<Cnn, Shapes>, ex: &egg::Extractor<Cost, Cnn, Shapes>, class: Id, origins: &Origins, model: &CostModel, out: &mut Out) -> NodeIndex {
+    let class = eg.find(class);
+    if let Some(&n) = out.done.get(&class) {
+        return n;
+    }
+    let node = ex.find_best_node(class).clone().map_children(|c| eg.find(c));
+    let (op, ins, params) = op_of(eg, &node).expect("a tensor e-class extracts to a tensor op");
+    let args: Vec<NodeIndex> = ins.iter().map(|&i| emit(g, eg, ex, i, origins, model, out)).collect();
+    let origin = origins.of(eg, &node);
+    let first = origin.nodes.iter().next().map(|&i| g.node(NodeId(NodeIndex::new(i)))).expect("every e-node has an origin");
+    let mut layers: Vec<&str> = Vec::new();
+    for &i in &origin.nodes {
+        let l = g.node(NodeId(NodeIndex::new(i))).layer.as_str();
+        if !layers.contains(&l) {
+            layers.push(l);
+        }
+    }
+    let shapes: Vec<&[usize]> = args.iter().map(|a| out.g[*a].shape.as_slice()).collect();
+    let shape: Dims = op.output_shape(&shapes).expect("extracted graphs are well-shaped");
+    let provenance = (!origin.rules.is_empty()).then(|| Provenance {
+        rules: origin.rules.iter().map(|r| r.to_string()).collect(),
+        cost_before: origin.nodes.iter().map(|&i| node_cost(g, NodeId(NodeIndex::new(i)), model)).sum(),
+        cost_after: model.kernel(&op, &shapes),
+    });
+    let decl = origin.nodes.iter().find_map(|&i| g.node(NodeId(NodeIndex::new(i))).decl);
+    let params = params.iter().map(|&p| param_of(eg, ex, p)).collect();
+    let n = out.g.add_node(Node { kind: Kind::Op(op), shape, span: first.span, layer: layers.join("+"), params, decl, provenance });
+    for (slot, a) in args.into_iter().enumerate() {
+        out.g.add_edge(a, n, slot as u32);
+    }
+    out.done.insert(class, n);
+    n
+}
+
+/// The parameter term an e-class extracts to.
+fn param_of(eg: &EGraph<Cnn, Shapes>, ex: &egg::Extractor<Cost, Cnn, Shapes>, class: Id) -> Param {
+    let key = |id: Id| eg[id].nodes.iter().find_map(|n| if let Cnn::Key(s) = n { Some(s.to_string()) } else { None }).expect("key leaf");
+    // `bn1/gamma` names BatchNormalization `bn1`; its eps comes from the attribute leaf.
+    let bn = |a: Id, gamma: Id| {
+        let eps = match attr(eg, a) {
+            Op::BatchNorm(b) => b.eps,
+            other => unreachable!("fold over {other}"),
+        };
+        let gamma = param_of(eg, ex, gamma).to_string();
+        (gamma.strip_suffix("/gamma").unwrap_or(&gamma).to_string(), eps.to_bits())
+    };
+    match ex.find_best_node(class) {
+        Cnn::Param(k) => Param::Key(key(*k)),
+        Cnn::FoldW([a, w, g, _]) => {
+            let (bn, eps_bits) = bn(*a, *g);
+            Param::FoldW { w: Box::new(param_of(eg, ex, *w)), bn, eps_bits }
+        }
+        Cnn::FoldB([a, b, g, ..]) => {
+            let (bn, eps_bits) = bn(*a, *g);
+            let b = (!eg[*b].nodes.iter().any(|n| matches!(n, Cnn::NoBias))).then(|| Box::new(param_of(eg, ex, *b)));
+            Param::FoldB { b, bn, eps_bits }
+        }
+        Cnn::Cat([a, b]) => Param::Cat(vec![param_of(eg, ex, *a), param_of(eg, ex, *b)]),
+        other => unreachable!("not a parameter term: {other:?}"),
+    }
+}
+
+/// `cnnc compile --explain`: the rules fired and what they changed.
+pub fn explain(r: &Report) -> String {
+    use std::fmt::Write;
+    let mut s = format!("{:<24} {:>7} {:>10} {:>14}\n", "rule", "fired", "in result", "cost change");
+    for (rule, fired, used, change) in &r.rules {
+        writeln!(s, "{rule:<24} {fired:>7} {used:>10} {:>14}", if *used == 0 { "-".into() } else { format!("{change:+.0}") }).expect("write to String");
+    }
+    let pct = if r.cost_before > 0.0 { 100.0 * (r.cost_after - r.cost_before) / r.cost_before } else { 0.0 };
+    writeln!(s, "estimated cost ({} model, ns per sample): {:.0} -> {:.0} ({pct:+.1}%)", r.model.name, r.cost_before, r.cost_after).expect("write to String");
+    writeln!(s, "e-graph: {} iterations, {} e-nodes, stopped: {}; optimizer time {:.1} ms", r.iterations, r.egraph_nodes, r.stop_reason, r.time.as_secs_f64() * 1e3).expect("write to String");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attributes_print_and_parse_back() {
+        for text in [
+            "conv2d[96 <- 3, k=11x11, s=4x4, p=0x0]",
+            "conv2d[6 <- 4, k=3x3, s=1x1, p=1x1, groups=2, nobias]",
+            "linear[1000 <- 4096]",
+            "batch_norm[96, eps=2e-5]",
+            "max_pool2d[k=3x3, s=2x2, p=0x0, cover_all]",
+            "avg_pool2d[k=7x7, s=1x1, p=0x0]",
+            "lrn[n=5, k=2, alpha=1e-4, beta=0.75]",
+            "dropout[ratio=0.5]",
+            "softmax[axis=1]",
+            "reshape[N, 256, 6, 6]",
+            "concat[axis=1]",
+            "slice[axis=1, 64..160]",
+            "relu",
+            "add",
+            "conv2d+relu[96 <- 3, k=11x11, s=4x4, p=0x0]",
+            "conv2d+relu+max_pool2d[96 <- 3, k=11x11, s=4x4, p=0x0; k=3x3, s=2x2, p=0x0, cover_all]",
+            "linear+relu[4096 <- 9216]",
+        ] {
+            let a: Attr = text.parse().unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(a.to_string(), text);
+        }
+        assert!("conv2d[96 <- 3]".parse::<Attr>().is_err());
+    }
+
+    #[test]
+    fn every_rule_parses() {
+        for (name, lhs, rhs) in RULES {
+            lhs.parse::<Pattern<Cnn>>().unwrap_or_else(|e| panic!("{name}: {e}"));
+            rhs.parse::<Pattern<Cnn>>().unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+}

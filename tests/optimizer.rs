@@ -1,0 +1,170 @@
+//! The optimizer: what it makes of AlexBN, and every rule checked on the reference runtime. Each rule's
+//! left side is instantiated as a small model with property-generated shapes and attributes; the
+//! optimized model must fire the rule (where its condition holds) and compute the same outputs as the
+//! unoptimized one (≤ 1e-5 relative).
+
+use cnnc::diag::Source;
+use cnnc::ir::Kind;
+use cnnc::opt::{optimize, Options};
+use cnnc_tests::*;
+use proptest::prelude::*;
+
+fn compile(text: &str) -> (Source, cnnc::ir::Graph) {
+    let src = Source::new("case.model", text);
+    let (g, _) = cnnc::compile(&src).unwrap_or_else(|f| panic!("{}\n{text}", src.render_plain(&f.0)));
+    (src, g)
+}
+
+/// Optimizes a one-off model; checks which rules fired and that the outputs did not change.
+fn check(text: &str, input: &[usize], rule: &str, should_fire: bool) {
+    let (src, g) = compile(text);
+    let (opt, report) = optimize(&g, &Options::default());
+    let fired = report.rules.iter().any(|(r, n, _, _)| *r == rule && *n > 0);
+    assert_eq!(fired, should_fire, "{rule} fired: {fired}\n{text}\n{}", cnnc::ir::dump(&opt, &src));
+    assert_eq!(report.stop_reason, "saturated");
+    let x = prng_param("input", &[&[2][..], input].concat());
+    let want = run_graph(&src, &g, Params::Generated(prng_param), x.clone());
+    let got = run_graph(&src, &opt, Params::Generated(prng_param), x);
+    assert_eq!(got.shape(), want.shape());
+    let tol = 1e-5 * want.max_abs().max(1e-3);
+    assert!(got.max_abs_diff(&want) <= tol, "{rule}: diff {} > {tol}\n{text}", got.max_abs_diff(&want));
+}
+
+fn model(links: &str, body: &str, input: &[usize]) -> String {
+    let dims: Vec<String> = input.iter().map(ToString::to_string).collect();
+    format!("model Case {{\n{links}\n    forward(x: [{}]) {{\n        return {body}\n    }}\n}}\n", dims.join(", "))
+}
+
+/// A convolution declaration and an input it fits: (declaration, input dims, output channels).
+fn conv() -> impl Strategy<Value = (String, Vec<usize>, usize)> {
+    (1usize..4, 1usize..5, 1usize..4, 1usize..3, 0usize..2, 3usize..8, any::<bool>()).prop_map(|(c, o, k, s, p, hw, nobias)| {
+        let nobias = if nobias { ", nobias=True" } else { "" };
+        (format!("    c = L.Convolution2D({c}, {o}, {k}, stride={s}, pad={p}{nobias})"), vec![c, hw.max(k), hw.max(k) + 1], o)
+    })
+}
+
+/// A pooling call's arguments: (kernel, stride, pad, cover_all), with pad < kernel as Chainer requires.
+fn pool() -> impl Strategy<Value = (usize, usize, usize, bool)> {
+    (1usize..4, 1usize..4, 0usize..2, any::<bool>()).prop_map(|(k, s, p, c)| (k, s, p.min(k - 1), c))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn fold_bn_into_conv((c, input, o) in conv(), eps in prop::sample::select(vec!["2e-5", "1e-3"])) {
+        let links = format!("{c}\n    b = L.BatchNormalization({o}, eps={eps})");
+        check(&model(&links, "self.b(self.c(x))", &input), &input, "fold-bn-into-conv", true);
+    }
+
+    #[test]
+    fn fold_bn_into_linear(n in 1usize..20, o in 1usize..9, nobias in any::<bool>()) {
+        let links = format!("    l = L.Linear({n}, {o}, nobias={})\n    b = L.BatchNormalization({o})", if nobias { "True" } else { "False" });
+        check(&model(&links, "self.b(self.l(x))", &[n]), &[n], "fold-bn-into-linear", true);
+    }
+
+    #[test]
+    fn fuse_conv_relu((c, input, _) in conv()) {
+        check(&model(&c, "F.relu(self.c(x))", &input), &input, "fuse-conv-relu", true);
+    }
+
+    #[test]
+    fn fuse_conv_relu_maxpool((c, input, _) in conv(), (k, s, p, ca) in pool()) {
+        let body = format!("F.max_pooling_2d(F.relu(self.c(x)), {k}, stride={s}, pad={p}, cover_all={})", if ca { "True" } else { "False" });
+        let (_, g) = compile(&model(&c, "self.c(x)", &input));
+        // Only where the window fits the convolution's output.
+        let out = &g.node(g.output).shape;
+        prop_assume!(out[1] + 2 * p >= k && out[2] + 2 * p >= k);
+        check(&model(&c, &body, &input), &input, "fuse-conv-relu-maxpool", true);
+    }
+
+    #[test]
+    fn fuse_linear_relu(n in 1usize..20, o in 1usize..9) {
+        check(&model(&format!("    l = L.Linear({n}, {o})"), "F.relu(self.l(x))", &[n]), &[n], "fuse-linear-relu", true);
+    }
+
+    #[test]
+    fn relu_before_maxpool(ch in 1usize..3, hw in 3usize..9, (k, s, p, ca) in pool()) {
+        let body = format!("F.relu(F.max_pooling_2d(x, {k}, stride={s}, pad={p}, cover_all={}))", if ca { "True" } else { "False" });
+        // Every window must overlap the input; with cover_all that needs pad + stride <= kernel.
+        let holds = !ca || p + s <= k;
+        check(&model("", &body, &[ch, hw, hw]), &[ch, hw, hw], "relu-before-maxpool", holds);
+    }
+
+    #[test]
+    fn drop_dropout(ch in 1usize..4, hw in 1usize..6, ratio in 0.0f64..0.9) {
+        check(&model("", &format!("F.dropout(F.relu(x), ratio={ratio:.3})"), &[ch, hw, hw]), &[ch, hw, hw], "drop-dropout", true);
+    }
+
+    #[test]
+    fn relu_idempotent(n in 1usize..30) {
+        check(&model("", "F.relu(F.relu(x))", &[n]), &[n], "relu-idempotent", true);
+    }
+
+    #[test]
+    fn drop_identity_reshape(c in 1usize..4, h in 1usize..5, w in 1usize..5) {
+        let same = format!("F.relu(F.reshape(x, (-1, {c}, {h}, {w})))");
+        check(&model("", &same, &[c, h, w]), &[c, h, w], "drop-identity-reshape", true);
+        // A real reshape stays.
+        let flat = format!("F.relu(F.reshape(x, (-1, {})))", c * h * w);
+        check(&model("", &flat, &[c, h, w]), &[c, h, w], "drop-identity-reshape", false);
+    }
+}
+
+/// The bar: no BatchNormalization, Dropout, standalone ReLU or MaxPool; five fused convolution
+/// kernels (conv1 and conv2 with BN folded and ReLU and pooling fused; conv5 with ReLU and pooling) and
+/// three linear layers (fc6, fc7 with ReLU).
+#[test]
+fn alexbn_becomes_eight_kernels() {
+    let src = source(&root().join("models/alexbn.model"));
+    let (g, _) = cnnc::compile(&src).unwrap();
+    let (opt, report) = optimize(&g, &Options::default());
+    let ops: Vec<(String, &str)> = opt
+        .nodes()
+        .filter_map(|(_, n)| match &n.kind {
+            Kind::Op(op) => Some((n.layer.clone(), op.name())),
+            Kind::Input(_) => None,
+        })
+        .collect();
+    let want = [
+        ("conv1+bn1+F.relu+F.max_pooling_2d", "conv2d+relu+max_pool2d"),
+        ("conv2+bn2+F.relu+F.max_pooling_2d", "conv2d+relu+max_pool2d"),
+        ("conv3+F.relu", "conv2d+relu"),
+        ("conv4+F.relu", "conv2d+relu"),
+        ("conv5+F.relu+F.max_pooling_2d", "conv2d+relu+max_pool2d"),
+        ("fc6+F.relu", "linear+relu"),
+        ("fc7+F.relu", "linear+relu"),
+        ("fc8", "linear"),
+    ];
+    assert_eq!(ops, want.map(|(l, o)| (l.to_string(), o)));
+    let conv1 = opt.nodes().nth(1).unwrap().1;
+    let p = conv1.provenance.as_ref().expect("provenance");
+    assert_eq!(p.rules, ["fold-bn-into-conv", "fuse-conv-relu", "fuse-conv-relu-maxpool"]);
+    assert!(p.cost_after < p.cost_before);
+    assert_eq!(conv1.params.iter().map(ToString::to_string).collect::<Vec<_>>(), ["fold_w(conv1/W, bn1)", "fold_b(conv1/b, bn1)"]);
+    assert!(report.cost_after < report.cost_before);
+    assert_eq!(opt.macs(), g.macs());
+}
+
+/// Every model saturates under the runner's limits, and -O0 leaves the graph alone.
+#[test]
+fn every_model_saturates_and_o0_is_identity() {
+    for path in model_files() {
+        let src = source(&path);
+        let (g, _) = cnnc::compile(&src).unwrap();
+        let (_, report) = optimize(&g, &Options::default());
+        assert_eq!(report.stop_reason, "saturated", "{}", path.display());
+        assert!(report.cost_after <= report.cost_before, "{}", path.display());
+        let (same, r0) = optimize(&g, &Options { level: 0, ..Default::default() });
+        assert_eq!(cnnc::ir::dump(&same, &src), cnnc::ir::dump(&g, &src));
+        assert_eq!(r0.cost_after, r0.cost_before);
+    }
+}
+
+/// Shrunk from `relu_before_maxpool`: kernel 1, stride 2, cover_all on 3 pixels makes a last window that
+/// lies wholly in the −∞ padding, where relu(max) = 0 but max(relu) = −∞. The rule must not fire.
+#[test]
+fn relu_before_maxpool_not_over_empty_windows() {
+    let text = model("", "F.relu(F.max_pooling_2d(x, 1, stride=2, pad=0, cover_all=True))", &[1, 3, 3]);
+    check(&text, &[1, 3, 3], "relu-before-maxpool", false);
+}
