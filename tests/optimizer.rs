@@ -168,3 +168,71 @@ fn relu_before_maxpool_not_over_empty_windows() {
     let text = model("", "F.relu(F.max_pooling_2d(x, 1, stride=2, pad=0, cover_all=True))", &[1, 3, 3]);
     check(&text, &[1, 3, 3], "relu-before-maxpool", false);
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// relu(concat(...)) → concat(relu(...), ...), after which each branch's ReLU fuses into its conv.
+    #[test]
+    fn relu_into_concat(ch in 1usize..4, hw in 2usize..6, o1 in 1usize..4, o2 in 1usize..4) {
+        let links = format!("    a = L.Convolution2D({ch}, {o1}, 1)\n    b = L.Convolution2D({ch}, {o2}, 3, pad=1)");
+        check(&model(&links, "F.relu(F.concat((self.a(x), self.b(x), x), axis=1))", &[ch, hw, hw]), &[ch, hw, hw], "relu-into-concat", true);
+    }
+
+    /// The right side of merge-parallel-convs, as the optimizer builds it: one convolution over the
+    /// concatenated weights (`cat`), then a channel slice per original convolution. (Extraction charges a
+    /// shared node once per consumer, so it never picks the merged form yet; its meaning is checked here.)
+    #[test]
+    fn merged_convolution_slices_equal_the_originals(ch in 1usize..4, hw in 1usize..6, o1 in 1usize..5, o2 in 1usize..5, k in 1usize..3, nobias in any::<bool>()) {
+        use cnnc_runtime::op::{Axis, Conv2d};
+        use cnnc_runtime::{plan::PlanBuilder, Op};
+        let conv = |o| Conv2d { in_channels: ch, out_channels: o, kernel: [k, k], stride: [1, 1], pad: [k / 2, k / 2], groups: 1, bias: !nobias };
+        let tensors: std::collections::HashMap<String, cnnc_runtime::Tensor> = [("a/W", vec![o1, ch, k, k]), ("a/b", vec![o1]), ("b/W", vec![o2, ch, k, k]), ("b/b", vec![o2])]
+            .into_iter()
+            .map(|(key, shape)| (key.to_string(), prng_param(key, &shape)))
+            .collect();
+        let key = |k: &str| cnnc::ir::Param::Key(k.into());
+        let x = prng_param("input", &[2, ch, hw, hw]);
+        let run = |steps: &dyn Fn(&mut PlanBuilder, cnnc_runtime::plan::ValueId) -> cnnc_runtime::plan::ValueId| {
+            let mut b = PlanBuilder::default();
+            let input = b.input(vec![ch, hw, hw]);
+            let out = steps(&mut b, input);
+            b.finish(out).run(vec![x.clone()]).unwrap()
+        };
+        let bias_of = |names: &[&str]| if nobias { vec![] } else { vec![cnnc::ir::Param::Cat(names.iter().map(|n| key(n)).collect())] };
+        let merged = run(&|b, input| {
+            let w = b.param(cnnc::lower::eval(&cnnc::ir::Param::Cat(vec![key("a/W"), key("b/W")]), &tensors));
+            let mut ps = vec![w];
+            ps.extend(bias_of(&["a/b", "b/b"]).iter().map(|p| b.param(cnnc::lower::eval(p, &tensors))));
+            let m = b.step(Op::Conv2d(conv(o1 + o2)), vec![input], ps).unwrap();
+            let s1 = b.step(Op::Slice { axis: Axis(1), start: 0, len: o1 }, vec![m], vec![]).unwrap();
+            let s2 = b.step(Op::Slice { axis: Axis(1), start: o1, len: o2 }, vec![m], vec![]).unwrap();
+            b.step(Op::Concat { axis: Axis(1) }, vec![s1, s2], vec![]).unwrap()
+        });
+        let separate = run(&|b, input| {
+            let mut outs = vec![];
+            for (name, o) in [("a", o1), ("b", o2)] {
+                let mut ps = vec![b.param(tensors[&format!("{name}/W")].clone())];
+                if !nobias {
+                    ps.push(b.param(tensors[&format!("{name}/b")].clone()));
+                }
+                outs.push(b.step(Op::Conv2d(conv(o)), vec![input], ps).unwrap());
+            }
+            b.step(Op::Concat { axis: Axis(1) }, outs, vec![]).unwrap()
+        });
+        prop_assert_eq!(merged, separate);
+    }
+}
+
+/// merge-parallel-convs fires on every pair of same-window convolutions of one input, once per pair.
+#[test]
+fn merge_parallel_convs_fires_once_per_pair() {
+    let links = "    a = L.Convolution2D(3, 4, 1)\n    b = L.Convolution2D(3, 5, 1)\n    c = L.Convolution2D(3, 6, 1)\n    d = L.Convolution2D(3, 2, 3, pad=1)";
+    let text = model(links, "F.concat((self.a(x), self.b(x), self.c(x), self.d(x)), axis=1)", &[3, 5, 5]);
+    let (_, g) = compile(&text);
+    let (_, report) = optimize(&g, &Options::default());
+    let fired = report.rules.iter().find(|r| r.0 == "merge-parallel-convs").unwrap().1;
+    // egg counts the e-classes a rule rewrites: two per merge, for pairs (a,b), (a,c), (b,c); d has another window.
+    assert_eq!(fired, 6);
+    check(&text, &[3, 5, 5], "merge-parallel-convs", true);
+}

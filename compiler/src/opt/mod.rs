@@ -32,6 +32,93 @@ pub const RULES: &[(&str, &str, &str)] = &[
     ("drop-identity-reshape", "(reshape ?r ?x)", "?x"),
 ];
 
+/// Rules whose right side is computed (derived attributes, any number of inputs): (name, left side,
+/// builder). A multi-pattern (`?a = ..., ?b = ...`) matches several e-classes at once.
+pub const BUILT_RULES: &[(&str, &str, Builder)] = &[
+    ("relu-into-concat", "(relu ?c)", relu_into_concat),
+    ("merge-parallel-convs", "?c1 = (conv ?a1 ?x ?w1 ?b1), ?c2 = (conv ?a2 ?x ?w2 ?b2)", merge_parallel_convs),
+];
+
+/// Builds a rule's right side: adds e-nodes through `add` (which records them), lists the e-nodes the rule
+/// consumed beyond its pattern in `absorbed`, and returns the (matched class, new class) pairs to union.
+pub type Builder = fn(&mut Build, Id, &Subst) -> Vec<(Id, Id)>;
+
+pub struct Build<'a> {
+    pub eg: &'a mut EGraph<Cnn, Shapes>,
+    added: Vec<Cnn>,
+    absorbed: Vec<Cnn>,
+}
+
+impl Build<'_> {
+    fn add(&mut self, n: Cnn) -> Id {
+        self.added.push(n.clone());
+        self.eg.add(n)
+    }
+    fn var(s: &Subst, v: &str) -> Id {
+        s[v.parse::<Var>().expect("a pattern variable")]
+    }
+}
+
+/// relu(concat(x₁, …, xₙ)) → concat(relu(x₁), …, relu(xₙ)): lets each branch fuse its ReLU.
+fn relu_into_concat(b: &mut Build, eclass: Id, s: &Subst) -> Vec<(Id, Id)> {
+    let c = Build::var(s, "?c");
+    let Some(Cnn::Concat(ids)) = b.eg[c].nodes.iter().find(|n| matches!(n, Cnn::Concat(_))).cloned() else { return vec![] };
+    b.absorbed.push(Cnn::Concat(ids.clone()));
+    let relus: Vec<Id> = ids[1..].iter().map(|&x| b.add(Cnn::Relu(x))).collect();
+    let root = b.add(Cnn::Concat([&ids[..1], &relus[..]].concat().into()));
+    vec![(eclass, root)]
+}
+
+/// Two convolutions of one input with the same window, stride, padding and bias-ness become one
+/// convolution with concatenated weights, whose channel slices replace them (the TASO/TENSAT rule).
+fn merge_parallel_convs(b: &mut Build, _: Id, s: &Subst) -> Vec<(Id, Id)> {
+    let v = |n: &str| Build::var(s, n);
+    let (c1, c2) = (b.eg.find(v("?c1")), b.eg.find(v("?c2")));
+    let (Op::Conv2d(a1), Op::Conv2d(a2)) = (attr(b.eg, v("?a1")), attr(b.eg, v("?a2"))) else { return vec![] };
+    let nobias = |eg: &EGraph<Cnn, Shapes>, id: Id| eg[id].nodes.iter().any(|n| matches!(n, Cnn::NoBias));
+    let same = a1.kernel == a2.kernel && a1.stride == a2.stride && a1.pad == a2.pad && a1.groups == 1 && a2.groups == 1 && a1.bias == a2.bias;
+    // Each unordered pair of original convolutions once: merging merges again would grow the e-graph by
+    // every order of every subset (GoogLeNetBN's inception modules took 0.5 s that way).
+    let (w1, w2) = (v("?w1"), v("?w2"));
+    let merged_before = |id: Id| b.eg[id].nodes.iter().any(|n| matches!(n, Cnn::Cat(_)));
+    if c1 >= c2 || !same || nobias(b.eg, v("?b1")) != nobias(b.eg, v("?b2")) || merged_before(w1) || merged_before(w2) || !keys(b.eg, w1).is_disjoint(&keys(b.eg, w2)) {
+        return vec![];
+    }
+    let (x, b1, b2) = (v("?x"), v("?b1"), v("?b2"));
+    b.absorbed.extend([Cnn::Conv([v("?a1"), x, w1, b1]), Cnn::Conv([v("?a2"), x, w2, b2])]);
+    let merged = cnnc_runtime::op::Conv2d { out_channels: a1.out_channels + a2.out_channels, ..a1.clone() };
+    let a = b.add(Cnn::Attr(Attr::new(Op::Conv2d(merged))));
+    let w = b.add(Cnn::Cat([w1, w2]));
+    let bias = if nobias(b.eg, b1) { b1 } else { b.add(Cnn::Cat([b1, b2])) };
+    let m = b.add(Cnn::Conv([a, x, w, bias]));
+    let axis = cnnc_runtime::op::Axis(1);
+    let s1 = b.add(Cnn::Attr(Attr::new(Op::Slice { axis, start: 0, len: a1.out_channels })));
+    let s2 = b.add(Cnn::Attr(Attr::new(Op::Slice { axis, start: a1.out_channels, len: a2.out_channels })));
+    let (n1, n2) = (b.add(Cnn::Slice([s1, m])), b.add(Cnn::Slice([s2, m])));
+    vec![(c1, n1), (c2, n2)]
+}
+
+/// The Chainer keys a parameter term reads.
+fn keys(eg: &EGraph<Cnn, Shapes>, id: Id) -> BTreeSet<Symbol> {
+    let mut out = BTreeSet::new();
+    let mut todo = vec![id];
+    while let Some(id) = todo.pop() {
+        for n in &eg[id].nodes {
+            match n {
+                Cnn::Key(k) => {
+                    out.insert(*k);
+                }
+                Cnn::FoldW([_, w, ..]) => todo.push(*w),
+                Cnn::FoldB([_, b, g, ..]) => todo.extend([*b, *g]),
+                Cnn::Param(k) => todo.push(*k),
+                Cnn::Cat([a, b]) => todo.extend([*a, *b]),
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
 /// Extra conditions, by rule name: a rule fires only where its condition holds.
 fn condition(rule: &str, eg: &EGraph<Cnn, Shapes>, s: &Subst) -> bool {
     let var = |v: &str| s[v.parse::<Var>().expect("a pattern variable")];
@@ -62,26 +149,46 @@ struct Origin {
     nodes: BTreeSet<usize>,
 }
 
-/// Origins of e-nodes, keyed by the e-node as it was added (looked up canonically).
+/// Origins of e-nodes, keyed by canonical e-node. Unions make keys stale; a miss re-keys the map, at most
+/// once per e-graph version, so lookups stay O(1) amortized.
 #[derive(Default)]
-struct Origins(Vec<(Cnn, Origin)>);
+struct Origins {
+    map: HashMap<Cnn, Origin>,
+    version: (usize, usize),
+}
 
-impl Origins {
-    fn of(&self, eg: &EGraph<Cnn, Shapes>, node: &Cnn) -> Origin {
-        let canon = |n: &Cnn| n.clone().map_children(|c| eg.find(c));
-        let key = canon(node);
-        let mut out = Origin::default();
-        for (n, o) in &self.0 {
-            if canon(n) == key {
-                for r in &o.rules {
-                    if !out.rules.contains(r) {
-                        out.rules.push(r);
-                    }
-                }
-                out.nodes.extend(&o.nodes);
+impl Origin {
+    fn absorb(&mut self, o: &Origin) {
+        for r in &o.rules {
+            if !self.rules.contains(r) {
+                self.rules.push(r);
             }
         }
-        out
+        self.nodes.extend(&o.nodes);
+    }
+}
+
+impl Origins {
+    fn canon(eg: &EGraph<Cnn, Shapes>, n: &Cnn) -> Cnn {
+        n.clone().map_children(|c| eg.find(c))
+    }
+
+    fn insert(&mut self, eg: &EGraph<Cnn, Shapes>, node: &Cnn, origin: &Origin) {
+        self.map.entry(Self::canon(eg, node)).or_default().absorb(origin);
+    }
+
+    fn of(&mut self, eg: &EGraph<Cnn, Shapes>, node: &Cnn) -> Origin {
+        let key = Self::canon(eg, node);
+        if !self.map.contains_key(&key) {
+            let version = (eg.total_number_of_nodes(), eg.number_of_classes());
+            if version != self.version {
+                self.version = version;
+                for (k, o) in std::mem::take(&mut self.map) {
+                    self.insert(eg, &k, &o);
+                }
+            }
+        }
+        self.map.get(&key).cloned().unwrap_or_default()
     }
 }
 
@@ -89,10 +196,16 @@ impl Origins {
 /// absorbed (the e-nodes it matched, found again through the searcher's pattern).
 struct Tracked {
     name: &'static str,
-    /// The left side again: egg hands appliers the searcher's pattern only when explanations are on.
-    lhs: Pattern<Cnn>,
-    rhs: Pattern<Cnn>,
+    /// The left side again (egg hands appliers the searcher's pattern only when explanations are on);
+    /// `None` for a multi-pattern, whose builder reports what it consumed.
+    lhs: Option<Pattern<Cnn>>,
+    rhs: Rhs,
     origins: std::sync::Arc<std::sync::Mutex<Origins>>,
+}
+
+enum Rhs {
+    Pattern(Pattern<Cnn>),
+    Build(Builder),
 }
 
 impl egg::Applier<Cnn, Shapes> for Tracked {
@@ -101,44 +214,52 @@ impl egg::Applier<Cnn, Shapes> for Tracked {
             return vec![];
         }
         let mut origin = Origin::default();
-        {
+        if let Some(lhs) = &self.lhs {
             let mut ids: Vec<Id> = Vec::new();
-            for n in self.lhs.ast.as_ref() {
+            for n in lhs.ast.as_ref() {
                 let id = match n {
                     egg::ENodeOrVar::Var(v) => subst[*v],
                     egg::ENodeOrVar::ENode(e) => {
                         let e = e.clone().map_children(|i| ids[usize::from(i)]);
-                        let o = self.origins.lock().expect("not poisoned").of(eg, &e);
-                        origin.rules.extend(o.rules.iter().filter(|r| !origin.rules.contains(r)).collect::<Vec<_>>());
-                        origin.nodes.extend(o.nodes);
+                        origin.absorb(&self.origins.lock().expect("not poisoned").of(eg, &e));
                         eg.lookup(e).unwrap_or(eclass)
                     }
                 };
                 ids.push(id);
             }
         }
-        origin.rules.push(self.name);
-        let mut ids: Vec<Id> = Vec::new();
-        for n in self.rhs.ast.as_ref() {
-            ids.push(match n {
-                egg::ENodeOrVar::Var(v) => subst[*v],
-                egg::ENodeOrVar::ENode(e) => {
-                    let e = e.clone().map_children(|i| ids[usize::from(i)]);
-                    self.origins.lock().expect("not poisoned").0.push((e.clone(), origin.clone()));
-                    eg.add(e)
+        let mut build = Build { eg, added: vec![], absorbed: vec![] };
+        let unions = match &self.rhs {
+            Rhs::Pattern(rhs) => {
+                let mut ids: Vec<Id> = Vec::new();
+                for n in rhs.ast.as_ref() {
+                    ids.push(match n {
+                        egg::ENodeOrVar::Var(v) => subst[*v],
+                        egg::ENodeOrVar::ENode(e) => build.add(e.clone().map_children(|i| ids[usize::from(i)])),
+                    });
                 }
-            });
+                vec![(eclass, *ids.last().expect("a right side has a root"))]
+            }
+            Rhs::Build(f) => f(&mut build, eclass, subst),
+        };
+        let Build { eg, added, absorbed } = build;
+        let mut origins = self.origins.lock().expect("not poisoned");
+        for n in &absorbed {
+            let o = origins.of(eg, n);
+            origin.absorb(&o);
         }
-        let root = *ids.last().expect("a right side has a root");
-        if eg.union(eclass, root) {
-            vec![eclass]
-        } else {
-            vec![]
+        origin.rules.push(self.name);
+        for n in &added {
+            origins.insert(eg, n, &origin);
         }
+        unions.into_iter().filter_map(|(a, b)| eg.union(a, b).then_some(a)).collect()
     }
 
     fn vars(&self) -> Vec<Var> {
-        self.rhs.vars()
+        match &self.rhs {
+            Rhs::Pattern(p) => p.vars(),
+            Rhs::Build(_) => vec![],
+        }
     }
 }
 
@@ -194,30 +315,39 @@ pub fn optimize(g: &Graph, opts: &Options) -> (Graph, Report) {
     }
     let origins = std::sync::Arc::new(std::sync::Mutex::new(Origins::default()));
     let (eg, root, classes) = to_egraph(g, &mut origins.lock().expect("not poisoned"));
-    let rules: Vec<Rewrite<Cnn, Shapes>> = RULES
+    let mut rules: Vec<Rewrite<Cnn, Shapes>> = RULES
         .iter()
         .map(|(name, lhs, rhs)| {
             let lhs: Pattern<Cnn> = lhs.parse().expect("rule left sides parse");
-            let applier = Tracked { name, lhs: lhs.clone(), rhs: rhs.parse().expect("rule right sides parse"), origins: origins.clone() };
+            let applier = Tracked { name, lhs: Some(lhs.clone()), rhs: Rhs::Pattern(rhs.parse().expect("rule right sides parse")), origins: origins.clone() };
             Rewrite::new(*name, lhs, applier).expect("rules are well-formed")
         })
         .collect();
+    for (name, lhs, build) in BUILT_RULES {
+        let applier = |lhs| Tracked { name, lhs, rhs: Rhs::Build(*build), origins: origins.clone() };
+        rules.push(if lhs.contains(" = ") {
+            let multi: egg::MultiPattern<Cnn> = lhs.parse().expect("rule left sides parse");
+            Rewrite::new(*name, multi, applier(None)).expect("rules are well-formed")
+        } else {
+            let lhs: Pattern<Cnn> = lhs.parse().expect("rule left sides parse");
+            Rewrite::new(*name, lhs.clone(), applier(Some(lhs))).expect("rules are well-formed")
+        });
+    }
     let runner = Runner::default().with_egraph(eg).with_iter_limit(ITER_LIMIT).with_node_limit(NODE_LIMIT).with_time_limit(TIME_LIMIT).run(&rules);
     let mut fired: HashMap<&str, usize> = HashMap::new();
     for it in &runner.iterations {
         for (rule, n) in &it.applied {
-            *fired.entry(RULES.iter().find(|r| r.0 == rule.as_str()).map_or("?", |r| r.0)).or_default() += n;
+            *fired.entry(rule_names().find(|r| *r == rule.as_str()).unwrap_or("?")).or_default() += n;
         }
     }
     let eg = &runner.egraph;
     let extractor = egg::Extractor::new(eg, Cost { egraph: eg, model: opts.model });
-    let out = from_egraph(g, eg, &extractor, eg.find(root), &classes, &origins.lock().expect("not poisoned"), &opts.model);
+    let out = from_egraph(g, eg, &extractor, eg.find(root), &classes, &mut origins.lock().expect("not poisoned"), &opts.model);
     report.cost_after = out.nodes().map(|(id, _)| node_cost(&out, id, &opts.model)).sum();
-    report.rules = RULES
-        .iter()
-        .map(|(name, _, _)| {
+    report.rules = rule_names()
+        .map(|name| {
             let used: Vec<&Provenance> = out.nodes().filter_map(|(_, n)| n.provenance.as_ref()).filter(|p| p.rules.iter().any(|r| r == name)).collect();
-            (*name, fired.get(name).copied().unwrap_or(0), used.len(), used.iter().map(|p| p.cost_after - p.cost_before).sum())
+            (name, fired.get(name).copied().unwrap_or(0), used.len(), used.iter().map(|p| p.cost_after - p.cost_before).sum())
         })
         .collect();
     report.iterations = runner.iterations.len();
@@ -225,6 +355,11 @@ pub fn optimize(g: &Graph, opts: &Options) -> (Graph, Report) {
     report.stop_reason = format!("{:?}", runner.stop_reason.as_ref().expect("the runner stopped")).to_lowercase();
     report.time = start.elapsed();
     (out, report)
+}
+
+/// Every rule's name, pattern rules first.
+pub fn rule_names() -> impl Iterator<Item = &'static str> {
+    RULES.iter().map(|r| r.0).chain(BUILT_RULES.iter().map(|r| r.0))
 }
 
 fn node_cost(g: &Graph, id: NodeId, model: &CostModel) -> f64 {
@@ -256,8 +391,9 @@ fn to_egraph(g: &Graph, origins: &mut Origins) -> (EGraph<Cnn, Shapes>, Id, Vec<
                 op_node(&mut eg, op, &args, &params)
             }
         };
-        origins.0.push((node.clone(), Origin { rules: vec![], nodes: [id.0.index()].into() }));
-        classes.push(eg.add(node));
+        let class = eg.add(node.clone());
+        origins.insert(&eg, &node, &Origin { rules: vec![], nodes: [id.0.index()].into() });
+        classes.push(class);
     }
     eg.rebuild();
     let root = classes[g.output.0.index()];
@@ -317,7 +453,7 @@ fn from_egraph(
     ex: &egg::Extractor<Cost, Cnn, Shapes>,
     root: Id,
     classes: &[Id],
-    origins: &Origins,
+    origins: &mut Origins,
     model: &CostModel,
 ) -> Graph {
     let mut out = Out { g: DiGraph::new(), done: HashMap::new() };
@@ -337,14 +473,14 @@ struct Out {
     done: HashMap<Id, NodeIndex>,
 }
 
-fn emit(g: &Graph, eg: &EGraph<Cnn, Shapes>, ex: &egg::Extractor<Cost, Cnn, Shapes>, class: Id, origins: &Origins, model: &CostModel, out: &mut Out) -> NodeIndex {
+fn emit(g: &Graph, eg: &EGraph<Cnn, Shapes>, ex: &egg::Extractor<Cost, Cnn, Shapes>, class: Id, origins: &mut Origins, model: &CostModel, out: &mut Out) -> NodeIndex {
     let class = eg.find(class);
     if let Some(&n) = out.done.get(&class) {
         return n;
     }
     let node = ex.find_best_node(class).clone().map_children(|c| eg.find(c));
     let (op, ins, params) = op_of(eg, &node).expect("a tensor e-class extracts to a tensor op");
-    let args: Vec<NodeIndex> = ins.iter().map(|&i| emit(g, eg, ex, i, origins, model, out)).collect();
+    let args: Vec<NodeIndex> = ins.iter().map(|&i| emit(g, eg, ex, i, origins, model, &mut *out)).collect();
     let origin = origins.of(eg, &node);
     let first = origin.nodes.iter().next().map(|&i| g.node(NodeId(NodeIndex::new(i)))).expect("every e-node has an origin");
     let mut layers: Vec<&str> = Vec::new();
@@ -449,5 +585,6 @@ mod tests {
             lhs.parse::<Pattern<Cnn>>().unwrap_or_else(|e| panic!("{name}: {e}"));
             rhs.parse::<Pattern<Cnn>>().unwrap_or_else(|e| panic!("{name}: {e}"));
         }
+        assert_eq!(rule_names().count(), RULES.len() + BUILT_RULES.len());
     }
 }
