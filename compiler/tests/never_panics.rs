@@ -1,5 +1,6 @@
 //! The front end never panics: random edits of a valid model (deletions, insertions of model-language
-//! fragments and of multi-byte characters) must compile or fail with diagnostics that render.
+//! fragments and of multi-byte characters) must compile or fail with diagnostics that render, and a model
+//! that compiles must also optimize (keeping its MACs).
 
 use cnnc::diag::Source;
 use proptest::prelude::*;
@@ -13,6 +14,10 @@ fn check(text: &str) {
             let _ = src.render_plain(&warnings);
             let _ = cnnc::ir::dump(&g, &src);
             let _ = cnnc::ir::table(&g);
+            let (opt, report) = cnnc::opt::optimize(&g, &Default::default());
+            let _ = cnnc::ir::dump(&opt, &src);
+            let _ = cnnc::opt::explain(&report);
+            assert_eq!(opt.macs(), g.macs());
         }
         Err(f) => {
             assert!(f.0.iter().any(|d| d.is_error()), "no error for:\n{text}");
