@@ -35,6 +35,13 @@ fn reduced_alexbn_matches_chainer() {
     assert_close(&got, &load_npy(&dir.join("out.npy")), 1e-5, "alexbn_small");
 }
 
+/// The two fixture scripts (`gen_fixtures.py` and `gen_models.py`) drew the same AlexBN weights and got
+/// the same Chainer logits: their PRNG and parameter assignment agree.
+#[test]
+fn fixture_generators_agree() {
+    assert_eq!(load_npy(&fixtures().join("alexbn_full/logits.npy")), load_npy(&fixtures().join("models/alexbn/logits.npy")));
+}
+
 #[test]
 fn prng_matches_numpy_bit_for_bit() {
     let probe: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("alexbn_full/prng_probe.json")).unwrap()).unwrap();

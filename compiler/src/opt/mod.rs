@@ -456,7 +456,7 @@ fn from_egraph(
     origins: &mut Origins,
     model: &CostModel,
 ) -> Graph {
-    let mut out = Out { g: DiGraph::new(), done: HashMap::new() };
+    let mut out = Out { g: DiGraph::new(), done: HashMap::new(), classes };
     // Inputs first, in their original order, even if unused.
     let mut inputs = Vec::new();
     for &i in &g.inputs {
@@ -468,9 +468,11 @@ fn from_egraph(
     Graph { name: g.name.clone(), g: out.g, inputs, output: NodeId(output), param_specs: g.param_specs.clone() }
 }
 
-struct Out {
+struct Out<'a> {
     g: DiGraph<Node, u32>,
     done: HashMap<Id, NodeIndex>,
+    /// The e-class of each original node.
+    classes: &'a [Id],
 }
 
 fn emit(g: &Graph, eg: &EGraph<Cnn, Shapes>, ex: &egg::Extractor<Cost, Cnn, Shapes>, class: Id, origins: &mut Origins, model: &CostModel, out: &mut Out) -> NodeIndex {
@@ -481,8 +483,12 @@ fn emit(g: &Graph, eg: &EGraph<Cnn, Shapes>, ex: &egg::Extractor<Cost, Cnn, Shap
     let node = ex.find_best_node(class).clone().map_children(|c| eg.find(c));
     let (op, ins, params) = op_of(eg, &node).expect("a tensor e-class extracts to a tensor op");
     let args: Vec<NodeIndex> = ins.iter().map(|&i| emit(g, eg, ex, i, origins, model, &mut *out)).collect();
-    let origin = origins.of(eg, &node);
-    let first = origin.nodes.iter().next().map(|&i| g.node(NodeId(NodeIndex::new(i)))).expect("every e-node has an origin");
+    let mut origin = origins.of(eg, &node);
+    if origin.nodes.is_empty() {
+        // Every e-node is recorded when added; should one not be, name it after an original node of its class.
+        origin.nodes.extend(out.classes.iter().position(|&c| eg.find(c) == class));
+    }
+    let first = origin.nodes.iter().next().map_or(g.node(g.output), |&i| g.node(NodeId(NodeIndex::new(i))));
     let mut layers: Vec<&str> = Vec::new();
     for &i in &origin.nodes {
         let l = g.node(NodeId(NodeIndex::new(i))).layer.as_str();
