@@ -193,8 +193,10 @@ fn run(model: Option<&Path>, inputs: &[PathBuf], weights: Option<&Path>, output:
     let mut w = match weights {
         Some(p) => Weights::open(p).map_err(|e| anyhow!(e))?,
         None => {
-            eprintln!("warning: no --weights given: parameters are initialised randomly (Chainer's LeCunNormal, fixed seed)");
-            eprintln!("warning: THE PREDICTIONS BELOW ARE MEANINGLESS; pass --weights FILE.npz for real ones");
+            if !g.params().is_empty() {
+                eprintln!("warning: no --weights given: parameters are initialised randomly (Chainer's LeCunNormal, fixed seed)");
+                eprintln!("warning: THE PREDICTIONS BELOW ARE MEANINGLESS; pass --weights FILE.npz for real ones");
+            }
             Weights::init()
         }
     };

@@ -385,3 +385,17 @@ fn run_at_o0_and_o1_agree() {
     let diff = outs[0].iter().zip(&outs[1]).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     assert!(diff <= 1e-5 * scale, "diff {diff} scale {scale}");
 }
+
+#[test]
+fn a_model_without_parameters_runs_without_the_random_weights_warning() {
+    let d = tmp();
+    let m = write(d.path(), "soft.model", b"model Soft {\n    forward(x: [3]) {\n        return F.softmax(x)\n    }\n}\n");
+    let x = npy(d.path(), "x.npy", &[1, 3], &[1.0, 2.0, 3.0]);
+    let o = cnnc(&["run", &m, "--input", &x, "--json", "--top", "1"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(!o.stderr.contains("MEANINGLESS"), "{}", o.stderr);
+    let doc: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    // The model ends in softmax, so its outputs are the probabilities.
+    let p = doc["results"][0]["top"][0]["probability"].as_f64().unwrap();
+    assert!((p - 0.665241).abs() < 1e-5, "{p}");
+}
