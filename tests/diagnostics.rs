@@ -72,6 +72,37 @@ const CASES: &[(&str, &str, usize, &[&str])] = &[
     ),
     ("unnamed_link_in_chain", "chain C(k) {\n    L.Linear(k, 2)\n    forward(x) {\n        return self.l(x)\n    }\n}\nmodel M {\n    c = C(5)\n    forward(x: [5]) {\n        return self.c(x)\n    }\n}\n", 2, &["a link without a name", "only a `chainlist` numbers its children"]),
     ("loop_over_a_number", "model M {\n    for i in 3 {\n        c = i\n    }\n    forward(x: [3]) {\n        return x\n    }\n}\n", 1, &["cannot loop over an integer"]),
+    (
+        "forward_calls_itself",
+        "model M {\n    forward(x: [3]) {\n        s = self\n        return s(x)\n    }\n}\n",
+        1,
+        &["calls nest more than 64 deep", "does a forward call itself?"],
+    ),
+    (
+        "nested_loops_run_out_of_fuel",
+        "model M {\n    for i in range(100000) {\n        for j in range(100000) {\n            k = i + j\n        }\n    }\n    forward(x: [3]) {\n        return x\n    }\n}\n",
+        1,
+        &["evaluating the model takes more than 2000000 steps"],
+    ),
+    (
+        "exponential_chains_run_out_of_fuel",
+        "chain T(n) {\n    if n > 0 {\n        a = T(n - 1)\n        b = T(n - 1)\n    }\n    forward(x) {\n        return x\n    }\n}\nmodel M {\n    t = T(40)\n    forward(x: [3]) {\n        return self.t(x)\n    }\n}\n",
+        1,
+        &["evaluating the model takes more than 2000000 steps"],
+    ),
+    (
+        "tuple_doubling",
+        "model M {\n    t = (1, 2)\n    for i in range(64) {\n        t = t + t\n    }\n    forward(x: [3]) {\n        return x\n    }\n}\n",
+        1,
+        &["a tuple holds at most 100000 values"],
+    ),
+    ("empty_input_shape", "model M {\n    forward(x: []) {\n        return x\n    }\n}\n", 1, &["an input shape is a list of positive integers"]),
+    (
+        "named_child_in_chainlist",
+        "chainlist S() {\n    a = L.Linear(3, 3)\n}\nmodel M {\n    s = S()\n    forward(x: [3]) {\n        return self.s(x)\n    }\n}\n",
+        1,
+        &["a chainlist's links are numbered, not named"],
+    ),
     ("unclosed_model", "model M {\n    forward(x: [3]) {\n        return F.relu(x)\n    }\n", 1, &["expected `}`, found end of file"]),
 ];
 
@@ -98,6 +129,48 @@ fn deep_nesting_is_an_error_not_a_stack_overflow() {
     let text = format!("model M {{\n    forward(x: [3]) {{\n        return {}x{}\n    }}\n}}\n", "F.relu(".repeat(50_000), ")".repeat(50_000));
     let failed = cnnc::compile(&Source::new("deep.model", text)).err().expect("must fail");
     assert!(failed.0.iter().any(|d| d.message.contains("nested more than 64 levels")), "{:?}", failed.0);
+}
+
+/// A model may be thousands of layers deep (here 3,000 through a loop): building, optimizing and
+/// extracting it must not recurse per layer.
+#[test]
+fn thousands_of_layers_compile_and_optimize() {
+    let text = "model M {\n    forward(x: [3, 4, 4]) {\n        h = x\n        for i in range(3000) {\n            h = F.softmax(h)\n        }\n        return h\n    }\n}\n";
+    let src = Source::new("deep.model", text);
+    let (g, _) = cnnc::compile(&src).unwrap_or_else(|f| panic!("{}", src.render_plain(&f.0)));
+    assert_eq!(g.g.node_count(), 3001);
+    let (opt, _) = cnnc::opt::optimize(&g, &Default::default());
+    assert_eq!(opt.g.node_count(), 3001);
+}
+
+/// Integer arithmetic follows Python, without overflow: floor division and modulo by negatives, and
+/// ranges whose length does not fit in 64 bits are reported, not wrapped.
+#[test]
+fn constant_arithmetic_is_pythons() {
+    let ok = |e: &str, out: usize| {
+        let text = format!("model M {{\n    n = {e}\n    l = L.Linear(3, n)\n    forward(x: [3]) {{\n        return self.l(x)\n    }}\n}}\n");
+        let (g, _) = cnnc::compile(&Source::new("a.model", text)).unwrap_or_else(|f| panic!("{e}: {:?}", f.0));
+        assert_eq!(g.node(g.output).shape, vec![out], "{e}");
+    };
+    ok("7 // 2", 3);
+    ok("-7 // -2", 3);
+    ok("7 % -3 + 3", 1);
+    ok("(-9223372036854775807 - 1) % -1 + 1", 1);
+    ok("len(range(-9223372036854775807, 9223372036854775807, 4611686018427387904))", 4);
+    let text = "model M {\n    n = len(range(-9223372036854775807, 9223372036854775807))\n    forward(x: [3]) {\n        return x\n    }\n}\n";
+    let f = cnnc::compile(&Source::new("a.model", text)).err().expect("too long");
+    assert!(f.0.iter().any(|d| d.message.contains("a range holds at most")), "{:?}", f.0);
+}
+
+/// Chainer accepts negative axes and `dilate=(1, 1)`; a model's own chain may shadow a built-in one.
+#[test]
+fn chainer_forms_negative_axes_and_shadowing() {
+    let text = "chain Inception(n) {\n    l = L.Linear(None, n)\n    forward(x) {\n        return self.l(x)\n    }\n}\nmodel M {\n    c = L.Convolution2D(3, 4, 1, dilate=(1, 1))\n    i = Inception(5)\n    forward(x: [3, 2, 2]) {\n        h = F.softmax(self.c(x), axis=-1)\n        return self.i(F.concat((h, h), axis=-3))\n    }\n}\n";
+    let src = Source::new("f.model", text);
+    let (g, _) = cnnc::compile(&src).unwrap_or_else(|f| panic!("{}", src.render_plain(&f.0)));
+    assert_eq!(g.node(g.output).shape, vec![5]);
+    let dump = cnnc::ir::dump(&g, &src);
+    assert!(dump.contains("softmax[axis=3]") && dump.contains("concat[axis=1]"), "{dump}");
 }
 
 #[test]

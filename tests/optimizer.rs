@@ -84,10 +84,10 @@ proptest! {
     }
 
     #[test]
-    fn relu_before_maxpool(ch in 1usize..3, hw in 3usize..9, (k, s, p, ca) in pool()) {
+    fn relu_before_maxpool(ch in 1usize..3, hw in 3usize..9, (k, s, _, ca) in pool(), p in 0usize..4) {
         let body = format!("F.relu(F.max_pooling_2d(x, {k}, stride={s}, pad={p}, cover_all={}))", if ca { "True" } else { "False" });
-        // Every window must overlap the input; with cover_all that needs pad + stride <= kernel.
-        let holds = !ca || p + s <= k;
+        // Every window must overlap the input: pad < kernel, and with cover_all pad + stride <= kernel.
+        let holds = p < k && (!ca || p + s <= k);
         check(&model("", &body, &[ch, hw, hw]), &[ch, hw, hw], "relu-before-maxpool", holds);
     }
 
@@ -159,6 +159,13 @@ fn every_model_saturates_and_o0_is_identity() {
         assert_eq!(cnnc::ir::dump(&same, &src), cnnc::ir::dump(&g, &src));
         assert_eq!(r0.cost_after, r0.cost_before);
     }
+}
+
+/// Found in review: without cover_all, pad >= kernel makes the first window all padding.
+#[test]
+fn relu_before_maxpool_not_when_pad_reaches_the_kernel() {
+    let text = model("", "F.relu(F.max_pooling_2d(x, 1, stride=1, pad=1, cover_all=False))", &[1, 2, 2]);
+    check(&text, &[1, 2, 2], "relu-before-maxpool", false);
 }
 
 /// Shrunk from `relu_before_maxpool`: kernel 1, stride 2, cover_all on 3 pixels makes a last window that

@@ -28,7 +28,7 @@ impl Default for Preprocess {
 
 #[derive(Debug, thiserror::Error)]
 pub enum InputError {
-    #[error("cannot read input `{path}`: {source}")]
+    #[error("cannot read input `{path}`")]
     Io { path: String, source: std::io::Error },
     #[error("input `{path}` is not a readable image or .npy file: {reason}")]
     Decode { path: String, reason: String },
@@ -42,7 +42,12 @@ pub enum InputError {
     TooSmall { path: String, resize: u32, w: u32, h: u32, cw: usize, ch: usize },
     #[error("input `{path}` holds non-finite values (NaN or infinity)")]
     NonFinite { path: String },
+    #[error("input `{path}`: a {w}x{h} image would be resized to {nw}x{nh} (shorter side {resize}); crop it closer to the model's aspect ratio first")]
+    TooElongated { path: String, w: u32, h: u32, nw: u64, nh: u64, resize: u32 },
 }
+
+/// Largest resized image (64 Mpixel, 192 MiB of RGB): far beyond any sensible crop of a CNN input.
+const MAX_RESIZED_PIXELS: u64 = 1 << 26;
 
 /// Loads one input file as a batch for a model whose input has per-sample shape `dims`.
 pub fn load(path: &Path, dims: &[usize], pre: &Preprocess) -> Result<Tensor, InputError> {
@@ -80,6 +85,10 @@ fn image(p: &str, bytes: &[u8], dims: &[usize], pre: &Preprocess) -> Result<Tens
     let r = pre.resize as u64;
     // Shorter side → `resize`, keeping the aspect ratio (rounded to the nearest pixel).
     let (nw, nh) = if w <= h { (r, (h as u64 * r + w as u64 / 2) / w as u64) } else { ((w as u64 * r + h as u64 / 2) / h as u64, r) };
+    // Resizing a 1×60000 strip to a shorter side of 256 would allocate gigabytes before the crop.
+    if nw * nh > MAX_RESIZED_PIXELS {
+        return Err(InputError::TooElongated { path: p.into(), w, h, nw, nh, resize: pre.resize });
+    }
     let (nw, nh) = (nw.max(1) as u32, nh.max(1) as u32);
     if (nw as usize) < cw || (nh as usize) < ch {
         return Err(InputError::TooSmall { path: p.into(), resize: pre.resize, w: nw, h: nh, cw, ch });

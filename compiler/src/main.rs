@@ -222,7 +222,12 @@ fn run(model: Option<&Path>, inputs: &[PathBuf], weights: Option<&Path>, output:
 /// Prints the top classes per sample (softmax probabilities unless the model already ends in softmax).
 fn report(g: &Graph, y: &Tensor, labels: &[String], top: usize, json: bool, weights: Option<&Path>) -> Result<()> {
     let classes = y.shape()[1..].iter().product::<usize>();
-    let ends_in_softmax = matches!(&g.node(g.output).kind, Kind::Op(Op::Softmax { .. }));
+    // Outputs are already probabilities if the model ends in softmax (looking through dropout, an identity).
+    let mut last = g.output;
+    while let (Kind::Op(Op::Dropout { .. }), [arg]) = (&g.node(last).kind, g.args(last).as_slice()) {
+        last = *arg;
+    }
+    let ends_in_softmax = matches!(&g.node(last).kind, Kind::Op(Op::Softmax { .. }));
     if y.shape().len() != 2 {
         println!("output shape {:?} (not a vector of class scores; use --output to save it)", y.shape());
         return Ok(());

@@ -14,7 +14,7 @@ use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WeightError {
-    #[error("cannot read weights file `{path}`: {source}")]
+    #[error("cannot read weights file `{path}`")]
     Io { path: String, source: std::io::Error },
     #[error("`{path}` is not a valid {format} file: {reason}")]
     Corrupt { path: String, format: &'static str, reason: String },
@@ -118,6 +118,10 @@ pub enum NpyError {
 /// Reads a C-order float32 or float64 `.npy` array as f32 (the one npy reader for weights and inputs).
 pub fn read_npy<R: std::io::Read>(npy: npyz::NpyFile<R>) -> Result<Array, NpyError> {
     let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
+    // The header's shape is untrusted: its element count must not overflow (npyz would read 0 values).
+    if shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).is_none_or(|n| n > 1 << 34) {
+        return Err(NpyError::Bad(format!("shape {shape:?} is too large")));
+    }
     if npy.order() == npyz::Order::Fortran && shape.len() > 1 {
         return Err(NpyError::Bad("Fortran-order arrays are not supported (use np.ascontiguousarray)".into()));
     }

@@ -399,3 +399,50 @@ fn a_model_without_parameters_runs_without_the_random_weights_warning() {
     let p = doc["results"][0]["top"][0]["probability"].as_f64().unwrap();
     assert!((p - 0.665241).abs() < 1e-5, "{p}");
 }
+
+/// Found in review: a `.npy` header whose shape overflows when multiplied out.
+#[test]
+fn npy_with_an_overflowing_shape() {
+    let d = tmp();
+    let header = "{'descr': '<f4', 'fortran_order': False, 'shape': (4611686018427387904, 4), }";
+    let pad = 64 - (10 + header.len() + 1) % 64;
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend(((header.len() + pad + 1) as u16).to_le_bytes());
+    bytes.extend(header.as_bytes());
+    bytes.extend(std::iter::repeat(b' ').take(pad));
+    bytes.push(b'\n');
+    bytes.extend([0u8; 16]);
+    let x = write(d.path(), "huge.npy", &bytes);
+    run_fails_without_output(&["--input", &x], &["huge.npy", "too large"]);
+}
+
+/// Found in review: a tiny but extremely elongated image would be resized to gigabytes before the crop.
+#[test]
+fn extremely_elongated_image() {
+    let d = tmp();
+    let p = d.path().join("strip.png");
+    image::GrayImage::from_pixel(1, 60_000, image::Luma([128])).save(&p).unwrap();
+    run_fails_without_output(&["--input", p.to_str().unwrap()], &["strip.png", "crop it closer"]);
+}
+
+/// Found in review: a model ending in dropout(softmax(...)) already outputs probabilities, at -O0 as at -O1.
+#[test]
+fn softmax_behind_dropout_is_not_applied_twice() {
+    let d = tmp();
+    let m = write(d.path(), "p.model", b"model P {\n    forward(x: [3]) {\n        return F.dropout(F.softmax(x))\n    }\n}\n");
+    let x = npy(d.path(), "x.npy", &[1, 3], &[1.0, 2.0, 3.0]);
+    for level in ["-O0", "-O1"] {
+        let o = cnnc(&["run", &m, "--input", &x, "--json", "--top", "1", level]);
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        let doc: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+        let p = doc["results"][0]["top"][0]["probability"].as_f64().unwrap();
+        assert!((p - 0.665241).abs() < 1e-5, "{level}: {p}");
+    }
+}
+
+/// An unreadable file's message names it once, with the operating system's reason once.
+#[test]
+fn read_errors_say_it_once() {
+    let o = fails(&["run", "--input", "models", "--weights", "models"], 1, &["cannot read input `models`"]);
+    assert_eq!(o.stderr.matches("Is a directory").count(), 1, "{}", o.stderr);
+}

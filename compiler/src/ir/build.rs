@@ -174,9 +174,14 @@ const MAX_DIM: i64 = 1 << 31;
 const MAX_ELEMENTS: usize = 1 << 32;
 /// Deepest nesting of chain instantiations and calls (a chain that contains itself hits this).
 const MAX_NESTING: usize = 64;
-/// Most iterations of one `for` loop, and most nodes in a graph: bounds compile time on runaway loops.
+/// Most iterations of one `for` loop, and most nodes in a graph.
 const MAX_ITERATIONS: usize = 100_000;
 const MAX_NODES: usize = 1_000_000;
+/// Evaluation steps (loop iterations, chain instantiations and calls) for a whole model: bounds compile
+/// time however loops nest and chains multiply. The largest model here (ResNet50) takes about 300.
+const FUEL: usize = 2_000_000;
+/// Longest tuple a model may build.
+const MAX_TUPLE: usize = 100_000;
 
 /// Builds the graph of the model in `files[0]`, with the chains of every file in scope. On success
 /// returns warnings alongside.
@@ -193,6 +198,8 @@ pub fn build(files: &[&File]) -> Result<(Graph, Vec<Diagnostic>), Vec<Diagnostic
                     ),
                     _ => {}
                 }
+            } else if fi > 0 && b.items.contains_key(item.name.name.as_str()) {
+                // A model's own chain shadows the prelude's of the same name.
             } else if let Some(prev) = b.items.insert(&item.name.name, item) {
                 b.push(
                     Diagnostic::error(format!("`{}` is defined twice", item.name.name))
@@ -232,6 +239,10 @@ struct Builder<'a> {
     links: Vec<Link<'a>>,
     /// Chain instantiations and calls in progress: (call span, path), outermost first.
     stack: Vec<(Span, String)>,
+    /// Forward calls in progress, the model's own included (it has no entry in `stack`).
+    depth: usize,
+    /// Evaluation steps used so far (see [`FUEL`]).
+    steps: usize,
 }
 
 impl<'a> Builder<'a> {
@@ -260,6 +271,15 @@ impl<'a> Builder<'a> {
 
     fn arg_error(&mut self, span: Span, message: impl Into<String>, label: impl Into<String>) -> Value {
         self.error(BuildError::Argument { message: message.into(), span, label: label.into() })
+    }
+
+    /// Spends one evaluation step; false (with one error) once the model's budget is spent.
+    fn fuel(&mut self, span: Span) -> bool {
+        self.steps += 1;
+        if self.steps == FUEL {
+            self.structure(span, format!("evaluating the model takes more than {FUEL} steps"), "while evaluating this", Some("loops nest too deeply or chains multiply too fast".into()));
+        }
+        self.steps < FUEL
     }
 
     fn structure(&mut self, span: Span, message: impl Into<String>, label: impl Into<String>, note: Option<String>) -> Value {
@@ -319,7 +339,7 @@ impl<'a> Builder<'a> {
         let mut scope = Scope { vars: HashMap::new(), this: 0, declaring: true };
         let v = self.expr(e, &mut scope);
         let dims: Option<Dims> = match &v {
-            Value::Tuple(items) => items.iter().map(|d| if let Value::Int(i @ 1..=MAX_DIM) = d { Some(*i as usize) } else { None }).collect(),
+            Value::Tuple(items) if !items.is_empty() => items.iter().map(|d| if let Value::Int(i @ 1..=MAX_DIM) = d { Some(*i as usize) } else { None }).collect(),
             _ => None,
         };
         match &dims {
@@ -341,6 +361,11 @@ impl<'a> Builder<'a> {
         for d in decls {
             match d {
                 Decl::Assign { name, value } => {
+                    let in_list = matches!(&self.links[scope.this].body, Body::Chain { item, .. } if item.kind == ItemKind::ChainList);
+                    if in_list && self.constructor(value, scope).is_some() {
+                        self.structure(name.span, "a chainlist's links are numbered, not named", "remove `name =`", Some("as in Chainer's ChainList, children are 0, 1, 2, ...".into()));
+                        continue;
+                    }
                     if let Some(ctor) = self.constructor(value, scope) {
                         let (path, decl) = (self.child_path(scope.this, &name.name), name.span.to(value.span));
                         let id = self.construct(ctor, value, path.clone(), decl, scope).unwrap_or_else(|| self.poisoned(path, decl));
@@ -378,6 +403,9 @@ impl<'a> Builder<'a> {
                 },
                 Decl::For { var, iter, body } => {
                     for v in self.iteration(iter, scope) {
+                        if !self.fuel(iter.span) {
+                            break;
+                        }
                         scope.vars.insert(var.name.clone(), (v, var.span, true));
                         self.decls(body, scope);
                     }
@@ -464,6 +492,9 @@ impl<'a> Builder<'a> {
             self.structure(decl, format!("chains nest more than {MAX_NESTING} deep"), "here", Some(format!("does `{}` contain itself?", item.name.name)));
             return None;
         }
+        if !self.fuel(decl) {
+            return None;
+        }
         let sig: Vec<(String, Option<Value>)> = item
             .params
             .iter()
@@ -500,7 +531,7 @@ impl<'a> Builder<'a> {
                     Value::None => (Value::None, v[0].clone(), v[1].clone(), span_of(1)),
                     _ => (v[0].clone(), v[1].clone(), v[2].clone(), span_of(2)),
                 };
-                if !matches!(v[8], Value::Int(1)) {
+                if self.pair(&v[8], span_of(8), "dilate", 1)? != [1, 1] {
                     self.arg_error(span_of(8), "dilated convolutions are not supported", "dilate must be 1");
                 }
                 let conv = Conv2d {
@@ -629,6 +660,19 @@ impl<'a> Builder<'a> {
             Value::Int(_) | Value::Poison => self.usize(v, span, what, min).map(|x| [x, x]),
             _ => {
                 self.arg_error(span, format!("`{what}` must be an integer or a pair of integers, found {}", v.describe()), "here");
+                None
+            }
+        }
+    }
+
+    /// An axis of a tensor of `rank` dimensions (batch included); negative axes count from the end.
+    fn axis(&mut self, v: &Value, span: Span, rank: usize) -> Option<usize> {
+        match v {
+            Value::Int(i) if *i < 0 && i.unsigned_abs() as usize <= rank => Some(rank - i.unsigned_abs() as usize),
+            Value::Int(i) if *i >= 0 => Some(*i as usize),
+            Value::Poison => None,
+            _ => {
+                self.arg_error(span, format!("`axis` must be an integer in -{rank}..{rank}, found {}", v.describe()), "here");
                 None
             }
         }
@@ -813,18 +857,24 @@ impl<'a> Builder<'a> {
             (BinOp::Add, Tensor(x), Tensor(y)) => self.node(Op::Add, vec![*x, *y], span, layer, Option::None, vec![]),
             (BinOp::Eq, _, _) => Bool(a == b || matches!((num(&a), num(&b)), (Some(x), Some(y)) if x == y)),
             (BinOp::Ne, _, _) => Bool(!(a == b || matches!((num(&a), num(&b)), (Some(x), Some(y)) if x == y))),
-            (BinOp::Add, Tuple(x), Tuple(y)) => Tuple([x.clone(), y.clone()].concat()),
+            (BinOp::Add, Tuple(x), Tuple(y)) if x.len() + y.len() <= MAX_TUPLE => Tuple([x.clone(), y.clone()].concat()),
+            (BinOp::Add, Tuple(_), Tuple(_)) => self.arg_error(span, format!("a tuple holds at most {MAX_TUPLE} values"), "too long"),
             (_, Int(x), Int(y)) if !matches!(op, BinOp::Div | BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge) => {
-                let floor_div = |x: i64, y: i64| x.checked_div(y).map(|q| if (x % y != 0) && ((x < 0) != (y < 0)) { q - 1 } else { q });
+                // Python semantics (floor division, result sign of the divisor), computed without overflow.
+                let (x, y) = (*x as i128, *y as i128);
                 let r = match op {
-                    BinOp::Add => x.checked_add(*y),
-                    BinOp::Sub => x.checked_sub(*y),
-                    BinOp::Mul => x.checked_mul(*y),
-                    BinOp::FloorDiv => floor_div(*x, *y),
-                    BinOp::Rem => floor_div(*x, *y).and_then(|q| q.checked_mul(*y)).and_then(|m| x.checked_sub(m)),
+                    BinOp::Add => Some(x + y),
+                    BinOp::Sub => Some(x - y),
+                    BinOp::Mul => Some(x * y),
+                    BinOp::FloorDiv => (y != 0).then(|| x.div_euclid(y) - i128::from(y < 0 && x.rem_euclid(y) != 0)),
+                    BinOp::Rem => (y != 0).then(|| x - y * (x.div_euclid(y) - i128::from(y < 0 && x.rem_euclid(y) != 0))),
                     _ => unreachable!("excluded by the guard"),
                 };
-                r.map(Int).unwrap_or_else(|| self.arg_error(span, "integer overflow or division by zero", "here"))
+                match r.map(i64::try_from) {
+                    Some(Ok(v)) => Int(v),
+                    Some(Err(_)) => self.arg_error(span, "integer overflow", "here"),
+                    Option::None => self.arg_error(span, "division by zero", "here"),
+                }
             }
             _ => match (num(&a), num(&b)) {
                 (Some(x), Some(y)) => match op {
@@ -909,11 +959,13 @@ impl<'a> Builder<'a> {
                 let (start, stop) = if v[1] == Value::None { (Value::Int(0), v[0].clone()) } else { (v[0].clone(), v[1].clone()) };
                 return match (start, stop, &v[2]) {
                     (Value::Int(a), Value::Int(b), Value::Int(s)) if *s != 0 => {
-                        let n = if *s > 0 { (b - a).max(0).div_euclid(*s) + i64::from((b - a).max(0) % s != 0) } else { (a - b).max(0).div_euclid(-s) + i64::from((a - b).max(0) % -s != 0) };
-                        if n as usize > MAX_ITERATIONS {
+                        let (a, b, s) = (a as i128, b as i128, *s as i128);
+                        let span_len = if s > 0 { (b - a).max(0) } else { (a - b).max(0) };
+                        let n = (span_len + s.abs() - 1) / s.abs();
+                        if n > MAX_ITERATIONS as i128 {
                             return self.arg_error(span, format!("a range holds at most {MAX_ITERATIONS} values"), "too long");
                         }
-                        Value::Tuple((0..n).map(|i| Value::Int(a + i * s)).collect())
+                        Value::Tuple((0..n).map(|i| Value::Int((a + i * s) as i64)).collect())
                     }
                     _ => self.arg_error(span, "`range` takes integers and a non-zero step", "here"),
                 };
@@ -942,7 +994,10 @@ impl<'a> Builder<'a> {
                 }
                 None => None,
             },
-            "softmax" => self.usize(&v[1], sp(1), "axis", 0).map(|a| Op::Softmax { axis: Axis(a) }),
+            "softmax" => {
+                let x = self.tensor(&v[0], sp(0));
+                x.and_then(|x| self.axis(&v[1], sp(1), self.g[x].shape.len() + 1)).map(|a| Op::Softmax { axis: Axis(a) })
+            }
             "flatten" => {
                 let x = self.tensor(&v[0], sp(0));
                 x.map(|x| Op::Reshape { dims: vec![self.g[x].shape.iter().product()] })
@@ -956,10 +1011,11 @@ impl<'a> Builder<'a> {
                     };
                 };
                 let ins: Option<Vec<NodeIndex>> = items.clone().iter().map(|t| self.tensor(t, sp(0))).collect();
-                let (Some(ins), Some(axis)) = (ins, self.usize(&v[1], sp(1), "axis", 0)) else { return Value::Poison };
+                let Some(ins) = ins else { return Value::Poison };
                 if ins.is_empty() {
                     return self.arg_error(sp(0), "`concat` needs at least one tensor", "empty");
                 }
+                let Some(axis) = self.axis(&v[1], sp(1), self.g[ins[0]].shape.len() + 1) else { return Value::Poison };
                 return self.node(Op::Concat { axis: Axis(axis) }, ins, span, &layer, None, vec![]);
             }
             _ => unreachable!("FUNCTIONS and this match list the same names"),
@@ -1017,8 +1073,11 @@ impl<'a> Builder<'a> {
         let Body::Chain { item, consts, .. } = &self.links[id].body else { unreachable!("only chains have a forward") };
         let (item, path) = (*item, self.links[id].path.clone());
         let mut vars: HashMap<String, (Value, Span, bool)> = consts.iter().map(|(k, v)| (k.clone(), (v.clone(), item.name.span, true))).collect();
-        if self.stack.len() >= MAX_NESTING {
-            self.structure(span, format!("calls nest more than {MAX_NESTING} deep"), "here", None);
+        if self.depth >= MAX_NESTING {
+            self.structure(span, format!("calls nest more than {MAX_NESTING} deep"), "here", Some("does a forward call itself?".into()));
+            return None;
+        }
+        if !self.fuel(span) {
             return None;
         }
         let Some(fwd) = &item.forward else {
@@ -1031,6 +1090,7 @@ impl<'a> Builder<'a> {
                 None
             })?;
             self.stack.push((span, path));
+            self.depth += 1;
             for (_, child) in self.children(id).to_vec() {
                 self.links[child].used = true;
                 x = match &self.links[child].body {
@@ -1041,6 +1101,7 @@ impl<'a> Builder<'a> {
                     Body::Chain { .. } => self.run_forward(child, vec![x], span).unwrap_or(Value::Poison),
                 };
             }
+            self.depth -= 1;
             self.stack.pop();
             return Some(x);
         };
@@ -1058,8 +1119,10 @@ impl<'a> Builder<'a> {
         if !is_model {
             self.stack.push((span, path));
         }
+        self.depth += 1;
         let mut scope = Scope { vars, this: id, declaring: false };
         let out = self.stmts(&fwd.body, &mut scope);
+        self.depth -= 1;
         let mut unused: Vec<(&String, &Span)> = scope.vars.iter().filter(|(n, (_, _, used))| !used && !n.starts_with('_')).map(|(n, (_, s, _))| (n, s)).collect();
         unused.sort_by_key(|(_, s)| s.start);
         for (name, span) in unused {
@@ -1101,6 +1164,9 @@ impl<'a> Builder<'a> {
                 }
                 Stmt::For { var, iter, body } => {
                     for v in self.iteration(iter, scope) {
+                        if !self.fuel(iter.span) {
+                            break;
+                        }
                         scope.vars.insert(var.name.clone(), (v, var.span, true));
                         if let Some(r) = self.stmts(body, scope) {
                             return Some(r);

@@ -154,9 +154,16 @@ pub fn op_of(eg: &EGraph<Cnn, Shapes>, node: &Cnn) -> Option<(Op, Vec<Id>, Vec<I
     let attr = |id: &Id| {
         eg[*id].nodes.iter().find_map(|n| if let Cnn::Attr(a) = n { Some(a.op.clone()) } else { None }).expect("attribute leaf")
     };
-    let bias = |b: &Id| if eg[*b].nodes.iter().any(|n| matches!(n, Cnn::NoBias)) { vec![] } else { vec![*b] };
-    let fused = |a: &Id, pool: Option<&Id>| {
-        let base = match attr(a) {
+    let has_bias = |b: &Id| !eg[*b].nodes.iter().any(|n| matches!(n, Cnn::NoBias));
+    let bias = |b: &Id| if has_bias(b) { vec![*b] } else { vec![] };
+    // The bias-ness of a layer is its bias child's: folding BatchNormalization gives a nobias layer a bias.
+    let layer = |a: &Id, b: &Id| match attr(a) {
+        Op::Conv2d(c) => Op::Conv2d(Conv2d { bias: has_bias(b), ..c }),
+        Op::Linear(l) => Op::Linear(Linear { bias: has_bias(b), ..l }),
+        other => other,
+    };
+    let fused = |a: &Id, b: &Id, pool: Option<&Id>| {
+        let base = match layer(a, b) {
             Op::Conv2d(c) => FusedBase::Conv(c),
             Op::Linear(l) => FusedBase::Linear(l),
             other => unreachable!("fused base is {other}"),
@@ -168,9 +175,9 @@ pub fn op_of(eg: &EGraph<Cnn, Shapes>, node: &Cnn) -> Option<(Op, Vec<Id>, Vec<I
         Op::Fused(Fused { base, relu: true, pool })
     };
     Some(match node {
-        Cnn::Conv([a, x, w, b]) | Cnn::Linear([a, x, w, b]) => (attr(a), vec![*x], [vec![*w], bias(b)].concat()),
-        Cnn::ConvRelu([a, x, w, b]) | Cnn::LinearRelu([a, x, w, b]) => (fused(a, None), vec![*x], [vec![*w], bias(b)].concat()),
-        Cnn::ConvReluMaxPool([a, p, x, w, b]) => (fused(a, Some(p)), vec![*x], [vec![*w], bias(b)].concat()),
+        Cnn::Conv([a, x, w, b]) | Cnn::Linear([a, x, w, b]) => (layer(a, b), vec![*x], [vec![*w], bias(b)].concat()),
+        Cnn::ConvRelu([a, x, w, b]) | Cnn::LinearRelu([a, x, w, b]) => (fused(a, b, None), vec![*x], [vec![*w], bias(b)].concat()),
+        Cnn::ConvReluMaxPool([a, p, x, w, b]) => (fused(a, b, Some(p)), vec![*x], [vec![*w], bias(b)].concat()),
         Cnn::Bn([a, x, g, be, m, v]) => (attr(a), vec![*x], vec![*g, *be, *m, *v]),
         Cnn::Relu(x) => (Op::Relu, vec![*x], vec![]),
         Cnn::Add([x, y]) => (Op::Add, vec![*x, *y], vec![]),

@@ -123,10 +123,11 @@ fn keys(eg: &EGraph<Cnn, Shapes>, id: Id) -> BTreeSet<Symbol> {
 fn condition(rule: &str, eg: &EGraph<Cnn, Shapes>, s: &Subst) -> bool {
     let var = |v: &str| s[v.parse::<Var>().expect("a pattern variable")];
     match rule {
-        // relu(max(window)) = max(relu(window)) when every window holds at least one input element; with
-        // cover_all and pad + stride > kernel, a window can lie wholly in the −∞ padding (−∞ vs 0).
+        // relu(max(window)) = max(relu(window)) when every window holds at least one input element, else
+        // it is −∞ (all padding) on one side and 0 on the other. The first window needs pad < kernel; the
+        // last, under cover_all, needs pad + stride <= kernel (its start is at most H + pad − kernel + stride − 1).
         "relu-before-maxpool" => match attr(eg, var("?p")) {
-            Op::MaxPool2d(p) => !p.cover_all || (0..2).all(|i| p.pad[i] + p.stride[i] <= p.kernel[i]),
+            Op::MaxPool2d(p) => (0..2).all(|i| p.pad[i] < p.kernel[i] && (!p.cover_all || p.pad[i] + p.stride[i] <= p.kernel[i])),
             _ => false,
         },
         // Only a reshape to the shape it already has is an identity.
@@ -464,7 +465,26 @@ fn from_egraph(
         out.done.insert(eg.find(classes[i.0.index()]), idx);
         inputs.push(NodeId(idx));
     }
-    let output = emit(g, eg, ex, root, origins, model, &mut out);
+    // Post-order over the chosen e-nodes without recursion (a model may be thousands of layers deep).
+    let mut order = Vec::new();
+    let mut stack = vec![(eg.find(root), false)];
+    let mut seen: std::collections::HashSet<Id> = out.done.keys().copied().collect();
+    while let Some((class, expanded)) = stack.pop() {
+        if expanded {
+            order.push(class);
+            continue;
+        }
+        if !seen.insert(class) {
+            continue;
+        }
+        stack.push((class, true));
+        let (_, ins, _) = op_of(eg, ex.find_best_node(class)).expect("a tensor e-class extracts to a tensor op");
+        stack.extend(ins.iter().rev().map(|&i| (eg.find(i), false)));
+    }
+    for class in order {
+        emit(g, eg, ex, class, origins, model, &mut out);
+    }
+    let output = out.done[&eg.find(root)];
     Graph { name: g.name.clone(), g: out.g, inputs, output: NodeId(output), param_specs: g.param_specs.clone() }
 }
 
@@ -475,6 +495,7 @@ struct Out<'a> {
     classes: &'a [Id],
 }
 
+/// Emits the chosen e-node of `class`; its inputs were emitted before it.
 fn emit(g: &Graph, eg: &EGraph<Cnn, Shapes>, ex: &egg::Extractor<Cost, Cnn, Shapes>, class: Id, origins: &mut Origins, model: &CostModel, out: &mut Out) -> NodeIndex {
     let class = eg.find(class);
     if let Some(&n) = out.done.get(&class) {
@@ -482,7 +503,7 @@ fn emit(g: &Graph, eg: &EGraph<Cnn, Shapes>, ex: &egg::Extractor<Cost, Cnn, Shap
     }
     let node = ex.find_best_node(class).clone().map_children(|c| eg.find(c));
     let (op, ins, params) = op_of(eg, &node).expect("a tensor e-class extracts to a tensor op");
-    let args: Vec<NodeIndex> = ins.iter().map(|&i| emit(g, eg, ex, i, origins, model, &mut *out)).collect();
+    let args: Vec<NodeIndex> = ins.iter().map(|&i| out.done[&eg.find(i)]).collect();
     let mut origin = origins.of(eg, &node);
     if origin.nodes.is_empty() {
         // Every e-node is recorded when added; should one not be, name it after an original node of its class.

@@ -81,6 +81,22 @@ pub enum Stmt {
 pub struct Expr {
     pub kind: ExprKind,
     pub span: Span,
+    /// Height of the expression tree (a leaf is 1); the parser bounds it, so passes may recurse.
+    pub depth: usize,
+}
+
+impl Expr {
+    pub fn new(kind: ExprKind, span: Span) -> Expr {
+        let below = match &kind {
+            ExprKind::Tuple(items) => items.iter().map(|e| e.depth).max().unwrap_or(0),
+            ExprKind::Call { callee, args } => args.iter().map(|a| a.value.depth).chain([callee.depth]).max().unwrap_or(0),
+            ExprKind::Index { base, index } => base.depth.max(index.depth),
+            ExprKind::Binary { lhs, rhs, .. } => lhs.depth.max(rhs.depth),
+            ExprKind::Neg(x) | ExprKind::Not(x) => x.depth,
+            _ => 0,
+        };
+        Expr { kind, span, depth: below + 1 }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

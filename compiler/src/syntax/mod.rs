@@ -17,8 +17,11 @@ pub use parser::parse;
 
 use crate::diag::{Diagnostic, Span};
 
-/// Deepest expression nesting the parser accepts (the parser recurses once per level).
+/// Deepest expression and block nesting the parser accepts (the parser recurses once per level).
 pub const MAX_DEPTH: usize = 64;
+/// Deepest expression tree (operators, calls, indexing and brackets together) that the parser builds:
+/// the recursive passes after parsing, and `Drop`, go at most this deep.
+pub const MAX_TREE: usize = 512;
 
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum SyntaxError {
@@ -34,6 +37,8 @@ pub enum SyntaxError {
     Unmatched { close: char, span: Span },
     #[error("expression nested more than {MAX_DEPTH} levels deep")]
     TooDeep { span: Span },
+    #[error("expression more than {MAX_TREE} operations deep")]
+    TooLong { span: Span },
 }
 
 impl SyntaxError {
@@ -44,7 +49,8 @@ impl SyntaxError {
             | SyntaxError::BadNumber { span, .. }
             | SyntaxError::Expected { span, .. }
             | SyntaxError::Unmatched { span, .. }
-            | SyntaxError::TooDeep { span } => *span,
+            | SyntaxError::TooDeep { span }
+            | SyntaxError::TooLong { span } => *span,
         }
     }
 
@@ -56,7 +62,7 @@ impl SyntaxError {
             SyntaxError::BadNumber { span, .. } => d.label(*span, "here"),
             SyntaxError::Expected { span, expected, .. } => d.label(*span, format!("expected {expected}")),
             SyntaxError::Unmatched { span, .. } => d.label(*span, "no matching opening bracket"),
-            SyntaxError::TooDeep { span } => d.label(*span, "this expression").note("split it into several statements"),
+            SyntaxError::TooDeep { span } | SyntaxError::TooLong { span } => d.label(*span, "this expression").note("split it into several statements"),
         }
     }
 }

@@ -319,13 +319,11 @@ impl Parser {
             return self.unary();
         }
         let mut lhs = self.binary(level + 1)?;
-        let mut folds = 0;
         while let Some(&(_, op)) = LEVELS[level].iter().find(|(p, _)| self.at(p) || self.at_word(p)) {
-            folds += 1;
-            self.check_depth(folds)?;
             self.bump();
             let rhs = self.binary(level + 1)?;
-            lhs = Expr { span: lhs.span.to(rhs.span), kind: ExprKind::Binary { op, lhs: Box::new(lhs), rhs: Box::new(rhs) } };
+            let span = lhs.span.to(rhs.span);
+            lhs = self.tree(ExprKind::Binary { op, lhs: Box::new(lhs), rhs: Box::new(rhs) }, span)?;
         }
         Ok(lhs)
     }
@@ -336,30 +334,40 @@ impl Parser {
             let start = self.bump().span;
             let inner = self.nested(|p| p.unary())?;
             let kind = if not { ExprKind::Not(Box::new(inner.clone())) } else { ExprKind::Neg(Box::new(inner.clone())) };
-            return Ok(Expr { span: start.to(inner.span), kind });
+            return self.tree(kind, start.to(inner.span));
         }
         let mut e = self.primary()?;
         // Postfix: calls `f(...)` and indexing `a[i]`, left to right.
-        for folds in 1.. {
-            self.check_depth(folds)?;
+        loop {
             if self.eat("(") {
                 let args = self.args()?;
                 let end = self.expect(")")?;
-                e = Expr { span: e.span.to(end), kind: ExprKind::Call { callee: Box::new(e), args } };
+                let span = e.span.to(end);
+                e = self.tree(ExprKind::Call { callee: Box::new(e), args }, span)?;
             } else if self.eat("[") {
                 let index = self.expr()?;
                 let end = self.expect("]")?;
-                e = Expr { span: e.span.to(end), kind: ExprKind::Index { base: Box::new(e), index: Box::new(index) } };
+                let span = e.span.to(end);
+                e = self.tree(ExprKind::Index { base: Box::new(e), index: Box::new(index) }, span)?;
             } else {
                 return Ok(e);
             }
         }
-        unreachable!("the loop returns")
     }
 
-    /// A left-folded chain (`a + b + c`, `f(x)(y)`) nests its tree as deeply as brackets do.
-    fn check_depth(&self, folds: usize) -> PResult<()> {
-        if self.depth + folds > MAX_DEPTH {
+    /// Builds an expression node, refusing trees deeper than [`MAX_TREE`]: chains of operators and calls
+    /// nest the tree without nesting the parser, and a deep tree would overflow the recursive passes
+    /// (and `Drop`) after parsing. Checked at every node, so no deep tree is ever built.
+    fn tree(&self, kind: ExprKind, span: Span) -> PResult<Expr> {
+        let e = Expr::new(kind, span);
+        if e.depth > MAX_TREE {
+            return Err(SyntaxError::TooLong { span });
+        }
+        Ok(e)
+    }
+
+    fn check_depth(&self, extra: usize) -> PResult<()> {
+        if self.depth + extra > MAX_DEPTH {
             return Err(SyntaxError::TooDeep { span: self.peek().span });
         }
         Ok(())
@@ -386,7 +394,7 @@ impl Parser {
 
     fn primary(&mut self) -> PResult<Expr> {
         let t = self.peek().clone();
-        let simple = |kind| Ok(Expr { kind, span: t.span });
+        let simple = |kind| Ok(Expr::new(kind, t.span));
         match &t.tok {
             Tok::Int(i) => {
                 self.bump();
@@ -414,7 +422,7 @@ impl Parser {
                     path.push(self.ident("a name after `.`")?);
                 }
                 let span = path[0].span.to(path.last().expect("non-empty").span);
-                Ok(Expr { span, kind: ExprKind::Path(path) })
+                Ok(Expr::new(ExprKind::Path(path), span))
             }
             Tok::Punct(open @ ("(" | "[")) => {
                 let close = if *open == "(" { ")" } else { "]" };
@@ -434,7 +442,7 @@ impl Parser {
                     e.span = span;
                     return Ok(e);
                 }
-                Ok(Expr { kind: ExprKind::Tuple(items), span })
+                self.tree(ExprKind::Tuple(items), span)
             }
             Tok::Punct(close @ (")" | "]")) => {
                 self.bump();
@@ -488,6 +496,15 @@ mod tests {
         ];
         let ifs = format!("model M {{\n forward(x: [1]) {{\n {} return x {} }}\n}}\n", "if True {\n".repeat(50_000), "}\n".repeat(50_000));
         assert!(parse(&ifs, FileId::MODEL).is_err());
+        // Chains inside brackets inside chains: every level within its own bound, the tree still too deep.
+        let mut nested = "x".to_string();
+        for _ in 0..60 {
+            nested = format!("({nested}{})", " + x".repeat(200));
+        }
+        let src = format!("model M {{\n forward(x: [1]) {{\n return {nested}\n }}\n}}\n");
+        assert!(matches!(parse(&src, FileId::MODEL).unwrap_err()[0], SyntaxError::TooLong { .. }));
+        // A long flat sum is fine.
+        assert!(parse(&format!("model M {{\n a = 1{}\n}}\n", " + 1".repeat(200)), FileId::MODEL).is_ok());
         for inner in long {
             let src = format!("model M {{\n forward(x: [1]) {{\n return {inner}\n }}\n}}\n");
             assert!(parse(&src, FileId::MODEL).is_err());
