@@ -63,7 +63,8 @@ fn check_model(name: &str) {
     let (g, warnings) = cnnc::compile(&src).unwrap_or_else(|f| panic!("{}", src.render_plain(&f.0)));
     assert!(warnings.is_empty(), "{}", src.render_plain(&warnings));
 
-    let mut ours: Vec<String> = g.params().iter().map(|p| format!("{} {}", p.key, p.shape.iter().map(ToString::to_string).collect::<Vec<_>>().join(","))).collect();
+    let mut ours: Vec<String> =
+        g.params().iter().map(|p| format!("{} {}", p.key, p.shape.iter().map(ToString::to_string).collect::<Vec<_>>().join(","))).collect();
     ours.sort();
     let theirs: Vec<String> = std::fs::read_to_string(dir.join("params.txt")).unwrap().lines().map(str::to_string).collect();
     assert_eq!(ours, theirs, "{name}: parameter keys and shapes");

@@ -5,8 +5,8 @@
 //! size, RGB, CHW, values in 0..255, minus the per-channel mean, times the scale. Grayscale images are
 //! expanded to RGB and alpha is dropped. A `.npy` is a raw float tensor (N,C,H,W) or (C,H,W), used as is.
 
-use cnnc_runtime::op::Batched;
 use crate::weights::{read_npy, NpyError};
+use cnnc_runtime::op::Batched;
 use cnnc_runtime::Tensor;
 use std::path::Path;
 

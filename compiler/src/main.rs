@@ -174,7 +174,16 @@ fn compile(model: &Path, emit: Emit, output: Option<&Path>, opts: &cnnc::opt::Op
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run(model: Option<&Path>, inputs: &[PathBuf], weights: Option<&Path>, output: Option<&Path>, top: usize, json: bool, pre: &Preprocess, opts: &cnnc::opt::Options) -> Result<()> {
+fn run(
+    model: Option<&Path>,
+    inputs: &[PathBuf],
+    weights: Option<&Path>,
+    output: Option<&Path>,
+    top: usize,
+    json: bool,
+    pre: &Preprocess,
+    opts: &cnnc::opt::Options,
+) -> Result<()> {
     let (src, g) = front_end(model)?;
     let [input_node] = g.inputs[..] else {
         return Err(anyhow!("`{}` takes {} inputs; `cnnc run` feeds models with exactly one", src.name, g.inputs.len()));
@@ -293,4 +302,3 @@ fn write_atomic(path: &Path, body: impl FnOnce(&mut dyn Write) -> Result<()>) ->
     tmp.persist(path).map_err(|e| e.error).with_context(ctx)?;
     Ok(())
 }
-

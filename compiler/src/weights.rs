@@ -53,12 +53,15 @@ impl Weights {
         let p = path.display().to_string();
         let bytes = std::fs::read(path).map_err(|source| WeightError::Io { path: p.clone(), source })?;
         let store = if bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"PK\x05\x06") {
-            let npz = npyz::npz::NpzArchive::new(Cursor::new(bytes))
-                .map_err(|e| WeightError::Corrupt { path: p.clone(), format: "npz", reason: e.to_string() })?;
+            let npz =
+                npyz::npz::NpzArchive::new(Cursor::new(bytes)).map_err(|e| WeightError::Corrupt { path: p.clone(), format: "npz", reason: e.to_string() })?;
             Store::Npz(npz)
         } else if bytes.len() >= 9 && bytes[8] == b'{' {
-            safetensors::SafeTensors::deserialize(&bytes)
-                .map_err(|e| WeightError::Corrupt { path: p.clone(), format: "safetensors", reason: e.to_string() })?;
+            safetensors::SafeTensors::deserialize(&bytes).map_err(|e| WeightError::Corrupt {
+                path: p.clone(),
+                format: "safetensors",
+                reason: e.to_string(),
+            })?;
             Store::Safetensors(bytes)
         } else {
             return Err(WeightError::UnknownFormat { path: p });
@@ -195,10 +198,19 @@ pub fn bind(graph: &Graph, w: &mut Weights) -> Result<Bound, Vec<Diagnostic>> {
     if !unused.is_empty() {
         let shown: Vec<&str> = unused.iter().take(8).map(|s| s.as_str()).collect();
         let more = if unused.len() > shown.len() { format!(" and {} more", unused.len() - shown.len()) } else { String::new() };
-        notes.push(Diagnostic::note_level(format!("{} key(s) in `{}` are not used by the model and are ignored: {}{more}", unused.len(), w.path, shown.join(", "))));
+        notes.push(Diagnostic::note_level(format!(
+            "{} key(s) in `{}` are not used by the model and are ignored: {}{more}",
+            unused.len(),
+            w.path,
+            shown.join(", ")
+        )));
     }
     if !counters.is_empty() {
-        notes.push(Diagnostic::note_level(format!("{} BatchNormalization sample counter(s) (`.../N`) in `{}` are ignored: inference uses avg_mean and avg_var", counters.len(), w.path)));
+        notes.push(Diagnostic::note_level(format!(
+            "{} BatchNormalization sample counter(s) (`.../N`) in `{}` are ignored: inference uses avg_mean and avg_var",
+            counters.len(),
+            w.path
+        )));
     }
     Ok(Bound { params, notes })
 }

@@ -20,7 +20,11 @@ struct Out {
 
 fn cnnc(args: &[&str]) -> Out {
     let o = Command::new(env!("CARGO_BIN_EXE_cnnc")).args(args).current_dir(root()).output().expect("cnnc runs");
-    Out { code: o.status.code().expect("exited, not killed"), stdout: String::from_utf8_lossy(&o.stdout).into(), stderr: String::from_utf8_lossy(&o.stderr).into() }
+    Out {
+        code: o.status.code().expect("exited, not killed"),
+        stdout: String::from_utf8_lossy(&o.stdout).into(),
+        stderr: String::from_utf8_lossy(&o.stderr).into(),
+    }
 }
 
 /// Asserts a failure with `code` whose stderr names every `culprit`, and that it did not panic.
@@ -194,7 +198,10 @@ fn run_truncated_npz() {
 
 #[test]
 fn run_missing_weights_file() {
-    run_fails_without_output(&[&fixture(SMALL), "--input", &fixture("alexbn_small/in.npy"), "--weights", "no/such.npz"], &["cannot read weights file `no/such.npz`"]);
+    run_fails_without_output(
+        &[&fixture(SMALL), "--input", &fixture("alexbn_small/in.npy"), "--weights", "no/such.npz"],
+        &["cannot read weights file `no/such.npz`"],
+    );
 }
 
 #[test]
@@ -206,7 +213,10 @@ fn run_input_that_is_neither_image_nor_npy() {
 fn run_weights_with_wrong_shapes_names_key_and_shapes() {
     let d = tmp();
     let x = npy(d.path(), "x.npy", &[3, 227, 227], &vec![0.5; 3 * 227 * 227]);
-    run_fails_without_output(&["--input", &x, "--weights", &fixture("alexbn_small/weights.npz")], &["`conv1/W`", "[16, 3, 11, 11]", "[96, 3, 11, 11]", "alexbn.model (bundled):3:5"]);
+    run_fails_without_output(
+        &["--input", &x, "--weights", &fixture("alexbn_small/weights.npz")],
+        &["`conv1/W`", "[16, 3, 11, 11]", "[96, 3, 11, 11]", "alexbn.model (bundled):3:5"],
+    );
 }
 
 #[test]
@@ -219,7 +229,20 @@ fn run_weights_missing_a_key_names_it() {
 
 #[test]
 fn run_output_into_a_missing_directory() {
-    fails(&["run", &fixture(SMALL), "--input", &fixture("alexbn_small/in.npy"), "--weights", &fixture("alexbn_small/weights.npz"), "--output", "no/such/dir/y.npy"], 1, &["cannot write `no/such/dir/y.npy`"]);
+    fails(
+        &[
+            "run",
+            &fixture(SMALL),
+            "--input",
+            &fixture("alexbn_small/in.npy"),
+            "--weights",
+            &fixture("alexbn_small/weights.npz"),
+            "--output",
+            "no/such/dir/y.npy",
+        ],
+        1,
+        &["cannot write `no/such/dir/y.npy`"],
+    );
 }
 
 #[test]
@@ -248,7 +271,19 @@ fn run_needs_a_single_input_model() {
 fn run_matches_chainer_and_writes_logits() {
     let d = tmp();
     let out = d.path().join("y.npy");
-    let o = cnnc(&["run", &fixture(SMALL), "--weights", &fixture("alexbn_small/weights.npz"), "--input", &fixture("alexbn_small/in.npy"), "--output", out.to_str().unwrap(), "--json", "--top", "3"]);
+    let o = cnnc(&[
+        "run",
+        &fixture(SMALL),
+        "--weights",
+        &fixture("alexbn_small/weights.npz"),
+        "--input",
+        &fixture("alexbn_small/in.npy"),
+        "--output",
+        out.to_str().unwrap(),
+        "--json",
+        "--top",
+        "3",
+    ]);
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert!(o.stderr.contains("2 BatchNormalization sample counter(s) (`.../N`)"), "{}", o.stderr);
     let (shape, got) = read_npy(out.to_str().unwrap());
@@ -301,7 +336,8 @@ fn safetensors_and_prefixed_npz_give_the_same_logits() {
         let shape: Vec<usize> = f.shape().iter().map(|&s| s as usize).collect();
         arrays.push((n.clone(), shape, f.into_vec::<f32>().unwrap()));
     }
-    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = arrays.iter().map(|(n, s, v)| (n.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect(), s.clone())).collect();
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> =
+        arrays.iter().map(|(n, s, v)| (n.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect(), s.clone())).collect();
     let views: Vec<(String, safetensors::tensor::TensorView)> =
         bytes.iter().map(|(n, b, s)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap())).collect();
     let st = d.path().join("w.safetensors");
@@ -351,7 +387,11 @@ fn nested_chain_keys_are_named_in_full() {
     }
     drop(npz);
     let x = npy(d.path(), "x.npy", &[4, 5, 5], &[1.0; 100]);
-    let o = fails(&["run", &m, "--weights", npz_path.to_str().unwrap(), "--input", &x], 1, &["has no parameter `res/0/conv/b`", "`res/1/conv/W` has shape [4, 4, 1, 1]", "[4, 4, 3, 3]"]);
+    let o = fails(
+        &["run", &m, "--weights", npz_path.to_str().unwrap(), "--input", &x],
+        1,
+        &["has no parameter `res/0/conv/b`", "`res/1/conv/W` has shape [4, 4, 1, 1]", "[4, 4, 3, 3]"],
+    );
     assert!(o.stderr.contains("tiny.model:2:5"), "points at the link's declaration:\n{}", o.stderr);
 }
 
@@ -377,7 +417,17 @@ fn run_at_o0_and_o1_agree() {
     let mut outs = Vec::new();
     for level in ["-O0", "-O1"] {
         let out = d.path().join(format!("y{level}.npy"));
-        let o = cnnc(&["run", &fixture(SMALL), "--weights", &fixture("alexbn_small/weights.npz"), "--input", &fixture("alexbn_small/in.npy"), "--output", out.to_str().unwrap(), level]);
+        let o = cnnc(&[
+            "run",
+            &fixture(SMALL),
+            "--weights",
+            &fixture("alexbn_small/weights.npz"),
+            "--input",
+            &fixture("alexbn_small/in.npy"),
+            "--output",
+            out.to_str().unwrap(),
+            level,
+        ]);
         assert_eq!(o.code, 0, "{}", o.stderr);
         outs.push(read_npy(out.to_str().unwrap()).1);
     }

@@ -5,7 +5,43 @@
 use cnnc::diag::Source;
 use proptest::prelude::*;
 
-const FRAGMENTS: &[&str] = &["(", ")", "[", "]", "{", "}", ",", "=", ".", "+", "-", "//", "*", "\n", "\r\n", "\t", "#", "'", "None", "True", "-1", "0", "1e9", "99999999999999999999", "x", "h", "self.", "F.relu(", "L.Linear(", "return ", "forward(", "model ", "é", "→", "🦀"];
+const FRAGMENTS: &[&str] = &[
+    "(",
+    ")",
+    "[",
+    "]",
+    "{",
+    "}",
+    ",",
+    "=",
+    ".",
+    "+",
+    "-",
+    "//",
+    "*",
+    "\n",
+    "\r\n",
+    "\t",
+    "#",
+    "'",
+    "None",
+    "True",
+    "-1",
+    "0",
+    "1e9",
+    "99999999999999999999",
+    "x",
+    "h",
+    "self.",
+    "F.relu(",
+    "L.Linear(",
+    "return ",
+    "forward(",
+    "model ",
+    "é",
+    "→",
+    "🦀",
+];
 
 fn check(text: &str) {
     let src = Source::new("fuzz.model", text);

@@ -99,15 +99,27 @@ pub enum Op {
     AvgPool2d(Pool2d),
     Lrn(Lrn),
     /// Identity at inference; the ratio is kept for the dump.
-    Dropout { ratio: f64 },
-    Softmax { axis: Axis },
+    Dropout {
+        ratio: f64,
+    },
+    Softmax {
+        axis: Axis,
+    },
     /// Reshape to the given per-sample dims (already resolved: no −1).
-    Reshape { dims: Dims },
-    Concat { axis: Axis },
+    Reshape {
+        dims: Dims,
+    },
+    Concat {
+        axis: Axis,
+    },
     Add,
     Fused(Fused),
     /// `len` entries from `start` along `axis` (the outputs of merged parallel convolutions).
-    Slice { axis: Axis, start: usize, len: usize },
+    Slice {
+        axis: Axis,
+        start: usize,
+        len: usize,
+    },
 }
 
 /// Why an op cannot be applied to inputs of the given shapes. The message is complete on its own;
@@ -192,10 +204,7 @@ impl Op {
                 p
             }
             Op::Fused(f) => f.base_op().params(),
-            Op::BatchNorm(b) => ["gamma", "beta", "avg_mean", "avg_var"]
-                .into_iter()
-                .map(|n| (n, vec![b.channels]))
-                .collect(),
+            Op::BatchNorm(b) => ["gamma", "beta", "avg_mean", "avg_var"].into_iter().map(|n| (n, vec![b.channels])).collect(),
             _ => vec![],
         }
     }
@@ -212,24 +221,13 @@ impl Op {
             Op::Conv2d(c) => {
                 let [ch, h, w] = chw(x, "convolution")?;
                 if ch != c.in_channels {
-                    return err(format!(
-                        "expects {} input channels, but its input {} has {ch}",
-                        c.in_channels,
-                        Batched(x)
-                    ));
+                    return err(format!("expects {} input channels, but its input {} has {ch}", c.in_channels, Batched(x)));
                 }
                 let oh = window_out(h, c.kernel[0], c.stride[0], c.pad[0], false);
                 let ow = window_out(w, c.kernel[1], c.stride[1], c.pad[1], false);
                 match (oh, ow) {
                     (Some(oh), Some(ow)) => Ok(vec![c.out_channels, oh, ow]),
-                    _ => err(format!(
-                        "kernel {}x{} does not fit input {} with pad {}x{}",
-                        c.kernel[0],
-                        c.kernel[1],
-                        Batched(x),
-                        c.pad[0],
-                        c.pad[1]
-                    )),
+                    _ => err(format!("kernel {}x{} does not fit input {} with pad {}x{}", c.kernel[0], c.kernel[1], Batched(x), c.pad[0], c.pad[1])),
                 }
             }
             Op::BatchNorm(b) => {
@@ -246,11 +244,7 @@ impl Op {
             Op::Linear(l) => {
                 let n: usize = x.iter().product();
                 if n != l.in_features {
-                    return err(format!(
-                        "expects {} input features, but its input {} flattens to {n}",
-                        l.in_features,
-                        Batched(x)
-                    ));
+                    return err(format!("expects {} input features, but its input {} flattens to {n}", l.in_features, Batched(x)));
                 }
                 Ok(vec![l.out_features])
             }
@@ -285,13 +279,7 @@ impl Op {
                 for (i, y) in inputs.iter().enumerate().skip(1) {
                     let same_rest = y.len() == x.len() && (0..x.len()).all(|d| d == ax || x[d] == y[d]);
                     if !same_rest {
-                        return err(format!(
-                            "input {} has shape {}, which does not match {} except along axis {}",
-                            i + 1,
-                            Batched(y),
-                            Batched(x),
-                            axis.0
-                        ));
+                        return err(format!("input {} has shape {}, which does not match {} except along axis {}", i + 1, Batched(y), Batched(x), axis.0));
                     }
                     out[ax] += y[ax];
                 }
@@ -315,11 +303,7 @@ impl Op {
             }
             Op::Add => {
                 if inputs[0] != inputs[1] {
-                    return err(format!(
-                        "operands have different shapes {} and {} (no broadcasting, as in Chainer)",
-                        Batched(inputs[0]),
-                        Batched(inputs[1])
-                    ));
+                    return err(format!("operands have different shapes {} and {} (no broadcasting, as in Chainer)", Batched(inputs[0]), Batched(inputs[1])));
                 }
                 Ok(x.to_vec())
             }

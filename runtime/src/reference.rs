@@ -139,14 +139,7 @@ fn conv2d(c: &Conv2d, x: &Tensor, w: &Tensor, b: Option<&Tensor>, shape: Vec<usi
 }
 
 /// Sliding-window reduction over the in-bounds part of each window (padding never contributes).
-fn pool(
-    p: &Pool2d,
-    x: &Tensor,
-    shape: Vec<usize>,
-    init: f32,
-    fold: impl Fn(f32, f32) -> f32,
-    finish: impl Fn(f32) -> f32,
-) -> Tensor {
+fn pool(p: &Pool2d, x: &Tensor, shape: Vec<usize>, init: f32, fold: impl Fn(f32, f32) -> f32, finish: impl Fn(f32) -> f32) -> Tensor {
     let [n, c, h, w] = dims4(x);
     let [oh, ow] = [shape[2], shape[3]];
     let mut y = Tensor::zeros(shape);

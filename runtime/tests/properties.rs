@@ -82,7 +82,12 @@ impl ConvProblem {
 }
 
 fn conv_problem() -> impl Strategy<Value = ConvProblem> {
-    ((1usize..3, 1usize..4, 1usize..4, 1usize..4), (1usize..6, 1usize..6, 1usize..4, 1usize..4), (0usize..3, 0usize..3, 1usize..9, 1usize..9), (any::<bool>(), 0u64..1000))
+    (
+        (1usize..3, 1usize..4, 1usize..4, 1usize..4),
+        (1usize..6, 1usize..6, 1usize..4, 1usize..4),
+        (0usize..3, 0usize..3, 1usize..9, 1usize..9),
+        (any::<bool>(), 0u64..1000),
+    )
         .prop_filter_map("kernel must fit", |((n, g, cig, cog), (kh, kw, sh, sw), (ph, pw, h, w), (bias, seed))| {
             if h + 2 * ph < kh || w + 2 * pw < kw {
                 return None;
@@ -104,7 +109,11 @@ struct PoolProblem {
 
 impl PoolProblem {
     fn op(&self) -> Op {
-        if self.max { Op::MaxPool2d(self.pool.clone()) } else { Op::AvgPool2d(self.pool.clone()) }
+        if self.max {
+            Op::MaxPool2d(self.pool.clone())
+        } else {
+            Op::AvgPool2d(self.pool.clone())
+        }
     }
 
     /// Chainer's im2col view: pad with −inf (max) or 0 (average), plus `s − 1` more at the end for cover_all.
@@ -118,7 +127,11 @@ impl PoolProblem {
         for c in 0..self.c {
             let at = |yy: usize, xx: usize| {
                 let (iy, ix) = (yy as isize - p.pad[0] as isize, xx as isize - p.pad[1] as isize);
-                if iy < 0 || ix < 0 || iy >= self.h as isize || ix >= self.w as isize { fill } else { x.data()[(c * self.h + iy as usize) * self.w + ix as usize] }
+                if iy < 0 || ix < 0 || iy >= self.h as isize || ix >= self.w as isize {
+                    fill
+                } else {
+                    x.data()[(c * self.h + iy as usize) * self.w + ix as usize]
+                }
             };
             for oy in 0..out[1] {
                 for ox in 0..out[2] {
@@ -127,7 +140,11 @@ impl PoolProblem {
                         .filter(|&(yy, xx)| yy < ph && xx < pw)
                         .map(|(yy, xx)| at(yy, xx))
                         .collect();
-                    y.push(if self.max { cells.iter().copied().fold(f32::NEG_INFINITY, f32::max) } else { cells.iter().sum::<f32>() / (p.kernel[0] * p.kernel[1]) as f32 });
+                    y.push(if self.max {
+                        cells.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+                    } else {
+                        cells.iter().sum::<f32>() / (p.kernel[0] * p.kernel[1]) as f32
+                    });
                 }
             }
         }

@@ -11,7 +11,7 @@
 use super::{param_specs, Graph, Kind, Node, NodeId, Param};
 use crate::diag::{Diagnostic, Span};
 use crate::syntax::{Arg, BinOp, Decl, Expr, ExprKind, File, Ident, Item, ItemKind, Stmt};
-use cnnc_runtime::op::{Axis, Batched, BatchNorm, Conv2d, Dims, Linear, Lrn, Pool2d};
+use cnnc_runtime::op::{Axis, BatchNorm, Batched, Conv2d, Dims, Linear, Lrn, Pool2d};
 use cnnc_runtime::Op;
 use petgraph::graph::{DiGraph, NodeIndex};
 use std::collections::HashMap;
@@ -105,7 +105,11 @@ enum Prim {
 enum Body<'a> {
     /// `None` when its declaration failed (already reported).
     Prim(Option<Prim>),
-    Chain { item: &'a Item, consts: HashMap<String, Value>, children: Vec<(String, LinkId)> },
+    Chain {
+        item: &'a Item,
+        consts: HashMap<String, Value>,
+        children: Vec<(String, LinkId)>,
+    },
 }
 
 /// A link instance: a primitive link or a chain, named by its Chainer path.
@@ -147,7 +151,10 @@ const LINKS: &[(&str, Signature)] = &[
     ),
     // `decay` only matters for training; accepted so that Chainer code pastes unchanged.
     ("BatchNormalization", &[("size", Default::None), ("decay", Default::Float(0.9)), ("eps", Default::Float(2e-5))]),
-    ("Linear", &[("in_size", REQUIRED), ("out_size", Default::None), ("nobias", Default::Bool(false)), ("initialW", Default::None), ("initial_bias", Default::None)]),
+    (
+        "Linear",
+        &[("in_size", REQUIRED), ("out_size", Default::None), ("nobias", Default::Bool(false)), ("initialW", Default::None), ("initial_bias", Default::None)],
+    ),
 ];
 
 const FUNCTIONS: &[(&str, Signature)] = &[
@@ -211,7 +218,11 @@ pub fn build(files: &[&File]) -> Result<(Graph, Vec<Diagnostic>), Vec<Diagnostic
     }
     let Some(model) = model else {
         let span = files[0].items.first().map_or(Span::default(), |i| i.name.span);
-        b.push(Diagnostic::error("the file defines no `model`").label(span, "expected `model Name { ... }`").note("chains are used by a model; add `model Name { ... forward(x: [C, H, W]) { ... } }`"));
+        b.push(
+            Diagnostic::error("the file defines no `model`")
+                .label(span, "expected `model Name { ... }`")
+                .note("chains are used by a model; add `model Name { ... forward(x: [C, H, W]) { ... } }`"),
+        );
         return Err(b.diags);
     };
     let graph = b.model(model);
@@ -277,7 +288,12 @@ impl<'a> Builder<'a> {
     fn fuel(&mut self, span: Span) -> bool {
         self.steps += 1;
         if self.steps == FUEL {
-            self.structure(span, format!("evaluating the model takes more than {FUEL} steps"), "while evaluating this", Some("loops nest too deeply or chains multiply too fast".into()));
+            self.structure(
+                span,
+                format!("evaluating the model takes more than {FUEL} steps"),
+                "while evaluating this",
+                Some("loops nest too deeply or chains multiply too fast".into()),
+            );
         }
         self.steps < FUEL
     }
@@ -294,7 +310,12 @@ impl<'a> Builder<'a> {
             *consts = scope.vars.into_iter().map(|(k, (v, _, _))| (k, v)).collect();
         }
         let Some(fwd) = &m.forward else {
-            self.structure(m.name.span, format!("model `{}` has no `forward`", m.name.name), "declared here", Some("add `forward(x: [C, H, W]) { ... return h }`".into()));
+            self.structure(
+                m.name.span,
+                format!("model `{}` has no `forward`", m.name.name),
+                "declared here",
+                Some("add `forward(x: [C, H, W]) { ... return h }`".into()),
+            );
             return None;
         };
         if fwd.params.is_empty() {
@@ -317,7 +338,15 @@ impl<'a> Builder<'a> {
             };
             args.push(match dims {
                 Some(shape) => {
-                    let id = self.g.add_node(Node { kind: Kind::Input(i), shape, span: p.name.span, layer: p.name.name.clone(), params: vec![], decl: None, provenance: None });
+                    let id = self.g.add_node(Node {
+                        kind: Kind::Input(i),
+                        shape,
+                        span: p.name.span,
+                        layer: p.name.name.clone(),
+                        params: vec![],
+                        decl: None,
+                        provenance: None,
+                    });
                     inputs.push(NodeId(id));
                     Value::Tensor(id)
                 }
@@ -339,7 +368,9 @@ impl<'a> Builder<'a> {
         let mut scope = Scope { vars: HashMap::new(), this: 0, declaring: true };
         let v = self.expr(e, &mut scope);
         let dims: Option<Dims> = match &v {
-            Value::Tuple(items) if !items.is_empty() => items.iter().map(|d| if let Value::Int(i @ 1..=MAX_DIM) = d { Some(*i as usize) } else { None }).collect(),
+            Value::Tuple(items) if !items.is_empty() => {
+                items.iter().map(|d| if let Value::Int(i @ 1..=MAX_DIM) = d { Some(*i as usize) } else { None }).collect()
+            }
             _ => None,
         };
         match &dims {
@@ -363,7 +394,12 @@ impl<'a> Builder<'a> {
                 Decl::Assign { name, value } => {
                     let in_list = matches!(&self.links[scope.this].body, Body::Chain { item, .. } if item.kind == ItemKind::ChainList);
                     if in_list && self.constructor(value, scope).is_some() {
-                        self.structure(name.span, "a chainlist's links are numbered, not named", "remove `name =`", Some("as in Chainer's ChainList, children are 0, 1, 2, ...".into()));
+                        self.structure(
+                            name.span,
+                            "a chainlist's links are numbered, not named",
+                            "remove `name =`",
+                            Some("as in Chainer's ChainList, children are 0, 1, 2, ...".into()),
+                        );
                         continue;
                     }
                     if let Some(ctor) = self.constructor(value, scope) {
@@ -446,7 +482,9 @@ impl<'a> Builder<'a> {
     fn add_child(&mut self, parent: LinkId, name: &Ident, id: LinkId) {
         if let Some(&(_, prev)) = self.children(parent).iter().find(|(n, _)| *n == name.name) {
             let prev = self.links[prev].decl;
-            self.push(Diagnostic::error(format!("link `{}` is declared twice", name.name)).label(name.span, "declared again here").label(prev, "first declared here"));
+            self.push(
+                Diagnostic::error(format!("link `{}` is declared twice", name.name)).label(name.span, "declared again here").label(prev, "first declared here"),
+            );
             return;
         }
         if let Body::Chain { children, .. } = &mut self.links[parent].body {
@@ -473,7 +511,11 @@ impl<'a> Builder<'a> {
             _ => {
                 let joined: Vec<&str> = ctor.iter().map(|i| i.name.as_str()).collect();
                 self.eval_args(args, scope);
-                self.arg_error(ctor[0].span.to(ctor[ctor.len() - 1].span), format!("unknown link constructor `{}`", joined.join(".")), "expected `L.Link(...)` or `Link(...)`");
+                self.arg_error(
+                    ctor[0].span.to(ctor[ctor.len() - 1].span),
+                    format!("unknown link constructor `{}`", joined.join(".")),
+                    "expected `L.Link(...)` or `Link(...)`",
+                );
                 return None;
             }
         };
@@ -501,7 +543,8 @@ impl<'a> Builder<'a> {
             .map(|p| (p.name.name.clone(), p.default.as_ref().map(|d| self.expr(d, &mut Scope { vars: HashMap::new(), this: 0, declaring: true }))))
             .collect();
         let values = self.bind(&item.name.name, &sig, args, call.span, scope)?;
-        let consts: HashMap<String, (Value, Span, bool)> = sig.iter().zip(&item.params).zip(values).map(|(((n, _), p), v)| (n.clone(), (v, p.name.span, true))).collect();
+        let consts: HashMap<String, (Value, Span, bool)> =
+            sig.iter().zip(&item.params).zip(values).map(|(((n, _), p), v)| (n.clone(), (v, p.name.span, true))).collect();
         self.links.push(Link { path: path.clone(), decl, body: Body::Chain { item, consts: HashMap::new(), children: vec![] }, used: false });
         let id = self.links.len() - 1;
         self.stack.push((call.span, path));
@@ -520,7 +563,11 @@ impl<'a> Builder<'a> {
         let span_of = |i: usize| arg_span(args, &static_sig(sig), i, call);
         for (i, (p, _)) in sig.iter().enumerate() {
             if p.starts_with("initial") && v[i] != Value::None {
-                self.arg_error(span_of(i), format!("`{p}` is not supported: cnnc loads parameters from a weights file or initialises them itself"), "remove it");
+                self.arg_error(
+                    span_of(i),
+                    format!("`{p}` is not supported: cnnc loads parameters from a weights file or initialises them itself"),
+                    "remove it",
+                );
                 return None;
             }
         }
@@ -904,7 +951,12 @@ impl<'a> Builder<'a> {
                 [f] if !scope.vars.contains_key(&f.name) && !self.children(scope.this).iter().any(|(n, _)| *n == f.name) => Some(f),
                 [ns, l] if ns.name == "L" => {
                     self.eval_args(args, scope);
-                    return self.structure(l.span, format!("link `{}` constructed inside `forward`", l.name), "here", Some("declare links before `forward`: `name = L.Link(...)`, then call `self.name(x)`".into()));
+                    return self.structure(
+                        l.span,
+                        format!("link `{}` constructed inside `forward`", l.name),
+                        "here",
+                        Some("declare links before `forward`: `name = L.Link(...)`, then call `self.name(x)`".into()),
+                    );
                 }
                 _ => None,
             },
@@ -1036,7 +1088,12 @@ impl<'a> Builder<'a> {
             _ => None,
         };
         if dims.is_none() {
-            self.structure(span, "`reshape` needs a shape `(-1, d1, d2, ...)` with positive d's", "here", Some("the batch axis is symbolic, so the first entry must be -1".into()));
+            self.structure(
+                span,
+                "`reshape` needs a shape `(-1, d1, d2, ...)` with positive d's",
+                "here",
+                Some("the batch axis is symbolic, so the first entry must be -1".into()),
+            );
         }
         dims.map(|dims| Op::Reshape { dims })
     }
@@ -1123,7 +1180,8 @@ impl<'a> Builder<'a> {
         let mut scope = Scope { vars, this: id, declaring: false };
         let out = self.stmts(&fwd.body, &mut scope);
         self.depth -= 1;
-        let mut unused: Vec<(&String, &Span)> = scope.vars.iter().filter(|(n, (_, _, used))| !used && !n.starts_with('_')).map(|(n, (_, s, _))| (n, s)).collect();
+        let mut unused: Vec<(&String, &Span)> =
+            scope.vars.iter().filter(|(n, (_, _, used))| !used && !n.starts_with('_')).map(|(n, (_, s, _))| (n, s)).collect();
         unused.sort_by_key(|(_, s)| s.start);
         for (name, span) in unused {
             let input = fwd.params.iter().any(|p| &p.name.name == name);
@@ -1233,7 +1291,9 @@ impl<'a> Builder<'a> {
         }
         let shapes: Vec<&[usize]> = inputs.iter().map(|i| self.g[*i].shape.as_slice()).collect();
         match op.output_shape(&shapes) {
-            Ok(shape) if elements(&shape).is_none() => self.error(shape_error(format!("output {} has more than {MAX_ELEMENTS} elements per sample", Batched(&shape)))),
+            Ok(shape) if elements(&shape).is_none() => {
+                self.error(shape_error(format!("output {} has more than {MAX_ELEMENTS} elements per sample", Batched(&shape))))
+            }
             Ok(shape) => {
                 let id = self.g.add_node(Node { kind: Kind::Op(op), shape, span, layer: layer.into(), params, decl, provenance: None });
                 for (slot, i) in inputs.into_iter().enumerate() {
@@ -1250,7 +1310,9 @@ impl<'a> Builder<'a> {
         for (_, child) in self.children(id).to_vec() {
             if !self.links[child].used {
                 let (path, decl) = (self.links[child].path.clone(), self.links[child].decl);
-                self.push(Diagnostic::warning(format!("link `{path}` is never called")).label(decl, "declared here").note("its parameters are not part of the model"));
+                self.push(
+                    Diagnostic::warning(format!("link `{path}` is never called")).label(decl, "declared here").note("its parameters are not part of the model"),
+                );
             } else {
                 self.unused_links(child);
             }

@@ -45,13 +45,8 @@ pub fn table(g: &Graph) -> String {
         let (name, params, macs) = match &n.kind {
             Kind::Input(_) => ("input", 0, 0),
             Kind::Op(op) => {
-                let params: u64 = n
-                    .params
-                    .iter()
-                    .zip(op.params())
-                    .filter(|(k, _)| seen.insert((*k).clone()))
-                    .map(|(_, (_, s))| s.iter().product::<usize>() as u64)
-                    .sum();
+                let params: u64 =
+                    n.params.iter().zip(op.params()).filter(|(k, _)| seen.insert((*k).clone())).map(|(_, (_, s))| s.iter().product::<usize>() as u64).sum();
                 (op.name(), params, g.node_macs(id))
             }
         };
@@ -69,8 +64,16 @@ pub fn table(g: &Graph) -> String {
         }
         let line = format!(
             "{:<w0$}  {:<w1$}  {:<w2$}  {:>w3$}  {:>w4$}",
-            r[0], r[1], r[2], r[3], r[4],
-            w0 = widths[0], w1 = widths[1], w2 = widths[2], w3 = widths[3], w4 = widths[4]
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            r[4],
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2],
+            w3 = widths[3],
+            w4 = widths[4]
         );
         writeln!(out, "{}", line.trim_end()).expect("write to String");
     }

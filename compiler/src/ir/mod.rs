@@ -18,7 +18,6 @@ use petgraph::graph::{DiGraph, NodeIndex};
 use petgraph::visit::EdgeRef;
 use std::fmt;
 
-
 /// A node of the graph, printed `%7`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NodeId(pub NodeIndex<u32>);
@@ -59,9 +58,17 @@ pub struct Node {
 pub enum Param {
     Key(String),
     /// W·γ/√(var + eps), per output channel: BatchNormalization `bn` folded into the layer's weights.
-    FoldW { w: Box<Param>, bn: String, eps_bits: u64 },
+    FoldW {
+        w: Box<Param>,
+        bn: String,
+        eps_bits: u64,
+    },
     /// (b − avg_mean)·γ/√(avg_var + eps) + β, with b = 0 for a layer without bias.
-    FoldB { b: Option<Box<Param>>, bn: String, eps_bits: u64 },
+    FoldB {
+        b: Option<Box<Param>>,
+        bn: String,
+        eps_bits: u64,
+    },
     /// Concatenation along the first (output) axis: merged parallel layers.
     Cat(Vec<Param>),
 }

@@ -90,7 +90,10 @@ impl FromStr for Attr {
         };
         let (main, pool) = body.split_once("; ").unwrap_or((body, ""));
         let fields = |t: &str| -> HashMap<String, String> {
-            t.split(", ").filter(|f| !f.is_empty()).map(|f| f.split_once('=').map_or((f.to_string(), String::new()), |(k, v)| (k.to_string(), v.to_string()))).collect()
+            t.split(", ")
+                .filter(|f| !f.is_empty())
+                .map(|f| f.split_once('=').map_or((f.to_string(), String::new()), |(k, v)| (k.to_string(), v.to_string())))
+                .collect()
         };
         let f = fields(main);
         let bad = || format!("not an op attribute: `{s}`");
@@ -108,7 +111,15 @@ impl FromStr for Attr {
         let conv = || -> Result<Conv2d, String> {
             let (out_channels, in_channels) = out_in()?;
             let groups = if f.contains_key("groups") { int("groups")? } else { 1 };
-            Ok(Conv2d { in_channels, out_channels, kernel: pair(&f, "k")?, stride: pair(&f, "s")?, pad: pair(&f, "p")?, groups, bias: !f.contains_key("nobias") })
+            Ok(Conv2d {
+                in_channels,
+                out_channels,
+                kernel: pair(&f, "k")?,
+                stride: pair(&f, "s")?,
+                pad: pair(&f, "p")?,
+                groups,
+                bias: !f.contains_key("nobias"),
+            })
         };
         let linear = || -> Result<Linear, String> {
             let (out_features, in_features) = out_in()?;
@@ -151,9 +162,7 @@ impl FromStr for Attr {
 
 /// The runtime op an e-node computes, with the e-classes of its tensor inputs and of its parameters.
 pub fn op_of(eg: &EGraph<Cnn, Shapes>, node: &Cnn) -> Option<(Op, Vec<Id>, Vec<Id>)> {
-    let attr = |id: &Id| {
-        eg[*id].nodes.iter().find_map(|n| if let Cnn::Attr(a) = n { Some(a.op.clone()) } else { None }).expect("attribute leaf")
-    };
+    let attr = |id: &Id| eg[*id].nodes.iter().find_map(|n| if let Cnn::Attr(a) = n { Some(a.op.clone()) } else { None }).expect("attribute leaf");
     let has_bias = |b: &Id| !eg[*b].nodes.iter().any(|n| matches!(n, Cnn::NoBias));
     let bias = |b: &Id| if has_bias(b) { vec![*b] } else { vec![] };
     // The bias-ness of a layer is its bias child's: folding BatchNormalization gives a nobias layer a bias.
@@ -181,9 +190,13 @@ pub fn op_of(eg: &EGraph<Cnn, Shapes>, node: &Cnn) -> Option<(Op, Vec<Id>, Vec<I
         Cnn::Bn([a, x, g, be, m, v]) => (attr(a), vec![*x], vec![*g, *be, *m, *v]),
         Cnn::Relu(x) => (Op::Relu, vec![*x], vec![]),
         Cnn::Add([x, y]) => (Op::Add, vec![*x, *y], vec![]),
-        Cnn::MaxPool([a, x]) | Cnn::AvgPool([a, x]) | Cnn::Lrn([a, x]) | Cnn::Dropout([a, x]) | Cnn::Softmax([a, x]) | Cnn::Reshape([a, x]) | Cnn::Slice([a, x]) => {
-            (attr(a), vec![*x], vec![])
-        }
+        Cnn::MaxPool([a, x])
+        | Cnn::AvgPool([a, x])
+        | Cnn::Lrn([a, x])
+        | Cnn::Dropout([a, x])
+        | Cnn::Softmax([a, x])
+        | Cnn::Reshape([a, x])
+        | Cnn::Slice([a, x]) => (attr(a), vec![*x], vec![]),
         Cnn::Concat(ids) => (attr(&ids[0]), ids[1..].to_vec(), vec![]),
         _ => return None,
     })

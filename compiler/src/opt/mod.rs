@@ -81,7 +81,13 @@ fn merge_parallel_convs(b: &mut Build, _: Id, s: &Subst) -> Vec<(Id, Id)> {
     // every order of every subset (GoogLeNetBN's inception modules took 0.5 s that way).
     let (w1, w2) = (v("?w1"), v("?w2"));
     let merged_before = |id: Id| b.eg[id].nodes.iter().any(|n| matches!(n, Cnn::Cat(_)));
-    if c1 >= c2 || !same || nobias(b.eg, v("?b1")) != nobias(b.eg, v("?b2")) || merged_before(w1) || merged_before(w2) || !keys(b.eg, w1).is_disjoint(&keys(b.eg, w2)) {
+    if c1 >= c2
+        || !same
+        || nobias(b.eg, v("?b1")) != nobias(b.eg, v("?b2"))
+        || merged_before(w1)
+        || merged_before(w2)
+        || !keys(b.eg, w1).is_disjoint(&keys(b.eg, w2))
+    {
         return vec![];
     }
     let (x, b1, b2) = (v("?x"), v("?b1"), v("?b2"));
@@ -496,7 +502,15 @@ struct Out<'a> {
 }
 
 /// Emits the chosen e-node of `class`; its inputs were emitted before it.
-fn emit(g: &Graph, eg: &EGraph<Cnn, Shapes>, ex: &egg::Extractor<Cost, Cnn, Shapes>, class: Id, origins: &mut Origins, model: &CostModel, out: &mut Out) -> NodeIndex {
+fn emit(
+    g: &Graph,
+    eg: &EGraph<Cnn, Shapes>,
+    ex: &egg::Extractor<Cost, Cnn, Shapes>,
+    class: Id,
+    origins: &mut Origins,
+    model: &CostModel,
+    out: &mut Out,
+) -> NodeIndex {
     let class = eg.find(class);
     if let Some(&n) = out.done.get(&class) {
         return n;
@@ -571,7 +585,15 @@ pub fn explain(r: &Report) -> String {
     }
     let pct = if r.cost_before > 0.0 { 100.0 * (r.cost_after - r.cost_before) / r.cost_before } else { 0.0 };
     writeln!(s, "estimated cost ({} model, ns per sample): {:.0} -> {:.0} ({pct:+.1}%)", r.model.name, r.cost_before, r.cost_after).expect("write to String");
-    writeln!(s, "e-graph: {} iterations, {} e-nodes, stopped: {}; optimizer time {:.1} ms", r.iterations, r.egraph_nodes, r.stop_reason, r.time.as_secs_f64() * 1e3).expect("write to String");
+    writeln!(
+        s,
+        "e-graph: {} iterations, {} e-nodes, stopped: {}; optimizer time {:.1} ms",
+        r.iterations,
+        r.egraph_nodes,
+        r.stop_reason,
+        r.time.as_secs_f64() * 1e3
+    )
+    .expect("write to String");
     s
 }
 

@@ -46,12 +46,27 @@ pub struct ParamDecl {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Decl {
     /// `conv1 = L.Convolution2D(...)` (a child link) or `mid = ch * 2` (a constant).
-    Assign { name: Ident, value: Expr },
+    Assign {
+        name: Ident,
+        value: Expr,
+    },
     /// A bare link expression in a `chainlist`: the next numbered child.
     Child(Expr),
-    If { cond: Expr, then: Vec<Decl>, otherwise: Vec<Decl> },
-    For { var: Ident, iter: Expr, body: Vec<Decl> },
-    Assert { cond: Expr, message: Option<Expr>, span: Span },
+    If {
+        cond: Expr,
+        then: Vec<Decl>,
+        otherwise: Vec<Decl>,
+    },
+    For {
+        var: Ident,
+        iter: Expr,
+        body: Vec<Decl>,
+    },
+    Assert {
+        cond: Expr,
+        message: Option<Expr>,
+        span: Span,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -128,9 +143,19 @@ pub enum ExprKind {
     Path(Vec<Ident>),
     /// `(a, b)` or `[a, b]`; a parenthesised single expression without a comma is not a tuple.
     Tuple(Vec<Expr>),
-    Call { callee: Box<Expr>, args: Vec<Arg> },
-    Index { base: Box<Expr>, index: Box<Expr> },
-    Binary { op: BinOp, lhs: Box<Expr>, rhs: Box<Expr> },
+    Call {
+        callee: Box<Expr>,
+        args: Vec<Arg>,
+    },
+    Index {
+        base: Box<Expr>,
+        index: Box<Expr>,
+    },
+    Binary {
+        op: BinOp,
+        lhs: Box<Expr>,
+        rhs: Box<Expr>,
+    },
     Neg(Box<Expr>),
     Not(Box<Expr>),
 }

@@ -144,8 +144,22 @@ mod tests {
         assert_eq!(
             toks("a = f(1,\r\n\t2e-5, .5) # c\n\nb // 2\n"),
             vec![
-                Ident("a".into()), Punct("="), Ident("f".into()), Punct("("), Int(1), Punct(","), Float(2e-5), Punct(","),
-                Float(0.5), Punct(")"), Newline, Ident("b".into()), Punct("//"), Int(2), Newline, Eof
+                Ident("a".into()),
+                Punct("="),
+                Ident("f".into()),
+                Punct("("),
+                Int(1),
+                Punct(","),
+                Float(2e-5),
+                Punct(","),
+                Float(0.5),
+                Punct(")"),
+                Newline,
+                Ident("b".into()),
+                Punct("//"),
+                Int(2),
+                Newline,
+                Eof
             ]
         );
     }

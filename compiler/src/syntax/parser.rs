@@ -120,9 +120,7 @@ impl Parser {
                 Err(e) => {
                     self.errs.push(e);
                     // Skip to the next item keyword at the start of a line.
-                    while self.peek().tok != Tok::Eof
-                        && !(ITEM_WORDS.iter().any(|(w, _)| self.at_word(w)) && self.toks[self.pos - 1].tok == Tok::Newline)
-                    {
+                    while self.peek().tok != Tok::Eof && !(ITEM_WORDS.iter().any(|(w, _)| self.at_word(w)) && self.toks[self.pos - 1].tok == Tok::Newline) {
                         self.bump();
                     }
                 }
