@@ -64,6 +64,20 @@ fn read_npy(p: &str) -> (Vec<u64>, Vec<f32>) {
 
 const SMALL: &str = "alexbn_small/model.model";
 
+/// Runs the reduced-width AlexBN fixture on its input with its Chainer weights (or `weights`), writing `out`.
+fn run_small(weights: &str, out: &Path, extra: &[&str]) -> Out {
+    let (model, input) = (fixture(SMALL), fixture("alexbn_small/in.npy"));
+    let mut args = vec!["run", &model, "--weights", weights, "--input", &input, "--output", out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    cnnc(&args)
+}
+
+/// max |a − b| / max |b|.
+fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
 // ---- compile ----
 
 #[test]
@@ -271,27 +285,13 @@ fn run_needs_a_single_input_model() {
 fn run_matches_chainer_and_writes_logits() {
     let d = tmp();
     let out = d.path().join("y.npy");
-    let o = cnnc(&[
-        "run",
-        &fixture(SMALL),
-        "--weights",
-        &fixture("alexbn_small/weights.npz"),
-        "--input",
-        &fixture("alexbn_small/in.npy"),
-        "--output",
-        out.to_str().unwrap(),
-        "--json",
-        "--top",
-        "3",
-    ]);
+    let o = run_small(&fixture("alexbn_small/weights.npz"), &out, &["--json", "--top", "3"]);
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert!(o.stderr.contains("2 BatchNormalization sample counter(s) (`.../N`)"), "{}", o.stderr);
     let (shape, got) = read_npy(out.to_str().unwrap());
     let (_, want) = read_npy(&fixture("alexbn_small/out.npy"));
     assert_eq!(shape, [2, 100]);
-    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    assert!(diff <= 1e-5 * scale, "diff {diff} scale {scale}");
+    assert!(rel_diff(&got, &want) <= 1e-5, "{}", rel_diff(&got, &want));
     let doc: serde_json::Value = serde_json::from_str(&o.stdout).expect("valid JSON");
     assert_eq!(doc["results"].as_array().unwrap().len(), 2);
     let top = doc["results"][0]["top"].as_array().unwrap();
@@ -356,7 +356,7 @@ fn safetensors_and_prefixed_npz_give_the_same_logits() {
     let mut outputs = Vec::new();
     for (i, w) in [fixture("alexbn_small/weights.npz"), st.display().to_string(), pre.display().to_string()].iter().enumerate() {
         let out = d.path().join(format!("y{i}.npy"));
-        let o = cnnc(&["run", &fixture(SMALL), "--weights", w, "--input", &fixture("alexbn_small/in.npy"), "--output", out.to_str().unwrap()]);
+        let o = run_small(w, &out, &[]);
         assert_eq!(o.code, 0, "{w}: {}", o.stderr);
         if i == 2 {
             assert!(o.stderr.contains("under `predictor/`"), "{}", o.stderr);
@@ -417,23 +417,11 @@ fn run_at_o0_and_o1_agree() {
     let mut outs = Vec::new();
     for level in ["-O0", "-O1"] {
         let out = d.path().join(format!("y{level}.npy"));
-        let o = cnnc(&[
-            "run",
-            &fixture(SMALL),
-            "--weights",
-            &fixture("alexbn_small/weights.npz"),
-            "--input",
-            &fixture("alexbn_small/in.npy"),
-            "--output",
-            out.to_str().unwrap(),
-            level,
-        ]);
+        let o = run_small(&fixture("alexbn_small/weights.npz"), &out, &[level]);
         assert_eq!(o.code, 0, "{}", o.stderr);
         outs.push(read_npy(out.to_str().unwrap()).1);
     }
-    let scale = outs[0].iter().fold(0f32, |m, v| m.max(v.abs()));
-    let diff = outs[0].iter().zip(&outs[1]).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    assert!(diff <= 1e-5 * scale, "diff {diff} scale {scale}");
+    assert!(rel_diff(&outs[1], &outs[0]) <= 1e-5, "{}", rel_diff(&outs[1], &outs[0]));
 }
 
 #[test]

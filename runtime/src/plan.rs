@@ -106,25 +106,8 @@ pub struct Plan {
 }
 
 impl Plan {
-    pub fn steps(&self) -> &[Step] {
-        &self.steps
-    }
-
-    pub fn input_dims(&self) -> Vec<&[usize]> {
-        self.inputs.iter().map(|v| self.values[v.0 as usize].as_slice()).collect()
-    }
-
-    pub fn output_dims(&self) -> &[usize] {
-        &self.values[self.output.0 as usize]
-    }
-
     /// Runs the plan on batched inputs with the reference kernels.
     pub fn run(&self, inputs: Vec<Tensor>) -> Result<Tensor, RunError> {
-        self.run_with(inputs, |_, _| {})
-    }
-
-    /// Runs the plan, calling `observe(step, output)` after every step (for tracing and per-layer checks).
-    pub fn run_with(&self, inputs: Vec<Tensor>, mut observe: impl FnMut(&Step, &Tensor)) -> Result<Tensor, RunError> {
         if inputs.len() != self.inputs.len() {
             return Err(RunError::InputCount { expected: self.inputs.len(), got: inputs.len() });
         }
@@ -145,7 +128,6 @@ impl Plan {
             let ins: Vec<&Tensor> = step.inputs.iter().map(|v| slots[v.0 as usize].as_ref().expect("defined before use")).collect();
             let ps: Vec<&Tensor> = step.params.iter().map(|p| &self.params[p.0 as usize]).collect();
             let y = reference::eval(&step.op, &ins, &ps);
-            observe(step, &y);
             for v in &step.inputs {
                 if self.last_use[v.0 as usize] == i {
                     slots[v.0 as usize] = None;
