@@ -243,3 +243,18 @@ fn merge_parallel_convs_fires_once_per_pair() {
     assert_eq!(fired, 6);
     check(&text, &[3, 5, 5], "merge-parallel-convs", true);
 }
+
+/// Optimizing an optimized graph changes nothing: folded and fused nodes go back into the e-graph as
+/// terms (not opaque names), so the second pass finds the same kernels over the same parameter terms.
+#[test]
+fn optimizing_twice_is_stable() {
+    for name in ["alexbn", "googlenetbn"] {
+        let src = source(&root().join(format!("models/{name}.model")));
+        let (g, _) = cnnc::compile(&src).unwrap();
+        let once = optimize(&g, &Options::default()).0;
+        let twice = optimize(&once, &Options::default()).0;
+        let summary = |g: &cnnc::ir::Graph| -> Vec<String> { g.nodes().map(|(_, n)| format!("{:?} {:?} {:?}", n.kind, n.params, n.shape)).collect() };
+        // Equal ops, parameter terms and shapes make equal plans, so equal numbers.
+        assert_eq!(summary(&twice), summary(&once), "{name}");
+    }
+}

@@ -8,7 +8,6 @@
 use crate::diag::Diagnostic;
 use crate::ir::{Graph, ParamSpec};
 use cnnc_runtime::{rng, Tensor};
-use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::path::Path;
 
@@ -236,15 +235,13 @@ fn missing(path: &str, spec: &ParamSpec, keys: &[String]) -> Diagnostic {
     }
     let link = spec.key.rsplit_once('/').map_or("", |(l, _)| l);
     let siblings: Vec<&str> = keys.iter().filter(|k| k.rsplit_once('/').is_some_and(|(l, _)| l == link)).map(String::as_str).collect();
-    let mut sample: BTreeMap<&str, ()> = BTreeMap::new();
-    for k in keys.iter().take(6) {
-        sample.insert(k, ());
-    }
     if !siblings.is_empty() {
         d.note(format!("the file has under `{link}/`: {}", siblings.join(", ")))
     } else if keys.is_empty() {
         d.note("the file holds no arrays")
     } else {
-        d.note(format!("the file has {} keys, e.g. {}", keys.len(), sample.keys().copied().collect::<Vec<_>>().join(", ")))
+        let mut sample: Vec<&str> = keys.iter().take(6).map(String::as_str).collect();
+        sample.sort();
+        d.note(format!("the file has {} keys, e.g. {}", keys.len(), sample.join(", ")))
     }
 }

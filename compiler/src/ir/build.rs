@@ -559,8 +559,9 @@ impl<'a> Builder<'a> {
 
     /// Evaluates a primitive link declaration such as `L.Convolution2D(3, 96, 11, stride=4)`.
     fn prim_decl(&mut self, name: &str, sig: Signature, args: &'a [Arg], call: Span, scope: &mut Scope) -> Option<Prim> {
-        let v = self.bind(name, &static_sig(sig), args, call, scope)?;
-        let span_of = |i: usize| arg_span(args, &static_sig(sig), i, call);
+        let sig_values = static_sig(sig);
+        let v = self.bind(name, &sig_values, args, call, scope)?;
+        let span_of = |i: usize| arg_span(args, &sig_values, i, call);
         for (i, (p, _)) in sig.iter().enumerate() {
             if p.starts_with("initial") && v[i] != Value::None {
                 self.arg_error(

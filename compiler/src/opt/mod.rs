@@ -407,16 +407,36 @@ fn to_egraph(g: &Graph, origins: &mut Origins) -> (EGraph<Cnn, Shapes>, Id, Vec<
     (eg, root, classes)
 }
 
+/// A parameter as an e-graph term; the inverse of [`param_of`], so an optimized graph optimizes again.
 fn param_term(eg: &mut EGraph<Cnn, Shapes>, p: &Param) -> Id {
+    let key = |eg: &mut EGraph<Cnn, Shapes>, k: &str| {
+        let k = eg.add(Cnn::Key(Symbol::from(k)));
+        eg.add(Cnn::Param(k))
+    };
+    // The folded BatchNormalization's attributes: its channels are its γ's length.
+    let bn = |eg: &mut EGraph<Cnn, Shapes>, bn: &str, eps_bits: u64| {
+        let channels = eg.analysis.params.get(&Symbol::from(format!("{bn}/gamma"))).map_or(0, |d| d[0]);
+        eg.add(Cnn::Attr(Attr::new(Op::BatchNorm(cnnc_runtime::op::BatchNorm { channels, eps: f64::from_bits(eps_bits) }))))
+    };
     match p {
-        Param::Key(k) => {
-            let key = eg.add(Cnn::Key(Symbol::from(k)));
-            eg.add(Cnn::Param(key))
+        Param::Key(k) => key(eg, k),
+        Param::FoldW { w, bn: name, eps_bits } => {
+            let (a, w) = (bn(eg, name, *eps_bits), param_term(eg, w));
+            let (g, v) = (key(eg, &format!("{name}/gamma")), key(eg, &format!("{name}/avg_var")));
+            eg.add(Cnn::FoldW([a, w, g, v]))
         }
-        // Terms come back in only when optimizing an optimized graph; keep them opaque but exact.
-        other => {
-            let key = eg.add(Cnn::Key(Symbol::from(other.to_string())));
-            eg.add(Cnn::Param(key))
+        Param::FoldB { b, bn: name, eps_bits } => {
+            let a = bn(eg, name, *eps_bits);
+            let b = match b {
+                Some(b) => param_term(eg, b),
+                None => eg.add(Cnn::NoBias),
+            };
+            let [g, be, m, v] = ["gamma", "beta", "avg_mean", "avg_var"].map(|s| key(eg, &format!("{name}/{s}")));
+            eg.add(Cnn::FoldB([a, b, g, be, m, v]))
+        }
+        Param::Cat(parts) => {
+            let ids: Vec<Id> = parts.iter().map(|q| param_term(eg, q)).collect();
+            ids.into_iter().reduce(|a, b| eg.add(Cnn::Cat([a, b]))).expect("a concatenation has parts")
         }
     }
 }
