@@ -82,9 +82,16 @@ fn check_model(name: &str) {
     let want = load_npy(&dir.join("logits.npy"));
     assert_close(&got, &want, 1e-4, name);
     // The optimized model (BatchNormalization folded, epilogues fused) agrees with both.
-    let fast = run_graph(&src, &optimized(&g, 1), Params::Generated(prng_param), x);
+    let fast = run_graph(&src, &optimized(&g, 1), Params::Generated(prng_param), x.clone());
     assert_close(&fast, &want, 1e-4, &format!("{name} -O1 vs Chainer"));
     assert_close(&fast, &got, 1e-5, &format!("{name} -O1 vs -O0"));
+    // The JIT, optimized and not, against the reference runtime.
+    let opt = optimized(&g, 1);
+    let jit = jit_graph(&src, &opt, Params::Generated(prng_param), &x);
+    assert_close(&jit, &fast, 1e-5, &format!("{name} JIT vs reference"));
+    assert_close(&jit, &want, 1e-4, &format!("{name} JIT vs Chainer"));
+    let jit0 = jit_graph(&src, &g, Params::Generated(prng_param), &x);
+    assert_close(&jit0, &got, 1e-5, &format!("{name} JIT -O0 vs reference"));
 }
 
 #[test]

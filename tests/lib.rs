@@ -51,17 +51,35 @@ pub fn optimized(g: &cnnc::ir::Graph, level: u8) -> cnnc::ir::Graph {
     cnnc::opt::optimize(g, &cnnc::opt::Options { level, ..Default::default() }).0
 }
 
-/// Runs a compiled (possibly optimized) graph on `x`.
+/// Runs a compiled (possibly optimized) graph on `x` with the reference runtime.
 pub fn run_graph(src: &Source, g: &cnnc::ir::Graph, params: Params, x: Tensor) -> Tensor {
-    let bound = match params {
+    cnnc::lower::lower(g, bind(src, g, params)).expect("lowers").run(vec![x]).expect("runs")
+}
+
+/// Binds parameters from a weights file, Chainer's initializers, or a generator.
+pub fn bind(src: &Source, g: &cnnc::ir::Graph, params: Params) -> Bound {
+    match params {
         Params::File(p) => {
             let mut w = Weights::open(p).expect("weights open");
-            weights::bind(&g, &mut w).unwrap_or_else(|d| panic!("{}", src.render_plain(&d)))
+            weights::bind(g, &mut w).unwrap_or_else(|d| panic!("{}", src.render_plain(&d)))
         }
-        Params::Init => weights::bind(&g, &mut Weights::init()).expect("init binds"),
+        Params::Init => weights::bind(g, &mut Weights::init()).expect("init binds"),
         Params::Generated(f) => Bound { params: g.params().into_iter().map(|s| (s.clone(), f(&s.key, &s.shape))).collect(), notes: vec![] },
-    };
-    cnnc::lower::lower(&g, bound).expect("lowers").run(vec![x]).expect("runs")
+    }
+}
+
+/// Compiles a graph with the JIT for `x`'s batch and runs it on 1 and 2 threads in checked mode (every
+/// access bounds-checked; none may fail) and on 2 threads unchecked. All three must give the same bytes.
+pub fn jit_graph(src: &Source, g: &cnnc::ir::Graph, params: Params, x: &Tensor) -> Tensor {
+    let program = cnnc::kernel::program(g, bind(src, g, params), x.batch(), cnnc::kernel::Tier::best());
+    let checked = cnnc::jit::compile(&program, cnnc::jit::Options { checked: true }).expect("compiles");
+    let one = checked.exe.run(&[x], 1).expect("runs");
+    let two = checked.exe.run(&[x], 2).expect("runs");
+    assert_eq!(checked.violations(), vec![], "out-of-bounds accesses");
+    let fast = cnnc::jit::compile(&program, cnnc::jit::Options::default()).expect("compiles").exe.run(&[x], 2).expect("runs");
+    assert!(one.data().iter().map(|v| v.to_bits()).eq(two.data().iter().map(|v| v.to_bits())), "1 and 2 threads differ");
+    assert!(one.data().iter().map(|v| v.to_bits()).eq(fast.data().iter().map(|v| v.to_bits())), "checked and unchecked differ");
+    one
 }
 
 pub enum Params<'a> {

@@ -8,6 +8,8 @@
 pub mod diag;
 pub mod input;
 pub mod ir;
+pub mod jit;
+pub mod kernel;
 pub mod lower;
 pub mod opt;
 pub mod syntax;

@@ -13,6 +13,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod bench;
+
 #[derive(Parser)]
 #[command(name = "cnnc", version, about = "A compiler for CNNs written like Chainer models", propagate_version = true)]
 struct Cli {
@@ -41,6 +43,12 @@ enum Cmd {
         /// The backend whose cost model guides the optimizer.
         #[arg(long, value_enum, default_value_t = Target::Cpu)]
         target: Target,
+        /// Batch size the kernels and the memory plan are made for (`--emit kernels|clif`, the table's peak).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+        batch: u32,
+        /// GEMM microkernel the kernels are lowered for (`--emit kernels|clif|asm`).
+        #[arg(long, value_enum, default_value_t = TierArg::Auto)]
+        tier: TierArg,
     },
     /// Run a model on images or .npy tensors and print the top classes.
     Run {
@@ -73,7 +81,80 @@ enum Cmd {
         /// Optimization level: 0 disables rewriting, 1 runs every rule.
         #[arg(short = 'O', default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
         opt: u8,
+        #[command(flatten)]
+        exec: ExecArgs,
     },
+    /// Time a model: compile time, weight loading, latency (median and min), GFLOP/s, per-kernel times.
+    Bench {
+        /// The model file; defaults to the bundled AlexBN.
+        model: Option<PathBuf>,
+        /// Chainer `save_npz` file or safetensors file (default: Chainer's initializers, fixed seed).
+        #[arg(long, short, value_name = "FILE")]
+        weights: Option<PathBuf>,
+        /// Samples per inference (inputs are deterministic pseudo-random tensors).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+        batch: u32,
+        /// Timed inferences (after 3 warm-up runs).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=100000))]
+        runs: u32,
+        /// Also print the time of every kernel (median over the runs).
+        #[arg(long)]
+        profile: bool,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Optimization level: 0 disables rewriting, 1 runs every rule.
+        #[arg(short = 'O', default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+        opt: u8,
+        #[command(flatten)]
+        exec: ExecArgs,
+    },
+}
+
+#[derive(clap::Args, Clone, Copy)]
+struct ExecArgs {
+    /// Which kernels run the model: the JIT-compiled ones, or the reference interpreter (slow, the oracle).
+    #[arg(long, value_enum, default_value_t = Backend::Jit)]
+    backend: Backend,
+    /// GEMM microkernel: `auto` picks the fastest this CPU runs. Results are identical for every tier.
+    #[arg(long, value_enum, default_value_t = TierArg::Auto)]
+    tier: TierArg,
+    /// Worker threads (default: the available cores). Results are identical for any count.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    threads: Option<u32>,
+}
+
+impl ExecArgs {
+    fn threads(&self) -> usize {
+        self.threads.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), |t| t as usize)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TierArg {
+    Auto,
+    /// Cranelift f32x4 code (every CPU Cranelift targets).
+    Portable,
+    /// A JIT-assembled AVX-512 tile (x86-64 with AVX-512F).
+    Avx512,
+}
+
+impl TierArg {
+    fn get(self) -> cnnc::kernel::Tier {
+        match self {
+            TierArg::Auto => cnnc::kernel::Tier::best(),
+            TierArg::Portable => cnnc::kernel::Tier::Portable,
+            TierArg::Avx512 => cnnc::kernel::Tier::Avx512,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Backend {
+    /// Cranelift-compiled vector kernels over a planned arena.
+    Jit,
+    /// The reference interpreter: naive loops, single-threaded.
+    Reference,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -92,6 +173,12 @@ enum Emit {
     Ir,
     /// The IR after optimization, with the rules that produced each rewritten node.
     IrOpt,
+    /// The kernel IR (loop nests) of every launch, with the memory plan.
+    Kernels,
+    /// The Cranelift IR of every kernel.
+    Clif,
+    /// The machine code Cranelift generates for this CPU, per kernel.
+    Asm,
 }
 
 fn parse_finite(s: &str) -> Result<f32, String> {
@@ -111,18 +198,22 @@ struct Reported;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::Compile { model, emit, output, opt, explain, target } => {
+        Cmd::Compile { model, emit, output, opt, explain, target, batch, tier } => {
             let model_costs = match target {
                 Target::Cpu => cnnc::opt::lang::CPU,
                 Target::Cuda => cnnc::opt::lang::CUDA,
             };
-            compile(&model, emit, output.as_deref(), &cnnc::opt::Options { level: opt, model: model_costs }, explain)
+            compile(&model, emit, output.as_deref(), &cnnc::opt::Options { level: opt, model: model_costs }, explain, batch as usize, tier)
         }
-        Cmd::Run { model, input, weights, output, top, json, resize, mean, scale, opt } => {
+        Cmd::Run { model, input, weights, output, top, json, resize, mean, scale, opt, exec } => {
             let defaults = Preprocess::default();
             let pre = Preprocess { resize, mean: mean.unwrap_or(defaults.mean), scale: scale.unwrap_or(defaults.scale) };
             let opts = cnnc::opt::Options { level: opt, ..Default::default() };
-            run(model.as_deref(), &input, weights.as_deref(), output.as_deref(), top as usize, json, &pre, &opts)
+            run(model.as_deref(), &input, weights.as_deref(), output.as_deref(), top as usize, json, &pre, &opts, exec)
+        }
+        Cmd::Bench { model, weights, batch, runs, profile, json, opt, exec } => {
+            let opts = cnnc::opt::Options { level: opt, ..Default::default() };
+            bench::bench(model.as_deref(), weights.as_deref(), batch as usize, runs as usize, profile, json, &opts, exec)
         }
     };
     match result {
@@ -156,16 +247,34 @@ fn front_end(model: Option<&Path>) -> Result<(Source, Graph)> {
     }
 }
 
-fn compile(model: &Path, emit: Emit, output: Option<&Path>, opts: &cnnc::opt::Options, explain: bool) -> Result<()> {
+fn compile(model: &Path, emit: Emit, output: Option<&Path>, opts: &cnnc::opt::Options, explain: bool, batch: usize, tier: TierArg) -> Result<()> {
     let (src, g) = front_end(Some(model))?;
     let (optimized, report) = cnnc::opt::optimize(&g, opts);
     if explain {
         eprint!("{}", cnnc::opt::explain(&report));
     }
+    // Kernels depend on shapes, not on values: lower with zero parameters.
+    let program = || {
+        let zeros = optimized.params().into_iter().map(|s| (s.clone(), Tensor::zeros(s.shape.clone()))).collect();
+        cnnc::kernel::program(&optimized, weights::Bound { params: zeros, notes: vec![] }, batch, tier.get())
+    };
     let text = match emit {
-        Emit::Table => ir::table(&g),
+        Emit::Table => {
+            let p = program();
+            let mib = |elems: usize| elems as f64 * 4.0 / (1 << 20) as f64;
+            format!(
+                "{}activation arena (batch {batch}, planned): {:.2} MiB; packed parameters: {:.2} MiB; {} kernel launches\n",
+                ir::table(&g),
+                mib(p.arena_len),
+                mib(p.params.iter().map(Vec::len).sum()),
+                p.launches.len()
+            )
+        }
         Emit::Ir => ir::dump(&g, &src),
         Emit::IrOpt => ir::dump(&optimized, &src),
+        Emit::Kernels => cnnc::kernel::listing(&program()),
+        Emit::Clif => cnnc::jit::clif(&program(), false)?,
+        Emit::Asm => cnnc::jit::clif(&program(), true)?,
     };
     match output {
         Some(path) => write_atomic(path, |w| Ok(w.write_all(text.as_bytes())?)),
@@ -183,6 +292,7 @@ fn run(
     json: bool,
     pre: &Preprocess,
     opts: &cnnc::opt::Options,
+    exec: ExecArgs,
 ) -> Result<()> {
     let (src, g) = front_end(model)?;
     let [input_node] = g.inputs[..] else {
@@ -199,33 +309,43 @@ fn run(
     }
     let x = input::concat_batches(parts);
 
+    let bound = load_weights(&src, &g, weights, true)?;
+    let (g, _) = cnnc::opt::optimize(&g, opts);
+    let y = match exec.backend {
+        Backend::Reference => cnnc::lower::lower(&g, bound).context("internal error while lowering")?.run(vec![x])?,
+        Backend::Jit => {
+            let program = cnnc::kernel::program(&g, bound, x.batch(), exec.tier.get());
+            cnnc::jit::compile(&program, cnnc::jit::Options::default())?.exe.run(&[&x], exec.threads())?
+        }
+    };
+    if let Some(path) = output {
+        write_atomic(path, |w| write_npy(w, &y))?;
+    }
+    report(&g, &y, &labels, top, json, weights)
+}
+
+/// Opens and binds the weights (or Chainer's initializers, with a loud warning), printing diagnostics.
+fn load_weights(src: &Source, g: &Graph, weights: Option<&Path>, warn: bool) -> Result<weights::Bound> {
     let mut w = match weights {
         Some(p) => Weights::open(p).map_err(|e| anyhow!(e))?,
         None => {
-            if !g.params().is_empty() {
+            if warn && !g.params().is_empty() {
                 eprintln!("warning: no --weights given: parameters are initialised randomly (Chainer's LeCunNormal, fixed seed)");
                 eprintln!("warning: THE PREDICTIONS BELOW ARE MEANINGLESS; pass --weights FILE.npz for real ones");
             }
             Weights::init()
         }
     };
-    let bound = match weights::bind(&g, &mut w) {
+    match weights::bind(g, &mut w) {
         Ok(b) => {
             src.emit(&b.notes);
-            b
+            Ok(b)
         }
         Err(diags) => {
             src.emit(&diags);
-            return Err(Reported.into());
+            Err(Reported.into())
         }
-    };
-    let (g, _) = cnnc::opt::optimize(&g, opts);
-    let plan = cnnc::lower::lower(&g, bound).context("internal error while lowering")?;
-    let y = plan.run(vec![x])?;
-    if let Some(path) = output {
-        write_atomic(path, |w| write_npy(w, &y))?;
     }
-    report(&g, &y, &labels, top, json, weights)
 }
 
 /// Prints the top classes per sample (softmax probabilities unless the model already ends in softmax).

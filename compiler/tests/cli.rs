@@ -484,3 +484,70 @@ fn read_errors_say_it_once() {
     let o = fails(&["run", "--input", "models", "--weights", "models"], 1, &["cannot read input `models`"]);
     assert_eq!(o.stderr.matches("Is a directory").count(), 1, "{}", o.stderr);
 }
+
+/// The JIT is the default backend: it agrees with the reference interpreter and with Chainer, and gives
+/// the same bytes for 1 and 2 threads and for every GEMM tier.
+#[test]
+fn jit_backend_threads_and_tiers_agree() {
+    let dir = tmp();
+    let w = fixture("alexbn_small/weights.npz");
+    let out = |name: &str, extra: &[&str]| {
+        let p = dir.path().join(name);
+        let o = run_small(&w, &p, extra);
+        assert_eq!(o.code, 0, "{extra:?}: {}", o.stderr);
+        read_npy(p.to_str().unwrap()).1
+    };
+    let one = out("one.npy", &["--threads", "1"]);
+    let two = out("two.npy", &["--threads", "2"]);
+    let portable = out("portable.npy", &["--tier", "portable", "--threads", "3"]);
+    let reference = out("ref.npy", &["--backend", "reference"]);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&one), bits(&two));
+    assert_eq!(bits(&one), bits(&portable));
+    assert!(rel_diff(&one, &reference) <= 1e-5, "JIT vs reference: {}", rel_diff(&one, &reference));
+    let chainer = read_npy(&fixture("alexbn_small/out.npy")).1;
+    assert!(rel_diff(&one, &chainer) <= 1e-4, "JIT vs Chainer: {}", rel_diff(&one, &chainer));
+}
+
+#[test]
+fn bench_prints_one_json_object() {
+    let model = fixture(SMALL);
+    let o = cnnc(&["bench", &model, "--weights", &fixture("alexbn_small/weights.npz"), "--batch", "2", "--runs", "2", "--threads", "2", "--profile", "--json"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let v: serde_json::Value = serde_json::from_str(o.stdout.trim()).expect("one JSON object on stdout");
+    assert_eq!((v["batch"].as_u64(), v["threads"].as_u64(), v["runs"].as_u64()), (Some(2), Some(2), Some(2)));
+    for key in ["compile_ms", "load_ms", "median_ms", "min_ms", "gflops"] {
+        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key}: {}", v[key]);
+    }
+    assert!(v["kernels"].as_array().is_some_and(|k| k.len() >= 8), "per-kernel times: {}", v["kernels"]);
+    let text = cnnc(&["bench", &model, "--runs", "1", "--backend", "reference"]);
+    assert_eq!(text.code, 0, "{}", text.stderr);
+    assert!(text.stdout.contains("latency"), "{}", text.stdout);
+}
+
+#[test]
+fn compile_emits_kernels_clif_asm_and_the_memory_plan() {
+    let model = root().join("models/alexbn.model").display().to_string();
+    let table = cnnc(&["compile", &model]);
+    assert_eq!(table.code, 0, "{}", table.stderr);
+    assert!(table.stdout.contains("activation arena (batch 1, planned)"), "{}", table.stdout);
+    let kernels = cnnc(&["compile", &model, "--emit", "kernels", "--batch", "2"]);
+    assert_eq!(kernels.code, 0, "{}", kernels.stderr);
+    assert!(
+        kernels.stdout.contains("; batch 2, arena") && kernels.stdout.contains("kernel n1.conv1+bn1+F.relu+F.max_pooling_2d.gemm"),
+        "{}",
+        &kernels.stdout[..2000]
+    );
+    let clif = cnnc(&["compile", &model, "--emit", "clif", "--tier", "portable"]);
+    assert_eq!(clif.code, 0, "{}", clif.stderr);
+    assert!(clif.stdout.contains("fma.f32x4") || clif.stdout.contains("= fma "), "no FMA in the CLIF");
+    let asm = cnnc(&["compile", &model, "--emit", "asm", "--tier", "portable"]);
+    assert_eq!(asm.code, 0, "{}", asm.stderr);
+    assert!(asm.stdout.contains("vfmadd"), "no vfmadd in the machine code");
+}
+
+#[test]
+fn bad_thread_counts_are_usage_errors() {
+    fails(&["run", "--input", "x.npy", "--threads", "0"], 2, &["--threads"]);
+    fails(&["bench", "--threads", "many"], 2, &["--threads"]);
+}

@@ -4,6 +4,7 @@
 //! reference interpreter that defines every op's meaning ([`reference`]), and execution plans
 //! ([`plan::Plan`]) that the compiler lowers a model to. It knows nothing of model files or weights files.
 
+pub mod exec;
 pub mod op;
 pub mod plan;
 pub mod reference;

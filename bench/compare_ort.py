@@ -1,0 +1,221 @@
+#!/usr/bin/env python3
+"""Latency of cnnc against ONNX Runtime on Chainer's AlexBN: same model, same weights, one run.
+
+    python3 bench/compare_ort.py [--cnnc PATH] [--batch 1 8] [--threads 1 2] [--runs 30] [--work DIR]
+
+1. Writes deterministic weights (numpy default_rng(0)) as a Chainer-style npz with the keys cnnc
+   reads (conv1/W, conv1/b, bn1/gamma, bn1/beta, bn1/avg_mean, bn1/avg_var, ..., fc8/b) and the
+   equivalent ONNX graph built with onnx.helper, both cached in --work (about 250 MB each).
+2. Correctness gate, per batch size: `cnnc run models/alexbn.model --weights W --input x.npy
+   --output y.npy` against ORT on the same seeded N(0,1) input; exits 1 if max|diff| / max|ORT| > 1e-4.
+3. For each (batch, threads): `cnnc bench ... --json` (cnnc times itself), then ORT in-process
+   (intra_op_num_threads=T, inter_op 1, sequential, all graph optimizations; 5 warm-up runs).
+   Prints a markdown table with median and min latencies and the ratio cnnc/ORT of the medians.
+
+The ONNX graph follows Chainer's semantics: BatchNormalization eps 2e-5, max pooling with
+cover_all=True (ceil_mode=1; the same sizes as floor mode at 227x227), flatten in NCHW order,
+Linear as Gemm(transB=1) with W stored (out, in), dropout as identity.
+"""
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = os.path.join(ROOT, "models", "alexbn.model")
+BN_EPS = 2e-5  # chainer.links.BatchNormalization's default
+TOLERANCE = 1e-4
+CONVS = [("conv1", 3, 96, 11, 4, 0), ("conv2", 96, 256, 5, 1, 2), ("conv3", 256, 384, 3, 1, 1),
+         ("conv4", 384, 384, 3, 1, 1), ("conv5", 384, 256, 3, 1, 1)]  # name, in, out, k, stride, pad
+BNS = [("bn1", 96), ("bn2", 256)]
+FCS = [("fc6", 9216, 4096), ("fc7", 4096, 4096), ("fc8", 4096, 1000)]
+
+
+def make_weights(seed=0):
+    """W: N(0, 2/fan_in) (LeCunNormal with ReLU gain, so activations keep their scale), b: N(0, 0.01^2)."""
+    rng = np.random.default_rng(seed)
+    w = {}
+    for name, cin, cout, k, _, _ in CONVS:
+        w[f"{name}/W"] = rng.normal(0, np.sqrt(2 / (cin * k * k)), (cout, cin, k, k)).astype(np.float32)
+        w[f"{name}/b"] = rng.normal(0, 0.01, cout).astype(np.float32)
+    for name, c in BNS:
+        w[f"{name}/gamma"] = rng.uniform(0.5, 1.5, c).astype(np.float32)
+        w[f"{name}/beta"] = rng.normal(0, 0.1, c).astype(np.float32)
+        w[f"{name}/avg_mean"] = rng.normal(0, 0.1, c).astype(np.float32)
+        w[f"{name}/avg_var"] = rng.uniform(0.5, 1.5, c).astype(np.float32)  # > 0
+    for name, fin, fout in FCS:
+        w[f"{name}/W"] = rng.normal(0, np.sqrt(2 / fin), (fout, fin)).astype(np.float32)
+        w[f"{name}/b"] = rng.normal(0, 0.01, fout).astype(np.float32)
+    return w
+
+
+def build_onnx(w):
+    from onnx import TensorProto, checker, helper, numpy_helper
+    nodes, inits = [], [numpy_helper.from_array(v, name=k) for k, v in w.items()]
+
+    def node(op, ins, **attrs):
+        out = f"t{len(nodes)}"
+        nodes.append(helper.make_node(op, ins, [out], **attrs))
+        return out
+
+    def conv(h, name, relu=True):
+        _, _, _, k, s, p = next(c for c in CONVS if c[0] == name)
+        h = node("Conv", [h, f"{name}/W", f"{name}/b"], kernel_shape=[k, k], strides=[s, s], pads=[p] * 4)
+        return node("Relu", [h]) if relu else h
+
+    def bn_relu(h, name):
+        keys = [f"{name}/{k}" for k in ("gamma", "beta", "avg_mean", "avg_var")]
+        return node("Relu", [node("BatchNormalization", [h] + keys, epsilon=BN_EPS)])
+
+    def pool(h):
+        return node("MaxPool", [h], kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1)
+
+    def fc(h, name):
+        return node("Gemm", [h, f"{name}/W", f"{name}/b"], transB=1)
+
+    h = pool(bn_relu(conv("input", "conv1", relu=False), "bn1"))
+    h = pool(bn_relu(conv(h, "conv2", relu=False), "bn2"))
+    h = pool(conv(conv(conv(h, "conv3"), "conv4"), "conv5"))
+    h = node("Flatten", [h], axis=1)
+    h = node("Relu", [fc(node("Relu", [fc(h, "fc6")]), "fc7")])
+    nodes.append(helper.make_node("Gemm", [h, "fc8/W", "fc8/b"], ["logits"], transB=1))
+    graph = helper.make_graph(
+        nodes, "AlexBN", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 227, 227])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1000])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    checker.check_model(model)
+    return model
+
+
+def prepare(work):
+    """The cached npz and ONNX paths, writing them (atomically) if absent."""
+    os.makedirs(work, exist_ok=True)
+    npz, onnx_path = os.path.join(work, "alexbn-seed0.npz"), os.path.join(work, "alexbn-seed0.onnx")
+    if not (os.path.exists(npz) and os.path.exists(onnx_path)):
+        import onnx
+        print(f"writing {npz} and {onnx_path} ...", file=sys.stderr)
+        w = make_weights()
+        with open(npz + ".tmp", "wb") as f:
+            np.savez(f, **w)
+        onnx.save(build_onnx(w), onnx_path + ".tmp")
+        os.replace(npz + ".tmp", npz)
+        os.replace(onnx_path + ".tmp", onnx_path)
+    return npz, onnx_path
+
+
+def ort_session(onnx_path, threads):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
+
+
+def make_input(batch):
+    return np.random.default_rng(1).standard_normal((batch, 3, 227, 227), dtype=np.float32)
+
+
+def time_ort(sess, batch, runs, warmup=5):
+    x = make_input(batch)
+    for _ in range(warmup):
+        sess.run(["logits"], {"input": x})
+    ts = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(["logits"], {"input": x})
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts), min(ts)
+
+
+def check(cnnc, npz, onnx_path, batch, work):
+    """Correctness gate: cnnc's logits against ORT's on one seeded input; returns the relative error."""
+    x = make_input(batch)
+    xf, yf = os.path.join(work, f"x_b{batch}.npy"), os.path.join(work, f"y_b{batch}.npy")
+    np.save(xf, x)
+    if os.path.exists(yf):
+        os.remove(yf)  # cnnc never overwrites an existing output
+    cmd = [cnnc, "run", MODEL, "--weights", npz, "--input", xf, "--output", yf]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"`{shlex.join(cmd)}` failed (exit {p.returncode}):\n{p.stderr}")
+    ours, ref = np.load(yf), ort_session(onnx_path, 2).run(["logits"], {"input": x})[0]
+    if ours.shape != ref.shape:
+        sys.exit(f"cnnc output shape {ours.shape} != ORT's {ref.shape}")
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def cnnc_bench(cnnc, npz, batch, threads, runs):
+    cmd = [cnnc, "bench", MODEL, "--weights", npz, "--batch", str(batch), "--threads", str(threads),
+           "--runs", str(runs), "--json"]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"`{shlex.join(cmd)}` failed (exit {p.returncode}):\n{p.stderr}")
+    r = json.loads(p.stdout)
+    if (r.get("batch"), r.get("threads")) != (batch, threads):
+        sys.exit(f"cnnc bench reported batch {r.get('batch')}, threads {r.get('threads')}; asked {batch}, {threads}")
+    return r
+
+
+def cpu_model():
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cnnc", default=os.path.join(ROOT, "target", "release", "cnnc"))
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--work", default=os.path.expanduser("~/.cache/cnnc-bench"))
+    ap.add_argument("--ort-only", action="store_true", help="time ONNX Runtime alone (no gate, no cnnc)")
+    a = ap.parse_args()
+    import onnxruntime
+
+    if not a.ort_only:
+        if not os.access(a.cnnc, os.X_OK):
+            sys.exit(f"no cnnc binary at {a.cnnc}: build it with `cargo build --release` or pass --cnnc PATH")
+        if subprocess.run([a.cnnc, "bench", "--help"], capture_output=True).returncode != 0:
+            sys.exit(f"{a.cnnc} has no `bench` subcommand (`cnnc bench MODEL --weights W --batch B --threads T "
+                     "--runs R --json`); build a cnnc that has one, or pass --ort-only")
+    npz, onnx_path = prepare(a.work)
+
+    tree = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"], capture_output=True, text=True)
+    cnnc = "not run" if a.ort_only else subprocess.run([a.cnnc, "--version"], capture_output=True, text=True).stdout
+    print(f"command: `{shlex.join(getattr(sys, 'orig_argv', [sys.executable, *sys.argv]))}`  ")
+    print(f"cnnc: {cnnc.strip()} (tree {tree.stdout.strip() or '?'}); onnxruntime {onnxruntime.__version__}  ")
+    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs)  ")
+    print(f"model: {os.path.relpath(MODEL, ROOT)}, weights {npz}, {a.runs} timed runs each\n")
+
+    if not a.ort_only:
+        for b in a.batch:
+            err = check(a.cnnc, npz, onnx_path, b, a.work)
+            print(f"correctness, batch {b}: max|cnnc - ORT| / max|ORT| = {err:.2e} (limit {TOLERANCE:.0e})  ")
+            if not err <= TOLERANCE:
+                sys.exit(f"cnnc and ONNX Runtime disagree at batch {b}; not timing")
+        print()
+
+    print("| batch | threads | cnnc median ms | ORT median ms | ratio cnnc/ORT | cnnc min | ORT min |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for b in a.batch:
+        for t in a.threads:
+            c = None if a.ort_only else cnnc_bench(a.cnnc, npz, b, t, a.runs)
+            o_med, o_min = time_ort(ort_session(onnx_path, t), b, a.runs)
+            c_med, c_min, ratio = ("-",) * 3 if c is None else (
+                f"{c['median_ms']:.2f}", f"{c['min_ms']:.2f}", f"{c['median_ms'] / o_med:.2f}")
+            print(f"| {b} | {t} | {c_med} | {o_med:.2f} | {ratio} | {c_min} | {o_min:.2f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

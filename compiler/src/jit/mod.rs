@@ -1,0 +1,559 @@
+//! Cranelift JIT backend: kernel IR → native code for this CPU, wrapped in a runtime [`Executable`].
+//!
+//! Each [`Kernel`] becomes one function `fn(bufs, task, ntasks)`. Kernel variables become Cranelift
+//! variables (SSA is built by `cranelift-frontend`), loops become header/body/exit blocks, f32x4
+//! values map to 128-bit vectors (the widest the x64 backend lowers) and `fma` to one `vfmadd` (the ISA
+//! comes from `cranelift_native`, which enables FMA where the CPU has it). `exp` and `ln` call Rust.
+//!
+//! Checked mode ([`Options::checked`]) guards every load and store: an index outside its buffer is
+//! recorded (kernel, buffer, index) and replaced by 0, so a bad kernel is reported instead of reading
+//! or corrupting memory. Tests run every model in checked mode.
+
+#[cfg(target_arch = "x86_64")]
+pub mod avx512;
+
+use crate::kernel::{Access, BinOp, Expr, Gemm, Kernel, Program, Stmt, Tier, Ty, UnOp};
+use cnnc_runtime::exec::{Executable, Step};
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::{types, AbiParam, FuncRef, InstBuilder, MemFlagsData, Signature, Type, Value};
+use cranelift_codegen::{settings::Configurable, Context};
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
+use cranelift_jit::{JITBuilder, JITModule};
+use cranelift_module::{default_libcall_names, FuncId, Linkage, Module};
+use std::sync::{Arc, Mutex};
+
+#[derive(Debug, thiserror::Error)]
+pub enum JitError {
+    #[error("cranelift could not target this machine: {0}")]
+    Target(String),
+    #[error("cranelift failed on kernel `{kernel}`: {message}")]
+    Codegen { kernel: String, message: String },
+    #[error("this program was lowered for the AVX-512 tier, which this CPU does not have")]
+    NoAvx512,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    /// Bounds-check every load and store (slower; for tests and debugging).
+    pub checked: bool,
+}
+
+/// An out-of-bounds access caught in checked mode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    pub kernel: String,
+    pub buffer: String,
+    pub index: i64,
+    pub len: usize,
+}
+
+#[derive(Default)]
+struct Log(Mutex<Vec<(u64, u64, i64)>>);
+
+extern "C" fn cnnc_oob(log: *const Log, kernel: u64, buf: u64, idx: i64) {
+    // SAFETY: the address was baked into the code from an `Arc<Log>` that `Jitted` keeps alive.
+    let log = unsafe { &*log };
+    let mut v = log.0.lock().unwrap_or_else(|e| e.into_inner());
+    if v.len() < 100 {
+        v.push((kernel, buf, idx));
+    }
+}
+extern "C" fn cnnc_expf(x: f32) -> f32 {
+    x.exp()
+}
+extern "C" fn cnnc_logf(x: f32) -> f32 {
+    x.ln()
+}
+
+/// The JIT module, kept alive while its code may run, freed after.
+struct Code(Option<JITModule>);
+// SAFETY: after `finalize_definitions` the module is never used again except to free it on drop; the
+// executable only calls the finalized code, which is immutable.
+unsafe impl Send for Code {}
+unsafe impl Sync for Code {}
+impl Drop for Code {
+    fn drop(&mut self) {
+        if let Some(m) = self.0.take() {
+            // SAFETY: the executable owning this `Code` is being dropped, so no kernel can run anymore.
+            unsafe { m.free_memory() };
+        }
+    }
+}
+
+/// A compiled program: the executable plus, in checked mode, its violation log.
+pub struct Jitted {
+    pub exe: Executable,
+    log: Arc<Log>,
+    names: Vec<(String, Vec<(String, usize)>)>,
+}
+
+impl Jitted {
+    /// Out-of-bounds accesses recorded so far (checked mode only; at most 100).
+    pub fn violations(&self) -> Vec<Violation> {
+        let v = self.log.0.lock().unwrap_or_else(|e| e.into_inner());
+        v.iter()
+            .map(|&(k, b, index)| {
+                let (kernel, bufs) = &self.names[k as usize];
+                Violation { kernel: kernel.clone(), buffer: bufs[b as usize].0.clone(), index, len: bufs[b as usize].1 }
+            })
+            .collect()
+    }
+}
+
+/// A JIT module for this CPU, with the tier's microkernels defined in it (variant = 2·accumulate + relu).
+fn module(tier: Tier) -> Result<(JITModule, Option<[FuncId; 4]>), JitError> {
+    let mut flags = cranelift_codegen::settings::builder();
+    let set = |f: &mut cranelift_codegen::settings::Builder, k: &str, v: &str| f.set(k, v).map_err(|e| JitError::Target(e.to_string()));
+    set(&mut flags, "opt_level", "speed")?;
+    set(&mut flags, "is_pic", "false")?;
+    set(&mut flags, "use_colocated_libcalls", "false")?;
+    let isa = cranelift_native::builder().map_err(|e| JitError::Target(e.to_string()))?;
+    let isa = isa.finish(cranelift_codegen::settings::Flags::new(flags)).map_err(|e| JitError::Target(e.to_string()))?;
+    let mut b = JITBuilder::with_isa(isa, default_libcall_names());
+    b.symbol("cnnc_oob", cnnc_oob as *const u8);
+    b.symbol("cnnc_expf", cnnc_expf as *const u8);
+    b.symbol("cnnc_logf", cnnc_logf as *const u8);
+    let mut m = JITModule::new(b);
+    let tiles = match tier {
+        Tier::Portable => None,
+        #[cfg(target_arch = "x86_64")]
+        Tier::Avx512 => {
+            if !avx512::available() {
+                return Err(JitError::NoAvx512);
+            }
+            let sig = tile_signature(&m);
+            let mut ids = [FuncId::from_u32(0); 4];
+            for (variant, id) in ids.iter_mut().enumerate() {
+                let err = |message: String| JitError::Codegen { kernel: "avx512 tile".into(), message };
+                let code = avx512::tile(variant & 2 != 0, variant & 1 != 0).map_err(|e| err(e.to_string()))?;
+                *id = m.declare_function(&format!("cnnc_tile_avx512_{variant}"), Linkage::Local, &sig).map_err(|e| err(e.to_string()))?;
+                m.define_function_bytes(*id, 64, &code, &[]).map_err(|e| err(e.to_string()))?;
+            }
+            Some(ids)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        Tier::Avx512 => return Err(JitError::NoAvx512),
+    };
+    Ok((m, tiles))
+}
+
+/// `fn(a, b, c, depth, ldb, bias, rows, cols, ldc)`, all pointer-sized.
+fn tile_signature(m: &JITModule) -> Signature {
+    let mut s = Signature::new(m.isa().default_call_conv());
+    s.params.extend([AbiParam::new(types::I64); 9]);
+    s
+}
+
+/// Compiles every launch of `program` to native code.
+pub fn compile(program: &Program, opts: Options) -> Result<Jitted, JitError> {
+    let (mut m, tiles) = module(program.tier)?;
+    let log = Arc::new(Log::default());
+    let mut ctx = m.make_context();
+    let mut fctx = FunctionBuilderContext::new();
+    let mut ids = vec![];
+    for (i, l) in program.launches.iter().enumerate() {
+        let check = opts.checked.then(|| (Arc::as_ptr(&log) as i64, i as i64));
+        build(&mut m, &mut ctx, &mut fctx, &l.kernel, check, tiles)?;
+        let err = |e: cranelift_module::ModuleError| JitError::Codegen { kernel: l.kernel.name.clone(), message: format!("{e:?}") };
+        let id = m.declare_anonymous_function(&ctx.func.signature).map_err(err)?;
+        m.define_function(id, &mut ctx).map_err(err)?;
+        m.clear_context(&mut ctx);
+        ids.push(id);
+    }
+    m.finalize_definitions().map_err(|e| JitError::Codegen { kernel: "(module)".into(), message: format!("{e:?}") })?;
+    let steps = program
+        .launches
+        .iter()
+        .zip(&ids)
+        .map(|(l, &id)| {
+            // SAFETY: the function was built from `l.kernel` with the `KernelFn` signature.
+            let f = unsafe { std::mem::transmute::<*const u8, cnnc_runtime::exec::KernelFn>(m.get_finalized_function(id)) };
+            Step { name: l.kernel.name.clone(), f, slots: l.slots.clone(), flops: l.flops }
+        })
+        .collect();
+    let names = program.launches.iter().map(|l| (l.kernel.name.clone(), l.kernel.bufs.iter().map(|b| (b.name.clone(), b.len)).collect())).collect();
+    // SAFETY: kernels index inside their declared buffer lengths (the lowering's invariant, verified by
+    // the checked-mode tests), the program's slots are at least that long, and tasks write disjoint
+    // elements; `Code` keeps the module alive as long as the executable.
+    let exe = unsafe { Executable::new(steps, &program.params, program.arena_len, program.inputs.clone(), program.output.clone(), Box::new(Code(Some(m)))) };
+    Ok(Jitted { exe, log, names })
+}
+
+/// The Cranelift IR of every kernel as built, before Cranelift optimizes it (`cnnc compile --emit
+/// clif`), or (`asm`) the machine code Cranelift generated for this CPU (`--emit asm`).
+pub fn clif(program: &Program, asm: bool) -> Result<String, JitError> {
+    let (mut m, tiles) = module(program.tier)?;
+    let (mut ctx, mut fctx) = (m.make_context(), FunctionBuilderContext::new());
+    let mut out = String::new();
+    for l in &program.launches {
+        build(&mut m, &mut ctx, &mut fctx, &l.kernel, None, tiles)?;
+        let text = if asm {
+            ctx.set_disasm(true);
+            let err = |message: String| JitError::Codegen { kernel: l.kernel.name.clone(), message };
+            let code = ctx.compile(m.isa(), &mut Default::default()).map_err(|e| err(format!("{:?}", e.inner)))?;
+            code.vcode.clone().unwrap_or_default()
+        } else {
+            ctx.func.display().to_string()
+        };
+        out += &format!("; kernel {}\n{text}\n", l.kernel.name);
+        m.clear_context(&mut ctx);
+    }
+    Ok(out)
+}
+
+fn ty(t: Ty) -> Type {
+    match t {
+        Ty::I64 => types::I64,
+        Ty::F32 => types::F32,
+        Ty::F32x4 => types::F32X4,
+    }
+}
+
+/// Builds `k` into `ctx.func`. `check`: (log address, kernel number) for checked mode.
+fn build(
+    m: &mut JITModule,
+    ctx: &mut Context,
+    fctx: &mut FunctionBuilderContext,
+    k: &Kernel,
+    check: Option<(i64, i64)>,
+    tiles: Option<[FuncId; 4]>,
+) -> Result<(), JitError> {
+    let err = |e: cranelift_module::ModuleError| JitError::Codegen { kernel: k.name.clone(), message: e.to_string() };
+    let sig = |params: &[Type], ret: &[Type]| {
+        let mut s = Signature::new(m.isa().default_call_conv());
+        s.params.extend(params.iter().map(|&t| AbiParam::new(t)));
+        s.returns.extend(ret.iter().map(|&t| AbiParam::new(t)));
+        s
+    };
+    ctx.func.signature = sig(&[types::I64; 3], &[]);
+    let unary = sig(&[types::F32], &[types::F32]);
+    let oob_sig = sig(&[types::I64; 4], &[]);
+    let exp = m.declare_function("cnnc_expf", Linkage::Import, &unary).map_err(err)?;
+    let ln = m.declare_function("cnnc_logf", Linkage::Import, &unary).map_err(err)?;
+    let oob = m.declare_function("cnnc_oob", Linkage::Import, &oob_sig).map_err(err)?;
+    let math = [m.declare_func_in_func(exp, &mut ctx.func), m.declare_func_in_func(ln, &mut ctx.func)];
+    let oob = m.declare_func_in_func(oob, &mut ctx.func);
+    let tiles = tiles.map(|ids| ids.map(|id| m.declare_func_in_func(id, &mut ctx.func)));
+
+    let mut b = FunctionBuilder::new(&mut ctx.func, fctx);
+    let entry = b.create_block();
+    b.append_block_params_for_function_params(entry);
+    b.switch_to_block(entry);
+    let [table, task, ntasks] = [0, 1, 2].map(|i| b.block_params(entry)[i]);
+    let vars: Vec<Variable> = k.vars.iter().map(|&t| b.declare_var(ty(t))).collect();
+    // This task's share of the parallel loop: extent·task/ntasks .. extent·(task+1)/ntasks.
+    let extent = b.ins().iconst(types::I64, k.extent as i64);
+    let lo = b.ins().imul(extent, task);
+    let lo = b.ins().udiv(lo, ntasks);
+    let next = b.ins().iadd_imm_s(task, 1);
+    let hi = b.ins().imul(extent, next);
+    let hi = b.ins().udiv(hi, ntasks);
+    b.def_var(vars[Kernel::LO.0 as usize], lo);
+    b.def_var(vars[Kernel::HI.0 as usize], hi);
+    let bases = (0..k.bufs.len()).map(|i| b.ins().load(types::I64, MemFlagsData::trusted().with_readonly(), table, (8 * i) as i32)).collect();
+    let frontend = m.isa().frontend_config();
+    let mut g = Gen { b, k, vars, bases, math, tiles, check: check.map(|(log, kernel)| (log, kernel, oob)) };
+    g.block(&k.body);
+    g.b.ins().return_(&[]);
+    g.b.seal_all_blocks();
+    g.b.finalize(frontend);
+    Ok(())
+}
+
+struct Gen<'a, 'f> {
+    b: FunctionBuilder<'f>,
+    k: &'a Kernel,
+    vars: Vec<Variable>,
+    bases: Vec<Value>,
+    math: [FuncRef; 2],
+    tiles: Option<[FuncRef; 4]>,
+    check: Option<(i64, i64, FuncRef)>,
+}
+
+impl Gen<'_, '_> {
+    fn block(&mut self, body: &[Stmt]) {
+        for s in body {
+            self.stmt(s);
+        }
+    }
+
+    fn stmt(&mut self, s: &Stmt) {
+        match s {
+            Stmt::Set(v, e) => {
+                let x = self.expr(e);
+                self.b.def_var(self.vars[v.0 as usize], x);
+            }
+            Stmt::Store { buf, idx, value } => {
+                let x = self.expr(value);
+                let lanes = if self.k.ty(value) == Ty::F32x4 { 4 } else { 1 };
+                let a = self.addr(buf.0, idx, lanes);
+                self.b.ins().store(MemFlagsData::new().with_notrap(), x, a, 0);
+            }
+            Stmt::For { var, lo, hi, step, body } => {
+                let v = self.vars[var.0 as usize];
+                let (lo, hi) = (self.expr(lo), self.expr(hi));
+                self.b.def_var(v, lo);
+                let [header, body_b, exit] = [(); 3].map(|_| self.b.create_block());
+                self.b.ins().jump(header, &[]);
+                self.b.switch_to_block(header);
+                let i = self.b.use_var(v);
+                let c = self.b.ins().icmp(IntCC::SignedLessThan, i, hi);
+                self.b.ins().brif(c, body_b, &[], exit, &[]);
+                self.b.switch_to_block(body_b);
+                self.block(body);
+                let i = self.b.use_var(v);
+                let i = self.b.ins().iadd_imm_s(i, *step);
+                self.b.def_var(v, i);
+                self.b.ins().jump(header, &[]);
+                self.b.switch_to_block(exit);
+            }
+            Stmt::Gemm(g) => self.gemm(g),
+            Stmt::If { cond, then, els } => {
+                let c = self.expr(cond);
+                let [t, f, join] = [(); 3].map(|_| self.b.create_block());
+                self.b.ins().brif(c, t, &[], f, &[]);
+                for (blk, body) in [(t, then), (f, els)] {
+                    self.b.switch_to_block(blk);
+                    self.block(body);
+                    self.b.ins().jump(join, &[]);
+                }
+                self.b.switch_to_block(join);
+            }
+        }
+    }
+
+    /// Calls the tier's tile. In checked mode the first and last element the tile may touch in each
+    /// buffer are checked first, and the call is skipped (after logging) if any is outside.
+    fn gemm(&mut self, g: &Gemm) {
+        let tiles = self.tiles.expect("Gemm statements are only emitted for a tier with a tile");
+        let (rows, cols, depth) = (self.expr(&g.rows), self.expr(&g.cols), self.expr(&g.depth));
+        let [a0, bias0, b0, c0] = [&g.a0, &g.bias0, &g.b0, &g.c0].map(|e| self.expr(e));
+        let args = [a0, bias0, b0, c0, rows, cols, depth];
+        if self.check.is_none() {
+            return self.call_tile(g, tiles, args);
+        }
+        // The last element the tile may touch in A, B and C: a0 + depth·MR − 1,
+        // b0 + (depth − 1)·ldb + cols − 1, c0 + (rows − 1)·ldc + cols − 1.
+        let mr = Tier::Avx512.mr() as i64;
+        let mut ins = |f: &mut dyn FnMut(&mut FunctionBuilder) -> Value| f(&mut self.b);
+        let a_last = ins(&mut |b| {
+            let d = b.ins().imul_imm_s(depth, mr);
+            let x = b.ins().iadd(a0, d);
+            b.ins().iadd_imm_s(x, -1)
+        });
+        let b_last = ins(&mut |b| {
+            let d = b.ins().iadd_imm_s(depth, -1);
+            let d = b.ins().imul_imm_s(d, g.ldb as i64);
+            let x = b.ins().iadd(b0, d);
+            let x = b.ins().iadd(x, cols);
+            b.ins().iadd_imm_s(x, -1)
+        });
+        let c_last = ins(&mut |b| {
+            let r = b.ins().iadd_imm_s(rows, -1);
+            let r = b.ins().imul_imm_s(r, g.ldc as i64);
+            let x = b.ins().iadd(c0, r);
+            let x = b.ins().iadd(x, cols);
+            b.ins().iadd_imm_s(x, -1)
+        });
+        let bias_last = self.b.ins().iadd_imm_s(bias0, mr - 1);
+        let checks = [(g.a.0, a0), (g.a.0, a_last), (g.bias.0, bias0), (g.bias.0, bias_last), (g.b.0, b0), (g.b.0, b_last), (g.c.0, c0), (g.c.0, c_last)];
+        let mut all = self.b.ins().iconst(types::I8, 1);
+        for (buf, idx) in checks {
+            let ok = self.checked_index(buf, idx, 1).1;
+            all = self.b.ins().band(all, ok);
+        }
+        let (call, cont) = (self.b.create_block(), self.b.create_block());
+        self.b.ins().brif(all, call, &[], cont, &[]);
+        self.b.switch_to_block(call);
+        self.call_tile(g, tiles, args);
+        self.b.ins().jump(cont, &[]);
+        self.b.switch_to_block(cont);
+    }
+
+    fn call_tile(&mut self, g: &Gemm, tiles: [FuncRef; 4], [a0, bias0, b0, c0, rows, cols, depth]: [Value; 7]) {
+        let mut ptr = |buf: u16, idx: Value| {
+            let off = self.b.ins().ishl_imm_u(idx, 2);
+            self.b.ins().iadd(self.bases[buf as usize], off)
+        };
+        let (a, bias, b, c) = (ptr(g.a.0, a0), ptr(g.bias.0, bias0), ptr(g.b.0, b0), ptr(g.c.0, c0));
+        let ldb = self.b.ins().iconst(types::I64, g.ldb as i64);
+        let ldc = self.b.ins().iconst(types::I64, g.ldc as i64);
+        let variant = 2 * usize::from(g.accumulate) + usize::from(g.relu);
+        self.b.ins().call(tiles[variant], &[a, b, c, depth, ldb, bias, rows, cols, ldc]);
+    }
+
+    /// In checked mode: logs `idx` if `idx..idx + lanes` is outside buffer `buf`, and returns the index
+    /// to use (0 when outside) and whether it was inside.
+    fn checked_index(&mut self, buf: u16, i: Value, lanes: i64) -> (Value, Value) {
+        let (log, kernel, oob) = self.check.expect("checked mode");
+        let len = self.k.bufs[buf as usize].len as i64;
+        let ok = self.b.ins().icmp_imm_s(IntCC::UnsignedLessThan, i, len - lanes + 1);
+        let (bad, cont) = (self.b.create_block(), self.b.create_block());
+        self.b.ins().brif(ok, cont, &[], bad, &[]);
+        self.b.switch_to_block(bad);
+        let args = [log, kernel, buf as i64].map(|v| self.b.ins().iconst(types::I64, v));
+        self.b.ins().call(oob, &[args[0], args[1], args[2], i]);
+        self.b.ins().jump(cont, &[]);
+        self.b.switch_to_block(cont);
+        let zero = self.b.ins().iconst(types::I64, 0);
+        (self.b.ins().select(ok, i, zero), ok)
+    }
+
+    /// The address of element `idx` of buffer `buf`; in checked mode, an out-of-range index is logged
+    /// and replaced by 0.
+    fn addr(&mut self, buf: u16, idx: &Expr, lanes: i64) -> Value {
+        let mut i = self.expr(idx);
+        if self.check.is_some() {
+            i = self.checked_index(buf, i, lanes).0;
+        }
+        let off = self.b.ins().ishl_imm_u(i, 2);
+        self.b.ins().iadd(self.bases[buf as usize], off)
+    }
+
+    fn expr(&mut self, e: &Expr) -> Value {
+        match e {
+            Expr::Int(v) => self.b.ins().iconst(types::I64, *v),
+            Expr::F32(v) => self.b.ins().f32const(*v),
+            Expr::Var(v) => self.b.use_var(self.vars[v.0 as usize]),
+            Expr::Bin(op, a, c) => {
+                let int = self.k.ty(a) == Ty::I64;
+                let (x, y) = (self.expr(a), self.expr(c));
+                let cc = match op {
+                    BinOp::Lt => Some(IntCC::SignedLessThan),
+                    BinOp::Le => Some(IntCC::SignedLessThanOrEqual),
+                    BinOp::Eq => Some(IntCC::Equal),
+                    _ => None,
+                };
+                if let Some(cc) = cc {
+                    let c = self.b.ins().icmp(cc, x, y);
+                    return self.b.ins().uextend(types::I64, c);
+                }
+                let ins = self.b.ins();
+                match (op, int) {
+                    (BinOp::Add, true) => ins.iadd(x, y),
+                    (BinOp::Sub, true) => ins.isub(x, y),
+                    (BinOp::Mul, true) => ins.imul(x, y),
+                    (BinOp::Div, true) => ins.sdiv(x, y),
+                    (BinOp::Rem, true) => ins.srem(x, y),
+                    (BinOp::Min, true) => ins.smin(x, y),
+                    (BinOp::Max, true) => ins.smax(x, y),
+                    (BinOp::And, _) => ins.band(x, y),
+                    (BinOp::Add, false) => ins.fadd(x, y),
+                    (BinOp::Sub, false) => ins.fsub(x, y),
+                    (BinOp::Mul, false) => ins.fmul(x, y),
+                    (BinOp::Div, false) => ins.fdiv(x, y),
+                    (BinOp::Min, false) => ins.fmin(x, y),
+                    (BinOp::Max, false) => ins.fmax(x, y),
+                    (BinOp::Lt | BinOp::Le | BinOp::Eq, _) => unreachable!("handled above"),
+                    (BinOp::Rem, false) => unreachable!("no float remainder in kernels"),
+                }
+            }
+            Expr::Un(op, a) => {
+                let x = self.expr(a);
+                match op {
+                    UnOp::Splat => self.b.ins().splat(types::F32X4, x),
+                    UnOp::HSum => {
+                        let l = [0u8, 1, 2, 3].map(|i| self.b.ins().extractlane(x, i));
+                        let (p, q) = (self.b.ins().fadd(l[0], l[1]), self.b.ins().fadd(l[2], l[3]));
+                        self.b.ins().fadd(p, q)
+                    }
+                    UnOp::Exp | UnOp::Ln => {
+                        let f = self.math[usize::from(*op == UnOp::Ln)];
+                        let call = self.b.ins().call(f, &[x]);
+                        self.b.inst_results(call)[0]
+                    }
+                }
+            }
+            Expr::Fma(abc) => {
+                let [a, b, c] = [0, 1, 2].map(|i| self.expr(&abc[i]));
+                self.b.ins().fma(a, b, c)
+            }
+            Expr::Load { buf, idx, lanes } => {
+                let t = if *lanes == 1 { types::F32 } else { types::F32X4 };
+                let a = self.addr(buf.0, idx, *lanes as i64);
+                // Buffers the kernel only reads do not change while it runs (in-place kernels read each
+                // element before writing it, through a buffer declared writable).
+                let mut flags = MemFlagsData::new().with_notrap();
+                if self.k.bufs[buf.0 as usize].access == Access::Read {
+                    flags = flags.with_readonly();
+                }
+                self.b.ins().load(t, flags, a, 0)
+            }
+            Expr::Select(abc) => {
+                let [c, x, y] = [0, 1, 2].map(|i| self.expr(&abc[i]));
+                let c = self.b.ins().icmp_imm_s(IntCC::NotEqual, c, 0);
+                self.b.ins().select(c, x, y)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::{e, Access, Kb, Launch, Slot};
+
+    /// A one-launch program over `param` (read) and a 24-float arena whose first 8 floats are the
+    /// kernel's output buffer; the program's output is the whole arena, so stray writes show.
+    fn run(k: Kernel, param: Vec<f32>, tier: Tier) -> (Vec<f32>, Vec<Violation>) {
+        let slots = vec![Slot::Param(0), Slot::Arena { offset: 0, len: 8 }];
+        let p = Program {
+            batch: 1,
+            tier,
+            launches: vec![Launch { kernel: k, slots, flops: 0 }],
+            params: vec![param],
+            arena_len: 24,
+            inputs: vec![],
+            output: (0, vec![1, 24]),
+        };
+        let jit = compile(&p, Options { checked: true }).expect("compiles");
+        let y = jit.exe.run(&[], 1).expect("runs");
+        (y.data().to_vec(), jit.violations())
+    }
+
+    #[test]
+    fn checked_mode_reports_and_blocks_out_of_bounds_accesses() {
+        let mut kb = Kb::new("off_by_one", 1);
+        let (x, y) = (kb.buf("x", 8, Access::Read), kb.buf("y", 8, Access::Write));
+        // Copies 9 elements of 8-element buffers: one load and one store past the end.
+        kb.for_(0usize, 9usize, |kb, i| kb.store(y, i.clone(), x.at(i) + 1.0f32));
+        let (out, v) = run(kb.finish(), (0..8).map(|i| i as f32).collect(), Tier::Portable);
+        let v: Vec<(String, i64)> = v.into_iter().map(|v| (v.buffer, v.index)).collect();
+        assert_eq!(v, [("x".to_string(), 8), ("y".to_string(), 8)]);
+        // The blocked store went to element 0 instead; nothing past the buffer was written.
+        assert_eq!(&out[1..8], &[2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]);
+        assert!(out[8..].iter().all(|&v| v == 0.0), "{out:?}");
+    }
+
+    #[test]
+    fn checked_mode_checks_every_tile_call() {
+        if !avx512::available() {
+            eprintln!("skipped: this CPU has no AVX-512 tier");
+            return;
+        }
+        // A 12-row tile whose C rows (stride 8) run far past the 8-element buffer.
+        let mut kb = Kb::new("tile_overrun", 1);
+        let (a, c) = (kb.buf("A", 12, Access::Read), kb.buf("C", 8, Access::Write));
+        kb.gemm(crate::kernel::Gemm {
+            a,
+            a0: e(0i64),
+            bias: a,
+            bias0: e(0i64),
+            b: a,
+            b0: e(0i64),
+            c,
+            c0: e(0i64),
+            ldb: 1,
+            ldc: 8,
+            depth: e(1i64),
+            rows: e(12i64),
+            cols: e(1i64),
+            accumulate: false,
+            relu: false,
+        });
+        let (out, v) = run(kb.finish(), vec![1.0; 12], Tier::Avx512);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!((v[0].buffer.as_str(), v[0].index, v[0].len), ("C", 88, 8));
+        assert!(out.iter().all(|&v| v == 0.0), "the call must be skipped: {out:?}");
+    }
+}

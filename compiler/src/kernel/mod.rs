@@ -1,0 +1,526 @@
+//! Kernel IR: the loop nests every backend generates code from.
+//!
+//! A [`Kernel`] is a function over numbered flat `f32` buffers: one parallel loop `0..extent` that the
+//! runtime splits into contiguous ranges (one per task), and inside it ordinary statements — counted
+//! loops, conditionals, scalar and 4-lane vector loads, stores, FMAs, min/max and a few math calls.
+//! Integers are `i64`, indices count elements (not bytes). Kernels are built with [`Kb`], whose
+//! closures keep the nesting of the source equal to the nesting of the loops.
+//!
+//! This stage owns: the IR, its type rules ([`Kernel::ty`]), its printer, and the lowering of layer
+//! graphs to [`Program`]s (`ops.rs`: op → kernels; `program.rs`: buffers and the memory plan).
+//! Invariant left: every load and store of a kernel indexes inside its buffer's declared length for the
+//! shapes it was built for (the JIT's checked mode verifies this at run time), and parallel tasks write
+//! disjoint elements, so results do not depend on how many tasks run.
+
+mod ops;
+mod program;
+
+pub use program::{program, Launch, Program, Slot, ALIGN};
+
+use std::fmt;
+
+/// A mutable kernel variable (`%v3`), typed once by its declaration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Var(pub u32);
+
+/// A kernel buffer, by position in [`Kernel::bufs`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Buf(pub u16);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ty {
+    I64,
+    F32,
+    /// Four `f32` lanes (the widest vector Cranelift's x64 backend lowers).
+    F32x4,
+}
+
+pub const LANES: usize = 4;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BinOp {
+    Add,
+    Sub,
+    Mul,
+    /// Integer division of non-negative operands, or float division.
+    Div,
+    Rem,
+    Min,
+    Max,
+    /// Integer comparisons and conjunction give 0 or 1.
+    Lt,
+    Le,
+    Eq,
+    And,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnOp {
+    /// f32 → f32x4 with the value in every lane.
+    Splat,
+    /// f32x4 → f32: `(l0 + l1) + (l2 + l3)`.
+    HSum,
+    Exp,
+    Ln,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Expr {
+    Int(i64),
+    F32(f32),
+    Var(Var),
+    Bin(BinOp, Box<Expr>, Box<Expr>),
+    Un(UnOp, Box<Expr>),
+    /// `a · b + c`, rounded once.
+    Fma(Box<[Expr; 3]>),
+    Load {
+        buf: Buf,
+        idx: Box<Expr>,
+        lanes: u8,
+    },
+    /// `cond != 0 ? a : b` (both sides are evaluated).
+    Select(Box<[Expr; 3]>),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Stmt {
+    Set(Var, Expr),
+    /// Stores a scalar or a vector (its lanes go to `idx..idx + 4`).
+    Store {
+        buf: Buf,
+        idx: Expr,
+        value: Expr,
+    },
+    /// `for var in lo..hi (step)`: `hi` is evaluated once, before the first iteration.
+    For {
+        var: Var,
+        lo: Expr,
+        hi: Expr,
+        step: i64,
+        body: Vec<Stmt>,
+    },
+    If {
+        cond: Expr,
+        then: Vec<Stmt>,
+        els: Vec<Stmt>,
+    },
+    /// One GEMM tile, for backends with their own microkernel (see [`Gemm`]).
+    Gemm(Box<Gemm>),
+}
+
+/// A GEMM tile with its epilogue, as one statement:
+/// `C[c0 + r·ldc + j] = act(init + Σ_{k < depth} A[a0 + k·MR + r] · B[b0 + k·ldb + j])` for `r < rows`,
+/// `j < cols`, one FMA per k in order, where init is `bias[bias0 + r]`, or with `accumulate` the value
+/// already in C (so a long sum can be split into slices of k without changing a single rounding).
+/// MR and NR are the [`Tier`]'s tile shape, `rows ≤ MR`, `cols ≤ NR`, and `A` holds MR rows per k
+/// (zero rows pad the last block).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Gemm {
+    pub a: Buf,
+    pub a0: Expr,
+    pub bias: Buf,
+    pub bias0: Expr,
+    pub b: Buf,
+    pub b0: Expr,
+    pub c: Buf,
+    pub c0: Expr,
+    pub ldb: usize,
+    pub ldc: usize,
+    pub depth: Expr,
+    pub rows: Expr,
+    pub cols: Expr,
+    pub accumulate: bool,
+    pub relu: bool,
+}
+
+/// The GEMM microkernel a program is lowered for; it fixes the tile shape and the weight packing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tier {
+    /// Cranelift f32x4 code, expanded in the kernel IR: 4 × 12 tiles (12 xmm accumulators).
+    Portable,
+    /// [`Stmt::Gemm`] calls to a JIT-assembled AVX-512 tile: 12 × 32 (24 zmm accumulators).
+    Avx512,
+}
+
+impl Tier {
+    pub fn mr(self) -> usize {
+        match self {
+            Tier::Portable => 4,
+            Tier::Avx512 => 12,
+        }
+    }
+    pub fn nr(self) -> usize {
+        match self {
+            Tier::Portable => 3 * LANES,
+            Tier::Avx512 => 32,
+        }
+    }
+    /// The fastest tier this machine runs.
+    pub fn best() -> Tier {
+        #[cfg(target_arch = "x86_64")]
+        if crate::jit::avx512::available() {
+            return Tier::Avx512;
+        }
+        Tier::Portable
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+    ReadWrite,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct BufDecl {
+    pub name: String,
+    /// Length in elements: every access stays below it.
+    pub len: usize,
+    pub access: Access,
+}
+
+/// One kernel: `for i in 0..extent` split across tasks, each task running `body` with
+/// [`Kernel::lo`]..[`Kernel::hi`] bound to its contiguous share of the iterations.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Kernel {
+    pub name: String,
+    pub bufs: Vec<BufDecl>,
+    pub vars: Vec<Ty>,
+    pub extent: usize,
+    pub body: Vec<Stmt>,
+}
+
+impl Kernel {
+    /// The first and one-past-last parallel iteration of the running task (variables 0 and 1).
+    pub const LO: Var = Var(0);
+    pub const HI: Var = Var(1);
+
+    /// The type of an expression (the builder only forms well-typed ones).
+    pub fn ty(&self, e: &Expr) -> Ty {
+        match e {
+            Expr::Int(_) => Ty::I64,
+            Expr::F32(_) => Ty::F32,
+            Expr::Var(v) => self.vars[v.0 as usize],
+            Expr::Bin(op, a, _) => match op {
+                BinOp::Lt | BinOp::Le | BinOp::Eq | BinOp::And => Ty::I64,
+                _ => self.ty(a),
+            },
+            Expr::Un(UnOp::Splat, _) => Ty::F32x4,
+            Expr::Un(UnOp::HSum, _) => Ty::F32,
+            Expr::Un(_, a) => self.ty(a),
+            Expr::Fma(abc) => self.ty(&abc[0]),
+            Expr::Load { lanes, .. } => lane_ty(*lanes),
+            Expr::Select(abc) => self.ty(&abc[1]),
+        }
+    }
+}
+
+fn lane_ty(lanes: u8) -> Ty {
+    if lanes == 1 {
+        Ty::F32
+    } else {
+        Ty::F32x4
+    }
+}
+
+impl From<i64> for Expr {
+    fn from(v: i64) -> Self {
+        Expr::Int(v)
+    }
+}
+impl From<usize> for Expr {
+    fn from(v: usize) -> Self {
+        Expr::Int(v as i64)
+    }
+}
+impl From<f32> for Expr {
+    fn from(v: f32) -> Self {
+        Expr::F32(v)
+    }
+}
+impl From<Var> for Expr {
+    fn from(v: Var) -> Self {
+        Expr::Var(v)
+    }
+}
+impl From<&Expr> for Expr {
+    fn from(e: &Expr) -> Self {
+        e.clone()
+    }
+}
+
+macro_rules! arith {
+    ($($trait:ident $method:ident $op:ident),*) => {$(
+        impl<T: Into<Expr>> std::ops::$trait<T> for Expr {
+            type Output = Expr;
+            fn $method(self, rhs: T) -> Expr { Expr::Bin(BinOp::$op, Box::new(self), Box::new(rhs.into())) }
+        }
+        impl<T: Into<Expr>> std::ops::$trait<T> for Var {
+            type Output = Expr;
+            fn $method(self, rhs: T) -> Expr { Expr::Bin(BinOp::$op, Box::new(self.into()), Box::new(rhs.into())) }
+        }
+    )*};
+}
+arith!(Add add Add, Sub sub Sub, Mul mul Mul, Div div Div, Rem rem Rem);
+
+impl Expr {
+    fn bin(self, op: BinOp, rhs: impl Into<Expr>) -> Expr {
+        Expr::Bin(op, Box::new(self), Box::new(rhs.into()))
+    }
+    pub fn min(self, rhs: impl Into<Expr>) -> Expr {
+        self.bin(BinOp::Min, rhs)
+    }
+    pub fn max(self, rhs: impl Into<Expr>) -> Expr {
+        self.bin(BinOp::Max, rhs)
+    }
+    pub fn lt(self, rhs: impl Into<Expr>) -> Expr {
+        self.bin(BinOp::Lt, rhs)
+    }
+    pub fn le(self, rhs: impl Into<Expr>) -> Expr {
+        self.bin(BinOp::Le, rhs)
+    }
+    pub fn eq(self, rhs: impl Into<Expr>) -> Expr {
+        self.bin(BinOp::Eq, rhs)
+    }
+    pub fn and(self, rhs: impl Into<Expr>) -> Expr {
+        self.bin(BinOp::And, rhs)
+    }
+    fn un(self, op: UnOp) -> Expr {
+        Expr::Un(op, Box::new(self))
+    }
+    pub fn splat(self) -> Expr {
+        self.un(UnOp::Splat)
+    }
+    pub fn hsum(self) -> Expr {
+        self.un(UnOp::HSum)
+    }
+    pub fn exp(self) -> Expr {
+        self.un(UnOp::Exp)
+    }
+    pub fn ln(self) -> Expr {
+        self.un(UnOp::Ln)
+    }
+    /// `self · b + c`.
+    pub fn fma(self, b: impl Into<Expr>, c: impl Into<Expr>) -> Expr {
+        Expr::Fma(Box::new([self, b.into(), c.into()]))
+    }
+    pub fn select(self, a: impl Into<Expr>, b: impl Into<Expr>) -> Expr {
+        Expr::Select(Box::new([self, a.into(), b.into()]))
+    }
+}
+
+/// Converts to an [`Expr`] (`e(v)` reads better than `Expr::from(v)` in kernel builders).
+pub fn e(v: impl Into<Expr>) -> Expr {
+    v.into()
+}
+
+impl Buf {
+    /// A scalar load of element `idx`.
+    pub fn at(self, idx: impl Into<Expr>) -> Expr {
+        Expr::Load { buf: self, idx: Box::new(idx.into()), lanes: 1 }
+    }
+    /// A vector load of elements `idx..idx + 4`.
+    pub fn at4(self, idx: impl Into<Expr>) -> Expr {
+        Expr::Load { buf: self, idx: Box::new(idx.into()), lanes: LANES as u8 }
+    }
+}
+
+/// Kernel builder: statements go to the innermost open block.
+pub struct Kb {
+    k: Kernel,
+    blocks: Vec<Vec<Stmt>>,
+}
+
+impl Kb {
+    pub fn new(name: impl Into<String>, extent: usize) -> Kb {
+        Kb { k: Kernel { name: name.into(), bufs: vec![], vars: vec![Ty::I64, Ty::I64], extent, body: vec![] }, blocks: vec![vec![]] }
+    }
+
+    /// This task's share of the parallel loop, `lo..hi`.
+    pub fn range(&self) -> (Expr, Expr) {
+        (Kernel::LO.into(), Kernel::HI.into())
+    }
+
+    pub fn buf(&mut self, name: impl Into<String>, len: usize, access: Access) -> Buf {
+        self.k.bufs.push(BufDecl { name: name.into(), len, access });
+        Buf(self.k.bufs.len() as u16 - 1)
+    }
+
+    /// Declares a variable holding `init`.
+    pub fn var(&mut self, init: impl Into<Expr>) -> Var {
+        let init = init.into();
+        let v = Var(self.k.vars.len() as u32);
+        self.k.vars.push(self.k.ty(&init));
+        self.set(v, init);
+        v
+    }
+
+    /// Declares a variable evaluated once and reused (the builder's `let`).
+    pub fn let_(&mut self, init: impl Into<Expr>) -> Expr {
+        self.var(init).into()
+    }
+
+    fn push(&mut self, s: Stmt) {
+        self.blocks.last_mut().expect("a block is open").push(s);
+    }
+
+    pub fn set(&mut self, v: Var, value: impl Into<Expr>) {
+        self.push(Stmt::Set(v, value.into()));
+    }
+
+    pub fn store(&mut self, buf: Buf, idx: impl Into<Expr>, value: impl Into<Expr>) {
+        self.push(Stmt::Store { buf, idx: idx.into(), value: value.into() });
+    }
+
+    fn block(&mut self, f: impl FnOnce(&mut Kb)) -> Vec<Stmt> {
+        self.blocks.push(vec![]);
+        f(self);
+        self.blocks.pop().expect("opened above")
+    }
+
+    /// `for i in lo..hi step`; the closure receives `i`.
+    pub fn for_step(&mut self, lo: impl Into<Expr>, hi: impl Into<Expr>, step: i64, f: impl FnOnce(&mut Kb, Expr)) {
+        let var = Var(self.k.vars.len() as u32);
+        self.k.vars.push(Ty::I64);
+        let body = self.block(|kb| f(kb, var.into()));
+        self.push(Stmt::For { var, lo: lo.into(), hi: hi.into(), step, body });
+    }
+
+    pub fn for_(&mut self, lo: impl Into<Expr>, hi: impl Into<Expr>, f: impl FnOnce(&mut Kb, Expr)) {
+        self.for_step(lo, hi, 1, f)
+    }
+
+    pub fn if_else(&mut self, cond: Expr, then: impl FnOnce(&mut Kb), els: impl FnOnce(&mut Kb)) {
+        let (then, els) = (self.block(then), self.block(els));
+        self.push(Stmt::If { cond, then, els });
+    }
+
+    pub fn gemm(&mut self, g: Gemm) {
+        self.push(Stmt::Gemm(Box::new(g)));
+    }
+
+    pub fn if_(&mut self, cond: Expr, then: impl FnOnce(&mut Kb)) {
+        self.if_else(cond, then, |_| {})
+    }
+
+    pub fn finish(mut self) -> Kernel {
+        self.k.body = self.blocks.pop().expect("the body block");
+        self.k
+    }
+}
+
+// ---- printing: `cnnc compile --emit kernels` ----
+
+impl fmt::Display for Var {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Kernel::LO => write!(f, "lo"),
+            Kernel::HI => write!(f, "hi"),
+            Var(v) => write!(f, "%v{v}"),
+        }
+    }
+}
+
+impl fmt::Display for Expr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Expr::Int(v) => write!(f, "{v}"),
+            Expr::F32(v) => write!(f, "{v:?}f"),
+            Expr::Var(v) => write!(f, "{v}"),
+            Expr::Bin(op, a, b) => {
+                let sym = match op {
+                    BinOp::Add => "+",
+                    BinOp::Sub => "-",
+                    BinOp::Mul => "*",
+                    BinOp::Div => "/",
+                    BinOp::Rem => "%",
+                    BinOp::Lt => "<",
+                    BinOp::Le => "<=",
+                    BinOp::Eq => "==",
+                    BinOp::And => "&&",
+                    BinOp::Min => return write!(f, "min({a}, {b})"),
+                    BinOp::Max => return write!(f, "max({a}, {b})"),
+                };
+                write!(f, "({a} {sym} {b})")
+            }
+            Expr::Un(op, a) => write!(f, "{}({a})", format!("{op:?}").to_lowercase()),
+            Expr::Fma(abc) => write!(f, "fma({}, {}, {})", abc[0], abc[1], abc[2]),
+            Expr::Load { buf, idx, lanes } => write!(f, "b{}[{idx}{}]", buf.0, if *lanes == 1 { "" } else { ";4" }),
+            Expr::Select(abc) => write!(f, "({} ? {} : {})", abc[0], abc[1], abc[2]),
+        }
+    }
+}
+
+fn write_block(f: &mut fmt::Formatter<'_>, body: &[Stmt], depth: usize) -> fmt::Result {
+    let pad = "  ".repeat(depth);
+    for s in body {
+        match s {
+            Stmt::Set(v, e) => writeln!(f, "{pad}{v} = {e}")?,
+            Stmt::Store { buf, idx, value } => writeln!(f, "{pad}b{}[{idx}] = {value}", buf.0)?,
+            Stmt::For { var, lo, hi, step, body } => {
+                let step = if *step == 1 { String::new() } else { format!(" step {step}") };
+                writeln!(f, "{pad}for {var} in {lo}..{hi}{step} {{")?;
+                write_block(f, body, depth + 1)?;
+                writeln!(f, "{pad}}}")?;
+            }
+            Stmt::Gemm(g) => writeln!(
+                f,
+                "{pad}gemm(b{}[{}], b{}[{}], b{}[{}] -> b{}[{}]; ldb {}, ldc {}, depth {}, rows {}, cols {}{}{})",
+                g.a.0,
+                g.a0,
+                g.bias.0,
+                g.bias0,
+                g.b.0,
+                g.b0,
+                g.c.0,
+                g.c0,
+                g.ldb,
+                g.ldc,
+                g.depth,
+                g.rows,
+                g.cols,
+                if g.accumulate { ", accumulate" } else { "" },
+                if g.relu { ", relu" } else { "" }
+            )?,
+            Stmt::If { cond, then, els } => {
+                writeln!(f, "{pad}if {cond} {{")?;
+                write_block(f, then, depth + 1)?;
+                if !els.is_empty() {
+                    writeln!(f, "{pad}}} else {{")?;
+                    write_block(f, els, depth + 1)?;
+                }
+                writeln!(f, "{pad}}}")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+impl fmt::Display for Kernel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "kernel {} parallel lo..hi in 0..{} {{", self.name, self.extent)?;
+        for (i, b) in self.bufs.iter().enumerate() {
+            writeln!(f, "  b{i}: {}[{}] {:?}", b.name, b.len, b.access)?;
+        }
+        write_block(f, &self.body, 1)?;
+        writeln!(f, "}}")
+    }
+}
+
+/// A program as text: the memory plan, then every launch's kernel (`cnnc compile --emit kernels`).
+pub fn listing(p: &Program) -> String {
+    let mut out = format!("; batch {}, arena {} floats, {} packed parameters\n", p.batch, p.arena_len, p.params.len());
+    for l in &p.launches {
+        let slots: Vec<String> = l
+            .slots
+            .iter()
+            .map(|s| match s {
+                Slot::Arena { offset, len } => format!("arena[{offset}..{}]", offset + len),
+                Slot::Param(i) => format!("param{i}"),
+            })
+            .collect();
+        out += &format!("\n; {} <- {}\n{}", l.kernel.name, slots.join(", "), l.kernel);
+    }
+    out
+}

@@ -1,0 +1,255 @@
+//! Compiled executables: a list of native kernel launches over one activation arena, run on threads.
+//!
+//! The compiler hands over function pointers (it owns code generation and keeps the code alive in
+//! `code`), where each launch's buffers live ([`Slot`]), and the packed parameters. Running copies the
+//! inputs into the arena, then runs the launches in order; every thread calls every launch with its own
+//! task number, and all threads meet at a barrier between launches. Which elements a task computes is
+//! the kernel's business: kernels partition their work statically and never let the partition change
+//! the arithmetic, so any thread count gives the same bytes.
+
+use crate::op::Dims;
+use crate::plan::RunError;
+use crate::Tensor;
+use std::any::Any;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// A compiled kernel: `bufs` points at its buffers (in the kernel's order); the task computes its
+/// share `task` of `ntasks`.
+pub type KernelFn = unsafe extern "C" fn(bufs: *const *mut f32, task: usize, ntasks: usize);
+
+/// Where a launch's buffer lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Slot {
+    /// `len` elements at `offset` in the arena.
+    Arena { offset: usize, len: usize },
+    /// A packed parameter, by number.
+    Param(usize),
+}
+
+pub struct Step {
+    pub name: String,
+    pub f: KernelFn,
+    pub slots: Vec<Slot>,
+    pub flops: u64,
+}
+
+/// A zero-initialized `f32` buffer, 64-byte aligned (cache lines, vectors). Buffers of 2 MiB or more
+/// are 2 MiB aligned and, on Linux, asked to be backed by huge pages: streaming 150 MB of FC weights
+/// through 4 KiB pages stops the hardware prefetcher at every page boundary (it does not cross pages)
+/// and costs a TLB miss per 4 KiB.
+struct Aligned {
+    ptr: *mut f32,
+    len: usize,
+    layout: std::alloc::Layout,
+}
+
+// SAFETY: `Aligned` owns its allocation like a `Vec<f32>`.
+unsafe impl Send for Aligned {}
+unsafe impl Sync for Aligned {}
+
+const HUGE: usize = 2 << 20;
+
+impl Aligned {
+    fn new(len: usize) -> Aligned {
+        let a = Aligned::uninit(len);
+        // SAFETY: `ptr` is valid for `layout.size()` bytes.
+        unsafe { std::ptr::write_bytes(a.ptr.cast::<u8>(), 0, a.layout.size()) };
+        a
+    }
+
+    /// An allocation whose contents the caller overwrites before reading (`from`).
+    fn uninit(len: usize) -> Aligned {
+        let bytes = (len * 4).max(64);
+        let align = if bytes >= HUGE { HUGE } else { 64 };
+        let layout = std::alloc::Layout::from_size_align(bytes.next_multiple_of(align), align).expect("valid layout");
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc(layout) } as *mut f32;
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        // Advise before the first touch, which is when pages are chosen.
+        #[cfg(target_os = "linux")]
+        if align == HUGE {
+            // SAFETY: advice on memory we own; failure only means small pages.
+            unsafe { libc::madvise(ptr.cast(), layout.size(), libc::MADV_HUGEPAGE) };
+        }
+        Aligned { ptr, len, layout }
+    }
+
+    fn from(v: &[f32]) -> Aligned {
+        let a = Aligned::uninit(v.len());
+        // SAFETY: `ptr` is valid for `len` floats and does not overlap `v`; the padding past `len` is
+        // never read (kernels index inside their buffers).
+        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), a.ptr, v.len()) };
+        a
+    }
+    fn slice_mut(&mut self) -> &mut [f32] {
+        // SAFETY: `ptr` holds `len` initialized floats owned by `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+    fn ptr(&mut self) -> *mut f32 {
+        self.ptr
+    }
+}
+
+impl Drop for Aligned {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.cast(), self.layout) };
+    }
+}
+
+pub struct Executable {
+    steps: Vec<Step>,
+    params: Vec<Aligned>,
+    arena: Mutex<Aligned>,
+    /// Arena offsets and full (batched) shapes.
+    inputs: Vec<(usize, Dims)>,
+    output: (usize, Dims),
+    /// Keeps the kernels' code mapped for as long as `steps` can be called.
+    _code: Box<dyn Any + Send + Sync>,
+}
+
+/// A sense-reversing spin barrier. Launches take 0.1–10 ms, so waking a sleeping thread through a
+/// futex (tens of µs, more when the core dozed off) would be paid ~13 times per AlexBN inference; a
+/// waiting thread spins briefly, then yields, so oversubscribed cores still make progress.
+struct SpinBarrier {
+    n: usize,
+    arrived: AtomicUsize,
+    sense: AtomicBool,
+}
+
+impl SpinBarrier {
+    fn new(n: usize) -> Self {
+        SpinBarrier { n, arrived: AtomicUsize::new(0), sense: AtomicBool::new(false) }
+    }
+
+    /// `local` is the caller's own sense flag, false initially.
+    fn wait(&self, local: &mut bool) {
+        *local = !*local;
+        if self.arrived.fetch_add(1, Ordering::AcqRel) + 1 == self.n {
+            self.arrived.store(0, Ordering::Relaxed);
+            self.sense.store(*local, Ordering::Release);
+            return;
+        }
+        let mut spins = 0u32;
+        while self.sense.load(Ordering::Acquire) != *local {
+            // About 50 µs of spinning (a pause is ~40 cycles) before giving the core away.
+            if spins < 4096 {
+                std::hint::spin_loop();
+                spins += 1;
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
+/// A buffer table shared by the threads of one run.
+struct Tables(Vec<Vec<*mut f32>>);
+// SAFETY: the pointers address the arena and parameters, which outlive the run (the arena's lock is
+// held throughout); kernels write disjoint elements per task and launches are separated by barriers.
+unsafe impl Sync for Tables {}
+
+impl Tables {
+    fn rows(&self) -> &[Vec<*mut f32>] {
+        &self.0
+    }
+}
+
+impl Executable {
+    /// # Safety
+    /// Each `f` must be a kernel that, called with pointers to buffers of the slots' lengths, reads and
+    /// writes only inside them, writes disjoint elements for distinct tasks, and stays valid while `code`
+    /// lives.
+    pub unsafe fn new(
+        steps: Vec<Step>,
+        params: &[Vec<f32>],
+        arena_len: usize,
+        inputs: Vec<(usize, Dims)>,
+        output: (usize, Dims),
+        code: Box<dyn Any + Send + Sync>,
+    ) -> Self {
+        let params = params.iter().map(|p| Aligned::from(p)).collect();
+        Executable { steps, params, arena: Mutex::new(Aligned::new(arena_len)), inputs, output, _code: code }
+    }
+
+    pub fn steps(&self) -> &[Step] {
+        &self.steps
+    }
+
+    pub fn batch(&self) -> usize {
+        self.output.1[0]
+    }
+
+    /// Runs on `threads` threads (≥ 1).
+    pub fn run(&self, inputs: &[&Tensor], threads: usize) -> Result<Tensor, RunError> {
+        self.run_timed(inputs, threads).map(|(t, _)| t)
+    }
+
+    /// Runs and also returns each launch's wall time (measured by the first thread, barrier to barrier).
+    pub fn run_timed(&self, inputs: &[&Tensor], threads: usize) -> Result<(Tensor, Vec<Duration>), RunError> {
+        if inputs.len() != self.inputs.len() {
+            return Err(RunError::InputCount { expected: self.inputs.len(), got: inputs.len() });
+        }
+        for (index, (t, (_, shape))) in inputs.iter().zip(&self.inputs).enumerate() {
+            if t.shape() != shape.as_slice() {
+                return Err(RunError::InputShape { index, expected: shape[1..].to_vec(), got: t.shape().to_vec() });
+            }
+        }
+        let mut arena = self.arena.lock().unwrap_or_else(|e| e.into_inner());
+        for (t, (offset, _)) in inputs.iter().zip(&self.inputs) {
+            arena.slice_mut()[*offset..][..t.data().len()].copy_from_slice(t.data());
+        }
+        let base = arena.ptr();
+        let mut params: Vec<*mut f32> = Vec::with_capacity(self.params.len());
+        for p in &self.params {
+            // Kernels only read parameters; the table type is shared with the arena's.
+            params.push(p.ptr);
+        }
+        let tables = Tables(
+            self.steps
+                .iter()
+                .map(|s| {
+                    s.slots
+                        .iter()
+                        .map(|slot| match *slot {
+                            // SAFETY: offsets were planned inside the arena.
+                            Slot::Arena { offset, .. } => unsafe { base.add(offset) },
+                            Slot::Param(p) => params[p],
+                        })
+                        .collect()
+                })
+                .collect(),
+        );
+        let threads = threads.max(1);
+        let barrier = SpinBarrier::new(threads);
+        let tables = &tables;
+        let work = |task: usize, times: &mut Vec<Duration>| {
+            let mut sense = false;
+            for (step, table) in self.steps.iter().zip(tables.rows()) {
+                let t0 = Instant::now();
+                // SAFETY: see `new`; the table points at live buffers of the planned lengths.
+                unsafe { (step.f)(table.as_ptr(), task, threads) };
+                if threads > 1 {
+                    barrier.wait(&mut sense);
+                }
+                times.push(t0.elapsed());
+            }
+        };
+        let mut times = Vec::with_capacity(self.steps.len());
+        std::thread::scope(|s| {
+            for task in 1..threads {
+                let work = &work;
+                s.spawn(move || work(task, &mut Vec::new()));
+            }
+            work(0, &mut times);
+        });
+        let (offset, shape) = &self.output;
+        let n = shape.iter().product::<usize>();
+        let out = arena.slice_mut()[*offset..][..n].to_vec();
+        Ok((Tensor::new(shape.clone(), out).expect("planned size"), times))
+    }
+}

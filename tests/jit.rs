@@ -1,0 +1,217 @@
+//! The JIT against the reference runtime on generated problems (tract's `ConvProblem` style): each
+//! [`Problem`] is a one-layer model plus its input; `check` compiles it optimized (so convolutions carry
+//! their fused bias, ReLU and pooling), runs the reference interpreter, and runs the JIT with every
+//! GEMM tier this CPU has, in checked mode (every access bounds-checked), on 1 and 3 threads. The JIT
+//! must agree with the reference within 1e-5 × max |reference| and give the same bytes for every tier
+//! and thread count. Shrunk failures are pinned below as named cases.
+
+use cnnc::kernel::Tier;
+use cnnc_runtime::{rng, Tensor};
+use cnnc_tests::*;
+use proptest::prelude::*;
+
+#[derive(Clone, Debug)]
+enum Layer {
+    Conv { out: usize, k: [usize; 2], stride: usize, pad: usize, groups: usize, bias: bool, relu: bool, pool: Option<Pool> },
+    Linear { out: usize, relu: bool },
+    Pool(Pool),
+    Lrn,
+    Softmax,
+}
+
+#[derive(Clone, Debug)]
+struct Pool {
+    max: bool,
+    k: usize,
+    stride: usize,
+    pad: usize,
+    cover_all: bool,
+}
+
+#[derive(Clone, Debug)]
+struct Problem {
+    batch: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    layer: Layer,
+}
+
+fn py(b: bool) -> &'static str {
+    if b {
+        "True"
+    } else {
+        "False"
+    }
+}
+
+impl Pool {
+    fn call(&self, x: &str) -> String {
+        let (f, extra) = if self.max { ("max_pooling_2d", format!(", cover_all={}", py(self.cover_all))) } else { ("average_pooling_2d", String::new()) };
+        format!("F.{f}({x}, {}, stride={}, pad={}{extra})", self.k, self.stride, self.pad)
+    }
+}
+
+impl Problem {
+    fn source(&self) -> String {
+        let (link, body) = match &self.layer {
+            Layer::Conv { out, k, stride, pad, groups, bias, relu, pool } => {
+                let link = format!(
+                    "    l = L.Convolution2D({}, {out}, ({}, {}), stride={stride}, pad={pad}, groups={groups}, nobias={})",
+                    self.c,
+                    k[0],
+                    k[1],
+                    py(!bias)
+                );
+                let mut body = "self.l(x)".to_string();
+                if *relu {
+                    body = format!("F.relu({body})");
+                }
+                if let Some(p) = pool {
+                    body = p.call(&body);
+                }
+                (link, body)
+            }
+            Layer::Linear { out, relu } => {
+                let link = format!("    l = L.Linear({}, {out})", self.c * self.h * self.w);
+                (link, if *relu { "F.relu(self.l(x))".into() } else { "self.l(x)".into() })
+            }
+            Layer::Pool(p) => (String::new(), p.call("x")),
+            Layer::Lrn => (String::new(), "F.local_response_normalization(x)".into()),
+            Layer::Softmax => (String::new(), "F.softmax(x)".into()),
+        };
+        format!("model Case {{\n{link}\n    forward(x: [{}, {}, {}]) {{\n        return {body}\n    }}\n}}\n", self.c, self.h, self.w)
+    }
+
+    /// Generated shapes can be invalid (a window larger than its padded input): those are not problems.
+    fn compiles(&self) -> bool {
+        cnnc::compile(&cnnc::diag::Source::new("case.model", self.source())).is_ok()
+    }
+
+    fn check(&self) {
+        let src = cnnc::diag::Source::new("case.model", self.source());
+        let (g, _) = cnnc::compile(&src).unwrap_or_else(|f| panic!("{}\n{}", self.source(), src.render_plain(&f.0)));
+        let g = optimized(&g, 1);
+        let shape = [self.batch, self.c, self.h, self.w];
+        let x = Tensor::new(shape.to_vec(), rng::normal("x", shape.iter().product()).map(|v| v as f32).collect()).unwrap();
+        let want = run_graph(&src, &g, Params::Generated(prng_param), x.clone());
+        let mut first: Option<Tensor> = None;
+        for tier in tiers() {
+            let program = cnnc::kernel::program(&g, bind(&src, &g, Params::Generated(prng_param)), self.batch, tier);
+            let jit = cnnc::jit::compile(&program, cnnc::jit::Options { checked: true }).expect("compiles");
+            for threads in [1, 3] {
+                let got = jit.exe.run(&[&x], threads).expect("runs");
+                assert_eq!(jit.violations(), vec![], "{tier:?}: out-of-bounds accesses\n{}", self.source());
+                assert_close(&got, &want, 1e-5, &format!("{tier:?}, {threads} threads\n{}", self.source()));
+                match &first {
+                    None => first = Some(got),
+                    Some(f) => assert!(bits(f) == bits(&got), "{tier:?}, {threads} threads: not the same bytes\n{}", self.source()),
+                }
+            }
+        }
+    }
+}
+
+/// The tiers this CPU runs: always the portable one, and AVX-512 where available.
+fn tiers() -> Vec<Tier> {
+    let mut t = vec![Tier::Portable];
+    if Tier::best() != Tier::Portable {
+        t.push(Tier::best());
+    }
+    t
+}
+
+fn bits(t: &Tensor) -> Vec<u32> {
+    t.data().iter().map(|v| v.to_bits()).collect()
+}
+
+fn pool_strategy() -> impl Strategy<Value = Pool> {
+    (any::<bool>(), 1usize..4, 1usize..4, 0usize..2, any::<bool>()).prop_map(|(max, k, stride, pad, cover_all)| Pool {
+        max,
+        k,
+        stride,
+        pad: pad.min(k - 1),
+        cover_all,
+    })
+}
+
+fn problem() -> impl Strategy<Value = Problem> {
+    let conv =
+        (1usize..3, 1usize..4, 1usize..30, 1usize..4, 1usize..4, 1usize..3, 0usize..2, any::<bool>(), any::<bool>(), proptest::option::of(pool_strategy()))
+            .prop_map(|(groups, cg, out_g, kh, kw, stride, pad, bias, relu, pool)| {
+                (groups * cg, Layer::Conv { out: out_g * groups, k: [kh, kw], stride, pad, groups, bias, relu, pool: pool.filter(|p| p.max) })
+            });
+    let other = prop_oneof![
+        (1usize..5, 1usize..40, any::<bool>()).prop_map(|(c, out, relu)| (c, Layer::Linear { out, relu })),
+        (1usize..5, pool_strategy()).prop_map(|(c, p)| (c, Layer::Pool(p))),
+        (1usize..8).prop_map(|c| (c, Layer::Lrn)),
+        (1usize..8).prop_map(|c| (c, Layer::Softmax)),
+    ];
+    (prop_oneof![3 => conv, 1 => other], 1usize..4, 3usize..12, 3usize..12).prop_map(|((c, layer), batch, h, w)| Problem { batch, c, h, w, layer })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #[test]
+    fn jit_matches_the_reference(p in problem()) {
+        prop_assume!(p.compiles());
+        p.check();
+    }
+}
+
+fn conv(c: usize, hw: usize, out: usize, k: usize, stride: usize, pad: usize, groups: usize, pool: Option<Pool>) -> Problem {
+    Problem { batch: 2, c, h: hw, w: hw, layer: Layer::Conv { out, k: [k, k], stride, pad, groups, bias: true, relu: true, pool } }
+}
+
+/// A 1×1 stride-1 convolution reads its input as the column matrix (no im2col).
+#[test]
+fn direct_one_by_one_conv() {
+    conv(5, 7, 9, 1, 1, 0, 1, None).check();
+}
+
+/// Output channels not a multiple of either tile's rows (4, 12): the last block's padding rows are
+/// computed and must not be stored.
+#[test]
+fn ragged_channel_blocks() {
+    conv(3, 9, 13, 3, 1, 1, 1, None).check();
+}
+
+/// k = 30·3·3 = 270 > 256: the AVX-512 tier splits k into slices and accumulates onto C.
+#[test]
+fn depth_split_into_slices() {
+    conv(30, 6, 12, 3, 1, 1, 1, None).check();
+}
+
+/// Grouped convolution with pooling fused into its kernel (AlexNet's conv2 in miniature).
+#[test]
+fn grouped_conv_with_fused_pool() {
+    conv(4, 11, 6, 5, 1, 2, 2, Some(Pool { max: true, k: 3, stride: 2, pad: 0, cover_all: true })).check();
+}
+
+/// Stride larger than the kernel with padding (some im2col rows are all padding).
+#[test]
+fn stride_beyond_kernel_with_pad() {
+    conv(2, 8, 5, 1, 3, 1, 1, None).check();
+}
+
+/// Enough columns for full 32-wide tiles plus a ragged edge, and batch 3 across (image, block) tasks.
+#[test]
+fn wide_plane_and_batch() {
+    Problem { batch: 3, c: 3, h: 23, w: 23, layer: Layer::Conv { out: 16, k: [3, 3], stride: 1, pad: 1, groups: 1, bias: false, relu: false, pool: None } }
+        .check();
+}
+
+/// Linear layers: k not a multiple of 8 (scalar tail), odd output count, batch 3 (a block of two rows
+/// and a remainder).
+#[test]
+fn linear_tails() {
+    Problem { batch: 3, c: 3, h: 3, w: 3, layer: Layer::Linear { out: 7, relu: true } }.check();
+    Problem { batch: 1, c: 4, h: 5, w: 5, layer: Layer::Linear { out: 12, relu: false } }.check();
+}
+
+/// Cover-all max pooling whose last window hangs over the edge, and average pooling with padding.
+#[test]
+fn pooling_edges() {
+    Problem { batch: 1, c: 2, h: 6, w: 6, layer: Layer::Pool(Pool { max: true, k: 3, stride: 2, pad: 0, cover_all: true }) }.check();
+    Problem { batch: 2, c: 3, h: 5, w: 7, layer: Layer::Pool(Pool { max: false, k: 3, stride: 2, pad: 1, cover_all: false }) }.check();
+}
