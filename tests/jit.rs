@@ -215,3 +215,17 @@ fn pooling_edges() {
     Problem { batch: 1, c: 2, h: 6, w: 6, layer: Layer::Pool(Pool { max: true, k: 3, stride: 2, pad: 0, cover_all: true }) }.check();
     Problem { batch: 2, c: 3, h: 5, w: 7, layer: Layer::Pool(Pool { max: false, k: 3, stride: 2, pad: 1, cover_all: false }) }.check();
 }
+
+/// Linear layers beyond batch 4 run as a 1×1-convolution GEMM between two transposes.
+#[test]
+fn linear_as_gemm_at_larger_batches() {
+    Problem { batch: 9, c: 5, h: 3, w: 3, layer: Layer::Linear { out: 14, relu: true } }.check();
+    Problem { batch: 37, c: 2, h: 2, w: 3, layer: Layer::Linear { out: 3, relu: false } }.check();
+}
+
+/// Packed weights over 1 MiB: the AVX-512 tier uses a shared im2col and splits tasks by channel blocks
+/// instead of packing panels per column tile; the fused pool runs per block chunk in the same launch.
+#[test]
+fn large_weights_split_by_channel_blocks() {
+    conv(256, 9, 128, 3, 1, 1, 1, Some(Pool { max: true, k: 3, stride: 2, pad: 0, cover_all: true })).check();
+}

@@ -25,6 +25,9 @@ pub fn bench(
     opts: &cnnc::opt::Options,
     exec: ExecArgs,
 ) -> Result<()> {
+    if exec.backend == Backend::Cuda {
+        cnnc::ptx::cuda::available()?;
+    }
     let t0 = Instant::now();
     let (src, g) = front_end(model)?;
     let (g, _) = cnnc::opt::optimize(&g, opts);
@@ -46,6 +49,15 @@ pub fn bench(
             codegen = t2.elapsed();
             names = jit.exe.steps().iter().map(|s| (s.name.clone(), s.flops)).collect();
             run = Box::new(move |_| Ok(jit.exe.run_timed(&[&x], threads)?.1));
+        }
+        Backend::Cuda => {
+            let program = cnnc::kernel::program(&g, bound, batch, cnnc::kernel::Tier::Portable);
+            load = t1.elapsed();
+            let t2 = Instant::now();
+            let exe = cnnc::ptx::cuda::CudaExecutable::new(&program, cnnc::ptx::DEFAULT_SM)?;
+            codegen = t2.elapsed();
+            names = exe.kernels().map(|(n, f)| (n.to_string(), f)).collect();
+            run = Box::new(move |profile| Ok(exe.run_timed(&[&x], profile)?.1));
         }
         Backend::Reference => {
             let plan = cnnc::lower::lower(&g, bound)?;
@@ -85,6 +97,7 @@ pub fn bench(
     let backend = match exec.backend {
         Backend::Jit => "jit",
         Backend::Reference => "reference",
+        Backend::Cuda => "cuda",
     };
     if json {
         let kernels: Vec<_> = names

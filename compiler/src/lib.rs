@@ -2,8 +2,9 @@
 //!
 //! Stages, one module each: [`syntax`] (text → AST), [`ir`] (AST → layer graph with shapes),
 //! [`weights`] (Chainer `.npz` / safetensors → parameters bound to the graph), [`lower`] (graph → the
-//! runtime's execution plan), [`input`] (images and `.npy` → input tensors). [`diag`] renders what any
-//! stage reports. [`compile`] runs the front end in one call.
+//! runtime's execution plan), [`input`] (images and `.npy` → input tensors), [`ptx`] (kernel IR → PTX for
+//! NVIDIA GPUs, and the CUDA runtime that runs it). [`diag`] renders what any stage reports. [`compile`]
+//! runs the front end in one call.
 
 pub mod diag;
 pub mod input;
@@ -12,6 +13,7 @@ pub mod jit;
 pub mod kernel;
 pub mod lower;
 pub mod opt;
+pub mod ptx;
 pub mod syntax;
 pub mod weights;
 

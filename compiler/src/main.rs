@@ -49,6 +49,10 @@ enum Cmd {
         /// GEMM microkernel the kernels are lowered for (`--emit kernels|clif|asm`).
         #[arg(long, value_enum, default_value_t = TierArg::Auto)]
         tier: TierArg,
+        /// CUDA compute capability the PTX targets (`--target cuda --emit ptx`): 80 (sm_80) … 90.
+        #[arg(long, default_value_t = cnnc::ptx::DEFAULT_SM,
+              value_parser = clap::builder::TypedValueParser::map(clap::builder::PossibleValuesParser::new(["80", "86", "87", "89", "90"]), |s: String| s.parse::<u32>().expect("listed")))]
+        sm: u32,
     },
     /// Run a model on images or .npy tensors and print the top classes.
     Run {
@@ -155,9 +159,11 @@ enum Backend {
     Jit,
     /// The reference interpreter: naive loops, single-threaded.
     Reference,
+    /// The PTX backend on an NVIDIA GPU (device 0) through the CUDA driver.
+    Cuda,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Target {
     /// CPU (the runtime's kernels).
     Cpu,
@@ -179,6 +185,8 @@ enum Emit {
     Clif,
     /// The machine code Cranelift generates for this CPU, per kernel.
     Asm,
+    /// PTX for NVIDIA GPUs, one `.entry` per kernel (needs `--target cuda`).
+    Ptx,
 }
 
 fn parse_finite(s: &str) -> Result<f32, String> {
@@ -198,12 +206,16 @@ struct Reported;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::Compile { model, emit, output, opt, explain, target, batch, tier } => {
+        Cmd::Compile { model, emit, output, opt, explain, target, batch, tier, sm } => {
+            if matches!(emit, Emit::Ptx) && target != Target::Cuda {
+                use clap::CommandFactory;
+                Cli::command().error(clap::error::ErrorKind::ArgumentConflict, "--emit ptx needs --target cuda").exit();
+            }
             let model_costs = match target {
                 Target::Cpu => cnnc::opt::lang::CPU,
                 Target::Cuda => cnnc::opt::lang::CUDA,
             };
-            compile(&model, emit, output.as_deref(), &cnnc::opt::Options { level: opt, model: model_costs }, explain, batch as usize, tier)
+            compile(&model, emit, output.as_deref(), &cnnc::opt::Options { level: opt, model: model_costs }, explain, batch as usize, tier, sm)
         }
         Cmd::Run { model, input, weights, output, top, json, resize, mean, scale, opt, exec } => {
             let defaults = Preprocess::default();
@@ -247,17 +259,19 @@ fn front_end(model: Option<&Path>) -> Result<(Source, Graph)> {
     }
 }
 
-fn compile(model: &Path, emit: Emit, output: Option<&Path>, opts: &cnnc::opt::Options, explain: bool, batch: usize, tier: TierArg) -> Result<()> {
+#[allow(clippy::too_many_arguments)]
+fn compile(model: &Path, emit: Emit, output: Option<&Path>, opts: &cnnc::opt::Options, explain: bool, batch: usize, tier: TierArg, sm: u32) -> Result<()> {
     let (src, g) = front_end(Some(model))?;
     let (optimized, report) = cnnc::opt::optimize(&g, opts);
     if explain {
         eprint!("{}", cnnc::opt::explain(&report));
     }
     // Kernels depend on shapes, not on values: lower with zero parameters.
-    let program = || {
+    let program_for = |tier: cnnc::kernel::Tier| {
         let zeros = optimized.params().into_iter().map(|s| (s.clone(), Tensor::zeros(s.shape.clone()))).collect();
-        cnnc::kernel::program(&optimized, weights::Bound { params: zeros, notes: vec![] }, batch, tier.get())
+        cnnc::kernel::program(&optimized, weights::Bound { params: zeros, notes: vec![] }, batch, tier)
     };
+    let program = || program_for(tier.get());
     let text = match emit {
         Emit::Table => {
             let p = program();
@@ -275,6 +289,10 @@ fn compile(model: &Path, emit: Emit, output: Option<&Path>, opts: &cnnc::opt::Op
         Emit::Kernels => cnnc::kernel::listing(&program()),
         Emit::Clif => cnnc::jit::clif(&program(), false)?,
         Emit::Asm => cnnc::jit::clif(&program(), true)?,
+        Emit::Ptx => {
+            // The portable tier: PTX that does not depend on the host CPU (see docs/ptx.md).
+            cnnc::ptx::emit(&program_for(cnnc::kernel::Tier::Portable), sm)?
+        }
     };
     match output {
         Some(path) => write_atomic(path, |w| Ok(w.write_all(text.as_bytes())?)),
@@ -294,6 +312,10 @@ fn run(
     opts: &cnnc::opt::Options,
     exec: ExecArgs,
 ) -> Result<()> {
+    if exec.backend == Backend::Cuda {
+        // Before any work: a machine without a GPU is a clear error (exit 1).
+        cnnc::ptx::cuda::available()?;
+    }
     let (src, g) = front_end(model)?;
     let [input_node] = g.inputs[..] else {
         return Err(anyhow!("`{}` takes {} inputs; `cnnc run` feeds models with exactly one", src.name, g.inputs.len()));
@@ -316,6 +338,10 @@ fn run(
         Backend::Jit => {
             let program = cnnc::kernel::program(&g, bound, x.batch(), exec.tier.get());
             cnnc::jit::compile(&program, cnnc::jit::Options::default())?.exe.run(&[&x], exec.threads())?
+        }
+        Backend::Cuda => {
+            let program = cnnc::kernel::program(&g, bound, x.batch(), cnnc::kernel::Tier::Portable);
+            cnnc::ptx::cuda::CudaExecutable::new(&program, cnnc::ptx::DEFAULT_SM)?.run(&[&x])?
         }
     };
     if let Some(path) = output {

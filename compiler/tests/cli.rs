@@ -143,7 +143,7 @@ fn run_rejects_a_malformed_mean() {
 
 #[test]
 fn unknown_emit_kind_is_a_usage_error() {
-    fails(&["compile", "models/alexbn.model", "--emit", "ptx"], 2, &["--emit", "ptx"]);
+    fails(&["compile", "models/alexbn.model", "--emit", "llvm"], 2, &["--emit", "llvm"]);
 }
 
 // ---- bad inputs (exit 1, no output file) ----
@@ -550,4 +550,29 @@ fn compile_emits_kernels_clif_asm_and_the_memory_plan() {
 fn bad_thread_counts_are_usage_errors() {
     fails(&["run", "--input", "x.npy", "--threads", "0"], 2, &["--threads"]);
     fails(&["bench", "--threads", "many"], 2, &["--threads"]);
+}
+
+/// `--target cuda --emit ptx` writes one `.entry` per kernel; the CUDA backend without a GPU is a clear
+/// error, not a panic (on a machine with one, it runs).
+#[test]
+fn ptx_emission_and_the_cuda_backend_without_a_gpu() {
+    let dir = tmp();
+    let out = dir.path().join("alexbn.ptx");
+    let model = root().join("models/alexbn.model").display().to_string();
+    let o = cnnc(&["compile", &model, "--target", "cuda", "--emit", "ptx", "--sm", "90", "-o", out.to_str().unwrap()]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let ptx = std::fs::read_to_string(&out).unwrap();
+    assert!(ptx.contains(".target sm_90") && ptx.matches(".entry").count() >= 8, "{}", &ptx[..400.min(ptx.len())]);
+    fails(&["compile", &model, "--emit", "ptx"], 2, &["--target cuda"]);
+    fails(&["compile", &model, "--target", "cuda", "--emit", "ptx", "--sm", "75"], 2, &["--sm"]);
+    let input = fixture("alexbn_small/in.npy");
+    let run = cnnc(&["run", &fixture(SMALL), "--weights", &fixture("alexbn_small/weights.npz"), "--input", &input, "--backend", "cuda"]);
+    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+    if cnnc::ptx::cuda::available().is_err() {
+        assert_eq!(run.code, 1, "{}", run.stderr);
+        assert!(run.stderr.contains("CUDA"), "{}", run.stderr);
+        fails(&["bench", "--backend", "cuda"], 1, &["CUDA"]);
+    } else {
+        assert_eq!(run.code, 0, "{}", run.stderr);
+    }
 }

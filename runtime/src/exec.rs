@@ -36,9 +36,9 @@ pub struct Step {
 }
 
 /// A zero-initialized `f32` buffer, 64-byte aligned (cache lines, vectors). Buffers of 2 MiB or more
-/// are 2 MiB aligned and, on Linux, asked to be backed by huge pages: streaming 150 MB of FC weights
-/// through 4 KiB pages stops the hardware prefetcher at every page boundary (it does not cross pages)
-/// and costs a TLB miss per 4 KiB.
+/// are 2 MiB aligned and, on Linux, asked to be backed by huge pages, so that streaming 150 MB of FC
+/// weights takes no TLB miss per 4 KiB. (On the 2-core test machine this made no difference beyond
+/// noise — FC there is limited by memory streams per core — but it costs nothing.)
 struct Aligned {
     ptr: *mut f32,
     len: usize,

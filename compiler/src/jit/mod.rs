@@ -15,7 +15,7 @@ pub mod avx512;
 use crate::kernel::{Access, BinOp, Expr, Gemm, Kernel, Program, Stmt, Tier, Ty, UnOp};
 use cnnc_runtime::exec::{Executable, Step};
 use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::{types, AbiParam, FuncRef, InstBuilder, MemFlagsData, Signature, Type, Value};
+use cranelift_codegen::ir::{types, AbiParam, FuncRef, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, Type, Value};
 use cranelift_codegen::{settings::Configurable, Context};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 use cranelift_jit::{JITBuilder, JITModule};
@@ -250,7 +250,18 @@ fn build(
     let hi = b.ins().udiv(hi, ntasks);
     b.def_var(vars[Kernel::LO.0 as usize], lo);
     b.def_var(vars[Kernel::HI.0 as usize], hi);
-    let bases = (0..k.bufs.len()).map(|i| b.ins().load(types::I64, MemFlagsData::trusted().with_readonly(), table, (8 * i) as i32)).collect();
+    let mut arg = 0;
+    let mut bases = Vec::with_capacity(k.bufs.len());
+    for buf in &k.bufs {
+        bases.push(if buf.access == Access::Local {
+            // 64-byte aligned, like arena tensors.
+            let slot = b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, (4 * buf.len) as u32, 6));
+            b.ins().stack_addr(types::I64, slot, 0)
+        } else {
+            arg += 1;
+            b.ins().load(types::I64, MemFlagsData::trusted().with_readonly(), table, (8 * (arg - 1)) as i32)
+        });
+    }
     let frontend = m.isa().frontend_config();
     let mut g = Gen { b, k, vars, bases, math, tiles, check: check.map(|(log, kernel)| (log, kernel, oob)) };
     g.block(&k.body);

@@ -170,6 +170,9 @@ pub enum Access {
     Read,
     Write,
     ReadWrite,
+    /// Scratch private to one invocation: not passed in, contents undefined at entry (the JIT puts it
+    /// on the stack).
+    Local,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -192,6 +195,11 @@ pub struct Kernel {
 }
 
 impl Kernel {
+    /// The buffers the runtime passes in (all but [`Access::Local`] ones), in order.
+    pub fn args(&self) -> impl Iterator<Item = &BufDecl> {
+        self.bufs.iter().filter(|b| b.access != Access::Local)
+    }
+
     /// The first and one-past-last parallel iteration of the running task (variables 0 and 1).
     pub const LO: Var = Var(0);
     pub const HI: Var = Var(1);

@@ -4,17 +4,27 @@
 //! column matrix) followed by a GEMM whose register-blocked microkernel ([`micro`]) keeps an MR×NR tile
 //! of the output in 12 vector registers; bias, ReLU and max pooling are applied by the same launch
 //! before anything leaves the task. Per output element the arithmetic is fixed — bias, then one FMA
-//! per k in (channel, ky, kx) order — whatever the tile, thread count or batch, so results are bitwise
-//! identical across them.
+//! per k in (channel, ky, kx) order — whatever the tile, tier or thread count, so results are bitwise
+//! identical across them. (Linear layers change method above batch 4 — GEMV to GEMM — so batch sizes
+//! on either side of that may differ in the last bits; within a batch, no sample depends on its place.)
 
 use super::{e, Access, Buf, Expr, Gemm, Kb, Kernel, Tier, LANES};
 use cnnc_runtime::op::{Conv2d, FusedBase, Linear, Pool2d};
 use cnnc_runtime::{Op, Tensor};
 
-/// Output-channel blocks one task runs against the same column tile before moving on, so the tile
-/// (K × 12 floats, strided) is read from L1/L2 eight times per trip from memory; 8 blocks of packed
-/// weights (8 × K × 16 B, 150 KB at K = 2400) stay in the 2 MB L2.
-const MCB: usize = 8;
+/// Output-channel blocks one task runs against the same column tile before moving on (its chunk).
+/// Portable tier: the tile (K × 12 floats, strided) is read from L1/L2 eight times per trip from
+/// memory, and 8 blocks of packed weights (8 × K × 16 B, 150 KB at K = 2400) stay in the 2 MB L2.
+/// AVX-512 tier: each 256-deep slice of the column matrix (750 KB for AlexNet's conv2) is streamed once
+/// per chunk, so a chunk should hold a task's whole share of blocks; 32 blocks' slices of A
+/// (32 × 12 × 256 × 4 B = 384 KB) stay in L2 beside it. (At 8, conv2 read its 7 MB column matrix
+/// twice per task.)
+fn chunk_blocks(tier: Tier) -> usize {
+    match tier {
+        Tier::Portable => 8,
+        Tier::Avx512 => 32,
+    }
+}
 /// Elements per parallel iteration of element-wise kernels: large enough to amortize the loop, small
 /// enough that two tasks get equal shares of a 55×55 feature map.
 const CHUNK: usize = 4096;
@@ -242,38 +252,76 @@ fn devectorize(e: Expr) -> Expr {
 /// still divides by the full window).
 #[allow(clippy::too_many_arguments)]
 fn pool(kb: &mut Kb, p: &Pool2d, avg: bool, x: Buf, y: Buf, lo: Expr, hi: Expr, [h, w]: [usize; 2], [oh, ow]: [usize; 2]) {
-    let [kh, kw] = p.kernel.map(|k| k as i64);
+    let [kh, kw] = p.kernel;
+    // Outputs whose window lies inside the input along an axis: o·s − pad ≥ 0 and o·s − pad + k ≤ size.
+    let inside = |size: usize, k: usize, s: usize, pad: usize| {
+        let first = pad.div_ceil(s).min(oh.max(ow));
+        let last = if size + pad >= k { (size + pad - k) / s + 1 } else { 0 };
+        (first, last.max(first))
+    };
+    let (x_in, y_in) = (inside(w, kw, p.stride[1], p.pad[1]), inside(h, kh, p.stride[0], p.pad[0]));
+    let (x_in, y_in) = ((x_in.0.min(ow), x_in.1.min(ow)), (y_in.0.min(oh), y_in.1.min(oh)));
     kb.for_(lo, hi, |kb, plane| {
         let (src, dst) = (kb.let_(plane.clone() * (h * w)), kb.let_(plane * (oh * ow)));
         kb.for_(0usize, oh, |kb, oy| {
             let y0 = kb.let_(oy.clone() * p.stride[0] - p.pad[0]);
-            let (ylo, yhi) = (kb.let_(y0.clone().max(0i64)), kb.let_((y0 + kh).min(h)));
-            kb.for_(0usize, ow, |kb, ox| {
+            let (ylo, yhi) = (kb.let_(y0.clone().max(0i64)), kb.let_((y0.clone() + kh).min(h)));
+            // Any window, clipped to the input (padding never contributes).
+            let clipped = |kb: &mut Kb, ox: Expr| {
                 let x0 = kb.let_(ox.clone() * p.stride[1] - p.pad[1]);
                 let (xlo, xhi) = (kb.let_(x0.clone().max(0i64)), kb.let_((x0 + kw).min(w)));
                 let acc = kb.var(if avg { 0.0 } else { f32::NEG_INFINITY });
-                kb.for_(ylo, yhi, |kb, iy| {
+                kb.for_(ylo.clone(), yhi.clone(), |kb, iy| {
                     kb.for_(xlo, xhi, |kb, ix| {
                         let v = x.at(src.clone() + iy * w + ix);
                         kb.set(acc, if avg { e(acc) + v } else { e(acc).max(v) });
                     })
                 });
                 let v = if avg { e(acc) / ((kh * kw) as f32) } else { e(acc) };
-                kb.store(y, dst.clone() + oy * ow + ox, v);
-            });
+                kb.store(y, dst.clone() + oy.clone() * ow + ox, v);
+            };
+            if avg || kh * kw > 16 {
+                return kb.for_(0usize, ow, |kb, ox| clipped(kb, ox));
+            }
+            // Max pooling of a window inside the input: straight-line loads and a tree of maxima
+            // (max is exact, so the order does not change the result).
+            let interior = |kb: &mut Kb, ox: Expr| {
+                let base = kb.let_(src.clone() + y0.clone() * w + ox.clone() * p.stride[1] - p.pad[1]);
+                let mut vals: Vec<Expr> = (0..kh).flat_map(|ky| (0..kw).map(move |kx| ky * w + kx)).map(|o| x.at(base.clone() + o)).collect();
+                while vals.len() > 1 {
+                    let rest = vals.split_off(vals.len().div_ceil(2));
+                    for (i, r) in rest.into_iter().enumerate() {
+                        vals[i] = vals[i].clone().max(r);
+                    }
+                }
+                kb.store(y, dst.clone() + oy.clone() * ow + ox, vals.pop().expect("kh·kw ≥ 1"));
+            };
+            let row_inside = e(y_in.0).le(oy.clone()).and(oy.clone().lt(y_in.1));
+            kb.if_else(
+                row_inside,
+                |kb| {
+                    kb.for_(0usize, x_in.0, |kb, ox| clipped(kb, ox));
+                    kb.for_(x_in.0, x_in.1, |kb, ox| interior(kb, ox));
+                    kb.for_(x_in.1, ow, |kb, ox| clipped(kb, ox));
+                },
+                |kb| kb.for_(0usize, ow, |kb, ox| clipped(kb, ox)),
+            );
         });
     });
 }
 
-/// Linear (+ReLU) as a bandwidth-bound GEMV: each task owns a range of output features and streams
-/// their weight rows. Per (row, sample): two f32x4 partial sums over k in steps of 8 (with the block's
-/// other chains, eight independent FMA chains hide the FMA latency), a scalar tail, then the horizontal sum and the bias —
-/// the same arithmetic however rows and samples are grouped, so results do not depend on the batch.
+/// Linear (+ReLU) up to batch 4, as a bandwidth-bound GEMV: each task owns a range of output features
+/// and streams their weight rows. Per (row, sample): two f32x4 partial sums over k in steps of 8 (with
+/// the block's other chains, eight independent FMA chains hide the FMA latency), a scalar tail, then
+/// the horizontal sum and the bias — the same arithmetic however rows and samples are grouped.
 /// A block covers `rb` rows × `nb` samples: at batch 1, four rows, so that four weight streams are in
 /// flight (one sequential stream per core left half the memory bandwidth unused: 7 GB/s per core with
 /// one row, 10 with two, 12 with four, measured on fc6); otherwise four samples per pass over the
 /// weights. Either way 8 accumulators + 2 shared vectors fit the 16 xmm registers.
 fn linear(t: &mut Tables, n: &Node, l: &Linear, relu: bool) {
+    if n.batch > GEMV_MAX_BATCH {
+        return linear_as_gemm(t, n, l, relu);
+    }
     const U: usize = 2;
     let (k, o) = (l.in_features, l.out_features);
     let (rb, nb) = if n.batch == 1 && o % 4 == 0 { (4, 1) } else { (1, 4) };
@@ -330,6 +378,35 @@ fn linear(t: &mut Tables, n: &Node, l: &Linear, relu: bool) {
     t.launch(kb.finish(), vec![n.ins[0].0, w, b, n.out.0], 2 * (n.batch * k * o) as u64);
 }
 
+/// Largest batch run as a GEMV: up to 4 samples share one pass over the weights; beyond that the GEMM
+/// tiles reuse each weight for up to 32 (AVX-512) samples, and FC turns from one weight pass per 4
+/// samples into one per 32.
+const GEMV_MAX_BATCH: usize = 4;
+
+/// Linear at larger batches, as a 1×1 convolution over the transposed input: Xᵀ (k × batch) is a
+/// one-image, k-channel, 1 × batch feature map; the convolution's output is Yᵀ (out × batch).
+fn linear_as_gemm(t: &mut Tables, n: &Node, l: &Linear, relu: bool) {
+    let (k, o, b) = (l.in_features, l.out_features, n.batch);
+    let (xt, yt) = (t.store(k * b), t.store(o * b));
+    transpose(t, &format!("{}.transpose_in", n.name), n.ins[0].0, xt, b, k);
+    let w = Tensor::new(vec![o, k, 1, 1], n.params[0].data().to_vec()).expect("(out, in) weights");
+    let bias = n.params.get(1).cloned().unwrap_or_else(|| Tensor::zeros(vec![o]));
+    let conv_op = Conv2d { in_channels: k, out_channels: o, kernel: [1, 1], stride: [1, 1], pad: [0, 0], groups: 1, bias: true };
+    let (in_shape, out_shape) = ([k, 1, b], [o, 1, b]);
+    let node = Node { name: n.name, op: n.op, batch: 1, ins: vec![(xt, &in_shape)], out: (yt, &out_shape), params: vec![w, bias] };
+    conv(t, &node, &conv_op, relu, None);
+    transpose(t, &format!("{}.transpose_out", n.name), yt, n.out.0, o, b);
+}
+
+/// `dst` (cols × rows) = `src` (rows × cols)ᵀ.
+fn transpose(t: &mut Tables, name: &str, src: Ref, dst: Ref, rows: usize, cols: usize) {
+    let mut kb = Kb::new(name, rows);
+    let (s, d) = (kb.buf("x", rows * cols, Access::Read), kb.buf("y", rows * cols, Access::Write));
+    let (lo, hi) = kb.range();
+    kb.for_(lo, hi, |kb, r| kb.for_(0usize, cols, |kb, c| kb.store(d, c.clone() * rows + r.clone(), s.at(r.clone() * cols + c))));
+    t.launch(kb.finish(), vec![src, dst], 0);
+}
+
 /// Convolution geometry, per group.
 struct Geo {
     cig: usize,
@@ -381,7 +458,14 @@ fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after: Option<&Po
     // The column matrix: [image][group][k][p] with rows padded to whole cache lines, so that the tile's
     // vector loads are aligned; or the input itself for direct 1×1 convolutions.
     let ldb = if direct { g.p } else { g.p.next_multiple_of(super::ALIGN) };
-    let cols = if direct {
+    // The AVX-512 tier packs 256 × 32 panels of the column matrix on the fly, into a buffer on the
+    // task's stack, right before the tiles that read them (L1-hot, no im2col round trip to memory) —
+    // when the packed weights fit comfortably in L2 (AlexNet's conv1: 139 KB), so that tasks can split
+    // the column tiles between them and each read all of A: each panel is then packed once. Pooling
+    // needs whole planes and becomes a second launch. Larger layers keep a shared im2col: split by
+    // channel blocks, every task would pack every panel (measured: 1–3 ms more per AlexNet layer).
+    let packed = t.tier == Tier::Avx512 && !direct && c.groups * (co / c.groups).div_ceil(mr) * (ci / c.groups * kh * kw) * mr * 4 <= 1 << 20;
+    let cols = if direct || packed {
         x
     } else {
         let rows = n.batch * c.groups * g.k;
@@ -422,92 +506,133 @@ fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after: Option<&Po
     };
     let conv_len = n.batch * co * g.p;
     let pre_pool = if pool_after.is_some() { t.store(conv_len) } else { n.out.0 };
-    let mut kb = Kb::new(name("gemm"), n.batch * c.groups * g.ncb);
+    let ntiles = g.p.div_ceil(nr);
+    // Packed layers are split by column tiles; the others by channel blocks, so each task streams only
+    // its share of A and pools its own channels in the same launch.
+    let by_columns = packed;
+    let extent = n.batch * c.groups * if by_columns { ntiles } else { g.ncb };
+    let mut kb = Kb::new(name("gemm"), extent);
     let ab = kb.buf("A", c.groups * g.ncb * g.k * mr, Access::Read);
     let bb = kb.buf("bias", c.groups * g.ncb * mr, Access::Read);
-    let col_len = if direct { n.in_len(0) } else { n.batch * c.groups * g.k * ldb };
+    let col_len = if direct || packed { n.in_len(0) } else { n.batch * c.groups * g.k * ldb };
     let colb = kb.buf("cols", col_len, Access::Read);
     let yb = kb.buf("y", conv_len, Access::ReadWrite);
-    let pooled = pool_after.map(|_| kb.buf("pooled", n.out_len(), Access::Write));
+    let panel = packed.then(|| kb.buf("panel", 256 * nr, Access::Local));
+    let pooled = pool_after.filter(|_| !by_columns).map(|_| kb.buf("pooled", n.out_len(), Access::Write));
     let (lo, hi) = kb.range();
     // Slices of k per tile call: the AVX-512 tile's B slice (KC × 32 floats = 32 KB at KC = 256) then
-    // stays in the 48 KB L1d while MCB blocks of A stream past it. The portable tier takes k whole.
+    // stays in the 48 KB L1d while a chunk of blocks of A streams past it. The portable tier takes k whole.
     let kc = match t.tier {
         Tier::Portable => g.k,
         Tier::Avx512 => 256,
     };
     let slices = g.k.div_ceil(kc);
-    // Tasks own ranges of (image, group, channel block); each range is walked in chunks of MCB blocks
-    // that never cross an (image, group) boundary.
-    kb.for_(lo.clone() / g.ncb, (hi.clone() - 1i64) / g.ncb + 1i64, |kb, ig| {
-        let b0 = kb.let_((lo.clone() - ig.clone() * g.ncb).max(0i64));
-        let b1 = kb.let_((hi.clone() - ig.clone() * g.ncb).min(g.ncb));
-        let (img, grp) = (kb.let_(ig.clone() / c.groups), kb.let_(ig.clone() % c.groups));
-        let bbase = kb.let_(if direct { img.clone() * (ci * g.p) + grp.clone() * (g.cig * g.p) } else { ig.clone() * (g.k * ldb) });
-        let cbase = kb.let_((img.clone() * co + grp.clone() * g.cog) * g.p);
-        kb.for_step(b0, b1.clone(), MCB as i64, |kb, c0| {
-            let c1 = kb.let_((c0.clone() + MCB).min(b1.clone()));
-            // Every tile of the chunk for k in k0..k0 + depth; `accumulate` adds onto C.
-            let tiles = |kb: &mut Kb, k0: Expr, depth: Expr, accumulate: bool, relu: bool| {
-                let tile = |kb: &mut Kb, col: Expr, cols: Expr, width: Option<Width>| {
-                    kb.for_(c0.clone(), c1.clone(), |kb, blk| {
-                        let gemm = Gemm {
-                            a: ab,
-                            a0: (grp.clone() * g.ncb + blk.clone()) * (g.k * mr) + k0.clone() * mr,
-                            bias: bb,
-                            bias0: (grp.clone() * g.ncb + blk.clone()) * mr,
-                            b: colb,
-                            b0: bbase.clone() + k0.clone() * ldb + col.clone(),
-                            c: yb,
-                            c0: cbase.clone() + blk.clone() * (mr * g.p) + col.clone(),
-                            ldb,
-                            ldc: g.p,
-                            depth: depth.clone(),
-                            rows: (e(g.cog) - blk * mr).min(mr),
-                            cols: cols.clone(),
-                            accumulate,
-                            relu,
-                        };
-                        match width {
-                            Some(w) => micro(kb, &gemm, w, g.cog % mr != 0),
-                            None => kb.gemm(gemm),
-                        }
-                    });
-                };
-                match t.tier {
-                    // Full tiles, then one tile of 1–2 vectors, then single columns.
-                    Tier::Portable => {
-                        let full = g.p / nr * nr;
-                        kb.for_step(0usize, full, nr as i64, |kb, col| tile(kb, col, e(nr), Some(Width::Vectors(nr / LANES))));
-                        if (g.p - full) / LANES > 0 {
-                            tile(kb, e(full), e(0i64), Some(Width::Vectors((g.p - full) / LANES)));
-                        }
-                        for col in full + (g.p - full) / LANES * LANES..g.p {
-                            tile(kb, e(col), e(1i64), Some(Width::Scalar));
-                        }
-                    }
-                    // The tile masks its own edge columns.
-                    Tier::Avx512 => kb.for_step(0usize, g.p, nr as i64, |kb, col| tile(kb, col.clone(), (e(g.p) - col).min(nr), None)),
-                }
-            };
-            if slices == 1 {
-                tiles(kb, e(0i64), e(g.k), false, relu);
-            } else {
-                // The first slice starts from the bias, the last applies the epilogue.
-                tiles(kb, e(0i64), e(kc), false, false);
-                kb.for_(1usize, slices - 1, |kb, s| tiles(kb, s * kc, e(kc), true, false));
-                tiles(kb, e((slices - 1) * kc), e(g.k - (slices - 1) * kc), true, relu);
-            }
-            if let (Some(p), Some(pb)) = (pool_after, pooled) {
-                let first = ig.clone() * g.cog + c0.clone() * mr;
-                let last = (ig.clone() * g.cog + c1.clone() * mr).min(ig.clone() * g.cog + g.cog);
-                pool(kb, p, false, yb, pb, first, last, [oh, ow], [n.out.1[1], n.out.1[2]]);
-            }
+    // Runs `f(k0, depth, accumulate, relu)` for every slice of k: the first starts from the bias, the
+    // last applies the epilogue.
+    let each_slice = |kb: &mut Kb, f: &dyn Fn(&mut Kb, Expr, Expr, bool, bool)| {
+        if slices == 1 {
+            return f(kb, e(0i64), e(g.k), false, relu);
+        }
+        f(kb, e(0i64), e(kc), false, false);
+        kb.for_(1usize, slices - 1, |kb, s| f(kb, s * kc, e(kc), true, false));
+        f(kb, e((slices - 1) * kc), e(g.k - (slices - 1) * kc), true, relu);
+    };
+    // Per (image, group) `ig`: the first column-matrix element and the first output element.
+    let bbase = |ig: &Expr| if direct { ig.clone() / c.groups * (ci * g.p) + ig.clone() % c.groups * (g.cig * g.p) } else { ig.clone() * (g.k * ldb) };
+    let cbase = |ig: &Expr| (ig.clone() / c.groups * co + ig.clone() % c.groups * g.cog) * g.p;
+    // The tile of channel block `blk` × columns col..col + cols, for k in k0..k0 + depth.
+    let gemm = |ig: &Expr, blk: Expr, k0: &Expr, depth: &Expr, col: &Expr, cols: Expr, accumulate: bool, relu: bool| {
+        let blocks = ig.clone() % c.groups * g.ncb + blk.clone();
+        Gemm {
+            a: ab,
+            a0: blocks.clone() * (g.k * mr) + k0.clone() * mr,
+            bias: bb,
+            bias0: blocks * mr,
+            b: panel.unwrap_or(colb),
+            b0: if panel.is_some() { e(0i64) } else { bbase(ig) + k0.clone() * ldb + col.clone() },
+            c: yb,
+            c0: cbase(ig) + blk.clone() * (mr * g.p) + col.clone(),
+            ldb: if panel.is_some() { nr } else { ldb },
+            ldc: g.p,
+            depth: depth.clone(),
+            rows: (e(g.cog) - blk * mr).min(mr),
+            cols,
+            accumulate,
+            relu,
+        }
+    };
+    let pack_panel = |kb: &mut Kb, ig: &Expr, k0: &Expr, depth: &Expr, col: &Expr, cols: &Expr| {
+        if let Some(panel) = panel {
+            let geo = Pack { c, g: &g, ci, h, w, ow, x: colb, panel, nr };
+            pack(kb, &geo, ig.clone() / c.groups, ig.clone() % c.groups, k0.clone(), depth.clone(), col.clone(), cols.clone());
+        }
+    };
+    if by_columns {
+        kb.for_(lo, hi, |kb, it| {
+            let ig = kb.let_(it.clone() / ntiles);
+            let col = kb.let_(it % ntiles * nr);
+            let cols = kb.let_((e(g.p) - col.clone()).min(nr));
+            each_slice(kb, &|kb, k0, depth, accumulate, relu| {
+                pack_panel(kb, &ig, &k0, &depth, &col, &cols);
+                kb.for_(0usize, g.ncb, |kb, blk| kb.gemm(gemm(&ig, blk, &k0, &depth, &col, cols.clone(), accumulate, relu)));
+            });
         });
-    });
+    } else {
+        // Tasks own ranges of (image, group, channel block); each range is walked in chunks of blocks
+        // (`chunk_blocks`) that never cross an (image, group) boundary.
+        kb.for_(lo.clone() / g.ncb, (hi.clone() - 1i64) / g.ncb + 1i64, |kb, ig| {
+            let b0 = kb.let_((lo.clone() - ig.clone() * g.ncb).max(0i64));
+            let b1 = kb.let_((hi.clone() - ig.clone() * g.ncb).min(g.ncb));
+            let mcb = chunk_blocks(t.tier);
+            kb.for_step(b0, b1.clone(), mcb as i64, |kb, c0| {
+                let c1 = kb.let_((c0.clone() + mcb).min(b1.clone()));
+                each_slice(kb, &|kb, k0, depth, accumulate, relu| {
+                    let blocks = |kb: &mut Kb, col: Expr, cols: Expr, width: Option<Width>| {
+                        kb.for_(c0.clone(), c1.clone(), |kb, blk| {
+                            let tile = gemm(&ig, blk, &k0, &depth, &col, cols.clone(), accumulate, relu);
+                            match width {
+                                Some(w) => micro(kb, &tile, w, g.cog % mr != 0),
+                                None => kb.gemm(tile),
+                            }
+                        });
+                    };
+                    match t.tier {
+                        // Full tiles, then one tile of 1–2 vectors, then single columns.
+                        Tier::Portable => {
+                            let full = g.p / nr * nr;
+                            kb.for_step(0usize, full, nr as i64, |kb, col| blocks(kb, col, e(nr), Some(Width::Vectors(nr / LANES))));
+                            if (g.p - full) / LANES > 0 {
+                                blocks(kb, e(full), e(0i64), Some(Width::Vectors((g.p - full) / LANES)));
+                            }
+                            for col in full + (g.p - full) / LANES * LANES..g.p {
+                                blocks(kb, e(col), e(1i64), Some(Width::Scalar));
+                            }
+                        }
+                        // The tile masks its own edge columns.
+                        Tier::Avx512 => kb.for_step(0usize, g.p, nr as i64, |kb, col| {
+                            let cols = (e(g.p) - col.clone()).min(nr);
+                            blocks(kb, col, cols, None)
+                        }),
+                    }
+                });
+                if let (Some(p), Some(pb)) = (pool_after, pooled) {
+                    let first = ig.clone() * g.cog + c0.clone() * mr;
+                    let last = (ig.clone() * g.cog + c1.clone() * mr).min(ig.clone() * g.cog + g.cog);
+                    pool(kb, p, false, yb, pb, first, last, [oh, ow], [n.out.1[1], n.out.1[2]]);
+                }
+            });
+        });
+    }
     let mut refs = vec![a, bias, cols, pre_pool];
     refs.extend(pooled.map(|_| n.out.0));
     t.launch(kb.finish(), refs, 2 * (n.batch * co * g.p * g.k) as u64);
+    if let (Some(p), true) = (pool_after, by_columns) {
+        let mut kb = Kb::new(name("max_pool2d"), n.batch * co);
+        let (xb, pb) = (kb.buf("x", conv_len, Access::Read), kb.buf("y", n.out_len(), Access::Write));
+        let (lo, hi) = kb.range();
+        pool(&mut kb, p, false, xb, pb, lo, hi, [oh, ow], [n.out.1[1], n.out.1[2]]);
+        t.launch(kb.finish(), vec![pre_pool, n.out.0], 0);
+    }
 }
 
 /// How many output columns a microkernel call covers.
@@ -517,6 +642,64 @@ enum Width {
     Vectors(usize),
     /// One column, scalar (the last 1–3 columns of a row).
     Scalar,
+}
+
+/// What [`pack`] needs of a convolution.
+struct Pack<'a> {
+    c: &'a Conv2d,
+    g: &'a Geo,
+    ci: usize,
+    h: usize,
+    w: usize,
+    ow: usize,
+    x: Buf,
+    panel: Buf,
+    nr: usize,
+}
+
+/// Packs rows k0..k0 + depth, columns col..col + cols of image `img`, group `grp`'s column matrix into
+/// `panel` (row stride NR). The columns are output pixels; they run along output rows, so each k row is
+/// copied as segments of one output row each: zeros where the window hangs over the padding, a
+/// contiguous (stride 1) or strided copy of the input row in between.
+#[allow(clippy::too_many_arguments)]
+fn pack(kb: &mut Kb, p: &Pack, img: Expr, grp: Expr, k0: Expr, depth: Expr, col: Expr, cols: Expr) {
+    let (c, [kh, kw]) = (p.c, p.c.kernel);
+    let (s0, s1, p0, p1) = (c.stride[0], c.stride[1] as i64, c.pad[0], c.pad[1] as i64);
+    let (oy0, ox0) = (kb.let_(col.clone() / p.ow), kb.let_(col % p.ow));
+    let end = kb.let_(ox0.clone() + cols);
+    let segments = kb.let_((end.clone() + (p.ow - 1)) / p.ow);
+    let first_plane = kb.let_((img * p.ci + grp * p.g.cig) * (p.h * p.w));
+    kb.for_(0usize, depth, |kb, kk| {
+        let k = kb.let_(k0.clone() + kk.clone());
+        let (ch, ky, kx) = (kb.let_(k.clone() / (kh * kw)), kb.let_(k.clone() / kw % kh), kb.let_(k % kw));
+        let plane = kb.let_(first_plane.clone() + ch * (p.h * p.w));
+        // Output columns whose input column is inside the image: ox·s + kx − pad ∈ 0..w.
+        let xlo = kb.let_(((e(p1) - kx.clone() + (s1 - 1)).max(0i64) / s1).min(p.ow));
+        let xhi = kb.let_(((e(p.w as i64 - 1 + p1) - kx.clone() + s1).max(0i64) / s1).min(p.ow).max(xlo.clone()));
+        kb.for_(0usize, segments.clone(), |kb, seg| {
+            // This segment covers ox in a..b of output row oy0 + seg; panel column = jbase + ox.
+            let a = kb.let_(seg.clone().eq(0i64).select(ox0.clone(), 0i64));
+            let b = kb.let_((end.clone() - seg.clone() * p.ow).min(p.ow));
+            let dst = kb.let_(kk.clone() * p.nr + seg.clone() * p.ow - ox0.clone());
+            let iy = kb.let_((oy0.clone() + seg) * s0 + ky.clone() - p0);
+            kb.if_else(
+                e(0i64).le(iy.clone()).and(iy.clone().lt(p.h)),
+                |kb| {
+                    let lo = kb.let_(a.clone().max(xlo.clone()).min(b.clone()));
+                    let hi = kb.let_(b.clone().min(xhi.clone()).max(lo.clone()));
+                    zero(kb, p.panel, dst.clone() + a.clone(), lo.clone() - a.clone());
+                    let src = kb.let_(plane.clone() + iy.clone() * p.w - p1 + kx.clone());
+                    if s1 == 1 {
+                        copy(kb, p.panel, dst.clone() + lo.clone(), p.x, src + lo.clone(), hi.clone() - lo.clone());
+                    } else {
+                        kb.for_(lo.clone(), hi.clone(), |kb, ox| kb.store(p.panel, dst.clone() + ox.clone(), p.x.at(src.clone() + ox * s1)));
+                    }
+                    zero(kb, p.panel, dst.clone() + hi.clone(), b.clone() - hi.clone());
+                },
+                |kb| zero(kb, p.panel, dst.clone() + a.clone(), b.clone() - a.clone()),
+            );
+        });
+    });
 }
 
 /// The portable GEMM microkernel, expanded in the IR: an MR × (4·vectors or 1) tile whose accumulators

@@ -126,7 +126,8 @@ pub fn program(graph: &Graph, bound: Bound, batch: usize, tier: Tier) -> Program
         .iter()
         .map(|(k, refs, flops)| {
             let slots: Vec<Slot> = refs.iter().map(|&r| slot(r)).collect();
-            for (b, s) in k.bufs.iter().zip(&slots) {
+            assert_eq!(k.args().count(), slots.len(), "{}: one slot per argument buffer", k.name);
+            for (b, s) in k.args().zip(&slots) {
                 if let Slot::Arena { len, .. } = s {
                     assert!(b.len <= *len, "{}: buffer {} declares {} elements, its tensor has {len}", k.name, b.name, b.len);
                 }

@@ -1,0 +1,58 @@
+//! NVIDIA's PTX assembler, to validate emitted PTX offline: no GPU or driver is needed, only the
+//! `ptxas` binary (the PyPI wheel `nvidia-cuda-nvcc-cu12` ships one; `.ci/run` installs it).
+//!
+//! [`find`] looks for it; [`assemble`] assembles a module for one `sm_XX` and, when ptxas rejects it,
+//! reports each of its messages with the kernel (the `.entry`) its line number falls in.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PtxasError {
+    #[error("cannot run ptxas `{}`: {source}", path.display())]
+    Run { path: PathBuf, source: std::io::Error },
+    #[error("ptxas -arch=sm_{sm} rejected the PTX:\n{report}")]
+    Rejected { sm: u32, report: String },
+}
+
+/// The ptxas to use: `$CNNC_PTXAS` if set, else `ptxas` on the `PATH`, else the one in the
+/// `nvidia-cuda-nvcc-cu12` wheel of `python3`'s site-packages.
+pub fn find() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("CNNC_PTXAS").filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    if let Some(p) = std::env::var_os("PATH").and_then(|path| std::env::split_paths(&path).map(|d| d.join("ptxas")).find(|p| p.is_file())) {
+        return Some(p);
+    }
+    let out = Command::new("python3").args(["-c", "import nvidia.cuda_nvcc as m; print(list(m.__path__)[0])"]).output().ok()?;
+    let dir = String::from_utf8(out.stdout).ok()?;
+    let p = Path::new(dir.trim()).join("bin").join("ptxas");
+    (out.status.success() && p.is_file()).then_some(p)
+}
+
+/// Assembles `ptx` for `sm_{sm}` (output discarded). On rejection, every message ptxas printed is
+/// returned, those that name a line prefixed with the kernel it belongs to.
+pub fn assemble(ptxas: &Path, ptx: &str, sm: u32) -> Result<(), PtxasError> {
+    let run = |source| PtxasError::Run { path: ptxas.to_path_buf(), source };
+    let dir = tempfile::tempdir().map_err(run)?;
+    let (src, obj) = (dir.path().join("module.ptx"), dir.path().join("module.cubin"));
+    std::fs::write(&src, ptx).map_err(run)?;
+    let out = Command::new(ptxas).arg(format!("-arch=sm_{sm}")).arg("-o").arg(&obj).arg(&src).output().map_err(run)?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    let report = text
+        .lines()
+        .map(|l| {
+            // `ptxas FILE, line N; error   : ...`
+            let line = l.split(", line ").nth(1).and_then(|r| r.split(';').next()).and_then(|n| n.trim().parse().ok());
+            match line.and_then(|n| super::entry_at_line(ptx, n)) {
+                Some(kernel) => format!("[{kernel}] {l}"),
+                None => l.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    Err(PtxasError::Rejected { sm, report })
+}
