@@ -249,63 +249,69 @@ fn devectorize(e: Expr) -> Expr {
 
 /// Max or average pooling of planes `lo..hi` of `x` into `y` (plane-major NCHW, same plane numbering).
 /// Windows are clipped to the input, so padding never contributes (Chainer's semantics; average pooling
-/// still divides by the full window).
+/// still divides by the full window, and sums in the reference's (ky, kx) order).
+///
+/// Max pooling is separable: each input row is first reduced over the window's columns into a local
+/// buffer (straight-line for windows inside the row), then output rows take the maximum of their
+/// window's rows four columns at a time. Max is exact, so this is the same result; it needs about half
+/// the scalar maxima (Cranelift's IEEE `fmax` is a several-instruction sequence on x64), and the second
+/// half vectorized.
 #[allow(clippy::too_many_arguments)]
 fn pool(kb: &mut Kb, p: &Pool2d, avg: bool, x: Buf, y: Buf, lo: Expr, hi: Expr, [h, w]: [usize; 2], [oh, ow]: [usize; 2]) {
     let [kh, kw] = p.kernel;
-    // Outputs whose window lies inside the input along an axis: o·s − pad ≥ 0 and o·s − pad + k ≤ size.
-    let inside = |size: usize, k: usize, s: usize, pad: usize| {
-        let first = pad.div_ceil(s).min(oh.max(ow));
-        let last = if size + pad >= k { (size + pad - k) / s + 1 } else { 0 };
-        (first, last.max(first))
+    // The window of output o along an axis, clipped to 0..size.
+    let window = |kb: &mut Kb, o: Expr, k: usize, s: usize, pad: usize, size: usize| {
+        let start = kb.let_(o * s - pad);
+        (kb.let_(start.clone().max(0i64)), kb.let_((start + k).min(size)))
     };
-    let (x_in, y_in) = (inside(w, kw, p.stride[1], p.pad[1]), inside(h, kh, p.stride[0], p.pad[0]));
-    let (x_in, y_in) = ((x_in.0.min(ow), x_in.1.min(ow)), (y_in.0.min(oh), y_in.1.min(oh)));
+    let neg_inf = || e(f32::NEG_INFINITY);
+    if avg {
+        return kb.for_(lo, hi, |kb, plane| {
+            let (src, dst) = (kb.let_(plane.clone() * (h * w)), kb.let_(plane * (oh * ow)));
+            kb.for_(0usize, oh, |kb, oy| {
+                let (ylo, yhi) = window(kb, oy.clone(), kh, p.stride[0], p.pad[0], h);
+                kb.for_(0usize, ow, |kb, ox| {
+                    let (xlo, xhi) = window(kb, ox.clone(), kw, p.stride[1], p.pad[1], w);
+                    let acc = kb.var(0.0f32);
+                    kb.for_(ylo.clone(), yhi.clone(), |kb, iy| kb.for_(xlo, xhi, |kb, ix| kb.set(acc, e(acc) + x.at(src.clone() + iy * w + ix))));
+                    kb.store(y, dst.clone() + oy.clone() * ow + ox, e(acc) / ((kh * kw) as f32));
+                });
+            });
+        });
+    }
+    // Output columns whose window lies inside the row: ox·s − pad ≥ 0 and ox·s − pad + kw ≤ w.
+    let first = p.pad[1].div_ceil(p.stride[1]).min(ow);
+    let last = if w + p.pad[1] >= kw { ((w + p.pad[1] - kw) / p.stride[1] + 1).min(ow).max(first) } else { first };
+    let rows = kb.buf("rows", h * ow, Access::Local);
     kb.for_(lo, hi, |kb, plane| {
         let (src, dst) = (kb.let_(plane.clone() * (h * w)), kb.let_(plane * (oh * ow)));
-        kb.for_(0usize, oh, |kb, oy| {
-            let y0 = kb.let_(oy.clone() * p.stride[0] - p.pad[0]);
-            let (ylo, yhi) = (kb.let_(y0.clone().max(0i64)), kb.let_((y0.clone() + kh).min(h)));
-            // Any window, clipped to the input (padding never contributes).
+        kb.for_(0usize, h, |kb, iy| {
+            let (from, to) = (kb.let_(src.clone() + iy.clone() * w), kb.let_(iy * ow));
             let clipped = |kb: &mut Kb, ox: Expr| {
-                let x0 = kb.let_(ox.clone() * p.stride[1] - p.pad[1]);
-                let (xlo, xhi) = (kb.let_(x0.clone().max(0i64)), kb.let_((x0 + kw).min(w)));
-                let acc = kb.var(if avg { 0.0 } else { f32::NEG_INFINITY });
+                let (xlo, xhi) = window(kb, ox.clone(), kw, p.stride[1], p.pad[1], w);
+                let acc = kb.var(neg_inf());
+                kb.for_(xlo, xhi, |kb, ix| kb.set(acc, e(acc).max(x.at(from.clone() + ix))));
+                kb.store(rows, to.clone() + ox, acc);
+            };
+            kb.for_(0usize, first, |kb, ox| clipped(kb, ox));
+            kb.for_(first, last, |kb, ox| {
+                let base = kb.let_(from.clone() + ox.clone() * p.stride[1] - p.pad[1]);
+                let v = (1..kw).fold(x.at(base.clone()), |m, kx| m.max(x.at(base.clone() + kx)));
+                kb.store(rows, to.clone() + ox, v);
+            });
+            kb.for_(last, ow, |kb, ox| clipped(kb, ox));
+        });
+        kb.for_(0usize, oh, |kb, oy| {
+            let (ylo, yhi) = window(kb, oy.clone(), kh, p.stride[0], p.pad[0], h);
+            let out = kb.let_(dst.clone() + oy * ow);
+            vector_loop(kb, e(0i64), e(ow), |kb, ox, vec| {
+                let acc = kb.var(if vec { neg_inf().splat() } else { neg_inf() });
                 kb.for_(ylo.clone(), yhi.clone(), |kb, iy| {
-                    kb.for_(xlo, xhi, |kb, ix| {
-                        let v = x.at(src.clone() + iy * w + ix);
-                        kb.set(acc, if avg { e(acc) + v } else { e(acc).max(v) });
-                    })
+                    let at = iy * ow + ox.clone();
+                    kb.set(acc, e(acc).max(if vec { rows.at4(at) } else { rows.at(at) }));
                 });
-                let v = if avg { e(acc) / ((kh * kw) as f32) } else { e(acc) };
-                kb.store(y, dst.clone() + oy.clone() * ow + ox, v);
-            };
-            if avg || kh * kw > 16 {
-                return kb.for_(0usize, ow, |kb, ox| clipped(kb, ox));
-            }
-            // Max pooling of a window inside the input: straight-line loads and a tree of maxima
-            // (max is exact, so the order does not change the result).
-            let interior = |kb: &mut Kb, ox: Expr| {
-                let base = kb.let_(src.clone() + y0.clone() * w + ox.clone() * p.stride[1] - p.pad[1]);
-                let mut vals: Vec<Expr> = (0..kh).flat_map(|ky| (0..kw).map(move |kx| ky * w + kx)).map(|o| x.at(base.clone() + o)).collect();
-                while vals.len() > 1 {
-                    let rest = vals.split_off(vals.len().div_ceil(2));
-                    for (i, r) in rest.into_iter().enumerate() {
-                        vals[i] = vals[i].clone().max(r);
-                    }
-                }
-                kb.store(y, dst.clone() + oy.clone() * ow + ox, vals.pop().expect("kh·kw ≥ 1"));
-            };
-            let row_inside = e(y_in.0).le(oy.clone()).and(oy.clone().lt(y_in.1));
-            kb.if_else(
-                row_inside,
-                |kb| {
-                    kb.for_(0usize, x_in.0, |kb, ox| clipped(kb, ox));
-                    kb.for_(x_in.0, x_in.1, |kb, ox| interior(kb, ox));
-                    kb.for_(x_in.1, ow, |kb, ox| clipped(kb, ox));
-                },
-                |kb| kb.for_(0usize, ow, |kb, ox| clipped(kb, ox)),
-            );
+                kb.store(y, out.clone() + ox, acc);
+            });
         });
     });
 }
@@ -378,9 +384,9 @@ fn linear(t: &mut Tables, n: &Node, l: &Linear, relu: bool) {
     t.launch(kb.finish(), vec![n.ins[0].0, w, b, n.out.0], 2 * (n.batch * k * o) as u64);
 }
 
-/// Largest batch run as a GEMV: up to 4 samples share one pass over the weights; beyond that the GEMM
-/// tiles reuse each weight for up to 32 (AVX-512) samples, and FC turns from one weight pass per 4
-/// samples into one per 32.
+/// Largest batch run as a GEMV (one pass over the weights per 4 samples, one weight stream per task);
+/// beyond it, the GEMM tiles (a 1×1 convolution) reuse each weight for up to 32 samples. Measured on
+/// AlexBN's fc6 at batch 8, 2 threads: 15.8 ms as GEMM, 32 ms as two GEMV passes.
 const GEMV_MAX_BATCH: usize = 4;
 
 /// Linear at larger batches, as a 1×1 convolution over the transposed input: Xᵀ (k × batch) is a
@@ -669,31 +675,46 @@ fn pack(kb: &mut Kb, p: &Pack, img: Expr, grp: Expr, k0: Expr, depth: Expr, col:
     let end = kb.let_(ox0.clone() + cols);
     let segments = kb.let_((end.clone() + (p.ow - 1)) / p.ow);
     let first_plane = kb.let_((img * p.ci + grp * p.g.cig) * (p.h * p.w));
-    kb.for_(0usize, depth, |kb, kk| {
-        let k = kb.let_(k0.clone() + kk.clone());
-        let (ch, ky, kx) = (kb.let_(k.clone() / (kh * kw)), kb.let_(k.clone() / kw % kh), kb.let_(k % kw));
-        let plane = kb.let_(first_plane.clone() + ch * (p.h * p.w));
-        // Output columns whose input column is inside the image: ox·s + kx − pad ∈ 0..w.
-        let xlo = kb.let_(((e(p1) - kx.clone() + (s1 - 1)).max(0i64) / s1).min(p.ow));
-        let xhi = kb.let_(((e(p.w as i64 - 1 + p1) - kx.clone() + s1).max(0i64) / s1).min(p.ow).max(xlo.clone()));
-        kb.for_(0usize, segments.clone(), |kb, seg| {
-            // This segment covers ox in a..b of output row oy0 + seg; panel column = jbase + ox.
-            let a = kb.let_(seg.clone().eq(0i64).select(ox0.clone(), 0i64));
-            let b = kb.let_((end.clone() - seg.clone() * p.ow).min(p.ow));
-            let dst = kb.let_(kk.clone() * p.nr + seg.clone() * p.ow - ox0.clone());
-            let iy = kb.let_((oy0.clone() + seg) * s0 + ky.clone() - p0);
+    // Segments outside, k inside: a segment's geometry is computed once per panel, not once per row.
+    kb.for_(0usize, segments, |kb, seg| {
+        // This segment covers ox in a..b of output row oy0 + seg; panel column = ox + (seg·ow − ox0).
+        let a = kb.let_(seg.clone().eq(0i64).select(ox0.clone(), 0i64));
+        let b = kb.let_((end.clone() - seg.clone() * p.ow).min(p.ow));
+        let shift = kb.let_(seg.clone() * p.ow - ox0.clone());
+        let oy = kb.let_(oy0.clone() + seg);
+        kb.for_(0usize, depth.clone(), |kb, kk| {
+            let k = kb.let_(k0.clone() + kk.clone());
+            let (ch, ky, kx) = (kb.let_(k.clone() / (kh * kw)), kb.let_(k.clone() / kw % kh), kb.let_(k % kw));
+            let iy = kb.let_(oy.clone() * s0 + ky - p0);
+            let dst = kb.let_(kk * p.nr + shift.clone());
+            let src = kb.let_(first_plane.clone() + ch * (p.h * p.w) + iy.clone() * p.w - p1 + kx.clone());
+            // Copies panel[dst + ox] = x[src + ox·s] for ox in lo..hi; strided copies four at a time.
+            let gather = |kb: &mut Kb, lo: Expr, hi: Expr| {
+                if s1 == 1 {
+                    return copy(kb, p.panel, dst.clone() + lo.clone(), p.x, src.clone() + lo.clone(), hi - lo);
+                }
+                let four = kb.let_(lo.clone() + (hi.clone() - lo.clone()) / 4i64 * 4i64);
+                kb.for_step(lo, four.clone(), 4, |kb, ox| {
+                    for u in 0..4i64 {
+                        kb.store(p.panel, dst.clone() + ox.clone() + u, p.x.at(src.clone() + (ox.clone() + u) * s1));
+                    }
+                });
+                kb.for_(four, hi, |kb, ox| kb.store(p.panel, dst.clone() + ox.clone(), p.x.at(src.clone() + ox * s1)));
+            };
+            if c.pad == [0, 0] {
+                // Without padding every window is inside the input: no bounds, no zeros.
+                return gather(kb, a.clone(), b.clone());
+            }
+            // Output columns whose input column is inside the image: ox·s + kx − pad ∈ 0..w.
+            let xlo = kb.let_(((e(p1) - kx.clone() + (s1 - 1)).max(0i64) / s1).min(p.ow));
+            let xhi = kb.let_(((e(p.w as i64 - 1 + p1) - kx.clone() + s1).max(0i64) / s1).min(p.ow).max(xlo.clone()));
             kb.if_else(
                 e(0i64).le(iy.clone()).and(iy.clone().lt(p.h)),
                 |kb| {
                     let lo = kb.let_(a.clone().max(xlo.clone()).min(b.clone()));
                     let hi = kb.let_(b.clone().min(xhi.clone()).max(lo.clone()));
                     zero(kb, p.panel, dst.clone() + a.clone(), lo.clone() - a.clone());
-                    let src = kb.let_(plane.clone() + iy.clone() * p.w - p1 + kx.clone());
-                    if s1 == 1 {
-                        copy(kb, p.panel, dst.clone() + lo.clone(), p.x, src + lo.clone(), hi.clone() - lo.clone());
-                    } else {
-                        kb.for_(lo.clone(), hi.clone(), |kb, ox| kb.store(p.panel, dst.clone() + ox.clone(), p.x.at(src.clone() + ox * s1)));
-                    }
+                    gather(kb, lo.clone(), hi.clone());
                     zero(kb, p.panel, dst.clone() + hi.clone(), b.clone() - hi.clone());
                 },
                 |kb| zero(kb, p.panel, dst.clone() + a.clone(), b.clone() - a.clone()),
