@@ -159,6 +159,7 @@ proptest! {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn conv(c: usize, hw: usize, out: usize, k: usize, stride: usize, pad: usize, groups: usize, pool: Option<Pool>) -> Problem {
     Problem { batch: 2, c, h: hw, w: hw, layer: Layer::Conv { out, k: [k, k], stride, pad, groups, bias: true, relu: true, pool } }
 }

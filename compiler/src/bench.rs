@@ -36,9 +36,11 @@ pub fn bench(
     let t1 = Instant::now();
     let bound = load_weights(&src, &g, weights, false)?;
     let shape = [vec![batch], g.node(input).shape.clone()].concat();
-    let x = Tensor::new(shape.clone(), rng::normal("input", shape.iter().product()).into_iter().map(|v| v as f32).collect()).expect("sized");
+    let x = Tensor::new(shape.clone(), rng::normal("input", shape.iter().product()).map(|v| v as f32).collect()).expect("sized");
     let threads = exec.threads();
-    let (run, codegen, load): (Box<dyn Fn(bool) -> Result<Vec<Duration>>>, Duration, Duration);
+    // One timed inference (the argument: whether to profile per kernel); per-kernel times, if any.
+    type Run = Box<dyn Fn(bool) -> Result<Vec<Duration>>>;
+    let (run, codegen, load): (Run, Duration, Duration);
     let mut names = vec![];
     match exec.backend {
         Backend::Jit => {

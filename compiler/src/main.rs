@@ -296,7 +296,10 @@ fn compile(model: &Path, emit: Emit, output: Option<&Path>, opts: &cnnc::opt::Op
     };
     match output {
         Some(path) => write_atomic(path, |w| Ok(w.write_all(text.as_bytes())?)),
-        None => Ok(print!("{text}")),
+        None => {
+            print!("{text}");
+            Ok(())
+        }
     }
 }
 

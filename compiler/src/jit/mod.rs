@@ -152,7 +152,7 @@ pub fn compile(program: &Program, opts: Options) -> Result<Jitted, JitError> {
     let mut fctx = FunctionBuilderContext::new();
     let mut ids = vec![];
     for (i, l) in program.launches.iter().enumerate() {
-        let check = opts.checked.then(|| (Arc::as_ptr(&log) as i64, i as i64));
+        let check = opts.checked.then_some((Arc::as_ptr(&log) as i64, i as i64));
         build(&mut m, &mut ctx, &mut fctx, &l.kernel, check, tiles)?;
         let err = |e: cranelift_module::ModuleError| JitError::Codegen { kernel: l.kernel.name.clone(), message: format!("{e:?}") };
         let id = m.declare_anonymous_function(&ctx.func.signature).map_err(err)?;
@@ -250,7 +250,7 @@ fn build(
     let hi = b.ins().udiv(hi, ntasks);
     b.def_var(vars[Kernel::LO.0 as usize], lo);
     b.def_var(vars[Kernel::HI.0 as usize], hi);
-    let mut arg = 0;
+    let mut arg: i32 = 0;
     let mut bases = Vec::with_capacity(k.bufs.len());
     for buf in &k.bufs {
         bases.push(if buf.access == Access::Local {
@@ -259,7 +259,7 @@ fn build(
             b.ins().stack_addr(types::I64, slot, 0)
         } else {
             arg += 1;
-            b.ins().load(types::I64, MemFlagsData::trusted().with_readonly(), table, (8 * (arg - 1)) as i32)
+            b.ins().load(types::I64, MemFlagsData::trusted().with_readonly(), table, 8 * (arg - 1))
         });
     }
     let frontend = m.isa().frontend_config();
@@ -343,30 +343,20 @@ impl Gen<'_, '_> {
         if self.check.is_none() {
             return self.call_tile(g, tiles, args);
         }
-        // The last element the tile may touch in A, B and C: a0 + depth·MR − 1,
-        // b0 + (depth − 1)·ldb + cols − 1, c0 + (rows − 1)·ldc + cols − 1.
-        let mr = Tier::Avx512.mr() as i64;
-        let mut ins = |f: &mut dyn FnMut(&mut FunctionBuilder) -> Value| f(&mut self.b);
-        let a_last = ins(&mut |b| {
-            let d = b.ins().imul_imm_s(depth, mr);
-            let x = b.ins().iadd(a0, d);
-            b.ins().iadd_imm_s(x, -1)
-        });
-        let b_last = ins(&mut |b| {
-            let d = b.ins().iadd_imm_s(depth, -1);
-            let d = b.ins().imul_imm_s(d, g.ldb as i64);
-            let x = b.ins().iadd(b0, d);
-            let x = b.ins().iadd(x, cols);
-            b.ins().iadd_imm_s(x, -1)
-        });
-        let c_last = ins(&mut |b| {
-            let r = b.ins().iadd_imm_s(rows, -1);
-            let r = b.ins().imul_imm_s(r, g.ldc as i64);
-            let x = b.ins().iadd(c0, r);
-            let x = b.ins().iadd(x, cols);
-            b.ins().iadd_imm_s(x, -1)
-        });
-        let bias_last = self.b.ins().iadd_imm_s(bias0, mr - 1);
+        // The last element the tile may touch in each buffer: start + (n − 1)·stride + width − 1 for
+        // n rows (k steps for A and B, output rows for C) of `width` elements.
+        let mr = self.b.ins().iconst(types::I64, Tier::Avx512.mr() as i64);
+        let mut last = |start: Value, n: Value, stride: i64, width: Value| {
+            let n = self.b.ins().iadd_imm_s(n, -1);
+            let rows = self.b.ins().imul_imm_s(n, stride);
+            let end = self.b.ins().iadd(start, rows);
+            let end = self.b.ins().iadd(end, width);
+            self.b.ins().iadd_imm_s(end, -1)
+        };
+        let a_last = last(a0, depth, Tier::Avx512.mr() as i64, mr);
+        let b_last = last(b0, depth, g.ldb as i64, cols);
+        let c_last = last(c0, rows, g.ldc as i64, cols);
+        let bias_last = self.b.ins().iadd_imm_s(bias0, Tier::Avx512.mr() as i64 - 1);
         let checks = [(g.a.0, a0), (g.a.0, a_last), (g.bias.0, bias0), (g.bias.0, bias_last), (g.b.0, b0), (g.b.0, b_last), (g.c.0, c0), (g.c.0, c_last)];
         let mut all = self.b.ins().iconst(types::I8, 1);
         for (buf, idx) in checks {

@@ -597,7 +597,7 @@ fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after: Option<&Po
                         kb.for_(c0.clone(), c1.clone(), |kb, blk| {
                             let tile = gemm(&ig, blk, &k0, &depth, &col, cols.clone(), accumulate, relu);
                             match width {
-                                Some(w) => micro(kb, &tile, w, g.cog % mr != 0),
+                                Some(w) => micro(kb, &tile, w, !g.cog.is_multiple_of(mr)),
                                 None => kb.gemm(tile),
                             }
                         });
