@@ -159,6 +159,19 @@ impl Tables {
     }
 }
 
+/// The machine's physical memory in bytes, where the OS tells.
+pub fn physical_memory() -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: sysconf only reads system configuration.
+        let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+        if pages > 0 && size > 0 {
+            return Some(pages as u64 * size as u64);
+        }
+    }
+    None
+}
+
 impl Executable {
     /// # Safety
     /// Each `f` must be a kernel that, called with pointers to buffers of the slots' lengths, reads and

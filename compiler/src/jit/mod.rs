@@ -30,6 +30,8 @@ pub enum JitError {
     Codegen { kernel: String, message: String },
     #[error("this program was lowered for the AVX-512 tier, which this CPU does not have")]
     NoAvx512,
+    #[error("batch {batch} needs {need:.1} GiB (activations and parameters), more than this machine's {have:.1} GiB of memory; use a smaller batch")]
+    TooLarge { batch: usize, need: f64, have: f64 },
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -146,6 +148,12 @@ fn tile_signature(m: &JITModule) -> Signature {
 
 /// Compiles every launch of `program` to native code.
 pub fn compile(program: &Program, opts: Options) -> Result<Jitted, JitError> {
+    // Refuse what cannot fit, instead of being killed while the arena is zeroed.
+    let bytes = 4 * (program.arena_len + program.params.iter().map(Vec::len).sum::<usize>()) as u64;
+    if let Some(have) = cnnc_runtime::exec::physical_memory().filter(|&have| bytes > have) {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        return Err(JitError::TooLarge { batch: program.batch, need: gib(bytes), have: gib(have) });
+    }
     let (mut m, tiles) = module(program.tier)?;
     let log = Arc::new(Log::default());
     let mut ctx = m.make_context();
@@ -532,6 +540,22 @@ mod tests {
         // The blocked store went to element 0 instead; nothing past the buffer was written.
         assert_eq!(&out[1..8], &[2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]);
         assert!(out[8..].iter().all(|&v| v == 0.0), "{out:?}");
+    }
+
+    #[test]
+    fn a_program_larger_than_memory_is_refused_before_allocating() {
+        let Some(have) = cnnc_runtime::exec::physical_memory() else { return };
+        let kb = Kb::new("nothing", 1);
+        let p = Program {
+            batch: 64,
+            tier: Tier::Portable,
+            launches: vec![Launch { kernel: kb.finish(), slots: vec![], flops: 0 }],
+            params: vec![],
+            arena_len: (have / 4 + 1) as usize,
+            inputs: vec![],
+            output: (0, vec![1]),
+        };
+        assert!(matches!(compile(&p, Options::default()), Err(JitError::TooLarge { batch: 64, .. })));
     }
 
     #[test]

@@ -201,11 +201,27 @@ fn vector_loop(kb: &mut Kb, lo: Expr, hi: Expr, body: impl Fn(&mut Kb, Expr, boo
     kb.for_(vend, hi, |kb, i| body(kb, i, false));
 }
 
-/// `dst[d..d + n] = src[s..s + n]`.
+/// `for i in lo..hi` four at a time, where writing an element twice is harmless (copies and fills):
+/// ranges of four or more end with one vector that overlaps the previous one instead of a scalar tail
+/// (im2col copies rows of 13–55 floats, so the tail was a large share of the work).
+fn overlapping_vector_loop(kb: &mut Kb, lo: Expr, hi: Expr, body: impl Fn(&mut Kb, Expr, bool)) {
+    let (lo, hi) = (kb.let_(lo), kb.let_(hi));
+    let vend = kb.let_(lo.clone() + (hi.clone() - lo.clone()) / LANES * LANES);
+    kb.if_else(
+        e(LANES).le(hi.clone() - lo.clone()),
+        |kb| {
+            kb.for_step(lo.clone(), vend.clone(), LANES as i64, |kb, i| body(kb, i, true));
+            kb.if_(vend.clone().lt(hi.clone()), |kb| body(kb, hi.clone() - LANES, true));
+        },
+        |kb| kb.for_(lo.clone(), hi.clone(), |kb, i| body(kb, i, false)),
+    );
+}
+
+/// `dst[d..d + n] = src[s..s + n]` (the ranges do not overlap).
 fn copy(kb: &mut Kb, dst: Buf, d: Expr, src: Buf, s: Expr, n: impl Into<Expr>) {
     let delta = kb.let_(s - d.clone());
     let end = d.clone() + n;
-    vector_loop(kb, d, end, |kb, i, vec| {
+    overlapping_vector_loop(kb, d, end, |kb, i, vec| {
         let v = if vec { src.at4(i.clone() + delta.clone()) } else { src.at(i.clone() + delta.clone()) };
         kb.store(dst, i, v)
     });
@@ -213,7 +229,7 @@ fn copy(kb: &mut Kb, dst: Buf, d: Expr, src: Buf, s: Expr, n: impl Into<Expr>) {
 
 /// `dst[d..d + n] = 0`.
 fn zero(kb: &mut Kb, dst: Buf, d: Expr, n: Expr) {
-    vector_loop(kb, d.clone(), d + n, |kb, i, vec| kb.store(dst, i, if vec { e(0.0f32).splat() } else { e(0.0f32) }));
+    overlapping_vector_loop(kb, d.clone(), d + n, |kb, i, vec| kb.store(dst, i, if vec { e(0.0f32).splat() } else { e(0.0f32) }));
 }
 
 /// Element-wise kernel over `len` elements: `y = f(inputs)`, vectorized.
