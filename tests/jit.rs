@@ -230,3 +230,9 @@ fn linear_as_gemm_at_larger_batches() {
 fn large_weights_split_by_channel_blocks() {
     conv(256, 9, 128, 3, 1, 1, 1, Some(Pool { max: true, k: 3, stride: 2, pad: 0, cover_all: true })).check();
 }
+
+/// A max pool whose row maxima would not fit the separable form's stack buffer takes the direct form.
+#[test]
+fn max_pool_of_a_large_plane() {
+    Problem { batch: 1, c: 1, h: 130, w: 260, layer: Layer::Pool(Pool { max: true, k: 3, stride: 1, pad: 1, cover_all: true }) }.check();
+}

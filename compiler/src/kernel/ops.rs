@@ -281,16 +281,24 @@ fn pool(kb: &mut Kb, p: &Pool2d, avg: bool, x: Buf, y: Buf, lo: Expr, hi: Expr, 
         (kb.let_(start.clone().max(0i64)), kb.let_((start + k).min(size)))
     };
     let neg_inf = || e(f32::NEG_INFINITY);
-    if avg {
+    // The separable form keeps one plane's row maxima on the task's stack; planes too large for that
+    // (over 64 KiB of them: worker threads have 2 MiB stacks) take the direct form.
+    if avg || h * ow * 4 > 64 << 10 {
         return kb.for_(lo, hi, |kb, plane| {
             let (src, dst) = (kb.let_(plane.clone() * (h * w)), kb.let_(plane * (oh * ow)));
             kb.for_(0usize, oh, |kb, oy| {
                 let (ylo, yhi) = window(kb, oy.clone(), kh, p.stride[0], p.pad[0], h);
                 kb.for_(0usize, ow, |kb, ox| {
                     let (xlo, xhi) = window(kb, ox.clone(), kw, p.stride[1], p.pad[1], w);
-                    let acc = kb.var(0.0f32);
-                    kb.for_(ylo.clone(), yhi.clone(), |kb, iy| kb.for_(xlo, xhi, |kb, ix| kb.set(acc, e(acc) + x.at(src.clone() + iy * w + ix))));
-                    kb.store(y, dst.clone() + oy.clone() * ow + ox, e(acc) / ((kh * kw) as f32));
+                    let acc = kb.var(if avg { e(0.0f32) } else { neg_inf() });
+                    kb.for_(ylo.clone(), yhi.clone(), |kb, iy| {
+                        kb.for_(xlo, xhi, |kb, ix| {
+                            let v = x.at(src.clone() + iy * w + ix);
+                            kb.set(acc, if avg { e(acc) + v } else { e(acc).max(v) })
+                        })
+                    });
+                    let v = if avg { e(acc) / ((kh * kw) as f32) } else { e(acc) };
+                    kb.store(y, dst.clone() + oy.clone() * ow + ox, v);
                 });
             });
         });
