@@ -632,7 +632,7 @@ fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after: Option<&Po
                             let full = g.p / nr * nr;
                             kb.for_step(0usize, full, nr as i64, |kb, col| blocks(kb, col, e(nr), Some(Width::Vectors(nr / LANES))));
                             if (g.p - full) / LANES > 0 {
-                                blocks(kb, e(full), e(0i64), Some(Width::Vectors((g.p - full) / LANES)));
+                                blocks(kb, e(full), e((g.p - full) / LANES * LANES), Some(Width::Vectors((g.p - full) / LANES)));
                             }
                             for col in full + (g.p - full) / LANES * LANES..g.p {
                                 blocks(kb, e(col), e(1i64), Some(Width::Scalar));
