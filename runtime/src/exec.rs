@@ -193,10 +193,6 @@ impl Executable {
         &self.steps
     }
 
-    pub fn batch(&self) -> usize {
-        self.output.1[0]
-    }
-
     /// Runs on `threads` threads (≥ 1).
     pub fn run(&self, inputs: &[&Tensor], threads: usize) -> Result<Tensor, RunError> {
         self.run_timed(inputs, threads).map(|(t, _)| t)

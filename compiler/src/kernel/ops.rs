@@ -494,7 +494,7 @@ fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after: Option<&Po
     // the column tiles between them and each read all of A: each panel is then packed once. Pooling
     // needs whole planes and becomes a second launch. Larger layers keep a shared im2col: split by
     // channel blocks, every task would pack every panel (measured: 1–3 ms more per AlexNet layer).
-    let packed = t.tier == Tier::Avx512 && !direct && c.groups * (co / c.groups).div_ceil(mr) * (ci / c.groups * kh * kw) * mr * 4 <= 1 << 20;
+    let packed = t.tier == Tier::Avx512 && !direct && c.groups * g.ncb * g.k * mr * 4 <= 1 << 20;
     let cols = if direct || packed {
         x
     } else {
@@ -539,8 +539,7 @@ fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after: Option<&Po
     let ntiles = g.p.div_ceil(nr);
     // Packed layers are split by column tiles; the others by channel blocks, so each task streams only
     // its share of A and pools its own channels in the same launch.
-    let by_columns = packed;
-    let extent = n.batch * c.groups * if by_columns { ntiles } else { g.ncb };
+    let extent = n.batch * c.groups * if packed { ntiles } else { g.ncb };
     let mut kb = Kb::new(name("gemm"), extent);
     let ab = kb.buf("A", c.groups * g.ncb * g.k * mr, Access::Read);
     let bb = kb.buf("bias", c.groups * g.ncb * mr, Access::Read);
@@ -548,7 +547,7 @@ fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after: Option<&Po
     let colb = kb.buf("cols", col_len, Access::Read);
     let yb = kb.buf("y", conv_len, Access::ReadWrite);
     let panel = packed.then(|| kb.buf("panel", 256 * nr, Access::Local));
-    let pooled = pool_after.filter(|_| !by_columns).map(|_| kb.buf("pooled", n.out_len(), Access::Write));
+    let pooled = pool_after.filter(|_| !packed).map(|_| kb.buf("pooled", n.out_len(), Access::Write));
     let (lo, hi) = kb.range();
     // Slices of k per tile call: the AVX-512 tile's B slice (KC × 32 floats = 32 KB at KC = 256) then
     // stays in the 48 KB L1d while a chunk of blocks of A streams past it. The portable tier takes k whole.
@@ -597,7 +596,7 @@ fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after: Option<&Po
             pack(kb, &geo, ig.clone() / c.groups, ig.clone() % c.groups, k0.clone(), depth.clone(), col.clone(), cols.clone());
         }
     };
-    if by_columns {
+    if packed {
         kb.for_(lo, hi, |kb, it| {
             let ig = kb.let_(it.clone() / ntiles);
             let col = kb.let_(it % ntiles * nr);
@@ -656,7 +655,7 @@ fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after: Option<&Po
     let mut refs = vec![a, bias, cols, pre_pool];
     refs.extend(pooled.map(|_| n.out.0));
     t.launch(kb.finish(), refs, 2 * (n.batch * co * g.p * g.k) as u64);
-    if let (Some(p), true) = (pool_after, by_columns) {
+    if let (Some(p), true) = (pool_after, packed) {
         let mut kb = Kb::new(name("max_pool2d"), n.batch * co);
         let (xb, pb) = (kb.buf("x", conv_len, Access::Read), kb.buf("y", n.out_len(), Access::Write));
         let (lo, hi) = kb.range();
