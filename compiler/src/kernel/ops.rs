@@ -15,9 +15,9 @@ use cnnc_runtime::{Op, Tensor};
 /// Output-channel blocks one task runs against the same column tile before moving on (its chunk).
 /// Portable tier: the tile (K × 12 floats, strided) is read from L1/L2 eight times per trip from
 /// memory, and 8 blocks of packed weights (8 × K × 16 B, 150 KB at K = 2400) stay in the 2 MB L2.
-/// AVX-512 tier: each 256-deep slice of the column matrix (750 KB for AlexNet's conv2) is streamed once
+/// AVX-512 tier: each KC-deep slice of the column panels (375 KB for AlexNet's conv2) is streamed once
 /// per chunk, so a chunk should hold a task's whole share of blocks; 32 blocks' slices of A
-/// (32 × 12 × 256 × 4 B = 384 KB) stay in L2 beside it. (At 8, conv2 read its 7 MB column matrix
+/// (32 × 12 × 128 × 4 B = 192 KB) stay in L2 beside it. (At 8, conv2 read its 7 MB column matrix
 /// twice per task.)
 fn chunk_blocks(tier: Tier) -> usize {
     match tier {
@@ -25,6 +25,11 @@ fn chunk_blocks(tier: Tier) -> usize {
         Tier::Avx512 => 32,
     }
 }
+/// Target depth of one AVX-512 tile call (rounded down to whole rows of kw taps, see [`pack`]): its B
+/// panel, KC × 32 floats = 16 KB, and the A slices streaming past it (12 × KC floats = 6 KB each)
+/// then fit the 48 KB L1d together. (At 256 the 32 KB panel was evicted by the A stream, LRU-style;
+/// 128 was 6–15% faster on AlexNet's conv2–5 with packed panels, measured.)
+const KC: usize = 128;
 /// Elements per parallel iteration of element-wise kernels: large enough to amortize the loop, small
 /// enough that two tasks get equal shares of a 55×55 feature map.
 const CHUNK: usize = 4096;
@@ -485,18 +490,52 @@ fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after: Option<&Po
     let name = |s: &str| format!("{}.{s}", n.name);
     let x = n.ins[0].0;
     let direct = kh == 1 && kw == 1 && c.stride == [1, 1] && c.pad == [0, 0];
-    // The column matrix: [image][group][k][p] with rows padded to whole cache lines, so that the tile's
+    // The portable tier's column matrix: [image][group][k][p] with rows padded to whole cache lines, so that the tile's
     // vector loads are aligned; or the input itself for direct 1×1 convolutions.
     let ldb = if direct { g.p } else { g.p.next_multiple_of(super::ALIGN) };
-    // The AVX-512 tier packs 256 × 32 panels of the column matrix on the fly, into a buffer on the
+    // The AVX-512 tier packs KC × 32 panels of the column matrix on the fly, into a buffer on the
     // task's stack, right before the tiles that read them (L1-hot, no im2col round trip to memory) —
     // when the packed weights fit comfortably in L2 (AlexNet's conv1: 139 KB), so that tasks can split
     // the column tiles between them and each read all of A: each panel is then packed once. Pooling
     // needs whole planes and becomes a second launch. Larger layers keep a shared im2col: split by
     // channel blocks, every task would pack every panel (measured: 1–3 ms more per AlexNet layer).
     let packed = t.tier == Tier::Avx512 && !direct && c.groups * g.ncb * g.k * mr * 4 <= 1 << 20;
-    let cols = if direct || packed {
+    // Slices of k per tile call (see [`KC`]); the portable tier takes k whole.
+    let kc = match t.tier {
+        Tier::Portable => g.k,
+        Tier::Avx512 => (KC / kw).max(1) * kw,
+    };
+    let slices = g.k.div_ceil(kc);
+    let ntiles = g.p.div_ceil(nr);
+    // The other AVX-512 layers write their shared im2col as the tile reads it: [image][group][column
+    // tile][k][NR], so that each k step of the tile is one contiguous 128-byte line pair and a panel is
+    // one contiguous 16 KB run. (As a [k][p] matrix its rows sat 3 KB apart, and with KC = 256 conv2's
+    // tiles took 5.0–5.8 ms against 4.3–4.75 now, measured side by side; writing panels costs 0.3 ms
+    // more than that matrix did.)
+    let panels = t.tier == Tier::Avx512 && !direct && !packed;
+    // Both read the input through a zero-padded, stride-phase-split copy (see [`Phased`]), so that each
+    // panel row is contiguous copies without bounds checks.
+    let ph = (packed || panels).then(|| phase_split(t, n, c));
+    let geo = |x: Buf, panel: Buf| Pack { c, g: &g, ci, ow, ph: ph.as_ref().expect("phased input").1, x, panel, nr };
+    let cols = if direct {
         x
+    } else if packed {
+        ph.as_ref().expect("phased input").0
+    } else if panels {
+        let len = n.batch * c.groups * ntiles * g.k * nr;
+        let cols = t.store(len);
+        let mut kb = Kb::new(name("im2col"), n.batch * c.groups * ntiles * slices);
+        let (xb, cb) = (kb.buf("x", ph.as_ref().expect("phased input").1.len(n.batch, ci), Access::Read), kb.buf("cols", len, Access::Write));
+        let (lo, hi) = kb.range();
+        kb.for_(lo, hi, |kb, it| {
+            let (tile, s) = (kb.let_(it.clone() / slices), kb.let_(it % slices));
+            let (ig, col, k0) = (kb.let_(tile.clone() / ntiles), kb.let_(tile.clone() % ntiles * nr), kb.let_(s * kc));
+            let cols = (e(g.p) - col.clone()).min(nr);
+            let depth = (e(g.k) - k0.clone()).min(kc);
+            pack(kb, &geo(xb, cb), ig.clone() / c.groups, ig % c.groups, k0.clone(), depth, col, cols, (tile * g.k + k0) * nr);
+        });
+        t.launch(kb.finish(), vec![ph.as_ref().expect("phased input").0, cols], 0);
+        cols
     } else {
         let rows = n.batch * c.groups * g.k;
         let cols = t.store(rows * ldb);
@@ -536,26 +575,23 @@ fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after: Option<&Po
     };
     let conv_len = n.batch * co * g.p;
     let pre_pool = if pool_after.is_some() { t.store(conv_len) } else { n.out.0 };
-    let ntiles = g.p.div_ceil(nr);
     // Packed layers are split by column tiles; the others by channel blocks, so each task streams only
     // its share of A and pools its own channels in the same launch.
     let extent = n.batch * c.groups * if packed { ntiles } else { g.ncb };
     let mut kb = Kb::new(name("gemm"), extent);
     let ab = kb.buf("A", c.groups * g.ncb * g.k * mr, Access::Read);
     let bb = kb.buf("bias", c.groups * g.ncb * mr, Access::Read);
-    let col_len = if direct || packed { n.in_len(0) } else { n.batch * c.groups * g.k * ldb };
+    let col_len = match () {
+        _ if direct => n.in_len(0),
+        _ if packed => ph.as_ref().expect("phased input").1.len(n.batch, ci),
+        _ if panels => n.batch * c.groups * ntiles * g.k * nr,
+        _ => n.batch * c.groups * g.k * ldb,
+    };
     let colb = kb.buf("cols", col_len, Access::Read);
     let yb = kb.buf("y", conv_len, Access::ReadWrite);
-    let panel = packed.then(|| kb.buf("panel", 256 * nr, Access::Local));
+    let panel = packed.then(|| kb.buf("panel", kc * nr, Access::Local));
     let pooled = pool_after.filter(|_| !packed).map(|_| kb.buf("pooled", n.out_len(), Access::Write));
     let (lo, hi) = kb.range();
-    // Slices of k per tile call: the AVX-512 tile's B slice (KC × 32 floats = 32 KB at KC = 256) then
-    // stays in the 48 KB L1d while a chunk of blocks of A streams past it. The portable tier takes k whole.
-    let kc = match t.tier {
-        Tier::Portable => g.k,
-        Tier::Avx512 => 256,
-    };
-    let slices = g.k.div_ceil(kc);
     // Runs `f(k0, depth, accumulate, relu)` for every slice of k: the first starts from the bias, the
     // last applies the epilogue.
     let each_slice = |kb: &mut Kb, f: &dyn Fn(&mut Kb, Expr, Expr, bool, bool)| {
@@ -567,7 +603,11 @@ fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after: Option<&Po
         f(kb, e((slices - 1) * kc), e(g.k - (slices - 1) * kc), true, relu);
     };
     // Per (image, group) `ig`: the first column-matrix element and the first output element.
-    let bbase = |ig: &Expr| if direct { ig.clone() / c.groups * (ci * g.p) + ig.clone() % c.groups * (g.cig * g.p) } else { ig.clone() * (g.k * ldb) };
+    let bbase = |ig: &Expr| match () {
+        _ if direct => ig.clone() / c.groups * (ci * g.p) + ig.clone() % c.groups * (g.cig * g.p),
+        _ if panels => ig.clone() * (ntiles * g.k * nr),
+        _ => ig.clone() * (g.k * ldb),
+    };
     let cbase = |ig: &Expr| (ig.clone() / c.groups * co + ig.clone() % c.groups * g.cog) * g.p;
     // The tile of channel block `blk` × columns col..col + cols, for k in k0..k0 + depth.
     let gemm = |ig: &Expr, blk: Expr, k0: &Expr, depth: &Expr, col: &Expr, cols: Expr, accumulate: bool, relu: bool| {
@@ -578,10 +618,15 @@ fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after: Option<&Po
             bias: bb,
             bias0: blocks * mr,
             b: panel.unwrap_or(colb),
-            b0: if panel.is_some() { e(0i64) } else { bbase(ig) + k0.clone() * ldb + col.clone() },
+            b0: match () {
+                _ if panel.is_some() => e(0i64),
+                // Tile col / NR starts g.k · NR floats after tile 0.
+                _ if panels => bbase(ig) + col.clone() * g.k + k0.clone() * nr,
+                _ => bbase(ig) + k0.clone() * ldb + col.clone(),
+            },
             c: yb,
             c0: cbase(ig) + blk.clone() * (mr * g.p) + col.clone(),
-            ldb: if panel.is_some() { nr } else { ldb },
+            ldb: if panel.is_some() || panels { nr } else { ldb },
             ldc: g.p,
             depth: depth.clone(),
             rows: (e(g.cog) - blk * mr).min(mr),
@@ -592,8 +637,7 @@ fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after: Option<&Po
     };
     let pack_panel = |kb: &mut Kb, ig: &Expr, k0: &Expr, depth: &Expr, col: &Expr, cols: &Expr| {
         if let Some(panel) = panel {
-            let geo = Pack { c, g: &g, ci, h, w, ow, x: colb, panel, nr };
-            pack(kb, &geo, ig.clone() / c.groups, ig.clone() % c.groups, k0.clone(), depth.clone(), col.clone(), cols.clone());
+            pack(kb, &geo(colb, panel), ig.clone() / c.groups, ig.clone() % c.groups, k0.clone(), depth.clone(), col.clone(), cols.clone(), e(0i64));
         }
     };
     if packed {
@@ -673,75 +717,107 @@ enum Width {
     Scalar,
 }
 
+/// A convolution input, zero-padded and split into stride phases, so that every row of the column
+/// matrix is a contiguous run of it: `xq[img][c][ry][rx][iq][jq] = x[img][c][iq·s0 + ry − p0][jq·s1 + rx − p1]`
+/// (zero outside the image) for phases ry < s0, rx < s1. Tap (ky, kx) of output pixel (oy, ox) is then
+/// `xq[..][ky % s0][kx % s1][oy + ky / s0][ox + kx / s1]`. For stride 1 it is just the padded input;
+/// for AlexNet's stride-4 conv1 it replaces a strided gather per panel element by vector copies.
+#[derive(Clone, Copy)]
+struct Phased {
+    s: [usize; 2],
+    hq: usize,
+    wq: usize,
+}
+
+impl Phased {
+    fn len(&self, batch: usize, ci: usize) -> usize {
+        batch * ci * self.s[0] * self.s[1] * self.hq * self.wq
+    }
+}
+
+/// Launches the copy of `n`'s input into its [`Phased`] form, in a new store.
+fn phase_split(t: &mut Tables, n: &Node, c: &Conv2d) -> (Ref, Phased) {
+    let [ci, h, w] = [n.ins[0].1[0], n.ins[0].1[1], n.ins[0].1[2]];
+    let ([s0, s1], [p0, p1]) = (c.stride, c.pad);
+    let ph = Phased { s: c.stride, hq: (h + 2 * p0).div_ceil(s0), wq: (w + 2 * p1).div_ceil(s1) };
+    let len = ph.len(n.batch, ci);
+    let out = t.store(len);
+    let mut kb = Kb::new(format!("{}.phase_split", n.name), len / ph.wq);
+    let (xb, qb) = (kb.buf("x", n.in_len(0), Access::Read), kb.buf("xq", len, Access::Write));
+    let (lo, hi) = kb.range();
+    kb.for_(lo, hi, |kb, row| {
+        // row = (((img·ci + ch)·s0 + ry)·s1 + rx)·hq + iq
+        let (plane, iq) = (kb.let_(row.clone() / (s0 * s1 * ph.hq)), kb.let_(row.clone() % ph.hq));
+        let (ry, rx) = (kb.let_(row.clone() / (s1 * ph.hq) % s0), kb.let_(row.clone() / ph.hq % s1));
+        let dst = kb.let_(row * ph.wq);
+        let iy = kb.let_(iq * s0 + ry - p0);
+        // Phase columns jq whose input column jq·s1 + rx − p1 is inside the image.
+        let jlo = kb.let_(((e(p1 as i64) - rx.clone() + (s1 as i64 - 1)).max(0i64) / s1).min(ph.wq));
+        let jhi = kb.let_(((e((w + p1 + s1 - 1) as i64) - rx.clone()) / s1).min(ph.wq).max(jlo.clone()));
+        kb.if_else(
+            e(0i64).le(iy.clone()).and(iy.clone().lt(h)),
+            |kb| {
+                zero(kb, qb, dst.clone(), jlo.clone());
+                let src = kb.let_(plane.clone() * (h * w) + iy.clone() * w + rx.clone() - p1);
+                if s1 == 1 {
+                    copy(kb, qb, dst.clone() + jlo.clone(), xb, src + jlo.clone(), jhi.clone() - jlo.clone());
+                } else {
+                    kb.for_(jlo.clone(), jhi.clone(), |kb, jq| kb.store(qb, dst.clone() + jq.clone(), xb.at(src.clone() + jq * s1)));
+                }
+                zero(kb, qb, dst.clone() + jhi.clone(), e(ph.wq) - jhi.clone());
+            },
+            |kb| zero(kb, qb, dst.clone(), e(ph.wq)),
+        );
+    });
+    t.launch(kb.finish(), vec![n.ins[0].0, out], 0);
+    (out, ph)
+}
+
 /// What [`pack`] needs of a convolution.
 struct Pack<'a> {
     c: &'a Conv2d,
     g: &'a Geo,
     ci: usize,
-    h: usize,
-    w: usize,
     ow: usize,
+    ph: Phased,
+    /// The [`Phased`] input.
     x: Buf,
     panel: Buf,
     nr: usize,
 }
 
 /// Packs rows k0..k0 + depth, columns col..col + cols of image `img`, group `grp`'s column matrix into
-/// `panel` (row stride NR). The columns are output pixels; they run along output rows, so each k row is
-/// copied as segments of one output row each: zeros where the window hangs over the padding, a
-/// contiguous (stride 1) or strided copy of the input row in between.
+/// `panel` from element `base` on (row stride NR; columns past `cols` are left as they are). k0 and
+/// depth are whole rows of taps (multiples of kw), so that (channel, ky) is derived once per kw rows.
+/// The columns are output pixels; they run along output rows, so each k row is copied as segments of
+/// one output row each, every segment one contiguous run of the phased input.
 #[allow(clippy::too_many_arguments)]
-fn pack(kb: &mut Kb, p: &Pack, img: Expr, grp: Expr, k0: Expr, depth: Expr, col: Expr, cols: Expr) {
-    let (c, [kh, kw]) = (p.c, p.c.kernel);
-    let (s0, s1, p0, p1) = (c.stride[0], c.stride[1] as i64, c.pad[0], c.pad[1] as i64);
+fn pack(kb: &mut Kb, p: &Pack, img: Expr, grp: Expr, k0: Expr, depth: Expr, col: Expr, cols: Expr, base: Expr) {
+    let ([kh, kw], [s0, s1], Phased { hq, wq, .. }) = (p.c.kernel, p.c.stride, p.ph);
     let (oy0, ox0) = (kb.let_(col.clone() / p.ow), kb.let_(col % p.ow));
     let end = kb.let_(ox0.clone() + cols);
     let segments = kb.let_((end.clone() + (p.ow - 1)) / p.ow);
-    let first_plane = kb.let_((img * p.ci + grp * p.g.cig) * (p.h * p.w));
+    let first_plane = kb.let_((img * p.ci + grp * p.g.cig) * (s0 * s1));
+    let r0 = kb.let_(k0 / kw);
     // Segments outside, k inside: a segment's geometry is computed once per panel, not once per row.
     kb.for_(0usize, segments, |kb, seg| {
         // This segment covers ox in a..b of output row oy0 + seg; panel column = ox + (seg·ow − ox0).
         let a = kb.let_(seg.clone().eq(0i64).select(ox0.clone(), 0i64));
-        let b = kb.let_((end.clone() - seg.clone() * p.ow).min(p.ow));
-        let shift = kb.let_(seg.clone() * p.ow - ox0.clone());
-        let oy = kb.let_(oy0.clone() + seg);
-        kb.for_(0usize, depth.clone(), |kb, kk| {
-            let k = kb.let_(k0.clone() + kk.clone());
-            let (ch, ky, kx) = (kb.let_(k.clone() / (kh * kw)), kb.let_(k.clone() / kw % kh), kb.let_(k % kw));
-            let iy = kb.let_(oy.clone() * s0 + ky - p0);
-            let dst = kb.let_(kk * p.nr + shift.clone());
-            let src = kb.let_(first_plane.clone() + ch * (p.h * p.w) + iy.clone() * p.w - p1 + kx.clone());
-            // Copies panel[dst + ox] = x[src + ox·s] for ox in lo..hi; strided copies four at a time.
-            let gather = |kb: &mut Kb, lo: Expr, hi: Expr| {
-                if s1 == 1 {
-                    return copy(kb, p.panel, dst.clone() + lo.clone(), p.x, src.clone() + lo.clone(), hi - lo);
-                }
-                let four = kb.let_(lo.clone() + (hi.clone() - lo.clone()) / 4i64 * 4i64);
-                kb.for_step(lo, four.clone(), 4, |kb, ox| {
-                    for u in 0..4i64 {
-                        kb.store(p.panel, dst.clone() + ox.clone() + u, p.x.at(src.clone() + (ox.clone() + u) * s1));
-                    }
-                });
-                kb.for_(four, hi, |kb, ox| kb.store(p.panel, dst.clone() + ox.clone(), p.x.at(src.clone() + ox * s1)));
-            };
-            if c.pad == [0, 0] {
-                // Without padding every window is inside the input: no bounds, no zeros.
-                return gather(kb, a.clone(), b.clone());
-            }
-            // Output columns whose input column is inside the image: ox·s + kx − pad ∈ 0..w.
-            let xlo = kb.let_(((e(p1) - kx.clone() + (s1 - 1)).max(0i64) / s1).min(p.ow));
-            let xhi = kb.let_(((e(p.w as i64 - 1 + p1) - kx.clone() + s1).max(0i64) / s1).min(p.ow).max(xlo.clone()));
-            kb.if_else(
-                e(0i64).le(iy.clone()).and(iy.clone().lt(p.h)),
-                |kb| {
-                    let lo = kb.let_(a.clone().max(xlo.clone()).min(b.clone()));
-                    let hi = kb.let_(b.clone().min(xhi.clone()).max(lo.clone()));
-                    zero(kb, p.panel, dst.clone() + a.clone(), lo.clone() - a.clone());
-                    gather(kb, lo.clone(), hi.clone());
-                    zero(kb, p.panel, dst.clone() + hi.clone(), b.clone() - hi.clone());
-                },
-                |kb| zero(kb, p.panel, dst.clone() + a.clone(), b.clone() - a.clone()),
-            );
+        let len = kb.let_((end.clone() - seg.clone() * p.ow).min(p.ow) - a.clone());
+        let dst0 = kb.let_(base.clone() + seg.clone() * p.ow - ox0.clone() + a.clone());
+        let row = kb.let_((oy0.clone() + seg) * wq + a);
+        kb.for_(0usize, depth.clone() / kw, |kb, rr| {
+            // Tap row r = (channel, ky) of this slice; its kw taps are the next kw panel rows.
+            let r = kb.let_(r0.clone() + rr.clone());
+            let (ch, ky) = (kb.let_(r.clone() / kh), kb.let_(r % kh));
+            let plane = kb.let_(first_plane.clone() + ch * (s0 * s1) + ky.clone() % s0 * s1);
+            let src = kb.let_(row.clone() + ky / s0 * wq);
+            let dst = kb.let_(dst0.clone() + rr * (kw * p.nr));
+            kb.for_(0usize, kw, |kb, kx| {
+                let (phase, shift) = if s1 == 1 { (e(0i64), kx.clone()) } else { (kx.clone() % s1, kx.clone() / s1) };
+                let from = (plane.clone() + phase) * (hq * wq) + src.clone() + shift;
+                copy(kb, p.panel, dst.clone() + kx * p.nr, p.x, from, len.clone());
+            });
         });
     });
 }
