@@ -92,6 +92,10 @@ fn check_model(name: &str) {
     assert_close(&jit, &want, 1e-4, &format!("{name} JIT vs Chainer"));
     let jit0 = jit_graph(&src, &g, Params::Generated(prng_param), &x);
     assert_close(&jit0, &got, 1e-5, &format!("{name} JIT -O0 vs reference"));
+    // Every stride-1 ungrouped 3×3 convolution as Winograd F(4×4, 3×3) (the cost model takes it only at
+    // larger batches): still within 1e-4 of Chainer.
+    let wino = jit_graph_with(&src, &opt, Params::Generated(prng_param), &x, cnnc::kernel::Winograd::Always);
+    assert_close(&wino, &want, 1e-4, &format!("{name} JIT with Winograd vs Chainer"));
 }
 
 #[test]

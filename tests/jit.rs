@@ -3,9 +3,10 @@
 //! their fused bias, ReLU and pooling), runs the reference interpreter, and runs the JIT with every
 //! GEMM tier this CPU has, in checked mode (every access bounds-checked), on 1 and 3 threads. The JIT
 //! must agree with the reference within 1e-5 × max |reference| and give the same bytes for every tier
-//! and thread count. Shrunk failures are pinned below as named cases.
+//! and thread count. Convolutions that can take Winograd F(4×4, 3×3) are checked both as the cost model
+//! lowers them and with it forced on; Winograd lowerings are held to 5e-5 (its transforms add roundings). Shrunk failures are pinned below as named cases.
 
-use cnnc::kernel::Tier;
+use cnnc::kernel::{Tier, Winograd};
 use cnnc_runtime::{rng, Tensor};
 use cnnc_tests::*;
 use proptest::prelude::*;
@@ -95,17 +96,24 @@ impl Problem {
         let shape = [self.batch, self.c, self.h, self.w];
         let x = Tensor::new(shape.to_vec(), rng::normal("x", shape.iter().product()).map(|v| v as f32).collect()).unwrap();
         let want = run_graph(&src, &g, Params::Generated(prng_param), x.clone());
-        let mut first: Option<Tensor> = None;
-        for tier in tiers() {
-            let program = cnnc::kernel::program(&g, bind(&src, &g, Params::Generated(prng_param)), self.batch, tier);
-            let jit = cnnc::jit::compile(&program, cnnc::jit::Options { checked: true }).expect("compiles");
-            for threads in [1, 3] {
-                let got = jit.exe.run(&[&x], threads).expect("runs");
-                assert_eq!(jit.violations(), vec![], "{tier:?}: out-of-bounds accesses\n{}", self.source());
-                assert_close(&got, &want, 1e-5, &format!("{tier:?}, {threads} threads\n{}", self.source()));
-                match &first {
-                    None => first = Some(got),
-                    Some(f) => assert!(bits(f) == bits(&got), "{tier:?}, {threads} threads: not the same bytes\n{}", self.source()),
+        // Stride-1 ungrouped 3×3 convolutions are also checked as Winograd F(4×4, 3×3), forced on.
+        let winograd = matches!(self.layer, Layer::Conv { k: [3, 3], stride: 1, groups: 1, .. });
+        for choice in [Winograd::Auto].into_iter().chain(winograd.then_some(Winograd::Always)) {
+            let mut first: Option<Tensor> = None;
+            for tier in tiers() {
+                let program = cnnc::kernel::program_with(&g, bind(&src, &g, Params::Generated(prng_param)), self.batch, tier, choice);
+                // The Winograd transforms add roundings: up to 1.2e-5 measured on 384-channel layers.
+                let tol = if program.launches.iter().any(|l| l.kernel.name.ends_with(".winograd_in")) { 5e-5 } else { 1e-5 };
+                let jit = cnnc::jit::compile(&program, cnnc::jit::Options { checked: true }).expect("compiles");
+                for threads in [1, 3] {
+                    let got = jit.exe.run(&[&x], threads).expect("runs");
+                    let case = format!("{tier:?}, {threads} threads, winograd {choice:?}\n{}", self.source());
+                    assert_eq!(jit.violations(), vec![], "out-of-bounds accesses: {case}");
+                    assert_close(&got, &want, tol, &case);
+                    match &first {
+                        None => first = Some(got),
+                        Some(f) => assert!(bits(f) == bits(&got), "not the same bytes: {case}"),
+                    }
                 }
             }
         }
@@ -235,4 +243,22 @@ fn large_weights_split_by_channel_blocks() {
 #[test]
 fn max_pool_of_a_large_plane() {
     Problem { batch: 1, c: 1, h: 130, w: 260, layer: Layer::Pool(Pool { max: true, k: 3, stride: 1, pad: 1, cover_all: true }) }.check();
+}
+
+/// Winograd F(4×4, 3×3) with partial tiles at the bottom and right (11 × 11 outputs: tiles of 4, 4, 3),
+/// tiles in vector groups of four plus a scalar remainder (three tiles per row), batch 3, bias, ReLU and
+/// a fused max pool; and without padding (9 × 9 → 7 × 7).
+#[test]
+fn winograd_edge_tiles() {
+    conv(6, 11, 13, 3, 1, 1, 1, Some(Pool { max: true, k: 3, stride: 2, pad: 0, cover_all: true })).check();
+    Problem { batch: 3, c: 5, h: 9, w: 9, layer: Layer::Conv { out: 7, k: [3, 3], stride: 1, pad: 0, groups: 1, bias: false, relu: false, pool: None } }
+        .check();
+}
+
+/// Large enough that the cost model picks Winograd by itself (AlexNet's conv4 shape at batch 8): 384
+/// products per output, where the transforms' roundings are largest (1.2e-5 measured).
+#[test]
+fn winograd_chosen_for_alexnet_conv4_at_batch_8() {
+    Problem { batch: 8, c: 384, h: 13, w: 13, layer: Layer::Conv { out: 384, k: [3, 3], stride: 1, pad: 1, groups: 1, bias: true, relu: true, pool: None } }
+        .check();
 }

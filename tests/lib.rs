@@ -71,7 +71,12 @@ pub fn bind(src: &Source, g: &cnnc::ir::Graph, params: Params) -> Bound {
 /// Compiles a graph with the JIT for `x`'s batch and runs it on 1 and 2 threads in checked mode (every
 /// access bounds-checked; none may fail) and on 2 threads unchecked. All three must give the same bytes.
 pub fn jit_graph(src: &Source, g: &cnnc::ir::Graph, params: Params, x: &Tensor) -> Tensor {
-    let program = cnnc::kernel::program(g, bind(src, g, params), x.batch(), cnnc::kernel::Tier::best());
+    jit_graph_with(src, g, params, x, cnnc::kernel::Winograd::Auto)
+}
+
+/// [`jit_graph`] with the Winograd choice made by the caller.
+pub fn jit_graph_with(src: &Source, g: &cnnc::ir::Graph, params: Params, x: &Tensor, winograd: cnnc::kernel::Winograd) -> Tensor {
+    let program = cnnc::kernel::program_with(g, bind(src, g, params), x.batch(), cnnc::kernel::Tier::best(), winograd);
     let checked = cnnc::jit::compile(&program, cnnc::jit::Options { checked: true }).expect("compiles");
     let one = checked.exe.run(&[x], 1).expect("runs");
     let two = checked.exe.run(&[x], 2).expect("runs");

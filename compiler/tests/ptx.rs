@@ -7,7 +7,7 @@
 //! (no python3 or no network) the assembler test is skipped with a note, except in CI (`CI` set), where it
 //! fails.
 
-use cnnc::kernel::{Program, Tier};
+use cnnc::kernel::{Program, Tier, Winograd};
 use cnnc::ptx;
 use cnnc_runtime::Tensor;
 use std::path::{Path, PathBuf};
@@ -79,7 +79,8 @@ fn ptxas_assembles_every_kernel_of_every_model_for_sm_80_and_sm_90() {
     for path in &models {
         let text = std::fs::read_to_string(path).expect("readable model");
         let name = path.file_name().expect("file").to_string_lossy().into_owned();
-        let batches: &[usize] = if name == "alexbn.model" { &[1, 2] } else { &[1] };
+        // AlexBN at batch 8 takes Winograd for conv3–5.
+        let batches: &[usize] = if name == "alexbn.model" { &[1, 2, 8] } else { &[1] };
         for &batch in batches {
             for tier in [Tier::Portable, Tier::Avx512] {
                 let p = program(&name, &text, batch, tier);
@@ -548,8 +549,8 @@ mod emu {
     }
 }
 
-/// Small models covering every op the lowering has (and both conv paths: im2col and direct 1×1).
-const CASES: [(&str, &str); 7] = [
+/// Small models covering every op the lowering has (and the conv paths: im2col, direct 1×1, Winograd).
+const CASES: [(&str, &str); 8] = [
     (
         "conv_bn_relu_maxpool_grouped",
         "model T {\n    c = L.Convolution2D(4, 6, 3, pad=1, groups=2)\n    bn = L.BatchNormalization(6)\n    forward(x: [4, 9, 9]) {\n        return F.max_pooling_2d(F.relu(self.bn(self.c(x))), 3, stride=2)\n    }\n}\n",
@@ -572,6 +573,8 @@ const CASES: [(&str, &str); 7] = [
         "model T {\n    bn = L.BatchNormalization(4)\n    c = L.Convolution2D(4, 4, 3, pad=1, nobias=True)\n    forward(x: [4, 5, 5]) {\n        h = self.bn(x)\n        return F.relu(self.c(h) + x)\n    }\n}\n",
     ),
     ("deep_k_slices", "model T {\n    c = L.Convolution2D(40, 8, 3, pad=1)\n    forward(x: [40, 4, 4]) {\n        return F.relu(self.c(x))\n    }\n}\n"),
+    // Lowered with Winograd F(4×4, 3×3) forced on (see the test); 11 × 11 leaves partial tiles.
+    ("winograd_conv_relu_pool", "model T {\n    c = L.Convolution2D(5, 6, 3, pad=1)\n    forward(x: [5, 11, 11]) {\n        return F.max_pooling_2d(F.relu(self.c(x)), 3, stride=2)\n    }\n}\n"),
 ];
 
 /// Random parameters (the same generator as the JIT tests') and a random input.
@@ -601,10 +604,11 @@ fn emitted_ptx_computes_what_the_jit_computes() {
         for batch in [1, 3] {
             let shape = [vec![batch], g.node(g.inputs[0]).shape.clone()].concat();
             let x = Tensor::new(shape.clone(), cnnc_runtime::rng::normal("x", shape.iter().product()).map(|v| v as f32).collect()).expect("sized");
-            let cpu = cnnc::kernel::program(&g, bound(&g), batch, Tier::Portable);
+            let winograd = if name.starts_with("winograd") { Winograd::Always } else { Winograd::Auto };
+            let cpu = cnnc::kernel::program_with(&g, bound(&g), batch, Tier::Portable, winograd);
             let want = cnnc::jit::compile(&cpu, cnnc::jit::Options { checked: true }).expect("jit").exe.run(&[&x], 1).expect("runs");
             for tier in [Tier::Portable, Tier::Avx512] {
-                let p = cnnc::kernel::program(&g, bound(&g), batch, tier);
+                let p = cnnc::kernel::program_with(&g, bound(&g), batch, tier, winograd);
                 let what = format!("{name}, batch {batch}, {tier:?} tier");
                 let got = emu::run(&ptx::emit(&p, 80).expect("emits"), &p, &[&x]).unwrap_or_else(|e| panic!("{what}: {e}"));
                 assert_eq!(got.shape(), want.shape(), "{what}");

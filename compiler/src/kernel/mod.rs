@@ -14,8 +14,10 @@
 
 mod ops;
 mod program;
+mod winograd;
 
-pub use program::{program, Launch, Program, Slot, ALIGN};
+pub use program::{program, program_with, Launch, Program, Slot, ALIGN};
+pub use winograd::Winograd;
 
 use std::fmt;
 

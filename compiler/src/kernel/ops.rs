@@ -8,7 +8,7 @@
 //! identical across them. (Linear layers change method above batch 4 — GEMV to GEMM — so batch sizes
 //! on either side of that may differ in the last bits; within a batch, no sample depends on its place.)
 
-use super::{e, Access, Buf, Expr, Gemm, Kb, Kernel, Tier, LANES};
+use super::{e, Access, Buf, Expr, Gemm, Kb, Kernel, Tier, Winograd, LANES};
 use cnnc_runtime::op::{Conv2d, FusedBase, Linear, Pool2d};
 use cnnc_runtime::{Op, Tensor};
 
@@ -46,6 +46,7 @@ pub enum Ref {
 /// What lowering collects: stores (lengths), parameters (packed data), launches.
 pub struct Tables {
     pub tier: Tier,
+    pub winograd: Winograd,
     pub stores: Vec<usize>,
     pub params: Vec<Vec<f32>>,
     pub launches: Vec<(Kernel, Vec<Ref>, u64)>,
@@ -56,11 +57,11 @@ impl Tables {
         self.stores.push(len);
         Ref::Store(self.stores.len() - 1)
     }
-    fn param(&mut self, data: Vec<f32>) -> Ref {
+    pub(super) fn param(&mut self, data: Vec<f32>) -> Ref {
         self.params.push(data);
         Ref::Param(self.params.len() - 1)
     }
-    fn launch(&mut self, k: Kernel, refs: Vec<Ref>, flops: u64) {
+    pub(super) fn launch(&mut self, k: Kernel, refs: Vec<Ref>, flops: u64) {
         self.launches.push((k, refs, flops));
     }
 }
@@ -199,7 +200,7 @@ pub fn lower(t: &mut Tables, n: &Node) {
 
 /// `for i in lo..hi`, four elements at a time while at least four remain, then one at a time; `body`
 /// is told which (`true`: a vector of four at `i`).
-fn vector_loop(kb: &mut Kb, lo: Expr, hi: Expr, body: impl Fn(&mut Kb, Expr, bool)) {
+pub(super) fn vector_loop(kb: &mut Kb, lo: Expr, hi: Expr, body: impl Fn(&mut Kb, Expr, bool)) {
     let lo = kb.let_(lo);
     let vend = kb.let_(lo.clone() + (hi.clone() - lo.clone()) / LANES * LANES);
     kb.for_step(lo, vend.clone(), LANES as i64, |kb, i| body(kb, i, true));
@@ -471,7 +472,7 @@ fn pack_conv(c: &Conv2d, g: &Geo, mr: usize, w: &[f32], b: Option<&[f32]>) -> (V
     (a, bias)
 }
 
-fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after: Option<&Pool2d>) {
+pub(super) fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after: Option<&Pool2d>) {
     let [ci, h, w] = [n.ins[0].1[0], n.ins[0].1[1], n.ins[0].1[2]];
     let [kh, kw] = c.kernel;
     let (oh, ow) = match pool_after {
@@ -482,6 +483,9 @@ fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after: Option<&Po
         ),
         None => (n.out.1[1], n.out.1[2]),
     };
+    if super::winograd::chosen(t.winograd, c, n.batch, [oh, ow]) {
+        return super::winograd::lower(t, n, c, relu, pool_after, [oh, ow]);
+    }
     let co = c.out_channels;
     let (mr, nr) = (t.tier.mr(), t.tier.nr());
     let g = Geo { cig: ci / c.groups, cog: co / c.groups, k: ci / c.groups * kh * kw, p: oh * ow, ncb: (co / c.groups).div_ceil(mr) };
@@ -515,7 +519,7 @@ fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after: Option<&Po
     let panels = t.tier == Tier::Avx512 && !direct && !packed;
     // Both read the input through a zero-padded, stride-phase-split copy (see [`Phased`]), so that each
     // panel row is contiguous copies without bounds checks.
-    let ph = (packed || panels).then(|| phase_split(t, n, c));
+    let ph = (packed || panels).then(|| phase_split(t, n, c, [0, 0]));
     let geo = |x: Buf, panel: Buf| Pack { c, g: &g, ci, ow, ph: ph.as_ref().expect("phased input").1, x, panel, nr };
     let cols = if direct {
         x
@@ -700,12 +704,18 @@ fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after: Option<&Po
     refs.extend(pooled.map(|_| n.out.0));
     t.launch(kb.finish(), refs, 2 * (n.batch * co * g.p * g.k) as u64);
     if let (Some(p), true) = (pool_after, packed) {
-        let mut kb = Kb::new(name("max_pool2d"), n.batch * co);
-        let (xb, pb) = (kb.buf("x", conv_len, Access::Read), kb.buf("y", n.out_len(), Access::Write));
-        let (lo, hi) = kb.range();
-        pool(&mut kb, p, false, xb, pb, lo, hi, [oh, ow], [n.out.1[1], n.out.1[2]]);
-        t.launch(kb.finish(), vec![pre_pool, n.out.0], 0);
+        pool_launch(t, n, p, pre_pool, [oh, ow]);
     }
+}
+
+/// Launches the max pooling fused after convolution `n`, from its [oh, ow] output in `x`.
+pub(super) fn pool_launch(t: &mut Tables, n: &Node, p: &Pool2d, x: Ref, [oh, ow]: [usize; 2]) {
+    let co = n.out.1[0];
+    let mut kb = Kb::new(format!("{}.max_pool2d", n.name), n.batch * co);
+    let (xb, pb) = (kb.buf("x", n.batch * co * oh * ow, Access::Read), kb.buf("y", n.out_len(), Access::Write));
+    let (lo, hi) = kb.range();
+    pool(&mut kb, p, false, xb, pb, lo, hi, [oh, ow], [n.out.1[1], n.out.1[2]]);
+    t.launch(kb.finish(), vec![x, n.out.0], 0);
 }
 
 /// How many output columns a microkernel call covers.
@@ -723,51 +733,63 @@ enum Width {
 /// `xq[..][ky % s0][kx % s1][oy + ky / s0][ox + kx / s1]`. For stride 1 it is just the padded input;
 /// for AlexNet's stride-4 conv1 it replaces a strided gather per panel element by vector copies.
 #[derive(Clone, Copy)]
-struct Phased {
-    s: [usize; 2],
-    hq: usize,
-    wq: usize,
+pub(super) struct Phased {
+    pub s: [usize; 2],
+    pub hq: usize,
+    pub wq: usize,
 }
 
 impl Phased {
-    fn len(&self, batch: usize, ci: usize) -> usize {
+    pub fn len(&self, batch: usize, ci: usize) -> usize {
         batch * ci * self.s[0] * self.s[1] * self.hq * self.wq
     }
 }
 
-/// Launches the copy of `n`'s input into its [`Phased`] form, in a new store.
-fn phase_split(t: &mut Tables, n: &Node, c: &Conv2d) -> (Ref, Phased) {
+/// Launches the copy of `n`'s input into its [`Phased`] form, in a new store, with at least `min`
+/// rows and columns per phase (the rows and columns past the padded input are zeros too).
+pub(super) fn phase_split(t: &mut Tables, n: &Node, c: &Conv2d, min: [usize; 2]) -> (Ref, Phased) {
     let [ci, h, w] = [n.ins[0].1[0], n.ins[0].1[1], n.ins[0].1[2]];
     let ([s0, s1], [p0, p1]) = (c.stride, c.pad);
-    let ph = Phased { s: c.stride, hq: (h + 2 * p0).div_ceil(s0), wq: (w + 2 * p1).div_ceil(s1) };
+    let ph = Phased { s: c.stride, hq: (h + 2 * p0).div_ceil(s0).max(min[0]), wq: (w + 2 * p1).div_ceil(s1).max(min[1]) };
     let len = ph.len(n.batch, ci);
     let out = t.store(len);
-    let mut kb = Kb::new(format!("{}.phase_split", n.name), len / ph.wq);
+    // One iteration per input row position (image, channel, ry, iq), all s1 column phases inside.
+    let mut kb = Kb::new(format!("{}.phase_split", n.name), len / (s1 * ph.wq));
     let (xb, qb) = (kb.buf("x", n.in_len(0), Access::Read), kb.buf("xq", len, Access::Write));
     let (lo, hi) = kb.range();
-    kb.for_(lo, hi, |kb, row| {
-        // row = (((img·ci + ch)·s0 + ry)·s1 + rx)·hq + iq
-        let (plane, iq) = (kb.let_(row.clone() / (s0 * s1 * ph.hq)), kb.let_(row.clone() % ph.hq));
-        let (ry, rx) = (kb.let_(row.clone() / (s1 * ph.hq) % s0), kb.let_(row.clone() / ph.hq % s1));
-        let dst = kb.let_(row * ph.wq);
-        let iy = kb.let_(iq * s0 + ry - p0);
-        // Phase columns jq whose input column jq·s1 + rx − p1 is inside the image.
-        let jlo = kb.let_(((e(p1 as i64) - rx.clone() + (s1 as i64 - 1)).max(0i64) / s1).min(ph.wq));
-        let jhi = kb.let_(((e((w + p1 + s1 - 1) as i64) - rx.clone()) / s1).min(ph.wq).max(jlo.clone()));
-        kb.if_else(
-            e(0i64).le(iy.clone()).and(iy.clone().lt(h)),
-            |kb| {
-                zero(kb, qb, dst.clone(), jlo.clone());
-                let src = kb.let_(plane.clone() * (h * w) + iy.clone() * w + rx.clone() - p1);
-                if s1 == 1 {
-                    copy(kb, qb, dst.clone() + jlo.clone(), xb, src + jlo.clone(), jhi.clone() - jlo.clone());
-                } else {
-                    kb.for_(jlo.clone(), jhi.clone(), |kb, jq| kb.store(qb, dst.clone() + jq.clone(), xb.at(src.clone() + jq * s1)));
-                }
-                zero(kb, qb, dst.clone() + jhi.clone(), e(ph.wq) - jhi.clone());
-            },
-            |kb| zero(kb, qb, dst.clone(), e(ph.wq)),
-        );
+    kb.for_(lo, hi, |kb, it| {
+        // it = (plane·s0 + ry)·hq + iq
+        let (plane, ry, iq) = (kb.let_(it.clone() / (s0 * ph.hq)), kb.let_(it.clone() / ph.hq % s0), kb.let_(it.clone() % ph.hq));
+        let iy = kb.let_(iq.clone() * s0 + ry.clone() - p0);
+        let inside = kb.let_(e(0i64).le(iy.clone()).and(iy.clone().lt(h)));
+        let src0 = kb.let_(plane.clone() * (h * w) + iy * w - p1);
+        kb.for_(0usize, s1, |kb, rx| {
+            let dst = kb.let_((((plane.clone() * s0 + ry.clone()) * s1 + rx.clone()) * ph.hq + iq.clone()) * ph.wq);
+            // Phase columns jq whose input column jq·s1 + rx − p1 is inside the image.
+            let jlo = kb.let_(((e(p1 as i64) - rx.clone() + (s1 as i64 - 1)).max(0i64) / s1).min(ph.wq));
+            let jhi = kb.let_(((e((w + p1 + s1 - 1) as i64) - rx.clone()) / s1).min(ph.wq).max(jlo.clone()));
+            kb.if_else(
+                inside.clone(),
+                |kb| {
+                    zero(kb, qb, dst.clone(), jlo.clone());
+                    let src = kb.let_(src0.clone() + rx.clone());
+                    if s1 == 1 {
+                        copy(kb, qb, dst.clone() + jlo.clone(), xb, src + jlo.clone(), jhi.clone() - jlo.clone());
+                    } else {
+                        // Loop-carried addresses: Cranelift otherwise recomputed src and dst from their
+                        // multiplications in every iteration (seen in --emit asm).
+                        let (from, to) = (kb.var(src.clone() + jlo.clone() * s1), kb.var(dst.clone() + jlo.clone()));
+                        kb.for_(jlo.clone(), jhi.clone(), |kb, _| {
+                            kb.store(qb, to, xb.at(from));
+                            kb.set(from, from + s1);
+                            kb.set(to, to + 1i64);
+                        });
+                    }
+                    zero(kb, qb, dst.clone() + jhi.clone(), e(ph.wq) - jhi.clone());
+                },
+                |kb| zero(kb, qb, dst.clone(), e(ph.wq)),
+            );
+        });
     });
     t.launch(kb.finish(), vec![n.ins[0].0, out], 0);
     (out, ph)
