@@ -4,7 +4,7 @@
 #
 #   scripts/gpu-check.sh [path/to/cnnc]        (default: ./gpu-bin/cnnc)
 #
-# 1. Every models/*.model on the GPU (`cnnc run --backend cuda`) against the CPU reference interpreter
+# 1. Every models/*.model (and AlexBN at batch 2, which takes Winograd) on the GPU (`cnnc run --backend cuda`) against the CPU reference interpreter
 #    (`--backend reference`) on the same deterministic input and Chainer-initialised weights:
 #    max |cuda − reference| / max |reference| must be ≤ 1e-4.
 # 2. AlexBN latency at batch 1 and 64: `cnnc bench --backend cuda` against the same network in PyTorch +
@@ -36,10 +36,12 @@ def run(args, limit):
 # ---- 1. every model: cuda against the reference interpreter ----
 print(f"\n{'model':<18} {'input':<16} {'max|ref|':>10} {'max|diff|':>10} {'rel':>9}  {'cuda s':>7} {'ref s':>7}  result")
 failed = 0
-for model in sorted(glob.glob("models/*.model")):
-    name = os.path.basename(model)[:-6]
+# AlexBN also at batch 2, where conv3–5 take Winograd F(4×4, 3×3).
+jobs = [(m, 1) for m in sorted(glob.glob("models/*.model"))] + [("models/alexbn.model", 2)]
+for model, batch in jobs:
+    name = os.path.basename(model)[:-6] + ("" if batch == 1 else f"-b{batch}")
     dims = re.search(r"forward\(\s*\w+\s*:\s*\[([\d,\s]+)\]", open(model).read())
-    shape = (1,) + tuple(int(d) for d in dims.group(1).split(","))
+    shape = (batch,) + tuple(int(d) for d in dims.group(1).split(","))
     x = os.path.join(tmp, f"{name}.x.npy")
     np.save(x, np.random.default_rng(0).standard_normal(shape).astype(np.float32))
     outs, secs, errors = {}, {}, []

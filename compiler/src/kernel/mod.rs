@@ -7,7 +7,8 @@
 //! closures keep the nesting of the source equal to the nesting of the loops.
 //!
 //! This stage owns: the IR, its type rules ([`Kernel::ty`]), its printer, and the lowering of layer
-//! graphs to [`Program`]s (`ops.rs`: op → kernels; `program.rs`: buffers and the memory plan).
+//! graphs to [`Program`]s (`ops.rs`: op → kernels; `winograd.rs`: F(4×4, 3×3) convolutions;
+//! `program.rs`: buffers and the memory plan).
 //! Invariant left: every load and store of a kernel indexes inside its buffer's declared length for the
 //! shapes it was built for (the JIT's checked mode verifies this at run time), and parallel tasks write
 //! disjoint elements, so results do not depend on how many tasks run.

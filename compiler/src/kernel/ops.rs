@@ -1,12 +1,16 @@
-//! Op → kernels. Each op becomes one or two launches over arena tensors and packed parameters.
+//! Op → kernels. Each op becomes one or a few launches over arena tensors and packed parameters.
 //!
-//! Convolution is im2col (skipped for 1×1 stride-1 unpadded convolutions, whose input already is the
-//! column matrix) followed by a GEMM whose register-blocked microkernel ([`micro`]) keeps an MR×NR tile
-//! of the output in 12 vector registers; bias, ReLU and max pooling are applied by the same launch
-//! before anything leaves the task. Per output element the arithmetic is fixed — bias, then one FMA
-//! per k in (channel, ky, kx) order — whatever the tile, tier or thread count, so results are bitwise
-//! identical across them. (Linear layers change method above batch 4 — GEMV to GEMM — so batch sizes
-//! on either side of that may differ in the last bits; within a batch, no sample depends on its place.)
+//! Convolution is a GEMM over the column matrix (the input itself for 1×1 stride-1 unpadded
+//! convolutions): the portable tier writes it with `im2col` as [k][pixel] rows; the AVX-512 tier reads
+//! the input through a padded, stride-phase-split copy ([`Phased`]) and packs the matrix as the tile
+//! reads it, in 32-column panels. The register-blocked microkernel ([`micro`], or the AVX-512 tile)
+//! keeps an MR×NR tile of the output in registers; bias, ReLU and max pooling are applied by the same
+//! launch before anything leaves the task. Per output element the arithmetic is fixed — bias, then one
+//! FMA per k in (channel, ky, kx) order — whatever the tile, tier or thread count, so results are
+//! bitwise identical across them. Stride-1 3×3 convolutions may instead take Winograd F(4×4, 3×3)
+//! (`winograd.rs`, chosen alike for both tiers, so the same holds). (Linear layers change method above
+//! batch 4 — GEMV to GEMM — and Winograd is chosen per batch size, so batch sizes on either side of
+//! those may differ in the last bits; within a batch, no sample depends on its place.)
 
 use super::{e, Access, Buf, Expr, Gemm, Kb, Kernel, Tier, Winograd, LANES};
 use cnnc_runtime::op::{Conv2d, FusedBase, Linear, Pool2d};
