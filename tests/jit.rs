@@ -89,6 +89,14 @@ impl Problem {
         cnnc::compile(&cnnc::diag::Source::new("case.model", self.source())).is_ok()
     }
 
+    /// Whether the cost model (`Winograd::Auto`) lowers this problem with Winograd F(4×4, 3×3).
+    fn auto_takes_winograd(&self) -> bool {
+        let src = cnnc::diag::Source::new("case.model", self.source());
+        let g = optimized(&cnnc::compile(&src).expect("compiles").0, 1);
+        let program = cnnc::kernel::program(&g, bind(&src, &g, Params::Generated(prng_param)), self.batch, Tier::Portable);
+        program.launches.iter().any(|l| l.kernel.name.ends_with(".winograd_in"))
+    }
+
     fn check(&self) {
         let src = cnnc::diag::Source::new("case.model", self.source());
         let (g, _) = cnnc::compile(&src).unwrap_or_else(|f| panic!("{}\n{}", self.source(), src.render_plain(&f.0)));
@@ -259,6 +267,13 @@ fn winograd_edge_tiles() {
 /// products per output, where the transforms' roundings are largest (1.2e-5 measured).
 #[test]
 fn winograd_chosen_for_alexnet_conv4_at_batch_8() {
-    Problem { batch: 8, c: 384, h: 13, w: 13, layer: Layer::Conv { out: 384, k: [3, 3], stride: 1, pad: 1, groups: 1, bias: true, relu: true, pool: None } }
-        .check();
+    let p = Problem {
+        batch: 8,
+        c: 384,
+        h: 13,
+        w: 13,
+        layer: Layer::Conv { out: 384, k: [3, 3], stride: 1, pad: 1, groups: 1, bias: true, relu: true, pool: None },
+    };
+    assert!(p.auto_takes_winograd());
+    p.check();
 }

@@ -303,6 +303,14 @@ impl Expr {
     pub fn splat(self) -> Expr {
         self.un(UnOp::Splat)
     }
+    /// [`Expr::splat`] when `vec`, else itself: scalars for loop bodies written once for both widths.
+    pub fn lanes(self, vec: bool) -> Expr {
+        if vec {
+            self.splat()
+        } else {
+            self
+        }
+    }
     pub fn hsum(self) -> Expr {
         self.un(UnOp::HSum)
     }
@@ -334,6 +342,14 @@ impl Buf {
     /// A vector load of elements `idx..idx + 4`.
     pub fn at4(self, idx: impl Into<Expr>) -> Expr {
         Expr::Load { buf: self, idx: Box::new(idx.into()), lanes: LANES as u8 }
+    }
+    /// [`Buf::at4`] when `vec`, else [`Buf::at`]: for loop bodies written once for both widths.
+    pub fn load(self, idx: impl Into<Expr>, vec: bool) -> Expr {
+        if vec {
+            self.at4(idx)
+        } else {
+            self.at(idx)
+        }
     }
 }
 

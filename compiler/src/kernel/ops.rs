@@ -1,9 +1,8 @@
 //! Op → kernels. Each op becomes one or a few launches over arena tensors and packed parameters.
 //!
 //! Convolution is a GEMM over the column matrix (the input itself for 1×1 stride-1 unpadded
-//! convolutions): the portable tier writes it with `im2col` as [k][pixel] rows; the AVX-512 tier reads
-//! the input through a padded, stride-phase-split copy ([`Phased`]) and packs the matrix as the tile
-//! reads it, in 32-column panels. The register-blocked microkernel ([`micro`], or the AVX-512 tile)
+//! convolutions), packed from a padded, stride-phase-split copy of the input ([`Phased`]) into panels
+//! of the tile's width, as the tile reads them ([`Columns`]). The register-blocked microkernel ([`micro`], or the AVX-512 tile)
 //! keeps an MR×NR tile of the output in registers; bias, ReLU and max pooling are applied by the same
 //! launch before anything leaves the task. Per output element the arithmetic is fixed — bias, then one
 //! FMA per k in (channel, ky, kx) order — whatever the tile, tier or thread count, so results are
@@ -17,7 +16,7 @@ use cnnc_runtime::op::{Conv2d, FusedBase, Linear, Pool2d};
 use cnnc_runtime::{Op, Tensor};
 
 /// Output-channel blocks one task runs against the same column tile before moving on (its chunk).
-/// Portable tier: the tile (K × 12 floats, strided) is read from L1/L2 eight times per trip from
+/// Portable tier: the tile's panel (K × 12 floats) is read from L1/L2 eight times per trip from
 /// memory, and 8 blocks of packed weights (8 × K × 16 B, 150 KB at K = 2400) stay in the 2 MB L2.
 /// AVX-512 tier: each KC-deep slice of the column panels (375 KB for AlexNet's conv2) is streamed once
 /// per chunk, so a chunk should hold a task's whole share of blocks; 32 blocks' slices of A
@@ -232,14 +231,14 @@ fn copy(kb: &mut Kb, dst: Buf, d: Expr, src: Buf, s: Expr, n: impl Into<Expr>) {
     let delta = kb.let_(s - d.clone());
     let end = d.clone() + n;
     overlapping_vector_loop(kb, d, end, |kb, i, vec| {
-        let v = if vec { src.at4(i.clone() + delta.clone()) } else { src.at(i.clone() + delta.clone()) };
+        let v = src.load(i.clone() + delta.clone(), vec);
         kb.store(dst, i, v)
     });
 }
 
 /// `dst[d..d + n] = 0`.
 fn zero(kb: &mut Kb, dst: Buf, d: Expr, n: Expr) {
-    overlapping_vector_loop(kb, d.clone(), d + n, |kb, i, vec| kb.store(dst, i, if vec { e(0.0f32).splat() } else { e(0.0f32) }));
+    overlapping_vector_loop(kb, d.clone(), d + n, |kb, i, vec| kb.store(dst, i, e(0.0f32).lanes(vec)));
 }
 
 /// Element-wise kernel over `len` elements: `y = f(inputs)`, vectorized.
@@ -252,7 +251,7 @@ fn map<const K: usize>(t: &mut Tables, name: &str, len: usize, ins: &[Ref; K], y
         let start = kb.let_(c * CHUNK);
         let end = start.clone() + CHUNK;
         vector_loop(kb, start, end.min(len), |kb, i, vec| {
-            let args = bufs.map(|b| if vec { b.at4(i.clone()) } else { b.at(i.clone()) });
+            let args = bufs.map(|b| b.load(i.clone(), vec));
             let mut v = f(args);
             if !vec {
                 // `f` is written for vectors; its splatted constants become scalars here.
@@ -339,10 +338,10 @@ fn pool(kb: &mut Kb, p: &Pool2d, avg: bool, x: Buf, y: Buf, lo: Expr, hi: Expr, 
             let (ylo, yhi) = window(kb, oy.clone(), kh, p.stride[0], p.pad[0], h);
             let out = kb.let_(dst.clone() + oy * ow);
             vector_loop(kb, e(0i64), e(ow), |kb, ox, vec| {
-                let acc = kb.var(if vec { neg_inf().splat() } else { neg_inf() });
+                let acc = kb.var(neg_inf().lanes(vec));
                 kb.for_(ylo.clone(), yhi.clone(), |kb, iy| {
                     let at = iy * ow + ox.clone();
-                    kb.set(acc, e(acc).max(if vec { rows.at4(at) } else { rows.at(at) }));
+                    kb.set(acc, e(acc).max(rows.load(at, vec)));
                 });
                 kb.store(y, out.clone() + ox, acc);
             });
@@ -497,17 +496,6 @@ pub(super) fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after:
     let (a, bias) = (t.param(a), t.param(bias));
     let name = |s: &str| format!("{}.{s}", n.name);
     let x = n.ins[0].0;
-    let direct = kh == 1 && kw == 1 && c.stride == [1, 1] && c.pad == [0, 0];
-    // The portable tier's column matrix: [image][group][k][p] with rows padded to whole cache lines, so that the tile's
-    // vector loads are aligned; or the input itself for direct 1×1 convolutions.
-    let ldb = if direct { g.p } else { g.p.next_multiple_of(super::ALIGN) };
-    // The AVX-512 tier packs KC × 32 panels of the column matrix on the fly, into a buffer on the
-    // task's stack, right before the tiles that read them (L1-hot, no im2col round trip to memory) —
-    // when the packed weights fit comfortably in L2 (AlexNet's conv1: 139 KB), so that tasks can split
-    // the column tiles between them and each read all of A: each panel is then packed once. Pooling
-    // needs whole planes and becomes a second launch. Larger layers keep a shared im2col: split by
-    // channel blocks, every task would pack every panel (measured: 1–3 ms more per AlexNet layer).
-    let packed = t.tier == Tier::Avx512 && !direct && c.groups * g.ncb * g.k * mr * 4 <= 1 << 20;
     // Slices of k per tile call (see [`KC`]); the portable tier takes k whole.
     let kc = match t.tier {
         Tier::Portable => g.k,
@@ -515,86 +503,47 @@ pub(super) fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after:
     };
     let slices = g.k.div_ceil(kc);
     let ntiles = g.p.div_ceil(nr);
-    // The other AVX-512 layers write their shared im2col as the tile reads it: [image][group][column
-    // tile][k][NR], so that each k step of the tile is one contiguous 128-byte line pair and a panel is
-    // one contiguous 16 KB run. (As a [k][p] matrix its rows sat 3 KB apart, and with KC = 256 conv2's
-    // tiles took 5.0–5.8 ms against 4.3–4.75 now, measured side by side; writing panels costs 0.3 ms
-    // more than that matrix did.)
-    let panels = t.tier == Tier::Avx512 && !direct && !packed;
-    // Both read the input through a zero-padded, stride-phase-split copy (see [`Phased`]), so that each
-    // panel row is contiguous copies without bounds checks.
-    let ph = (packed || panels).then(|| phase_split(t, n, c, [0, 0]));
-    let geo = |x: Buf, panel: Buf| Pack { c, g: &g, ci, ow, ph: ph.as_ref().expect("phased input").1, x, panel, nr };
-    let cols = if direct {
-        x
-    } else if packed {
-        ph.as_ref().expect("phased input").0
-    } else if panels {
-        let len = n.batch * c.groups * ntiles * g.k * nr;
-        let cols = t.store(len);
-        let mut kb = Kb::new(name("im2col"), n.batch * c.groups * ntiles * slices);
-        let (xb, cb) = (kb.buf("x", ph.as_ref().expect("phased input").1.len(n.batch, ci), Access::Read), kb.buf("cols", len, Access::Write));
-        let (lo, hi) = kb.range();
-        kb.for_(lo, hi, |kb, it| {
-            let (tile, s) = (kb.let_(it.clone() / slices), kb.let_(it % slices));
-            let (ig, col, k0) = (kb.let_(tile.clone() / ntiles), kb.let_(tile.clone() % ntiles * nr), kb.let_(s * kc));
-            let cols = (e(g.p) - col.clone()).min(nr);
-            let depth = (e(g.k) - k0.clone()).min(kc);
-            pack(kb, &geo(xb, cb), ig.clone() / c.groups, ig % c.groups, k0.clone(), depth, col, cols, (tile * g.k + k0) * nr);
-        });
-        t.launch(kb.finish(), vec![ph.as_ref().expect("phased input").0, cols], 0);
-        cols
+    let columns = if kh == 1 && kw == 1 && c.stride == [1, 1] && c.pad == [0, 0] {
+        Columns::Input
+    } else if t.tier == Tier::Avx512 && c.groups * g.ncb * g.k * mr * 4 <= 1 << 20 {
+        Columns::OnTheFly
     } else {
-        let rows = n.batch * c.groups * g.k;
-        let cols = t.store(rows * ldb);
-        let mut kb = Kb::new(name("im2col"), rows);
-        let (xb, cb) = (kb.buf("x", n.in_len(0), Access::Read), kb.buf("cols", rows * ldb, Access::Write));
-        let (lo, hi) = kb.range();
-        kb.for_(lo, hi, |kb, row| {
-            let (img_grp, k) = (kb.let_(row.clone() / g.k), kb.let_(row.clone() % g.k));
-            let (ch, ky, kx) = (kb.let_(k.clone() / (kh * kw)), kb.let_(k.clone() / kw % kh), kb.let_(k % kw));
-            // (image, group) → first input channel of the group.
-            let plane = kb.let_((img_grp.clone() / c.groups * ci + img_grp % c.groups * g.cig + ch) * (h * w));
-            // Output columns whose input column is inside the image: ox·s + kx − pad ∈ 0..w.
-            let (s, pad) = (c.stride[1] as i64, c.pad[1] as i64);
-            let xlo = kb.let_(((e(pad) - kx.clone() + (s - 1)).max(0i64) / s).min(ow));
-            let xhi = kb.let_(((e(w as i64 - 1 + pad) - kx.clone() + s).max(0i64) / s).min(ow).max(xlo.clone()));
-            kb.for_(0usize, oh, |kb, oy| {
-                let dst = kb.let_(row.clone() * ldb + oy.clone() * ow);
-                let iy = kb.let_(oy * c.stride[0] + ky.clone() - c.pad[0]);
-                kb.if_else(
-                    e(0i64).le(iy.clone()).and(iy.clone().lt(h)),
-                    |kb| {
-                        zero(kb, cb, dst.clone(), xlo.clone());
-                        let src = kb.let_(plane.clone() + iy.clone() * w - pad + kx.clone());
-                        if s == 1 {
-                            copy(kb, cb, dst.clone() + xlo.clone(), xb, src + xlo.clone(), xhi.clone() - xlo.clone());
-                        } else {
-                            kb.for_(xlo.clone(), xhi.clone(), |kb, ox| kb.store(cb, dst.clone() + ox.clone(), xb.at(src.clone() + ox * s)));
-                        }
-                        zero(kb, cb, dst.clone() + xhi.clone(), e(ow) - xhi.clone());
-                    },
-                    |kb| zero(kb, cb, dst.clone(), e(ow)),
-                );
+        Columns::Panels
+    };
+    // Packing reads the input through a zero-padded, stride-phase-split copy (see [`Phased`]), so that
+    // each panel row is contiguous copies without bounds checks.
+    let ph = (columns != Columns::Input).then(|| phase_split(t, n, c, [0, 0]));
+    let geo = |x: Buf, panel: Buf| Pack { c, g: &g, ci, ow, ph: ph.expect("phased input").1, x, panel, nr };
+    let (cols, col_len) = match (columns, ph) {
+        (Columns::Input, _) => (x, n.in_len(0)),
+        (Columns::OnTheFly, Some((xq, ph))) => (xq, ph.len(n.batch, ci)),
+        (Columns::Panels, Some((xq, ph))) => {
+            let len = n.batch * c.groups * ntiles * g.k * nr;
+            let cols = t.store(len);
+            let mut kb = Kb::new(name("im2col"), n.batch * c.groups * ntiles * slices);
+            let (xb, cb) = (kb.buf("x", ph.len(n.batch, ci), Access::Read), kb.buf("cols", len, Access::Write));
+            let (lo, hi) = kb.range();
+            kb.for_(lo, hi, |kb, it| {
+                let (tile, s) = (kb.let_(it.clone() / slices), kb.let_(it % slices));
+                let (ig, col, k0) = (kb.let_(tile.clone() / ntiles), kb.let_(tile.clone() % ntiles * nr), kb.let_(s * kc));
+                let cols = (e(g.p) - col.clone()).min(nr);
+                let depth = (e(g.k) - k0.clone()).min(kc);
+                pack(kb, &geo(xb, cb), ig.clone() / c.groups, ig % c.groups, k0.clone(), depth, col, cols, (tile * g.k + k0) * nr);
             });
-        });
-        t.launch(kb.finish(), vec![x, cols], 0);
-        cols
+            t.launch(kb.finish(), vec![xq, cols], 0);
+            (cols, len)
+        }
+        _ => unreachable!("packed columns have a phased input"),
     };
     let conv_len = n.batch * co * g.p;
     let pre_pool = if pool_after.is_some() { t.store(conv_len) } else { n.out.0 };
     // Packed layers are split by column tiles; the others by channel blocks, so each task streams only
     // its share of A and pools its own channels in the same launch.
+    let packed = columns == Columns::OnTheFly;
     let extent = n.batch * c.groups * if packed { ntiles } else { g.ncb };
     let mut kb = Kb::new(name("gemm"), extent);
     let ab = kb.buf("A", c.groups * g.ncb * g.k * mr, Access::Read);
     let bb = kb.buf("bias", c.groups * g.ncb * mr, Access::Read);
-    let col_len = match () {
-        _ if direct => n.in_len(0),
-        _ if packed => ph.as_ref().expect("phased input").1.len(n.batch, ci),
-        _ if panels => n.batch * c.groups * ntiles * g.k * nr,
-        _ => n.batch * c.groups * g.k * ldb,
-    };
     let colb = kb.buf("cols", col_len, Access::Read);
     let yb = kb.buf("y", conv_len, Access::ReadWrite);
     let panel = packed.then(|| kb.buf("panel", kc * nr, Access::Local));
@@ -611,10 +560,9 @@ pub(super) fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after:
         f(kb, e((slices - 1) * kc), e(g.k - (slices - 1) * kc), true, relu);
     };
     // Per (image, group) `ig`: the first column-matrix element and the first output element.
-    let bbase = |ig: &Expr| match () {
-        _ if direct => ig.clone() / c.groups * (ci * g.p) + ig.clone() % c.groups * (g.cig * g.p),
-        _ if panels => ig.clone() * (ntiles * g.k * nr),
-        _ => ig.clone() * (g.k * ldb),
+    let bbase = |ig: &Expr| match columns {
+        Columns::Input => ig.clone() / c.groups * (ci * g.p) + ig.clone() % c.groups * (g.cig * g.p),
+        _ => ig.clone() * (ntiles * g.k * nr),
     };
     let cbase = |ig: &Expr| (ig.clone() / c.groups * co + ig.clone() % c.groups * g.cog) * g.p;
     // The tile of channel block `blk` × columns col..col + cols, for k in k0..k0 + depth.
@@ -626,15 +574,15 @@ pub(super) fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after:
             bias: bb,
             bias0: blocks * mr,
             b: panel.unwrap_or(colb),
-            b0: match () {
-                _ if panel.is_some() => e(0i64),
-                // Tile col / NR starts g.k · NR floats after tile 0.
-                _ if panels => bbase(ig) + col.clone() * g.k + k0.clone() * nr,
-                _ => bbase(ig) + k0.clone() * ldb + col.clone(),
+            b0: match columns {
+                Columns::Input => bbase(ig) + k0.clone() * g.p + col.clone(),
+                // Column col lies in panel col / NR, at col % NR of each of its rows.
+                Columns::Panels => bbase(ig) + col.clone() / nr * (g.k * nr) + k0.clone() * nr + col.clone() % nr,
+                Columns::OnTheFly => e(0i64),
             },
             c: yb,
             c0: cbase(ig) + blk.clone() * (mr * g.p) + col.clone(),
-            ldb: if panel.is_some() || panels { nr } else { ldb },
+            ldb: if columns == Columns::Input { g.p } else { nr },
             ldc: g.p,
             depth: depth.clone(),
             rows: (e(g.cog) - blk * mr).min(mr),
@@ -720,6 +668,24 @@ pub(super) fn pool_launch(t: &mut Tables, n: &Node, p: &Pool2d, x: Ref, [oh, ow]
     let (lo, hi) = kb.range();
     pool(&mut kb, p, false, xb, pb, lo, hi, [oh, ow], [n.out.1[1], n.out.1[2]]);
     t.launch(kb.finish(), vec![x, n.out.0], 0);
+}
+
+/// Where a convolution's GEMM reads its column matrix (B).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Columns {
+    /// 1×1 stride-1 unpadded convolutions: the input itself, [image][channel][pixel].
+    Input,
+    /// Written by an `im2col` launch as the tile reads it, [image][group][column tile][k][NR]: each k
+    /// step of a tile is one contiguous run of NR floats and a panel one contiguous KC × NR block. (As a
+    /// [k][pixel] matrix, rows sat 3 KB apart; with KC = 256, AlexNet conv2's AVX-512 tiles took 5.0–5.8
+    /// ms against 4.3–4.75 ms with panels, measured side by side.)
+    Panels,
+    /// AVX-512 tier, when the packed weights fit comfortably in L2 (AlexNet's conv1: 139 KB): each task
+    /// packs KC × NR panels into a stack buffer right before the tiles that read them (L1-hot, no
+    /// round trip to memory). Tasks split the column tiles and each read all of A, so each panel is
+    /// packed once; pooling needs whole planes and becomes a second launch. (Split by channel blocks,
+    /// as the larger layers are, every task would pack every panel: 1–3 ms more per AlexNet layer.)
+    OnTheFly,
 }
 
 /// How many output columns a microkernel call covers.
@@ -865,11 +831,11 @@ fn micro(kb: &mut Kb, g: &Gemm, width: Width, ragged: bool) {
                 .map(|v| {
                     if !g.accumulate {
                         let bias = g.bias.at(g.bias0.clone() + r);
-                        return kb.var(if vec { bias.splat() } else { bias });
+                        return kb.var(bias.lanes(vec));
                     }
                     let at = g.c0.clone() + r * g.ldc + v * LANES;
-                    let acc = kb.var(if vec { e(0.0f32).splat() } else { e(0.0f32) });
-                    let load = |kb: &mut Kb| kb.set(acc, if vec { g.c.at4(at) } else { g.c.at(at) });
+                    let acc = kb.var(e(0.0f32).lanes(vec));
+                    let load = |kb: &mut Kb| kb.set(acc, g.c.load(at, vec));
                     if ragged {
                         kb.if_(e(r).lt(g.rows.clone()), load);
                     } else {
@@ -884,7 +850,7 @@ fn micro(kb: &mut Kb, g: &Gemm, width: Width, ragged: bool) {
         let bv: Vec<Expr> = (0..nv).map(|v| kb.let_(if vec { g.b.at4(e(b0) + v * LANES) } else { g.b.at(b0) })).collect();
         for (r, row) in acc.iter().enumerate() {
             let a = g.a.at(e(a0) + r);
-            let a = kb.let_(if vec { a.splat() } else { a });
+            let a = kb.let_(a.lanes(vec));
             for (v, &acc) in row.iter().enumerate() {
                 kb.set(acc, a.clone().fma(bv[v].clone(), acc));
             }
@@ -897,7 +863,7 @@ fn micro(kb: &mut Kb, g: &Gemm, width: Width, ragged: bool) {
             for (v, &acc) in row.iter().enumerate() {
                 let mut val = e(acc);
                 if g.relu {
-                    val = val.max(if vec { e(0.0f32).splat() } else { e(0.0f32) });
+                    val = val.max(e(0.0f32).lanes(vec));
                 }
                 kb.store(g.c, g.c0.clone() + r * g.ldc + v * LANES, val);
             }

@@ -93,7 +93,6 @@ fn worthwhile(c: &Conv2d, batch: usize, [oh, ow]: [usize; 2]) -> bool {
 /// `Σ coef[i] · v[i]` over the nonzero coefficients, left to right, with ±1 as plain adds; on 4-lane
 /// vectors when `vec`.
 fn lin(coef: &[f64], v: &[Expr], vec: bool) -> Expr {
-    let k = |c: f64| if vec { e(c as f32).splat() } else { e(c as f32) };
     let mut acc: Option<Expr> = None;
     for (&c, x) in coef.iter().zip(v) {
         if c == 0.0 {
@@ -101,10 +100,10 @@ fn lin(coef: &[f64], v: &[Expr], vec: bool) -> Expr {
         }
         acc = Some(match (acc.take(), c) {
             (None, 1.0) => x.clone(),
-            (None, c) => x.clone() * k(c),
+            (None, c) => x.clone() * e(c as f32).lanes(vec),
             (Some(a), 1.0) => a + x.clone(),
             (Some(a), -1.0) => a - x.clone(),
-            (Some(a), c) => x.clone().fma(k(c), a),
+            (Some(a), c) => x.clone().fma(e(c as f32).lanes(vec), a),
         });
     }
     acc.expect("a transform row has a nonzero coefficient")
@@ -170,7 +169,7 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after: Optio
                 let d: Vec<Expr> = (0..A * A)
                     .map(|i| {
                         let at = row.clone() + ((i % A % M) * hq * wq + i / A * wq + i % A / M) + tx.clone();
-                        kb.let_(if vec { xb.at4(at) } else { xb.at(at) })
+                        kb.let_(xb.load(at, vec))
                     })
                     .collect();
                 for (xi, val) in sandwich(kb, &BT, &d, vec).into_iter().enumerate() {
@@ -195,12 +194,11 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after: Optio
     let mut kb = Kb::new(name("winograd_out"), batch * co);
     let (mb, bb, yb) = (kb.buf("M", A * A * co * cols, Access::Read), kb.buf("bias", co, Access::Read), kb.buf("y", conv_len, Access::Write));
     // Four tiles' outputs as 16 vectors, [r][s][tile], reread as scalars to store them in place.
-    let tmp = kb.buf("tiles", M * M * 4, Access::Local);
+    let tmp = kb.buf("tiles", M * M * super::LANES, Access::Local);
     let (lo, hi) = kb.range();
     kb.for_(lo, hi, |kb, plane| {
         let (img, o) = (kb.let_(plane.clone() / co), kb.let_(plane.clone() % co));
         let b = kb.let_(bb.at(o.clone()));
-        let b4 = kb.let_(b.clone().splat());
         kb.for_(0usize, th, |kb, ty| {
             let rows = kb.let_((e(oh) - ty.clone() * M).min(M));
             let col0 = kb.let_(img.clone() * per_image + ty.clone() * tw);
@@ -209,34 +207,25 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after: Optio
                 let mv: Vec<Expr> = (0..A * A)
                     .map(|xi| {
                         let at = (e(xi * co) + o.clone()) * cols + col0.clone() + tx.clone();
-                        kb.let_(if vec { mb.at4(at) } else { mb.at(at) })
+                        kb.let_(mb.load(at, vec))
                     })
                     .collect();
                 let out = sandwich(kb, &AT, &mv, vec);
                 // Output columns of these tiles still inside the row (more than 4·4 when not the last).
                 let width = kb.let_(e(ow) - tx.clone() * M);
                 let at = kb.let_(at0.clone() + tx.clone() * M);
-                let lanes = if vec { 4 } else { 1 };
+                let tiles = if vec { super::LANES } else { 1 };
                 for (i, val) in out.into_iter().enumerate() {
-                    let val = if vec { val + b4.clone() } else { val + b.clone() };
-                    let val = if !relu {
-                        val
-                    } else if vec {
-                        val.max(e(0.0f32).splat())
-                    } else {
-                        val.max(0.0f32)
-                    };
-                    match vec {
-                        true => kb.store(tmp, e(i * 4), val),
-                        false => kb.store(tmp, e(i), val),
-                    }
+                    let val = val + b.clone().lanes(vec);
+                    let val = if relu { val.max(e(0.0f32).lanes(vec)) } else { val };
+                    kb.store(tmp, e(i * tiles), val);
                 }
                 // y[at + r·ow + 4u + s] = tile u's (r, s), where inside the output.
                 let scatter = |kb: &mut Kb, checked: bool| {
                     for r in 0..M {
                         let row = |kb: &mut Kb| {
-                            for (u, s) in (0..lanes).flat_map(|u| (0..M).map(move |s| (u, s))) {
-                                let v = tmp.at(e((r * M + s) * lanes + u));
+                            for (u, s) in (0..tiles).flat_map(|u| (0..M).map(move |s| (u, s))) {
+                                let v = tmp.at(e((r * M + s) * tiles + u));
                                 let q = u * M + s;
                                 let st = |kb: &mut Kb| kb.store(yb, at.clone() + (r * ow + q), v.clone());
                                 if checked && q > 0 {
@@ -253,7 +242,7 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after: Optio
                         }
                     }
                 };
-                kb.if_else(rows.clone().eq(M).and(e(lanes * M).le(width.clone())), |kb| scatter(kb, false), |kb| scatter(kb, true));
+                kb.if_else(rows.clone().eq(M).and(e(tiles * M).le(width.clone())), |kb| scatter(kb, false), |kb| scatter(kb, true));
             });
         });
     });
