@@ -6,7 +6,7 @@
 //! and thread count. Convolutions that can take Winograd F(4×4, 3×3) are checked both as the cost model
 //! lowers them and with it forced on; Winograd lowerings are held to 5e-5 (its transforms add roundings). Shrunk failures are pinned below as named cases.
 
-use cnnc::kernel::{Tier, Winograd};
+use cnnc::kernel::{BRows, Stmt, Tier, Winograd};
 use cnnc_runtime::{rng, Tensor};
 use cnnc_tests::*;
 use proptest::prelude::*;
@@ -95,6 +95,18 @@ impl Problem {
         let g = optimized(&cnnc::compile(&src).expect("compiles").0, 1);
         let program = cnnc::kernel::program(&g, bind(&src, &g, Params::Generated(prng_param)), self.batch, Tier::Portable);
         program.launches.iter().any(|l| l.kernel.name.ends_with(".winograd_in"))
+    }
+
+    /// Whether the AVX-512 tier reads this convolution's columns in place ([`BRows::Taps`]).
+    fn uses_implicit_columns(&self) -> bool {
+        let src = cnnc::diag::Source::new("case.model", self.source());
+        let g = optimized(&cnnc::compile(&src).expect("compiles").0, 1);
+        let program = cnnc::kernel::program(&g, bind(&src, &g, Params::Generated(prng_param)), self.batch, Tier::Avx512);
+        let mut taps = false;
+        for l in &program.launches {
+            Stmt::visit(&l.kernel.body, &mut |s| taps |= matches!(s, Stmt::Gemm(g) if matches!(g.rows_b, BRows::Taps { .. })));
+        }
+        taps
     }
 
     fn check(&self) {
@@ -240,11 +252,31 @@ fn linear_as_gemm_at_larger_batches() {
     Problem { batch: 37, c: 2, h: 2, w: 3, layer: Layer::Linear { out: 3, relu: false } }.check();
 }
 
-/// Packed weights over 1 MiB: the AVX-512 tier uses a shared im2col and splits tasks by channel blocks
-/// instead of packing panels per column tile; the fused pool runs per block chunk in the same launch.
+/// Packed weights over 1 MiB and stride 2 (so no implicit columns): the AVX-512 tier uses a shared
+/// im2col and splits tasks by channel blocks instead of packing panels per column tile; the fused pool
+/// runs per block chunk in the same launch.
 #[test]
 fn large_weights_split_by_channel_blocks() {
-    conv(256, 9, 128, 3, 1, 1, 1, Some(Pool { max: true, k: 3, stride: 2, pad: 0, cover_all: true })).check();
+    let p = conv(256, 17, 128, 3, 2, 1, 1, Some(Pool { max: true, k: 3, stride: 2, pad: 0, cover_all: true }));
+    assert!(!p.uses_implicit_columns());
+    p.check();
+}
+
+/// Implicit columns (AVX-512 tier, stride-1 convolutions): a 3×2 kernel with k = 30·6 = 180, so the
+/// second slice of k starts mid-channel (tap row 64, kernel row 1); padding wider than the kernel needs
+/// (output wider than input) with a fused pool; a 1×1 kernel with padding; groups.
+#[test]
+fn implicit_columns() {
+    let cases = [
+        Problem { batch: 2, c: 30, h: 7, w: 9, layer: Layer::Conv { out: 13, k: [3, 2], stride: 1, pad: 1, groups: 1, bias: true, relu: true, pool: None } },
+        conv(3, 6, 5, 3, 1, 2, 1, Some(Pool { max: true, k: 3, stride: 2, pad: 0, cover_all: true })),
+        Problem { batch: 1, c: 2, h: 5, w: 6, layer: Layer::Conv { out: 3, k: [1, 1], stride: 1, pad: 1, groups: 1, bias: false, relu: false, pool: None } },
+        conv(4, 13, 26, 5, 1, 2, 2, None),
+    ];
+    for p in cases {
+        assert!(p.uses_implicit_columns() || Tier::best() == Tier::Portable, "{}", p.source());
+        p.check();
+    }
 }
 
 /// A max pool whose row maxima would not fit the separable form's stack buffer takes the direct form.

@@ -12,7 +12,15 @@
 //!
 //! ABI (System V): `extern "C" fn(a, b, c, depth, ldb, bias, rows, cols, ldc)`; the last three arrive
 //! on the stack. Only caller-saved registers are used, and `vzeroupper` precedes `ret`.
+//!
+//! The implicit-convolution variant ([`Taps`], one per geometry, which it takes as immediates) reads B
+//! in place from a row-padded input instead: `fn(a, b, c, taps, ky0, bias, rows, cols, ldc, masks)`,
+//! where `b` points at the first tap row's element for output pixel `col`, `taps` = depth / kw tap
+//! rows, `ky0` is the first tap row's kernel row, and `masks` the kw u32 lane masks of this column
+//! tile: each tap column is one pair of zero-masked loads at the next float, each tap row one row down
+//! (one plane down after kh of them).
 
+use crate::kernel::Taps;
 use iced_x86::code_asm::*;
 
 /// Tile rows: 12 rows × 2 vectors = 24 accumulators + 2 column vectors + 4 broadcasts = 30 of the 32 zmm.
@@ -32,8 +40,8 @@ pub fn available() -> bool {
 }
 
 /// Machine code of the tile: accumulating onto C or starting from the bias, with ReLU applied before
-/// the store or not. Position independent.
-pub fn tile(accumulate: bool, relu: bool) -> Result<Vec<u8>, IcedError> {
+/// the store or not, B strided or (`taps`) read in place. Position independent.
+pub fn tile(accumulate: bool, relu: bool, taps: Option<&Taps>) -> Result<Vec<u8>, IcedError> {
     let mut a = CodeAssembler::new(64)?;
     let acc = |r: usize, v: usize| ACC[2 * r + v];
     // Column masks: the low `cols` bits of 32, split into one 16-lane mask per vector.
@@ -45,7 +53,9 @@ pub fn tile(accumulate: bool, relu: bool) -> Result<Vec<u8>, IcedError> {
     a.kmovw(k2, r10d)?;
     a.mov(r11, qword_ptr(rsp + 24))?;
     a.shl(r11, 2)?; // ldc in bytes
-    a.shl(r8, 2)?; // ldb in bytes
+    if taps.is_none() {
+        a.shl(r8, 2)?; // ldb in bytes
+    }
     if accumulate {
         // Rows past `rows` start (and stay) at zero and are never stored.
         let mut loaded = a.create_label();
@@ -70,22 +80,53 @@ pub fn tile(accumulate: bool, relu: bool) -> Result<Vec<u8>, IcedError> {
     }
     let mut body = a.create_label();
     let mut store = a.create_label();
+    if taps.is_some() {
+        a.mov(r10, qword_ptr(rsp + 32))?;
+    }
     a.test(rcx, rcx)?;
     a.jz(store)?;
     a.set_label(&mut body)?;
-    a.vmovups(zmm24.k1().z(), zmmword_ptr(rsi))?;
-    a.vmovups(zmm25.k2().z(), zmmword_ptr(rsi + 64))?;
     // Each A element is broadcast once into one of four rotating registers and feeds both vectors:
     // 14 loads per 24 FMAs. (An embedded-broadcast operand per FMA needs 26 loads per 24 FMAs and was
     // load-port bound: 120 vs 150+ GFLOP/s per core from L1, measured.)
-    for r in 0..MR {
-        let bc = BCAST[r % BCAST.len()];
-        a.vbroadcastss(bc, dword_ptr(rdi + 4 * r as i32))?;
-        a.vfmadd231ps(acc(r, 0), zmm24, bc)?;
-        a.vfmadd231ps(acc(r, 1), zmm25, bc)?;
+    let fmas = |a: &mut CodeAssembler, k: usize| -> Result<(), IcedError> {
+        for r in 0..MR {
+            let bc = BCAST[r % BCAST.len()];
+            a.vbroadcastss(bc, dword_ptr(rdi + 4 * (r + MR * k) as i32))?;
+            a.vfmadd231ps(acc(r, 0), zmm24, bc)?;
+            a.vfmadd231ps(acc(r, 1), zmm25, bc)?;
+        }
+        Ok(())
+    };
+    match taps {
+        None => {
+            a.vmovups(zmm24.k1().z(), zmmword_ptr(rsi))?;
+            a.vmovups(zmm25.k2().z(), zmmword_ptr(rsi + 64))?;
+            fmas(&mut a, 0)?;
+            a.add(rdi, (4 * MR) as i32)?;
+            a.add(rsi, r8)?;
+        }
+        Some(t) => {
+            for kx in 0..t.kw {
+                let at = 4 * kx as i32;
+                a.kmovw(k3, word_ptr(r10 + at))?;
+                a.kmovw(k4, word_ptr(r10 + at + 2))?;
+                a.vmovups(zmm24.k3().z(), zmmword_ptr(rsi + at))?;
+                a.vmovups(zmm25.k4().z(), zmmword_ptr(rsi + at + 64))?;
+                fmas(&mut a, kx)?;
+            }
+            a.add(rdi, (4 * MR * t.kw) as i32)?;
+            // Next tap row: one input row down, or after kh rows the next channel's first.
+            let mut same_channel = a.create_label();
+            a.add(rsi, (4 * t.ow) as i32)?;
+            a.inc(r8)?;
+            a.cmp(r8, t.kh as i32)?;
+            a.jne(same_channel)?;
+            a.xor(r8d, r8d)?;
+            a.add(rsi, (4 * (t.plane - t.kh * t.ow)) as i32)?;
+            a.set_label(&mut same_channel)?;
+        }
     }
-    a.add(rdi, (4 * MR) as i32)?;
-    a.add(rsi, r8)?;
     a.dec(rcx)?;
     a.jnz(body)?;
     a.set_label(&mut store)?;

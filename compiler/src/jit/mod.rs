@@ -12,7 +12,7 @@
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
 
-use crate::kernel::{Access, BinOp, Expr, Gemm, Kernel, Program, Stmt, Tier, Ty, UnOp};
+use crate::kernel::{Access, BRows, BinOp, Expr, Gemm, Kernel, Program, Stmt, Taps, Tier, Ty, UnOp};
 use cnnc_runtime::exec::{Executable, Step};
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{types, AbiParam, FuncRef, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, Type, Value};
@@ -20,6 +20,7 @@ use cranelift_codegen::{settings::Configurable, Context};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{default_libcall_names, FuncId, Linkage, Module};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 #[derive(Debug, thiserror::Error)]
@@ -102,8 +103,47 @@ impl Jitted {
     }
 }
 
-/// A JIT module for this CPU, with the tier's microkernels defined in it (variant = 2·accumulate + relu).
-fn module(tier: Tier) -> Result<(JITModule, Option<[FuncId; 4]>), JitError> {
+/// The AVX-512 tiles defined in a module, by variant (2·accumulate + relu): the strided one, and one
+/// per implicit-convolution geometry, defined when a kernel first calls it.
+struct Tiles {
+    strided: [FuncId; 4],
+    taps: HashMap<Taps, [FuncId; 4]>,
+}
+
+impl Tiles {
+    /// The variants of the tile for `taps` (or the strided one), defined in `m` if new.
+    fn get(&mut self, m: &mut JITModule, taps: Option<&Taps>) -> Result<[FuncId; 4], JitError> {
+        let Some(t) = taps else { return Ok(self.strided) };
+        if let Some(ids) = self.taps.get(t) {
+            return Ok(*ids);
+        }
+        let ids = define_tiles(m, Some(t))?;
+        self.taps.insert(*t, ids);
+        Ok(ids)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn define_tiles(m: &mut JITModule, taps: Option<&Taps>) -> Result<[FuncId; 4], JitError> {
+    let mut s = Signature::new(m.isa().default_call_conv());
+    s.params.extend(vec![AbiParam::new(types::I64); if taps.is_some() { 10 } else { 9 }]);
+    let mut ids = [FuncId::from_u32(0); 4];
+    for (variant, id) in ids.iter_mut().enumerate() {
+        let err = |message: String| JitError::Codegen { kernel: "avx512 tile".into(), message };
+        let code = avx512::tile(variant & 2 != 0, variant & 1 != 0, taps).map_err(|e| err(e.to_string()))?;
+        *id = m.declare_anonymous_function(&s).map_err(|e| err(e.to_string()))?;
+        m.define_function_bytes(*id, 64, &code, &[]).map_err(|e| err(e.to_string()))?;
+    }
+    Ok(ids)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn define_tiles(_: &mut JITModule, _: Option<&Taps>) -> Result<[FuncId; 4], JitError> {
+    Err(JitError::NoAvx512)
+}
+
+/// A JIT module for this CPU, with the tier's strided microkernels defined in it.
+fn module(tier: Tier) -> Result<(JITModule, Option<Tiles>), JitError> {
     let mut flags = cranelift_codegen::settings::builder();
     let set = |f: &mut cranelift_codegen::settings::Builder, k: &str, v: &str| f.set(k, v).map_err(|e| JitError::Target(e.to_string()));
     set(&mut flags, "opt_level", "speed")?;
@@ -118,32 +158,15 @@ fn module(tier: Tier) -> Result<(JITModule, Option<[FuncId; 4]>), JitError> {
     let mut m = JITModule::new(b);
     let tiles = match tier {
         Tier::Portable => None,
-        #[cfg(target_arch = "x86_64")]
         Tier::Avx512 => {
+            #[cfg(target_arch = "x86_64")]
             if !avx512::available() {
                 return Err(JitError::NoAvx512);
             }
-            let sig = tile_signature(&m);
-            let mut ids = [FuncId::from_u32(0); 4];
-            for (variant, id) in ids.iter_mut().enumerate() {
-                let err = |message: String| JitError::Codegen { kernel: "avx512 tile".into(), message };
-                let code = avx512::tile(variant & 2 != 0, variant & 1 != 0).map_err(|e| err(e.to_string()))?;
-                *id = m.declare_function(&format!("cnnc_tile_avx512_{variant}"), Linkage::Local, &sig).map_err(|e| err(e.to_string()))?;
-                m.define_function_bytes(*id, 64, &code, &[]).map_err(|e| err(e.to_string()))?;
-            }
-            Some(ids)
+            Some(Tiles { strided: define_tiles(&mut m, None)?, taps: HashMap::new() })
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        Tier::Avx512 => return Err(JitError::NoAvx512),
     };
     Ok((m, tiles))
-}
-
-/// `fn(a, b, c, depth, ldb, bias, rows, cols, ldc)`, all pointer-sized.
-fn tile_signature(m: &JITModule) -> Signature {
-    let mut s = Signature::new(m.isa().default_call_conv());
-    s.params.extend([AbiParam::new(types::I64); 9]);
-    s
 }
 
 /// Compiles every launch of `program` to native code.
@@ -154,14 +177,14 @@ pub fn compile(program: &Program, opts: Options) -> Result<Jitted, JitError> {
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         return Err(JitError::TooLarge { batch: program.batch, need: gib(bytes), have: gib(have) });
     }
-    let (mut m, tiles) = module(program.tier)?;
+    let (mut m, mut tiles) = module(program.tier)?;
     let log = Arc::new(Log::default());
     let mut ctx = m.make_context();
     let mut fctx = FunctionBuilderContext::new();
     let mut ids = vec![];
     for (i, l) in program.launches.iter().enumerate() {
         let check = opts.checked.then_some((Arc::as_ptr(&log) as i64, i as i64));
-        build(&mut m, &mut ctx, &mut fctx, &l.kernel, check, tiles)?;
+        build(&mut m, &mut ctx, &mut fctx, &l.kernel, check, tiles.as_mut())?;
         let err = |e: cranelift_module::ModuleError| JitError::Codegen { kernel: l.kernel.name.clone(), message: format!("{e:?}") };
         let id = m.declare_anonymous_function(&ctx.func.signature).map_err(err)?;
         m.define_function(id, &mut ctx).map_err(err)?;
@@ -190,11 +213,11 @@ pub fn compile(program: &Program, opts: Options) -> Result<Jitted, JitError> {
 /// The Cranelift IR of every kernel as built, before Cranelift optimizes it (`cnnc compile --emit
 /// clif`), or (`asm`) the machine code Cranelift generated for this CPU (`--emit asm`).
 pub fn clif(program: &Program, asm: bool) -> Result<String, JitError> {
-    let (mut m, tiles) = module(program.tier)?;
+    let (mut m, mut tiles) = module(program.tier)?;
     let (mut ctx, mut fctx) = (m.make_context(), FunctionBuilderContext::new());
     let mut out = String::new();
     for l in &program.launches {
-        build(&mut m, &mut ctx, &mut fctx, &l.kernel, None, tiles)?;
+        build(&mut m, &mut ctx, &mut fctx, &l.kernel, None, tiles.as_mut())?;
         let text = if asm {
             ctx.set_disasm(true);
             let err = |message: String| JitError::Codegen { kernel: l.kernel.name.clone(), message };
@@ -224,7 +247,7 @@ fn build(
     fctx: &mut FunctionBuilderContext,
     k: &Kernel,
     check: Option<(i64, i64)>,
-    tiles: Option<[FuncId; 4]>,
+    tiles: Option<&mut Tiles>,
 ) -> Result<(), JitError> {
     let err = |e: cranelift_module::ModuleError| JitError::Codegen { kernel: k.name.clone(), message: e.to_string() };
     let sig = |params: &[Type], ret: &[Type]| {
@@ -241,7 +264,22 @@ fn build(
     let oob = m.declare_function("cnnc_oob", Linkage::Import, &oob_sig).map_err(err)?;
     let math = [m.declare_func_in_func(exp, &mut ctx.func), m.declare_func_in_func(ln, &mut ctx.func)];
     let oob = m.declare_func_in_func(oob, &mut ctx.func);
-    let tiles = tiles.map(|ids| ids.map(|id| m.declare_func_in_func(id, &mut ctx.func)));
+    // Every tile variant the kernel calls, by geometry (None: strided).
+    let mut calls = HashMap::new();
+    if let Some(tiles) = tiles {
+        let mut geos = vec![None];
+        Stmt::visit(&k.body, &mut |s| {
+            if let Stmt::Gemm(g) = s {
+                if let BRows::Taps { taps, .. } = &g.rows_b {
+                    geos.push(Some(*taps));
+                }
+            }
+        });
+        for geo in geos {
+            let ids = tiles.get(m, geo.as_ref())?;
+            calls.insert(geo, ids.map(|id| m.declare_func_in_func(id, &mut ctx.func)));
+        }
+    }
 
     let mut b = FunctionBuilder::new(&mut ctx.func, fctx);
     let entry = b.create_block();
@@ -271,7 +309,7 @@ fn build(
         });
     }
     let frontend = m.isa().frontend_config();
-    let mut g = Gen { b, k, vars, bases, math, tiles, check: check.map(|(log, kernel)| (log, kernel, oob)) };
+    let mut g = Gen { b, k, vars, bases, math, tiles: calls, check: check.map(|(log, kernel)| (log, kernel, oob)) };
     g.block(&k.body);
     g.b.ins().return_(&[]);
     g.b.seal_all_blocks();
@@ -285,7 +323,7 @@ struct Gen<'a, 'f> {
     vars: Vec<Variable>,
     bases: Vec<Value>,
     math: [FuncRef; 2],
-    tiles: Option<[FuncRef; 4]>,
+    tiles: HashMap<Option<Taps>, [FuncRef; 4]>,
     check: Option<(i64, i64, FuncRef)>,
 }
 
@@ -344,12 +382,15 @@ impl Gen<'_, '_> {
     /// Calls the tier's tile. In checked mode the first and last element the tile may touch in each
     /// buffer are checked first, and the call is skipped (after logging) if any is outside.
     fn gemm(&mut self, g: &Gemm) {
-        let tiles = self.tiles.expect("Gemm statements are only emitted for a tier with a tile");
         let (rows, cols, depth) = (self.expr(&g.rows), self.expr(&g.cols), self.expr(&g.depth));
         let [a0, bias0, b0, c0] = [&g.a0, &g.bias0, &g.b0, &g.c0].map(|e| self.expr(e));
+        let taps = match &g.rows_b {
+            BRows::Strided(_) => None,
+            BRows::Taps { taps, k0, col, masks, masks0 } => Some((*taps, self.expr(k0), self.expr(col), masks.0, self.expr(masks0))),
+        };
         let args = [a0, bias0, b0, c0, rows, cols, depth];
         if self.check.is_none() {
-            return self.call_tile(g, tiles, args);
+            return self.call_tile(g, args, taps);
         }
         // The last element the tile may touch in each buffer: start + (n − 1)·stride + width − 1 for
         // n rows (k steps for A and B, output rows for C) of `width` elements.
@@ -362,10 +403,34 @@ impl Gen<'_, '_> {
             self.b.ins().iadd_imm_s(end, -1)
         };
         let a_last = last(a0, depth, Tier::Avx512.mr() as i64, mr);
-        let b_last = last(b0, depth, g.ldb as i64, cols);
         let c_last = last(c0, rows, g.ldc as i64, cols);
+        let b_last = match g.rows_b {
+            BRows::Strided(ldb) => Some(last(b0, depth, ldb as i64, cols)),
+            BRows::Taps { .. } => None,
+        };
+        let mut checks = vec![(g.a.0, a0), (g.a.0, a_last), (g.bias.0, bias0), (g.c.0, c0), (g.c.0, c_last)];
         let bias_last = self.b.ins().iadd_imm_s(bias0, Tier::Avx512.mr() as i64 - 1);
-        let checks = [(g.a.0, a0), (g.a.0, a_last), (g.bias.0, bias0), (g.bias.0, bias_last), (g.b.0, b0), (g.b.0, b_last), (g.c.0, c0), (g.c.0, c_last)];
+        checks.push((g.bias.0, bias_last));
+        match (b_last, taps) {
+            (Some(b_last), _) => checks.extend([(g.b.0, b0), (g.b.0, b_last)]),
+            (None, Some((t, k0, _, masks, masks0))) => {
+                // Unmasked lanes read within the planes of the channels the slice spans.
+                let channel = |b: &mut FunctionBuilder, k: Value| b.ins().udiv_imm_u(k, (t.kw * t.kh) as i64);
+                let first = channel(&mut self.b, k0);
+                let end = self.b.ins().iadd(k0, depth);
+                let end = self.b.ins().iadd_imm_s(end, -1);
+                let end = channel(&mut self.b, end);
+                let first = self.b.ins().imul_imm_s(first, t.plane as i64);
+                let first = self.b.ins().iadd(b0, first);
+                let end = self.b.ins().iadd_imm_s(end, 1);
+                let end = self.b.ins().imul_imm_s(end, t.plane as i64);
+                let end = self.b.ins().iadd(b0, end);
+                let b_last = self.b.ins().iadd_imm_s(end, -1);
+                let masks_last = self.b.ins().iadd_imm_s(masks0, t.kw as i64 - 1);
+                checks.extend([(g.b.0, first), (g.b.0, b_last), (masks, masks0), (masks, masks_last)]);
+            }
+            _ => unreachable!("taps evaluated above"),
+        }
         let mut all = self.b.ins().iconst(types::I8, 1);
         for (buf, idx) in checks {
             let ok = self.checked_index(buf, idx, 1).1;
@@ -374,21 +439,47 @@ impl Gen<'_, '_> {
         let (call, cont) = (self.b.create_block(), self.b.create_block());
         self.b.ins().brif(all, call, &[], cont, &[]);
         self.b.switch_to_block(call);
-        self.call_tile(g, tiles, args);
+        self.call_tile(g, args, taps);
         self.b.ins().jump(cont, &[]);
         self.b.switch_to_block(cont);
     }
 
-    fn call_tile(&mut self, g: &Gemm, tiles: [FuncRef; 4], [a0, bias0, b0, c0, rows, cols, depth]: [Value; 7]) {
-        let mut ptr = |buf: u16, idx: Value| {
-            let off = self.b.ins().ishl_imm_u(idx, 2);
-            self.b.ins().iadd(self.bases[buf as usize], off)
-        };
-        let (a, bias, b, c) = (ptr(g.a.0, a0), ptr(g.bias.0, bias0), ptr(g.b.0, b0), ptr(g.c.0, c0));
-        let ldb = self.b.ins().iconst(types::I64, g.ldb as i64);
+    fn call_tile(&mut self, g: &Gemm, [a0, bias0, b0, c0, rows, cols, depth]: [Value; 7], taps: Option<(Taps, Value, Value, u16, Value)>) {
+        let (a, bias, c) = (self.ptr(g.a.0, a0), self.ptr(g.bias.0, bias0), self.ptr(g.c.0, c0));
         let ldc = self.b.ins().iconst(types::I64, g.ldc as i64);
         let variant = 2 * usize::from(g.accumulate) + usize::from(g.relu);
-        self.b.ins().call(tiles[variant], &[a, b, c, depth, ldb, bias, rows, cols, ldc]);
+        let tile = self.tiles[&taps.map(|t| t.0)][variant];
+        let args = match (&g.rows_b, taps) {
+            (BRows::Strided(ldb), _) => {
+                let b = self.ptr(g.b.0, b0);
+                let ldb = self.b.ins().iconst(types::I64, *ldb as i64);
+                vec![a, b, c, depth, ldb, bias, rows, cols, ldc]
+            }
+            (BRows::Taps { .. }, Some((t, k0, col, masks, masks0))) => {
+                // The first tap row r0 = k0 / kw: channel r0 / kh, kernel row ky0 = r0 % kh.
+                let r0 = self.b.ins().udiv_imm_u(k0, t.kw as i64);
+                let ch = self.b.ins().udiv_imm_u(r0, t.kh as i64);
+                let ky0 = self.b.ins().urem_imm_u(r0, t.kh as i64);
+                let at = self.b.ins().imul_imm_s(ch, t.plane as i64);
+                let row = self.b.ins().imul_imm_s(ky0, t.ow as i64);
+                let at = self.b.ins().iadd(at, row);
+                let at = self.b.ins().iadd(at, b0);
+                let at = self.b.ins().iadd(at, col);
+                let at = self.b.ins().iadd_imm_s(at, -(t.pad as i64));
+                let b = self.ptr(g.b.0, at);
+                let taps = self.b.ins().udiv_imm_u(depth, t.kw as i64);
+                let masks = self.ptr(masks, masks0);
+                vec![a, b, c, taps, ky0, bias, rows, cols, ldc, masks]
+            }
+            _ => unreachable!("taps evaluated by the caller"),
+        };
+        self.b.ins().call(tile, &args);
+    }
+
+    /// The address of element `idx` of buffer `buf`.
+    fn ptr(&mut self, buf: u16, idx: Value) -> Value {
+        let off = self.b.ins().ishl_imm_u(idx, 2);
+        self.b.ins().iadd(self.bases[buf as usize], off)
     }
 
     /// In checked mode: logs `idx` if `idx..idx + lanes` is outside buffer `buf`, and returns the index
@@ -576,7 +667,7 @@ mod tests {
             b0: e(0i64),
             c,
             c0: e(0i64),
-            ldb: 1,
+            rows_b: crate::kernel::BRows::Strided(1),
             ldc: 8,
             depth: e(1i64),
             rows: e(12i64),

@@ -111,12 +111,29 @@ pub enum Stmt {
     Gemm(Box<Gemm>),
 }
 
+impl Stmt {
+    /// Calls `f` on every statement of `body`, depth first.
+    pub fn visit(body: &[Stmt], f: &mut impl FnMut(&Stmt)) {
+        for s in body {
+            f(s);
+            match s {
+                Stmt::For { body, .. } => Stmt::visit(body, f),
+                Stmt::If { then, els, .. } => {
+                    Stmt::visit(then, f);
+                    Stmt::visit(els, f);
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
 /// A GEMM tile with its epilogue, as one statement:
-/// `C[c0 + r·ldc + j] = act(init + Σ_{k < depth} A[a0 + k·MR + r] · B[b0 + k·ldb + j])` for `r < rows`,
+/// `C[c0 + r·ldc + j] = act(init + Σ_{k < depth} A[a0 + k·MR + r] · B(k, j))` for `r < rows`,
 /// `j < cols`, one FMA per k in order, where init is `bias[bias0 + r]`, or with `accumulate` the value
 /// already in C (so a long sum can be split into slices of k without changing a single rounding).
 /// MR and NR are the [`Tier`]'s tile shape, `rows ≤ MR`, `cols ≤ NR`, and `A` holds MR rows per k
-/// (zero rows pad the last block).
+/// (zero rows pad the last block). `B(k, j)` is read as [`BRows`] says.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Gemm {
     pub a: Buf,
@@ -127,13 +144,53 @@ pub struct Gemm {
     pub b0: Expr,
     pub c: Buf,
     pub c0: Expr,
-    pub ldb: usize,
+    pub rows_b: BRows,
     pub ldc: usize,
     pub depth: Expr,
     pub rows: Expr,
     pub cols: Expr,
     pub accumulate: bool,
     pub relu: bool,
+}
+
+/// How a [`Gemm`] finds B(k, j).
+#[derive(Clone, Debug, PartialEq)]
+pub enum BRows {
+    /// `B[b0 + k·ldb + j]`: a matrix with rows `ldb` apart.
+    Strided(usize),
+    /// The column matrix of a stride-1 convolution, read in place (implicit im2col) from its input
+    /// with rows padded and `ow` wide (see [`Taps`]); `k0` is the first k of the call (a multiple of
+    /// kw), `col` the first output pixel. Lanes that fall on horizontal padding read zero, so the
+    /// values are those of the packed column matrix, bit for bit. `masks[masks0 + kx]` holds, as
+    /// u32 bits, which of the NR lanes read memory for tap column kx (the JIT's tile loads them; the
+    /// other backends evaluate [`Taps::reads`]).
+    Taps { taps: Taps, k0: Expr, col: Expr, masks: Buf, masks0: Expr },
+}
+
+/// The geometry of an implicit column matrix: for `kk = k0 + k`, tap row `r = kk / kw` (channel
+/// `r / kh`, kernel row `ky = r % kh`), tap column `kx = kk % kw`, and output pixel `p = col + j` with
+/// `ox = p % ow`, `B(k, j) = B[b0 + p + (r / kh)·plane + ky·ow + kx − pad]` if
+/// `0 ≤ ox + kx − pad < w` (see [`Taps::reads`]), else 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Taps {
+    pub kh: usize,
+    pub kw: usize,
+    /// Input width (columns at or past it are horizontal padding).
+    pub w: usize,
+    /// Output width, which is also the input's row pitch.
+    pub ow: usize,
+    /// Elements per input channel: rows (padding included) × ow.
+    pub plane: usize,
+    /// Left padding.
+    pub pad: usize,
+}
+
+impl Taps {
+    /// Whether output column `ox` reads memory (not padding) at tap column `kx`.
+    pub fn reads(&self, ox: Expr, kx: Expr) -> Expr {
+        let sx = ox + kx - self.pad as i64;
+        e(0i64).le(sx.clone()).and(sx.lt(self.w))
+    }
 }
 
 /// The GEMM microkernel a program is lowered for; it fixes the tile shape and the weight packing.
@@ -493,7 +550,7 @@ fn write_block(f: &mut fmt::Formatter<'_>, body: &[Stmt], depth: usize) -> fmt::
             }
             Stmt::Gemm(g) => writeln!(
                 f,
-                "{pad}gemm(b{}[{}], b{}[{}], b{}[{}] -> b{}[{}]; ldb {}, ldc {}, depth {}, rows {}, cols {}{}{})",
+                "{pad}gemm(b{}[{}], b{}[{}], b{}[{}] -> b{}[{}]; {}, ldc {}, depth {}, rows {}, cols {}{}{})",
                 g.a.0,
                 g.a0,
                 g.bias.0,
@@ -502,7 +559,10 @@ fn write_block(f: &mut fmt::Formatter<'_>, body: &[Stmt], depth: usize) -> fmt::
                 g.b0,
                 g.c.0,
                 g.c0,
-                g.ldb,
+                match &g.rows_b {
+                    BRows::Strided(ldb) => format!("ldb {ldb}"),
+                    BRows::Taps { taps, k0, col, masks, masks0 } => format!("{taps:?} from k {k0} column {col}, masks b{}[{masks0}]", masks.0),
+                },
                 g.ldc,
                 g.depth,
                 g.rows,

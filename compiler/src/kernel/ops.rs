@@ -11,7 +11,7 @@
 //! batch 4 — GEMV to GEMM — and Winograd is chosen per batch size, so batch sizes on either side of
 //! those may differ in the last bits; within a batch, no sample depends on its place.)
 
-use super::{e, Access, Buf, Expr, Gemm, Kb, Kernel, Tier, Winograd, LANES};
+use super::{e, Access, BRows, Buf, Expr, Gemm, Kb, Kernel, Taps, Tier, Winograd, LANES};
 use cnnc_runtime::op::{Conv2d, FusedBase, Linear, Pool2d};
 use cnnc_runtime::{Op, Tensor};
 
@@ -505,6 +505,8 @@ pub(super) fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after:
     let ntiles = g.p.div_ceil(nr);
     let columns = if kh == 1 && kw == 1 && c.stride == [1, 1] && c.pad == [0, 0] {
         Columns::Input
+    } else if t.tier == Tier::Avx512 && c.stride == [1, 1] && w <= ow {
+        Columns::Taps
     } else if t.tier == Tier::Avx512 && c.groups * g.ncb * g.k * mr * 4 <= 1 << 20 {
         Columns::OnTheFly
     } else {
@@ -512,11 +514,17 @@ pub(super) fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after:
     };
     // Packing reads the input through a zero-padded, stride-phase-split copy (see [`Phased`]), so that
     // each panel row is contiguous copies without bounds checks.
-    let ph = (columns != Columns::Input).then(|| phase_split(t, n, c, [0, 0]));
+    // (Implicit columns read rows ow wide, padded only vertically.)
+    let ph = match columns {
+        Columns::Input => None,
+        Columns::Taps => Some(phase_split(t, n, &Conv2d { pad: [c.pad[0], 0], ..c.clone() }, [0, ow])),
+        Columns::OnTheFly | Columns::Panels => Some(phase_split(t, n, c, [0, 0])),
+    };
     let geo = |x: Buf, panel: Buf| Pack { c, g: &g, ci, ow, ph: ph.expect("phased input").1, x, panel, nr };
+    let taps = ph.filter(|_| columns == Columns::Taps).map(|(_, ph)| Taps { kh, kw, w, ow, plane: ph.hq * ow, pad: c.pad[1] });
     let (cols, col_len) = match (columns, ph) {
         (Columns::Input, _) => (x, n.in_len(0)),
-        (Columns::OnTheFly, Some((xq, ph))) => (xq, ph.len(n.batch, ci)),
+        (Columns::OnTheFly | Columns::Taps, Some((xq, ph))) => (xq, ph.len(n.batch, ci)),
         (Columns::Panels, Some((xq, ph))) => {
             let len = n.batch * c.groups * ntiles * g.k * nr;
             let cols = t.store(len);
@@ -548,6 +556,7 @@ pub(super) fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after:
     let yb = kb.buf("y", conv_len, Access::ReadWrite);
     let panel = packed.then(|| kb.buf("panel", kc * nr, Access::Local));
     let pooled = pool_after.filter(|_| !packed).map(|_| kb.buf("pooled", n.out_len(), Access::Write));
+    let masks = taps.map(|tp| (kb.buf("masks", ntiles * kw, Access::Read), t.param(tap_masks(&tp, g.p, nr))));
     let (lo, hi) = kb.range();
     // Runs `f(k0, depth, accumulate, relu)` for every slice of k: the first starts from the bias, the
     // last applies the epilogue.
@@ -560,9 +569,13 @@ pub(super) fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after:
         f(kb, e((slices - 1) * kc), e(g.k - (slices - 1) * kc), true, relu);
     };
     // Per (image, group) `ig`: the first column-matrix element and the first output element.
-    let bbase = |ig: &Expr| match columns {
-        Columns::Input => ig.clone() / c.groups * (ci * g.p) + ig.clone() % c.groups * (g.cig * g.p),
-        _ => ig.clone() * (ntiles * g.k * nr),
+    let bbase = |ig: &Expr| {
+        let plane = |plane: usize| ig.clone() / c.groups * (ci * plane) + ig.clone() % c.groups * (g.cig * plane);
+        match (columns, taps) {
+            (Columns::Input, _) => plane(g.p),
+            (Columns::Taps, Some(tp)) => plane(tp.plane),
+            _ => ig.clone() * (ntiles * g.k * nr),
+        }
     };
     let cbase = |ig: &Expr| (ig.clone() / c.groups * co + ig.clone() % c.groups * g.cog) * g.p;
     // The tile of channel block `blk` × columns col..col + cols, for k in k0..k0 + depth.
@@ -578,11 +591,15 @@ pub(super) fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after:
                 Columns::Input => bbase(ig) + k0.clone() * g.p + col.clone(),
                 // Column col lies in panel col / NR, at col % NR of each of its rows.
                 Columns::Panels => bbase(ig) + col.clone() / nr * (g.k * nr) + k0.clone() * nr + col.clone() % nr,
+                Columns::Taps => bbase(ig),
                 Columns::OnTheFly => e(0i64),
             },
             c: yb,
             c0: cbase(ig) + blk.clone() * (mr * g.p) + col.clone(),
-            ldb: if columns == Columns::Input { g.p } else { nr },
+            rows_b: match (taps, masks) {
+                (Some(taps), Some((masks, _))) => BRows::Taps { taps, k0: k0.clone(), col: col.clone(), masks, masks0: col.clone() / nr * kw },
+                _ => BRows::Strided(if columns == Columns::Input { g.p } else { nr }),
+            },
             ldc: g.p,
             depth: depth.clone(),
             rows: (e(g.cog) - blk * mr).min(mr),
@@ -654,6 +671,7 @@ pub(super) fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after:
     }
     let mut refs = vec![a, bias, cols, pre_pool];
     refs.extend(pooled.map(|_| n.out.0));
+    refs.extend(masks.map(|m| m.1));
     t.launch(kb.finish(), refs, 2 * (n.batch * co * g.p * g.k) as u64);
     if let (Some(p), true) = (pool_after, packed) {
         pool_launch(t, n, p, pre_pool, [oh, ow]);
@@ -686,6 +704,20 @@ enum Columns {
     /// packed once; pooling needs whole planes and becomes a second launch. (Split by channel blocks,
     /// as the larger layers are, every task would pack every panel: 1–3 ms more per AlexNet layer.)
     OnTheFly,
+    /// AVX-512 tier, stride-1 convolutions whose output is at least as wide as their input: no column
+    /// matrix at all; the tile reads each tap row in place from the input padded with rows only, ow
+    /// wide (so pixel p's tap is p plus a constant), masking the lanes that fall on horizontal
+    /// padding ([`BRows::Taps`]).
+    Taps,
+}
+
+/// The lane masks of [`BRows::Taps`] for every column tile of one (image, group), [tile][kx], as u32
+/// bits in f32s: bit j of tile `t` is set if output pixel `t·nr + j` exists and reads memory at tap
+/// column kx ([`Taps::reads`]).
+fn tap_masks(tp: &Taps, p: usize, nr: usize) -> Vec<f32> {
+    let reads = |ox: usize, kx: usize| (tp.pad..tp.pad + tp.w).contains(&(ox + kx));
+    let mask = |col: usize, kx: usize| (0..nr.min(p - col)).filter(|j| reads((col + j) % tp.ow, kx)).fold(0u32, |m, j| m | 1 << j);
+    (0..p.div_ceil(nr)).flat_map(|t| (0..tp.kw).map(move |kx| f32::from_bits(mask(t * nr, kx)))).collect()
 }
 
 /// How many output columns a microkernel call covers.
@@ -824,6 +856,7 @@ fn micro(kb: &mut Kb, g: &Gemm, width: Width, ragged: bool) {
         Width::Vectors(v) => (v, true),
         Width::Scalar => (1, false),
     };
+    let BRows::Strided(ldb) = g.rows_b else { unreachable!("the portable tier packs its columns") };
     let (a0, b0) = (kb.var(g.a0.clone()), kb.var(g.b0.clone()));
     let acc: Vec<Vec<_>> = (0..mr)
         .map(|r| {
@@ -856,7 +889,7 @@ fn micro(kb: &mut Kb, g: &Gemm, width: Width, ragged: bool) {
             }
         }
         kb.set(a0, e(a0) + mr);
-        kb.set(b0, e(b0) + g.ldb);
+        kb.set(b0, e(b0) + ldb);
     });
     for (r, row) in acc.iter().enumerate() {
         let store = |kb: &mut Kb| {

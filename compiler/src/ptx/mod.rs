@@ -37,7 +37,7 @@
 pub mod cuda;
 pub mod ptxas;
 
-use crate::kernel::{Access, BinOp, Buf, Expr, Gemm, Kernel, Program, Slot, Stmt, Ty, UnOp, Var};
+use crate::kernel::{Access, BRows, BinOp, Buf, Expr, Gemm, Kernel, Program, Slot, Stmt, Ty, UnOp, Var};
 use std::fmt::Write as _;
 
 /// The PTX ISA version every module declares.
@@ -159,7 +159,7 @@ struct Base {
 fn entry(index: usize, k: &Kernel, slots: &[Slot], mr: usize) -> Result<String, String> {
     let k = expand_gemm(k, mr);
     let mut written = vec![false; k.bufs.len()];
-    visit(&k.body, &mut |s| {
+    Stmt::visit(&k.body, &mut |s| {
         if let Stmt::Store { buf, .. } = s {
             if let Some(w) = written.get_mut(buf.0 as usize) {
                 *w = true;
@@ -620,25 +620,10 @@ fn disp(off: i64) -> String {
     }
 }
 
-/// Calls `f` on every statement, depth first.
-fn visit(body: &[Stmt], f: &mut impl FnMut(&Stmt)) {
-    for s in body {
-        f(s);
-        match s {
-            Stmt::For { body, .. } => visit(body, f),
-            Stmt::If { then, els, .. } => {
-                visit(then, f);
-                visit(els, f);
-            }
-            _ => {}
-        }
-    }
-}
-
 /// `k` with every [`Stmt::Gemm`] replaced by scalar loops with the tile's semantics (see [`Gemm`]):
 /// its operands evaluated once, then for each row `r < rows` and column `j < cols` an accumulator that
 /// starts at `bias[bias0 + r]` (or, with `accumulate`, at the value in C), takes one FMA per k in order
-/// (`A[a0 + k·MR + r] · B[b0 + k·ldb + j]`), then ReLU if asked, then the store. This is what the JIT's
+/// (`A[a0 + k·MR + r] · B(k, j)`, see [`BRows`]), then ReLU if asked, then the store. This is what the JIT's
 /// AVX-512 tile computes, rounding for rounding.
 pub fn expand_gemm(k: &Kernel, mr: usize) -> Kernel {
     fn go(body: &[Stmt], mr: usize, vars: &mut Vec<Ty>) -> Vec<Stmt> {
@@ -668,8 +653,20 @@ fn gemm_loops(g: &Gemm, mr: usize, vars: &mut Vec<Ty>) -> Vec<Stmt> {
     let (r, j, kk, acc) = (var(Ty::I64), var(Ty::I64), var(Ty::I64), var(Ty::F32));
     let at_c = Expr::from(c0) + Expr::from(r) * g.ldc + j;
     let init = if g.accumulate { g.c.at(at_c.clone()) } else { g.bias.at(Expr::from(bias0) + r) };
-    let fma = g.a.at(Expr::from(a0) + Expr::from(kk) * mr + r).fma(g.b.at(Expr::from(b0) + Expr::from(kk) * g.ldb + j), acc);
-    let mut cell = vec![Stmt::Set(acc, init), Stmt::For { var: kk, lo: 0i64.into(), hi: depth.into(), step: 1, body: vec![Stmt::Set(acc, fma)] }];
+    let a = g.a.at(Expr::from(a0) + Expr::from(kk) * mr + r);
+    let step = match &g.rows_b {
+        BRows::Strided(ldb) => vec![Stmt::Set(acc, a.fma(g.b.at(Expr::from(b0) + Expr::from(kk) * *ldb + j), acc))],
+        BRows::Taps { taps: t, k0, col, .. } => {
+            let p = col.clone() + j;
+            let k = k0.clone() + kk;
+            let (r, kx) = (k.clone() / t.kw, k % t.kw);
+            let at = Expr::from(b0) + p.clone() + r.clone() / t.kh * t.plane + r % t.kh * t.ow + kx.clone() - t.pad as i64;
+            // Padding lanes take an FMA with zero too, as the packed column matrix's zeros would.
+            let (read, pad) = (a.clone().fma(g.b.at(at), acc), a.fma(0.0f32, acc));
+            vec![Stmt::If { cond: t.reads(p % t.ow, kx), then: vec![Stmt::Set(acc, read)], els: vec![Stmt::Set(acc, pad)] }]
+        }
+    };
+    let mut cell = vec![Stmt::Set(acc, init), Stmt::For { var: kk, lo: 0i64.into(), hi: depth.into(), step: 1, body: step }];
     if g.relu {
         cell.push(Stmt::Set(acc, Expr::from(acc).max(0.0f32)));
     }
@@ -705,7 +702,7 @@ impl Multiples {
         loop {
             let before = m.0.clone();
             let mut updates = vec![];
-            visit(&k.body, &mut |s| match s {
+            Stmt::visit(&k.body, &mut |s| match s {
                 Stmt::Set(v, e) if k.vars.get(v.0 as usize) == Some(&Ty::I64) => updates.push((*v, m.of_expr(e))),
                 Stmt::For { var, lo, step, .. } => updates.push((*var, gcd(m.of_expr(lo), step.unsigned_abs()))),
                 _ => {}
