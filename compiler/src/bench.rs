@@ -4,6 +4,8 @@
 //! deterministic pseudo-random inputs, after warm-up runs; the median is the headline and the minimum
 //! is printed beside it because shared machines add noise only upwards. GFLOP/s counts 2 × the model's
 //! multiply-accumulates (the convention ONNX Runtime and papers use), not the kernels' extra work.
+//! The profile's GB/s is the launch's packed parameters (weights) over its time: for a linear layer at
+//! batch 1, which reads each weight once, the bandwidth it streams at.
 
 use super::{front_end, load_weights, Backend, ExecArgs};
 use anyhow::Result;
@@ -41,7 +43,8 @@ pub fn bench(
     // One timed inference (the argument: whether to profile per kernel); per-kernel times, if any.
     type Run = Box<dyn Fn(bool) -> Result<Vec<Duration>>>;
     let (run, codegen, load): (Run, Duration, Duration);
-    let mut names = vec![];
+    // Per launch: name, flops, parameter bytes.
+    let mut names: Vec<(String, u64, u64)> = vec![];
     match exec.backend {
         Backend::Jit => {
             let program = cnnc::kernel::program(&g, bound, batch, exec.tier.get());
@@ -49,7 +52,7 @@ pub fn bench(
             let t2 = Instant::now();
             let jit = cnnc::jit::compile(&program, cnnc::jit::Options::default())?;
             codegen = t2.elapsed();
-            names = jit.exe.steps().iter().map(|s| (s.name.clone(), s.flops)).collect();
+            names = jit.exe.steps().iter().zip(program.param_bytes()).map(|(s, b)| (s.name.clone(), s.flops, b)).collect();
             run = Box::new(move |_| Ok(jit.exe.run_timed(&[&x], threads)?.1));
         }
         Backend::Cuda => {
@@ -58,7 +61,7 @@ pub fn bench(
             let t2 = Instant::now();
             let exe = cnnc::ptx::cuda::CudaExecutable::new(&program, cnnc::ptx::DEFAULT_SM)?;
             codegen = t2.elapsed();
-            names = exe.kernels().map(|(n, f)| (n.to_string(), f)).collect();
+            names = exe.kernels().zip(program.param_bytes()).map(|((n, f), b)| (n.to_string(), f, b)).collect();
             run = Box::new(move |profile| Ok(exe.run_timed(&[&x], profile)?.1));
         }
         Backend::Reference => {
@@ -93,6 +96,8 @@ pub fn bench(
         v.sort();
         v[v.len() / 2]
     };
+    // Units per nanosecond = giga-units per second.
+    let per_ns = |n: u64, d: Duration| n as f64 / d.as_secs_f64().max(1e-12) / 1e9;
     let min = *total.iter().min().expect("runs ≥ 1");
     let med = median(&mut total);
     let gflop = 2.0 * g.macs() as f64 * batch as f64 / 1e9;
@@ -106,9 +111,9 @@ pub fn bench(
             .iter()
             .zip(per_kernel.iter_mut())
             .filter(|_| profile)
-            .map(|((n, f), v)| {
+            .map(|((n, f, b), v)| {
                 let m = median(v);
-                serde_json::json!({"kernel": n, "median_ms": ms(m), "gflops": *f as f64 / m.as_secs_f64().max(1e-12) / 1e9})
+                serde_json::json!({"kernel": n, "median_ms": ms(m), "gflops": per_ns(*f, m), "param_gbs": per_ns(*b, m)})
             })
             .collect();
         let doc = serde_json::json!({
@@ -125,12 +130,12 @@ pub fn bench(
     println!("  latency   {:>9.2} ms median, {:.2} ms min over {runs} runs", ms(med), ms(min));
     println!("  speed     {:>9.1} GFLOP/s  ({gflop:.3} GFLOP per inference)", gflop / med.as_secs_f64());
     if profile && !names.is_empty() {
-        println!("\n  {:<36} {:>9} {:>6} {:>9}", "kernel", "ms", "%", "GFLOP/s");
+        println!("\n  {:<36} {:>9} {:>6} {:>9} {:>9}", "kernel", "ms", "%", "GFLOP/s", "GB/s");
         let meds: Vec<Duration> = per_kernel.iter_mut().map(median).collect();
         let sum: f64 = meds.iter().map(|&d| ms(d)).sum();
-        for ((n, f), d) in names.iter().zip(meds) {
-            let gf = if *f > 0 { format!("{:.1}", *f as f64 / d.as_secs_f64().max(1e-12) / 1e9) } else { "-".into() };
-            println!("  {n:<36} {:>9.3} {:>5.1}% {gf:>9}", ms(d), 100.0 * ms(d) / sum);
+        let rate = |n: u64, d: Duration| if n > 0 { format!("{:.1}", per_ns(n, d)) } else { "-".into() };
+        for ((n, f, b), d) in names.iter().zip(meds) {
+            println!("  {n:<36} {:>9.3} {:>5.1}% {:>9} {:>9}", ms(d), 100.0 * ms(d) / sum, rate(*f, d), rate(*b, d));
         }
     }
     Ok(())

@@ -520,6 +520,10 @@ fn bench_prints_one_json_object() {
         assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key}: {}", v[key]);
     }
     assert!(v["kernels"].as_array().is_some_and(|k| k.len() >= 8), "per-kernel times: {}", v["kernels"]);
+    // Linear layers read their weights: a positive parameter rate; element-wise launches read none.
+    let rate = |name: &str| v["kernels"].as_array().unwrap().iter().find(|k| k["kernel"].as_str().unwrap().contains(name)).map(|k| k["param_gbs"].as_f64());
+    assert!(matches!(rate("fc"), Some(Some(x)) if x > 0.0), "{}", v["kernels"]);
+    assert_eq!(rate("phase_split"), Some(Some(0.0)), "{}", v["kernels"]);
     let text = cnnc(&["bench", &model, "--runs", "1", "--backend", "reference"]);
     assert_eq!(text.code, 0, "{}", text.stderr);
     assert!(text.stdout.contains("latency"), "{}", text.stdout);

@@ -2,7 +2,8 @@
 //!
 //! Convolution is a GEMM over the column matrix (the input itself for 1×1 stride-1 unpadded
 //! convolutions), packed from a padded, stride-phase-split copy of the input ([`Phased`]) into panels
-//! of the tile's width, as the tile reads them ([`Columns`]). The register-blocked microkernel ([`micro`], or the AVX-512 tile)
+//! of the tile's width, as the tile reads them, or read in place by the AVX-512 tile for stride-1
+//! convolutions ([`Columns`]). The register-blocked microkernel ([`micro`], or the AVX-512 tile)
 //! keeps an MR×NR tile of the output in registers; bias, ReLU and max pooling are applied by the same
 //! launch before anything leaves the task. Per output element the arithmetic is fixed — bias, then one
 //! FMA per k in (channel, ky, kx) order — whatever the tile, tier or thread count, so results are

@@ -42,6 +42,18 @@ pub struct Program {
     pub output: (usize, Vec<usize>),
 }
 
+impl Program {
+    /// Bytes of packed parameters each launch reads (weights, biases, tables), in launch order: what a
+    /// weight-streaming kernel (a linear layer at batch 1) must move per inference.
+    pub fn param_bytes(&self) -> Vec<u64> {
+        let bytes = |s: &Slot| match *s {
+            Slot::Param(p) => 4 * self.params[p].len() as u64,
+            Slot::Arena { .. } => 0,
+        };
+        self.launches.iter().map(|l| l.slots.iter().map(bytes).sum()).collect()
+    }
+}
+
 /// Lowers a graph with bound parameters for `batch` samples.
 pub fn program(graph: &Graph, bound: Bound, batch: usize, tier: Tier) -> Program {
     program_with(graph, bound, batch, tier, Winograd::Auto)
