@@ -13,6 +13,10 @@
 //! ABI (System V): `extern "C" fn(a, b, c, depth, ldb, bias, rows, cols, ldc)`; the last three arrive
 //! on the stack. Only caller-saved registers are used, and `vzeroupper` precedes `ret`.
 //!
+//! Each comes in a one-vector variant too (`narrow`: 12 × 16, 12 accumulators), which the JIT calls for
+//! at most 16 columns (linear layers at batch ≤ 16 as GEMMs, a plane's last column tile): the same
+//! sums, half the FMAs.
+//!
 //! The implicit-convolution variant ([`Taps`], one per geometry, which it takes as immediates) reads B
 //! in place from a row-padded input instead: `fn(a, b, c, taps, ky0, bias, rows, cols, ldc, masks)`,
 //! where `b` points at the first tap row's element for output pixel `col`, `taps` = depth / kw tap
@@ -34,16 +38,32 @@ const ACC: [AsmRegisterZmm; 24] = [
     zmm23,
 ];
 
+/// `reg` under opmask register k`k` (1–4).
+fn masked(reg: AsmRegisterZmm, k: usize) -> AsmRegisterZmm {
+    match k {
+        1 => reg.k1(),
+        2 => reg.k2(),
+        3 => reg.k3(),
+        _ => reg.k4(),
+    }
+}
+
 /// Whether this CPU (and OS) can run the tier: AVX-512F, plus BMI2 for the column mask.
 pub fn available() -> bool {
     std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("bmi2")
 }
 
 /// Machine code of the tile: accumulating onto C or starting from the bias, with ReLU applied before
-/// the store or not, B strided or (`taps`) read in place. Position independent.
-pub fn tile(accumulate: bool, relu: bool, taps: Option<&Taps>) -> Result<Vec<u8>, IcedError> {
+/// the store or not, B strided or (`taps`) read in place, over two vectors of columns or (`narrow`)
+/// only the first, for calls with at most 16 columns. Position independent.
+pub fn tile(accumulate: bool, relu: bool, taps: Option<&Taps>, narrow: bool) -> Result<Vec<u8>, IcedError> {
     let mut a = CodeAssembler::new(64)?;
     let acc = |r: usize, v: usize| ACC[2 * r + v];
+    // The column vectors this variant computes, and their accumulators.
+    let vectors = if narrow { 1 } else { 2 };
+    let accs: Vec<_> = (0..MR).flat_map(|r| (0..vectors).map(move |v| acc(r, v))).collect();
+    // B vectors; vector v is masked by k(1 + v) for the columns, by k(3 + v) for taps.
+    let bs = [zmm24, zmm25];
     // Column masks: the low `cols` bits of 32, split into one 16-lane mask per vector.
     a.mov(rax, qword_ptr(rsp + 16))?;
     a.mov(r10d, -1i32)?;
@@ -61,21 +81,24 @@ pub fn tile(accumulate: bool, relu: bool, taps: Option<&Taps>) -> Result<Vec<u8>
         let mut loaded = a.create_label();
         a.mov(r10, qword_ptr(rsp + 8))?;
         a.mov(rax, rdx)?;
-        for reg in ACC {
+        for &reg in &accs {
             a.vpxord(reg, reg, reg)?;
         }
         for r in 0..MR {
             a.cmp(r10, r as i32)?;
             a.jbe(loaded)?;
-            a.vmovups(acc(r, 0).k1().z(), zmmword_ptr(rax))?;
-            a.vmovups(acc(r, 1).k2().z(), zmmword_ptr(rax + 64))?;
+            for v in 0..vectors {
+                a.vmovups(masked(acc(r, v), 1 + v).z(), zmmword_ptr(rax + 64 * v as i32))?;
+            }
             a.add(rax, r11)?;
         }
         a.set_label(&mut loaded)?;
     } else {
         for r in 0..MR {
             a.vbroadcastss(acc(r, 0), dword_ptr(r9 + 4 * r as i32))?;
-            a.vmovaps(acc(r, 1), acc(r, 0))?;
+            if !narrow {
+                a.vmovaps(acc(r, 1), acc(r, 0))?;
+            }
         }
     }
     let mut body = a.create_label();
@@ -93,15 +116,17 @@ pub fn tile(accumulate: bool, relu: bool, taps: Option<&Taps>) -> Result<Vec<u8>
         for r in 0..MR {
             let bc = BCAST[r % BCAST.len()];
             a.vbroadcastss(bc, dword_ptr(rdi + 4 * (r + MR * k) as i32))?;
-            a.vfmadd231ps(acc(r, 0), zmm24, bc)?;
-            a.vfmadd231ps(acc(r, 1), zmm25, bc)?;
+            for v in 0..vectors {
+                a.vfmadd231ps(acc(r, v), bs[v], bc)?;
+            }
         }
         Ok(())
     };
     match taps {
         None => {
-            a.vmovups(zmm24.k1().z(), zmmword_ptr(rsi))?;
-            a.vmovups(zmm25.k2().z(), zmmword_ptr(rsi + 64))?;
+            for v in 0..vectors {
+                a.vmovups(masked(bs[v], 1 + v).z(), zmmword_ptr(rsi + 64 * v as i32))?;
+            }
             fmas(&mut a, 0)?;
             a.add(rdi, (4 * MR) as i32)?;
             a.add(rsi, r8)?;
@@ -109,10 +134,10 @@ pub fn tile(accumulate: bool, relu: bool, taps: Option<&Taps>) -> Result<Vec<u8>
         Some(t) => {
             for kx in 0..t.kw {
                 let at = 4 * kx as i32;
-                a.kmovw(k3, word_ptr(r10 + at))?;
-                a.kmovw(k4, word_ptr(r10 + at + 2))?;
-                a.vmovups(zmm24.k3().z(), zmmword_ptr(rsi + at))?;
-                a.vmovups(zmm25.k4().z(), zmmword_ptr(rsi + at + 64))?;
+                for (v, k) in [k3, k4].into_iter().enumerate().take(vectors) {
+                    a.kmovw(k, word_ptr(r10 + at + 2 * v as i32))?;
+                    a.vmovups(masked(bs[v], 3 + v).z(), zmmword_ptr(rsi + at + 64 * v as i32))?;
+                }
                 fmas(&mut a, kx)?;
             }
             a.add(rdi, (4 * MR * t.kw) as i32)?;
@@ -133,7 +158,7 @@ pub fn tile(accumulate: bool, relu: bool, taps: Option<&Taps>) -> Result<Vec<u8>
     if relu {
         // max(0, x): NaN stays NaN, as in the portable tier.
         a.vpxord(zmm31, zmm31, zmm31)?;
-        for reg in ACC {
+        for &reg in &accs {
             a.vmaxps(reg, zmm31, reg)?;
         }
     }
@@ -143,7 +168,9 @@ pub fn tile(accumulate: bool, relu: bool, taps: Option<&Taps>) -> Result<Vec<u8>
         a.cmp(rax, r as i32)?;
         a.jbe(done)?;
         a.vmovups(zmmword_ptr(rdx).k1(), acc(r, 0))?;
-        a.vmovups(zmmword_ptr(rdx + 64).k2(), acc(r, 1))?;
+        if !narrow {
+            a.vmovups(zmmword_ptr(rdx + 64).k2(), acc(r, 1))?;
+        }
         a.add(rdx, r11)?;
     }
     a.set_label(&mut done)?;

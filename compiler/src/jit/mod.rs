@@ -103,16 +103,19 @@ impl Jitted {
     }
 }
 
-/// The AVX-512 tiles defined in a module, by variant (2·accumulate + relu): the strided one, and one
-/// per implicit-convolution geometry, defined when a kernel first calls it.
+/// Tile variants: 4·narrow + 2·accumulate + relu.
+const VARIANTS: usize = 8;
+
+/// The AVX-512 tiles defined in a module, by variant: the strided one, and one per
+/// implicit-convolution geometry, defined when a kernel first calls it.
 struct Tiles {
-    strided: [FuncId; 4],
-    taps: HashMap<Taps, [FuncId; 4]>,
+    strided: [FuncId; VARIANTS],
+    taps: HashMap<Taps, [FuncId; VARIANTS]>,
 }
 
 impl Tiles {
     /// The variants of the tile for `taps` (or the strided one), defined in `m` if new.
-    fn get(&mut self, m: &mut JITModule, taps: Option<&Taps>) -> Result<[FuncId; 4], JitError> {
+    fn get(&mut self, m: &mut JITModule, taps: Option<&Taps>) -> Result<[FuncId; VARIANTS], JitError> {
         let Some(t) = taps else { return Ok(self.strided) };
         if let Some(ids) = self.taps.get(t) {
             return Ok(*ids);
@@ -124,13 +127,13 @@ impl Tiles {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn define_tiles(m: &mut JITModule, taps: Option<&Taps>) -> Result<[FuncId; 4], JitError> {
+fn define_tiles(m: &mut JITModule, taps: Option<&Taps>) -> Result<[FuncId; VARIANTS], JitError> {
     let mut s = Signature::new(m.isa().default_call_conv());
     s.params.extend(vec![AbiParam::new(types::I64); if taps.is_some() { 10 } else { 9 }]);
-    let mut ids = [FuncId::from_u32(0); 4];
+    let mut ids = [FuncId::from_u32(0); VARIANTS];
     for (variant, id) in ids.iter_mut().enumerate() {
         let err = |message: String| JitError::Codegen { kernel: "avx512 tile".into(), message };
-        let code = avx512::tile(variant & 2 != 0, variant & 1 != 0, taps).map_err(|e| err(e.to_string()))?;
+        let code = avx512::tile(variant & 2 != 0, variant & 1 != 0, taps, variant & 4 != 0).map_err(|e| err(e.to_string()))?;
         *id = m.declare_anonymous_function(&s).map_err(|e| err(e.to_string()))?;
         m.define_function_bytes(*id, 64, &code, &[]).map_err(|e| err(e.to_string()))?;
     }
@@ -138,7 +141,7 @@ fn define_tiles(m: &mut JITModule, taps: Option<&Taps>) -> Result<[FuncId; 4], J
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn define_tiles(_: &mut JITModule, _: Option<&Taps>) -> Result<[FuncId; 4], JitError> {
+fn define_tiles(_: &mut JITModule, _: Option<&Taps>) -> Result<[FuncId; VARIANTS], JitError> {
     Err(JitError::NoAvx512)
 }
 
@@ -323,7 +326,7 @@ struct Gen<'a, 'f> {
     vars: Vec<Variable>,
     bases: Vec<Value>,
     math: [FuncRef; 2],
-    tiles: HashMap<Option<Taps>, [FuncRef; 4]>,
+    tiles: HashMap<Option<Taps>, [FuncRef; VARIANTS]>,
     check: Option<(i64, i64, FuncRef)>,
 }
 
@@ -448,7 +451,7 @@ impl Gen<'_, '_> {
         let (a, bias, c) = (self.ptr(g.a.0, a0), self.ptr(g.bias.0, bias0), self.ptr(g.c.0, c0));
         let ldc = self.b.ins().iconst(types::I64, g.ldc as i64);
         let variant = 2 * usize::from(g.accumulate) + usize::from(g.relu);
-        let tile = self.tiles[&taps.map(|t| t.0)][variant];
+        let tiles = self.tiles[&taps.map(|t| t.0)];
         let args = match (&g.rows_b, taps) {
             (BRows::Strided(ldb), _) => {
                 let b = self.ptr(g.b.0, b0);
@@ -473,7 +476,16 @@ impl Gen<'_, '_> {
             }
             _ => unreachable!("taps evaluated by the caller"),
         };
-        self.b.ins().call(tile, &args);
+        // Calls of at most 16 columns take the one-vector variant: half the FMAs, the same sums.
+        let (narrow, wide, cont) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
+        let fits = self.b.ins().icmp_imm_u(IntCC::UnsignedLessThanOrEqual, cols, 16);
+        self.b.ins().brif(fits, narrow, &[], wide, &[]);
+        for (block, tile) in [(narrow, tiles[4 + variant]), (wide, tiles[variant])] {
+            self.b.switch_to_block(block);
+            self.b.ins().call(tile, &args);
+            self.b.ins().jump(cont, &[]);
+        }
+        self.b.switch_to_block(cont);
     }
 
     /// The address of element `idx` of buffer `buf`.
