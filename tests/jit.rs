@@ -245,11 +245,13 @@ fn pooling_edges() {
     Problem { batch: 2, c: 3, h: 5, w: 7, layer: Layer::Pool(Pool { max: false, k: 3, stride: 2, pad: 1, cover_all: false }) }.check();
 }
 
-/// Linear layers beyond batch 4 run as a 1×1-convolution GEMM between two transposes.
+/// Linear layers above batch 1 run as GEMM tiles over packed samples and weight panels: ragged feature
+/// tiles (14 and 3 features), sample blocks past MR (37 = 3 × 12 + 1), and batch 2.
 #[test]
 fn linear_as_gemm_at_larger_batches() {
     Problem { batch: 9, c: 5, h: 3, w: 3, layer: Layer::Linear { out: 14, relu: true } }.check();
     Problem { batch: 37, c: 2, h: 2, w: 3, layer: Layer::Linear { out: 3, relu: false } }.check();
+    Problem { batch: 2, c: 3, h: 3, w: 3, layer: Layer::Linear { out: 33, relu: true } }.check();
 }
 
 /// Packed weights over 1 MiB and stride 2 (so no implicit columns): the AVX-512 tier uses a shared

@@ -9,7 +9,7 @@
 //! FMA per k in (channel, ky, kx) order — whatever the tile, tier or thread count, so results are
 //! bitwise identical across them. Stride-1 3×3 convolutions may instead take Winograd F(4×4, 3×3)
 //! (`winograd.rs`, chosen alike for both tiers, so the same holds). (Linear layers change method above
-//! batch 4 — GEMV to GEMM — and Winograd is chosen per batch size, so batch sizes on either side of
+//! batch 1 — GEMV to GEMM — and Winograd is chosen per batch size, so batch sizes on either side of
 //! those may differ in the last bits; within a batch, no sample depends on its place.)
 
 use super::{e, Access, BRows, Buf, Expr, Gemm, Kb, Kernel, Taps, Tier, Winograd, LANES};
@@ -350,87 +350,68 @@ fn pool(kb: &mut Kb, p: &Pool2d, avg: bool, x: Buf, y: Buf, lo: Expr, hi: Expr, 
     });
 }
 
-/// Linear (+ReLU) up to batch 4, as a bandwidth-bound GEMV: each task owns a range of output features
-/// and streams their weight rows. Per (row, sample): two f32x4 partial sums over k in steps of 8 (with
-/// the block's other chains, eight independent FMA chains hide the FMA latency), a scalar tail, then
-/// the horizontal sum and the bias — the same arithmetic however rows and samples are grouped.
-/// A block covers `rb` rows × `nb` samples: at batch 1, four rows, so that four weight streams are in
-/// flight (one sequential stream per core left half the memory bandwidth unused: 7 GB/s per core with
-/// one row, 10 with two, 12 with four, measured on fc6); otherwise four samples per pass over the
-/// weights. Either way 8 accumulators + 2 shared vectors fit the 16 xmm registers.
+/// Linear (+ReLU) at batch 1, as a bandwidth-bound GEMV: each task owns a range of output features
+/// and streams their weight rows. Per row: two f32x4 partial sums over k in steps of 8 (with the
+/// block's other rows, eight independent FMA chains hide the FMA latency), a scalar tail, then the
+/// horizontal sum and the bias — the same arithmetic however rows are grouped. A block covers four rows
+/// (one if the features are not a multiple of 4), so that four weight streams are in flight (one
+/// sequential stream per core left half the memory bandwidth unused: 7 GB/s per core with one row, 10
+/// with two, 12 with four, measured on fc6). 8 accumulators + 2 shared vectors fit the 16 xmm registers.
 fn linear(t: &mut Tables, n: &Node, l: &Linear, relu: bool) {
-    if n.batch > GEMV_MAX_BATCH {
+    if n.batch > 1 {
         return linear_as_gemm(t, n, l, relu);
     }
     const U: usize = 2;
     let (k, o) = (l.in_features, l.out_features);
-    let (rb, nb) = if n.batch == 1 && o % 4 == 0 { (4, 1) } else { (1, 4) };
+    let rb = if o % 4 == 0 { 4 } else { 1 };
     let bias = n.params.get(1).map_or(vec![0.0; o], |b| b.data().to_vec());
     let (w, b) = (t.param(n.params[0].data().to_vec()), t.param(bias));
     let mut kb = Kb::new(format!("{}.{}", n.name, n.op.name()), o / rb);
-    let [xb, wb, bb, yb] = [("x", n.batch * k, Access::Read), ("W", o * k, Access::Read), ("b", o, Access::Read), ("y", n.batch * o, Access::Write)]
-        .map(|(nm, len, a)| kb.buf(nm, len, a));
+    let [xb, wb, bb, yb] =
+        [("x", k, Access::Read), ("W", o * k, Access::Read), ("b", o, Access::Read), ("y", o, Access::Write)].map(|(nm, len, a)| kb.buf(nm, len, a));
     let (lo, hi) = kb.range();
     let step = U * LANES;
     let kv = k / step * step;
-    // Rows `r0..r0 + rb` × samples `n0..n0 + ns`.
-    let block = |kb: &mut Kb, r0: Expr, n0: Expr, ns: usize| {
-        let pairs: Vec<(usize, usize)> = (0..rb).flat_map(|r| (0..ns).map(move |s| (r, s))).collect();
-        let acc: Vec<Vec<_>> = pairs.iter().map(|_| (0..U).map(|_| kb.var(e(0.0f32).splat())).collect()).collect();
-        let tail: Vec<_> = pairs.iter().map(|_| kb.var(0.0f32)).collect();
-        let (w0, x0) = (kb.let_(r0.clone() * k), kb.let_(n0.clone() * k));
+    kb.for_(lo, hi, |kb, rp| {
+        // Rows r0..r0 + rb.
+        let r0 = kb.let_(rp * rb);
+        let acc: Vec<Vec<_>> = (0..rb).map(|_| (0..U).map(|_| kb.var(e(0.0f32).splat())).collect()).collect();
+        let tail: Vec<_> = (0..rb).map(|_| kb.var(0.0f32)).collect();
+        let w0 = kb.let_(r0.clone() * k);
         kb.for_step(0usize, kv, step as i64, |kb, i| {
-            // The operand shared across the block is loaded once; the other one is used once.
-            let shared: Vec<Expr> = (0..U)
-                .map(|u| if rb == 1 { kb.let_(wb.at4(w0.clone() + i.clone() + u * LANES)) } else { kb.let_(xb.at4(x0.clone() + i.clone() + u * LANES)) })
-                .collect();
-            for (&(r, s), a) in pairs.iter().zip(&acc) {
+            // The input is loaded once for the block's rows.
+            let x: Vec<Expr> = (0..U).map(|u| kb.let_(xb.at4(i.clone() + u * LANES))).collect();
+            for (r, a) in acc.iter().enumerate() {
                 for u in 0..U {
-                    let other =
-                        if rb == 1 { xb.at4(x0.clone() + i.clone() + (s * k + u * LANES)) } else { wb.at4(w0.clone() + i.clone() + (r * k + u * LANES)) };
-                    kb.set(a[u], other.fma(shared[u].clone(), a[u]));
+                    kb.set(a[u], wb.at4(w0.clone() + i.clone() + (r * k + u * LANES)).fma(x[u].clone(), a[u]));
                 }
             }
         });
         kb.for_(kv, k, |kb, i| {
-            for (&(r, s), &a) in pairs.iter().zip(&tail) {
-                kb.set(a, xb.at(x0.clone() + i.clone() + s * k).fma(wb.at(w0.clone() + i.clone() + r * k), a));
+            for (r, &a) in tail.iter().enumerate() {
+                kb.set(a, xb.at(i.clone()).fma(wb.at(w0.clone() + i.clone() + r * k), a));
             }
         });
-        for (p, &(r, s)) in pairs.iter().enumerate() {
-            let a = &acc[p];
-            let sum = e(a[0]) + a[1];
-            let mut v = sum.hsum() + tail[p] + bb.at(r0.clone() + r);
+        for (r, a) in acc.iter().enumerate() {
+            let mut v = (e(a[0]) + a[1]).hsum() + tail[r] + bb.at(r0.clone() + r);
             if relu {
                 v = v.max(0.0f32);
             }
-            kb.store(yb, (n0.clone() + s) * o + r0.clone() + r, v);
-        }
-    };
-    kb.for_(lo, hi, |kb, rp| {
-        let r0 = kb.let_(rp * rb);
-        let full = n.batch / nb * nb;
-        kb.for_step(0usize, full, nb as i64, |kb, n0| block(kb, r0.clone(), n0, nb));
-        if full < n.batch {
-            block(kb, r0, e(full), n.batch - full);
+            kb.store(yb, r0.clone() + r, v);
         }
     });
-    t.launch(kb.finish(), vec![n.ins[0].0, w, b, n.out.0], 2 * (n.batch * k * o) as u64);
+    t.launch(kb.finish(), vec![n.ins[0].0, w, b, n.out.0], 2 * (k * o) as u64);
 }
 
-/// Largest batch run as a GEMV (one pass over the weights per 4 samples, one weight stream per task);
-/// beyond it, the GEMM tiles reuse each weight for up to MR samples. Measured on AlexBN's fc6 at batch
-/// 8, 2 threads: 7.8 ms as GEMM, 32 ms as two GEMV passes.
-const GEMV_MAX_BATCH: usize = 4;
-
-/// Linear at larger batches, as GEMM tiles with the roles turned around, so that each weight is loaded
-/// as part of a vector and used by every sample: the tile's rows are samples (A = X packed per k in
+/// Linear above batch 1, as GEMM tiles with the roles turned around, so that each weight is loaded as
+/// part of a vector and used by up to MR samples: the tile's rows are samples (A = X packed per k in
 /// blocks of MR samples, by a `pack_x` launch), its columns output features (B = Wᵀ, packed at compile
 /// time in [feature tile][k][NR] panels and streamed once per MR samples), and C is Y itself. The
 /// tile's bias is per row, so each task first fills its block of Y with the bias and the tile
 /// accumulates onto it: bias, then one FMA per k in order, as everywhere. (As a 1×1 convolution over
 /// Xᵀ, the weights were the broadcast operand, one load per FMA: AlexBN's fc6–8 at batch 8 took 22.4
-/// ms against 12.1 this way with the tile's B prefetch, measured.)
+/// ms against 12.1 this way with the tile's B prefetch, measured; at batch 2 the GEMV, one weight stream
+/// per task per pass, took 20.9 ms, these tiles 11.3.)
 fn linear_as_gemm(t: &mut Tables, n: &Node, l: &Linear, relu: bool) {
     let (k, o, b) = (l.in_features, l.out_features, n.batch);
     let (mr, nr) = (t.tier.mr(), t.tier.nr());
