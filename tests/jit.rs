@@ -20,7 +20,7 @@ enum Layer {
     Softmax,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 struct Pool {
     max: bool,
     k: usize,
@@ -254,14 +254,32 @@ fn linear_as_gemm_at_larger_batches() {
     Problem { batch: 2, c: 3, h: 3, w: 3, layer: Layer::Linear { out: 33, relu: true } }.check();
 }
 
-/// Packed weights over 1 MiB and stride 2 (so no implicit columns): the AVX-512 tier uses a shared
-/// im2col and splits tasks by channel blocks instead of packing panels per column tile; the fused pool
-/// runs per block chunk in the same launch.
+/// Packed weights over 1 MiB, stride 2 and no pool (so no implicit columns): the AVX-512 tier uses a
+/// shared im2col and splits tasks by channel blocks instead of packing panels per column tile. (With
+/// a pool the portable tier fuses it per block chunk in the same launch: `implicit_columns_with_a_pitch`.)
 #[test]
 fn large_weights_split_by_channel_blocks() {
-    let p = conv(256, 17, 128, 3, 2, 1, 1, Some(Pool { max: true, k: 3, stride: 2, pad: 0, cover_all: true }));
+    let p = conv(256, 17, 128, 3, 2, 1, 1, None);
     assert!(!p.uses_implicit_columns());
     p.check();
+}
+
+/// Implicit columns over the whole phased input, for convolutions followed by a pool that masked rows
+/// cannot serve: the output takes the input's row pitch and the fused pool skips the extra columns.
+/// AlexNet's conv1 in miniature (11×11, stride 4: pitch 8 for 6 columns), a stride-2 grouped
+/// convolution with padding, and a stride-1 unpadded one (input wider than output).
+#[test]
+fn implicit_columns_with_a_pitch() {
+    let pool = Some(Pool { max: true, k: 3, stride: 2, pad: 0, cover_all: true });
+    let cases = [
+        Problem { batch: 2, c: 3, h: 31, w: 31, layer: Layer::Conv { out: 14, k: [11, 11], stride: 4, pad: 0, groups: 1, bias: true, relu: true, pool } },
+        conv(256, 17, 128, 3, 2, 1, 2, pool),
+        conv(5, 12, 7, 3, 1, 0, 1, pool),
+    ];
+    for p in cases {
+        assert!(p.uses_implicit_columns() || Tier::best() == Tier::Portable, "{}", p.source());
+        p.check();
+    }
 }
 
 /// Implicit columns (AVX-512 tier, stride-1 convolutions): a 3×2 kernel with k = 30·6 = 180, so the

@@ -17,12 +17,12 @@
 //! at most 16 columns (linear layers at batch ≤ 16 as GEMMs, a plane's last column tile): the same
 //! sums, half the FMAs.
 //!
-//! The implicit-convolution variant ([`Taps`], one per geometry, which it takes as immediates) reads B
-//! in place from a row-padded input instead: `fn(a, b, c, taps, ky0, bias, rows, cols, ldc, masks)`,
-//! where `b` points at the first tap row's element for output pixel `col`, `taps` = depth / kw tap
-//! rows, `ky0` is the first tap row's kernel row, and `masks` the kw u32 lane masks of this column
-//! tile: each tap column is one pair of zero-masked loads at the next float, each tap row one row down
-//! (one plane down after kh of them).
+//! The implicit-convolution variant ([`Taps`], one per geometry, whose tap columns it takes as
+//! immediates) reads B in place from the convolution's input instead:
+//! `fn(a, b, c, taps, offsets, bias, rows, cols, ldc, masks)`, where `b` points at output pixel `col`'s
+//! element of its group's input (less the padding), `taps` = depth / kw tap rows, `offsets` at the
+//! slice's first tap-row offset (i32) and `masks` at the kw u32 lane masks of this column tile: each
+//! tap is one pair of zero-masked loads at its row's offset plus its column's immediate.
 
 use crate::kernel::Taps;
 use iced_x86::code_asm::*;
@@ -139,24 +139,19 @@ pub fn tile(accumulate: bool, relu: bool, taps: Option<&Taps>, narrow: bool) -> 
             a.add(rsi, r8)?;
         }
         Some(t) => {
+            // This tap row's start: b + offsets[row].
+            a.movsxd(rax, dword_ptr(r8))?;
+            a.lea(rax, qword_ptr(rsi + rax * 4))?;
             for kx in 0..t.kw {
-                let at = 4 * kx as i32;
+                let (at, mask) = (4 * t.column(kx) as i32, 4 * kx as i32);
                 for (v, k) in [k3, k4].into_iter().enumerate().take(vectors) {
-                    a.kmovw(k, word_ptr(r10 + at + 2 * v as i32))?;
-                    a.vmovups(masked(bs[v], 3 + v).z(), zmmword_ptr(rsi + at + 64 * v as i32))?;
+                    a.kmovw(k, word_ptr(r10 + mask + 2 * v as i32))?;
+                    a.vmovups(masked(bs[v], 3 + v).z(), zmmword_ptr(rax + at + 64 * v as i32))?;
                 }
                 fmas(&mut a, kx)?;
             }
             a.add(rdi, (4 * MR * t.kw) as i32)?;
-            // Next tap row: one input row down, or after kh rows the next channel's first.
-            let mut same_channel = a.create_label();
-            a.add(rsi, (4 * t.ow) as i32)?;
-            a.inc(r8)?;
-            a.cmp(r8, t.kh as i32)?;
-            a.jne(same_channel)?;
-            a.xor(r8d, r8d)?;
-            a.add(rsi, (4 * (t.plane - t.kh * t.ow)) as i32)?;
-            a.set_label(&mut same_channel)?;
+            a.add(r8, 4)?;
         }
     }
     a.dec(rcx)?;

@@ -103,6 +103,17 @@ impl Jitted {
     }
 }
 
+/// A [`BRows::Taps`] call's operands, evaluated.
+#[derive(Clone, Copy)]
+struct TapArgs {
+    taps: Taps,
+    k0: Value,
+    col: Value,
+    offsets: u16,
+    masks: u16,
+    masks0: Value,
+}
+
 /// Tile variants: 4·narrow + 2·accumulate + relu.
 const VARIANTS: usize = 8;
 
@@ -389,7 +400,9 @@ impl Gen<'_, '_> {
         let [a0, bias0, b0, c0] = [&g.a0, &g.bias0, &g.b0, &g.c0].map(|e| self.expr(e));
         let taps = match &g.rows_b {
             BRows::Strided(_) => None,
-            BRows::Taps { taps, k0, col, masks, masks0 } => Some((*taps, self.expr(k0), self.expr(col), masks.0, self.expr(masks0))),
+            BRows::Taps { taps, k0, col, offsets, masks, masks0 } => {
+                Some(TapArgs { taps: *taps, k0: self.expr(k0), col: self.expr(col), offsets: offsets.0, masks: masks.0, masks0: self.expr(masks0) })
+            }
         };
         let args = [a0, bias0, b0, c0, rows, cols, depth];
         if self.check.is_none() {
@@ -416,21 +429,26 @@ impl Gen<'_, '_> {
         checks.push((g.bias.0, bias_last));
         match (b_last, taps) {
             (Some(b_last), _) => checks.extend([(g.b.0, b0), (g.b.0, b_last)]),
-            (None, Some((t, k0, _, masks, masks0))) => {
-                // Unmasked lanes read within the planes of the channels the slice spans.
+            (None, Some(TapArgs { taps: t, k0, offsets, masks, masks0, .. })) => {
+                // Unmasked lanes read within the phases of the channels the slice spans.
+                let planes = (t.stride[0] * t.stride[1] * t.phase) as i64;
                 let channel = |b: &mut FunctionBuilder, k: Value| b.ins().udiv_imm_u(k, (t.kw * t.kh) as i64);
                 let first = channel(&mut self.b, k0);
                 let end = self.b.ins().iadd(k0, depth);
                 let end = self.b.ins().iadd_imm_s(end, -1);
                 let end = channel(&mut self.b, end);
-                let first = self.b.ins().imul_imm_s(first, t.plane as i64);
+                let first = self.b.ins().imul_imm_s(first, planes);
                 let first = self.b.ins().iadd(b0, first);
                 let end = self.b.ins().iadd_imm_s(end, 1);
-                let end = self.b.ins().imul_imm_s(end, t.plane as i64);
+                let end = self.b.ins().imul_imm_s(end, planes);
                 let end = self.b.ins().iadd(b0, end);
                 let b_last = self.b.ins().iadd_imm_s(end, -1);
                 let masks_last = self.b.ins().iadd_imm_s(masks0, t.kw as i64 - 1);
-                checks.extend([(g.b.0, first), (g.b.0, b_last), (masks, masks0), (masks, masks_last)]);
+                let row0 = self.b.ins().udiv_imm_u(k0, t.kw as i64);
+                let rows_end = self.b.ins().iadd(k0, depth);
+                let rows_end = self.b.ins().udiv_imm_u(rows_end, t.kw as i64);
+                let row_last = self.b.ins().iadd_imm_s(rows_end, -1);
+                checks.extend([(g.b.0, first), (g.b.0, b_last), (masks, masks0), (masks, masks_last), (offsets, row0), (offsets, row_last)]);
             }
             _ => unreachable!("taps evaluated above"),
         }
@@ -447,32 +465,26 @@ impl Gen<'_, '_> {
         self.b.switch_to_block(cont);
     }
 
-    fn call_tile(&mut self, g: &Gemm, [a0, bias0, b0, c0, rows, cols, depth]: [Value; 7], taps: Option<(Taps, Value, Value, u16, Value)>) {
+    fn call_tile(&mut self, g: &Gemm, [a0, bias0, b0, c0, rows, cols, depth]: [Value; 7], taps: Option<TapArgs>) {
         let (a, bias, c) = (self.ptr(g.a.0, a0), self.ptr(g.bias.0, bias0), self.ptr(g.c.0, c0));
         let ldc = self.b.ins().iconst(types::I64, g.ldc as i64);
         let variant = 2 * usize::from(g.accumulate) + usize::from(g.relu);
-        let tiles = self.tiles[&taps.map(|t| t.0)];
+        let tiles = self.tiles[&taps.as_ref().map(|t| t.taps)];
         let args = match (&g.rows_b, taps) {
             (BRows::Strided(ldb), _) => {
                 let b = self.ptr(g.b.0, b0);
                 let ldb = self.b.ins().iconst(types::I64, *ldb as i64);
                 vec![a, b, c, depth, ldb, bias, rows, cols, ldc]
             }
-            (BRows::Taps { .. }, Some((t, k0, col, masks, masks0))) => {
-                // The first tap row r0 = k0 / kw: channel r0 / kh, kernel row ky0 = r0 % kh.
-                let r0 = self.b.ins().udiv_imm_u(k0, t.kw as i64);
-                let ch = self.b.ins().udiv_imm_u(r0, t.kh as i64);
-                let ky0 = self.b.ins().urem_imm_u(r0, t.kh as i64);
-                let at = self.b.ins().imul_imm_s(ch, t.plane as i64);
-                let row = self.b.ins().imul_imm_s(ky0, t.ow as i64);
-                let at = self.b.ins().iadd(at, row);
-                let at = self.b.ins().iadd(at, b0);
-                let at = self.b.ins().iadd(at, col);
+            (BRows::Taps { .. }, Some(TapArgs { taps: t, k0, col, offsets, masks, masks0 })) => {
+                let at = self.b.ins().iadd(b0, col);
                 let at = self.b.ins().iadd_imm_s(at, -(t.pad as i64));
                 let b = self.ptr(g.b.0, at);
+                let row0 = self.b.ins().udiv_imm_u(k0, t.kw as i64);
+                let offsets = self.ptr(offsets, row0);
                 let taps = self.b.ins().udiv_imm_u(depth, t.kw as i64);
                 let masks = self.ptr(masks, masks0);
-                vec![a, b, c, taps, ky0, bias, rows, cols, ldc, masks]
+                vec![a, b, c, taps, offsets, bias, rows, cols, ldc, masks]
             }
             _ => unreachable!("taps evaluated by the caller"),
         };

@@ -158,38 +158,61 @@ pub struct Gemm {
 pub enum BRows {
     /// `B[b0 + k·ldb + j]`: a matrix with rows `ldb` apart.
     Strided(usize),
-    /// The column matrix of a stride-1 convolution, read in place (implicit im2col) from its input
-    /// with rows padded and `ow` wide (see [`Taps`]); `k0` is the first k of the call (a multiple of
-    /// kw), `col` the first output pixel. Lanes that fall on horizontal padding read zero, so the
-    /// values are those of the packed column matrix, bit for bit. `masks[masks0 + kx]` holds, as
-    /// u32 bits, which of the NR lanes read memory for tap column kx (the JIT's tile loads them; the
-    /// other backends evaluate [`Taps::reads`]).
-    Taps { taps: Taps, k0: Expr, col: Expr, masks: Buf, masks0: Expr },
+    /// The column matrix of a convolution, read in place (implicit im2col) from its stride-phase-split
+    /// input (see [`Taps`]); `k0` is the first k of the call (a multiple of kw), `col` the first output
+    /// pixel. Lanes that fall on horizontal padding the input does not hold read zero, so the values
+    /// are those of the packed column matrix, bit for bit. `offsets[k0 / kw + i]` holds tap row i's
+    /// [`Taps::offset`] and `masks[masks0 + kx]` which of the NR lanes read memory at tap column kx, as
+    /// i32/u32 bits (the JIT's tile loads them; the other backends evaluate the formulas).
+    Taps { taps: Taps, k0: Expr, col: Expr, offsets: Buf, masks: Buf, masks0: Expr },
 }
 
-/// The geometry of an implicit column matrix: for `kk = k0 + k`, tap row `r = kk / kw` (channel
-/// `r / kh`, kernel row `ky = r % kh`), tap column `kx = kk % kw`, and output pixel `p = col + j` with
-/// `ox = p % ow`, `B(k, j) = B[b0 + p + (r / kh)·plane + ky·ow + kx − pad]` if
-/// `0 ≤ ox + kx − pad < w` (see [`Taps::reads`]), else 0.
+/// The geometry of an implicit column matrix over an input split into s0 × s1 stride phases per
+/// channel (`phase` elements each, rows `pitch` apart: `x[c][ry][rx][iq][jq]`) whose output pixels are
+/// numbered `p = oy·pitch + ox` (columns ox ≥ ow, if the pitch is wider, are computed and ignored).
+/// For `kk = k0 + k`: tap row `r = kk / kw` (channel `r / kh`, kernel row `ky = r % kh`), tap column
+/// `kx = kk % kw`, pixel `p = col + j`:
+/// `B(k, j) = B[b0 + p + offset(r) + (kx % s1)·phase + kx / s1 − pad]` if
+/// `0 ≤ p % pitch + kx / s1 − pad < w` ([`Taps::reads`]), else 0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Taps {
     pub kh: usize,
     pub kw: usize,
-    /// Input width (columns at or past it are horizontal padding).
-    pub w: usize,
-    /// Output width, which is also the input's row pitch.
-    pub ow: usize,
-    /// Elements per input channel: rows (padding included) × ow.
-    pub plane: usize,
-    /// Left padding.
+    pub stride: [usize; 2],
+    /// Row pitch of the input phases and of the output.
+    pub pitch: usize,
+    /// Elements per stride phase of a channel.
+    pub phase: usize,
+    /// Left padding the input does not hold (read as zero).
     pub pad: usize,
+    /// Columns the input holds (at least the pitch when all padding is stored).
+    pub w: usize,
 }
 
 impl Taps {
     /// Whether output column `ox` reads memory (not padding) at tap column `kx`.
     pub fn reads(&self, ox: Expr, kx: Expr) -> Expr {
-        let sx = ox + kx - self.pad as i64;
+        let sx = ox + kx / self.stride[1] as i64 - self.pad as i64;
         e(0i64).le(sx.clone()).and(sx.lt(self.w))
+    }
+
+    /// Where tap row `r` (channel r / kh, kernel row r % kh) starts, relative to its group's input.
+    pub fn offset(&self, r: Expr) -> Expr {
+        let [s0, s1] = self.stride.map(|s| s as i64);
+        let (c, ky) = (r.clone() / self.kh as i64, r % self.kh as i64);
+        (c * s0 + ky.clone() % s0) * (s1 * self.phase as i64) + ky / s0 * self.pitch as i64
+    }
+
+    /// [`Taps::offset`], evaluated (the JIT tile's table).
+    pub fn offset_of(&self, r: usize) -> i64 {
+        let [s0, s1] = self.stride;
+        let (c, ky) = (r / self.kh, r % self.kh);
+        ((c * s0 + ky % s0) * s1 * self.phase + ky / s0 * self.pitch) as i64
+    }
+
+    /// Where tap column `kx` lies from its row's start (phase, then shift), in elements.
+    pub fn column(&self, kx: usize) -> usize {
+        kx % self.stride[1] * self.phase + kx / self.stride[1]
     }
 }
 
@@ -561,7 +584,9 @@ fn write_block(f: &mut fmt::Formatter<'_>, body: &[Stmt], depth: usize) -> fmt::
                 g.c0,
                 match &g.rows_b {
                     BRows::Strided(ldb) => format!("ldb {ldb}"),
-                    BRows::Taps { taps, k0, col, masks, masks0 } => format!("{taps:?} from k {k0} column {col}, masks b{}[{masks0}]", masks.0),
+                    BRows::Taps { taps, k0, col, offsets, masks, masks0 } => {
+                        format!("{taps:?} from k {k0} column {col}, offsets b{}, masks b{}[{masks0}]", offsets.0, masks.0)
+                    }
                 },
                 g.ldc,
                 g.depth,

@@ -127,7 +127,7 @@ pub fn lower(t: &mut Tables, n: &Node) {
             let mut kb = Kb::new(name(n.op.name()), n.batch * c);
             let (xb, yb) = (kb.buf("x", n.in_len(0), Access::Read), kb.buf("y", n.out_len(), Access::Write));
             let (lo, hi) = kb.range();
-            pool(&mut kb, p, avg, xb, yb, lo, hi, [h, w], [n.out.1[1], n.out.1[2]]);
+            pool(&mut kb, p, avg, xb, yb, lo, hi, [h, w, w], [n.out.1[1], n.out.1[2]]);
             t.launch(kb.finish(), vec![x, y], n.out_len() as u64 * (p.kernel[0] * p.kernel[1]) as u64);
         }
         Op::Lrn(l) => {
@@ -283,7 +283,7 @@ fn devectorize(e: Expr) -> Expr {
 /// the scalar maxima (Cranelift's IEEE `fmax` is a several-instruction sequence on x64), and the second
 /// half vectorized.
 #[allow(clippy::too_many_arguments)]
-fn pool(kb: &mut Kb, p: &Pool2d, avg: bool, x: Buf, y: Buf, lo: Expr, hi: Expr, [h, w]: [usize; 2], [oh, ow]: [usize; 2]) {
+fn pool(kb: &mut Kb, p: &Pool2d, avg: bool, x: Buf, y: Buf, lo: Expr, hi: Expr, [h, w, pitch]: [usize; 3], [oh, ow]: [usize; 2]) {
     let [kh, kw] = p.kernel;
     // The window of output o along an axis, clipped to 0..size.
     let window = |kb: &mut Kb, o: Expr, k: usize, s: usize, pad: usize, size: usize| {
@@ -295,7 +295,7 @@ fn pool(kb: &mut Kb, p: &Pool2d, avg: bool, x: Buf, y: Buf, lo: Expr, hi: Expr, 
     // (over 64 KiB of them: worker threads have 2 MiB stacks) take the direct form.
     if avg || h * ow * 4 > 64 << 10 {
         return kb.for_(lo, hi, |kb, plane| {
-            let (src, dst) = (kb.let_(plane.clone() * (h * w)), kb.let_(plane * (oh * ow)));
+            let (src, dst) = (kb.let_(plane.clone() * (h * pitch)), kb.let_(plane * (oh * ow)));
             kb.for_(0usize, oh, |kb, oy| {
                 let (ylo, yhi) = window(kb, oy.clone(), kh, p.stride[0], p.pad[0], h);
                 kb.for_(0usize, ow, |kb, ox| {
@@ -303,7 +303,7 @@ fn pool(kb: &mut Kb, p: &Pool2d, avg: bool, x: Buf, y: Buf, lo: Expr, hi: Expr, 
                     let acc = kb.var(if avg { e(0.0f32) } else { neg_inf() });
                     kb.for_(ylo.clone(), yhi.clone(), |kb, iy| {
                         kb.for_(xlo, xhi, |kb, ix| {
-                            let v = x.at(src.clone() + iy * w + ix);
+                            let v = x.at(src.clone() + iy * pitch + ix);
                             kb.set(acc, if avg { e(acc) + v } else { e(acc).max(v) })
                         })
                     });
@@ -318,9 +318,9 @@ fn pool(kb: &mut Kb, p: &Pool2d, avg: bool, x: Buf, y: Buf, lo: Expr, hi: Expr, 
     let last = if w + p.pad[1] >= kw { ((w + p.pad[1] - kw) / p.stride[1] + 1).min(ow).max(first) } else { first };
     let rows = kb.buf("rows", h * ow, Access::Local);
     kb.for_(lo, hi, |kb, plane| {
-        let (src, dst) = (kb.let_(plane.clone() * (h * w)), kb.let_(plane * (oh * ow)));
+        let (src, dst) = (kb.let_(plane.clone() * (h * pitch)), kb.let_(plane * (oh * ow)));
         kb.for_(0usize, h, |kb, iy| {
-            let (from, to) = (kb.let_(src.clone() + iy.clone() * w), kb.let_(iy * ow));
+            let (from, to) = (kb.let_(src.clone() + iy.clone() * pitch), kb.let_(iy * ow));
             let clipped = |kb: &mut Kb, ox: Expr| {
                 let (xlo, xhi) = window(kb, ox.clone(), kw, p.stride[1], p.pad[1], w);
                 let acc = kb.var(neg_inf());
@@ -549,7 +549,24 @@ pub(super) fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after:
     }
     let co = c.out_channels;
     let (mr, nr) = (t.tier.mr(), t.tier.nr());
-    let g = Geo { cig: ci / c.groups, cog: co / c.groups, k: ci / c.groups * kh * kw, p: oh * ow, ncb: (co / c.groups).div_ceil(mr) };
+    let (cig, k, ncb) = (ci / c.groups, ci / c.groups * kh * kw, (co / c.groups).div_ceil(mr));
+    let avx = t.tier == Tier::Avx512;
+    // Implicit columns (see [`Columns::Taps`]) mask the horizontal padding of stride-1 convolutions at
+    // least as wide as their input; others read the whole phased input, whose row pitch the output then
+    // has too (its extra columns are computed and skipped by the fused pool, the only reader).
+    let masked = c.stride == [1, 1] && w <= ow;
+    let columns = if kh == 1 && kw == 1 && c.stride == [1, 1] && c.pad == [0, 0] {
+        Columns::Input
+    } else if avx && (masked || pool_after.is_some()) {
+        Columns::Taps
+    } else if avx && c.groups * ncb * k * mr * 4 <= 1 << 20 {
+        Columns::OnTheFly
+    } else {
+        Columns::Panels
+    };
+    let [s0, s1] = c.stride;
+    let pitch = if columns == Columns::Taps && !masked { (w + 2 * c.pad[1]).div_ceil(s1) } else { ow };
+    let g = Geo { cig, cog: co / c.groups, k, p: oh * pitch, ncb };
     let (a, bias) = pack_conv(c, &g, mr, n.params[0].data(), n.params.get(1).map(|b| b.data()));
     let (a, bias) = (t.param(a), t.param(bias));
     let name = |s: &str| format!("{}.{s}", n.name);
@@ -561,25 +578,22 @@ pub(super) fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after:
     };
     let slices = g.k.div_ceil(kc);
     let ntiles = g.p.div_ceil(nr);
-    let columns = if kh == 1 && kw == 1 && c.stride == [1, 1] && c.pad == [0, 0] {
-        Columns::Input
-    } else if t.tier == Tier::Avx512 && c.stride == [1, 1] && w <= ow {
-        Columns::Taps
-    } else if t.tier == Tier::Avx512 && c.groups * g.ncb * g.k * mr * 4 <= 1 << 20 {
-        Columns::OnTheFly
-    } else {
-        Columns::Panels
-    };
     // Packing reads the input through a zero-padded, stride-phase-split copy (see [`Phased`]), so that
     // each panel row is contiguous copies without bounds checks.
-    // (Implicit columns read rows ow wide, padded only vertically.)
     let ph = match columns {
         Columns::Input => None,
-        Columns::Taps => Some(phase_split(t, n, &Conv2d { pad: [c.pad[0], 0], ..c.clone() }, [0, ow])),
+        // Rows ow wide, padded only vertically.
+        Columns::Taps if masked => Some(phase_split(t, n, &Conv2d { pad: [c.pad[0], 0], ..c.clone() }, [0, ow])),
+        // A row past the last window's: the last output row's extra columns read up to (kw − 1) / s1
+        // elements beyond it.
+        Columns::Taps => Some(phase_split(t, n, c, [oh + (kh - 1) / s0 + 1, 0])),
         Columns::OnTheFly | Columns::Panels => Some(phase_split(t, n, c, [0, 0])),
     };
     let geo = |x: Buf, panel: Buf| Pack { c, g: &g, ci, ow, ph: ph.expect("phased input").1, x, panel, nr };
-    let taps = ph.filter(|_| columns == Columns::Taps).map(|(_, ph)| Taps { kh, kw, w, ow, plane: ph.hq * ow, pad: c.pad[1] });
+    let taps = ph.filter(|_| columns == Columns::Taps).map(|(_, ph)| {
+        let (pad, w) = if masked { (c.pad[1], w) } else { (0, pitch) };
+        Taps { kh, kw, stride: c.stride, pitch, phase: ph.hq * pitch, pad, w }
+    });
     let (cols, col_len) = match (columns, ph) {
         (Columns::Input, _) => (x, n.in_len(0)),
         (Columns::OnTheFly | Columns::Taps, Some((xq, ph))) => (xq, ph.len(n.batch, ci)),
@@ -614,7 +628,11 @@ pub(super) fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after:
     let yb = kb.buf("y", conv_len, Access::ReadWrite);
     let panel = packed.then(|| kb.buf("panel", kc * nr, Access::Local));
     let pooled = pool_after.filter(|_| !packed).map(|_| kb.buf("pooled", n.out_len(), Access::Write));
-    let masks = taps.map(|tp| (kb.buf("masks", ntiles * kw, Access::Read), t.param(tap_masks(&tp, g.p, nr))));
+    // The tile's tables: lane masks per column tile, offsets per tap row (see [`BRows::Taps`]).
+    let tables = taps.map(|tp| {
+        let (masks, offsets) = tap_tables(&tp, g.p, nr, cig);
+        (kb.buf("masks", masks.len(), Access::Read), t.param(masks), kb.buf("offsets", offsets.len(), Access::Read), t.param(offsets))
+    });
     let (lo, hi) = kb.range();
     // Runs `f(k0, depth, accumulate, relu)` for every slice of k: the first starts from the bias, the
     // last applies the epilogue.
@@ -631,7 +649,7 @@ pub(super) fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after:
         let plane = |plane: usize| ig.clone() / c.groups * (ci * plane) + ig.clone() % c.groups * (g.cig * plane);
         match (columns, taps) {
             (Columns::Input, _) => plane(g.p),
-            (Columns::Taps, Some(tp)) => plane(tp.plane),
+            (Columns::Taps, Some(tp)) => plane(s0 * s1 * tp.phase),
             _ => ig.clone() * (ntiles * g.k * nr),
         }
     };
@@ -654,8 +672,10 @@ pub(super) fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after:
             },
             c: yb,
             c0: cbase(ig) + blk.clone() * (mr * g.p) + col.clone(),
-            rows_b: match (taps, masks) {
-                (Some(taps), Some((masks, _))) => BRows::Taps { taps, k0: k0.clone(), col: col.clone(), masks, masks0: col.clone() / nr * kw },
+            rows_b: match (taps, tables) {
+                (Some(taps), Some((masks, _, offsets, _))) => {
+                    BRows::Taps { taps, k0: k0.clone(), col: col.clone(), offsets, masks, masks0: col.clone() / nr * kw }
+                }
                 _ => BRows::Strided(if columns == Columns::Input { g.p } else { nr }),
             },
             ldc: g.p,
@@ -719,15 +739,15 @@ pub(super) fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after:
                 if let (Some(p), Some(pb)) = (pool_after, pooled) {
                     let first = ig.clone() * g.cog + c0.clone() * mr;
                     let last = (ig.clone() * g.cog + c1.clone() * mr).min(ig.clone() * g.cog + g.cog);
-                    pool(kb, p, false, yb, pb, first, last, [oh, ow], [n.out.1[1], n.out.1[2]]);
+                    pool(kb, p, false, yb, pb, first, last, [oh, ow, pitch], [n.out.1[1], n.out.1[2]]);
                 }
             });
         });
     }
     let mut refs = vec![a, bias, cols, pre_pool];
     refs.extend(pooled.map(|_| n.out.0));
-    refs.extend(masks.map(|m| m.1));
-    t.launch(kb.finish(), refs, 2 * (n.batch * co * g.p * g.k) as u64);
+    refs.extend(tables.into_iter().flat_map(|(_, masks, _, offsets)| [masks, offsets]));
+    t.launch(kb.finish(), refs, 2 * (n.batch * co * oh * ow * g.k) as u64);
     if let (Some(p), true) = (pool_after, packed) {
         pool_launch(t, n, p, pre_pool, [oh, ow]);
     }
@@ -739,7 +759,7 @@ pub(super) fn pool_launch(t: &mut Tables, n: &Node, p: &Pool2d, x: Ref, [oh, ow]
     let mut kb = Kb::new(format!("{}.max_pool2d", n.name), n.batch * co);
     let (xb, pb) = (kb.buf("x", n.batch * co * oh * ow, Access::Read), kb.buf("y", n.out_len(), Access::Write));
     let (lo, hi) = kb.range();
-    pool(&mut kb, p, false, xb, pb, lo, hi, [oh, ow], [n.out.1[1], n.out.1[2]]);
+    pool(&mut kb, p, false, xb, pb, lo, hi, [oh, ow, ow], [n.out.1[1], n.out.1[2]]);
     t.launch(kb.finish(), vec![x, n.out.0], 0);
 }
 
@@ -753,26 +773,32 @@ enum Columns {
     /// [k][pixel] matrix, rows sat 3 KB apart; with KC = 256, AlexNet conv2's AVX-512 tiles took 5.0–5.8
     /// ms against 4.3–4.75 ms with panels, measured side by side.)
     Panels,
-    /// AVX-512 tier, when the packed weights fit comfortably in L2 (AlexNet's conv1: 139 KB): each task
+    /// AVX-512 tier, when the columns cannot be read in place (strided convolutions without a pool)
+    /// and the packed weights fit comfortably in L2 (under 1 MiB; AlexNet's conv1 has 139 KB): each task
     /// packs KC × NR panels into a stack buffer right before the tiles that read them (L1-hot, no
     /// round trip to memory). Tasks split the column tiles and each read all of A, so each panel is
     /// packed once; pooling needs whole planes and becomes a second launch. (Split by channel blocks,
     /// as the larger layers are, every task would pack every panel: 1–3 ms more per AlexNet layer.)
     OnTheFly,
-    /// AVX-512 tier, stride-1 convolutions whose output is at least as wide as their input: no column
-    /// matrix at all; the tile reads each tap row in place from the input padded with rows only, ow
-    /// wide (so pixel p's tap is p plus a constant), masking the lanes that fall on horizontal
-    /// padding ([`BRows::Taps`]).
+    /// AVX-512 tier: no column matrix at all; the tile reads each tap in place, as pixel p's element
+    /// plus a constant ([`BRows::Taps`]). Stride-1 convolutions whose output is at least as wide as
+    /// their input read it padded with rows only, ow wide, and mask the lanes that fall on horizontal
+    /// padding; others that are followed by a pool (AlexNet's stride-4 conv1) read the phased input,
+    /// whose row pitch wq ≥ ow the output takes too (conv1: 57 for 55 columns, 3.6% extra work).
+    /// Packing cost AlexNet's conv2–5 3.9 ms per inference; conv1 went from 2.6 ms + 0.5 ms of
+    /// separate pooling to 1.55 ms with its pool fused (batch 1, 2 threads).
     Taps,
 }
 
-/// The lane masks of [`BRows::Taps`] for every column tile of one (image, group), [tile][kx], as u32
-/// bits in f32s: bit j of tile `t` is set if output pixel `t·nr + j` exists and reads memory at tap
-/// column kx ([`Taps::reads`]).
-fn tap_masks(tp: &Taps, p: usize, nr: usize) -> Vec<f32> {
-    let reads = |ox: usize, kx: usize| (tp.pad..tp.pad + tp.w).contains(&(ox + kx));
-    let mask = |col: usize, kx: usize| (0..nr.min(p - col)).filter(|j| reads((col + j) % tp.ow, kx)).fold(0u32, |m, j| m | 1 << j);
-    (0..p.div_ceil(nr)).flat_map(|t| (0..tp.kw).map(move |kx| f32::from_bits(mask(t * nr, kx)))).collect()
+/// The tables of [`BRows::Taps`] for one (image, group), as u32/i32 bits in f32s: the lane masks of
+/// every column tile ([tile][kx]: bit j set if output pixel `tile·nr + j` exists and reads memory at tap
+/// column kx, [`Taps::reads`]) and every tap row's [`Taps::offset`].
+fn tap_tables(tp: &Taps, p: usize, nr: usize, cig: usize) -> (Vec<f32>, Vec<f32>) {
+    let reads = |ox: usize, kx: usize| (tp.pad..tp.pad + tp.w).contains(&(ox + kx / tp.stride[1]));
+    let mask = |col: usize, kx: usize| (0..nr.min(p - col)).filter(|j| reads((col + j) % tp.pitch, kx)).fold(0u32, |m, j| m | 1 << j);
+    let masks = (0..p.div_ceil(nr)).flat_map(|t| (0..tp.kw).map(move |kx| f32::from_bits(mask(t * nr, kx)))).collect();
+    let offset = |r: usize| i32::try_from(tp.offset_of(r)).expect("a convolution input under 2^31 elements") as u32;
+    (masks, (0..cig * tp.kh).map(|r| f32::from_bits(offset(r))).collect())
 }
 
 /// How many output columns a microkernel call covers.
