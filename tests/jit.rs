@@ -6,7 +6,7 @@
 //! and thread count. Convolutions that can take Winograd F(4×4, 3×3) are checked both as the cost model
 //! lowers them and with it forced on; Winograd lowerings are held to 5e-5 (its transforms add roundings). Shrunk failures are pinned below as named cases.
 
-use cnnc::kernel::{BRows, Stmt, Tier, Winograd};
+use cnnc::kernel::{BRows, Program, Stmt, Tier, WeightsDtype, Winograd};
 use cnnc_runtime::{rng, Tensor};
 use cnnc_tests::*;
 use proptest::prelude::*;
@@ -252,6 +252,35 @@ fn linear_as_gemm_at_larger_batches() {
     Problem { batch: 9, c: 5, h: 3, w: 3, layer: Layer::Linear { out: 14, relu: true } }.check();
     Problem { batch: 37, c: 2, h: 2, w: 3, layer: Layer::Linear { out: 3, relu: false } }.check();
     Problem { batch: 2, c: 3, h: 3, w: 3, layer: Layer::Linear { out: 33, relu: true } }.check();
+}
+
+/// `--weights-dtype bf16`: linear layers give the bytes of f32 weights rounded to bfloat16 beforehand,
+/// in both tiers, at batch 1 (the GEMV widens stored pairs: k = 75 leaves a scalar tail, 12 features
+/// take blocks of four, 7 of one) and above (the GEMM tiles read the rounded values).
+#[test]
+fn bf16_linear_weights_are_f32_weights_rounded() {
+    let text =
+        "model T {\n    a = L.Linear(75, 12)\n    b = L.Linear(12, 7)\n    forward(x: [3, 5, 5]) {\n        return self.b(F.relu(self.a(x)))\n    }\n}\n";
+    let src = cnnc::diag::Source::new("t.model", text);
+    let g = optimized(&cnnc::compile(&src).expect("compiles").0, 1);
+    let rounded = || {
+        let mut b = bind(&src, &g, Params::Generated(prng_param));
+        for (spec, t) in b.params.iter_mut().filter(|(s, _)| s.key.ends_with("/W")) {
+            *t = Tensor::new(spec.shape.clone(), t.data().iter().map(|&v| WeightsDtype::Bf16.round(v)).collect()).unwrap();
+        }
+        b
+    };
+    for batch in [1, 3] {
+        let x = Tensor::new(vec![batch, 3, 5, 5], rng::normal("x", batch * 75).map(|v| v as f32).collect()).unwrap();
+        for tier in tiers() {
+            let run = |p: Program| cnnc::jit::compile(&p, cnnc::jit::Options { checked: true }).expect("compiles").exe.run(&[&x], 2).expect("runs");
+            let bf16 = run(cnnc::kernel::program_opts(&g, bind(&src, &g, Params::Generated(prng_param)), batch, tier, Winograd::Auto, WeightsDtype::Bf16));
+            let want = run(cnnc::kernel::program(&g, rounded(), batch, tier));
+            assert!(bits(&bf16) == bits(&want), "batch {batch}, {tier:?}: {bf16:?} vs {want:?}");
+            let f32_out = run(cnnc::kernel::program(&g, bind(&src, &g, Params::Generated(prng_param)), batch, tier));
+            assert!(bits(&bf16) != bits(&f32_out), "the weights were not rounded");
+        }
+    }
 }
 
 /// Packed weights over 1 MiB, stride 2 and no pool (so no implicit columns): the AVX-512 tier uses a

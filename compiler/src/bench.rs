@@ -27,6 +27,7 @@ pub fn bench(
     opts: &cnnc::opt::Options,
     exec: ExecArgs,
 ) -> Result<()> {
+    exec.check()?;
     if exec.backend == Backend::Cuda {
         cnnc::ptx::cuda::available()?;
     }
@@ -45,9 +46,23 @@ pub fn bench(
     let (run, codegen, load): (Run, Duration, Duration);
     // Per launch: name, flops, parameter bytes.
     let mut names: Vec<(String, u64, u64)> = vec![];
+    // With reduced-precision weights: the output's change against f32 weights, relative to max |y|.
+    let mut accuracy = None;
     match exec.backend {
         Backend::Jit => {
-            let program = cnnc::kernel::program(&g, bound, batch, exec.tier.get());
+            if exec.weights_dtype != cnnc::kernel::WeightsDtype::F32 {
+                let f32_weights = ExecArgs { weights_dtype: cnnc::kernel::WeightsDtype::F32, ..exec };
+                let outputs = [f32_weights, exec].map(|e| -> Result<Tensor> {
+                    let jit = cnnc::jit::compile(&e.program(&g, bound.clone(), batch)?, cnnc::jit::Options::default())?;
+                    Ok(jit.exe.run(&[&x], threads)?)
+                });
+                let [want, got] = outputs;
+                let (want, got) = (want?, got?);
+                let scale = want.data().iter().fold(0f32, |m, v| m.max(v.abs()));
+                let diff = want.data().iter().zip(got.data()).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                accuracy = Some(diff / scale.max(f32::MIN_POSITIVE));
+            }
+            let program = exec.program(&g, bound, batch)?;
             load = t1.elapsed();
             let t2 = Instant::now();
             let jit = cnnc::jit::compile(&program, cnnc::jit::Options::default())?;
@@ -56,7 +71,7 @@ pub fn bench(
             run = Box::new(move |_| Ok(jit.exe.run_timed(&[&x], threads)?.1));
         }
         Backend::Cuda => {
-            let program = cnnc::kernel::program(&g, bound, batch, cnnc::kernel::Tier::Portable);
+            let program = exec.program(&g, bound, batch)?;
             load = t1.elapsed();
             let t2 = Instant::now();
             let exe = cnnc::ptx::cuda::CudaExecutable::new(&program, cnnc::ptx::DEFAULT_SM)?;
@@ -120,6 +135,7 @@ pub fn bench(
             "model": g.name, "backend": backend, "batch": batch, "threads": threads, "runs": runs,
             "compile_ms": ms(front + codegen), "frontend_ms": ms(front), "codegen_ms": ms(codegen), "load_ms": ms(load),
             "median_ms": ms(med), "min_ms": ms(min), "gflops": gflop / med.as_secs_f64(), "kernels": kernels,
+            "weights_dtype": format!("{:?}", exec.weights_dtype).to_lowercase(), "relative_change_vs_f32": accuracy,
         });
         println!("{doc}");
         return Ok(());
@@ -129,6 +145,9 @@ pub fn bench(
     println!("  weights   {:>9.2} ms  (read, bind, fold, pack)", ms(load));
     println!("  latency   {:>9.2} ms median, {:.2} ms min over {runs} runs", ms(med), ms(min));
     println!("  speed     {:>9.1} GFLOP/s  ({gflop:.3} GFLOP per inference)", gflop / med.as_secs_f64());
+    if let Some(a) = accuracy {
+        println!("  accuracy  {a:>9.2e}  (max |y − y with f32 weights| / max |y|, {:?} linear weights)", exec.weights_dtype);
+    }
     if profile && !names.is_empty() {
         println!("\n  {:<36} {:>9} {:>6} {:>9} {:>9}", "kernel", "ms", "%", "GFLOP/s", "GB/s");
         let meds: Vec<Duration> = per_kernel.iter_mut().map(median).collect();

@@ -2,11 +2,12 @@
 //! 2 usage. Every output file is written to a temporary file beside it and renamed into place, so a failed
 //! run never leaves a partial file.
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use cnnc::diag::{Failed, Source};
 use cnnc::input::{self, Preprocess};
 use cnnc::ir::{self, Graph, Kind};
+use cnnc::kernel::WeightsDtype;
 use cnnc::weights::{self, Weights};
 use cnnc_runtime::{Op, Tensor};
 use std::io::Write;
@@ -126,9 +127,32 @@ struct ExecArgs {
     /// Worker threads (default: the available cores). Results are identical for any count.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
     threads: Option<u32>,
+    /// How linear layers keep their weights. `bf16` rounds them to bfloat16 at compile time and computes
+    /// in f32: at batch 1 the weights stream in half the bytes, at a small cost in accuracy
+    /// (`cnnc bench` reports it). Compiled backends only.
+    #[arg(long, value_enum, default_value_t = WeightsDtype::F32)]
+    weights_dtype: WeightsDtype,
 }
 
 impl ExecArgs {
+    /// The kernel program for the compiled backends (the CUDA one runs the portable tier's lowering).
+    fn program(&self, g: &Graph, bound: weights::Bound, batch: usize) -> Result<cnnc::kernel::Program> {
+        let tier = match self.backend {
+            Backend::Jit => self.tier.get(),
+            Backend::Cuda => cnnc::kernel::Tier::Portable,
+            Backend::Reference => bail!("internal error: the reference backend has no kernel program"),
+        };
+        Ok(cnnc::kernel::program_opts(g, bound, batch, tier, cnnc::kernel::Winograd::Auto, self.weights_dtype))
+    }
+
+    /// Flags that do not go together.
+    fn check(&self) -> Result<()> {
+        if self.backend == Backend::Reference && self.weights_dtype != WeightsDtype::F32 {
+            bail!("`--weights-dtype {:?}` needs a compiled backend (jit or cuda): the reference interpreter computes with the f32 weights", self.weights_dtype);
+        }
+        Ok(())
+    }
+
     fn threads(&self) -> usize {
         self.threads.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), |t| t as usize)
     }
@@ -315,6 +339,7 @@ fn run(
     opts: &cnnc::opt::Options,
     exec: ExecArgs,
 ) -> Result<()> {
+    exec.check()?;
     if exec.backend == Backend::Cuda {
         // Before any work: a machine without a GPU is a clear error (exit 1).
         cnnc::ptx::cuda::available()?;
@@ -339,11 +364,11 @@ fn run(
     let y = match exec.backend {
         Backend::Reference => cnnc::lower::lower(&g, bound).context("internal error while lowering")?.run(vec![x])?,
         Backend::Jit => {
-            let program = cnnc::kernel::program(&g, bound, x.batch(), exec.tier.get());
+            let program = exec.program(&g, bound, x.batch())?;
             cnnc::jit::compile(&program, cnnc::jit::Options::default())?.exe.run(&[&x], exec.threads())?
         }
         Backend::Cuda => {
-            let program = cnnc::kernel::program(&g, bound, x.batch(), cnnc::kernel::Tier::Portable);
+            let program = exec.program(&g, bound, x.batch())?;
             cnnc::ptx::cuda::CudaExecutable::new(&program, cnnc::ptx::DEFAULT_SM)?.run(&[&x])?
         }
     };

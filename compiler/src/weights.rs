@@ -171,6 +171,7 @@ pub fn init_param(spec: &ParamSpec) -> Tensor {
 }
 
 /// The parameters of a graph, in [`Graph::params`] order, with notes about the file.
+#[derive(Clone)]
 pub struct Bound {
     pub params: Vec<(ParamSpec, Tensor)>,
     pub notes: Vec<Diagnostic>,

@@ -553,6 +553,27 @@ fn compile_emits_kernels_clif_asm_and_the_memory_plan() {
     assert!(asm.stdout.contains("vfmadd"), "no vfmadd in the machine code");
 }
 
+/// `--weights-dtype bf16`: `cnnc bench` reports the output's change against f32 weights; the reference
+/// interpreter refuses it rather than silently computing in f32.
+#[test]
+fn bf16_weights_report_their_accuracy_and_need_a_compiled_backend() {
+    let model = fixture(SMALL);
+    let weights = fixture("alexbn_small/weights.npz");
+    for batch in ["1", "2"] {
+        let o = cnnc(&["bench", &model, "--weights", &weights, "--batch", batch, "--runs", "1", "--weights-dtype", "bf16", "--json"]);
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        let v: serde_json::Value = serde_json::from_str(o.stdout.trim()).expect("one JSON object on stdout");
+        assert_eq!(v["weights_dtype"], "bf16");
+        let change = v["relative_change_vs_f32"].as_f64().expect("reported");
+        assert!(change > 0.0 && change < 2e-2, "batch {batch}: {change}");
+    }
+    let f32_run = cnnc(&["bench", &model, "--runs", "1", "--json"]);
+    assert!(f32_run.stdout.contains("\"relative_change_vs_f32\":null"), "{}", f32_run.stdout);
+    fails(&["run", &model, "--input", "x.npy", "--backend", "reference", "--weights-dtype", "bf16"], 1, &["--weights-dtype", "reference"]);
+    fails(&["bench", &model, "--backend", "reference", "--weights-dtype", "bf16"], 1, &["--weights-dtype"]);
+    fails(&["run", "--input", "x.npy", "--weights-dtype", "f8"], 2, &["--weights-dtype"]);
+}
+
 #[test]
 fn bad_thread_counts_are_usage_errors() {
     fails(&["run", "--input", "x.npy", "--threads", "0"], 2, &["--threads"]);

@@ -7,7 +7,7 @@
 //! (no python3 or no network) the assembler test is skipped with a note, except in CI (`CI` set), where it
 //! fails.
 
-use cnnc::kernel::{Program, Tier, Winograd};
+use cnnc::kernel::{Program, Tier, WeightsDtype, Winograd};
 use cnnc::ptx;
 use cnnc_runtime::Tensor;
 use std::path::{Path, PathBuf};
@@ -18,11 +18,15 @@ fn root() -> PathBuf {
 
 /// Compiles model text as `cnnc compile --target cuda` does (the CUDA cost model, zero parameters).
 fn program(name: &str, text: &str, batch: usize, tier: Tier) -> Program {
+    program_as(name, text, batch, tier, WeightsDtype::F32)
+}
+
+fn program_as(name: &str, text: &str, batch: usize, tier: Tier, dtype: WeightsDtype) -> Program {
     let src = cnnc::diag::Source::new(name, text);
     let (g, _) = cnnc::compile(&src).unwrap_or_else(|f| panic!("{}", src.render_plain(&f.0)));
     let (g, _) = cnnc::opt::optimize(&g, &cnnc::opt::Options { level: 1, model: cnnc::opt::lang::CUDA });
     let zeros = g.params().into_iter().map(|s| (s.clone(), Tensor::zeros(s.shape.clone()))).collect();
-    cnnc::kernel::program(&g, cnnc::weights::Bound { params: zeros, notes: vec![] }, batch, tier)
+    cnnc::kernel::program_opts(&g, cnnc::weights::Bound { params: zeros, notes: vec![] }, batch, tier, Winograd::Auto, dtype)
 }
 
 /// The ptxas of the `nvidia-cuda-nvcc-cu12` wheel in `target/ci-venv`, installed on first use.
@@ -81,13 +85,18 @@ fn ptxas_assembles_every_kernel_of_every_model_for_sm_80_and_sm_90() {
         let name = path.file_name().expect("file").to_string_lossy().into_owned();
         // AlexBN at batch 8 takes Winograd for conv3–5.
         let batches: &[usize] = if name == "alexbn.model" { &[1, 2, 8] } else { &[1] };
-        for &batch in batches {
+        let mut variants: Vec<(usize, WeightsDtype)> = batches.iter().map(|&b| (b, WeightsDtype::F32)).collect();
+        if name == "alexbn.model" {
+            // And its linear layers as bfloat16 (`--weights-dtype bf16`) at batch 1, where the GEMV reads them.
+            variants.push((1, WeightsDtype::Bf16));
+        }
+        for (batch, dtype) in variants {
             for tier in [Tier::Portable, Tier::Avx512] {
-                let p = program(&name, &text, batch, tier);
+                let p = program_as(&name, &text, batch, tier, dtype);
                 for sm in [80, 90] {
                     let ptx = ptx::emit(&p, sm).unwrap_or_else(|e| panic!("{name}: {e}"));
                     assert_eq!(ptx.matches(".visible .entry ").count(), p.launches.len());
-                    jobs.push((format!("{name} batch {batch} {tier:?} sm_{sm}"), ptx, sm));
+                    jobs.push((format!("{name} batch {batch} {tier:?} {dtype:?} sm_{sm}"), ptx, sm));
                 }
             }
         }
@@ -254,6 +263,9 @@ mod emu {
         }
         if let Some(hex) = s.strip_prefix("0f") {
             return Opd::FImm(f32::from_bits(u32::from_str_radix(hex, 16).expect("hex float")));
+        }
+        if let Some(hex) = s.strip_prefix("0x") {
+            return Opd::Imm(i64::from_str_radix(hex, 16).expect("hex integer"));
         }
         s.parse().map(Opd::Imm).unwrap_or_else(|_| Opd::Sym(s.to_string()))
     }
@@ -433,6 +445,22 @@ mod emu {
                     let v = t.f(&a[1]);
                     t.set_f(&a[0], v)
                 }
+                // Bits between a float and a 32-bit register (bfloat16 weights).
+                "mov.b32" => match (&a[0], &a[1]) {
+                    (Opd::R(_), Opd::F(_)) => {
+                        let v = t.f(&a[1]).to_bits();
+                        t.set_i(&a[0], v as u64)
+                    }
+                    (Opd::F(_), Opd::R(_)) => {
+                        let v = f32::from_bits(t.i(&a[1]) as u32);
+                        t.set_f(&a[0], v)
+                    }
+                    _ => return Err(format!("mov.b32 {a:?}")),
+                },
+                "shl.b32" | "and.b32" => {
+                    let (x, y) = (t.i(&a[1]) as u32, t.i(&a[2]) as u32);
+                    t.set_i(&a[0], if op == "shl.b32" { x << y } else { x & y } as u64)
+                }
                 "ld.param.u64" => {
                     let Opd::Mem(b, 0) = &a[1] else { return Err("param address".into()) };
                     let Opd::Sym(s) = &**b else { return Err("param name".into()) };
@@ -550,7 +578,7 @@ mod emu {
 }
 
 /// Small models covering every op the lowering has (and the conv paths: im2col, direct 1×1, Winograd).
-const CASES: [(&str, &str); 8] = [
+const CASES: [(&str, &str); 9] = [
     (
         "conv_bn_relu_maxpool_grouped",
         "model T {\n    c = L.Convolution2D(4, 6, 3, pad=1, groups=2)\n    bn = L.BatchNormalization(6)\n    forward(x: [4, 9, 9]) {\n        return F.max_pooling_2d(F.relu(self.bn(self.c(x))), 3, stride=2)\n    }\n}\n",
@@ -575,6 +603,11 @@ const CASES: [(&str, &str); 8] = [
     ("deep_k_slices", "model T {\n    c = L.Convolution2D(40, 8, 3, pad=1)\n    forward(x: [40, 4, 4]) {\n        return F.relu(self.c(x))\n    }\n}\n"),
     // Lowered with Winograd F(4×4, 3×3) forced on (see the test); 11 × 11 leaves partial tiles.
     ("winograd_conv_relu_pool", "model T {\n    c = L.Convolution2D(5, 6, 3, pad=1)\n    forward(x: [5, 11, 11]) {\n        return F.max_pooling_2d(F.relu(self.c(x)), 3, stride=2)\n    }\n}\n"),
+    // Lowered with bfloat16 linear weights (see the test): pairs in f32 slots, scalar tails (k = 75, 12).
+    (
+        "bf16_linear_relu_linear",
+        "model T {\n    a = L.Linear(75, 12)\n    b = L.Linear(12, 7)\n    forward(x: [3, 5, 5]) {\n        return self.b(F.relu(self.a(x)))\n    }\n}\n",
+    ),
 ];
 
 /// Random parameters (the same generator as the JIT tests') and a random input.
@@ -605,10 +638,12 @@ fn emitted_ptx_computes_what_the_jit_computes() {
             let shape = [vec![batch], g.node(g.inputs[0]).shape.clone()].concat();
             let x = Tensor::new(shape.clone(), cnnc_runtime::rng::normal("x", shape.iter().product()).map(|v| v as f32).collect()).expect("sized");
             let winograd = if name.starts_with("winograd") { Winograd::Always } else { Winograd::Auto };
-            let cpu = cnnc::kernel::program_with(&g, bound(&g), batch, Tier::Portable, winograd);
+            let dtype = if name.starts_with("bf16") { WeightsDtype::Bf16 } else { WeightsDtype::F32 };
+            let program_with = |g: &_, bound, batch, tier, winograd| cnnc::kernel::program_opts(g, bound, batch, tier, winograd, dtype);
+            let cpu = program_with(&g, bound(&g), batch, Tier::Portable, winograd);
             let want = cnnc::jit::compile(&cpu, cnnc::jit::Options { checked: true }).expect("jit").exe.run(&[&x], 1).expect("runs");
             for tier in [Tier::Portable, Tier::Avx512] {
-                let p = cnnc::kernel::program_with(&g, bound(&g), batch, tier, winograd);
+                let p = program_with(&g, bound(&g), batch, tier, winograd);
                 let what = format!("{name}, batch {batch}, {tier:?} tier");
                 let got = emu::run(&ptx::emit(&p, 80).expect("emits"), &p, &[&x]).unwrap_or_else(|e| panic!("{what}: {e}"));
                 assert_eq!(got.shape(), want.shape(), "{what}");

@@ -15,7 +15,7 @@ pub mod avx512;
 use crate::kernel::{Access, BRows, BinOp, Expr, Gemm, Kernel, Program, Stmt, Taps, Tier, Ty, UnOp};
 use cnnc_runtime::exec::{Executable, Step};
 use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::{types, AbiParam, FuncRef, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, Type, Value};
+use cranelift_codegen::ir::{types, AbiParam, Endianness, FuncRef, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, Type, Value};
 use cranelift_codegen::{settings::Configurable, Context};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 use cranelift_jit::{JITBuilder, JITModule};
@@ -593,6 +593,21 @@ impl Gen<'_, '_> {
                         let f = self.math[usize::from(*op == UnOp::Ln)];
                         let call = self.b.ins().call(f, &[x]);
                         self.b.inst_results(call)[0]
+                    }
+                    UnOp::Bf16Lo | UnOp::Bf16Hi => {
+                        // On the lanes' bits: shift the low half up, or clear the low half.
+                        let ty = self.b.func.dfg.value_type(x);
+                        let int = if ty.is_vector() { types::I32X4 } else { types::I32 };
+                        let lanes = MemFlagsData::new().with_endianness(Endianness::Little);
+                        let bits = self.b.ins().bitcast(int, lanes, x);
+                        let bits = if *op == UnOp::Bf16Lo {
+                            self.b.ins().ishl_imm_u(bits, 16)
+                        } else {
+                            let high = self.b.ins().iconst(types::I32, 0xffff_0000u32 as i64);
+                            let high = if ty.is_vector() { self.b.ins().splat(int, high) } else { high };
+                            self.b.ins().band(bits, high)
+                        };
+                        self.b.ins().bitcast(ty, lanes, bits)
                     }
                 }
             }

@@ -17,8 +17,38 @@ mod ops;
 mod program;
 mod winograd;
 
-pub use program::{program, program_with, Launch, Program, Slot, ALIGN};
+pub use program::{program, program_opts, program_with, Launch, Program, Slot, ALIGN};
 pub use winograd::Winograd;
+
+/// How linear layers keep their weights (`--weights-dtype`). Opt-in only: f32 is the default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum WeightsDtype {
+    #[default]
+    F32,
+    /// Rounded to bfloat16 (to nearest, ties to even) at compile time and computed in f32: the batch-1
+    /// GEMV streams half the bytes; the GEMM tiles of larger batches read the rounded values as f32.
+    Bf16,
+}
+
+impl WeightsDtype {
+    /// `v` as this dtype stores it, back in f32.
+    pub fn round(self, v: f32) -> f32 {
+        match self {
+            WeightsDtype::F32 => v,
+            WeightsDtype::Bf16 => f32::from_bits((bf16_bits(v) as u32) << 16),
+        }
+    }
+}
+
+/// `v` rounded to bfloat16 (to nearest, ties to even; NaN stays NaN), as its 16 bits.
+pub fn bf16_bits(v: f32) -> u16 {
+    let b = v.to_bits();
+    if v.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    let round = 0x7fff + ((b >> 16) & 1);
+    (b.wrapping_add(round) >> 16) as u16
+}
 
 use std::fmt;
 
@@ -65,6 +95,11 @@ pub enum UnOp {
     HSum,
     Exp,
     Ln,
+    /// Per lane, the f32 whose top 16 bits are the lane's low 16 bits (a bfloat16 stored there),
+    /// zeros below.
+    Bf16Lo,
+    /// Per lane, the lane's top 16 bits (a bfloat16 stored there) with zeros below.
+    Bf16Hi,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -400,6 +435,10 @@ impl Expr {
     pub fn ln(self) -> Expr {
         self.un(UnOp::Ln)
     }
+    /// The bfloat16 in the low (`high` false) or high half of each lane, widened ([`UnOp::Bf16Lo`]).
+    pub fn bf16(self, high: bool) -> Expr {
+        self.un(if high { UnOp::Bf16Hi } else { UnOp::Bf16Lo })
+    }
     /// `self · b + c`.
     pub fn fma(self, b: impl Into<Expr>, c: impl Into<Expr>) -> Expr {
         Expr::Fma(Box::new([self, b.into(), c.into()]))
@@ -635,4 +674,24 @@ pub fn listing(p: &Program) -> String {
         out += &format!("\n; {} <- {}\n{}", l.kernel.name, slots.join(", "), l.kernel);
     }
     out
+}
+
+#[cfg(test)]
+mod dtype_tests {
+    use super::{bf16_bits, WeightsDtype};
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        // 1 + 2⁻⁸ is halfway between two bfloat16s: ties go to the even one (1.0); just above rounds up.
+        assert_eq!(bf16_bits(1.0 + 2f32.powi(-8)), 0x3f80);
+        assert_eq!(bf16_bits(1.0 + 2f32.powi(-8) + 2f32.powi(-20)), 0x3f81);
+        // 1 + 3·2⁻⁸ is halfway too, and its even neighbour is above.
+        assert_eq!(bf16_bits(1.0 + 3.0 * 2f32.powi(-8)), 0x3f82);
+        assert_eq!(bf16_bits(-2.5), 0xc020);
+        assert_eq!(bf16_bits(f32::INFINITY), 0x7f80);
+        assert_eq!(bf16_bits(f32::MAX), 0x7f80, "rounds up to infinity, as IEEE does");
+        assert!(WeightsDtype::Bf16.round(f32::NAN).is_nan());
+        assert_eq!(WeightsDtype::Bf16.round(0.1), f32::from_bits(0x3dcd_0000));
+        assert_eq!(WeightsDtype::F32.round(0.1), 0.1);
+    }
 }

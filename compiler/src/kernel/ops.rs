@@ -12,7 +12,7 @@
 //! batch 1 — GEMV to GEMM — and Winograd is chosen per batch size, so batch sizes on either side of
 //! those may differ in the last bits; within a batch, no sample depends on its place.)
 
-use super::{e, Access, BRows, Buf, Expr, Gemm, Kb, Kernel, Taps, Tier, Winograd, LANES};
+use super::{bf16_bits, e, Access, BRows, Buf, Expr, Gemm, Kb, Kernel, Taps, Tier, WeightsDtype, Winograd, LANES};
 use cnnc_runtime::op::{Conv2d, FusedBase, Linear, Pool2d};
 use cnnc_runtime::{Op, Tensor};
 
@@ -51,6 +51,7 @@ pub enum Ref {
 pub struct Tables {
     pub tier: Tier,
     pub winograd: Winograd,
+    pub fc_weights: WeightsDtype,
     pub stores: Vec<usize>,
     pub params: Vec<Vec<f32>>,
     pub launches: Vec<(Kernel, Vec<Ref>, u64)>,
@@ -357,6 +358,11 @@ fn pool(kb: &mut Kb, p: &Pool2d, avg: bool, x: Buf, y: Buf, lo: Expr, hi: Expr, 
 /// (one if the features are not a multiple of 4), so that four weight streams are in flight (one
 /// sequential stream per core left half the memory bandwidth unused: 7 GB/s per core with one row, 10
 /// with two, 12 with four, measured on fc6). 8 accumulators + 2 shared vectors fit the 16 xmm registers.
+///
+/// With bfloat16 weights ([`WeightsDtype::Bf16`]) each row is stored in f32 slots holding two of them:
+/// per 8 weights, slot j has w[j] in its low half and w[4 + j] in its high half, so one 4-slot load
+/// widens into the two vectors of weights the two partial sums take; the scalar tail has one per slot.
+/// The arithmetic is the f32 GEMV's over the rounded weights, bit for bit.
 fn linear(t: &mut Tables, n: &Node, l: &Linear, relu: bool) {
     if n.batch > 1 {
         return linear_as_gemm(t, n, l, relu);
@@ -365,31 +371,54 @@ fn linear(t: &mut Tables, n: &Node, l: &Linear, relu: bool) {
     let (k, o) = (l.in_features, l.out_features);
     let rb = if o % 4 == 0 { 4 } else { 1 };
     let bias = n.params.get(1).map_or(vec![0.0; o], |b| b.data().to_vec());
-    let (w, b) = (t.param(n.params[0].data().to_vec()), t.param(bias));
-    let mut kb = Kb::new(format!("{}.{}", n.name, n.op.name()), o / rb);
-    let [xb, wb, bb, yb] =
-        [("x", k, Access::Read), ("W", o * k, Access::Read), ("b", o, Access::Read), ("y", o, Access::Write)].map(|(nm, len, a)| kb.buf(nm, len, a));
-    let (lo, hi) = kb.range();
     let step = U * LANES;
     let kv = k / step * step;
+    let bf16 = t.fc_weights == WeightsDtype::Bf16;
+    // Slots per row, and the slot of weight i (i < kv a multiple of 8, or a tail weight).
+    let per = if bf16 { 2 } else { 1 };
+    let (row, slot) = (kv / per + (k - kv), |i: Expr| if bf16 { i / 2i64 } else { i });
+    let weights = n.params[0].data();
+    let w = match bf16 {
+        false => weights.to_vec(),
+        true => weights
+            .chunks(k)
+            .flat_map(|r| {
+                let pair = |lo: f32, hi: f32| f32::from_bits((bf16_bits(hi) as u32) << 16 | bf16_bits(lo) as u32);
+                let body = r[..kv].chunks(step).flat_map(move |c| (0..LANES).map(move |j| pair(c[j], c[LANES + j])));
+                body.chain(r[kv..].iter().map(move |&v| pair(v, 0.0)))
+            })
+            .collect(),
+    };
+    let (w, b) = (t.param(w), t.param(bias));
+    let mut kb = Kb::new(format!("{}.{}", n.name, n.op.name()), o / rb);
+    let [xb, wb, bb, yb] =
+        [("x", k, Access::Read), ("W", o * row, Access::Read), ("b", o, Access::Read), ("y", o, Access::Write)].map(|(nm, len, a)| kb.buf(nm, len, a));
+    let (lo, hi) = kb.range();
     kb.for_(lo, hi, |kb, rp| {
         // Rows r0..r0 + rb.
         let r0 = kb.let_(rp * rb);
         let acc: Vec<Vec<_>> = (0..rb).map(|_| (0..U).map(|_| kb.var(e(0.0f32).splat())).collect()).collect();
         let tail: Vec<_> = (0..rb).map(|_| kb.var(0.0f32)).collect();
-        let w0 = kb.let_(r0.clone() * k);
+        let w0 = kb.let_(r0.clone() * row);
         kb.for_step(0usize, kv, step as i64, |kb, i| {
             // The input is loaded once for the block's rows.
             let x: Vec<Expr> = (0..U).map(|u| kb.let_(xb.at4(i.clone() + u * LANES))).collect();
+            let at = kb.let_(w0.clone() + slot(i.clone()));
             for (r, a) in acc.iter().enumerate() {
+                let pairs = bf16.then(|| kb.let_(wb.at4(at.clone() + r * row)));
                 for u in 0..U {
-                    kb.set(a[u], wb.at4(w0.clone() + i.clone() + (r * k + u * LANES)).fma(x[u].clone(), a[u]));
+                    let w = match &pairs {
+                        Some(p) => p.clone().bf16(u == 1),
+                        None => wb.at4(at.clone() + (r * row + u * LANES)),
+                    };
+                    kb.set(a[u], w.fma(x[u].clone(), a[u]));
                 }
             }
         });
         kb.for_(kv, k, |kb, i| {
             for (r, &a) in tail.iter().enumerate() {
-                kb.set(a, xb.at(i.clone()).fma(wb.at(w0.clone() + i.clone() + r * k), a));
+                let w = wb.at(w0.clone() + (i.clone() - kv as i64) + (kv / per + r * row) as i64);
+                kb.set(a, xb.at(i.clone()).fma(if bf16 { w.bf16(false) } else { w }, a));
             }
         });
         for (r, a) in acc.iter().enumerate() {
@@ -420,7 +449,7 @@ fn linear_as_gemm(t: &mut Tables, n: &Node, l: &Linear, relu: bool) {
     let mut panels = vec![0.0; tiles * k * nr];
     for (f, row) in w.chunks(k).enumerate() {
         for (kk, &v) in row.iter().enumerate() {
-            panels[(f / nr * k + kk) * nr + f % nr] = v;
+            panels[(f / nr * k + kk) * nr + f % nr] = t.fc_weights.round(v);
         }
     }
     // Padded to whole tiles: at least MR long, as the tile's (unused) bias operand must be.

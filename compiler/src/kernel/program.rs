@@ -8,7 +8,7 @@
 //! both accessed (an in-place launch reads and writes each element by the same task).
 
 use super::ops::{self, Ref, Tables};
-use super::{Kernel, Tier, Winograd};
+use super::{Kernel, Tier, WeightsDtype, Winograd};
 use crate::ir::{Graph, Kind, NodeId};
 use crate::lower::eval;
 use crate::weights::Bound;
@@ -61,6 +61,11 @@ pub fn program(graph: &Graph, bound: Bound, batch: usize, tier: Tier) -> Program
 
 /// [`program`] with the Winograd choice made by the caller (tests and benchmarks compare both forms).
 pub fn program_with(graph: &Graph, bound: Bound, batch: usize, tier: Tier, winograd: Winograd) -> Program {
+    program_opts(graph, bound, batch, tier, winograd, WeightsDtype::F32)
+}
+
+/// [`program_with`] with linear layers' weights kept as `fc_weights`.
+pub fn program_opts(graph: &Graph, bound: Bound, batch: usize, tier: Tier, winograd: Winograd, fc_weights: WeightsDtype) -> Program {
     let tensors: HashMap<String, Tensor> = bound.params.into_iter().map(|(s, t)| (s.key, t)).collect();
     let order: Vec<NodeId> = graph.nodes().map(|(id, _)| id).collect();
     let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &id)| (id, i)).collect();
@@ -73,7 +78,7 @@ pub fn program_with(graph: &Graph, bound: Bound, batch: usize, tier: Tier, winog
     }
     last_read[pos[&graph.output]] = usize::MAX;
 
-    let mut t = Tables { tier, winograd, stores: vec![], params: vec![], launches: vec![] };
+    let mut t = Tables { tier, winograd, fc_weights, stores: vec![], params: vec![], launches: vec![] };
     let mut store_of: Vec<Ref> = Vec::with_capacity(order.len());
     let mut holders: HashMap<Ref, Vec<usize>> = HashMap::new();
     let mut inputs = vec![];

@@ -226,7 +226,7 @@ fn entry(index: usize, k: &Kernel, slots: &[Slot], mr: usize) -> Result<String, 
     let params: String = params.iter().enumerate().map(|(j, (decl, note))| format!("\t{decl}{} // {note}\n", if j + 1 < n { "," } else { "" })).collect();
     let mut out = format!("\n// {}: parallel lo..hi in 0..{}\n.visible .entry {name}(\n{params})\n.maxntid {BLOCK}, 1, 1\n{{\n", k.name, k.extent);
     out += &locals.concat();
-    let _ = writeln!(out, "\t.reg .pred %p<{}>;\n\t.reg .b32 %r<4>;\n\t.reg .b64 %rd<{}>;\n\t.reg .f32 %f<{}>;\n", np.max(1), nrd.max(1), nf.max(1));
+    let _ = writeln!(out, "\t.reg .pred %p<{}>;\n\t.reg .b32 %r<5>;\n\t.reg .b64 %rd<{}>;\n\t.reg .f32 %f<{}>;\n", np.max(1), nrd.max(1), nf.max(1));
     out += &g.code;
     out += "}\n";
     Ok(out)
@@ -488,6 +488,8 @@ impl Gen {
                 }
                 (UnOp::Exp | UnOp::Ln, Val::F(x)) => Val::F(self.math(*op, &x)),
                 (UnOp::Exp | UnOp::Ln, Val::V(x)) => Val::V(lanes(|l| Ok(self.math(*op, &x[l])))?),
+                (UnOp::Bf16Lo | UnOp::Bf16Hi, Val::F(x)) => Val::F(self.bf16(*op, &x)),
+                (UnOp::Bf16Lo | UnOp::Bf16Hi, Val::V(x)) => Val::V(lanes(|l| Ok(self.bf16(*op, &x[l])))?),
                 _ => return Err(format!("`{e}` applies {op:?} to an operand of the wrong type")),
             },
             Expr::Fma(abc) => match [0, 1, 2].map(|i| self.expr(&abc[i])) {
@@ -543,6 +545,15 @@ impl Gen {
     fn fma(&mut self, a: &str, b: &str, c: &str) -> String {
         let d = self.tmp(Kind::F);
         self.ins(format!("fma.rn.f32 {d}, {a}, {b}, {c}"));
+        d
+    }
+
+    /// A bfloat16 half of `x`'s bits, widened ([`UnOp::Bf16Lo`]), through the scratch register %r4.
+    fn bf16(&mut self, op: UnOp, x: &str) -> String {
+        let d = self.tmp(Kind::F);
+        self.ins(format!("mov.b32 %r4, {x}"));
+        self.ins(if op == UnOp::Bf16Lo { "shl.b32 %r4, %r4, 16" } else { "and.b32 %r4, %r4, 0xFFFF0000" });
+        self.ins(format!("mov.b32 {d}, %r4"));
         d
     }
 
