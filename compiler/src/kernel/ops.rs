@@ -584,16 +584,19 @@ pub(super) fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after:
     // least as wide as their input; others read the whole phased input, whose row pitch the output then
     // has too (its extra columns are computed and skipped by the fused pool, the only reader).
     let masked = c.stride == [1, 1] && w <= ow;
+    let [s0, s1] = c.stride;
+    // The tile addresses a group's input with 32-bit offsets and displacements: bytes of the phased
+    // input (padding, stride phases and the extra rows included) must stay below 2³¹.
+    let group_bytes = 4 * cig * (h + 2 * c.pad[0] + s0 * (kh + 1)) * (w + 2 * c.pad[1] + s1);
     let columns = if kh == 1 && kw == 1 && c.stride == [1, 1] && c.pad == [0, 0] {
         Columns::Input
-    } else if avx && (masked || pool_after.is_some()) {
+    } else if avx && (masked || pool_after.is_some()) && group_bytes < i32::MAX as usize {
         Columns::Taps
     } else if avx && c.groups * ncb * k * mr * 4 <= 1 << 20 {
         Columns::OnTheFly
     } else {
         Columns::Panels
     };
-    let [s0, s1] = c.stride;
     let pitch = if columns == Columns::Taps && !masked { (w + 2 * c.pad[1]).div_ceil(s1) } else { ow };
     let g = Geo { cig, cog: co / c.groups, k, p: oh * pitch, ncb };
     let (a, bias) = pack_conv(c, &g, mr, n.params[0].data(), n.params.get(1).map(|b| b.data()));
@@ -826,7 +829,7 @@ fn tap_tables(tp: &Taps, p: usize, nr: usize, cig: usize) -> (Vec<f32>, Vec<f32>
     let reads = |ox: usize, kx: usize| (tp.pad..tp.pad + tp.w).contains(&(ox + kx / tp.stride[1]));
     let mask = |col: usize, kx: usize| (0..nr.min(p - col)).filter(|j| reads((col + j) % tp.pitch, kx)).fold(0u32, |m, j| m | 1 << j);
     let masks = (0..p.div_ceil(nr)).flat_map(|t| (0..tp.kw).map(move |kx| f32::from_bits(mask(t * nr, kx)))).collect();
-    let offset = |r: usize| i32::try_from(tp.offset_of(r)).expect("a convolution input under 2^31 elements") as u32;
+    let offset = |r: usize| i32::try_from(tp.offset_of(r)).expect("under 2³¹: the lowering checks `group_bytes`") as u32;
     (masks, (0..cig * tp.kh).map(|r| f32::from_bits(offset(r))).collect())
 }
 
