@@ -878,33 +878,39 @@ pub(super) fn phase_split(t: &mut Tables, n: &Node, c: &Conv2d, min: [usize; 2])
         let iy = kb.let_(iq.clone() * s0 + ry.clone() - p0);
         let inside = kb.let_(e(0i64).le(iy.clone()).and(iy.clone().lt(h)));
         let src0 = kb.let_(plane.clone() * (h * w) + iy * w - p1);
-        kb.for_(0usize, s1, |kb, rx| {
-            let dst = kb.let_((((plane.clone() * s0 + ry.clone()) * s1 + rx.clone()) * ph.hq + iq.clone()) * ph.wq);
+        // The column phases unrolled, so that each one's bounds are constants: rows are short (a
+        // Winograd input's phases are 4–5 wide) and computing them per row cost more than the copy.
+        for rx in 0..s1 {
+            let dst = kb.let_((((plane.clone() * s0 + ry.clone()) * s1 + rx) * ph.hq + iq.clone()) * ph.wq);
             // Phase columns jq whose input column jq·s1 + rx − p1 is inside the image.
-            let jlo = kb.let_(((e(p1 as i64) - rx.clone() + (s1 as i64 - 1)).max(0i64) / s1).min(ph.wq));
-            let jhi = kb.let_(((e((w + p1 + s1 - 1) as i64) - rx.clone()) / s1).min(ph.wq).max(jlo.clone()));
+            let jlo = ((p1 + s1 - 1).saturating_sub(rx) / s1).min(ph.wq);
+            let jhi = ((w + p1 + s1 - 1 - rx) / s1).min(ph.wq).max(jlo);
             kb.if_else(
                 inside.clone(),
                 |kb| {
-                    zero(kb, qb, dst.clone(), jlo.clone());
-                    let src = kb.let_(src0.clone() + rx.clone());
+                    if jlo > 0 {
+                        zero(kb, qb, dst.clone(), e(jlo));
+                    }
+                    let src = kb.let_(src0.clone() + rx);
                     if s1 == 1 {
-                        copy(kb, qb, dst.clone() + jlo.clone(), xb, src + jlo.clone(), jhi.clone() - jlo.clone());
+                        copy(kb, qb, dst.clone() + jlo, xb, src + jlo, jhi - jlo);
                     } else {
                         // Loop-carried addresses: Cranelift otherwise recomputed src and dst from their
                         // multiplications in every iteration (seen in --emit asm).
-                        let (from, to) = (kb.var(src.clone() + jlo.clone() * s1), kb.var(dst.clone() + jlo.clone()));
-                        kb.for_(jlo.clone(), jhi.clone(), |kb, _| {
+                        let (from, to) = (kb.var(src.clone() + jlo * s1), kb.var(dst.clone() + jlo));
+                        kb.for_(jlo, jhi, |kb, _| {
                             kb.store(qb, to, xb.at(from));
                             kb.set(from, from + s1);
                             kb.set(to, to + 1i64);
                         });
                     }
-                    zero(kb, qb, dst.clone() + jhi.clone(), e(ph.wq) - jhi.clone());
+                    if jhi < ph.wq {
+                        zero(kb, qb, dst.clone() + jhi, e(ph.wq - jhi));
+                    }
                 },
                 |kb| zero(kb, qb, dst.clone(), e(ph.wq)),
             );
-        });
+        }
     });
     t.launch(kb.finish(), vec![n.ins[0].0, out], 0);
     (out, ph)
