@@ -127,7 +127,7 @@ fn every_bad_model_is_reported() {
 #[test]
 fn deep_nesting_is_an_error_not_a_stack_overflow() {
     let text = format!("model M {{\n    forward(x: [3]) {{\n        return {}x{}\n    }}\n}}\n", "F.relu(".repeat(50_000), ")".repeat(50_000));
-    let failed = cnnc::compile(&Source::new("deep.model", text)).err().expect("must fail");
+    let failed = cnnc::compile(&Source::new("deep.model", text)).expect_err("must fail");
     assert!(failed.0.iter().any(|d| d.message.contains("nested more than 64 levels")), "{:?}", failed.0);
 }
 
@@ -158,7 +158,7 @@ fn constant_arithmetic_is_pythons() {
     ok("(-9223372036854775807 - 1) % -1 + 1", 1);
     ok("len(range(-9223372036854775807, 9223372036854775807, 4611686018427387904))", 4);
     let text = "model M {\n    n = len(range(-9223372036854775807, 9223372036854775807))\n    forward(x: [3]) {\n        return x\n    }\n}\n";
-    let f = cnnc::compile(&Source::new("a.model", text)).err().expect("too long");
+    let f = cnnc::compile(&Source::new("a.model", text)).expect_err("too long");
     assert!(f.0.iter().any(|d| d.message.contains("a range holds at most")), "{:?}", f.0);
 }
 

@@ -447,7 +447,7 @@ fn npy_with_an_overflowing_shape() {
     let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
     bytes.extend(((header.len() + pad + 1) as u16).to_le_bytes());
     bytes.extend(header.as_bytes());
-    bytes.extend(std::iter::repeat(b' ').take(pad));
+    bytes.extend(std::iter::repeat_n(b' ', pad));
     bytes.push(b'\n');
     bytes.extend([0u8; 16]);
     let x = write(d.path(), "huge.npy", &bytes);

@@ -148,7 +148,7 @@ impl fmt::Display for Batched<'_> {
 /// Output extent of a sliding window, or `None` when the window does not fit.
 pub fn window_out(size: usize, k: usize, s: usize, p: usize, cover_all: bool) -> Option<usize> {
     let span = (size + 2 * p).checked_sub(k)?;
-    Some(if cover_all { (span + s - 1) / s + 1 } else { span / s + 1 })
+    Some(if cover_all { span.div_ceil(s) + 1 } else { span / s + 1 })
 }
 
 impl Op {

@@ -591,7 +591,7 @@ impl<'a> Builder<'a> {
                     groups: self.usize(&v[9], span_of(9), "groups", 1)?,
                     bias: !self.bool(&v[5], span_of(5), "nobias")?,
                 };
-                if conv.out_channels % conv.groups != 0 || (inp != Value::None && conv.in_channels % conv.groups != 0) {
+                if !conv.out_channels.is_multiple_of(conv.groups) || (inp != Value::None && !conv.in_channels.is_multiple_of(conv.groups)) {
                     self.arg_error(span_of(9), format!("groups={} must divide both channel counts", conv.groups), "here");
                     return None;
                 }

@@ -122,16 +122,16 @@ pub fn tile(accumulate: bool, relu: bool, taps: Option<&Taps>, narrow: bool) -> 
         for r in 0..MR {
             let bc = BCAST[r % BCAST.len()];
             a.vbroadcastss(bc, dword_ptr(rdi + 4 * (r + MR * k) as i32))?;
-            for v in 0..vectors {
-                a.vfmadd231ps(acc(r, v), bs[v], bc)?;
+            for (v, &b) in bs.iter().enumerate().take(vectors) {
+                a.vfmadd231ps(acc(r, v), b, bc)?;
             }
         }
         Ok(())
     };
     match taps {
         None => {
-            for v in 0..vectors {
-                a.vmovups(masked(bs[v], 1 + v).z(), zmmword_ptr(rsi + 64 * v as i32))?;
+            for (v, &b) in bs.iter().enumerate().take(vectors) {
+                a.vmovups(masked(b, 1 + v).z(), zmmword_ptr(rsi + 64 * v as i32))?;
                 a.prefetcht0(byte_ptr(rsi + rax + 64 * v as i32))?;
             }
             fmas(&mut a, 0)?;
