@@ -11,6 +11,10 @@
 3. For each (batch, threads): `cnnc bench ... --json` (cnnc times itself), then ORT in-process
    (intra_op_num_threads=T, inter_op 1, sequential, all graph optimizations; 5 warm-up runs).
    Prints a markdown table with median and min latencies and the ratio cnnc/ORT of the medians.
+4. With --layers, per (batch, threads) also a per-layer table: `cnnc bench --profile --json` (its
+   kernels grouped by layer) beside ORT's own profiler (SessionOptions.enable_profiling, its node
+   events per run assigned to layers in order), as ms, GFLOP/s (GB/s of weights for the linear
+   layers) and % of the FMA peak.
 
 The ONNX graph follows Chainer's semantics: BatchNormalization eps 2e-5, max pooling with
 cover_all=True (ceil_mode=1; the same sizes as floor mode at 227x227), flatten in NCHW order,
@@ -35,6 +39,10 @@ CONVS = [("conv1", 3, 96, 11, 4, 0), ("conv2", 96, 256, 5, 1, 2), ("conv3", 256,
          ("conv4", 384, 384, 3, 1, 1), ("conv5", 384, 256, 3, 1, 1)]  # name, in, out, k, stride, pad
 BNS = [("bn1", 96), ("bn2", 256)]
 FCS = [("fc6", 9216, 4096), ("fc7", 4096, 4096), ("fc8", 4096, 1000)]
+CONV_OUT = {"conv1": 55, "conv2": 27, "conv3": 13, "conv4": 13, "conv5": 13}  # output width at 227x227
+# Measured zmm FMA peak per core of the 2-core development machine (16 lanes x 2 FMA units x 2 flops x
+# ~3.5 GHz); the "% of peak" columns divide by it times the thread count.
+PEAK_GFLOPS_PER_CORE = 224.0
 
 
 def make_weights(seed=0):
@@ -164,6 +172,79 @@ def cnnc_bench(cnnc, npz, batch, threads, runs):
     return r
 
 
+def layer_work(batch):
+    """Per layer: (GFLOP, weight bytes) at this batch."""
+    work = {n: (2 * o * i * k * k * CONV_OUT[n] ** 2 * batch / 1e9, 4 * o * i * k * k) for n, i, o, k, _, _ in CONVS}
+    work.update({n: (2 * i * o * batch / 1e9, 4 * i * o) for n, i, o in FCS})
+    return work
+
+
+def cnnc_layers(cnnc, npz, batch, threads, runs):
+    """Median ms per layer from `cnnc bench --profile`: kernels `nK.<layer>+...` summed by layer."""
+    cmd = [cnnc, "bench", MODEL, "--weights", npz, "--batch", str(batch), "--threads", str(threads),
+           "--runs", str(runs), "--profile", "--json"]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"`{shlex.join(cmd)}` failed (exit {p.returncode}):\n{p.stderr}")
+    layers = {}
+    for k in json.loads(p.stdout)["kernels"]:
+        name = k["kernel"].split(".", 1)[1].split("+")[0].split(".")[0]
+        layers[name] = layers.get(name, 0.0) + k["median_ms"]
+    return layers
+
+
+def ort_layers(onnx_path, batch, threads, runs, work):
+    """Median ms per layer from ORT's profiler: each run's node events in order, a Conv or Gemm
+    starting a layer and every other node (pools, reorders, flatten) joining the one before."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.enable_profiling, so.profile_file_prefix = True, os.path.join(work, "ort-profile")
+    sess = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
+    x = make_input(batch)
+    for _ in range(5 + runs):
+        sess.run(["logits"], {"input": x})
+    path = sess.end_profiling()
+    with open(path) as f:
+        events = json.load(f)
+    os.remove(path)
+    model_runs = [e for e in events if e.get("name") == "model_run"][5:]
+    nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    per_run = []
+    for r in model_runs:
+        convs, fcs, layer, ms = iter(n for n, *_ in CONVS), iter(n for n, *_ in FCS), "conv1", {}
+        for e in (e for e in nodes if r["ts"] <= e["ts"] <= r["ts"] + r["dur"]):
+            op = e["args"].get("op_name", "")
+            if op.endswith("Conv"):
+                layer = next(convs)
+            elif op.endswith("Gemm") or op == "MatMul":
+                layer = next(fcs)
+            ms[layer] = ms.get(layer, 0.0) + e["dur"] / 1e3
+        per_run.append(ms)
+    return {n: statistics.median(m.get(n, 0.0) for m in per_run) for n in per_run[0]}
+
+
+def print_layers(batch, threads, ours, theirs):
+    work, peak = layer_work(batch), PEAK_GFLOPS_PER_CORE * threads
+    print(f"\nbatch {batch}, {threads} thread{'s' if threads > 1 else ''} (ms; GFLOP/s, or GB/s of weights for "
+          f"linear layers at batch 1; % of the {peak:.0f} GFLOP/s FMA peak):\n")
+    print("| layer | cnnc ms | cnnc rate | % peak | ORT ms | ORT rate | % peak |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, (gflop, wbytes) in work.items():
+        cells = []
+        for ms in (ours.get(name), theirs.get(name)):
+            if not ms:
+                cells += ["-"] * 3
+                continue
+            rate = f"{wbytes / ms / 1e6:.1f} GB/s" if name.startswith("fc") and batch == 1 else f"{gflop / ms * 1e3:.0f}"
+            cells += [f"{ms:.2f}", rate, f"{100 * gflop / ms * 1e3 / peak:.0f}%"]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    total = [sum(d.values()) for d in (ours, theirs)]
+    print(f"| total (sum) | {total[0]:.2f} | | | {total[1]:.2f} | | |", flush=True)
+
+
 def cpu_model():
     for line in open("/proc/cpuinfo"):
         if line.startswith("model name"):
@@ -179,6 +260,7 @@ def main():
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--work", default=os.path.expanduser("~/.cache/cnnc-bench"))
     ap.add_argument("--ort-only", action="store_true", help="time ONNX Runtime alone (no gate, no cnnc)")
+    ap.add_argument("--layers", action="store_true", help="also per-layer tables (cnnc --profile, ORT's profiler)")
     a = ap.parse_args()
     import onnxruntime
 
@@ -214,6 +296,11 @@ def main():
             c_med, c_min, ratio = ("-",) * 3 if c is None else (
                 f"{c['median_ms']:.2f}", f"{c['min_ms']:.2f}", f"{c['median_ms'] / o_med:.2f}")
             print(f"| {b} | {t} | {c_med} | {o_med:.2f} | {ratio} | {c_min} | {o_min:.2f} |", flush=True)
+    if a.layers:
+        for b in a.batch:
+            for t in a.threads:
+                ours = {} if a.ort_only else cnnc_layers(a.cnnc, npz, b, t, a.runs)
+                print_layers(b, t, ours, ort_layers(onnx_path, b, t, a.runs, a.work))
     return 0
 
 
