@@ -76,7 +76,8 @@ pub fn jit_graph(src: &Source, g: &cnnc::ir::Graph, params: Params, x: &Tensor) 
 
 /// [`jit_graph`] with the Winograd choice made by the caller.
 pub fn jit_graph_with(src: &Source, g: &cnnc::ir::Graph, params: Params, x: &Tensor, winograd: cnnc::kernel::Winograd) -> Tensor {
-    let program = cnnc::kernel::program_with(g, bind(src, g, params), x.batch(), cnnc::kernel::Tier::best(), winograd);
+    let lowering = cnnc::kernel::Lowering { winograd, ..cnnc::kernel::Lowering::new(cnnc::kernel::Tier::best()) };
+    let program = cnnc::kernel::program_with(g, bind(src, g, params), x.batch(), lowering);
     let checked = cnnc::jit::compile(&program, cnnc::jit::Options { checked: true }).expect("compiles");
     let one = checked.exe.run(&[x], 1).expect("runs");
     let two = checked.exe.run(&[x], 2).expect("runs");

@@ -50,23 +50,18 @@ pub fn bench(
     let mut accuracy = None;
     match exec.backend {
         Backend::Jit => {
-            if exec.weights_dtype != cnnc::kernel::WeightsDtype::F32 {
-                let f32_weights = ExecArgs { weights_dtype: cnnc::kernel::WeightsDtype::F32, ..exec };
-                let outputs = [f32_weights, exec].map(|e| -> Result<Tensor> {
-                    let jit = cnnc::jit::compile(&e.program(&g, bound.clone(), batch)?, cnnc::jit::Options::default())?;
-                    Ok(jit.exe.run(&[&x], threads)?)
-                });
-                let [want, got] = outputs;
-                let (want, got) = (want?, got?);
-                let scale = want.data().iter().fold(0f32, |m, v| m.max(v.abs()));
-                let diff = want.data().iter().zip(got.data()).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-                accuracy = Some(diff / scale.max(f32::MIN_POSITIVE));
-            }
+            let f32_weights = ExecArgs { weights_dtype: cnnc::kernel::WeightsDtype::F32, ..exec };
+            let reference = (exec.weights_dtype != f32_weights.weights_dtype).then(|| bound.clone());
             let program = exec.program(&g, bound, batch)?;
             load = t1.elapsed();
             let t2 = Instant::now();
             let jit = cnnc::jit::compile(&program, cnnc::jit::Options::default())?;
             codegen = t2.elapsed();
+            if let Some(bound) = reference {
+                let want = cnnc::jit::compile(&f32_weights.program(&g, bound, batch)?, cnnc::jit::Options::default())?.exe.run(&[&x], threads)?;
+                let got = jit.exe.run(&[&x], threads)?;
+                accuracy = Some(got.max_abs_diff(&want) / want.max_abs().max(f32::MIN_POSITIVE));
+            }
             names = jit.exe.steps().iter().zip(program.param_bytes()).map(|(s, b)| (s.name.clone(), s.flops, b)).collect();
             run = Box::new(move |_| Ok(jit.exe.run_timed(&[&x], threads)?.1));
         }

@@ -142,7 +142,7 @@ impl ExecArgs {
             Backend::Cuda => cnnc::kernel::Tier::Portable,
             Backend::Reference => bail!("internal error: the reference backend has no kernel program"),
         };
-        Ok(cnnc::kernel::program_opts(g, bound, batch, tier, cnnc::kernel::Winograd::Auto, self.weights_dtype))
+        Ok(cnnc::kernel::program_with(g, bound, batch, cnnc::kernel::Lowering { fc_weights: self.weights_dtype, ..cnnc::kernel::Lowering::new(tier) }))
     }
 
     /// Flags that do not go together.

@@ -7,7 +7,7 @@
 //! (no python3 or no network) the assembler test is skipped with a note, except in CI (`CI` set), where it
 //! fails.
 
-use cnnc::kernel::{Program, Tier, WeightsDtype, Winograd};
+use cnnc::kernel::{Lowering, Program, Tier, WeightsDtype, Winograd};
 use cnnc::ptx;
 use cnnc_runtime::Tensor;
 use std::path::{Path, PathBuf};
@@ -26,7 +26,7 @@ fn program_as(name: &str, text: &str, batch: usize, tier: Tier, dtype: WeightsDt
     let (g, _) = cnnc::compile(&src).unwrap_or_else(|f| panic!("{}", src.render_plain(&f.0)));
     let (g, _) = cnnc::opt::optimize(&g, &cnnc::opt::Options { level: 1, model: cnnc::opt::lang::CUDA });
     let zeros = g.params().into_iter().map(|s| (s.clone(), Tensor::zeros(s.shape.clone()))).collect();
-    cnnc::kernel::program_opts(&g, cnnc::weights::Bound { params: zeros, notes: vec![] }, batch, tier, Winograd::Auto, dtype)
+    cnnc::kernel::program_with(&g, cnnc::weights::Bound { params: zeros, notes: vec![] }, batch, Lowering { fc_weights: dtype, ..Lowering::new(tier) })
 }
 
 /// The ptxas of the `nvidia-cuda-nvcc-cu12` wheel in `target/ci-venv`, installed on first use.
@@ -639,11 +639,11 @@ fn emitted_ptx_computes_what_the_jit_computes() {
             let x = Tensor::new(shape.clone(), cnnc_runtime::rng::normal("x", shape.iter().product()).map(|v| v as f32).collect()).expect("sized");
             let winograd = if name.starts_with("winograd") { Winograd::Always } else { Winograd::Auto };
             let dtype = if name.starts_with("bf16") { WeightsDtype::Bf16 } else { WeightsDtype::F32 };
-            let program_with = |g: &_, bound, batch, tier, winograd| cnnc::kernel::program_opts(g, bound, batch, tier, winograd, dtype);
-            let cpu = program_with(&g, bound(&g), batch, Tier::Portable, winograd);
+            let lowering = |tier| Lowering { tier, winograd, fc_weights: dtype };
+            let cpu = cnnc::kernel::program_with(&g, bound(&g), batch, lowering(Tier::Portable));
             let want = cnnc::jit::compile(&cpu, cnnc::jit::Options { checked: true }).expect("jit").exe.run(&[&x], 1).expect("runs");
             for tier in [Tier::Portable, Tier::Avx512] {
-                let p = program_with(&g, bound(&g), batch, tier, winograd);
+                let p = cnnc::kernel::program_with(&g, bound(&g), batch, lowering(tier));
                 let what = format!("{name}, batch {batch}, {tier:?} tier");
                 let got = emu::run(&ptx::emit(&p, 80).expect("emits"), &p, &[&x]).unwrap_or_else(|e| panic!("{what}: {e}"));
                 assert_eq!(got.shape(), want.shape(), "{what}");

@@ -143,7 +143,7 @@ pub fn tile(accumulate: bool, relu: bool, taps: Option<&Taps>, narrow: bool) -> 
             a.movsxd(rax, dword_ptr(r8))?;
             a.lea(rax, qword_ptr(rsi + rax * 4))?;
             for kx in 0..t.kw {
-                let (at, mask) = (4 * t.column(kx) as i32, 4 * kx as i32);
+                let (at, mask) = (4 * t.column(kx as i64) as i32, 4 * kx as i32);
                 for (v, k) in [k3, k4].into_iter().enumerate().take(vectors) {
                     a.kmovw(k, word_ptr(r10 + mask + 2 * v as i32))?;
                     a.vmovups(masked(bs[v], 3 + v).z(), zmmword_ptr(rax + at + 64 * v as i32))?;

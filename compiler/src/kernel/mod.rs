@@ -17,7 +17,7 @@ mod ops;
 mod program;
 mod winograd;
 
-pub use program::{program, program_opts, program_with, Launch, Program, Slot, ALIGN};
+pub use program::{program, program_with, Launch, Lowering, Program, Slot, ALIGN};
 pub use winograd::Winograd;
 
 /// How linear layers keep their weights (`--weights-dtype`). Opt-in only: f32 is the default.
@@ -51,6 +51,7 @@ pub fn bf16_bits(v: f32) -> u16 {
 }
 
 use std::fmt;
+use std::ops::{Add, Div, Mul, Rem, Sub};
 
 /// A mutable kernel variable (`%v3`), typed once by its declaration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -207,8 +208,9 @@ pub enum BRows {
 /// numbered `p = oy·pitch + ox` (columns ox ≥ ow, if the pitch is wider, are computed and ignored).
 /// For `kk = k0 + k`: tap row `r = kk / kw` (channel `r / kh`, kernel row `ky = r % kh`), tap column
 /// `kx = kk % kw`, pixel `p = col + j`:
-/// `B(k, j) = B[b0 + p + offset(r) + (kx % s1)·phase + kx / s1 − pad]` if
-/// `0 ≤ p % pitch + kx / s1 − pad < w` ([`Taps::reads`]), else 0.
+/// `B(k, j) = B[b0 + p + offset(r) + column(kx) − pad]` if `0 ≤ source(p % pitch, kx) < w`, else 0.
+/// The formulas are generic, so that the JIT's tables (i64) and the other backends' expressions
+/// ([`Expr`]) are the same code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Taps {
     pub kh: usize,
@@ -224,30 +226,27 @@ pub struct Taps {
     pub w: usize,
 }
 
-impl Taps {
-    /// Whether output column `ox` reads memory (not padding) at tap column `kx`.
-    pub fn reads(&self, ox: Expr, kx: Expr) -> Expr {
-        let sx = ox + kx / self.stride[1] as i64 - self.pad as i64;
-        e(0i64).le(sx.clone()).and(sx.lt(self.w))
-    }
+/// Integer arithmetic the [`Taps`] formulas need: `i64` (evaluated) and [`Expr`] (in kernels).
+pub trait TapInt: Clone + Add<Output = Self> + Sub<i64, Output = Self> + Mul<i64, Output = Self> + Div<i64, Output = Self> + Rem<i64, Output = Self> {}
+impl<T: Clone + Add<Output = T> + Sub<i64, Output = T> + Mul<i64, Output = T> + Div<i64, Output = T> + Rem<i64, Output = T>> TapInt for T {}
 
+impl Taps {
     /// Where tap row `r` (channel r / kh, kernel row r % kh) starts, relative to its group's input.
-    pub fn offset(&self, r: Expr) -> Expr {
+    pub fn offset<T: TapInt>(&self, r: T) -> T {
         let [s0, s1] = self.stride.map(|s| s as i64);
         let (c, ky) = (r.clone() / self.kh as i64, r % self.kh as i64);
         (c * s0 + ky.clone() % s0) * (s1 * self.phase as i64) + ky / s0 * self.pitch as i64
     }
 
-    /// [`Taps::offset`], evaluated (the JIT tile's table).
-    pub fn offset_of(&self, r: usize) -> i64 {
-        let [s0, s1] = self.stride;
-        let (c, ky) = (r / self.kh, r % self.kh);
-        ((c * s0 + ky % s0) * s1 * self.phase + ky / s0 * self.pitch) as i64
+    /// Where tap column `kx` lies from its row's start (phase, then shift), in elements.
+    pub fn column<T: TapInt>(&self, kx: T) -> T {
+        let s1 = self.stride[1] as i64;
+        kx.clone() % s1 * self.phase as i64 + kx / s1
     }
 
-    /// Where tap column `kx` lies from its row's start (phase, then shift), in elements.
-    pub fn column(&self, kx: usize) -> usize {
-        kx % self.stride[1] * self.phase + kx / self.stride[1]
+    /// The input column output column `ox` reads at tap column `kx`: padding unless in `0..w`.
+    pub fn source<T: TapInt>(&self, ox: T, kx: T) -> T {
+        ox + kx / self.stride[1] as i64 - self.pad as i64
     }
 }
 

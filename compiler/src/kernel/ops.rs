@@ -445,16 +445,9 @@ fn linear_as_gemm(t: &mut Tables, n: &Node, l: &Linear, relu: bool) {
     let (k, o, b) = (l.in_features, l.out_features, n.batch);
     let (mr, nr) = (t.tier.mr(), t.tier.nr());
     let (blocks, tiles) = (b.div_ceil(mr), o.div_ceil(nr));
-    let w = n.params[0].data();
-    let mut panels = vec![0.0; tiles * k * nr];
-    for (f, row) in w.chunks(k).enumerate() {
-        for (kk, &v) in row.iter().enumerate() {
-            panels[(f / nr * k + kk) * nr + f % nr] = t.fc_weights.round(v);
-        }
-    }
-    // Padded to whole tiles: at least MR long, as the tile's (unused) bias operand must be.
-    let mut bias = n.params.get(1).map_or(vec![0.0; o], |b| b.data().to_vec());
-    bias.resize(tiles * nr, 0.0);
+    // The bias is padded to whole tiles: at least MR long, as the tile's (unused) bias operand must be.
+    let (mut panels, bias) = pack_blocks(n.params[0].data(), n.params.get(1).map(|b| b.data()), k, nr);
+    panels.iter_mut().for_each(|v| *v = t.fc_weights.round(*v));
     let (wp, bp, xp) = (t.param(panels), t.param(bias), t.store(blocks * k * mr));
     let name = |s: &str| format!("{}.{s}", n.name);
     // xp[block][kk][r] = x[block·MR + r][kk], zero past the batch.
@@ -548,17 +541,28 @@ struct Geo {
 /// Packs `W` (out, in/groups, kh, kw) as [group][block][k][MR], zero rows past the group's channels,
 /// and the bias as [group][block·MR + r].
 fn pack_conv(c: &Conv2d, g: &Geo, mr: usize, w: &[f32], b: Option<&[f32]>) -> (Vec<f32>, Vec<f32>) {
-    let mut a = vec![0.0; c.groups * g.ncb * g.k * mr];
-    let mut bias = vec![0.0; c.groups * g.ncb * mr];
+    let (mut a, mut bias) = (vec![], vec![]);
     for grp in 0..c.groups {
-        for co in 0..g.cog {
-            let (blk, r, oc) = (grp * g.ncb + co / mr, co % mr, grp * g.cog + co);
-            for k in 0..g.k {
-                a[(blk * g.k + k) * mr + r] = w[oc * g.k + k];
-            }
-            bias[blk * mr + r] = b.map_or(0.0, |b| b[oc]);
+        let rows = grp * g.cog..(grp + 1) * g.cog;
+        let (ga, gb) = pack_blocks(&w[rows.start * g.k..rows.end * g.k], b.map(|b| &b[rows]), g.k, mr);
+        a.extend(ga);
+        bias.extend(gb);
+    }
+    (a, bias)
+}
+
+/// Packs rows of `k` weights (row-major `w`) as [block][k][mr], zero rows past the last, and their
+/// bias (zeros without one) as [block·mr + r]: the tile's A, or (turned around) a linear layer's B.
+fn pack_blocks(w: &[f32], b: Option<&[f32]>, k: usize, mr: usize) -> (Vec<f32>, Vec<f32>) {
+    let rows = w.len() / k;
+    let mut a = vec![0.0; rows.div_ceil(mr) * k * mr];
+    for (row, ws) in w.chunks(k).enumerate() {
+        for (kk, &v) in ws.iter().enumerate() {
+            a[(row / mr * k + kk) * mr + row % mr] = v;
         }
     }
+    let mut bias = b.map_or(vec![0.0; rows], <[f32]>::to_vec);
+    bias.resize(rows.div_ceil(mr) * mr, 0.0);
     (a, bias)
 }
 
@@ -824,12 +828,12 @@ enum Columns {
 
 /// The tables of [`BRows::Taps`] for one (image, group), as u32/i32 bits in f32s: the lane masks of
 /// every column tile ([tile][kx]: bit j set if output pixel `tile·nr + j` exists and reads memory at tap
-/// column kx, [`Taps::reads`]) and every tap row's [`Taps::offset`].
+/// column kx, [`Taps::source`] in `0..w`) and every tap row's [`Taps::offset`].
 fn tap_tables(tp: &Taps, p: usize, nr: usize, cig: usize) -> (Vec<f32>, Vec<f32>) {
-    let reads = |ox: usize, kx: usize| (tp.pad..tp.pad + tp.w).contains(&(ox + kx / tp.stride[1]));
+    let reads = |ox: usize, kx: usize| (0..tp.w as i64).contains(&tp.source(ox as i64, kx as i64));
     let mask = |col: usize, kx: usize| (0..nr.min(p - col)).filter(|j| reads((col + j) % tp.pitch, kx)).fold(0u32, |m, j| m | 1 << j);
     let masks = (0..p.div_ceil(nr)).flat_map(|t| (0..tp.kw).map(move |kx| f32::from_bits(mask(t * nr, kx)))).collect();
-    let offset = |r: usize| i32::try_from(tp.offset_of(r)).expect("under 2³¹: the lowering checks `group_bytes`") as u32;
+    let offset = |r: usize| i32::try_from(tp.offset(r as i64)).expect("under 2³¹: the lowering checks `group_bytes`") as u32;
     (masks, (0..cig * tp.kh).map(|r| f32::from_bits(offset(r))).collect())
 }
 

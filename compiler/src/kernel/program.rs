@@ -56,16 +56,27 @@ impl Program {
 
 /// Lowers a graph with bound parameters for `batch` samples.
 pub fn program(graph: &Graph, bound: Bound, batch: usize, tier: Tier) -> Program {
-    program_with(graph, bound, batch, tier, Winograd::Auto)
+    program_with(graph, bound, batch, Lowering::new(tier))
 }
 
-/// [`program`] with the Winograd choice made by the caller (tests and benchmarks compare both forms).
-pub fn program_with(graph: &Graph, bound: Bound, batch: usize, tier: Tier, winograd: Winograd) -> Program {
-    program_opts(graph, bound, batch, tier, winograd, WeightsDtype::F32)
+/// The choices a lowering makes beyond the graph: the GEMM tier, Winograd (tests and benchmarks
+/// compare both forms), and how linear layers keep their weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lowering {
+    pub tier: Tier,
+    pub winograd: Winograd,
+    pub fc_weights: WeightsDtype,
 }
 
-/// [`program_with`] with linear layers' weights kept as `fc_weights`.
-pub fn program_opts(graph: &Graph, bound: Bound, batch: usize, tier: Tier, winograd: Winograd, fc_weights: WeightsDtype) -> Program {
+impl Lowering {
+    /// The defaults for `tier`: Winograd where the cost model takes it, f32 weights.
+    pub fn new(tier: Tier) -> Lowering {
+        Lowering { tier, winograd: Winograd::Auto, fc_weights: WeightsDtype::F32 }
+    }
+}
+
+/// [`program`] with every lowering choice made by the caller.
+pub fn program_with(graph: &Graph, bound: Bound, batch: usize, Lowering { tier, winograd, fc_weights }: Lowering) -> Program {
     let tensors: HashMap<String, Tensor> = bound.params.into_iter().map(|(s, t)| (s.key, t)).collect();
     let order: Vec<NodeId> = graph.nodes().map(|(id, _)| id).collect();
     let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &id)| (id, i)).collect();

@@ -671,11 +671,12 @@ fn gemm_loops(g: &Gemm, mr: usize, vars: &mut Vec<Ty>) -> Vec<Stmt> {
             let p = col.clone() + j;
             let k = k0.clone() + kk;
             let (r, kx) = (k.clone() / t.kw, k % t.kw);
-            let s1 = t.stride[1] as i64;
-            let at = Expr::from(b0) + p.clone() + t.offset(r) + kx.clone() % s1 * t.phase + kx.clone() / s1 - t.pad as i64;
+            let at = Expr::from(b0) + p.clone() + t.offset(r) + t.column(kx.clone()) - t.pad as i64;
+            let sx = t.source(p % t.pitch as i64, kx);
             // Padding lanes take an FMA with zero too, as the packed column matrix's zeros would.
             let (read, pad) = (a.clone().fma(g.b.at(at), acc), a.fma(0.0f32, acc));
-            vec![Stmt::If { cond: t.reads(p % t.pitch, kx), then: vec![Stmt::Set(acc, read)], els: vec![Stmt::Set(acc, pad)] }]
+            let reads = Expr::from(0i64).le(sx.clone()).and(sx.lt(t.w));
+            vec![Stmt::If { cond: reads, then: vec![Stmt::Set(acc, read)], els: vec![Stmt::Set(acc, pad)] }]
         }
     };
     let mut cell = vec![Stmt::Set(acc, init), Stmt::For { var: kk, lo: 0i64.into(), hi: depth.into(), step: 1, body: step }];
