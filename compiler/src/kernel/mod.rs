@@ -248,6 +248,19 @@ impl Taps {
     pub fn source<T: TapInt>(&self, ox: T, kx: T) -> T {
         ox + kx / self.stride[1] as i64 - self.pad as i64
     }
+
+    /// Tap column `kx`'s shift from the output column ([`Taps::source`] − ox): tap columns with the same
+    /// shift read (and mask) the same lanes.
+    pub fn shift(&self, kx: usize) -> i64 {
+        self.source(0, kx as i64)
+    }
+
+    /// Whether every output column `0..pitch` reads memory at tap column `kx` (no lane falls on
+    /// padding, so only the call's own columns mask its loads).
+    pub fn unmasked(&self, kx: usize) -> bool {
+        let d = self.shift(kx);
+        d >= 0 && self.pitch as i64 - 1 + d < self.w as i64
+    }
 }
 
 /// The GEMM microkernel a program is lowered for; it fixes the tile shape and the weight packing.
