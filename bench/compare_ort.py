@@ -1,16 +1,20 @@
 #!/usr/bin/env python3
 """Latency of cnnc against ONNX Runtime on Chainer's AlexBN: same model, same weights, one run.
 
-    python3 bench/compare_ort.py [--cnnc PATH] [--batch 1 8] [--threads 1 2] [--runs 30] [--work DIR]
+    python3 bench/compare_ort.py [--cnnc PATH] [--batch 1 8] [--threads 1 2] [--runs 30] [--rounds 5]
+                                 [--work DIR] [--layers]
 
 1. Writes deterministic weights (numpy default_rng(0)) as a Chainer-style npz with the keys cnnc
    reads (conv1/W, conv1/b, bn1/gamma, bn1/beta, bn1/avg_mean, bn1/avg_var, ..., fc8/b) and the
    equivalent ONNX graph built with onnx.helper, both cached in --work (about 250 MB each).
 2. Correctness gate, per batch size: `cnnc run models/alexbn.model --weights W --input x.npy
    --output y.npy` against ORT on the same seeded N(0,1) input; exits 1 if max|diff| / max|ORT| > 1e-4.
-3. For each (batch, threads): `cnnc bench ... --json` (cnnc times itself), then ORT in-process
-   (intra_op_num_threads=T, inter_op 1, sequential, all graph optimizations; 5 warm-up runs).
-   Prints a markdown table with median and min latencies and the ratio cnnc/ORT of the medians.
+3. For each (batch, threads), --rounds times: `cnnc bench ... --json` (cnnc times itself), then ORT
+   in-process (intra_op_num_threads=T, inter_op 1, sequential, all graph optimizations; 5 warm-up
+   runs), --runs runs each. Prints a markdown table with the median over rounds of each side's median
+   latency, the min latencies, and the ratio cnnc/ORT as the median over rounds of the round's ratio:
+   on a shared machine, whose speed drifts over seconds, each round's two measurements see about the
+   same neighbours, so the paired ratio is steadier than one long block per side.
 4. With --layers, per (batch, threads) also a per-layer table: `cnnc bench --profile --json` (its
    kernels grouped by layer) beside ORT's own profiler (SessionOptions.enable_profiling, its node
    events per run assigned to layers in order), as ms, GFLOP/s (GB/s of weights for the linear
@@ -41,7 +45,9 @@ BNS = [("bn1", 96), ("bn2", 256)]
 FCS = [("fc6", 9216, 4096), ("fc7", 4096, 4096), ("fc8", 4096, 1000)]
 CONV_OUT = {"conv1": 55, "conv2": 27, "conv3": 13, "conv4": 13, "conv5": 13}  # output width at 227x227
 # Measured zmm FMA peak per core of the 2-core development machine (16 lanes x 2 FMA units x 2 flops x
-# ~3.5 GHz); the "% of peak" columns divide by it times the thread count.
+# ~3.5 GHz); the "% of peak" columns divide by it times the thread count. A pure FMA loop measured
+# 160-170 GFLOP/s on busier days (the neighbours share the physical cores), so read % of peak as a
+# lower bound and compare cnnc with ORT in the same run.
 PEAK_GFLOPS_PER_CORE = 224.0
 
 
@@ -257,7 +263,8 @@ def main():
     ap.add_argument("--cnnc", default=os.path.join(ROOT, "target", "release", "cnnc"))
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--runs", type=int, default=30, help="timed runs per side per round")
+    ap.add_argument("--rounds", type=int, default=5, help="alternations of cnnc and ORT per configuration")
     ap.add_argument("--work", default=os.path.expanduser("~/.cache/cnnc-bench"))
     ap.add_argument("--ort-only", action="store_true", help="time ONNX Runtime alone (no gate, no cnnc)")
     ap.add_argument("--layers", action="store_true", help="also per-layer tables (cnnc --profile, ORT's profiler)")
@@ -277,7 +284,7 @@ def main():
     print(f"command: `{shlex.join(getattr(sys, 'orig_argv', [sys.executable, *sys.argv]))}`  ")
     print(f"cnnc: {cnnc.strip()} (tree {tree.stdout.strip() or '?'}); onnxruntime {onnxruntime.__version__}  ")
     print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs)  ")
-    print(f"model: {os.path.relpath(MODEL, ROOT)}, weights {npz}, {a.runs} timed runs each\n")
+    print(f"model: {os.path.relpath(MODEL, ROOT)}, weights {npz}, {a.rounds} rounds of {a.runs} timed runs each\n")
 
     if not a.ort_only:
         for b in a.batch:
@@ -287,15 +294,25 @@ def main():
                 sys.exit(f"cnnc and ONNX Runtime disagree at batch {b}; not timing")
         print()
 
-    print("| batch | threads | cnnc median ms | ORT median ms | ratio cnnc/ORT | cnnc min | ORT min |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("| batch | threads | cnnc median ms | ORT median ms | ratio cnnc/ORT | round ratios | cnnc min | ORT min |")
+    print("|---:|---:|---:|---:|---:|---|---:|---:|")
+    med = statistics.median
     for b in a.batch:
         for t in a.threads:
-            c = None if a.ort_only else cnnc_bench(a.cnnc, npz, b, t, a.runs)
-            o_med, o_min = time_ort(ort_session(onnx_path, t), b, a.runs)
-            c_med, c_min, ratio = ("-",) * 3 if c is None else (
-                f"{c['median_ms']:.2f}", f"{c['min_ms']:.2f}", f"{c['median_ms'] / o_med:.2f}")
-            print(f"| {b} | {t} | {c_med} | {o_med:.2f} | {ratio} | {c_min} | {o_min:.2f} |", flush=True)
+            sess = ort_session(onnx_path, t)
+            ours, theirs = [], []
+            for _ in range(a.rounds):
+                if not a.ort_only:
+                    ours.append(cnnc_bench(a.cnnc, npz, b, t, a.runs))
+                theirs.append(time_ort(sess, b, a.runs))
+            o_med, o_min = med(o for o, _ in theirs), min(m for _, m in theirs)
+            if ours:
+                ratios = [c["median_ms"] / o for c, (o, _) in zip(ours, theirs)]
+                c_med, c_min = f"{med(c['median_ms'] for c in ours):.2f}", f"{min(c['min_ms'] for c in ours):.2f}"
+                ratio, spread = f"{med(ratios):.2f}", " ".join(f"{r:.2f}" for r in ratios)
+            else:
+                c_med = c_min = ratio = spread = "-"
+            print(f"| {b} | {t} | {c_med} | {o_med:.2f} | {ratio} | {spread} | {c_min} | {o_min:.2f} |", flush=True)
     if a.layers:
         for b in a.batch:
             for t in a.threads:
