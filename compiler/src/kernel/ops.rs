@@ -79,6 +79,10 @@ pub struct Node<'a> {
     pub ins: Vec<(Ref, &'a [usize])>,
     pub out: (Ref, &'a [usize]),
     pub params: Vec<Tensor>,
+    /// For 1×1 convolutions at batch 1 only: elements between consecutive groups' first input and
+    /// output rows, when not a group's size (Winograd's GEMMs, whose 36 planes would otherwise lie a
+    /// multiple of 4 KiB apart, see there).
+    pub group_pitch: Option<[usize; 2]>,
 }
 
 impl Node<'_> {
@@ -607,6 +611,9 @@ pub(super) fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after:
     };
     let pitch = if columns == Columns::Taps && !masked { (w + 2 * c.pad[1]).div_ceil(s1) } else { ow };
     let g = Geo { cig, cog: co / c.groups, k, p: oh * pitch, ncb };
+    // Elements from one (image, group)'s first input row (of unpacked columns) and output row to the next.
+    let [gp_in, gp_out] = n.group_pitch.unwrap_or([g.cig * g.p, g.cog * g.p]);
+    debug_assert!(n.group_pitch.is_none() || (n.batch == 1 && columns == Columns::Input));
     let (a, bias) = pack_conv(c, &g, mr, n.params[0].data(), n.params.get(1).map(|b| b.data()));
     let (a, bias) = (t.param(a), t.param(bias));
     let name = |s: &str| format!("{}.{s}", n.name);
@@ -635,7 +642,7 @@ pub(super) fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after:
         Taps { kh, kw, stride: c.stride, pitch, phase: ph.hq * pitch, pad, w }
     });
     let (cols, col_len) = match (columns, ph) {
-        (Columns::Input, _) => (x, n.in_len(0)),
+        (Columns::Input, _) => (x, gp_in * c.groups * n.batch),
         (Columns::OnTheFly | Columns::Taps, Some((xq, ph))) => (xq, ph.len(n.batch, ci)),
         (Columns::Panels, Some((xq, ph))) => {
             let len = n.batch * c.groups * ntiles * g.k * nr;
@@ -655,7 +662,7 @@ pub(super) fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after:
         }
         _ => unreachable!("packed columns have a phased input"),
     };
-    let conv_len = n.batch * co * g.p;
+    let conv_len = n.batch * c.groups * gp_out;
     let pre_pool = if pool_after.is_some() { t.store(conv_len) } else { n.out.0 };
     // Packed layers are split by column tiles; the others by channel blocks, so each task streams only
     // its share of A and pools its own channels in the same launch.
@@ -688,12 +695,12 @@ pub(super) fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after:
     let bbase = |ig: &Expr| {
         let plane = |plane: usize| ig.clone() / c.groups * (ci * plane) + ig.clone() % c.groups * (g.cig * plane);
         match (columns, taps) {
-            (Columns::Input, _) => plane(g.p),
+            (Columns::Input, _) => ig.clone() * gp_in,
             (Columns::Taps, Some(tp)) => plane(s0 * s1 * tp.phase),
             _ => ig.clone() * (ntiles * g.k * nr),
         }
     };
-    let cbase = |ig: &Expr| (ig.clone() / c.groups * co + ig.clone() % c.groups * g.cog) * g.p;
+    let cbase = |ig: &Expr| ig.clone() * gp_out;
     // The tile of channel block `blk` × columns col..col + cols, for k in k0..k0 + depth.
     let gemm = |ig: &Expr, blk: Expr, k0: &Expr, depth: &Expr, col: &Expr, cols: Expr, accumulate: bool, relu: bool| {
         let blocks = ig.clone() % c.groups * g.ncb + blk.clone();
