@@ -3,8 +3,10 @@
 //! their fused bias, ReLU and pooling), runs the reference interpreter, and runs the JIT with every
 //! GEMM tier this CPU has, in checked mode (every access bounds-checked), on 1 and 3 threads. The JIT
 //! must agree with the reference within 1e-5 × max |reference| and give the same bytes for every tier
-//! and thread count. Convolutions that can take Winograd F(4×4, 3×3) are checked both as the cost model
-//! lowers them and with it forced on; Winograd lowerings are held to 5e-5 (its transforms add roundings). Shrunk failures are pinned below as named cases.
+//! and thread count. Convolutions that can take Winograd (3×3 and 5×5, stride 1, ungrouped) are checked
+//! as the cost model lowers them and with each of its algorithms forced on — F(4×4, 3×3) and F(2×2, 3×3),
+//! or F(2×2, 5×5); Winograd lowerings are held to 5e-5 (its transforms add roundings). Shrunk failures
+//! are pinned below as named cases.
 
 use cnnc::kernel::{BRows, Lowering, Program, Stmt, Tier, WeightsDtype, Winograd};
 use cnnc_runtime::{rng, Tensor};
@@ -89,7 +91,7 @@ impl Problem {
         cnnc::compile(&cnnc::diag::Source::new("case.model", self.source())).is_ok()
     }
 
-    /// Whether the cost model (`Winograd::Auto`) lowers this problem with Winograd F(4×4, 3×3).
+    /// Whether the cost model (`Winograd::Auto`) lowers this problem with one of Winograd's algorithms.
     fn auto_takes_winograd(&self) -> bool {
         let src = cnnc::diag::Source::new("case.model", self.source());
         let g = optimized(&cnnc::compile(&src).expect("compiles").0, 1);
@@ -116,9 +118,13 @@ impl Problem {
         let shape = [self.batch, self.c, self.h, self.w];
         let x = Tensor::new(shape.to_vec(), rng::normal("x", shape.iter().product()).map(|v| v as f32).collect()).unwrap();
         let want = run_graph(&src, &g, Params::Generated(prng_param), x.clone());
-        // Stride-1 ungrouped 3×3 convolutions are also checked as Winograd F(4×4, 3×3), forced on.
-        let winograd = matches!(self.layer, Layer::Conv { k: [3, 3], stride: 1, groups: 1, .. });
-        for choice in [Winograd::Auto].into_iter().chain(winograd.then_some(Winograd::Always)) {
+        // Stride-1 ungrouped 3×3 and 5×5 convolutions are also checked with each Winograd algorithm forced.
+        let forced: &[Winograd] = match self.layer {
+            Layer::Conv { k: [3, 3], stride: 1, groups: 1, .. } => &[Winograd::Always, Winograd::Small],
+            Layer::Conv { k: [5, 5], stride: 1, groups: 1, .. } => &[Winograd::Always],
+            _ => &[],
+        };
+        for &choice in [Winograd::Auto].iter().chain(forced) {
             let mut first: Option<Tensor> = None;
             for tier in tiers() {
                 let program = cnnc::kernel::program_with(
@@ -169,9 +175,11 @@ fn pool_strategy() -> impl Strategy<Value = Pool> {
 }
 
 fn problem() -> impl Strategy<Value = Problem> {
+    // Kernels up to 3×3, and 5×5 (Winograd's F(2×2, 5×5)) one time in five.
+    let kernel = prop_oneof![4 => (1usize..4, 1usize..4), 1 => Just((5, 5))];
     let conv =
-        (1usize..3, 1usize..4, 1usize..30, 1usize..4, 1usize..4, 1usize..3, 0usize..2, any::<bool>(), any::<bool>(), proptest::option::of(pool_strategy()))
-            .prop_map(|(groups, cg, out_g, kh, kw, stride, pad, bias, relu, pool)| {
+        (1usize..3, 1usize..4, 1usize..30, kernel, 1usize..3, 0usize..3, any::<bool>(), any::<bool>(), proptest::option::of(pool_strategy()))
+            .prop_map(|(groups, cg, out_g, (kh, kw), stride, pad, bias, relu, pool)| {
                 (groups * cg, Layer::Conv { out: out_g * groups, k: [kh, kw], stride, pad, groups, bias, relu, pool: pool.filter(|p| p.max) })
             });
     let other = prop_oneof![
@@ -352,6 +360,15 @@ fn max_pool_of_a_large_plane() {
 fn winograd_edge_tiles() {
     conv(6, 11, 13, 3, 1, 1, 1, Some(Pool { max: true, k: 3, stride: 2, pad: 0, cover_all: true })).check();
     Problem { batch: 3, c: 5, h: 9, w: 9, layer: Layer::Conv { out: 7, k: [3, 3], stride: 1, pad: 0, groups: 1, bias: false, relu: false, pool: None } }
+        .check();
+}
+
+/// Winograd F(2×2, 5×5) (AlexNet's conv2 in miniature: pad 2, a fused 3×3/2 max pool; 13 × 13 outputs in
+/// tiles of 2 with a partial last one), and without padding (9 × 9 → 5 × 5), at batch 3.
+#[test]
+fn winograd_five_by_five() {
+    conv(5, 13, 9, 5, 1, 2, 1, Some(Pool { max: true, k: 3, stride: 2, pad: 0, cover_all: true })).check();
+    Problem { batch: 3, c: 4, h: 9, w: 9, layer: Layer::Conv { out: 6, k: [5, 5], stride: 1, pad: 0, groups: 1, bias: true, relu: false, pool: None } }
         .check();
 }
 

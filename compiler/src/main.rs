@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use cnnc::diag::{Failed, Source};
 use cnnc::input::{self, Preprocess};
 use cnnc::ir::{self, Graph, Kind};
-use cnnc::kernel::WeightsDtype;
+use cnnc::kernel::{WeightsDtype, Winograd};
 use cnnc::weights::{self, Weights};
 use cnnc_runtime::{Op, Tensor};
 use std::io::Write;
@@ -132,6 +132,10 @@ struct ExecArgs {
     /// (`cnnc bench` reports it). Compiled backends only.
     #[arg(long, value_enum, default_value_t = WeightsDtype::F32)]
     weights_dtype: WeightsDtype,
+    /// When stride-1 3×3 and 5×5 convolutions take Winograd's minimal filtering: `auto` where the
+    /// cost model expects it to be faster (results then depend on the batch size, within 1e-4).
+    #[arg(long, value_enum, default_value_t = Winograd::Auto)]
+    winograd: Winograd,
 }
 
 impl ExecArgs {
@@ -142,7 +146,7 @@ impl ExecArgs {
             Backend::Cuda => cnnc::kernel::Tier::Portable,
             Backend::Reference => bail!("internal error: the reference backend has no kernel program"),
         };
-        Ok(cnnc::kernel::program_with(g, bound, batch, cnnc::kernel::Lowering { fc_weights: self.weights_dtype, ..cnnc::kernel::Lowering::new(tier) }))
+        Ok(cnnc::kernel::program_with(g, bound, batch, cnnc::kernel::Lowering { fc_weights: self.weights_dtype, winograd: self.winograd, ..cnnc::kernel::Lowering::new(tier) }))
     }
 
     /// Flags that do not go together.

@@ -585,8 +585,8 @@ pub(super) fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after:
         ),
         None => (n.out.1[1], n.out.1[2]),
     };
-    if super::winograd::chosen(t.winograd, c, n.batch, [oh, ow]) {
-        return super::winograd::lower(t, n, c, relu, pool_after, [oh, ow]);
+    if let Some(f) = super::winograd::chosen(t.winograd, c, n.batch, [oh, ow]) {
+        return super::winograd::lower(t, n, c, f, relu, pool_after, [oh, ow]);
     }
     let co = c.out_channels;
     let (mr, nr) = (t.tier.mr(), t.tier.nr());
