@@ -92,10 +92,13 @@ fn check_model(name: &str) {
     assert_close(&jit, &want, 1e-4, &format!("{name} JIT vs Chainer"));
     let jit0 = jit_graph(&src, &g, Params::Generated(prng_param), &x);
     assert_close(&jit0, &got, 1e-5, &format!("{name} JIT -O0 vs reference"));
-    // Every stride-1 ungrouped 3×3 convolution as Winograd F(4×4, 3×3) (the cost model takes it only at
-    // larger batches): still within 1e-4 of Chainer.
-    let wino = jit_graph_with(&src, &opt, Params::Generated(prng_param), &x, cnnc::kernel::Winograd::Always);
-    assert_close(&wino, &want, 1e-4, &format!("{name} JIT with Winograd vs Chainer"));
+    // Every stride-1 ungrouped 3×3 and 5×5 convolution as Winograd with 2×2, 3×3 and 4×4 output tiles
+    // (the cost model takes one where it pays): still within 1e-4 of Chainer.
+    use cnnc::kernel::Winograd;
+    for w in [Winograd::M2, Winograd::M3, Winograd::M4] {
+        let wino = jit_graph_with(&src, &opt, Params::Generated(prng_param), &x, w);
+        assert_close(&wino, &want, 1e-4, &format!("{name} JIT with Winograd {w:?} vs Chainer"));
+    }
 }
 
 #[test]

@@ -4,8 +4,8 @@
 //! GEMM tier this CPU has, in checked mode (every access bounds-checked), on 1 and 3 threads. The JIT
 //! must agree with the reference within 1e-5 × max |reference| and give the same bytes for every tier
 //! and thread count. Convolutions that can take Winograd (3×3 and 5×5, stride 1, ungrouped) are checked
-//! as the cost model lowers them and with each of its algorithms forced on — F(4×4, 3×3) and F(2×2, 3×3),
-//! or F(2×2, 5×5); Winograd lowerings are held to 5e-5 (its transforms add roundings). Shrunk failures
+//! as the cost model lowers them and with each of its algorithms forced on — F(2×2, 3×3), F(3×3, 3×3),
+//! F(4×4, 3×3), or F(2×2, 5×5), F(3×3, 5×5); Winograd lowerings are held to 5e-5 (its transforms add roundings). Shrunk failures
 //! are pinned below as named cases.
 
 use cnnc::kernel::{BRows, Lowering, Program, Stmt, Tier, WeightsDtype, Winograd};
@@ -120,8 +120,8 @@ impl Problem {
         let want = run_graph(&src, &g, Params::Generated(prng_param), x.clone());
         // Stride-1 ungrouped 3×3 and 5×5 convolutions are also checked with each Winograd algorithm forced.
         let forced: &[Winograd] = match self.layer {
-            Layer::Conv { k: [3, 3], stride: 1, groups: 1, .. } => &[Winograd::Always, Winograd::Small],
-            Layer::Conv { k: [5, 5], stride: 1, groups: 1, .. } => &[Winograd::Always],
+            Layer::Conv { k: [3, 3], stride: 1, groups: 1, .. } => &[Winograd::M2, Winograd::M3, Winograd::M4],
+            Layer::Conv { k: [5, 5], stride: 1, groups: 1, .. } => &[Winograd::M2, Winograd::M3],
             _ => &[],
         };
         for &choice in [Winograd::Auto].iter().chain(forced) {
@@ -177,11 +177,11 @@ fn pool_strategy() -> impl Strategy<Value = Pool> {
 fn problem() -> impl Strategy<Value = Problem> {
     // Kernels up to 3×3, and 5×5 (Winograd's F(2×2, 5×5)) one time in five.
     let kernel = prop_oneof![4 => (1usize..4, 1usize..4), 1 => Just((5, 5))];
-    let conv =
-        (1usize..3, 1usize..4, 1usize..30, kernel, 1usize..3, 0usize..3, any::<bool>(), any::<bool>(), proptest::option::of(pool_strategy()))
-            .prop_map(|(groups, cg, out_g, (kh, kw), stride, pad, bias, relu, pool)| {
-                (groups * cg, Layer::Conv { out: out_g * groups, k: [kh, kw], stride, pad, groups, bias, relu, pool: pool.filter(|p| p.max) })
-            });
+    let conv = (1usize..3, 1usize..4, 1usize..30, kernel, 1usize..3, 0usize..3, any::<bool>(), any::<bool>(), proptest::option::of(pool_strategy())).prop_map(
+        |(groups, cg, out_g, (kh, kw), stride, pad, bias, relu, pool)| {
+            (groups * cg, Layer::Conv { out: out_g * groups, k: [kh, kw], stride, pad, groups, bias, relu, pool: pool.filter(|p| p.max) })
+        },
+    );
     let other = prop_oneof![
         (1usize..5, 1usize..40, any::<bool>()).prop_map(|(c, out, relu)| (c, Layer::Linear { out, relu })),
         (1usize..5, pool_strategy()).prop_map(|(c, p)| (c, Layer::Pool(p))),
@@ -363,13 +363,12 @@ fn winograd_edge_tiles() {
         .check();
 }
 
-/// Winograd F(2×2, 5×5) (AlexNet's conv2 in miniature: pad 2, a fused 3×3/2 max pool; 13 × 13 outputs in
-/// tiles of 2 with a partial last one), and without padding (9 × 9 → 5 × 5), at batch 3.
+/// Winograd F(2×2, 5×5) and F(3×3, 5×5) (AlexNet's conv2 in miniature: pad 2, a fused 3×3/2 max pool; 13 × 13 outputs in
+/// tiles of 2 or 3 with a partial last one), and without padding (9 × 9 → 5 × 5), at batch 3.
 #[test]
 fn winograd_five_by_five() {
     conv(5, 13, 9, 5, 1, 2, 1, Some(Pool { max: true, k: 3, stride: 2, pad: 0, cover_all: true })).check();
-    Problem { batch: 3, c: 4, h: 9, w: 9, layer: Layer::Conv { out: 6, k: [5, 5], stride: 1, pad: 0, groups: 1, bias: true, relu: false, pool: None } }
-        .check();
+    Problem { batch: 3, c: 4, h: 9, w: 9, layer: Layer::Conv { out: 6, k: [5, 5], stride: 1, pad: 0, groups: 1, bias: true, relu: false, pool: None } }.check();
 }
 
 /// Large enough that the cost model picks Winograd by itself (AlexNet's conv4 shape at batch 8): 384

@@ -146,7 +146,12 @@ impl ExecArgs {
             Backend::Cuda => cnnc::kernel::Tier::Portable,
             Backend::Reference => bail!("internal error: the reference backend has no kernel program"),
         };
-        Ok(cnnc::kernel::program_with(g, bound, batch, cnnc::kernel::Lowering { fc_weights: self.weights_dtype, winograd: self.winograd, ..cnnc::kernel::Lowering::new(tier) }))
+        Ok(cnnc::kernel::program_with(
+            g,
+            bound,
+            batch,
+            cnnc::kernel::Lowering { fc_weights: self.weights_dtype, winograd: self.winograd, ..cnnc::kernel::Lowering::new(tier) },
+        ))
     }
 
     /// Flags that do not go together.

@@ -1,7 +1,7 @@
 //! Winograd's minimal filtering F(m×m, r×r) for stride-1, ungrouped r×r convolutions (Lavin & Gray,
 //! "Fast Algorithms for Convolutional Neural Networks", 2016): each m×m output tile costs α² = (m+r−1)²
-//! multiplies per (input, output) channel pair instead of m²r². Three algorithms ([`Fmr`]):
-//! F(4×4, 3×3) (36 for 144), F(2×2, 3×3) (16 for 36) and F(2×2, 5×5) (36 for 100).
+//! multiplies per (input, output) channel pair instead of m²r² ([`ALGORITHMS`]): F(2×2, 3×3) 16 for 36,
+//! F(3×3, 3×3) 25 for 81, F(4×4, 3×3) 36 for 144, F(2×2, 5×5) 36 for 100, F(3×3, 5×5) 49 for 225.
 //!
 //! For tile t of image i, with d the α×α input patch at (m·ty − pad, m·tx − pad) and g an r×r filter:
 //!   y = Aᵀ [ (G g Gᵀ) ⊙ (Bᵀ d B) ] A + bias
@@ -12,8 +12,8 @@
 //! ([`ops::phase_split`]), transform the input tiles (`winograd_in`), the GEMMs, transform back with bias
 //! and ReLU (`winograd_out`); max pooling, when fused, is a fifth.
 //!
-//! The matrices come from Toom–Cook interpolation at the points 0, ±1 (±2 for α = 6) and ∞
-//! ([`Fmr::matrices`]); F(4×4, 3×3) and F(2×2, 5×5) share their Bᵀ.
+//! The matrices come from Toom–Cook interpolation at the points 0, ±1, ±2, ½ (as many as α needs) and ∞
+//! ([`Fmr::matrices`]); algorithms with the same α share their Bᵀ.
 //!
 //! Accuracy: the transforms add roundings (entries up to 8 in Aᵀ, 5 in Bᵀ for α = 6; 1 for α = 4).
 //! Against the reference interpreter, relative to the output's largest magnitude: up to 1.2e-5 on
@@ -33,8 +33,12 @@ pub struct Fmr {
     pub r: usize,
 }
 
-/// The algorithms the lowering knows, largest tiles first.
-pub const ALGORITHMS: [Fmr; 3] = [Fmr { m: 4, r: 3 }, Fmr { m: 2, r: 5 }, Fmr { m: 2, r: 3 }];
+/// The algorithms the lowering knows, by filter size and then output tile.
+pub const ALGORITHMS: [Fmr; 5] = [Fmr { m: 2, r: 3 }, Fmr { m: 3, r: 3 }, Fmr { m: 4, r: 3 }, Fmr { m: 2, r: 5 }, Fmr { m: 3, r: 5 }];
+
+/// Interpolation points, the first α − 1 of them taken (with ∞): small magnitudes keep the transforms'
+/// entries, and so their roundings, small; ½ before ±3 for α = 7.
+const POINTS: [f64; 6] = [0.0, 1.0, -1.0, 2.0, -2.0, 0.5];
 
 /// Bᵀ (α×α), G (α×r) and Aᵀ (m×α), row-major rows.
 struct Matrices {
@@ -56,7 +60,7 @@ impl Fmr {
     /// 1/f_j (for ∞: ∏_l (x − p_l), and the filter's last tap).
     fn matrices(self) -> Matrices {
         let a = self.alpha();
-        let p: Vec<f64> = (0..a - 1).map(|i| if i == 0 { 0.0 } else { [1.0, -1.0][(i - 1) % 2] * (i.div_ceil(2)) as f64 }).collect();
+        let p = &POINTS[..a - 1];
         // Coefficients (constant first) of ∏ (x − p_l) over l ≠ skip, padded to α.
         let product = |skip: Option<usize>| {
             let mut c = vec![0.0; a];
@@ -74,7 +78,21 @@ impl Fmr {
         let mut g: Vec<Vec<f64>> = (0..a - 1).map(|j| (0..self.r).map(|k| p[j].powi(k as i32) / f(j)).collect()).collect();
         g.push((0..self.r).map(|k| if k + 1 == self.r { 1.0 } else { 0.0 }).collect());
         let at = (0..self.m)
-            .map(|i| (0..a).map(|j| if j + 1 == a { if i + 1 == self.m { 1.0 } else { 0.0 } } else { p[j].powi(i as i32) }).collect())
+            .map(|i| {
+                (0..a)
+                    .map(|j| {
+                        if j + 1 == a {
+                            if i + 1 == self.m {
+                                1.0
+                            } else {
+                                0.0
+                            }
+                        } else {
+                            p[j].powi(i as i32)
+                        }
+                    })
+                    .collect()
+            })
             .collect();
         Matrices { bt, g, at }
     }
@@ -95,21 +113,25 @@ pub enum Winograd {
     /// Where the cost model ([`choose`]) expects fewer instructions, with the algorithm it prices lowest.
     #[default]
     Auto,
-    /// Every stride-1, ungrouped 3×3 or 5×5 convolution, with the largest tiles: F(4×4, 3×3), F(2×2, 5×5).
-    Always,
-    /// Every stride-1, ungrouped 3×3 or 5×5 convolution, with 2×2 tiles: F(2×2, 3×3), F(2×2, 5×5).
-    Small,
+    /// Every stride-1, ungrouped 3×3 or 5×5 convolution, with 2×2 output tiles.
+    M2,
+    /// The same with 3×3 output tiles.
+    M3,
+    /// The same with the largest tiles up to 4×4: F(4×4, 3×3), F(3×3, 5×5).
+    M4,
     /// None.
     Never,
 }
 
 /// The algorithm convolution `c` (at `batch`, output [oh, ow]) is lowered with, if any.
 pub fn chosen(w: Winograd, c: &Conv2d, batch: usize, out: [usize; 2]) -> Option<Fmr> {
-    let mut fit = ALGORITHMS.into_iter().filter(|f| c.kernel == [f.r, f.r] && c.stride == [1, 1] && c.groups == 1);
+    let fit = ALGORITHMS.into_iter().filter(|f| c.kernel == [f.r, f.r] && c.stride == [1, 1] && c.groups == 1);
+    let largest = |m: usize| fit.clone().filter(|f| f.m <= m).last();
     match w {
         Winograd::Auto => choose(fit, c, batch, out),
-        Winograd::Always => fit.next(),
-        Winograd::Small => fit.last(),
+        Winograd::M2 => largest(2),
+        Winograd::M3 => largest(3),
+        Winograd::M4 => largest(4),
         Winograd::Never => None,
     }
 }
@@ -317,25 +339,26 @@ mod tests {
 
     #[test]
     fn the_cost_model_takes_winograd_where_it_pays() {
-        let (f43, f25, f23) = (ALGORITHMS[0], ALGORITHMS[1], ALGORITHMS[2]);
+        let [f23, f33, f43, f25, f35] = ALGORITHMS;
         let conv4 = conv(384, 384, 3, 1, 1);
         // AlexNet's conv4 (13 × 13): 4×4 tiles at batch 8; at batch 1 their 16 columns half fill a tile,
-        // and 2×2 tiles (49 columns) cost less. Its conv2 (27 × 27, 5×5) as F(2×2, 5×5) at both.
+        // and 3×3 tiles (25 columns) cost less. Its conv2 (27 × 27, 5×5) as F(3×3, 5×5) at both. (As
+        // measured: at batch 1, 1 thread, conv2 took 3.8 ms as F(3×3, 5×5), 5.8 as F(2×2, 5×5), 9.2
+        // direct; conv4 3.2 as F(3×3, 3×3), 3.7 as F(2×2, 3×3) or F(4×4, 3×3), 4.7 direct.)
         assert_eq!(chosen(Winograd::Auto, &conv4, 8, [13, 13]), Some(f43));
-        assert_eq!(chosen(Winograd::Auto, &conv4, 1, [13, 13]), Some(f23));
+        assert_eq!(chosen(Winograd::Auto, &conv4, 1, [13, 13]), Some(f33));
         let conv2 = Conv2d { pad: [2, 2], ..conv(96, 256, 5, 1, 1) };
-        assert_eq!(chosen(Winograd::Auto, &conv2, 1, [27, 27]), Some(f25));
-        assert_eq!(chosen(Winograd::Auto, &conv2, 8, [27, 27]), Some(f25));
+        assert_eq!(chosen(Winograd::Auto, &conv2, 1, [27, 27]), Some(f35));
+        assert_eq!(chosen(Winograd::Auto, &conv2, 8, [27, 27]), Some(f35));
         // Few channels: the transforms cost more than the multiplies saved.
         assert_eq!(chosen(Winograd::Auto, &conv(8, 8, 3, 1, 1), 8, [56, 56]), None);
         // Not applicable, whatever is asked.
         for c in [conv(384, 384, 7, 1, 1), conv(384, 384, 3, 2, 1), conv(384, 384, 3, 1, 2)] {
-            assert_eq!(chosen(Winograd::Always, &c, 8, [13, 13]), None);
+            assert_eq!(chosen(Winograd::M4, &c, 8, [13, 13]), None);
         }
-        assert_eq!(chosen(Winograd::Always, &conv(8, 8, 3, 1, 1), 1, [5, 5]), Some(f43));
-        assert_eq!(chosen(Winograd::Small, &conv(8, 8, 3, 1, 1), 1, [5, 5]), Some(f23));
-        assert_eq!(chosen(Winograd::Always, &conv(8, 8, 5, 1, 1), 1, [5, 5]), Some(f25));
-        assert_eq!(chosen(Winograd::Small, &conv(8, 8, 5, 1, 1), 1, [5, 5]), Some(f25));
+        let forced = |w, k| chosen(w, &conv(8, 8, k, 1, 1), 1, [5, 5]);
+        assert_eq!([forced(Winograd::M2, 3), forced(Winograd::M3, 3), forced(Winograd::M4, 3)], [Some(f23), Some(f33), Some(f43)]);
+        assert_eq!([forced(Winograd::M2, 5), forced(Winograd::M3, 5), forced(Winograd::M4, 5)], [Some(f25), Some(f35), Some(f35)]);
         assert_eq!(chosen(Winograd::Never, &conv4, 8, [13, 13]), None);
     }
 
@@ -343,7 +366,7 @@ mod tests {
     fn the_transform_matrices_compute_a_correlation() {
         for f in ALGORITHMS {
             let (a, Matrices { bt, g, at }) = (f.alpha(), f.matrices());
-            let d: Vec<f64> = (0..a).map(|i| [0.3, -1.2, 2.5, 0.7, -0.4, 1.9][i]).collect();
+            let d: Vec<f64> = (0..a).map(|i| [0.3, -1.2, 2.5, 0.7, -0.4, 1.9, -0.8][i]).collect();
             let w: Vec<f64> = (0..f.r).map(|k| [0.5, -0.25, 2.0, 1.5, -0.75][k]).collect();
             // For a 1-D signal d (α) and filter w (r): Aᵀ [(G w) ⊙ (Bᵀ d)] = the m outputs of w sliding on d.
             let gw: Vec<f64> = g.iter().map(|row| row.iter().zip(&w).map(|(x, y)| x * y).sum()).collect();
@@ -358,7 +381,7 @@ mod tests {
 
     #[test]
     fn f4x4_3x3_has_lavin_and_grays_matrices() {
-        let Matrices { bt, g, at } = ALGORITHMS[0].matrices();
+        let Matrices { bt, g, at } = Fmr { m: 4, r: 3 }.matrices();
         assert_eq!(bt[0], [4.0, 0.0, -5.0, 0.0, 1.0, 0.0]);
         assert_eq!(bt[3], [0.0, -2.0, -1.0, 2.0, 1.0, 0.0]);
         assert_eq!(bt[5], [0.0, 4.0, 0.0, -5.0, 0.0, 1.0]);
