@@ -44,10 +44,11 @@ CONVS = [("conv1", 3, 96, 11, 4, 0), ("conv2", 96, 256, 5, 1, 2), ("conv3", 256,
 BNS = [("bn1", 96), ("bn2", 256)]
 FCS = [("fc6", 9216, 4096), ("fc7", 4096, 4096), ("fc8", 4096, 1000)]
 CONV_OUT = {"conv1": 55, "conv2": 27, "conv3": 13, "conv4": 13, "conv5": 13}  # output width at 227x227
-# Measured zmm FMA peak per core of the 2-core development machine (16 lanes x 2 FMA units x 2 flops x
-# ~3.5 GHz); the "% of peak" columns divide by it times the thread count. A pure FMA loop measured
-# 160-170 GFLOP/s on busier days (the neighbours share the physical cores), so read % of peak as a
-# lower bound and compare cnnc with ORT in the same run.
+# Default zmm FMA peak per core (`--peak`): the 2-core Sapphire Rapids development machine's (16 lanes x
+# 2 FMA units x 2 flops x ~3.5 GHz). An AMD Zen 4 machine of the same kind measured 116 (one 512-bit FMA
+# per cycle). The "% of peak" columns divide by it times the thread count. A pure FMA loop measures less
+# on busy days (the neighbours share the physical cores), so read % of peak as a lower bound and
+# compare cnnc with ORT in the same run.
 PEAK_GFLOPS_PER_CORE = 224.0
 
 
@@ -166,9 +167,9 @@ def check(cnnc, npz, onnx_path, batch, work):
     return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
-def cnnc_bench(cnnc, npz, batch, threads, runs):
+def cnnc_bench(cnnc, npz, batch, threads, runs, tier="auto"):
     cmd = [cnnc, "bench", MODEL, "--weights", npz, "--batch", str(batch), "--threads", str(threads),
-           "--runs", str(runs), "--json"]
+           "--runs", str(runs), "--tier", tier, "--json"]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         sys.exit(f"`{shlex.join(cmd)}` failed (exit {p.returncode}):\n{p.stderr}")
@@ -232,8 +233,8 @@ def ort_layers(onnx_path, batch, threads, runs, work):
     return {n: statistics.median(m.get(n, 0.0) for m in per_run) for n in per_run[0]}
 
 
-def print_layers(batch, threads, ours, theirs):
-    work, peak = layer_work(batch), PEAK_GFLOPS_PER_CORE * threads
+def print_layers(batch, threads, ours, theirs, peak_per_core):
+    work, peak = layer_work(batch), peak_per_core * threads
     print(f"\nbatch {batch}, {threads} thread{'s' if threads > 1 else ''} (ms; GFLOP/s, or GB/s of weights for "
           f"linear layers at batch 1; % of the {peak:.0f} GFLOP/s FMA peak):\n")
     print("| layer | cnnc ms | cnnc rate | % peak | ORT ms | ORT rate | % peak |")
@@ -268,6 +269,10 @@ def main():
     ap.add_argument("--work", default=os.path.expanduser("~/.cache/cnnc-bench"))
     ap.add_argument("--ort-only", action="store_true", help="time ONNX Runtime alone (no gate, no cnnc)")
     ap.add_argument("--layers", action="store_true", help="also per-layer tables (cnnc --profile, ORT's profiler)")
+    ap.add_argument("--portable", action="store_true",
+                    help="also time cnnc with the AVX-512 tier disabled (--tier portable) in the same rounds")
+    ap.add_argument("--peak", type=float, default=PEAK_GFLOPS_PER_CORE,
+                    help="FMA peak GFLOP/s per core for the %% of peak columns (default: %(default)s)")
     a = ap.parse_args()
     import onnxruntime
 
@@ -294,16 +299,20 @@ def main():
                 sys.exit(f"cnnc and ONNX Runtime disagree at batch {b}; not timing")
         print()
 
-    print("| batch | threads | cnnc median ms | ORT median ms | ratio cnnc/ORT | round ratios | cnnc min | ORT min |")
-    print("|---:|---:|---:|---:|---:|---|---:|---:|")
+    portable = a.portable and not a.ort_only
+    extra = (" portable median ms | portable/ORT |", "---:|---:|") if portable else ("", "")
+    print(f"| batch | threads | cnnc median ms | ORT median ms | ratio cnnc/ORT | round ratios | cnnc min | ORT min |{extra[0]}")
+    print(f"|---:|---:|---:|---:|---:|---|---:|---:|{extra[1]}")
     med = statistics.median
     for b in a.batch:
         for t in a.threads:
             sess = ort_session(onnx_path, t)
-            ours, theirs = [], []
+            ours, slow, theirs = [], [], []
             for _ in range(a.rounds):
                 if not a.ort_only:
                     ours.append(cnnc_bench(a.cnnc, npz, b, t, a.runs))
+                if portable:
+                    slow.append(cnnc_bench(a.cnnc, npz, b, t, a.runs, "portable"))
                 theirs.append(time_ort(sess, b, a.runs))
             o_med, o_min = med(o for o, _ in theirs), min(m for _, m in theirs)
             if ours:
@@ -312,12 +321,16 @@ def main():
                 ratio, spread = f"{med(ratios):.2f}", " ".join(f"{r:.2f}" for r in ratios)
             else:
                 c_med = c_min = ratio = spread = "-"
-            print(f"| {b} | {t} | {c_med} | {o_med:.2f} | {ratio} | {spread} | {c_min} | {o_min:.2f} |", flush=True)
+            row = f"| {b} | {t} | {c_med} | {o_med:.2f} | {ratio} | {spread} | {c_min} | {o_min:.2f} |"
+            if portable:
+                p_ratio = med(c["median_ms"] / o for c, (o, _) in zip(slow, theirs))
+                row += f" {med(c['median_ms'] for c in slow):.2f} | {p_ratio:.2f} |"
+            print(row, flush=True)
     if a.layers:
         for b in a.batch:
             for t in a.threads:
                 ours = {} if a.ort_only else cnnc_layers(a.cnnc, npz, b, t, a.runs)
-                print_layers(b, t, ours, ort_layers(onnx_path, b, t, a.runs, a.work))
+                print_layers(b, t, ours, ort_layers(onnx_path, b, t, a.runs, a.work), a.peak)
     return 0
 
 

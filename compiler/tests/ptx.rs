@@ -578,7 +578,7 @@ mod emu {
 }
 
 /// Small models covering every op the lowering has (and the conv paths: im2col, direct 1×1, Winograd).
-const CASES: [(&str, &str); 9] = [
+const CASES: [(&str, &str); 11] = [
     (
         "conv_bn_relu_maxpool_grouped",
         "model T {\n    c = L.Convolution2D(4, 6, 3, pad=1, groups=2)\n    bn = L.BatchNormalization(6)\n    forward(x: [4, 9, 9]) {\n        return F.max_pooling_2d(F.relu(self.bn(self.c(x))), 3, stride=2)\n    }\n}\n",
@@ -603,6 +603,9 @@ const CASES: [(&str, &str); 9] = [
     ("deep_k_slices", "model T {\n    c = L.Convolution2D(40, 8, 3, pad=1)\n    forward(x: [40, 4, 4]) {\n        return F.relu(self.c(x))\n    }\n}\n"),
     // Lowered with Winograd F(4×4, 3×3) forced on (see the test); 11 × 11 leaves partial tiles.
     ("winograd_conv_relu_pool", "model T {\n    c = L.Convolution2D(5, 6, 3, pad=1)\n    forward(x: [5, 11, 11]) {\n        return F.max_pooling_2d(F.relu(self.c(x)), 3, stride=2)\n    }\n}\n"),
+    // F(2×2, 3×3), and F(3×3, 5×5) with its ½ interpolation point: partial tiles again.
+    ("winograd_m2_conv", "model T {\n    c = L.Convolution2D(4, 5, 3, pad=1)\n    forward(x: [4, 7, 7]) {\n        return F.relu(self.c(x))\n    }\n}\n"),
+    ("winograd_m3_conv5", "model T {\n    c = L.Convolution2D(3, 5, 5, pad=2)\n    forward(x: [3, 8, 8]) {\n        return self.c(x)\n    }\n}\n"),
     // Lowered with bfloat16 linear weights (see the test): pairs in f32 slots, scalar tails (k = 75, 12).
     (
         "bf16_linear_relu_linear",
@@ -637,7 +640,12 @@ fn emitted_ptx_computes_what_the_jit_computes() {
         for batch in [1, 3] {
             let shape = [vec![batch], g.node(g.inputs[0]).shape.clone()].concat();
             let x = Tensor::new(shape.clone(), cnnc_runtime::rng::normal("x", shape.iter().product()).map(|v| v as f32).collect()).expect("sized");
-            let winograd = if name.starts_with("winograd") { Winograd::Always } else { Winograd::Auto };
+            let winograd = match name {
+                n if n.starts_with("winograd_m2") => Winograd::M2,
+                n if n.starts_with("winograd_m3") => Winograd::M3,
+                n if n.starts_with("winograd") => Winograd::M4,
+                _ => Winograd::Auto,
+            };
             let dtype = if name.starts_with("bf16") { WeightsDtype::Bf16 } else { WeightsDtype::F32 };
             let lowering = |tier| Lowering { tier, winograd, fc_weights: dtype };
             let cpu = cnnc::kernel::program_with(&g, bound(&g), batch, lowering(Tier::Portable));
