@@ -2,10 +2,11 @@
 //!
 //! The compiler hands over function pointers (it owns code generation and keeps the code alive in
 //! `code`), where each launch's buffers live ([`Slot`]), and the packed parameters. Running copies the
-//! inputs into the arena, then runs the launches in order; every thread calls every launch with its own
-//! task number, and all threads meet at a barrier between launches. Which elements a task computes is
-//! the kernel's business: kernels partition their work statically and never let the partition change
-//! the arithmetic, so any thread count gives the same bytes.
+//! inputs into the arena, then runs the launches in order: each launch's work is cut into a fixed
+//! number of tasks ([`TASKS_PER_THREAD`] per thread), which the threads claim one at a time, and all
+//! threads meet at a barrier between launches. Which elements a task computes is the kernel's business:
+//! kernels partition their work statically and never let the partition change the arithmetic, so any
+//! thread count, and any assignment of tasks to threads, gives the same bytes.
 
 use crate::op::Dims;
 use crate::plan::RunError;
@@ -111,6 +112,13 @@ pub struct Executable {
     /// Keeps the kernels' code mapped for as long as `steps` can be called.
     _code: Box<dyn Any + Send + Sync>,
 }
+
+/// Tasks per thread in each launch, claimed in turn: on a shared machine one core often runs slower
+/// than the other for a while (its neighbours), and with one fixed task per thread the other then
+/// waited at every barrier. AlexBN at batch 1, 2 threads, took as long as at 1 thread in such spells;
+/// with four tasks per thread the faster core takes the slower one's share. (Kernels split their
+/// extent into contiguous ranges, so a task is still long: a few channel blocks, rows or weight rows.)
+pub const TASKS_PER_THREAD: usize = 4;
 
 /// A sense-reversing spin barrier. Launches take 0.1–10 ms, so waking a sleeping thread through a
 /// futex (tens of µs, more when the core dozed off) would be paid ~13 times per AlexBN inference; a
@@ -236,12 +244,22 @@ impl Executable {
         let threads = threads.max(1);
         let barrier = SpinBarrier::new(threads);
         let tables = &tables;
-        let work = |task: usize, times: &mut Vec<Duration>| {
+        // The next unclaimed task of each launch.
+        let next: Vec<AtomicUsize> = self.steps.iter().map(|_| AtomicUsize::new(0)).collect();
+        let ntasks = if threads == 1 { 1 } else { threads * TASKS_PER_THREAD };
+        let work = |_thread: usize, times: &mut Vec<Duration>| {
             let mut sense = false;
-            for (step, table) in self.steps.iter().zip(tables.rows()) {
+            for ((step, table), next) in self.steps.iter().zip(tables.rows()).zip(&next) {
                 let t0 = Instant::now();
-                // SAFETY: see `new`; the table points at live buffers of the planned lengths.
-                unsafe { (step.f)(table.as_ptr(), task, threads) };
+                loop {
+                    let task = next.fetch_add(1, Ordering::Relaxed);
+                    if task >= ntasks {
+                        break;
+                    }
+                    // SAFETY: see `new`; the table points at live buffers of the planned lengths, and
+                    // each task is run once.
+                    unsafe { (step.f)(table.as_ptr(), task, ntasks) };
+                }
                 if threads > 1 {
                     barrier.wait(&mut sense);
                 }
@@ -250,9 +268,9 @@ impl Executable {
         };
         let mut times = Vec::with_capacity(self.steps.len());
         std::thread::scope(|s| {
-            for task in 1..threads {
+            for thread in 1..threads {
                 let work = &work;
-                s.spawn(move || work(task, &mut Vec::new()));
+                s.spawn(move || work(thread, &mut Vec::new()));
             }
             work(0, &mut times);
         });
