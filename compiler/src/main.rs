@@ -159,6 +159,12 @@ impl ExecArgs {
         if self.backend == Backend::Reference && self.weights_dtype != WeightsDtype::F32 {
             bail!("`--weights-dtype {:?}` needs a compiled backend (jit or cuda): the reference interpreter computes with the f32 weights", self.weights_dtype);
         }
+        if self.backend == Backend::Reference && self.winograd != Winograd::Auto {
+            bail!(
+                "`--winograd {}` needs a compiled backend (jit or cuda): the reference interpreter convolves directly",
+                format!("{:?}", self.winograd).to_lowercase()
+            );
+        }
         Ok(())
     }
 

@@ -574,6 +574,23 @@ fn bf16_weights_report_their_accuracy_and_need_a_compiled_backend() {
     fails(&["run", "--input", "x.npy", "--weights-dtype", "f8"], 2, &["--weights-dtype"]);
 }
 
+/// `--winograd`: every choice stays within 1e-4 of Chainer's logits on the reduced AlexBN (its conv2 is
+/// 5×5, conv3–5 3×3); forcing it needs a compiled backend; a bad value is a usage error.
+#[test]
+fn winograd_choices_agree_with_chainer() {
+    let (d, weights) = (tmp(), fixture("alexbn_small/weights.npz"));
+    let (_, want) = read_npy(&fixture("alexbn_small/out.npy"));
+    for w in ["auto", "m2", "m3", "m4", "never"] {
+        let out = d.path().join(format!("{w}.npy"));
+        let o = run_small(&weights, &out, &["--winograd", w]);
+        assert_eq!(o.code, 0, "{w}: {}", o.stderr);
+        let (_, got) = read_npy(out.to_str().unwrap());
+        assert!(rel_diff(&got, &want) < 1e-4, "--winograd {w}: {}", rel_diff(&got, &want));
+    }
+    fails(&["run", &fixture(SMALL), "--input", "x.npy", "--backend", "reference", "--winograd", "m3"], 1, &["--winograd m3", "reference"]);
+    fails(&["run", "--input", "x.npy", "--winograd", "f63"], 2, &["--winograd"]);
+}
+
 #[test]
 fn bad_thread_counts_are_usage_errors() {
     fails(&["run", "--input", "x.npy", "--threads", "0"], 2, &["--threads"]);
