@@ -126,7 +126,7 @@ pub enum Winograd {
 /// The algorithm convolution `c` (at `batch`, output [oh, ow]) is lowered with, if any.
 pub fn chosen(w: Winograd, c: &Conv2d, batch: usize, out: [usize; 2]) -> Option<Fmr> {
     let fit = ALGORITHMS.into_iter().filter(|f| c.kernel == [f.r, f.r] && c.stride == [1, 1] && c.groups == 1);
-    let largest = |m: usize| fit.clone().filter(|f| f.m <= m).next_back();
+    let largest = |m: usize| fit.clone().rfind(|f| f.m <= m);
     match w {
         Winograd::Auto => choose(fit, c, batch, out),
         Winograd::M2 => largest(2),
