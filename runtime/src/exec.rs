@@ -4,7 +4,8 @@
 //! `code`), where each launch's buffers live ([`Slot`]), and the packed parameters. Running copies the
 //! inputs into the arena, then runs the launches in order: each launch's work is cut into a fixed
 //! number of tasks ([`TASKS_PER_THREAD`] per thread), which the threads claim one at a time, and all
-//! threads meet at a barrier between launches. Which elements a task computes is the kernel's business:
+//! threads meet at a barrier between launches. The threads past the caller's are kept between runs
+//! ([`Pool`]). Which elements a task computes is the kernel's business:
 //! kernels partition their work statically and never let the partition change the arithmetic, so any
 //! thread count, and any assignment of tasks to threads, gives the same bytes.
 
@@ -105,7 +106,8 @@ impl Drop for Aligned {
 pub struct Executable {
     steps: Vec<Step>,
     params: Vec<Aligned>,
-    arena: Mutex<Aligned>,
+    /// The activations, and the worker threads of the last multi-threaded run (kept for the next).
+    arena: Mutex<(Aligned, Option<Pool>)>,
     /// Arena offsets and full (batched) shapes.
     inputs: Vec<(usize, Dims)>,
     output: (usize, Dims),
@@ -155,6 +157,122 @@ impl SpinBarrier {
     }
 }
 
+/// Worker threads that outlive a run: spawning them per run cost ~150 µs before the second thread ran
+/// its first task (a halted virtual CPU to wake), 1% of AlexBN at batch 1 on 2 threads. Between runs
+/// they spin for a while (back-to-back inferences find them awake), then sleep on a condition variable.
+struct Pool {
+    shared: std::sync::Arc<Shared>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// A job: called once per worker with its thread number (1..threads).
+type Job<'a> = dyn Fn(usize) + Sync + 'a;
+
+/// The current job, its lifetime erased: valid from when `generation` moves until `done` reaches the
+/// worker count, which `Pool::run` waits for.
+struct JobPtr(*const Job<'static>);
+// SAFETY: the job is `Sync`, and only called while `Pool::run` keeps it alive.
+unsafe impl Send for JobPtr {}
+
+struct Shared {
+    job: Mutex<Option<JobPtr>>,
+    /// Bumped once per job (and once to stop).
+    generation: AtomicUsize,
+    done: AtomicUsize,
+    stop: AtomicBool,
+    sleep: Mutex<()>,
+    wake: std::sync::Condvar,
+}
+
+/// How long an idle worker spins for the next job before it sleeps: about 2 ms of `pause`s.
+const IDLE_SPINS: u32 = 1 << 16;
+
+impl Pool {
+    fn new(threads: usize) -> Pool {
+        let shared = std::sync::Arc::new(Shared {
+            job: Mutex::new(None),
+            generation: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+            sleep: Mutex::new(()),
+            wake: std::sync::Condvar::new(),
+        });
+        let workers = (1..threads)
+            .map(|thread| {
+                let shared = shared.clone();
+                std::thread::spawn(move || shared.work(thread))
+            })
+            .collect();
+        Pool { shared, workers }
+    }
+
+    fn threads(&self) -> usize {
+        self.workers.len() + 1
+    }
+
+    /// Runs `job(0)` here and `job(t)` on worker t, and returns when all have returned.
+    fn run(&self, job: &Job<'_>) {
+        let sh = &*self.shared;
+        // SAFETY: only the lifetime changes; the workers call it before `done` reaches their count, and
+        // this function waits for that below.
+        let ptr = unsafe { std::mem::transmute::<*const Job<'_>, *const Job<'static>>(job) };
+        *sh.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(JobPtr(ptr));
+        sh.done.store(0, Ordering::Relaxed);
+        {
+            let _g = sh.sleep.lock().unwrap_or_else(|e| e.into_inner());
+            sh.generation.fetch_add(1, Ordering::Release);
+            sh.wake.notify_all();
+        }
+        job(0);
+        while sh.done.load(Ordering::Acquire) < self.workers.len() {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+impl Shared {
+    fn work(&self, thread: usize) {
+        let mut seen = 0;
+        loop {
+            let mut spins = 0;
+            while self.generation.load(Ordering::Acquire) == seen {
+                if spins < IDLE_SPINS {
+                    std::hint::spin_loop();
+                    spins += 1;
+                } else {
+                    let g = self.sleep.lock().unwrap_or_else(|e| e.into_inner());
+                    if self.generation.load(Ordering::Acquire) == seen {
+                        drop(self.wake.wait(g).unwrap_or_else(|e| e.into_inner()));
+                    }
+                }
+            }
+            seen = self.generation.load(Ordering::Acquire);
+            if self.stop.load(Ordering::Acquire) {
+                return;
+            }
+            let ptr = self.job.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|j| j.0).expect("a job with the generation");
+            // SAFETY: see `JobPtr`: `Pool::run` set it before moving `generation` and waits for `done`.
+            let job = unsafe { &*ptr };
+            job(thread);
+            self.done.fetch_add(1, Ordering::Release);
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        {
+            let _g = self.shared.sleep.lock().unwrap_or_else(|e| e.into_inner());
+            self.shared.generation.fetch_add(1, Ordering::Release);
+            self.shared.wake.notify_all();
+        }
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
 /// A buffer table shared by the threads of one run.
 struct Tables(Vec<Vec<*mut f32>>);
 // SAFETY: the pointers address the arena and parameters, which outlive the run (the arena's lock is
@@ -194,7 +312,7 @@ impl Executable {
         code: Box<dyn Any + Send + Sync>,
     ) -> Self {
         let params = params.iter().map(|p| Aligned::from(p)).collect();
-        Executable { steps, params, arena: Mutex::new(Aligned::new(arena_len)), inputs, output, _code: code }
+        Executable { steps, params, arena: Mutex::new((Aligned::new(arena_len), None)), inputs, output, _code: code }
     }
 
     pub fn steps(&self) -> &[Step] {
@@ -216,7 +334,8 @@ impl Executable {
                 return Err(RunError::InputShape { index, expected: shape[1..].to_vec(), got: t.shape().to_vec() });
             }
         }
-        let mut arena = self.arena.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.arena.lock().unwrap_or_else(|e| e.into_inner());
+        let (arena, pool) = &mut *guard;
         for (t, (offset, _)) in inputs.iter().zip(&self.inputs) {
             arena.slice_mut()[*offset..][..t.data().len()].copy_from_slice(t.data());
         }
@@ -266,14 +385,21 @@ impl Executable {
                 times.push(t0.elapsed());
             }
         };
-        let mut times = Vec::with_capacity(self.steps.len());
-        std::thread::scope(|s| {
-            for thread in 1..threads {
-                let work = &work;
-                s.spawn(move || work(thread, &mut Vec::new()));
+        let times = Mutex::new(Vec::with_capacity(self.steps.len()));
+        if threads == 1 {
+            work(0, &mut times.lock().unwrap_or_else(|e| e.into_inner()));
+        } else {
+            if pool.as_ref().is_none_or(|p| p.threads() != threads) {
+                *pool = None;
+                *pool = Some(Pool::new(threads));
             }
-            work(0, &mut times);
-        });
+            let pool = pool.as_ref().expect("just made");
+            pool.run(&|thread| match thread {
+                0 => work(0, &mut times.lock().unwrap_or_else(|e| e.into_inner())),
+                _ => work(thread, &mut Vec::new()),
+            });
+        }
+        let times = times.into_inner().unwrap_or_else(|e| e.into_inner());
         let (offset, shape) = &self.output;
         let n = shape.iter().product::<usize>();
         let out = arena.slice_mut()[*offset..][..n].to_vec();
