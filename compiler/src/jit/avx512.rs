@@ -37,7 +37,7 @@ const PREFETCH: usize = 32;
 /// How many k steps ahead the strided tile prefetches A (48 bytes a step). Winograd's GEMMs at batch 1
 /// stream A (the transformed weights, 10–15 MB a layer) once, for at most 32 columns: AlexNet's conv3–5
 /// took 7.7 ms without, 6.8 with it at 1 thread (16, 32 and 64 steps alike), measured side by side. (At
-/// batch 8 the linear layers' A, the packed inputs, is in L2 already; fc6–8 took up to 0.4 ms longer.)
+/// batch 8 the linear layers' A, the packed inputs, is in L2 already: fc6–8 took 0.9 ms longer at 1 thread.)
 const PREFETCH_A: usize = 32;
 /// Tile columns: two zmm vectors of 16 floats.
 pub const NR: usize = 32;

@@ -80,7 +80,7 @@ pub struct Node<'a> {
     pub out: (Ref, &'a [usize]),
     pub params: Vec<Tensor>,
     /// For 1×1 convolutions at batch 1 only: elements between consecutive groups' first input and
-    /// output rows, when not a group's size (Winograd's GEMMs, whose 36 planes would otherwise lie a
+    /// output rows, when not a group's size (Winograd's GEMMs, whose α² planes would otherwise lie a
     /// multiple of 4 KiB apart, see there).
     pub group_pitch: Option<[usize; 2]>,
 }
@@ -389,7 +389,7 @@ fn linear(t: &mut Tables, n: &Node, l: &Linear, relu: bool) {
     let per = if bf16 { 2 } else { 1 };
     let (row, slot) = (kv / per + (k - kv), |i: Expr| if bf16 { i / 2i64 } else { i });
     // Each block of rb rows is one sequential run: per step of 8 weights, the rows' slots in turn, then
-    // the rows' tails.
+    // the rows' tails. `slots` stores a step of 8 (bf16: as 4 pairs) or a tail (bf16: one per slot).
     let slots = |c: &[f32]| -> Vec<f32> {
         match bf16 {
             false => c.to_vec(),
