@@ -371,6 +371,23 @@ fn winograd_five_by_five() {
     Problem { batch: 3, c: 4, h: 9, w: 9, layer: Layer::Conv { out: 6, k: [5, 5], stride: 1, pad: 0, groups: 1, bias: true, relu: false, pool: None } }.check();
 }
 
+/// Winograd over a batch in chunks of images (M past 4 MiB): as F(2×2, 3×3) one image per chunk (three
+/// chunks), as F(3×3, 3×3) two and then one, as F(4×4, 3×3) all three in one pass.
+#[test]
+fn winograd_in_chunks_of_images() {
+    let p =
+        Problem { batch: 3, c: 4, h: 46, w: 46, layer: Layer::Conv { out: 64, k: [3, 3], stride: 1, pad: 1, groups: 1, bias: true, relu: true, pool: None } };
+    let src = cnnc::diag::Source::new("case.model", p.source());
+    let g = optimized(&cnnc::compile(&src).expect("compiles").0, 1);
+    let chunks = |w| {
+        let lowering = Lowering { winograd: w, ..Lowering::new(Tier::Portable) };
+        let program = cnnc::kernel::program_with(&g, bind(&src, &g, Params::Generated(prng_param)), p.batch, lowering);
+        program.launches.iter().filter(|l| l.kernel.name.contains(".winograd_in")).count()
+    };
+    assert_eq!([chunks(Winograd::M2), chunks(Winograd::M3), chunks(Winograd::M4)], [3, 2, 1]);
+    p.check();
+}
+
 /// Large enough that the cost model picks Winograd by itself (AlexNet's conv4 shape at batch 8): 384
 /// products per output, where the transforms' roundings are largest (1.2e-5 measured).
 #[test]

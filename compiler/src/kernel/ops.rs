@@ -62,7 +62,13 @@ impl Tables {
         self.stores.push(len);
         Ref::Store(self.stores.len() - 1)
     }
+    /// A packed parameter; one bit for bit equal to an earlier one is that one (Winograd's chunks pack
+    /// the same transformed weights once per chunk).
     pub(super) fn param(&mut self, data: Vec<f32>) -> Ref {
+        let same = |p: &Vec<f32>| p.len() == data.len() && p.iter().zip(&data).all(|(a, b)| a.to_bits() == b.to_bits());
+        if let Some(i) = self.params.iter().position(same) {
+            return Ref::Param(i);
+        }
         self.params.push(data);
         Ref::Param(self.params.len() - 1)
     }

@@ -153,6 +153,14 @@ fn choose(fit: impl Iterator<Item = Fmr>, c: &Conv2d, batch: usize, [oh, ow]: [u
     fit.map(|f| (cost(f), f)).filter(|&(w, _)| w < 0.8 * direct).min_by(|x, y| x.0.total_cmp(&y.0)).map(|(_, f)| f)
 }
 
+/// The most bytes of M one pass of the transforms and GEMMs takes: larger batches run in chunks of
+/// images, unless U is over twice as large (each chunk streams it again). AlexNet's conv2 as F(3×3,
+/// 5×5) has 4 MB of M per image and 4.8 MB of U: at batch 8 in one pass (32 MB of M, past the L3
+/// cache) its transforms took as long as its GEMMs; one image at a time, conv2 took 31 ms instead of
+/// 35 at 1 thread, 15 instead of 20 at 2 (two images at a time gained little). conv3–5 at batch 8
+/// (F(4×4, 3×3): 14–21 MB of U, 0.6–0.9 MB of M per image) took 1–2 ms longer in two chunks.
+const CHUNK_BYTES: usize = 4 << 20;
+
 /// Elements from one of the α² planes of V or M to the next: at least `len`, and 64 bytes past a
 /// multiple of 4 KiB. A transform touches one line of each of the α² planes at a time; planes a multiple
 /// of 4 KiB apart (AlexNet's: 384 channels × 16 or 128 columns) all fall in one set of the L1 cache,
@@ -208,7 +216,6 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, relu: bool, pool_afte
     let Matrices { bt, g, at } = f.matrices();
     let (th, tw) = (oh.div_ceil(m), ow.div_ceil(m));
     let per_image = th * tw;
-    let cols = batch * per_image;
     let name = |s: &str| format!("{}.{s}", n.name);
     // U[ξ][o][c] as the weights of an α²-group 1×1 convolution, (α²·co, ci, 1, 1).
     let w = n.params[0].data();
@@ -231,99 +238,112 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, relu: bool, pool_afte
     let split = Conv2d { stride: [1, m], ..c.clone() };
     let (xq, ph) = ops::phase_split(t, n, &split, [th * m + r - 1, tw + (a - 1) / m]);
     let (hq, wq) = (ph.hq, ph.wq);
-    // V[ξ][c][image·tiles + t], plane ξ at ξ·pv.
-    let (pv, pm) = (plane_pitch(ci * cols), plane_pitch(co * cols));
-    let v = t.store(a * a * pv);
-    let mut kb = Kb::new(name("winograd_in"), batch * ci);
-    let (xb, vb) = (kb.buf("x", ph.len(batch, ci), Access::Read), kb.buf("V", a * a * pv, Access::Write));
-    let (lo, hi) = kb.range();
-    kb.for_(lo, hi, |kb, plane| {
-        let (img, ch) = (kb.let_(plane.clone() / ci), kb.let_(plane.clone() % ci));
-        kb.for_(0usize, th, |kb, ty| {
-            let row = kb.let_(plane.clone() * (m * hq * wq) + ty.clone() * (m * wq));
-            let col0 = kb.let_(img.clone() * per_image + ty * tw);
-            ops::vector_loop(kb, e(0i64), e(tw), |kb, tx, vec| {
-                let d: Vec<Expr> = (0..a * a)
-                    .map(|i| {
-                        let at = row.clone() + ((i % a % m) * hq * wq + i / a * wq + i % a / m) + tx.clone();
-                        kb.let_(xb.load(at, vec))
-                    })
-                    .collect();
-                for (xi, val) in sandwich(kb, &bt, &d, vec).into_iter().enumerate() {
-                    kb.store(vb, e(xi * pv) + ch.clone() * cols + col0.clone() + tx.clone(), val);
-                }
-            });
-        });
-    });
-    t.launch(kb.finish(), vec![xq, v], 0);
-    // M = the α² GEMMs, as one image of α² groups over an (α²·ci) × cols × 1 map.
-    let mm = t.store(a * a * pm);
-    let gemm = Conv2d { in_channels: a * a * ci, out_channels: a * a * co, kernel: [1, 1], stride: [1, 1], pad: [0, 0], groups: a * a, bias: false };
-    let (in_shape, out_shape) = ([a * a * ci, cols, 1], [a * a * co, cols, 1]);
-    let u = Tensor::new(vec![a * a * co, ci, 1, 1], u).expect("sized");
-    let op = Op::Conv2d(gemm.clone());
-    let node = Node { name: n.name, op: &op, batch: 1, ins: vec![(v, &in_shape)], out: (mm, &out_shape), params: vec![u], group_pitch: Some([pv, pm]) };
-    ops::conv(t, &node, &gemm, false, None);
-    // y = Aᵀ M A + bias, then ReLU, stored where the tile lies inside the output.
+    // The batch in chunks of images whose M fits in CHUNK_BYTES, each chunk's transforms and GEMMs in
+    // turn over one V and one M (the packed U is one parameter: identical ones are shared). Each chunk
+    // streams U again, so a large U takes the batch in one pass.
+    let chunks = match 4 * a * a * co * ci > CHUNK_BYTES * 2 {
+        true => 1,
+        false => batch.div_ceil((CHUNK_BYTES / (4 * a * a * co * per_image)).max(1)),
+    };
+    let per_chunk = batch.div_ceil(chunks);
+    // V[ξ][c][image·tiles + t] (images of the chunk), plane ξ at ξ·pv; M alike.
+    let (pv, pm) = (plane_pitch(ci * per_chunk * per_image), plane_pitch(co * per_chunk * per_image));
+    let (v, mm) = (t.store(a * a * pv), t.store(a * a * pm));
     let conv_len = batch * co * oh * ow;
     let y = if pool_after.is_some() { t.store(conv_len) } else { n.out.0 };
     let bias = t.param(n.params.get(1).map_or(vec![0.0; co], |b| b.data().to_vec()));
-    let mut kb = Kb::new(name("winograd_out"), batch * co);
-    let (mb, bb, yb) = (kb.buf("M", a * a * pm, Access::Read), kb.buf("bias", co, Access::Read), kb.buf("y", conv_len, Access::Write));
-    // Four tiles' outputs as m² vectors, [r][s][tile], reread as scalars to store them in place.
-    let tmp = kb.buf("tiles", m * m * super::LANES, Access::Local);
-    let (lo, hi) = kb.range();
-    kb.for_(lo, hi, |kb, plane| {
-        let (img, o) = (kb.let_(plane.clone() / co), kb.let_(plane.clone() % co));
-        let b = kb.let_(bb.at(o.clone()));
-        kb.for_(0usize, th, |kb, ty| {
-            let rows = kb.let_((e(oh) - ty.clone() * m).min(m));
-            let col0 = kb.let_(img.clone() * per_image + ty.clone() * tw);
-            let at0 = kb.let_((plane.clone() * oh + ty * m) * ow);
-            ops::vector_loop(kb, e(0i64), e(tw), |kb, tx, vec| {
-                let mv: Vec<Expr> = (0..a * a)
-                    .map(|xi| {
-                        let at = e(xi * pm) + o.clone() * cols + col0.clone() + tx.clone();
-                        kb.let_(mb.load(at, vec))
-                    })
-                    .collect();
-                let out = sandwich(kb, &at, &mv, vec);
-                // Output columns of these tiles still inside the row (more than m·4 when not the last).
-                let width = kb.let_(e(ow) - tx.clone() * m);
-                let at = kb.let_(at0.clone() + tx.clone() * m);
-                let tiles = if vec { super::LANES } else { 1 };
-                for (i, val) in out.into_iter().enumerate() {
-                    let val = val + b.clone().lanes(vec);
-                    let val = if relu { val.max(e(0.0f32).lanes(vec)) } else { val };
-                    kb.store(tmp, e(i * tiles), val);
-                }
-                // y[at + i·ow + m·u + j] = tile u's (i, j), where inside the output.
-                let scatter = |kb: &mut Kb, checked: bool| {
-                    for i in 0..m {
-                        let row = |kb: &mut Kb| {
-                            for (u, j) in (0..tiles).flat_map(|u| (0..m).map(move |j| (u, j))) {
-                                let v = tmp.at(e((i * m + j) * tiles + u));
-                                let q = u * m + j;
-                                let st = |kb: &mut Kb| kb.store(yb, at.clone() + (i * ow + q), v.clone());
-                                if checked && q > 0 {
-                                    kb.if_(e(q).lt(width.clone()), st)
-                                } else {
-                                    st(kb)
-                                }
-                            }
-                        };
-                        if checked && i > 0 {
-                            kb.if_(e(i).lt(rows.clone()), row)
-                        } else {
-                            row(kb)
-                        }
+    let u = Tensor::new(vec![a * a * co, ci, 1, 1], u).expect("sized");
+    for chunk in 0..chunks {
+        let (i0, images) = (chunk * per_chunk, per_chunk.min(batch - chunk * per_chunk));
+        let cols = images * per_image;
+        let name = |s: &str| if chunk == 0 { name(s) } else { name(&format!("{s}/{chunk}")) };
+        let mut kb = Kb::new(name("winograd_in"), images * ci);
+        let (xb, vb) = (kb.buf("x", ph.len(batch, ci), Access::Read), kb.buf("V", a * a * pv, Access::Write));
+        let (lo, hi) = kb.range();
+        kb.for_(lo, hi, |kb, plane| {
+            let (img, ch) = (kb.let_(plane.clone() / ci), kb.let_(plane.clone() % ci));
+            kb.for_(0usize, th, |kb, ty| {
+                let row = kb.let_((plane.clone() + i0 * ci) * (m * hq * wq) + ty.clone() * (m * wq));
+                let col0 = kb.let_(img.clone() * per_image + ty * tw);
+                ops::vector_loop(kb, e(0i64), e(tw), |kb, tx, vec| {
+                    let d: Vec<Expr> = (0..a * a)
+                        .map(|i| {
+                            let at = row.clone() + ((i % a % m) * hq * wq + i / a * wq + i % a / m) + tx.clone();
+                            kb.let_(xb.load(at, vec))
+                        })
+                        .collect();
+                    for (xi, val) in sandwich(kb, &bt, &d, vec).into_iter().enumerate() {
+                        kb.store(vb, e(xi * pv) + ch.clone() * cols + col0.clone() + tx.clone(), val);
                     }
-                };
-                kb.if_else(rows.clone().eq(m).and(e(tiles * m).le(width.clone())), |kb| scatter(kb, false), |kb| scatter(kb, true));
+                });
             });
         });
-    });
-    t.launch(kb.finish(), vec![mm, bias, y], 0);
+        t.launch(kb.finish(), vec![xq, v], 0);
+        // M = the α² GEMMs, as one image of α² groups over an (α²·ci) × cols × 1 map.
+        let gemm = Conv2d { in_channels: a * a * ci, out_channels: a * a * co, kernel: [1, 1], stride: [1, 1], pad: [0, 0], groups: a * a, bias: false };
+        let (in_shape, out_shape) = ([a * a * ci, cols, 1], [a * a * co, cols, 1]);
+        let op = Op::Conv2d(gemm.clone());
+        let node =
+            Node { name: n.name, op: &op, batch: 1, ins: vec![(v, &in_shape)], out: (mm, &out_shape), params: vec![u.clone()], group_pitch: Some([pv, pm]) };
+        ops::conv(t, &node, &gemm, false, None);
+        // y = Aᵀ M A + bias, then ReLU, stored where the tile lies inside the output.
+        let mut kb = Kb::new(name("winograd_out"), images * co);
+        let (mb, bb, yb) = (kb.buf("M", a * a * pm, Access::Read), kb.buf("bias", co, Access::Read), kb.buf("y", conv_len, Access::Write));
+        // Four tiles' outputs as m² vectors, [r][s][tile], reread as scalars to store them in place.
+        let tmp = kb.buf("tiles", m * m * super::LANES, Access::Local);
+        let (lo, hi) = kb.range();
+        kb.for_(lo, hi, |kb, plane| {
+            let (img, o) = (kb.let_(plane.clone() / co), kb.let_(plane.clone() % co));
+            let b = kb.let_(bb.at(o.clone()));
+            kb.for_(0usize, th, |kb, ty| {
+                let rows = kb.let_((e(oh) - ty.clone() * m).min(m));
+                let col0 = kb.let_(img.clone() * per_image + ty.clone() * tw);
+                let at0 = kb.let_(((plane.clone() + i0 * co) * oh + ty * m) * ow);
+                ops::vector_loop(kb, e(0i64), e(tw), |kb, tx, vec| {
+                    let mv: Vec<Expr> = (0..a * a)
+                        .map(|xi| {
+                            let at = e(xi * pm) + o.clone() * cols + col0.clone() + tx.clone();
+                            kb.let_(mb.load(at, vec))
+                        })
+                        .collect();
+                    let out = sandwich(kb, &at, &mv, vec);
+                    // Output columns of these tiles still inside the row (more than m·4 when not the last).
+                    let width = kb.let_(e(ow) - tx.clone() * m);
+                    let at = kb.let_(at0.clone() + tx.clone() * m);
+                    let tiles = if vec { super::LANES } else { 1 };
+                    for (i, val) in out.into_iter().enumerate() {
+                        let val = val + b.clone().lanes(vec);
+                        let val = if relu { val.max(e(0.0f32).lanes(vec)) } else { val };
+                        kb.store(tmp, e(i * tiles), val);
+                    }
+                    // y[at + i·ow + m·u + j] = tile u's (i, j), where inside the output.
+                    let scatter = |kb: &mut Kb, checked: bool| {
+                        for i in 0..m {
+                            let row = |kb: &mut Kb| {
+                                for (u, j) in (0..tiles).flat_map(|u| (0..m).map(move |j| (u, j))) {
+                                    let v = tmp.at(e((i * m + j) * tiles + u));
+                                    let q = u * m + j;
+                                    let st = |kb: &mut Kb| kb.store(yb, at.clone() + (i * ow + q), v.clone());
+                                    if checked && q > 0 {
+                                        kb.if_(e(q).lt(width.clone()), st)
+                                    } else {
+                                        st(kb)
+                                    }
+                                }
+                            };
+                            if checked && i > 0 {
+                                kb.if_(e(i).lt(rows.clone()), row)
+                            } else {
+                                row(kb)
+                            }
+                        }
+                    };
+                    kb.if_else(rows.clone().eq(m).and(e(tiles * m).le(width.clone())), |kb| scatter(kb, false), |kb| scatter(kb, true));
+                });
+            });
+        });
+        t.launch(kb.finish(), vec![mm, bias, y], 0);
+    }
     if let Some(p) = pool_after {
         ops::pool_launch(t, n, p, y, [oh, ow]);
     }
