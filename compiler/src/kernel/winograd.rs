@@ -15,11 +15,12 @@
 //! The matrices come from Toom–Cook interpolation at the points 0, ±1, ±2, ½ (as many as α needs) and ∞
 //! ([`Fmr::matrices`]); algorithms with the same α share their Bᵀ.
 //!
-//! Accuracy: the transforms add roundings (entries up to 8 in Aᵀ, 5 in Bᵀ for α = 6; 1 for α = 4).
-//! Against the reference interpreter, relative to the output's largest magnitude: up to 1.2e-5 on
-//! 384-channel layers with random weights, ~4e-7 on small ones (`tests/jit.rs` holds Winograd lowerings
-//! to 5e-5, the rest to 1e-5); AlexBN's logits at batch 8 stay 3.7e-6 from ONNX Runtime, inside the 1e-4
-//! held against Chainer.
+//! Accuracy: the transforms add roundings, more as α grows (entries up to 8 in Aᵀ and 5 in Bᵀ for
+//! α = 6; 1 for α = 4). Against the reference interpreter, relative to the output's largest magnitude:
+//! up to 1.2e-5 on 384-channel layers with random weights, ~4e-7 on small ones (`tests/jit.rs` holds
+//! Winograd lowerings to 5e-5, the rest to 1e-5); AlexBN's logits stay 1.5e-6 (batch 1) and 2.5e-6
+//! (batch 8) from ONNX Runtime, and `tests/chainer.rs` holds all six models within 1e-4 of Chainer with
+//! each tile size forced.
 
 use super::ops::{self, Node, Tables};
 use super::{e, Access, Expr, Kb};
@@ -53,7 +54,7 @@ impl Fmr {
         self.m + self.r - 1
     }
 
-    /// Toom–Cook at the α − 1 finite points 0, 1, −1, 2, −2, … and ∞. Correlation is the transpose of
+    /// Toom–Cook at the α − 1 finite points 0, 1, −1, 2, −2, ½ (the first α − 1 of them) and ∞. Correlation is the transpose of
     /// the linear convolution c = V⁻¹[(E_m a) ⊙ (E_r g)] (E evaluates a polynomial at the points, V is
     /// the α×α evaluation matrix): y = E_mᵀ diag(E_r g) V⁻ᵀ d. Row j of V⁻ᵀ is the Lagrange polynomial
     /// ∏_{l≠j}(x − p_l) / f_j, f_j = ∏_{l≠j}(p_j − p_l), so Bᵀ takes the integer products and G the
