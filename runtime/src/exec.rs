@@ -367,7 +367,7 @@ impl Executable {
         // The next unclaimed task of each launch.
         let next: Vec<AtomicUsize> = self.steps.iter().map(|_| AtomicUsize::new(0)).collect();
         let ntasks = if threads == 1 { 1 } else { threads * TASKS_PER_THREAD };
-        let work = |_thread: usize, times: &mut Vec<Duration>| {
+        let work = |times: &mut Vec<Duration>| {
             let mut sense = false;
             for ((step, table), next) in self.steps.iter().zip(tables.rows()).zip(&next) {
                 let t0 = Instant::now();
@@ -388,16 +388,17 @@ impl Executable {
         };
         let times = Mutex::new(Vec::with_capacity(self.steps.len()));
         if threads == 1 {
-            work(0, &mut times.lock().unwrap_or_else(|e| e.into_inner()));
+            work(&mut times.lock().unwrap_or_else(|e| e.into_inner()));
         } else {
             if pool.as_ref().is_none_or(|p| p.threads() != threads) {
                 *pool = None;
                 *pool = Some(Pool::new(threads));
             }
             let pool = pool.as_ref().expect("just made");
+            // The caller (thread 0) times the launches.
             pool.run(&|thread| match thread {
-                0 => work(0, &mut times.lock().unwrap_or_else(|e| e.into_inner())),
-                _ => work(thread, &mut Vec::new()),
+                0 => work(&mut times.lock().unwrap_or_else(|e| e.into_inner())),
+                _ => work(&mut Vec::new()),
             });
         }
         let times = times.into_inner().unwrap_or_else(|e| e.into_inner());
