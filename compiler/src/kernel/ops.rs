@@ -62,13 +62,7 @@ impl Tables {
         self.stores.push(len);
         Ref::Store(self.stores.len() - 1)
     }
-    /// A packed parameter; one bit for bit equal to an earlier one is that one (Winograd's chunks pack
-    /// the same transformed weights once per chunk).
     pub(super) fn param(&mut self, data: Vec<f32>) -> Ref {
-        let same = |p: &Vec<f32>| p.len() == data.len() && p.iter().zip(&data).all(|(a, b)| a.to_bits() == b.to_bits());
-        if let Some(i) = self.params.iter().position(same) {
-            return Ref::Param(i);
-        }
         self.params.push(data);
         Ref::Param(self.params.len() - 1)
     }
@@ -85,10 +79,17 @@ pub struct Node<'a> {
     pub ins: Vec<(Ref, &'a [usize])>,
     pub out: (Ref, &'a [usize]),
     pub params: Vec<Tensor>,
-    /// For 1×1 convolutions at batch 1 only: elements between consecutive groups' first input and
-    /// output rows, when not a group's size (Winograd's GEMMs, whose α² planes would otherwise lie a
-    /// multiple of 4 KiB apart, see there).
-    pub group_pitch: Option<[usize; 2]>,
+    /// Winograd's GEMMs only (1×1 convolutions at batch 1, see `winograd.rs`).
+    pub planes: Option<Planes>,
+}
+
+/// How Winograd's α² GEMMs, an α²-group 1×1 convolution, lay out and share their operands.
+pub struct Planes {
+    /// Elements between consecutive groups' first input and output rows (planes a multiple of 4 KiB
+    /// apart would share one L1 set).
+    pub pitch: [usize; 2],
+    /// The packed weights and bias, when an earlier chunk of the batch packed them.
+    pub packed: Option<(Ref, Ref)>,
 }
 
 impl Node<'_> {
@@ -205,9 +206,13 @@ pub fn lower(t: &mut Tables, n: &Node) {
             t.launch(kb.finish(), n.ins.iter().map(|i| i.0).chain([y]).collect(), 0);
         }
         Op::Linear(l) => linear(t, n, l, false),
-        Op::Conv2d(c) => conv(t, n, c, false, None),
+        Op::Conv2d(c) => {
+            conv(t, n, c, false, None);
+        }
         Op::Fused(f) => match &f.base {
-            FusedBase::Conv(c) => conv(t, n, c, f.relu, f.pool.as_ref()),
+            FusedBase::Conv(c) => {
+                conv(t, n, c, f.relu, f.pool.as_ref());
+            }
             FusedBase::Linear(l) => linear(t, n, l, f.relu),
         },
     }
@@ -395,25 +400,28 @@ fn linear(t: &mut Tables, n: &Node, l: &Linear, relu: bool) {
     let per = if bf16 { 2 } else { 1 };
     let (row, slot) = (kv / per + (k - kv), |i: Expr| if bf16 { i / 2i64 } else { i });
     // Each block of rb rows is one sequential run: per step of 8 weights, the rows' slots in turn, then
-    // the rows' tails. `slots` stores a step of 8 (bf16: as 4 pairs) or a tail (bf16: one per slot).
-    let slots = |c: &[f32]| -> Vec<f32> {
-        match bf16 {
-            false => c.to_vec(),
-            true => {
-                let pair = |lo: f32, hi: f32| f32::from_bits((bf16_bits(hi) as u32) << 16 | bf16_bits(lo) as u32);
-                match c.len() == step {
-                    true => (0..LANES).map(|j| pair(c[j], c[LANES + j])).collect(),
-                    false => c.iter().map(|&v| pair(v, 0.0)).collect(),
-                }
-            }
+    // the rows' tails. bf16 slots hold a step as 4 pairs, and a tail weight each.
+    let pair = |lo: f32, hi: f32| f32::from_bits((bf16_bits(hi) as u32) << 16 | bf16_bits(lo) as u32);
+    let step_slots = |c: &[f32]| -> Vec<f32> {
+        if bf16 {
+            (0..LANES).map(|j| pair(c[j], c[LANES + j])).collect()
+        } else {
+            c.to_vec()
+        }
+    };
+    let tail_slots = |c: &[f32]| -> Vec<f32> {
+        if bf16 {
+            c.iter().map(|&v| pair(v, 0.0)).collect()
+        } else {
+            c.to_vec()
         }
     };
     let rows: Vec<&[f32]> = n.params[0].data().chunks(k).collect();
     let w: Vec<f32> = rows
         .chunks(rb)
         .flat_map(|blk| {
-            let body = (0..kv / step).flat_map(move |s| blk.iter().flat_map(move |r| slots(&r[s * step..][..step])));
-            body.chain(blk.iter().flat_map(|r| slots(&r[kv..])))
+            let body = (0..kv / step).flat_map(move |s| blk.iter().flat_map(move |r| step_slots(&r[s * step..][..step])));
+            body.chain(blk.iter().flat_map(|r| tail_slots(&r[kv..])))
         })
         .collect();
     let (w, b) = (t.param(w), t.param(bias));
@@ -593,7 +601,9 @@ fn pack_blocks(w: &[f32], b: Option<&[f32]>, k: usize, mr: usize) -> (Vec<f32>, 
     (a, bias)
 }
 
-pub(super) fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after: Option<&Pool2d>) {
+/// Lowers convolution `n`; returns its packed weights and bias (none when it took Winograd, whose own
+/// GEMMs pack theirs).
+pub(super) fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after: Option<&Pool2d>) -> Option<(Ref, Ref)> {
     let [ci, h, w] = [n.ins[0].1[0], n.ins[0].1[1], n.ins[0].1[2]];
     let [kh, kw] = c.kernel;
     let (oh, ow) = match pool_after {
@@ -605,7 +615,8 @@ pub(super) fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after:
         None => (n.out.1[1], n.out.1[2]),
     };
     if let Some(f) = super::winograd::chosen(t.winograd, c, n.batch, [oh, ow]) {
-        return super::winograd::lower(t, n, c, f, relu, pool_after, [oh, ow]);
+        super::winograd::lower(t, n, c, f, relu, pool_after, [oh, ow]);
+        return None;
     }
     let co = c.out_channels;
     let (mr, nr) = (t.tier.mr(), t.tier.nr());
@@ -631,10 +642,15 @@ pub(super) fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after:
     let pitch = if columns == Columns::Taps && !masked { (w + 2 * c.pad[1]).div_ceil(s1) } else { ow };
     let g = Geo { cig, cog: co / c.groups, k, p: oh * pitch, ncb };
     // Elements from one (image, group)'s first input row (of unpacked columns) and output row to the next.
-    let [gp_in, gp_out] = n.group_pitch.unwrap_or([g.cig * g.p, g.cog * g.p]);
-    debug_assert!(n.group_pitch.is_none() || (n.batch == 1 && columns == Columns::Input));
-    let (a, bias) = pack_conv(c, &g, mr, n.params[0].data(), n.params.get(1).map(|b| b.data()));
-    let (a, bias) = (t.param(a), t.param(bias));
+    let [gp_in, gp_out] = n.planes.as_ref().map_or([g.cig * g.p, g.cog * g.p], |p| p.pitch);
+    debug_assert!(n.planes.is_none() || (n.batch == 1 && columns == Columns::Input));
+    let (a, bias) = match n.planes.as_ref().and_then(|p| p.packed) {
+        Some(packed) => packed,
+        None => {
+            let (a, bias) = pack_conv(c, &g, mr, n.params[0].data(), n.params.get(1).map(|b| b.data()));
+            (t.param(a), t.param(bias))
+        }
+    };
     let name = |s: &str| format!("{}.{s}", n.name);
     let x = n.ins[0].0;
     // Slices of k per tile call (see [`KC`]); the portable tier takes k whole.
@@ -817,6 +833,7 @@ pub(super) fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after:
     if let (Some(p), true) = (pool_after, packed) {
         pool_launch(t, n, p, pre_pool, [oh, ow]);
     }
+    Some((a, bias))
 }
 
 /// Launches the max pooling fused after convolution `n`, from its [oh, ow] output in `x`.

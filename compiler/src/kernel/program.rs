@@ -122,7 +122,7 @@ pub fn program_with(graph: &Graph, bound: Bound, batch: usize, Lowering { tier, 
             let shapes: Vec<&[usize]> = args.iter().map(|&a| graph.node(order[a]).shape.as_slice()).collect();
             let name = format!("n{}.{}", id.0.index(), node.layer.trim_start_matches("F.").trim_start_matches("L."));
             let ins = args.iter().zip(shapes).map(|(&a, s)| (store_of[a], s)).collect();
-            ops::lower(&mut t, &ops::Node { name: &name, op, batch, ins, out: (out, &node.shape), params, group_pitch: None });
+            ops::lower(&mut t, &ops::Node { name: &name, op, batch, ins, out: (out, &node.shape), params, planes: None });
         }
     }
 

@@ -54,7 +54,7 @@ impl Fmr {
         self.m + self.r - 1
     }
 
-    /// Toom–Cook at the α − 1 finite points 0, 1, −1, 2, −2, ½ (the first α − 1 of them) and ∞. Correlation is the transpose of
+    /// Toom–Cook at the α − 1 finite points 0, 1, −1, 2, −2, ½ (the first α − 1) and ∞. Correlation is the transpose of
     /// the linear convolution c = V⁻¹[(E_m a) ⊙ (E_r g)] (E evaluates a polynomial at the points, V is
     /// the α×α evaluation matrix): y = E_mᵀ diag(E_r g) V⁻ᵀ d. Row j of V⁻ᵀ is the Lagrange polynomial
     /// ∏_{l≠j}(x − p_l) / f_j, f_j = ∏_{l≠j}(p_j − p_l), so Bᵀ takes the integer products and G the
@@ -66,7 +66,7 @@ impl Fmr {
         let product = |skip: Option<usize>| {
             let mut c = vec![0.0; a];
             c[0] = 1.0;
-            for (_, &pl) in p.iter().enumerate().filter(|&(l, _)| Some(l) != skip) {
+            for (_, pl) in p.iter().enumerate().filter(|&(l, _)| Some(l) != skip) {
                 for k in (0..a).rev() {
                     c[k] = if k > 0 { c[k - 1] } else { 0.0 } - pl * c[k];
                 }
@@ -76,25 +76,11 @@ impl Fmr {
         let f = |j: usize| p.iter().enumerate().filter(|&(l, _)| l != j).map(|(_, pl)| p[j] - pl).product::<f64>();
         let mut bt: Vec<Vec<f64>> = (0..a - 1).map(|j| product(Some(j))).collect();
         bt.push(product(None));
+        // The point ∞ evaluates a polynomial of n coefficients to its leading one: 1 at power n − 1.
+        let infinity = |n: usize, power: usize| if power + 1 == n { 1.0 } else { 0.0 };
         let mut g: Vec<Vec<f64>> = (0..a - 1).map(|j| (0..self.r).map(|k| p[j].powi(k as i32) / f(j)).collect()).collect();
-        g.push((0..self.r).map(|k| if k + 1 == self.r { 1.0 } else { 0.0 }).collect());
-        let at = (0..self.m)
-            .map(|i| {
-                (0..a)
-                    .map(|j| {
-                        if j + 1 == a {
-                            if i + 1 == self.m {
-                                1.0
-                            } else {
-                                0.0
-                            }
-                        } else {
-                            p[j].powi(i as i32)
-                        }
-                    })
-                    .collect()
-            })
-            .collect();
+        g.push((0..self.r).map(|k| infinity(self.r, k)).collect());
+        let at = (0..self.m).map(|i| p.iter().map(|pj| pj.powi(i as i32)).chain([infinity(self.m, i)]).collect()).collect();
         Matrices { bt, g, at }
     }
 }
@@ -240,8 +226,8 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, relu: bool, pool_afte
     let (xq, ph) = ops::phase_split(t, n, &split, [th * m + r - 1, tw + (a - 1) / m]);
     let (hq, wq) = (ph.hq, ph.wq);
     // The batch in chunks of images whose M fits in CHUNK_BYTES, each chunk's transforms and GEMMs in
-    // turn over one V and one M (the packed U is one parameter: identical ones are shared). Each chunk
-    // streams U again, so a large U takes the batch in one pass.
+    // turn over one V and one M (U packed by the first chunk's GEMMs). Each chunk streams U again, so a
+    // large U takes the batch in one pass.
     let chunks = match 4 * a * a * co * ci > CHUNK_BYTES * 2 {
         true => 1,
         false => batch.div_ceil((CHUNK_BYTES / (4 * a * a * co * per_image)).max(1)),
@@ -253,7 +239,8 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, relu: bool, pool_afte
     let conv_len = batch * co * oh * ow;
     let y = if pool_after.is_some() { t.store(conv_len) } else { n.out.0 };
     let bias = t.param(n.params.get(1).map_or(vec![0.0; co], |b| b.data().to_vec()));
-    let u = Tensor::new(vec![a * a * co, ci, 1, 1], u).expect("sized");
+    let mut u = Some(Tensor::new(vec![a * a * co, ci, 1, 1], u).expect("sized"));
+    let mut packed = None;
     for chunk in 0..chunks {
         let (i0, images) = (chunk * per_chunk, per_chunk.min(batch - chunk * per_chunk));
         let cols = images * per_image;
@@ -284,9 +271,9 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, relu: bool, pool_afte
         let gemm = Conv2d { in_channels: a * a * ci, out_channels: a * a * co, kernel: [1, 1], stride: [1, 1], pad: [0, 0], groups: a * a, bias: false };
         let (in_shape, out_shape) = ([a * a * ci, cols, 1], [a * a * co, cols, 1]);
         let op = Op::Conv2d(gemm.clone());
-        let node =
-            Node { name: n.name, op: &op, batch: 1, ins: vec![(v, &in_shape)], out: (mm, &out_shape), params: vec![u.clone()], group_pitch: Some([pv, pm]) };
-        ops::conv(t, &node, &gemm, false, None);
+        let planes = Some(ops::Planes { pitch: [pv, pm], packed });
+        let node = Node { name: n.name, op: &op, batch: 1, ins: vec![(v, &in_shape)], out: (mm, &out_shape), params: u.take().into_iter().collect(), planes };
+        packed = ops::conv(t, &node, &gemm, false, None);
         // y = Aᵀ M A + bias, then ReLU, stored where the tile lies inside the output.
         let mut kb = Kb::new(name("winograd_out"), images * co);
         let (mb, bb, yb) = (kb.buf("M", a * a * pm, Access::Read), kb.buf("bias", co, Access::Read), kb.buf("y", conv_len, Access::Write));
