@@ -10,8 +10,36 @@ use std::fmt;
 /// A per-sample shape (the batch axis is omitted).
 pub type Dims = Vec<usize>;
 
+/// A real-valued attribute (eps, LRN's k/α/β, a dropout ratio), equal, ordered and hashed by its bits:
+/// ops are data — the e-graph and every table key them — so `0.0` and `-0.0` are two attributes, and NaN
+/// is equal to itself.
+#[derive(Clone, Copy, Debug)]
+pub struct F64(pub f64);
+
+impl PartialEq for F64 {
+    fn eq(&self, o: &Self) -> bool {
+        self.0.to_bits() == o.0.to_bits()
+    }
+}
+impl Eq for F64 {}
+impl std::hash::Hash for F64 {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.0.to_bits().hash(h)
+    }
+}
+impl PartialOrd for F64 {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for F64 {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&o.0)
+    }
+}
+
 /// `L.Convolution2D`: weights `W` (out, in/groups, kh, kw), optional bias `b` (out).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Conv2d {
     pub in_channels: usize,
     pub out_channels: usize,
@@ -23,14 +51,14 @@ pub struct Conv2d {
 }
 
 /// `L.BatchNormalization` at inference: y = γ (x − avg_mean) / √(avg_var + eps) + β, per channel.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BatchNorm {
     pub channels: usize,
-    pub eps: f64,
+    pub eps: F64,
 }
 
 /// `L.Linear`: the input is flattened per sample in NCHW order; y = x·Wᵀ + b with W (out, in).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Linear {
     pub in_features: usize,
     pub out_features: usize,
@@ -41,7 +69,7 @@ pub struct Linear {
 ///
 /// `cover_all` (max pooling only) uses Chainer's ceil-mode size `(H + 2p − k + s − 1) / s + 1`;
 /// average pooling always divides by `kh·kw`, padded zeros included (Chainer's semantics).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Pool2d {
     pub kernel: [usize; 2],
     pub stride: [usize; 2],
@@ -51,17 +79,17 @@ pub struct Pool2d {
 
 /// `F.local_response_normalization`: y = x · (k + α Σ x²)^(−β), the sum over the `n / 2` channels on each
 /// side, clipped at the edges. Chainer multiplies α by the plain sum (ONNX and PyTorch use α/n).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Lrn {
     pub n: usize,
-    pub k: f64,
-    pub alpha: f64,
-    pub beta: f64,
+    pub k: F64,
+    pub alpha: F64,
+    pub beta: F64,
 }
 
 /// A convolution or linear layer with its epilogue fused: bias, then ReLU, then max pooling, applied
 /// before the store. Its meaning is exactly that composition (see `reference::eval`).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Fused {
     pub base: FusedBase,
     pub relu: bool,
@@ -69,7 +97,7 @@ pub struct Fused {
     pub pool: Option<Pool2d>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum FusedBase {
     Conv(Conv2d),
     Linear(Linear),
@@ -84,12 +112,26 @@ impl Fused {
     }
 }
 
+impl FusedBase {
+    /// The layer an op is, if it is a convolution or a linear layer.
+    pub fn of(op: Op) -> Option<FusedBase> {
+        if let Op::Linear(l) = op {
+            return Some(FusedBase::Linear(l));
+        }
+        if let Op::Conv2d(c) = op {
+            Some(FusedBase::Conv(c))
+        } else {
+            None
+        }
+    }
+}
+
 /// An axis of the full (batched) tensor, as Chainer numbers them: axis 0 is the batch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Axis(pub usize);
 
 /// The closed op set. Inputs are activations; parameters are listed by [`Op::params`].
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Op {
     Conv2d(Conv2d),
     BatchNorm(BatchNorm),
@@ -100,7 +142,7 @@ pub enum Op {
     Lrn(Lrn),
     /// Identity at inference; the ratio is kept for the dump.
     Dropout {
-        ratio: f64,
+        ratio: F64,
     },
     Softmax {
         axis: Axis,
@@ -157,11 +199,32 @@ impl Op {
         match self {
             Op::Concat { .. } => None,
             Op::Add => Some(2),
-            _ => Some(1),
+            Op::Conv2d(_)
+            | Op::BatchNorm(_)
+            | Op::Linear(_)
+            | Op::Relu
+            | Op::MaxPool2d(_)
+            | Op::AvgPool2d(_)
+            | Op::Lrn(_)
+            | Op::Dropout { .. }
+            | Op::Softmax { .. }
+            | Op::Reshape { .. }
+            | Op::Fused(_)
+            | Op::Slice { .. } => Some(1),
         }
     }
 
-    /// The short name used in dumps and tables.
+    /// The bias flag of a convolution or linear layer, fused or not (`None`: the op has no optional bias).
+    pub fn bias_mut(&mut self) -> Option<&mut bool> {
+        match self {
+            Op::Conv2d(Conv2d { bias, .. }) | Op::Linear(Linear { bias, .. }) => Some(bias),
+            Op::Fused(Fused { base: FusedBase::Conv(Conv2d { bias, .. }) | FusedBase::Linear(Linear { bias, .. }), .. }) => Some(bias),
+            Op::BatchNorm(_) | Op::Relu | Op::MaxPool2d(_) | Op::AvgPool2d(_) | Op::Lrn(_) | Op::Dropout { .. } => None,
+            Op::Softmax { .. } | Op::Reshape { .. } | Op::Concat { .. } | Op::Add | Op::Slice { .. } => None,
+        }
+    }
+
+    /// The short name used in dumps, tables, the e-graph's patterns and the docs.
     pub fn name(&self) -> &'static str {
         match self {
             Op::Conv2d(_) => "conv2d",
@@ -205,7 +268,16 @@ impl Op {
             }
             Op::Fused(f) => f.base_op().params(),
             Op::BatchNorm(b) => ["gamma", "beta", "avg_mean", "avg_var"].into_iter().map(|n| (n, vec![b.channels])).collect(),
-            _ => vec![],
+            Op::Relu
+            | Op::MaxPool2d(_)
+            | Op::AvgPool2d(_)
+            | Op::Lrn(_)
+            | Op::Dropout { .. }
+            | Op::Softmax { .. }
+            | Op::Reshape { .. }
+            | Op::Concat { .. }
+            | Op::Add
+            | Op::Slice { .. } => vec![],
         }
     }
 
@@ -318,7 +390,17 @@ impl Op {
             Op::Conv2d(c) => out() * (c.in_channels / c.groups * c.kernel[0] * c.kernel[1]) as u64,
             Op::Linear(l) => out() * l.in_features as u64,
             Op::Fused(f) => f.base_op().macs(inputs),
-            _ => 0,
+            Op::BatchNorm(_)
+            | Op::Relu
+            | Op::MaxPool2d(_)
+            | Op::AvgPool2d(_)
+            | Op::Lrn(_)
+            | Op::Dropout { .. }
+            | Op::Softmax { .. }
+            | Op::Reshape { .. }
+            | Op::Concat { .. }
+            | Op::Add
+            | Op::Slice { .. } => 0,
         }
     }
 }
@@ -352,14 +434,14 @@ impl fmt::Display for Op {
                 }
                 write!(f, "{}]", if c.bias { "" } else { ", nobias" })
             }
-            Op::BatchNorm(b) => write!(f, "[{}, eps={:e}]", b.channels, b.eps),
+            Op::BatchNorm(b) => write!(f, "[{}, eps={:e}]", b.channels, b.eps.0),
             Op::Linear(l) => write!(f, "[{} <- {}{}]", l.out_features, l.in_features, if l.bias { "" } else { ", nobias" }),
             Op::MaxPool2d(p) | Op::AvgPool2d(p) => {
                 write!(f, "[k={}, s={}, p={}", hw(p.kernel), hw(p.stride), hw(p.pad))?;
                 write!(f, "{}]", if p.cover_all { ", cover_all" } else { "" })
             }
-            Op::Lrn(l) => write!(f, "[n={}, k={}, alpha={:e}, beta={}]", l.n, l.k, l.alpha, l.beta),
-            Op::Dropout { ratio } => write!(f, "[ratio={ratio}]"),
+            Op::Lrn(l) => write!(f, "[n={}, k={}, alpha={:e}, beta={}]", l.n, l.k.0, l.alpha.0, l.beta.0),
+            Op::Dropout { ratio } => write!(f, "[ratio={}]", ratio.0),
             Op::Softmax { axis } | Op::Concat { axis } => write!(f, "[axis={}]", axis.0),
             Op::Reshape { dims } => write!(f, "{}", Batched(dims)),
             Op::Relu | Op::Add => Ok(()),

@@ -18,7 +18,7 @@ pub fn eval(op: &Op, inputs: &[&Tensor], params: &[&Tensor]) -> Tensor {
         Op::BatchNorm(b) => {
             let [gamma, beta, mean, var] = [0, 1, 2, 3].map(|i| params[i].data());
             per_channel(x, |c, v| {
-                let y = gamma[c] as f64 * (v as f64 - mean[c] as f64) / (var[c] as f64 + b.eps).sqrt() + beta[c] as f64;
+                let y = gamma[c] as f64 * (v as f64 - mean[c] as f64) / (var[c] as f64 + b.eps.0).sqrt() + beta[c] as f64;
                 y as f32
             })
         }
@@ -174,7 +174,7 @@ fn lrn(l: &Lrn, x: &Tensor) -> Tensor {
             for p in 0..hw {
                 let neighbours = ch.saturating_sub(half)..(ch + half + 1).min(c);
                 let sum: f64 = neighbours.map(|j| (xi[j * hw + p] as f64).powi(2)).sum();
-                yi[ch * hw + p] = (xi[ch * hw + p] as f64 * (l.k + l.alpha * sum).powf(-l.beta)) as f32;
+                yi[ch * hw + p] = (xi[ch * hw + p] as f64 * (l.k.0 + l.alpha.0 * sum).powf(-l.beta.0)) as f32;
             }
         }
     }
@@ -207,7 +207,7 @@ fn dims4(x: &Tensor) -> [usize; 4] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::op::Axis;
+    use crate::op::{Axis, F64};
 
     fn t(shape: &[usize], data: &[f32]) -> Tensor {
         Tensor::new(shape.to_vec(), data.to_vec()).unwrap()
@@ -255,7 +255,7 @@ mod tests {
     fn lrn_uses_plain_sum() {
         // Single channel: y = x (k + α x²)^(−β).
         let x = t(&[1, 1, 1, 1], &[2.0]);
-        let y = eval(&Op::Lrn(Lrn { n: 5, k: 2.0, alpha: 0.5, beta: 1.0 }), &[&x], &[]);
+        let y = eval(&Op::Lrn(Lrn { n: 5, k: F64(2.0), alpha: F64(0.5), beta: F64(1.0) }), &[&x], &[]);
         assert_eq!(y.data(), &[2.0 / (2.0 + 0.5 * 4.0)]);
     }
 

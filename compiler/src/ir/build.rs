@@ -11,7 +11,7 @@
 use super::{param_specs, Graph, Kind, Node, NodeId, Param};
 use crate::diag::{Diagnostic, Span};
 use crate::syntax::{Arg, BinOp, Decl, Expr, ExprKind, File, Ident, Item, ItemKind, Stmt};
-use cnnc_runtime::op::{Axis, BatchNorm, Batched, Conv2d, Dims, Linear, Lrn, Pool2d};
+use cnnc_runtime::op::{Axis, BatchNorm, Batched, Conv2d, Dims, Linear, Lrn, Pool2d, F64};
 use cnnc_runtime::Op;
 use petgraph::graph::{DiGraph, NodeIndex};
 use std::collections::HashMap;
@@ -606,7 +606,7 @@ impl<'a> Builder<'a> {
                 self.float(&v[1], span_of(1), "decay")?;
                 let infer = v[0] == Value::None;
                 let channels = if infer { 0 } else { self.usize(&v[0], span_of(0), "size", 1)? };
-                Some(Prim::BatchNorm { bn: BatchNorm { channels, eps }, infer })
+                Some(Prim::BatchNorm { bn: BatchNorm { channels, eps: F64(eps) }, infer })
             }
             "Linear" => {
                 // `Linear(out)` infers the input size, as in Chainer.
@@ -1037,10 +1037,11 @@ impl<'a> Builder<'a> {
             })(),
             "local_response_normalization" => (|| {
                 let n = self.usize(&v[1], sp(1), "n", 1)?;
-                Some(Op::Lrn(Lrn { n, k: self.float(&v[2], sp(2), "k")?, alpha: self.float(&v[3], sp(3), "alpha")?, beta: self.float(&v[4], sp(4), "beta")? }))
+                let [k, alpha, beta] = [(2, "k"), (3, "alpha"), (4, "beta")].map(|(i, name)| self.float(&v[i], sp(i), name).map(F64));
+                Some(Op::Lrn(Lrn { n, k: k?, alpha: alpha?, beta: beta? }))
             })(),
             "dropout" => match self.float(&v[1], sp(1), "ratio") {
-                Some(r) if (0.0..1.0).contains(&r) => Some(Op::Dropout { ratio: r }),
+                Some(r) if (0.0..1.0).contains(&r) => Some(Op::Dropout { ratio: F64(r) }),
                 Some(_) => {
                     self.arg_error(sp(1), "dropout ratio must be in [0, 1)", "here");
                     None

@@ -112,7 +112,7 @@ pub fn lower(t: &mut Tables, n: &Node) {
         Op::BatchNorm(bn) => {
             // y = x·s + (β − mean·s), s = γ/√(var + eps), computed once in f64.
             let p: Vec<&[f32]> = n.params.iter().map(|p| p.data()).collect();
-            let s: Vec<f64> = (0..bn.channels).map(|c| p[0][c] as f64 / (p[3][c] as f64 + bn.eps).sqrt()).collect();
+            let s: Vec<f64> = (0..bn.channels).map(|c| p[0][c] as f64 / (p[3][c] as f64 + bn.eps.0).sqrt()).collect();
             let shift = (0..bn.channels).map(|c| (p[1][c] as f64 - p[2][c] as f64 * s[c]) as f32).collect();
             let (s, shift) = (t.param(s.iter().map(|&v| v as f32).collect()), t.param(shift));
             let (c, hw) = (n.ins[0].1[0], n.ins[0].1[1..].iter().product::<usize>());
@@ -159,7 +159,7 @@ pub fn lower(t: &mut Tables, n: &Node) {
                     });
                     // x · (k + α Σ)^(−β), as exp(−β · ln(k + α Σ)).
                     let i = plane.clone() * hw + p;
-                    let denom = (e(sum).fma(l.alpha as f32, l.k as f32)).ln() * (-l.beta as f32);
+                    let denom = (e(sum).fma(l.alpha.0 as f32, l.k.0 as f32)).ln() * (-l.beta.0 as f32);
                     kb.store(yb, i.clone(), xb.at(i) * denom.exp());
                 });
             });
