@@ -7,90 +7,49 @@
 //! The profile's GB/s is the launch's packed parameters (weights) over its time: for a linear layer at
 //! batch 1, which reads each weight once, the bandwidth it streams at.
 
-use super::{front_end, load_weights, Backend, ExecArgs};
+use super::{front_end, load_weights, BenchArgs};
 use anyhow::Result;
+use cnnc::backend::{Backend, Runner};
+use cnnc::kernel::WeightsDtype;
 use cnnc_runtime::{rng, Tensor};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// Warm-up runs before timing: page-faults the arena in and warms caches and branch predictors.
 const WARMUP: usize = 3;
 
-#[allow(clippy::too_many_arguments)]
-pub fn bench(
-    model: Option<&Path>,
-    weights: Option<&Path>,
-    batch: usize,
-    runs: usize,
-    profile: bool,
-    json: bool,
-    opts: &cnnc::opt::Options,
-    exec: ExecArgs,
-) -> Result<()> {
+pub fn bench(a: &BenchArgs) -> Result<()> {
+    let (exec, batch, runs, profile) = (&a.exec, a.batch as usize, a.runs as usize, a.profile);
     exec.check()?;
-    if exec.backend == Backend::Cuda {
-        cnnc::ptx::cuda::available()?;
-    }
     let t0 = Instant::now();
-    let (src, g) = front_end(model)?;
-    let (g, _) = cnnc::opt::optimize(&g, opts);
+    let (src, g) = front_end(a.model.as_deref())?;
+    let (g, _) = cnnc::opt::optimize(&g, &cnnc::opt::Options { level: a.opt, ..Default::default() });
     let front = t0.elapsed();
     let [input] = g.inputs[..] else { anyhow::bail!("`cnnc bench` times models with exactly one input; `{}` has {}", src.name, g.inputs.len()) };
     let t1 = Instant::now();
-    let bound = load_weights(&src, &g, weights, false)?;
+    let bound = load_weights(&src, &g, a.weights.as_deref(), false)?;
     let shape = [vec![batch], g.node(input).shape.clone()].concat();
     let x = Tensor::new(shape.clone(), rng::normal("input", shape.iter().product()).map(|v| v as f32).collect()).expect("sized");
-    let threads = exec.threads();
-    // One timed inference (the argument: whether to profile per kernel); per-kernel times, if any.
-    type Run = Box<dyn Fn(bool) -> Result<Vec<Duration>>>;
-    let (run, codegen, load): (Run, Duration, Duration);
-    // Per launch: name, flops, parameter bytes.
-    let mut names: Vec<(String, u64, u64)> = vec![];
     // With reduced-precision weights: the output's change against f32 weights, relative to max |y|.
-    let mut accuracy = None;
-    match exec.backend {
-        Backend::Jit => {
-            let f32_weights = ExecArgs { weights_dtype: cnnc::kernel::WeightsDtype::F32, ..exec };
-            let reference = (exec.weights_dtype != f32_weights.weights_dtype).then(|| bound.clone());
-            let program = exec.program(&g, bound, batch)?;
-            load = t1.elapsed();
-            let t2 = Instant::now();
-            let jit = cnnc::jit::compile(&program, cnnc::jit::Options::default())?;
-            codegen = t2.elapsed();
-            if let Some(bound) = reference {
-                let want = cnnc::jit::compile(&f32_weights.program(&g, bound, batch)?, cnnc::jit::Options::default())?.exe.run(&[&x], threads)?;
-                let got = jit.exe.run(&[&x], threads)?;
-                accuracy = Some(got.max_abs_diff(&want) / want.max_abs().max(f32::MIN_POSITIVE));
-            }
-            names = jit.exe.steps().iter().zip(program.param_bytes()).map(|(s, b)| (s.name.clone(), s.flops, b)).collect();
-            run = Box::new(move |_| Ok(jit.exe.run_timed(&[&x], threads)?.1));
+    let f32_weights = cnnc::backend::Options { weights_dtype: WeightsDtype::F32, ..*exec };
+    let reference = (exec.weights_dtype != WeightsDtype::F32).then(|| bound.clone());
+    let bind = t1.elapsed();
+    let runner = Runner::new(&g, bound, batch, exec)?;
+    let (load, codegen, threads) = (bind + runner.lower_time, runner.codegen_time, runner.threads());
+    let accuracy = match reference {
+        Some(bound) => {
+            let want = Runner::new(&g, bound, batch, &f32_weights)?.run(&x)?;
+            Some(runner.run(&x)?.max_abs_diff(&want) / want.max_abs().max(f32::MIN_POSITIVE))
         }
-        Backend::Cuda => {
-            let program = exec.program(&g, bound, batch)?;
-            load = t1.elapsed();
-            let t2 = Instant::now();
-            let exe = cnnc::ptx::cuda::CudaExecutable::new(&program, cnnc::ptx::DEFAULT_SM)?;
-            codegen = t2.elapsed();
-            names = exe.kernels().zip(program.param_bytes()).map(|((n, f), b)| (n.to_string(), f, b)).collect();
-            run = Box::new(move |profile| Ok(exe.run_timed(&[&x], profile)?.1));
-        }
-        Backend::Reference => {
-            let plan = cnnc::lower::lower(&g, bound)?;
-            load = t1.elapsed();
-            codegen = Duration::ZERO;
-            run = Box::new(move |_| {
-                plan.run(vec![x.clone()])?;
-                Ok(vec![])
-            });
-        }
-    }
+        None => None,
+    };
+    let names = &runner.kernels;
     let bar = indicatif::ProgressBar::new((WARMUP + runs) as u64).with_message("running");
     bar.set_style(indicatif::ProgressStyle::with_template("{msg:>8} [{bar:30}] {pos}/{len} ({elapsed})").expect("valid template"));
     let mut total = vec![];
     let mut per_kernel: Vec<Vec<Duration>> = vec![vec![]; names.len()];
     for i in 0..WARMUP + runs {
         let t = Instant::now();
-        let steps = run(profile)?;
+        let steps = runner.run_timed(&x, profile)?;
         let dt = t.elapsed();
         if i >= WARMUP {
             total.push(dt);
@@ -116,6 +75,7 @@ pub fn bench(
         Backend::Reference => "reference",
         Backend::Cuda => "cuda",
     };
+    let json = a.json;
     if json {
         let kernels: Vec<_> = names
             .iter()

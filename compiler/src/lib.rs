@@ -3,9 +3,10 @@
 //! Stages, one module each: [`syntax`] (text → AST), [`ir`] (AST → layer graph with shapes),
 //! [`weights`] (Chainer `.npz` / safetensors → parameters bound to the graph), [`lower`] (graph → the
 //! runtime's execution plan), [`input`] (images and `.npy` → input tensors), [`ptx`] (kernel IR → PTX for
-//! NVIDIA GPUs, and the CUDA runtime that runs it). [`diag`] renders what any stage reports. [`compile`]
-//! runs the front end in one call.
+//! NVIDIA GPUs, and the CUDA runtime that runs it). [`backend`] runs a graph with bound weights on any of
+//! them. [`diag`] renders what any stage reports. [`compile`] runs the front end in one call.
 
+pub mod backend;
 pub mod diag;
 pub mod input;
 pub mod ir;

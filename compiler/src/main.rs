@@ -2,12 +2,12 @@
 //! 2 usage. Every output file is written to a temporary file beside it and renamed into place, so a failed
 //! run never leaves a partial file.
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use cnnc::backend::{self, Runner, TierChoice};
 use cnnc::diag::{Failed, Source};
 use cnnc::input::{self, Preprocess};
 use cnnc::ir::{self, Graph, Kind};
-use cnnc::kernel::{WeightsDtype, Winograd};
 use cnnc::weights::{self, Weights};
 use cnnc_runtime::{Op, Tensor};
 use std::io::Write;
@@ -26,180 +26,103 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Check a model, infer its shapes, and print its layer table (or its IR).
-    Compile {
-        /// The model file (`.model`).
-        model: PathBuf,
-        /// What to print.
-        #[arg(long, value_enum, default_value_t = Emit::Table)]
-        emit: Emit,
-        /// Write to FILE instead of standard output.
-        #[arg(short, long, value_name = "FILE")]
-        output: Option<PathBuf>,
-        /// Optimization level: 0 disables rewriting, 1 runs every rule.
-        #[arg(short = 'O', default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
-        opt: u8,
-        /// Print the rules the optimizer fired and the estimated cost change (to standard error).
-        #[arg(long)]
-        explain: bool,
-        /// The backend whose cost model guides the optimizer.
-        #[arg(long, value_enum, default_value_t = Target::Cpu)]
-        target: Target,
-        /// Batch size the kernels and the memory plan are made for (`--emit kernels|clif`, the table's peak).
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
-        batch: u32,
-        /// GEMM microkernel the kernels are lowered for (`--emit kernels|clif|asm`).
-        #[arg(long, value_enum, default_value_t = TierArg::Auto)]
-        tier: TierArg,
-        /// CUDA compute capability the PTX targets (`--target cuda --emit ptx`): 80 (sm_80) … 90.
-        #[arg(long, default_value_t = cnnc::ptx::DEFAULT_SM,
-              value_parser = clap::builder::TypedValueParser::map(clap::builder::PossibleValuesParser::new(["80", "86", "87", "89", "90"]), |s: String| s.parse::<u32>().expect("listed")))]
-        sm: u32,
-    },
+    Compile(CompileArgs),
     /// Run a model on images or .npy tensors and print the top classes.
-    Run {
-        /// The model file; defaults to the bundled AlexBN.
-        model: Option<PathBuf>,
-        /// Input files: images (.png, .jpg) or .npy tensors (N,C,H,W) or (C,H,W). Several form one batch.
-        #[arg(long, short, required = true, num_args = 1.., value_name = "FILE")]
-        input: Vec<PathBuf>,
-        /// Chainer `save_npz` file or safetensors file with the model's parameters.
-        #[arg(long, short, value_name = "FILE")]
-        weights: Option<PathBuf>,
-        /// Write the raw outputs (logits, shape (N, classes)) to this .npy file.
-        #[arg(long, short, value_name = "FILE.npy")]
-        output: Option<PathBuf>,
-        /// How many classes to print per input.
-        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..))]
-        top: u16,
-        /// Print the result as JSON.
-        #[arg(long)]
-        json: bool,
-        /// Image preprocessing: shorter side after resizing, before the center crop.
-        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=16384))]
-        resize: u32,
-        /// Image preprocessing: per-channel mean subtracted, as R,G,B on the 0..255 scale.
-        #[arg(long, value_parser = parse_mean, value_name = "R,G,B")]
-        mean: Option<[f32; 3]>,
-        /// Image preprocessing: factor applied after the mean is subtracted.
-        #[arg(long, value_parser = parse_finite)]
-        scale: Option<f32>,
-        /// Optimization level: 0 disables rewriting, 1 runs every rule.
-        #[arg(short = 'O', default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
-        opt: u8,
-        #[command(flatten)]
-        exec: ExecArgs,
-    },
+    Run(RunArgs),
     /// Time a model: compile time, weight loading, latency (median and min), GFLOP/s, per-kernel times.
-    Bench {
-        /// The model file; defaults to the bundled AlexBN.
-        model: Option<PathBuf>,
-        /// Chainer `save_npz` file or safetensors file (default: Chainer's initializers, fixed seed).
-        #[arg(long, short, value_name = "FILE")]
-        weights: Option<PathBuf>,
-        /// Samples per inference (inputs are deterministic pseudo-random tensors).
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
-        batch: u32,
-        /// Timed inferences (after 3 warm-up runs).
-        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=100000))]
-        runs: u32,
-        /// Also print the time of every kernel (median over the runs).
-        #[arg(long)]
-        profile: bool,
-        /// Print one JSON object instead of text.
-        #[arg(long)]
-        json: bool,
-        /// Optimization level: 0 disables rewriting, 1 runs every rule.
-        #[arg(short = 'O', default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
-        opt: u8,
-        #[command(flatten)]
-        exec: ExecArgs,
-    },
+    Bench(BenchArgs),
 }
 
-#[derive(clap::Args, Clone, Copy)]
-struct ExecArgs {
-    /// Which kernels run the model: the JIT-compiled ones, or the reference interpreter (slow, the oracle).
-    #[arg(long, value_enum, default_value_t = Backend::Jit)]
-    backend: Backend,
-    /// GEMM microkernel: `auto` picks the fastest this CPU runs. Results are identical for every tier.
-    #[arg(long, value_enum, default_value_t = TierArg::Auto)]
-    tier: TierArg,
-    /// Worker threads (default: the available cores). Results are identical for any count.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
-    threads: Option<u32>,
-    /// How linear layers keep their weights. `bf16` rounds them to bfloat16 at compile time and computes
-    /// in f32: at batch 1 the weights stream in half the bytes, at a small cost in accuracy
-    /// (`cnnc bench` reports it). Compiled backends only.
-    #[arg(long, value_enum, default_value_t = WeightsDtype::F32)]
-    weights_dtype: WeightsDtype,
-    /// When stride-1 3×3 and 5×5 convolutions take Winograd's minimal filtering: `auto` where the
-    /// cost model expects it to be faster (results then depend on the batch size, within 1e-4).
-    #[arg(long, value_enum, default_value_t = Winograd::Auto)]
-    winograd: Winograd,
+#[derive(clap::Args)]
+struct CompileArgs {
+    /// The model file (`.model`).
+    model: PathBuf,
+    /// What to print.
+    #[arg(long, value_enum, default_value_t = Emit::Table)]
+    emit: Emit,
+    /// Write to FILE instead of standard output.
+    #[arg(short, long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Optimization level: 0 disables rewriting, 1 runs every rule.
+    #[arg(short = 'O', default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+    opt: u8,
+    /// Print the rules the optimizer fired and the estimated cost change (to standard error).
+    #[arg(long)]
+    explain: bool,
+    /// The backend whose cost model guides the optimizer.
+    #[arg(long, value_enum, default_value_t = Target::Cpu)]
+    target: Target,
+    /// Batch size the kernels and the memory plan are made for (`--emit kernels|clif`, the table's peak).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    batch: u32,
+    /// GEMM microkernel the kernels are lowered for (`--emit kernels|clif|asm`).
+    #[arg(long, value_enum, default_value_t = TierChoice::Auto)]
+    tier: TierChoice,
+    /// CUDA compute capability the PTX targets (`--target cuda --emit ptx`): 80 (sm_80) … 90.
+    #[arg(long, default_value_t = cnnc::ptx::DEFAULT_SM,
+              value_parser = clap::builder::TypedValueParser::map(clap::builder::PossibleValuesParser::new(["80", "86", "87", "89", "90"]), |s: String| s.parse::<u32>().expect("listed")))]
+    sm: u32,
 }
 
-impl ExecArgs {
-    /// The kernel program for the compiled backends (the CUDA one runs the portable tier's lowering).
-    fn program(&self, g: &Graph, bound: weights::Bound, batch: usize) -> Result<cnnc::kernel::Program> {
-        let tier = match self.backend {
-            Backend::Jit => self.tier.get(),
-            Backend::Cuda => cnnc::kernel::Tier::Portable,
-            Backend::Reference => bail!("internal error: the reference backend has no kernel program"),
-        };
-        Ok(cnnc::kernel::program_with(
-            g,
-            bound,
-            batch,
-            cnnc::kernel::Lowering { fc_weights: self.weights_dtype, winograd: self.winograd, ..cnnc::kernel::Lowering::new(tier) },
-        ))
-    }
-
-    /// Flags that do not go together.
-    fn check(&self) -> Result<()> {
-        if self.backend == Backend::Reference && self.weights_dtype != WeightsDtype::F32 {
-            bail!("`--weights-dtype {:?}` needs a compiled backend (jit or cuda): the reference interpreter computes with the f32 weights", self.weights_dtype);
-        }
-        if self.backend == Backend::Reference && self.winograd != Winograd::Auto {
-            bail!(
-                "`--winograd {}` needs a compiled backend (jit or cuda): the reference interpreter convolves directly",
-                format!("{:?}", self.winograd).to_lowercase()
-            );
-        }
-        Ok(())
-    }
-
-    fn threads(&self) -> usize {
-        self.threads.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), |t| t as usize)
-    }
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The model file; defaults to the bundled AlexBN.
+    model: Option<PathBuf>,
+    /// Input files: images (.png, .jpg) or .npy tensors (N,C,H,W) or (C,H,W). Several form one batch.
+    #[arg(long, short, required = true, num_args = 1.., value_name = "FILE")]
+    input: Vec<PathBuf>,
+    /// Chainer `save_npz` file or safetensors file with the model's parameters.
+    #[arg(long, short, value_name = "FILE")]
+    weights: Option<PathBuf>,
+    /// Write the raw outputs (logits, shape (N, classes)) to this .npy file.
+    #[arg(long, short, value_name = "FILE.npy")]
+    output: Option<PathBuf>,
+    /// How many classes to print per input.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..))]
+    top: u16,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Image preprocessing: shorter side after resizing, before the center crop.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=16384))]
+    resize: u32,
+    /// Image preprocessing: per-channel mean subtracted, as R,G,B on the 0..255 scale.
+    #[arg(long, value_parser = parse_mean, value_name = "R,G,B")]
+    mean: Option<[f32; 3]>,
+    /// Image preprocessing: factor applied after the mean is subtracted.
+    #[arg(long, value_parser = parse_finite)]
+    scale: Option<f32>,
+    /// Optimization level: 0 disables rewriting, 1 runs every rule.
+    #[arg(short = 'O', default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+    opt: u8,
+    #[command(flatten)]
+    exec: backend::Options,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum TierArg {
-    Auto,
-    /// Cranelift f32x4 code (every CPU Cranelift targets).
-    Portable,
-    /// A JIT-assembled AVX-512 tile (x86-64 with AVX-512F).
-    Avx512,
-}
-
-impl TierArg {
-    fn get(self) -> cnnc::kernel::Tier {
-        match self {
-            TierArg::Auto => cnnc::kernel::Tier::best(),
-            TierArg::Portable => cnnc::kernel::Tier::Portable,
-            TierArg::Avx512 => cnnc::kernel::Tier::Avx512,
-        }
-    }
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Backend {
-    /// Cranelift-compiled vector kernels over a planned arena.
-    Jit,
-    /// The reference interpreter: naive loops, single-threaded.
-    Reference,
-    /// The PTX backend on an NVIDIA GPU (device 0) through the CUDA driver.
-    Cuda,
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// The model file; defaults to the bundled AlexBN.
+    model: Option<PathBuf>,
+    /// Chainer `save_npz` file or safetensors file (default: Chainer's initializers, fixed seed).
+    #[arg(long, short, value_name = "FILE")]
+    weights: Option<PathBuf>,
+    /// Samples per inference (inputs are deterministic pseudo-random tensors).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    batch: u32,
+    /// Timed inferences (after 3 warm-up runs).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=100000))]
+    runs: u32,
+    /// Also print the time of every kernel (median over the runs).
+    #[arg(long)]
+    profile: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Optimization level: 0 disables rewriting, 1 runs every rule.
+    #[arg(short = 'O', default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+    opt: u8,
+    #[command(flatten)]
+    exec: backend::Options,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -245,27 +168,15 @@ struct Reported;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::Compile { model, emit, output, opt, explain, target, batch, tier, sm } => {
-            if matches!(emit, Emit::Ptx) && target != Target::Cuda {
+        Cmd::Compile(a) => {
+            if matches!(a.emit, Emit::Ptx) && a.target != Target::Cuda {
                 use clap::CommandFactory;
                 Cli::command().error(clap::error::ErrorKind::ArgumentConflict, "--emit ptx needs --target cuda").exit();
             }
-            let model_costs = match target {
-                Target::Cpu => cnnc::opt::lang::CPU,
-                Target::Cuda => cnnc::opt::lang::CUDA,
-            };
-            compile(&model, emit, output.as_deref(), &cnnc::opt::Options { level: opt, model: model_costs }, explain, batch as usize, tier, sm)
+            compile(&a)
         }
-        Cmd::Run { model, input, weights, output, top, json, resize, mean, scale, opt, exec } => {
-            let defaults = Preprocess::default();
-            let pre = Preprocess { resize, mean: mean.unwrap_or(defaults.mean), scale: scale.unwrap_or(defaults.scale) };
-            let opts = cnnc::opt::Options { level: opt, ..Default::default() };
-            run(model.as_deref(), &input, weights.as_deref(), output.as_deref(), top as usize, json, &pre, &opts, exec)
-        }
-        Cmd::Bench { model, weights, batch, runs, profile, json, opt, exec } => {
-            let opts = cnnc::opt::Options { level: opt, ..Default::default() };
-            bench::bench(model.as_deref(), weights.as_deref(), batch as usize, runs as usize, profile, json, &opts, exec)
-        }
+        Cmd::Run(a) => run(&a),
+        Cmd::Bench(a) => bench::bench(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -298,11 +209,15 @@ fn front_end(model: Option<&Path>) -> Result<(Source, Graph)> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn compile(model: &Path, emit: Emit, output: Option<&Path>, opts: &cnnc::opt::Options, explain: bool, batch: usize, tier: TierArg, sm: u32) -> Result<()> {
-    let (src, g) = front_end(Some(model))?;
-    let (optimized, report) = cnnc::opt::optimize(&g, opts);
-    if explain {
+fn compile(a: &CompileArgs) -> Result<()> {
+    let (src, g) = front_end(Some(&a.model))?;
+    let costs = match a.target {
+        Target::Cpu => cnnc::opt::lang::CPU,
+        Target::Cuda => cnnc::opt::lang::CUDA,
+    };
+    let (optimized, report) = cnnc::opt::optimize(&g, &cnnc::opt::Options { level: a.opt, model: costs });
+    let batch = a.batch as usize;
+    if a.explain {
         eprint!("{}", cnnc::opt::explain(&report));
     }
     // Kernels depend on shapes, not on values: lower with zero parameters.
@@ -310,8 +225,8 @@ fn compile(model: &Path, emit: Emit, output: Option<&Path>, opts: &cnnc::opt::Op
         let zeros = optimized.params().into_iter().map(|s| (s.clone(), Tensor::zeros(s.shape.clone()))).collect();
         cnnc::kernel::program(&optimized, weights::Bound { params: zeros, notes: vec![] }, batch, tier)
     };
-    let program = || program_for(tier.get());
-    let text = match emit {
+    let program = || program_for(a.tier.get());
+    let text = match a.emit {
         Emit::Table => {
             let p = program();
             let mib = |elems: usize| elems as f64 * 4.0 / (1 << 20) as f64;
@@ -330,10 +245,10 @@ fn compile(model: &Path, emit: Emit, output: Option<&Path>, opts: &cnnc::opt::Op
         Emit::Asm => cnnc::jit::clif(&program(), true)?,
         Emit::Ptx => {
             // The portable tier: PTX that does not depend on the host CPU (see docs/ptx.md).
-            cnnc::ptx::emit(&program_for(cnnc::kernel::Tier::Portable), sm)?
+            cnnc::ptx::emit(&program_for(cnnc::kernel::Tier::Portable), a.sm)?
         }
     };
-    match output {
+    match &a.output {
         Some(path) => write_atomic(path, |w| Ok(w.write_all(text.as_bytes())?)),
         None => {
             print!("{text}");
@@ -342,55 +257,32 @@ fn compile(model: &Path, emit: Emit, output: Option<&Path>, opts: &cnnc::opt::Op
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run(
-    model: Option<&Path>,
-    inputs: &[PathBuf],
-    weights: Option<&Path>,
-    output: Option<&Path>,
-    top: usize,
-    json: bool,
-    pre: &Preprocess,
-    opts: &cnnc::opt::Options,
-    exec: ExecArgs,
-) -> Result<()> {
-    exec.check()?;
-    if exec.backend == Backend::Cuda {
-        // Before any work: a machine without a GPU is a clear error (exit 1).
-        cnnc::ptx::cuda::available()?;
-    }
-    let (src, g) = front_end(model)?;
+fn run(a: &RunArgs) -> Result<()> {
+    a.exec.check()?;
+    let (src, g) = front_end(a.model.as_deref())?;
     let [input_node] = g.inputs[..] else {
         return Err(anyhow!("`{}` takes {} inputs; `cnnc run` feeds models with exactly one", src.name, g.inputs.len()));
     };
     let dims = g.node(input_node).shape.clone();
+    let defaults = Preprocess::default();
+    let pre = Preprocess { resize: a.resize, mean: a.mean.unwrap_or(defaults.mean), scale: a.scale.unwrap_or(defaults.scale) };
     let mut parts = Vec::new();
     let mut labels = Vec::new();
-    for path in inputs {
-        let t = input::load(path, &dims, pre)?;
+    for path in &a.input {
+        let t = input::load(path, &dims, &pre)?;
         let name = path.display().to_string();
         labels.extend((0..t.batch()).map(|i| if t.batch() == 1 { name.clone() } else { format!("{name}[{i}]") }));
         parts.push(t);
     }
     let x = input::concat_batches(parts);
 
-    let bound = load_weights(&src, &g, weights, true)?;
-    let (g, _) = cnnc::opt::optimize(&g, opts);
-    let y = match exec.backend {
-        Backend::Reference => cnnc::lower::lower(&g, bound).context("internal error while lowering")?.run(vec![x])?,
-        Backend::Jit => {
-            let program = exec.program(&g, bound, x.batch())?;
-            cnnc::jit::compile(&program, cnnc::jit::Options::default())?.exe.run(&[&x], exec.threads())?
-        }
-        Backend::Cuda => {
-            let program = exec.program(&g, bound, x.batch())?;
-            cnnc::ptx::cuda::CudaExecutable::new(&program, cnnc::ptx::DEFAULT_SM)?.run(&[&x])?
-        }
-    };
-    if let Some(path) = output {
+    let bound = load_weights(&src, &g, a.weights.as_deref(), true)?;
+    let (g, _) = cnnc::opt::optimize(&g, &cnnc::opt::Options { level: a.opt, ..Default::default() });
+    let y = Runner::new(&g, bound, x.batch(), &a.exec)?.run(&x)?;
+    if let Some(path) = &a.output {
         write_atomic(path, |w| write_npy(w, &y))?;
     }
-    report(&g, &y, &labels, top, json, weights)
+    report(&g, &y, &labels, a.top as usize, a.json, a.weights.as_deref())
 }
 
 /// Opens and binds the weights (or Chainer's initializers, with a loud warning), printing diagnostics.

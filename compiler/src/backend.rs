@@ -1,0 +1,168 @@
+//! One interface to the three ways a model runs: the JIT (Cranelift kernels on CPU threads), the reference
+//! interpreter (the oracle) and CUDA (the PTX on an NVIDIA GPU). The CLI's `run` and `bench` build a
+//! [`Runner`] from a graph with bound weights and call it; nothing else dispatches on the backend.
+//! Invariant left: a [`Runner`] was built only from [`Options`] that go together ([`Options::check`]), and
+//! computes the graph's function whatever its backend, tier or thread count.
+
+use crate::ir::Graph;
+use crate::kernel::{Lowering, Program, Tier, WeightsDtype, Winograd};
+use crate::ptx::cuda::{CudaError, CudaExecutable};
+use crate::weights::Bound;
+use cnnc_runtime::{Plan, Tensor};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// Cranelift-compiled vector kernels over a planned arena.
+    Jit,
+    /// The reference interpreter: naive loops, single-threaded.
+    Reference,
+    /// The PTX backend on an NVIDIA GPU (device 0) through the CUDA driver.
+    Cuda,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TierChoice {
+    Auto,
+    /// Cranelift f32x4 code (every CPU Cranelift targets).
+    Portable,
+    /// A JIT-assembled AVX-512 tile (x86-64 with AVX-512F).
+    Avx512,
+}
+
+impl TierChoice {
+    pub fn get(self) -> Tier {
+        match self {
+            TierChoice::Auto => Tier::best(),
+            TierChoice::Portable => Tier::Portable,
+            TierChoice::Avx512 => Tier::Avx512,
+        }
+    }
+}
+
+/// How a model runs (the CLI's execution flags).
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub struct Options {
+    /// Which kernels run the model: the JIT-compiled ones, or the reference interpreter (slow, the oracle).
+    #[arg(long, value_enum, default_value_t = Backend::Jit)]
+    pub backend: Backend,
+    /// GEMM microkernel: `auto` picks the fastest this CPU runs. Results are identical for every tier.
+    #[arg(long, value_enum, default_value_t = TierChoice::Auto)]
+    pub tier: TierChoice,
+    /// Worker threads (default: the available cores). Results are identical for any count.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub threads: Option<u32>,
+    /// How linear layers keep their weights. `bf16` rounds them to bfloat16 at compile time and computes
+    /// in f32: at batch 1 the weights stream in half the bytes, at a small cost in accuracy
+    /// (`cnnc bench` reports it). Compiled backends only.
+    #[arg(long, value_enum, default_value_t = WeightsDtype::F32)]
+    pub weights_dtype: WeightsDtype,
+    /// When stride-1 3×3 and 5×5 convolutions take Winograd's minimal filtering: `auto` where the
+    /// cost model expects it to be faster (results then depend on the batch size, within 1e-4).
+    #[arg(long, value_enum, default_value_t = Winograd::Auto)]
+    pub winograd: Winograd,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("`--{flag} {value}` needs a compiled backend (jit or cuda): the reference interpreter {why}")]
+    NeedsCompiled { flag: &'static str, value: String, why: &'static str },
+    #[error(transparent)]
+    Jit(#[from] crate::jit::JitError),
+    #[error(transparent)]
+    Cuda(#[from] CudaError),
+    #[error(transparent)]
+    Plan(#[from] cnnc_runtime::plan::PlanError),
+    #[error(transparent)]
+    Run(#[from] cnnc_runtime::plan::RunError),
+}
+
+impl Options {
+    /// Flags that do not go together, and a CUDA backend without a GPU: errors before any work is done.
+    pub fn check(&self) -> Result<(), BackendError> {
+        let value = |v: &dyn std::fmt::Debug| format!("{v:?}").to_lowercase();
+        if self.backend == Backend::Reference && self.weights_dtype != WeightsDtype::F32 {
+            return Err(BackendError::NeedsCompiled { flag: "weights-dtype", value: value(&self.weights_dtype), why: "computes with the f32 weights" });
+        }
+        if self.backend == Backend::Reference && self.winograd != Winograd::Auto {
+            return Err(BackendError::NeedsCompiled { flag: "winograd", value: value(&self.winograd), why: "convolves directly" });
+        }
+        if self.backend == Backend::Cuda {
+            crate::ptx::cuda::available()?;
+        }
+        Ok(())
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), |t| t as usize)
+    }
+
+    /// The kernel program of a compiled backend (CUDA runs the portable tier's lowering: PTX that does
+    /// not depend on the host CPU).
+    fn program(&self, g: &Graph, bound: Bound, batch: usize) -> Program {
+        let tier = if self.backend == Backend::Cuda { Tier::Portable } else { self.tier.get() };
+        crate::kernel::program_with(g, bound, batch, Lowering { fc_weights: self.weights_dtype, winograd: self.winograd, ..Lowering::new(tier) })
+    }
+}
+
+enum Exe {
+    Jit(crate::jit::Jitted),
+    Reference(Plan),
+    Cuda(CudaExecutable),
+}
+
+/// A model made runnable by one backend, for one batch size.
+pub struct Runner {
+    exe: Exe,
+    threads: usize,
+    /// Per launch: kernel name, floating-point operations, bytes of packed parameters it reads (empty for
+    /// the reference interpreter, which has no kernels).
+    pub kernels: Vec<(String, u64, u64)>,
+    /// Lowering (parameter terms evaluated, weights packed) and code generation.
+    pub lower_time: Duration,
+    pub codegen_time: Duration,
+}
+
+impl Runner {
+    pub fn new(g: &Graph, bound: Bound, batch: usize, o: &Options) -> Result<Runner, BackendError> {
+        let t = Instant::now();
+        if o.backend == Backend::Reference {
+            let exe = Exe::Reference(crate::lower::lower(g, bound)?);
+            return Ok(Runner { exe, threads: o.threads(), kernels: vec![], lower_time: t.elapsed(), codegen_time: Duration::ZERO });
+        }
+        let p = o.program(g, bound, batch);
+        let (lower_time, t, bytes) = (t.elapsed(), Instant::now(), p.param_bytes());
+        let (exe, kernels) = if o.backend == Backend::Cuda {
+            let exe = CudaExecutable::new(&p, crate::ptx::DEFAULT_SM)?;
+            let kernels = exe.kernels().zip(bytes).map(|((n, f), b)| (n.to_string(), f, b)).collect();
+            (Exe::Cuda(exe), kernels)
+        } else {
+            let jit = crate::jit::compile(&p, crate::jit::Options::default())?;
+            let kernels = jit.exe.steps().iter().zip(bytes).map(|(s, b)| (s.name.clone(), s.flops, b)).collect();
+            (Exe::Jit(jit), kernels)
+        };
+        Ok(Runner { exe, threads: o.threads(), kernels, lower_time, codegen_time: t.elapsed() })
+    }
+
+    pub fn run(&self, x: &Tensor) -> Result<Tensor, BackendError> {
+        Ok(match &self.exe {
+            Exe::Jit(j) => j.exe.run(&[x], self.threads)?,
+            Exe::Reference(p) => p.run(vec![x.clone()])?,
+            Exe::Cuda(c) => c.run(&[x])?,
+        })
+    }
+
+    /// One inference; with `profile`, the time of each kernel where the backend measures them (the JIT
+    /// always does, at no cost; CUDA only when asked, as it synchronizes after every launch).
+    pub fn run_timed(&self, x: &Tensor, profile: bool) -> Result<Vec<Duration>, BackendError> {
+        Ok(match &self.exe {
+            Exe::Jit(j) => j.exe.run_timed(&[x], self.threads)?.1,
+            Exe::Reference(p) => p.run(vec![x.clone()]).map(|_| vec![])?,
+            Exe::Cuda(c) => c.run_timed(&[x], profile)?.1,
+        })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+}
