@@ -1,0 +1,85 @@
+//! Golden filetests: each `filetests/NAME.model` starts with a directive line saying what to print, and its
+//! expected output sits beside it in `NAME.expected`. One test per file, so one failure hides no other.
+//!
+//! Directive: `# test: WHAT [batch=N] [sm=SM]`, WHAT one of `diagnostics` (the rendered errors and
+//! warnings), `table`, `ir`, `ir-opt`, `kernels` (the portable tier's kernel IR, host-independent) or `ptx`.
+//! Re-bless after an intended change with `CNNC_BLESS=1 cargo test --release -p cnnc-tests --test filetests`
+//! and read the diff; under CI (`CI` set) blessing is refused, so a changed output fails the build.
+
+use cnnc::diag::Source;
+use cnnc::kernel::{program, Tier};
+use cnnc::weights::Bound;
+use cnnc_runtime::Tensor;
+use libtest_mimic::{Arguments, Failed, Trial};
+use std::path::{Path, PathBuf};
+
+fn main() {
+    let dir = cnnc_tests::root().join("tests/filetests");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).expect("tests/filetests exists").map(|e| e.expect("entry").path()).collect();
+    files.retain(|p| p.extension().is_some_and(|e| e == "model"));
+    files.sort();
+    let trials = files.into_iter().map(|p| Trial::test(p.file_stem().expect("a name").to_string_lossy().into_owned(), move || check(&p))).collect();
+    libtest_mimic::run(&Arguments::from_args(), trials).exit();
+}
+
+/// What a directive asks for, printed.
+fn output(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let directive = text.lines().next().and_then(|l| l.strip_prefix("# test: ")).ok_or("the first line must be `# test: WHAT [key=value ...]`")?;
+    let mut words = directive.split_whitespace();
+    let what = words.next().ok_or("the directive names nothing to print")?;
+    let (mut batch, mut sm) = (1usize, cnnc::ptx::DEFAULT_SM);
+    for w in words {
+        match w.split_once('=') {
+            Some(("batch", v)) => batch = v.parse().map_err(|_| format!("bad batch `{v}`"))?,
+            Some(("sm", v)) => sm = v.parse().map_err(|_| format!("bad sm `{v}`"))?,
+            _ => return Err(format!("unknown directive option `{w}`")),
+        }
+    }
+    let src = Source::new(path.file_name().expect("a file").to_string_lossy(), text.clone());
+    let g = match cnnc::compile(&src) {
+        Ok((g, warnings)) if what != "diagnostics" => {
+            if !warnings.is_empty() {
+                return Err(format!("unexpected warnings:\n{}", src.render_plain(&warnings)));
+            }
+            g
+        }
+        Ok((_, diags)) | Err(cnnc::diag::Failed(diags)) if what == "diagnostics" => return Ok(src.render_plain(&diags)),
+        Ok(_) => unreachable!("matched above"),
+        Err(f) => return Err(format!("the model does not compile:\n{}", src.render_plain(&f.0))),
+    };
+    let opt = || cnnc::opt::optimize(&g, &Default::default()).0;
+    // Kernels depend on shapes, not values: lower with zero parameters, for the host-independent tier.
+    let program = |g: &cnnc::ir::Graph| {
+        let zeros = g.params().into_iter().map(|s| (s.clone(), Tensor::zeros(s.shape.clone()))).collect();
+        program(g, Bound { params: zeros, notes: vec![] }, batch, Tier::Portable)
+    };
+    Ok(match what {
+        "table" => cnnc::ir::table(&g),
+        "ir" => cnnc::ir::dump(&g, &src),
+        "ir-opt" => cnnc::ir::dump(&opt(), &src),
+        "kernels" => cnnc::kernel::listing(&program(&opt())),
+        "ptx" => {
+            let g = cnnc::opt::optimize(&g, &cnnc::opt::Options { level: 1, model: cnnc::opt::lang::CUDA }).0;
+            cnnc::ptx::emit(&program(&g), sm).map_err(|e| e.to_string())?
+        }
+        other => return Err(format!("unknown test kind `{other}`")),
+    })
+}
+
+fn check(path: &Path) -> Result<(), Failed> {
+    let got = output(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let expected = path.with_extension("expected");
+    if std::env::var_os("CNNC_BLESS").is_some() {
+        if std::env::var_os("CI").is_some() {
+            return Err("CNNC_BLESS is refused under CI: bless on a development machine and commit the .expected file".into());
+        }
+        return std::fs::write(&expected, &got).map_err(|e| format!("{}: {e}", expected.display()).into());
+    }
+    let want = std::fs::read_to_string(&expected).map_err(|e| format!("{}: {e} (create it with CNNC_BLESS=1)", expected.display()))?;
+    if got == want {
+        return Ok(());
+    }
+    let diff = similar::TextDiff::from_lines(&want, &got);
+    Err(format!("{} differs from its output (- expected, + got; re-bless with CNNC_BLESS=1):\n{}", expected.display(), diff.unified_diff().context_radius(3)).into())
+}
