@@ -27,10 +27,11 @@
 //! shift, and are loaded into k3–k6 once per call (see [`tap_masks`]).
 
 use crate::kernel::Taps;
+use crate::target::Tier;
 use iced_x86::code_asm::*;
 
 /// Tile rows: 12 rows × 2 vectors = 24 accumulators + 2 column vectors + 4 broadcasts = 30 of the 32 zmm.
-pub const MR: usize = 12;
+const MR: usize = Tier::Avx512.mr();
 /// How many k steps ahead the strided tile prefetches B: about 32 × 12 cycles of FMAs, a memory
 /// latency and more.
 const PREFETCH: usize = 32;
@@ -40,7 +41,7 @@ const PREFETCH: usize = 32;
 /// batch 8 the linear layers' A, the packed inputs, is in L2 already: fc6–8 took 0.9 ms longer at 1 thread.)
 const PREFETCH_A: usize = 32;
 /// Tile columns: two zmm vectors of 16 floats.
-pub const NR: usize = 32;
+const _: () = assert!(Tier::Avx512.nr() == 32);
 
 const BCAST: [AsmRegisterZmm; 4] = [zmm26, zmm27, zmm28, zmm29];
 const ACC: [AsmRegisterZmm; 24] = [
@@ -99,11 +100,6 @@ fn tap_masks(t: &Taps, vectors: usize) -> Vec<TapMask> {
             m
         })
         .collect()
-}
-
-/// Whether this CPU (and OS) can run the tier: AVX-512F, plus BMI2 for the column mask.
-pub fn available() -> bool {
-    std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("bmi2")
 }
 
 /// Machine code of the tile: accumulating onto C or starting from the bias, with ReLU applied before

@@ -12,7 +12,8 @@
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
 
-use crate::kernel::{Access, BRows, BinOp, Expr, Gemm, Kernel, Program, Stmt, Taps, Tier, Ty, UnOp};
+use crate::kernel::{Access, BRows, BinOp, Expr, Gemm, Kernel, Program, Stmt, Taps, Ty, UnOp};
+use crate::target::Tier;
 use cnnc_runtime::exec::{Executable, Step};
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{types, AbiParam, Endianness, FuncRef, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, Type, Value};
@@ -174,7 +175,7 @@ fn module(tier: Tier) -> Result<(JITModule, Option<Tiles>), JitError> {
         Tier::Portable => None,
         Tier::Avx512 => {
             #[cfg(target_arch = "x86_64")]
-            if !avx512::available() {
+            if !crate::target::avx512_available() {
                 return Err(JitError::NoAvx512);
             }
             Some(Tiles { strided: define_tiles(&mut m, None)?, taps: HashMap::new() })
@@ -690,7 +691,7 @@ mod tests {
 
     #[test]
     fn checked_mode_checks_every_tile_call() {
-        if !avx512::available() {
+        if !crate::target::avx512_available() {
             eprintln!("skipped: this CPU has no AVX-512 tier");
             return;
         }

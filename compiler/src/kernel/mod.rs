@@ -17,6 +17,7 @@ mod ops;
 mod program;
 mod winograd;
 
+pub use crate::target::Tier;
 pub use program::{program, program_with, Launch, Lowering, Program, Slot, ALIGN};
 pub use winograd::Winograd;
 
@@ -260,38 +261,6 @@ impl Taps {
     pub fn unmasked(&self, kx: usize) -> bool {
         let d = self.shift(kx);
         d >= 0 && self.pitch as i64 - 1 + d < self.w as i64
-    }
-}
-
-/// The GEMM microkernel a program is lowered for; it fixes the tile shape and the weight packing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Tier {
-    /// Cranelift f32x4 code, expanded in the kernel IR: 4 × 12 tiles (12 xmm accumulators).
-    Portable,
-    /// [`Stmt::Gemm`] calls to a JIT-assembled AVX-512 tile: 12 × 32 (24 zmm accumulators).
-    Avx512,
-}
-
-impl Tier {
-    pub fn mr(self) -> usize {
-        match self {
-            Tier::Portable => 4,
-            Tier::Avx512 => 12,
-        }
-    }
-    pub fn nr(self) -> usize {
-        match self {
-            Tier::Portable => 3 * LANES,
-            Tier::Avx512 => 32,
-        }
-    }
-    /// The fastest tier this machine runs.
-    pub fn best() -> Tier {
-        #[cfg(target_arch = "x86_64")]
-        if crate::jit::avx512::available() {
-            return Tier::Avx512;
-        }
-        Tier::Portable
     }
 }
 
