@@ -7,13 +7,20 @@
 //! closures keep the nesting of the source equal to the nesting of the loops.
 //!
 //! This stage owns: the IR, its type rules ([`Kernel::ty`]), its printer, and the lowering of layer
-//! graphs to [`Program`]s (`ops.rs`: op → kernels; `winograd.rs`: F(4×4, 3×3) convolutions;
-//! `program.rs`: buffers and the memory plan).
+//! graphs to [`Program`]s: `program.rs` runs the passes (lowering, aliasing, lifetimes, the memory
+//! plan); `ops.rs` chooses a strategy per op, each in its own file — `elementwise.rs`, `pool.rs`,
+//! `gemv.rs`, `gemm.rs` (direct convolution, linear layers above batch 1, Winograd's products),
+//! `winograd.rs` (five F(m×m, r×r) algorithms) — over the helpers of `common.rs`.
 //! Invariant left: every load and store of a kernel indexes inside its buffer's declared length for the
 //! shapes it was built for (the JIT's checked mode verifies this at run time), and parallel tasks write
 //! disjoint elements, so results do not depend on how many tasks run.
 
+mod common;
+mod elementwise;
+mod gemm;
+mod gemv;
 mod ops;
+mod pool;
 mod program;
 mod winograd;
 

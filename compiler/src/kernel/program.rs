@@ -7,7 +7,8 @@
 //! Invariant left: launches run in order; within a launch, buffers that share arena memory are never
 //! both accessed (an in-place launch reads and writes each element by the same task).
 
-use super::ops::{self, Ref, Tables};
+use super::common::{Node, Ref, Tables};
+use super::ops;
 use super::{Kernel, Tier, WeightsDtype, Winograd};
 use crate::ir::{Graph, Kind, NodeId};
 use crate::lower::eval;
@@ -122,7 +123,7 @@ pub fn program_with(graph: &Graph, bound: Bound, batch: usize, Lowering { tier, 
             let shapes: Vec<&[usize]> = args.iter().map(|&a| graph.node(order[a]).shape.as_slice()).collect();
             let name = format!("n{}.{}", id.0.index(), node.layer.trim_start_matches("F.").trim_start_matches("L."));
             let ins = args.iter().zip(shapes).map(|(&a, s)| (store_of[a], s)).collect();
-            ops::lower(&mut t, &ops::Node { name: &name, op, batch, ins, out: (out, &node.shape), params, planes: None });
+            ops::lower(&mut t, &Node { name: &name, op, batch, ins, out: (out, &node.shape), params });
         }
     }
 
