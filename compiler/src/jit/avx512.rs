@@ -35,10 +35,9 @@ const MR: usize = Tier::Avx512.mr();
 /// How many k steps ahead the strided tile prefetches B: about 32 × 12 cycles of FMAs, a memory
 /// latency and more.
 const PREFETCH: usize = 32;
-/// How many k steps ahead the strided tile prefetches A (48 bytes a step). Winograd's GEMMs at batch 1
-/// stream A (the transformed weights, 10–15 MB a layer) once, for at most 32 columns: AlexNet's conv3–5
-/// took 7.7 ms without, 6.8 with it at 1 thread (16, 32 and 64 steps alike), measured side by side. (At
-/// batch 8 the linear layers' A, the packed inputs, is in L2 already: fc6–8 took 0.9 ms longer at 1 thread.)
+/// How many k steps ahead the strided tile prefetches A (48 bytes a step): Winograd's GEMMs at batch 1
+/// stream A (the transformed weights, megabytes a layer) once, for at most 32 columns, and gain; 16, 32
+/// and 64 steps do alike. It costs a little where A is in L2 already (measured: docs/benchmarks.md).
 const PREFETCH_A: usize = 32;
 /// Tile columns: two zmm vectors of 16 floats.
 const _: () = assert!(Tier::Avx512.nr() == 32);
@@ -77,8 +76,8 @@ enum TapMask {
 }
 
 /// The opmask of each tap column of `t`, for a tile of `vectors` column vectors. k3–k6 hold masks for
-/// the whole call; k7 is left for reloads. Per-use reloads (two `kmovw` loads per 24 FMAs) cost 15% of
-/// AlexNet conv4's tile loop against masks held in registers, measured side by side.
+/// the whole call; k7 is left for reloads, which are slower than held masks (two `kmovw` loads per 24
+/// FMAs; measured: docs/benchmarks.md).
 fn tap_masks(t: &Taps, vectors: usize) -> Vec<TapMask> {
     let mut held: Vec<(i64, TapMask)> = vec![];
     let mut next = 3;
@@ -165,15 +164,15 @@ pub fn tile(accumulate: bool, relu: bool, taps: Option<&Taps>, narrow: bool) -> 
             }
         }
         // B rows PREFETCH k steps ahead are asked for while this one is used: a streamed B (a linear
-        // layer's weight panels, read once) came at 10 GB/s from one stream per core without.
+        // layer's weight panels, read once) is latency-bound without (measured: docs/benchmarks.md).
         None => a.imul_3(rax, r8, PREFETCH as i32)?,
     }
     a.test(rcx, rcx)?;
     a.jz(store)?;
     a.set_label(&mut body)?;
     // Each A element is broadcast once into one of four rotating registers and feeds both vectors:
-    // 14 loads per 24 FMAs. (An embedded-broadcast operand per FMA needs 26 loads per 24 FMAs and was
-    // load-port bound: 120 vs 150+ GFLOP/s per core from L1, measured.)
+    // 14 loads per 24 FMAs. (An embedded-broadcast operand per FMA needs 26 loads per 24 FMAs and is
+    // load-port bound: docs/benchmarks.md.)
     let fmas = |a: &mut CodeAssembler, k: usize| -> Result<(), IcedError> {
         for r in 0..MR {
             let bc = BCAST[r % BCAST.len()];

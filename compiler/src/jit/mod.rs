@@ -569,7 +569,7 @@ impl Gen<'_, '_> {
                     (BinOp::Div, false) => ins.fdiv(x, y),
                     // Scalar fmin/fmax go through the 4-lane instruction: on x64 the scalar form is a
                     // branchy sequence (NaN and ±0 cases) that mispredicts on post-ReLU data full of
-                    // equal zeros (max pooling ran 2× slower); the vector form is branch-free.
+                    // equal zeros (measured: docs/benchmarks.md); the vector form is branch-free.
                     (BinOp::Min | BinOp::Max, false) if self.k.ty(a) == Ty::F32 => {
                         let (vx, vy) = (ins.splat(types::F32X4, x), self.b.ins().splat(types::F32X4, y));
                         let m = if *op == BinOp::Min { self.b.ins().fmin(vx, vy) } else { self.b.ins().fmax(vx, vy) };

@@ -16,11 +16,9 @@ use cnnc_runtime::Op;
 
 /// Output-channel blocks one task runs against the same column tile before moving on (its chunk).
 /// Portable tier: the tile's panel (K × 12 floats) is read from L1/L2 eight times per trip from
-/// memory, and 8 blocks of packed weights (8 × K × 16 B, 150 KB at K = 2400) stay in the 2 MB L2.
-/// AVX-512 tier: each KC-deep slice of the column panels (375 KB for AlexNet's conv2) is streamed once
-/// per chunk, so a chunk should hold a task's whole share of blocks; 32 blocks' slices of A
-/// (32 × 12 × 128 × 4 B = 192 KB) stay in L2 beside it. (At 8, conv2 read its 7 MB column matrix
-/// twice per task.)
+/// memory, and 8 blocks of packed weights (8 × K × 16 B, 150 KB at K = 2400) stay in a 2 MB L2.
+/// AVX-512 tier: each KC-deep slice of the column panels is streamed once per chunk, so a chunk should
+/// hold a task's whole share of blocks; 32 blocks' slices of A (32 × 12 × KC × 4 B = 192 KB) stay in L2.
 fn chunk_blocks(tier: Tier) -> usize {
     match tier {
         Tier::Portable => 8,
@@ -29,8 +27,7 @@ fn chunk_blocks(tier: Tier) -> usize {
 }
 /// Target depth of one AVX-512 tile call (rounded down to whole rows of kw taps, see [`pack`]): its B
 /// panel, KC × 32 floats = 16 KB, and the A slices streaming past it (12 × KC floats = 6 KB each)
-/// then fit the 48 KB L1d together. (At 256 the 32 KB panel was evicted by the A stream, LRU-style;
-/// 128 was 6–15% faster on AlexNet's conv2–5 with packed panels, measured.)
+/// then fit a 48 KB L1d together; a 32 KB panel is evicted by the A stream (measured: docs/benchmarks.md).
 const KC: usize = 128;
 
 /// Linear above batch 1, as GEMM tiles with the roles turned around, so that each weight is loaded as
@@ -38,10 +35,8 @@ const KC: usize = 128;
 /// blocks of MR samples, by a `pack_x` launch), its columns output features (B = Wᵀ, packed at compile
 /// time in [feature tile][k][NR] panels and streamed once per MR samples), and C is Y itself. The
 /// tile's bias is per row, so each task first fills its block of Y with the bias and the tile
-/// accumulates onto it: bias, then one FMA per k in order, as everywhere. (As a 1×1 convolution over
-/// Xᵀ, the weights were the broadcast operand, one load per FMA: AlexBN's fc6–8 at batch 8 took 22.4
-/// ms against 12.1 this way with the tile's B prefetch, measured; at batch 2 the GEMV, one weight stream
-/// per task per pass, took 20.9 ms, these tiles 11.3.)
+/// accumulates onto it: bias, then one FMA per k in order, as everywhere. (A 1×1 convolution over Xᵀ,
+/// one weight load per FMA, and the GEMV, one weight stream per sample, are slower: docs/benchmarks.md.)
 pub fn linear(t: &mut Tables, n: &Node, l: &Linear, relu: bool) {
     let (k, o, b) = (l.in_features, l.out_features, n.batch);
     let (mr, nr) = (t.tier.mr(), t.tier.nr());
@@ -443,24 +438,22 @@ enum Columns {
     /// 1×1 stride-1 unpadded convolutions: the input itself, [image][channel][pixel].
     Input,
     /// Written by an `im2col` launch as the tile reads it, [image][group][column tile][k][NR]: each k
-    /// step of a tile is one contiguous run of NR floats and a panel one contiguous KC × NR block. (As a
-    /// [k][pixel] matrix, rows sat 3 KB apart; with KC = 256, AlexNet conv2's AVX-512 tiles took 5.0–5.8
-    /// ms against 4.3–4.75 ms with panels, measured side by side.)
+    /// step of a tile is one contiguous run of NR floats and a panel one contiguous KC × NR block (as a
+    /// [k][pixel] matrix, rows kilobytes apart were slower: docs/benchmarks.md).
     Panels,
     /// AVX-512 tier, when the columns cannot be read in place (strided convolutions without a pool)
     /// and the packed weights fit comfortably in L2 (under 1 MiB; AlexNet's conv1 has 139 KB): each task
     /// packs KC × NR panels into a stack buffer right before the tiles that read them (L1-hot, no
     /// round trip to memory). Tasks split the column tiles and each read all of A, so each panel is
     /// packed once; pooling needs whole planes and becomes a second launch. (Split by channel blocks,
-    /// as the larger layers are, every task would pack every panel: 1–3 ms more per AlexNet layer.)
+    /// as the larger layers are, every task would pack every panel.)
     OnTheFly,
     /// AVX-512 tier: no column matrix at all; the tile reads each tap in place, as pixel p's element
     /// plus a constant ([`BRows::Taps`]). Stride-1 convolutions whose output is at least as wide as
     /// their input read it padded with rows only, ow wide, and mask the lanes that fall on horizontal
     /// padding; others that are followed by a pool (AlexNet's stride-4 conv1) read the phased input,
-    /// whose row pitch wq ≥ ow the output takes too (conv1: 57 for 55 columns, 3.6% extra work).
-    /// Packing cost AlexNet's conv2–5 3.9 ms per inference; conv1 went from 2.6 ms + 0.5 ms of
-    /// separate pooling to 1.55 ms with its pool fused (batch 1, 2 threads).
+    /// whose row pitch wq ≥ ow the output takes too (conv1: 57 for 55 columns). No packing, and the
+    /// pool fused (measured: docs/benchmarks.md).
     Taps,
 }
 

@@ -13,9 +13,7 @@ use cnnc_runtime::op::Linear;
 /// (one if the features are not a multiple of 4): eight independent FMA chains, and 8 accumulators + 2
 /// shared vectors fit the 16 xmm registers. The weights are packed at compile time so that a block is
 /// one sequential run — per step of 8, each row's 8 in turn, then the rows' tails — and a task reads one
-/// stream. (Rows in place, four streams 36 KB apart, took AlexBN's fc6–8 12.3 ms at 1 thread against
-/// 10.0 packed, 7.7 against 7.1 at 2 threads on AMD Zen 4, measured side by side; one row per block,
-/// two chains, had been slower still.)
+/// stream (rows in place, four streams, and one row per block were slower: docs/benchmarks.md).
 ///
 /// With bfloat16 weights ([`WeightsDtype::Bf16`]) the slots are f32 slots holding two of them: per 8
 /// weights of a row, slot j has w[j] in its low half and w[4 + j] in its high half, so one 4-slot load

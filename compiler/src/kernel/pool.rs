@@ -26,9 +26,8 @@ pub fn lower(t: &mut Tables, n: &Node, p: &Pool2d) {
 /// Max pooling is separable: each output row first takes the maximum of its window's input rows into
 /// a local buffer, then the maximum of each window of kw columns there at every start position (both
 /// four columns at a time), of which the output takes every stride-th; windows clipped by the edges are
-/// scalar. Max is exact, so this is the same result. Scalar maxima are what this avoids (Cranelift's
-/// IEEE `fmax` is a several-instruction sequence on x64): AlexNet's conv1 pool (3×3, stride 2, 55 → 27)
-/// took 0.6 ms of its launch's 2.1 ms at 1 thread with one scalar maximum per window column.
+/// scalar. Max is exact, so this is the same result. Scalar maxima are what this avoids: Cranelift's
+/// IEEE `fmax` is a several-instruction sequence on x64 (measured: docs/benchmarks.md).
 #[allow(clippy::too_many_arguments)]
 pub fn pool(kb: &mut Kb, p: &Pool2d, avg: bool, x: Buf, y: Buf, lo: Expr, hi: Expr, [h, w, pitch]: [usize; 3], [oh, ow]: [usize; 2]) {
     let [kh, kw] = p.kernel;

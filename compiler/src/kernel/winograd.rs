@@ -16,11 +16,9 @@
 //! ([`Fmr::matrices`]); algorithms with the same α share their Bᵀ.
 //!
 //! Accuracy: the transforms add roundings, more as α grows (entries up to 8 in Aᵀ and 5 in Bᵀ for
-//! α = 6; 1 for α = 4). Against the reference interpreter, relative to the output's largest magnitude:
-//! up to 1.2e-5 on 384-channel layers with random weights, ~4e-7 on small ones (`tests/jit.rs` holds
-//! Winograd lowerings to 5e-5, the rest to 1e-5); AlexBN's logits stay 1.5e-6 (batch 1) and 2.5e-6
-//! (batch 8) from ONNX Runtime, and `tests/chainer.rs` holds all six models within 1e-4 of Chainer with
-//! each tile size forced.
+//! α = 6; 1 for α = 4). `tests/jit.rs` holds Winograd lowerings within 5e-5 of the reference
+//! interpreter, relative to the output's largest magnitude (the rest within 1e-5), and `tests/chainer.rs`
+//! all six models within 1e-4 of Chainer with each tile size forced (measured errors: docs/benchmarks.md).
 
 use super::common::{phase_split, vector_loop, Node, Tables};
 use super::gemm::plane_products;
@@ -88,10 +86,8 @@ impl Fmr {
 
 /// The price the cost model puts on transforming one input tile (with its share of the padding copy)
 /// and one output tile, per element of the α×α tile, in units of one 16-lane FMA instruction of the GEMM
-/// tiles. Measured on AlexNet at 1 thread (AMD Zen 4, one tile instruction 0.34 ms per million): in
-/// 2–3 per element at batch 1 (conv2 as F(2×2, 5×5), conv4 as F(2×2, 3×3) and F(4×4, 3×3)), 3–6 at
-/// batch 8, where V and M no longer fit in the L2 cache; out 1.2–2 at batch 1, 2.3–3.3 at batch 8. The
-/// middle of each range chooses as the measurements do at both sizes.
+/// tiles: the middle of the ranges measured on AlexNet at batch 1 and 8 (docs/benchmarks.md; more at
+/// batch 8, where V and M no longer fit in L2), which chooses as the measurements do at both sizes.
 const IN_COST: f64 = 3.5;
 const OUT_COST: f64 = 2.2;
 
@@ -142,18 +138,15 @@ fn choose(fit: impl Iterator<Item = Fmr>, c: &Conv2d, batch: usize, [oh, ow]: [u
 }
 
 /// The most bytes of M one pass of the transforms and GEMMs takes: larger batches run in chunks of
-/// images, unless U is over twice as large (each chunk streams it again). AlexNet's conv2 as F(3×3,
-/// 5×5) has 4 MB of M per image and 4.8 MB of U: at batch 8 in one pass (32 MB of M, past the L3
-/// cache) its transforms took as long as its GEMMs; one image at a time, conv2 took 31 ms instead of
-/// 35 at 1 thread, 15 instead of 20 at 2 (two images at a time gained little). conv3–5 at batch 8
-/// (F(4×4, 3×3): 14–21 MB of U, 0.6–0.9 MB of M per image) took 1–2 ms longer in two chunks.
+/// images, unless U is over twice as large (each chunk streams it again). An M past the L3 cache makes
+/// the transforms as slow as the GEMMs; a large U streamed per chunk costs more than it saves
+/// (measured on AlexNet's conv2–5 at batch 8: docs/benchmarks.md).
 const CHUNK_BYTES: usize = 4 << 20;
 
 /// Elements from one of the α² planes of V or M to the next: at least `len`, and 64 bytes past a
 /// multiple of 4 KiB. A transform touches one line of each of the α² planes at a time; planes a multiple
 /// of 4 KiB apart (AlexNet's: 384 channels × 16 or 128 columns) all fall in one set of the L1 cache,
-/// whose 8–12 ways then miss on every access: conv4's input transform at batch 8 took 3.7 ms with
-/// them, 1.9 ms with this pitch, measured.
+/// whose 8–12 ways then miss on every access (measured: docs/benchmarks.md).
 fn plane_pitch(len: usize) -> usize {
     let p = (len + 1024 - 16).next_multiple_of(1024) + 16;
     p - if p - len >= 1024 { 1024 } else { 0 }
@@ -344,9 +337,8 @@ mod tests {
         let [f23, f33, f43, f25, f35] = ALGORITHMS;
         let conv4 = conv(384, 384, 3, 1, 1);
         // AlexNet's conv4 (13 × 13): 4×4 tiles at batch 8; at batch 1 their 16 columns half fill a tile,
-        // and 3×3 tiles (25 columns) cost less. Its conv2 (27 × 27, 5×5) as F(3×3, 5×5) at both. (As
-        // measured: at batch 1, 1 thread, conv2 took 3.8 ms as F(3×3, 5×5), 5.8 as F(2×2, 5×5), 9.2
-        // direct; conv4 3.2 as F(3×3, 3×3), 3.7 as F(2×2, 3×3) or F(4×4, 3×3), 4.7 direct.)
+        // and 3×3 tiles (25 columns) cost less. Its conv2 (27 × 27, 5×5) as F(3×3, 5×5) at both, as
+        // measured (docs/benchmarks.md).
         assert_eq!(chosen(Winograd::Auto, &conv4, 8, [13, 13]), Some(f43));
         assert_eq!(chosen(Winograd::Auto, &conv4, 1, [13, 13]), Some(f33));
         let conv2 = Conv2d { pad: [2, 2], ..conv(96, 256, 5, 1, 1) };
