@@ -47,7 +47,7 @@ fn each_pass_shows_what_it_added() {
             let life = after(Pass::Lifetimes);
             assert!(life.contains(", launches 0..=") && !life.contains("arena["), "{life}");
             let arena = after(Pass::Arena);
-            assert!(arena.lines().filter(|l| l.starts_with("; s")).all(|l| l.contains(", arena[")), "{arena}");
+            assert!(arena.lines().filter(|l| l.starts_with("; Store(")).all(|l| l.contains(", arena[")), "{arena}");
             // The kernels do not change after lowering.
             let kernels = |s: &str| s.split("\nkernel ").skip(1).map(|k| k[..k.find("\n}\n").expect("closed")].to_owned()).collect::<Vec<_>>();
             assert_eq!(kernels(&lower), kernels(&arena));

@@ -53,15 +53,7 @@ const K: [AsmRegisterK; 8] = [k0, k1, k2, k3, k4, k5, k6, k7];
 
 /// `reg` under opmask register k`k` (1–7).
 fn masked(reg: AsmRegisterZmm, k: usize) -> AsmRegisterZmm {
-    match k {
-        1 => reg.k1(),
-        2 => reg.k2(),
-        3 => reg.k3(),
-        4 => reg.k4(),
-        5 => reg.k5(),
-        6 => reg.k6(),
-        _ => reg.k7(),
-    }
+    [reg.k1(), reg.k2(), reg.k3(), reg.k4(), reg.k5(), reg.k6(), reg.k7()][k - 1]
 }
 
 /// Which opmask a tap column's loads take, vector v using register `k + v`.

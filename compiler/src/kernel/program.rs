@@ -280,7 +280,7 @@ impl Build {
             return out;
         }
         for (s, len) in self.t.stores.iter().enumerate() {
-            out += &format!("; s{s}: {len} floats");
+            out += &format!("; {:?}: {len} floats", Ref::Store(s));
             if let Some(&(first, last)) = self.life.get(s) {
                 out += &if first <= last { format!(", launches {first}..={last}") } else { ", unused".into() };
             }
@@ -290,13 +290,7 @@ impl Build {
             out += "\n";
         }
         for (k, refs, _) in &self.t.launches {
-            let refs: Vec<String> = refs
-                .iter()
-                .map(|r| match r {
-                    Ref::Store(s) => format!("s{s}"),
-                    Ref::Param(p) => format!("param{p}"),
-                })
-                .collect();
+            let refs: Vec<String> = refs.iter().map(|r| format!("{r:?}")).collect();
             out += &format!("\n; {} <- {}\n{k}", k.name, refs.join(", "));
         }
         out
