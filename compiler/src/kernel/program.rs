@@ -1,9 +1,8 @@
-//! Graph → [`Program`]: kernels over one planned arena, for one batch size.
-//!
-//! Every activation and scratch tensor gets an offset in a single `f32` arena. A tensor lives from the
-//! first launch that touches it to the last; tensors whose lives do not overlap share memory (greedy
-//! first fit, largest first). Reshape and dropout alias their input; ReLU, batch normalization and add
-//! write over their (first) input when nothing reads it afterwards.
+//! Graph → [`Program`]: kernels over one planned arena, for one batch size, built by the [`Pass`]es in
+//! order: `alias` (reshape and dropout alias their input; ReLU, batch normalization and add write over
+//! their first input when nothing reads it afterwards), `lower` (op → launches), `lifetimes` (a tensor
+//! lives from the first launch that touches it to the last), `arena` (tensors whose lives do not overlap
+//! share memory: greedy first fit, largest first, in a single `f32` arena), `slots`.
 //! Invariant left: launches run in order; within a launch, buffers that share arena memory are never
 //! both accessed (an in-place launch reads and writes each element by the same task).
 
@@ -80,15 +79,15 @@ impl Lowering {
 /// as any of them leaves it (`cnnc compile --emit kernels --after PASS`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum)]
 pub enum Pass {
-    /// Where each node's value lives: its own store, or its input's ([`alias`]).
+    /// Where each node's value lives: its own store, or its input's (`alias`).
     Alias,
-    /// Op → launches over numbered stores and packed parameters ([`lower`]).
+    /// Op → launches over numbered stores and packed parameters (`lower`).
     Lower,
-    /// Each store's first and last launch ([`lifetimes`]).
+    /// Each store's first and last launch (`lifetimes`).
     Lifetimes,
-    /// Arena offsets ([`arena`]).
+    /// Arena offsets (`arena`).
     Arena,
-    /// Stores resolved to arena slots: the finished [`Program`] ([`slots`]).
+    /// Stores resolved to arena slots: the finished [`Program`] (`slots`).
     Slots,
 }
 
