@@ -1,13 +1,14 @@
 //! Golden filetests: each `filetests/NAME.model` starts with a directive line saying what to print, and its
 //! expected output sits beside it in `NAME.expected`. One test per file, so one failure hides no other.
 //!
-//! Directive: `# test: WHAT [batch=N] [sm=SM]`, WHAT one of `diagnostics` (the rendered errors and
-//! warnings), `table`, `ir`, `ir-opt`, `kernels` (the portable tier's kernel IR, host-independent) or `ptx`.
+//! Directive: `# test: WHAT [batch=N] [sm=SM] [after=PASS]`, WHAT one of `diagnostics` (the rendered
+//! errors and warnings), `table`, `ir`, `ir-opt`, `kernels` (the portable tier's kernel IR,
+//! host-independent; with `after`, as it stands after that pass of program building) or `ptx`.
 //! Re-bless after an intended change with `CNNC_BLESS=1 cargo test --release -p cnnc-tests --test filetests`
 //! and read the diff; under CI (`CI` set) blessing is refused, so a changed output fails the build.
 
 use cnnc::diag::Source;
-use cnnc::kernel::{program, Tier};
+use cnnc::kernel::{program, Lowering, Pass, Tier};
 use cnnc::weights::Bound;
 use cnnc_runtime::Tensor;
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -28,11 +29,12 @@ fn output(path: &Path) -> Result<String, String> {
     let directive = text.lines().next().and_then(|l| l.strip_prefix("# test: ")).ok_or("the first line must be `# test: WHAT [key=value ...]`")?;
     let mut words = directive.split_whitespace();
     let what = words.next().ok_or("the directive names nothing to print")?;
-    let (mut batch, mut sm) = (1usize, cnnc::ptx::DEFAULT_SM);
+    let (mut batch, mut sm, mut after) = (1usize, cnnc::ptx::DEFAULT_SM, None);
     for w in words {
         match w.split_once('=') {
             Some(("batch", v)) => batch = v.parse().map_err(|_| format!("bad batch `{v}`"))?,
             Some(("sm", v)) => sm = v.parse().map_err(|_| format!("bad sm `{v}`"))?,
+            Some(("after", v)) => after = Some(Pass::ALL.into_iter().find(|p| p.name() == v).ok_or(format!("no pass `{v}`"))?),
             _ => return Err(format!("unknown directive option `{w}`")),
         }
     }
@@ -50,15 +52,16 @@ fn output(path: &Path) -> Result<String, String> {
     };
     let opt = || cnnc::opt::optimize(&g, &Default::default()).0;
     // Kernels depend on shapes, not values: lower with zero parameters, for the host-independent tier.
-    let program = |g: &cnnc::ir::Graph| {
-        let zeros = g.params().into_iter().map(|s| (s.clone(), Tensor::zeros(s.shape.clone()))).collect();
-        program(g, Bound { params: zeros, notes: vec![] }, batch, Tier::Portable)
-    };
+    let zeros = |g: &cnnc::ir::Graph| Bound { params: g.params().into_iter().map(|s| (s.clone(), Tensor::zeros(s.shape.clone()))).collect(), notes: vec![] };
+    let program = |g: &cnnc::ir::Graph| program(g, zeros(g), batch, Tier::Portable);
     Ok(match what {
         "table" => cnnc::ir::table(&g),
         "ir" => cnnc::ir::dump(&g, &src),
         "ir-opt" => cnnc::ir::dump(&opt(), &src),
-        "kernels" => cnnc::kernel::listing(&program(&opt())),
+        "kernels" => match after {
+            Some(pass) => cnnc::kernel::listing_after(&opt(), zeros(&opt()), batch, Lowering::new(Tier::Portable), pass),
+            None => cnnc::kernel::listing(&program(&opt())),
+        },
         "ptx" => {
             let g = cnnc::opt::optimize(&g, &cnnc::opt::Options { level: 1, model: cnnc::opt::lang::CUDA }).0;
             cnnc::ptx::emit(&program(&g), sm).map_err(|e| e.to_string())?
@@ -81,5 +84,6 @@ fn check(path: &Path) -> Result<(), Failed> {
         return Ok(());
     }
     let diff = similar::TextDiff::from_lines(&want, &got);
-    Err(format!("{} differs from its output (- expected, + got; re-bless with CNNC_BLESS=1):\n{}", expected.display(), diff.unified_diff().context_radius(3)).into())
+    Err(format!("{} differs from its output (- expected, + got; re-bless with CNNC_BLESS=1):\n{}", expected.display(), diff.unified_diff().context_radius(3))
+        .into())
 }

@@ -218,7 +218,8 @@ fn ragged_channel_blocks() {
     conv(3, 9, 13, 3, 1, 1, 1, None).check();
 }
 
-/// k = 30·3·3 = 270 > 256: the AVX-512 tier splits k into slices and accumulates onto C.
+/// k = 30·3·3 = 270 > KC = 128 (126 as whole rows of 3 taps): the AVX-512 tier splits k into slices and
+/// accumulates onto C.
 #[test]
 fn depth_split_into_slices() {
     conv(30, 6, 12, 3, 1, 1, 1, None).check();

@@ -5,8 +5,9 @@
 //! computes the graph's function whatever its backend, tier or thread count.
 
 use crate::ir::Graph;
-use crate::kernel::{Lowering, Program, Tier, WeightsDtype, Winograd};
+use crate::kernel::{Lowering, Program, WeightsDtype, Winograd};
 use crate::ptx::cuda::{CudaError, CudaExecutable};
+use crate::target::Tier;
 use crate::weights::Bound;
 use cnnc_runtime::{Plan, Tensor};
 use std::time::{Duration, Instant};

@@ -16,6 +16,7 @@ pub mod lower;
 pub mod opt;
 pub mod ptx;
 pub mod syntax;
+pub mod target;
 pub mod weights;
 
 use diag::{Diagnostic, Failed, FileId, Source};

@@ -8,6 +8,7 @@ use cnnc::backend::{self, Runner, TierChoice};
 use cnnc::diag::{Failed, Source};
 use cnnc::input::{self, Preprocess};
 use cnnc::ir::{self, Graph, Kind};
+use cnnc::target::Tier;
 use cnnc::weights::{self, Weights};
 use cnnc_runtime::{Op, Tensor};
 use std::io::Write;
@@ -62,6 +63,10 @@ struct CompileArgs {
     #[arg(long, default_value_t = cnnc::ptx::DEFAULT_SM,
               value_parser = clap::builder::TypedValueParser::map(clap::builder::PossibleValuesParser::new(["80", "86", "87", "89", "90"]), |s: String| s.parse::<u32>().expect("listed")))]
     sm: u32,
+    /// With `--emit kernels`: the program as it stands after this pass of program building (default:
+    /// finished, after `slots`).
+    #[arg(long, value_enum, value_name = "PASS")]
+    after: Option<cnnc::kernel::Pass>,
 }
 
 #[derive(clap::Args)]
@@ -169,9 +174,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Compile(a) => {
+            use clap::CommandFactory;
             if matches!(a.emit, Emit::Ptx) && a.target != Target::Cuda {
-                use clap::CommandFactory;
                 Cli::command().error(clap::error::ErrorKind::ArgumentConflict, "--emit ptx needs --target cuda").exit();
+            }
+            if a.after.is_some() && !matches!(a.emit, Emit::Kernels) {
+                Cli::command().error(clap::error::ErrorKind::ArgumentConflict, "--after shows a pass of program building: it needs --emit kernels").exit();
             }
             compile(&a)
         }
@@ -221,10 +229,8 @@ fn compile(a: &CompileArgs) -> Result<()> {
         eprint!("{}", cnnc::opt::explain(&report));
     }
     // Kernels depend on shapes, not on values: lower with zero parameters.
-    let program_for = |tier: cnnc::kernel::Tier| {
-        let zeros = optimized.params().into_iter().map(|s| (s.clone(), Tensor::zeros(s.shape.clone()))).collect();
-        cnnc::kernel::program(&optimized, weights::Bound { params: zeros, notes: vec![] }, batch, tier)
-    };
+    let zeros = || weights::Bound { params: optimized.params().into_iter().map(|s| (s.clone(), Tensor::zeros(s.shape.clone()))).collect(), notes: vec![] };
+    let program_for = |tier: Tier| cnnc::kernel::program(&optimized, zeros(), batch, tier);
     let program = || program_for(a.tier.get());
     let text = match a.emit {
         Emit::Table => {
@@ -240,12 +246,15 @@ fn compile(a: &CompileArgs) -> Result<()> {
         }
         Emit::Ir => ir::dump(&g, &src),
         Emit::IrOpt => ir::dump(&optimized, &src),
-        Emit::Kernels => cnnc::kernel::listing(&program()),
+        Emit::Kernels => match a.after {
+            Some(pass) => cnnc::kernel::listing_after(&optimized, zeros(), batch, cnnc::kernel::Lowering::new(a.tier.get()), pass),
+            None => cnnc::kernel::listing(&program()),
+        },
         Emit::Clif => cnnc::jit::clif(&program(), false)?,
         Emit::Asm => cnnc::jit::clif(&program(), true)?,
         Emit::Ptx => {
             // The portable tier: PTX that does not depend on the host CPU (see docs/ptx.md).
-            cnnc::ptx::emit(&program_for(cnnc::kernel::Tier::Portable), a.sm)?
+            cnnc::ptx::emit(&program_for(Tier::Portable), a.sm)?
         }
     };
     match &a.output {

@@ -146,6 +146,21 @@ fn unknown_emit_kind_is_a_usage_error() {
     fails(&["compile", "models/alexbn.model", "--emit", "llvm"], 2, &["--emit", "llvm"]);
 }
 
+/// `--emit kernels --after PASS` shows the program after one pass of program building; the last pass's
+/// view is the finished listing. `--after` without `--emit kernels`, or an unknown pass, is a usage error.
+#[test]
+fn kernels_after_each_pass() {
+    let finished = cnnc(&["compile", "models/alexbn.model", "--emit", "kernels"]);
+    assert_eq!(finished.code, 0, "{}", finished.stderr);
+    for pass in ["alias", "lower", "lifetimes", "arena", "slots"] {
+        let o = cnnc(&["compile", "models/alexbn.model", "--emit", "kernels", "--after", pass]);
+        assert_eq!(o.code, 0, "--after {pass}: {}", o.stderr);
+        assert_eq!(pass == "slots", o.stdout == finished.stdout, "--after {pass}");
+    }
+    fails(&["compile", "models/alexbn.model", "--after", "arena"], 2, &["--after", "--emit kernels"]);
+    fails(&["compile", "models/alexbn.model", "--emit", "kernels", "--after", "regalloc"], 2, &["--after", "regalloc"]);
+}
+
 // ---- bad inputs (exit 1, no output file) ----
 
 fn run_fails_without_output(extra: &[&str], culprits: &[&str]) {

@@ -27,20 +27,20 @@
 //! shift, and are loaded into k3–k6 once per call (see [`tap_masks`]).
 
 use crate::kernel::Taps;
+use crate::target::Tier;
 use iced_x86::code_asm::*;
 
 /// Tile rows: 12 rows × 2 vectors = 24 accumulators + 2 column vectors + 4 broadcasts = 30 of the 32 zmm.
-pub const MR: usize = 12;
+const MR: usize = Tier::Avx512.mr();
 /// How many k steps ahead the strided tile prefetches B: about 32 × 12 cycles of FMAs, a memory
 /// latency and more.
 const PREFETCH: usize = 32;
-/// How many k steps ahead the strided tile prefetches A (48 bytes a step). Winograd's GEMMs at batch 1
-/// stream A (the transformed weights, 10–15 MB a layer) once, for at most 32 columns: AlexNet's conv3–5
-/// took 7.7 ms without, 6.8 with it at 1 thread (16, 32 and 64 steps alike), measured side by side. (At
-/// batch 8 the linear layers' A, the packed inputs, is in L2 already: fc6–8 took 0.9 ms longer at 1 thread.)
+/// How many k steps ahead the strided tile prefetches A (48 bytes a step): Winograd's GEMMs at batch 1
+/// stream A (the transformed weights, megabytes a layer) once, for at most 32 columns, and gain; 16, 32
+/// and 64 steps do alike. It costs a little where A is in L2 already (measured: docs/benchmarks.md).
 const PREFETCH_A: usize = 32;
 /// Tile columns: two zmm vectors of 16 floats.
-pub const NR: usize = 32;
+const _: () = assert!(Tier::Avx512.nr() == 32);
 
 const BCAST: [AsmRegisterZmm; 4] = [zmm26, zmm27, zmm28, zmm29];
 const ACC: [AsmRegisterZmm; 24] = [
@@ -53,15 +53,7 @@ const K: [AsmRegisterK; 8] = [k0, k1, k2, k3, k4, k5, k6, k7];
 
 /// `reg` under opmask register k`k` (1–7).
 fn masked(reg: AsmRegisterZmm, k: usize) -> AsmRegisterZmm {
-    match k {
-        1 => reg.k1(),
-        2 => reg.k2(),
-        3 => reg.k3(),
-        4 => reg.k4(),
-        5 => reg.k5(),
-        6 => reg.k6(),
-        _ => reg.k7(),
-    }
+    [reg.k1(), reg.k2(), reg.k3(), reg.k4(), reg.k5(), reg.k6(), reg.k7()][k - 1]
 }
 
 /// Which opmask a tap column's loads take, vector v using register `k + v`.
@@ -76,8 +68,8 @@ enum TapMask {
 }
 
 /// The opmask of each tap column of `t`, for a tile of `vectors` column vectors. k3–k6 hold masks for
-/// the whole call; k7 is left for reloads. Per-use reloads (two `kmovw` loads per 24 FMAs) cost 15% of
-/// AlexNet conv4's tile loop against masks held in registers, measured side by side.
+/// the whole call; k7 is left for reloads, which are slower than held masks (two `kmovw` loads per 24
+/// FMAs; measured: docs/benchmarks.md).
 fn tap_masks(t: &Taps, vectors: usize) -> Vec<TapMask> {
     let mut held: Vec<(i64, TapMask)> = vec![];
     let mut next = 3;
@@ -99,11 +91,6 @@ fn tap_masks(t: &Taps, vectors: usize) -> Vec<TapMask> {
             m
         })
         .collect()
-}
-
-/// Whether this CPU (and OS) can run the tier: AVX-512F, plus BMI2 for the column mask.
-pub fn available() -> bool {
-    std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("bmi2")
 }
 
 /// Machine code of the tile: accumulating onto C or starting from the bias, with ReLU applied before
@@ -169,15 +156,15 @@ pub fn tile(accumulate: bool, relu: bool, taps: Option<&Taps>, narrow: bool) -> 
             }
         }
         // B rows PREFETCH k steps ahead are asked for while this one is used: a streamed B (a linear
-        // layer's weight panels, read once) came at 10 GB/s from one stream per core without.
+        // layer's weight panels, read once) is latency-bound without (measured: docs/benchmarks.md).
         None => a.imul_3(rax, r8, PREFETCH as i32)?,
     }
     a.test(rcx, rcx)?;
     a.jz(store)?;
     a.set_label(&mut body)?;
     // Each A element is broadcast once into one of four rotating registers and feeds both vectors:
-    // 14 loads per 24 FMAs. (An embedded-broadcast operand per FMA needs 26 loads per 24 FMAs and was
-    // load-port bound: 120 vs 150+ GFLOP/s per core from L1, measured.)
+    // 14 loads per 24 FMAs. (An embedded-broadcast operand per FMA needs 26 loads per 24 FMAs and is
+    // load-port bound: docs/benchmarks.md.)
     let fmas = |a: &mut CodeAssembler, k: usize| -> Result<(), IcedError> {
         for r in 0..MR {
             let bc = BCAST[r % BCAST.len()];

@@ -12,7 +12,8 @@
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
 
-use crate::kernel::{Access, BRows, BinOp, Expr, Gemm, Kernel, Program, Stmt, Taps, Tier, Ty, UnOp};
+use crate::kernel::{Access, BRows, BinOp, Expr, Gemm, Kernel, Program, Stmt, Taps, Ty, UnOp};
+use crate::target::Tier;
 use cnnc_runtime::exec::{Executable, Step};
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{types, AbiParam, Endianness, FuncRef, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, Type, Value};
@@ -174,7 +175,7 @@ fn module(tier: Tier) -> Result<(JITModule, Option<Tiles>), JitError> {
         Tier::Portable => None,
         Tier::Avx512 => {
             #[cfg(target_arch = "x86_64")]
-            if !avx512::available() {
+            if !crate::target::avx512_available() {
                 return Err(JitError::NoAvx512);
             }
             Some(Tiles { strided: define_tiles(&mut m, None)?, taps: HashMap::new() })
@@ -568,7 +569,7 @@ impl Gen<'_, '_> {
                     (BinOp::Div, false) => ins.fdiv(x, y),
                     // Scalar fmin/fmax go through the 4-lane instruction: on x64 the scalar form is a
                     // branchy sequence (NaN and ±0 cases) that mispredicts on post-ReLU data full of
-                    // equal zeros (max pooling ran 2× slower); the vector form is branch-free.
+                    // equal zeros (measured: docs/benchmarks.md); the vector form is branch-free.
                     (BinOp::Min | BinOp::Max, false) if self.k.ty(a) == Ty::F32 => {
                         let (vx, vy) = (ins.splat(types::F32X4, x), self.b.ins().splat(types::F32X4, y));
                         let m = if *op == BinOp::Min { self.b.ins().fmin(vx, vy) } else { self.b.ins().fmax(vx, vy) };
@@ -690,7 +691,7 @@ mod tests {
 
     #[test]
     fn checked_mode_checks_every_tile_call() {
-        if !avx512::available() {
+        if !crate::target::avx512_available() {
             eprintln!("skipped: this CPU has no AVX-512 tier");
             return;
         }

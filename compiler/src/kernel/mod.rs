@@ -7,17 +7,25 @@
 //! closures keep the nesting of the source equal to the nesting of the loops.
 //!
 //! This stage owns: the IR, its type rules ([`Kernel::ty`]), its printer, and the lowering of layer
-//! graphs to [`Program`]s (`ops.rs`: op → kernels; `winograd.rs`: F(4×4, 3×3) convolutions;
-//! `program.rs`: buffers and the memory plan).
+//! graphs to [`Program`]s: `program.rs` runs the passes (lowering, aliasing, lifetimes, the memory
+//! plan); `ops.rs` chooses a strategy per op, each in its own file — `elementwise.rs`, `pool.rs`,
+//! `gemv.rs`, `gemm.rs` (direct convolution, linear layers above batch 1, Winograd's products),
+//! `winograd.rs` (five F(m×m, r×r) algorithms) — over the helpers of `common.rs`.
 //! Invariant left: every load and store of a kernel indexes inside its buffer's declared length for the
 //! shapes it was built for (the JIT's checked mode verifies this at run time), and parallel tasks write
 //! disjoint elements, so results do not depend on how many tasks run.
 
+mod common;
+mod elementwise;
+mod gemm;
+mod gemv;
 mod ops;
+mod pool;
 mod program;
 mod winograd;
 
-pub use program::{program, program_with, Launch, Lowering, Program, Slot, ALIGN};
+pub use crate::target::Tier;
+pub use program::{listing_after, program, program_with, Launch, Lowering, Pass, Program, Slot, ALIGN};
 pub use winograd::Winograd;
 
 /// How linear layers keep their weights (`--weights-dtype`). Opt-in only: f32 is the default.
@@ -263,38 +271,6 @@ impl Taps {
     }
 }
 
-/// The GEMM microkernel a program is lowered for; it fixes the tile shape and the weight packing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Tier {
-    /// Cranelift f32x4 code, expanded in the kernel IR: 4 × 12 tiles (12 xmm accumulators).
-    Portable,
-    /// [`Stmt::Gemm`] calls to a JIT-assembled AVX-512 tile: 12 × 32 (24 zmm accumulators).
-    Avx512,
-}
-
-impl Tier {
-    pub fn mr(self) -> usize {
-        match self {
-            Tier::Portable => 4,
-            Tier::Avx512 => 12,
-        }
-    }
-    pub fn nr(self) -> usize {
-        match self {
-            Tier::Portable => 3 * LANES,
-            Tier::Avx512 => 32,
-        }
-    }
-    /// The fastest tier this machine runs.
-    pub fn best() -> Tier {
-        #[cfg(target_arch = "x86_64")]
-        if crate::jit::avx512::available() {
-            return Tier::Avx512;
-        }
-        Tier::Portable
-    }
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Access {
     Read,
@@ -362,31 +338,10 @@ fn lane_ty(lanes: u8) -> Ty {
     }
 }
 
-impl From<i64> for Expr {
-    fn from(v: i64) -> Self {
-        Expr::Int(v)
-    }
+macro_rules! from {
+    ($($t:ty => |$v:ident| $e:expr),*) => {$( impl From<$t> for Expr { fn from($v: $t) -> Self { $e } } )*};
 }
-impl From<usize> for Expr {
-    fn from(v: usize) -> Self {
-        Expr::Int(v as i64)
-    }
-}
-impl From<f32> for Expr {
-    fn from(v: f32) -> Self {
-        Expr::F32(v)
-    }
-}
-impl From<Var> for Expr {
-    fn from(v: Var) -> Self {
-        Expr::Var(v)
-    }
-}
-impl From<&Expr> for Expr {
-    fn from(e: &Expr) -> Self {
-        e.clone()
-    }
-}
+from!(i64 => |v| Expr::Int(v), usize => |v| Expr::Int(v as i64), f32 => |v| Expr::F32(v), Var => |v| Expr::Var(v), &Expr => |v| v.clone());
 
 macro_rules! arith {
     ($($trait:ident $method:ident $op:ident),*) => {$(
@@ -402,34 +357,21 @@ macro_rules! arith {
 }
 arith!(Add add Add, Sub sub Sub, Mul mul Mul, Div div Div, Rem rem Rem);
 
+/// `x.min(y)` … for binary operators ([`BinOp`]), `x.splat()` … for unary ones ([`UnOp`]).
+macro_rules! methods {
+    (bin: $($name:ident $op:ident),*) => {$( pub fn $name(self, rhs: impl Into<Expr>) -> Expr { self.bin(BinOp::$op, rhs) } )*};
+    (un: $($name:ident $op:ident),*) => {$( pub fn $name(self) -> Expr { self.un(UnOp::$op) } )*};
+}
+
 impl Expr {
     fn bin(self, op: BinOp, rhs: impl Into<Expr>) -> Expr {
         Expr::Bin(op, Box::new(self), Box::new(rhs.into()))
     }
-    pub fn min(self, rhs: impl Into<Expr>) -> Expr {
-        self.bin(BinOp::Min, rhs)
-    }
-    pub fn max(self, rhs: impl Into<Expr>) -> Expr {
-        self.bin(BinOp::Max, rhs)
-    }
-    pub fn lt(self, rhs: impl Into<Expr>) -> Expr {
-        self.bin(BinOp::Lt, rhs)
-    }
-    pub fn le(self, rhs: impl Into<Expr>) -> Expr {
-        self.bin(BinOp::Le, rhs)
-    }
-    pub fn eq(self, rhs: impl Into<Expr>) -> Expr {
-        self.bin(BinOp::Eq, rhs)
-    }
-    pub fn and(self, rhs: impl Into<Expr>) -> Expr {
-        self.bin(BinOp::And, rhs)
-    }
     fn un(self, op: UnOp) -> Expr {
         Expr::Un(op, Box::new(self))
     }
-    pub fn splat(self) -> Expr {
-        self.un(UnOp::Splat)
-    }
+    methods!(bin: min Min, max Max, lt Lt, le Le, eq Eq, and And);
+    methods!(un: splat Splat, hsum HSum, exp Exp, ln Ln);
     /// [`Expr::splat`] when `vec`, else itself: scalars for loop bodies written once for both widths.
     pub fn lanes(self, vec: bool) -> Expr {
         if vec {
@@ -437,15 +379,6 @@ impl Expr {
         } else {
             self
         }
-    }
-    pub fn hsum(self) -> Expr {
-        self.un(UnOp::HSum)
-    }
-    pub fn exp(self) -> Expr {
-        self.un(UnOp::Exp)
-    }
-    pub fn ln(self) -> Expr {
-        self.un(UnOp::Ln)
     }
     /// The bfloat16 in the low (`high` false) or high half of each lane, widened ([`UnOp::Bf16Lo`]).
     pub fn bf16(self, high: bool) -> Expr {
@@ -622,30 +555,21 @@ fn write_block(f: &mut fmt::Formatter<'_>, body: &[Stmt], depth: usize) -> fmt::
                 write_block(f, body, depth + 1)?;
                 writeln!(f, "{pad}}}")?;
             }
-            Stmt::Gemm(g) => writeln!(
-                f,
-                "{pad}gemm(b{}[{}], b{}[{}], b{}[{}] -> b{}[{}]; {}, ldc {}, depth {}, rows {}, cols {}{}{})",
-                g.a.0,
-                g.a0,
-                g.bias.0,
-                g.bias0,
-                g.b.0,
-                g.b0,
-                g.c.0,
-                g.c0,
-                match &g.rows_b {
+            Stmt::Gemm(g) => {
+                let Gemm { a, a0, bias, bias0, b, b0, c, c0, ldc, depth, rows, cols, .. } = &**g;
+                let rows_b = match &g.rows_b {
                     BRows::Strided(ldb) => format!("ldb {ldb}"),
                     BRows::Taps { taps, k0, col, offsets, masks, masks0 } => {
                         format!("{taps:?} from k {k0} column {col}, offsets b{}, masks b{}[{masks0}]", offsets.0, masks.0)
                     }
-                },
-                g.ldc,
-                g.depth,
-                g.rows,
-                g.cols,
-                if g.accumulate { ", accumulate" } else { "" },
-                if g.relu { ", relu" } else { "" }
-            )?,
+                };
+                let flags = [(g.accumulate, ", accumulate"), (g.relu, ", relu")].map(|(on, s)| if on { s } else { "" }).concat();
+                let (a, bias, b, c) = (a.0, bias.0, b.0, c.0);
+                writeln!(
+                    f,
+                    "{pad}gemm(b{a}[{a0}], b{bias}[{bias0}], b{b}[{b0}] -> b{c}[{c0}]; {rows_b}, ldc {ldc}, depth {depth}, rows {rows}, cols {cols}{flags})"
+                )?
+            }
             Stmt::If { cond, then, els } => {
                 writeln!(f, "{pad}if {cond} {{")?;
                 write_block(f, then, depth + 1)?;

@@ -1,13 +1,13 @@
-//! Graph → [`Program`]: kernels over one planned arena, for one batch size.
-//!
-//! Every activation and scratch tensor gets an offset in a single `f32` arena. A tensor lives from the
-//! first launch that touches it to the last; tensors whose lives do not overlap share memory (greedy
-//! first fit, largest first). Reshape and dropout alias their input; ReLU, batch normalization and add
-//! write over their (first) input when nothing reads it afterwards.
+//! Graph → [`Program`]: kernels over one planned arena, for one batch size, built by the [`Pass`]es in
+//! order: `alias` (reshape and dropout alias their input; ReLU, batch normalization and add write over
+//! their first input when nothing reads it afterwards), `lower` (op → launches), `lifetimes` (a tensor
+//! lives from the first launch that touches it to the last), `arena` (tensors whose lives do not overlap
+//! share memory: greedy first fit, largest first, in a single `f32` arena), `slots`.
 //! Invariant left: launches run in order; within a launch, buffers that share arena memory are never
 //! both accessed (an in-place launch reads and writes each element by the same task).
 
-use super::ops::{self, Ref, Tables};
+use super::common::{Node, Ref, Tables};
+use super::ops;
 use super::{Kernel, Tier, WeightsDtype, Winograd};
 use crate::ir::{Graph, Kind, NodeId};
 use crate::lower::eval;
@@ -75,9 +75,84 @@ impl Lowering {
     }
 }
 
+/// The passes that build a [`Program`], in the order they run; [`listing_after`] shows the program
+/// as any of them leaves it (`cnnc compile --emit kernels --after PASS`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum)]
+pub enum Pass {
+    /// Where each node's value lives: its own store, or its input's (`alias`).
+    Alias,
+    /// Op → launches over numbered stores and packed parameters (`lower`).
+    Lower,
+    /// Each store's first and last launch (`lifetimes`).
+    Lifetimes,
+    /// Arena offsets (`arena`).
+    Arena,
+    /// Stores resolved to arena slots: the finished [`Program`] (`slots`).
+    Slots,
+}
+
+impl Pass {
+    pub const ALL: [Pass; 5] = [Pass::Alias, Pass::Lower, Pass::Lifetimes, Pass::Arena, Pass::Slots];
+
+    pub fn name(self) -> &'static str {
+        ["alias", "lower", "lifetimes", "arena", "slots"][self as usize]
+    }
+}
+
 /// [`program`] with every lowering choice made by the caller.
-pub fn program_with(graph: &Graph, bound: Bound, batch: usize, Lowering { tier, winograd, fc_weights }: Lowering) -> Program {
-    let tensors: HashMap<String, Tensor> = bound.params.into_iter().map(|(s, t)| (s.key, t)).collect();
+pub fn program_with(graph: &Graph, bound: Bound, batch: usize, lowering: Lowering) -> Program {
+    run(graph, bound, batch, lowering, Pass::Slots).program.expect("the last pass builds it")
+}
+
+/// The program as text after `pass` (after [`Pass::Slots`], [`super::listing`] of the finished program).
+pub fn listing_after(graph: &Graph, bound: Bound, batch: usize, lowering: Lowering, pass: Pass) -> String {
+    run(graph, bound, batch, lowering, pass).dump(graph)
+}
+
+/// What the passes have built so far: each fills its fields.
+struct Build {
+    last: Pass,
+    /// [`alias`]: per node in graph order, the node whose store holds its value.
+    home: Vec<usize>,
+    /// [`lower`]: stores, parameters and launches; the inputs' stores and full shapes; the output's store.
+    t: Tables,
+    inputs: Vec<(Ref, Vec<usize>)>,
+    out: Ref,
+    /// [`lifetimes`]: per store, its first and last launch (first > last: never touched).
+    life: Vec<(usize, usize)>,
+    /// [`arena`]: per store, its offset; the arena's length.
+    offsets: Vec<usize>,
+    arena_len: usize,
+    program: Option<Program>,
+}
+
+/// Runs the passes up to `last`, in order.
+fn run(graph: &Graph, bound: Bound, batch: usize, Lowering { tier, winograd, fc_weights }: Lowering, last: Pass) -> Build {
+    let t = Tables { tier, winograd, fc_weights, stores: vec![], params: vec![], launches: vec![] };
+    let mut b = Build { last, home: vec![], t, inputs: vec![], out: Ref::Store(0), life: vec![], offsets: vec![], arena_len: 0, program: None };
+    let mut bound = Some(bound);
+    for pass in Pass::ALL.into_iter().filter(|&p| p <= last) {
+        match pass {
+            Pass::Alias => b.home = alias(graph),
+            Pass::Lower => lower(&mut b, graph, bound.take().expect("lowered once"), batch),
+            Pass::Lifetimes => b.life = lifetimes(&b),
+            Pass::Arena => (b.offsets, b.arena_len) = arena(&b.t.stores, &b.life),
+            Pass::Slots => b.program = Some(slots(&mut b, graph, batch)),
+        }
+    }
+    b
+}
+
+/// A node's kernels' name prefix: `n12.conv2`.
+fn node_name(graph: &Graph, id: NodeId) -> String {
+    format!("n{}.{}", id.0.index(), graph.node(id).layer.trim_start_matches("F.").trim_start_matches("L."))
+}
+
+/// Reshape and dropout alias their input; ReLU, batch normalization and add write over their (first)
+/// input when no input, and no later node, reads what is stored there.
+/// Invariant left: a node that shares a store with an earlier node is the last reader of every value
+/// held there before it, so overwriting it loses nothing.
+fn alias(graph: &Graph) -> Vec<usize> {
     let order: Vec<NodeId> = graph.nodes().map(|(id, _)| id).collect();
     let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &id)| (id, i)).collect();
     // The last node reading each node's value (the output is read after the end).
@@ -88,101 +163,143 @@ pub fn program_with(graph: &Graph, bound: Bound, batch: usize, Lowering { tier, 
         }
     }
     last_read[pos[&graph.output]] = usize::MAX;
+    // Per store (by home node), the last read of any value it has held.
+    let (mut home, mut busy) = (Vec::with_capacity(order.len()), vec![0usize; order.len()]);
+    for (i, &id) in order.iter().enumerate() {
+        let first = graph.args(id).first().map(|a| home[pos[a]]);
+        let h = match (&graph.node(id).kind, first) {
+            (Kind::Op(Op::Reshape { .. } | Op::Dropout { .. }), Some(f)) => f,
+            (Kind::Op(Op::Relu | Op::BatchNorm(_) | Op::Add), Some(f)) if busy[f] <= i && !matches!(graph.node(order[f]).kind, Kind::Input(_)) => f,
+            _ => i,
+        };
+        busy[h] = busy[h].max(last_read[i]);
+        home.push(h);
+    }
+    home
+}
 
-    let mut t = Tables { tier, winograd, fc_weights, stores: vec![], params: vec![], launches: vec![] };
+/// Lowers every op node in graph order ([`super::ops::lower`]), each writing its home's store.
+/// Invariant left: launches are in graph order; stores, parameters and launches are numbered in the
+/// order lowering asked for them; every launch names one store or parameter per argument buffer.
+fn lower(b: &mut Build, graph: &Graph, bound: Bound, batch: usize) {
+    let tensors: HashMap<String, Tensor> = bound.params.into_iter().map(|(s, t)| (s.key, t)).collect();
+    let order: Vec<NodeId> = graph.nodes().map(|(id, _)| id).collect();
+    let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &id)| (id, i)).collect();
     let mut store_of: Vec<Ref> = Vec::with_capacity(order.len());
-    let mut holders: HashMap<Ref, Vec<usize>> = HashMap::new();
-    let mut inputs = vec![];
     for (i, &id) in order.iter().enumerate() {
         let node = graph.node(id);
-        let len = batch * node.shape.iter().product::<usize>();
-        let args: Vec<usize> = graph.args(id).iter().map(|a| pos[a]).collect();
-        let out = match &node.kind {
-            Kind::Input(_) => {
-                let r = t.store(len);
-                inputs.push((r, [vec![batch], node.shape.clone()].concat()));
-                r
-            }
-            Kind::Op(Op::Reshape { .. } | Op::Dropout { .. }) => store_of[args[0]],
-            Kind::Op(Op::Relu | Op::BatchNorm(_) | Op::Add) => {
-                let first = store_of[args[0]];
-                let free = !inputs.iter().any(|(r, _)| *r == first) && holders[&first].iter().all(|&v| last_read[v] <= i);
-                if free {
-                    first
-                } else {
-                    t.store(len)
-                }
-            }
-            Kind::Op(_) => t.store(len),
-        };
+        let out = if b.home[i] == i { b.t.store(batch * node.shape.iter().product::<usize>()) } else { store_of[b.home[i]] };
         store_of.push(out);
-        holders.entry(out).or_default().push(i);
-        if let Kind::Op(op) = &node.kind {
-            let params = node.params.iter().map(|p| eval(p, &tensors)).collect();
-            let shapes: Vec<&[usize]> = args.iter().map(|&a| graph.node(order[a]).shape.as_slice()).collect();
-            let name = format!("n{}.{}", id.0.index(), node.layer.trim_start_matches("F.").trim_start_matches("L."));
-            let ins = args.iter().zip(shapes).map(|(&a, s)| (store_of[a], s)).collect();
-            ops::lower(&mut t, &ops::Node { name: &name, op, batch, ins, out: (out, &node.shape), params, planes: None });
+        match &node.kind {
+            Kind::Input(_) => b.inputs.push((out, [vec![batch], node.shape.clone()].concat())),
+            Kind::Op(op) => {
+                let params = node.params.iter().map(|p| eval(p, &tensors)).collect();
+                let ins = graph.args(id).iter().map(|a| (store_of[pos[a]], graph.node(*a).shape.as_slice())).collect();
+                ops::lower(&mut b.t, &Node { name: &node_name(graph, id), op, batch, ins, out: (out, &node.shape), params });
+            }
         }
     }
+    b.out = store_of[pos[&graph.output]];
+}
 
-    // Lifetimes in launch indices; inputs are live from the start, the output to the end.
-    let n = t.launches.len();
-    let mut life: Vec<(usize, usize)> = vec![(usize::MAX, 0); t.stores.len()];
-    for (li, (_, refs, _)) in t.launches.iter().enumerate() {
+/// Lifetimes in launch indices: from the first launch touching a store to the last; inputs are live
+/// from the start, the output to the end (launch count).
+/// Invariant left: a store's value is needed exactly while its lifetime lasts.
+fn lifetimes(b: &Build) -> Vec<(usize, usize)> {
+    let n = b.t.launches.len();
+    let mut life: Vec<(usize, usize)> = vec![(usize::MAX, 0); b.t.stores.len()];
+    for (li, (_, refs, _)) in b.t.launches.iter().enumerate() {
         for r in refs {
             if let Ref::Store(s) = *r {
                 life[s] = (life[s].0.min(li), life[s].1.max(li));
             }
         }
     }
-    for (r, _) in &inputs {
+    for (r, _) in &b.inputs {
         if let Ref::Store(s) = *r {
             life[s].0 = 0;
         }
     }
-    let out_ref = store_of[pos[&graph.output]];
-    if let Ref::Store(s) = out_ref {
+    if let Ref::Store(s) = b.out {
         life[s] = (life[s].0.min(n), n);
     }
-    let (offsets, arena_len) = plan(&t.stores, &life);
+    life
+}
+
+/// Resolves every launch's stores to arena slots and checks each buffer fits its tensor.
+/// Invariant left: launches run in order; within a launch, buffers that share arena memory are never
+/// both accessed (an in-place launch reads and writes each element by the same task).
+fn slots(b: &mut Build, graph: &Graph, batch: usize) -> Program {
     let slot = |r: Ref| match r {
-        Ref::Store(s) => Slot::Arena { offset: offsets[s], len: t.stores[s] },
+        Ref::Store(s) => Slot::Arena { offset: b.offsets[s], len: b.t.stores[s] },
         Ref::Param(p) => Slot::Param(p),
     };
     let offset = |r: Ref| match slot(r) {
         Slot::Arena { offset, .. } => offset,
         Slot::Param(_) => unreachable!("activations live in the arena"),
     };
-    let launches = t
-        .launches
-        .iter()
-        .map(|(k, refs, flops)| {
-            let slots: Vec<Slot> = refs.iter().map(|&r| slot(r)).collect();
-            assert_eq!(k.args().count(), slots.len(), "{}: one slot per argument buffer", k.name);
-            for (b, s) in k.args().zip(&slots) {
-                if let Slot::Arena { len, .. } = s {
-                    assert!(b.len <= *len, "{}: buffer {} declares {} elements, its tensor has {len}", k.name, b.name, b.len);
+    let launches =
+        b.t.launches
+            .iter()
+            .map(|(k, refs, flops)| {
+                let slots: Vec<Slot> = refs.iter().map(|&r| slot(r)).collect();
+                assert_eq!(k.args().count(), slots.len(), "{}: one slot per argument buffer", k.name);
+                for (b, s) in k.args().zip(&slots) {
+                    if let Slot::Arena { len, .. } = s {
+                        assert!(b.len <= *len, "{}: buffer {} declares {} elements, its tensor has {len}", k.name, b.name, b.len);
+                    }
                 }
-            }
-            Launch { kernel: k.clone(), slots, flops: *flops }
-        })
-        .collect();
-    let out_node = graph.node(graph.output);
+                Launch { kernel: k.clone(), slots, flops: *flops }
+            })
+            .collect();
     Program {
         batch,
-        tier,
+        tier: b.t.tier,
         launches,
-        arena_len,
-        inputs: inputs.iter().map(|(r, s)| (offset(*r), s.clone())).collect(),
-        output: (offset(out_ref), [vec![batch], out_node.shape.clone()].concat()),
-        params: t.params,
+        arena_len: b.arena_len,
+        inputs: b.inputs.iter().map(|(r, s)| (offset(*r), s.clone())).collect(),
+        output: (offset(b.out), [vec![batch], graph.node(graph.output).shape.clone()].concat()),
+        params: std::mem::take(&mut b.t.params),
+    }
+}
+
+impl Build {
+    /// The program as far as it is built: after [`alias`] the node → store map, then the stores (with
+    /// lifetimes and offsets once known) and every launch with its stores and parameters.
+    fn dump(&self, graph: &Graph) -> String {
+        if let Some(p) = &self.program {
+            return super::listing(p);
+        }
+        let mut out = format!("; after {}\n", self.last.name());
+        if self.last == Pass::Alias {
+            for (i, (id, _)) in graph.nodes().enumerate() {
+                let home = graph.nodes().nth(self.home[i]).expect("a node").0;
+                out += &format!("; {} -> {}\n", node_name(graph, id), if home == id { "own store".into() } else { node_name(graph, home) });
+            }
+            return out;
+        }
+        for (s, len) in self.t.stores.iter().enumerate() {
+            out += &format!("; {:?}: {len} floats", Ref::Store(s));
+            if let Some(&(first, last)) = self.life.get(s) {
+                out += &if first <= last { format!(", launches {first}..={last}") } else { ", unused".into() };
+            }
+            if let Some(o) = self.offsets.get(s) {
+                out += &format!(", arena[{o}..{}]", o + len);
+            }
+            out += "\n";
+        }
+        for (k, refs, _) in &self.t.launches {
+            let refs: Vec<String> = refs.iter().map(|r| format!("{r:?}")).collect();
+            out += &format!("\n; {} <- {}\n{k}", k.name, refs.join(", "));
+        }
+        out
     }
 }
 
 /// Assigns arena offsets: largest tensors first, each at the lowest aligned offset that does not
 /// overlap a placed tensor alive at the same time. Returns the offsets and the arena length.
-fn plan(lens: &[usize], life: &[(usize, usize)]) -> (Vec<usize>, usize) {
+/// Invariant left: stores whose lifetimes overlap do not overlap in the arena; each is ALIGN-aligned.
+fn arena(lens: &[usize], life: &[(usize, usize)]) -> (Vec<usize>, usize) {
     let mut order: Vec<usize> = (0..lens.len()).filter(|&s| life[s].0 <= life[s].1).collect();
     order.sort_by_key(|&s| (std::cmp::Reverse(lens[s]), s));
     let mut offsets = vec![0; lens.len()];
@@ -208,12 +325,12 @@ fn plan(lens: &[usize], life: &[(usize, usize)]) -> (Vec<usize>, usize) {
 
 #[cfg(test)]
 mod tests {
-    use super::plan;
+    use super::arena;
 
     #[test]
     fn disjoint_lifetimes_share_memory_and_overlapping_ones_do_not() {
         // a: launches 0-1, b: 1-2, c: 2-3. a and c can share; b overlaps both.
-        let (off, len) = plan(&[100, 50, 100], &[(0, 1), (1, 2), (2, 3)]);
+        let (off, len) = arena(&[100, 50, 100], &[(0, 1), (1, 2), (2, 3)]);
         assert_eq!(off[0], off[2]);
         assert!(off[1] >= 112 || off[1] + 50 <= off[0]);
         assert_eq!(len, 112 + 64);

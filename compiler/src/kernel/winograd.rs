@@ -9,23 +9,22 @@
 //!   M[ξ][o][t] = Σ_c U[ξ][o][c] · V[ξ][c][t],   U = G g Gᵀ (weights, transformed at compile time in f64),
 //! which is exactly an α²-group 1×1 convolution over V — so it runs on the same GEMM tiles, in either
 //! tier, with the same per-element order of roundings in both. Four launches: pad the input
-//! ([`ops::phase_split`]), transform the input tiles (`winograd_in`), the GEMMs, transform back with bias
+//! ([`phase_split`]), transform the input tiles (`winograd_in`), the GEMMs, transform back with bias
 //! and ReLU (`winograd_out`); max pooling, when fused, is a fifth.
 //!
 //! The matrices come from Toom–Cook interpolation at the points 0, ±1, ±2, ½ (as many as α needs) and ∞
 //! ([`Fmr::matrices`]); algorithms with the same α share their Bᵀ.
 //!
 //! Accuracy: the transforms add roundings, more as α grows (entries up to 8 in Aᵀ and 5 in Bᵀ for
-//! α = 6; 1 for α = 4). Against the reference interpreter, relative to the output's largest magnitude:
-//! up to 1.2e-5 on 384-channel layers with random weights, ~4e-7 on small ones (`tests/jit.rs` holds
-//! Winograd lowerings to 5e-5, the rest to 1e-5); AlexBN's logits stay 1.5e-6 (batch 1) and 2.5e-6
-//! (batch 8) from ONNX Runtime, and `tests/chainer.rs` holds all six models within 1e-4 of Chainer with
-//! each tile size forced.
+//! α = 6; 1 for α = 4). `tests/jit.rs` holds Winograd lowerings within 5e-5 of the reference
+//! interpreter, relative to the output's largest magnitude (the rest within 1e-5), and `tests/chainer.rs`
+//! all six models within 1e-4 of Chainer with each tile size forced (measured errors: docs/benchmarks.md).
 
-use super::ops::{self, Node, Tables};
-use super::{e, Access, Expr, Kb};
+use super::common::{phase_split, vector_loop, Node, Tables};
+use super::gemm::plane_products;
+use super::pool::pool_launch;
+use super::{e, Access, Expr, Kb, Tier, LANES};
 use cnnc_runtime::op::{Conv2d, Pool2d};
-use cnnc_runtime::{Op, Tensor};
 
 /// One minimal filtering algorithm: m×m output tiles of an r×r filter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,10 +86,8 @@ impl Fmr {
 
 /// The price the cost model puts on transforming one input tile (with its share of the padding copy)
 /// and one output tile, per element of the α×α tile, in units of one 16-lane FMA instruction of the GEMM
-/// tiles. Measured on AlexNet at 1 thread (AMD Zen 4, one tile instruction 0.34 ms per million): in
-/// 2–3 per element at batch 1 (conv2 as F(2×2, 5×5), conv4 as F(2×2, 3×3) and F(4×4, 3×3)), 3–6 at
-/// batch 8, where V and M no longer fit in the L2 cache; out 1.2–2 at batch 1, 2.3–3.3 at batch 8. The
-/// middle of each range chooses as the measurements do at both sizes.
+/// tiles: the middle of the ranges measured on AlexNet at batch 1 and 8 (docs/benchmarks.md; more at
+/// batch 8, where V and M no longer fit in L2), which chooses as the measurements do at both sizes.
 const IN_COST: f64 = 3.5;
 const OUT_COST: f64 = 2.2;
 
@@ -128,7 +125,7 @@ pub fn chosen(w: Winograd, c: &Conv2d, batch: usize, out: [usize; 2]) -> Option<
 /// tiers choose alike and stay bitwise equal. The GEMM columns are the batch's tiles, so a small feature
 /// map at batch 1 (AlexNet's 13×13: 16 tiles of 4×4 or 49 of 2×2) gains less than a batch of 8.
 fn choose(fit: impl Iterator<Item = Fmr>, c: &Conv2d, batch: usize, [oh, ow]: [usize; 2]) -> Option<Fmr> {
-    let cols = |n: usize| n.next_multiple_of(32) as f64;
+    let cols = |n: usize| n.next_multiple_of(Tier::Avx512.nr()) as f64;
     let (ci, co, k) = (c.in_channels as f64, c.out_channels as f64, (c.kernel[0] * c.kernel[1]) as f64);
     let direct = batch as f64 * cols(oh * ow) * k * ci * co / 16.0;
     let cost = |f: Fmr| {
@@ -141,18 +138,15 @@ fn choose(fit: impl Iterator<Item = Fmr>, c: &Conv2d, batch: usize, [oh, ow]: [u
 }
 
 /// The most bytes of M one pass of the transforms and GEMMs takes: larger batches run in chunks of
-/// images, unless U is over twice as large (each chunk streams it again). AlexNet's conv2 as F(3×3,
-/// 5×5) has 4 MB of M per image and 4.8 MB of U: at batch 8 in one pass (32 MB of M, past the L3
-/// cache) its transforms took as long as its GEMMs; one image at a time, conv2 took 31 ms instead of
-/// 35 at 1 thread, 15 instead of 20 at 2 (two images at a time gained little). conv3–5 at batch 8
-/// (F(4×4, 3×3): 14–21 MB of U, 0.6–0.9 MB of M per image) took 1–2 ms longer in two chunks.
+/// images, unless U is over twice as large (each chunk streams it again). An M past the L3 cache makes
+/// the transforms as slow as the GEMMs; a large U streamed per chunk costs more than it saves
+/// (measured on AlexNet's conv2–5 at batch 8: docs/benchmarks.md).
 const CHUNK_BYTES: usize = 4 << 20;
 
 /// Elements from one of the α² planes of V or M to the next: at least `len`, and 64 bytes past a
 /// multiple of 4 KiB. A transform touches one line of each of the α² planes at a time; planes a multiple
 /// of 4 KiB apart (AlexNet's: 384 channels × 16 or 128 columns) all fall in one set of the L1 cache,
-/// whose 8–12 ways then miss on every access: conv4's input transform at batch 8 took 3.7 ms with
-/// them, 1.9 ms with this pitch, measured.
+/// whose 8–12 ways then miss on every access (measured: docs/benchmarks.md).
 fn plane_pitch(len: usize) -> usize {
     let p = (len + 1024 - 16).next_multiple_of(1024) + 16;
     p - if p - len >= 1024 { 1024 } else { 0 }
@@ -222,8 +216,7 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, relu: bool, pool_afte
     // The input, zero-padded to whole tiles (rows and columns up to m·tiles + r − 1) and split into m
     // column phases, xq[..][x % m][y][x / m]: element (i, j) of tiles tx..tx + 3 is then one 4-lane
     // vector, and the transforms run on four horizontally adjacent tiles at once.
-    let split = Conv2d { stride: [1, m], ..c.clone() };
-    let (xq, ph) = ops::phase_split(t, n, &split, [th * m + r - 1, tw + (a - 1) / m]);
+    let (xq, ph) = phase_split(t, n, [1, m], c.pad, [th * m + r - 1, tw + (a - 1) / m]);
     let (hq, wq) = (ph.hq, ph.wq);
     // The batch in chunks of images whose M fits in CHUNK_BYTES, each chunk's transforms and GEMMs in
     // turn over one V and one M (U packed by the first chunk's GEMMs). Each chunk streams U again, so a
@@ -239,7 +232,6 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, relu: bool, pool_afte
     let conv_len = batch * co * oh * ow;
     let y = if pool_after.is_some() { t.store(conv_len) } else { n.out.0 };
     let bias = t.param(n.params.get(1).map_or(vec![0.0; co], |b| b.data().to_vec()));
-    let mut u = Some(Tensor::new(vec![a * a * co, ci, 1, 1], u).expect("sized"));
     let mut packed = None;
     for chunk in 0..chunks {
         let (i0, images) = (chunk * per_chunk, per_chunk.min(batch - chunk * per_chunk));
@@ -253,7 +245,7 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, relu: bool, pool_afte
             kb.for_(0usize, th, |kb, ty| {
                 let row = kb.let_((plane.clone() + i0 * ci) * (m * hq * wq) + ty.clone() * (m * wq));
                 let col0 = kb.let_(img.clone() * per_image + ty * tw);
-                ops::vector_loop(kb, e(0i64), e(tw), |kb, tx, vec| {
+                vector_loop(kb, e(0i64), e(tw), |kb, tx, vec| {
                     let d: Vec<Expr> = (0..a * a)
                         .map(|i| {
                             let at = row.clone() + ((i % a % m) * hq * wq + i / a * wq + i % a / m) + tx.clone();
@@ -267,18 +259,13 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, relu: bool, pool_afte
             });
         });
         t.launch(kb.finish(), vec![xq, v], 0);
-        // M = the α² GEMMs, as one image of α² groups over an (α²·ci) × cols × 1 map.
-        let gemm = Conv2d { in_channels: a * a * ci, out_channels: a * a * co, kernel: [1, 1], stride: [1, 1], pad: [0, 0], groups: a * a, bias: false };
-        let (in_shape, out_shape) = ([a * a * ci, cols, 1], [a * a * co, cols, 1]);
-        let op = Op::Conv2d(gemm.clone());
-        let planes = Some(ops::Planes { pitch: [pv, pm], packed });
-        let node = Node { name: n.name, op: &op, batch: 1, ins: vec![(v, &in_shape)], out: (mm, &out_shape), params: u.take().into_iter().collect(), planes };
-        packed = ops::conv(t, &node, &gemm, false, None);
+        // M = the α² GEMMs.
+        packed = Some(plane_products(t, n.name, a * a, [ci, co, cols], [v, mm], [pv, pm], &u, packed));
         // y = Aᵀ M A + bias, then ReLU, stored where the tile lies inside the output.
         let mut kb = Kb::new(name("winograd_out"), images * co);
         let (mb, bb, yb) = (kb.buf("M", a * a * pm, Access::Read), kb.buf("bias", co, Access::Read), kb.buf("y", conv_len, Access::Write));
         // Four tiles' outputs as m² vectors, [r][s][tile], reread as scalars to store them in place.
-        let tmp = kb.buf("tiles", m * m * super::LANES, Access::Local);
+        let tmp = kb.buf("tiles", m * m * LANES, Access::Local);
         let (lo, hi) = kb.range();
         kb.for_(lo, hi, |kb, plane| {
             let (img, o) = (kb.let_(plane.clone() / co), kb.let_(plane.clone() % co));
@@ -287,7 +274,7 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, relu: bool, pool_afte
                 let rows = kb.let_((e(oh) - ty.clone() * m).min(m));
                 let col0 = kb.let_(img.clone() * per_image + ty.clone() * tw);
                 let at0 = kb.let_(((plane.clone() + i0 * co) * oh + ty * m) * ow);
-                ops::vector_loop(kb, e(0i64), e(tw), |kb, tx, vec| {
+                vector_loop(kb, e(0i64), e(tw), |kb, tx, vec| {
                     let mv: Vec<Expr> = (0..a * a)
                         .map(|xi| {
                             let at = e(xi * pm) + o.clone() * cols + col0.clone() + tx.clone();
@@ -298,7 +285,7 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, relu: bool, pool_afte
                     // Output columns of these tiles still inside the row (more than m·4 when not the last).
                     let width = kb.let_(e(ow) - tx.clone() * m);
                     let at = kb.let_(at0.clone() + tx.clone() * m);
-                    let tiles = if vec { super::LANES } else { 1 };
+                    let tiles = if vec { LANES } else { 1 };
                     for (i, val) in out.into_iter().enumerate() {
                         let val = val + b.clone().lanes(vec);
                         let val = if relu { val.max(e(0.0f32).lanes(vec)) } else { val };
@@ -333,7 +320,7 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, relu: bool, pool_afte
         t.launch(kb.finish(), vec![mm, bias, y], 0);
     }
     if let Some(p) = pool_after {
-        ops::pool_launch(t, n, p, y, [oh, ow]);
+        pool_launch(t, n, p, y, [oh, ow]);
     }
 }
 
@@ -350,9 +337,8 @@ mod tests {
         let [f23, f33, f43, f25, f35] = ALGORITHMS;
         let conv4 = conv(384, 384, 3, 1, 1);
         // AlexNet's conv4 (13 × 13): 4×4 tiles at batch 8; at batch 1 their 16 columns half fill a tile,
-        // and 3×3 tiles (25 columns) cost less. Its conv2 (27 × 27, 5×5) as F(3×3, 5×5) at both. (As
-        // measured: at batch 1, 1 thread, conv2 took 3.8 ms as F(3×3, 5×5), 5.8 as F(2×2, 5×5), 9.2
-        // direct; conv4 3.2 as F(3×3, 3×3), 3.7 as F(2×2, 3×3) or F(4×4, 3×3), 4.7 direct.)
+        // and 3×3 tiles (25 columns) cost less. Its conv2 (27 × 27, 5×5) as F(3×3, 5×5) at both, as
+        // measured (docs/benchmarks.md).
         assert_eq!(chosen(Winograd::Auto, &conv4, 8, [13, 13]), Some(f43));
         assert_eq!(chosen(Winograd::Auto, &conv4, 1, [13, 13]), Some(f33));
         let conv2 = Conv2d { pad: [2, 2], ..conv(96, 256, 5, 1, 1) };

@@ -1,0 +1,175 @@
+//! What every lowering strategy shares: the tables lowering fills ([`Tables`]: stores, packed
+//! parameters, launches), the node being lowered ([`Node`]), and the loops and copies kernels are built
+//! from (vector loops, copies, fills, the stride-phase split of convolution inputs).
+//! Invariant left: a helper writes only the elements it is given, and [`Tables`] numbers stores,
+//! parameters and launches in the order they are asked for (the memory plan and listings rely on it).
+
+use super::{e, Access, Buf, Expr, Kb, Kernel, Tier, WeightsDtype, Winograd, LANES};
+use cnnc_runtime::{Op, Tensor};
+
+/// A tensor a launch reads or writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Ref {
+    /// An arena tensor (activation or scratch), by store number.
+    Store(usize),
+    /// A packed parameter, by number.
+    Param(usize),
+}
+
+/// What lowering collects: stores (lengths), parameters (packed data), launches.
+pub struct Tables {
+    pub tier: Tier,
+    pub winograd: Winograd,
+    pub fc_weights: WeightsDtype,
+    pub stores: Vec<usize>,
+    pub params: Vec<Vec<f32>>,
+    pub launches: Vec<(Kernel, Vec<Ref>, u64)>,
+}
+
+impl Tables {
+    pub fn store(&mut self, len: usize) -> Ref {
+        self.stores.push(len);
+        Ref::Store(self.stores.len() - 1)
+    }
+    pub fn param(&mut self, data: Vec<f32>) -> Ref {
+        self.params.push(data);
+        Ref::Param(self.params.len() - 1)
+    }
+    pub fn launch(&mut self, k: Kernel, refs: Vec<Ref>, flops: u64) {
+        self.launches.push((k, refs, flops));
+    }
+}
+
+/// One node to lower: its op, activations (with per-sample shapes), output, bound parameters.
+pub struct Node<'a> {
+    pub name: &'a str,
+    pub op: &'a Op,
+    pub batch: usize,
+    pub ins: Vec<(Ref, &'a [usize])>,
+    pub out: (Ref, &'a [usize]),
+    pub params: Vec<Tensor>,
+}
+
+impl Node<'_> {
+    pub fn in_len(&self, i: usize) -> usize {
+        self.batch * self.ins[i].1.iter().product::<usize>()
+    }
+    pub fn out_len(&self) -> usize {
+        self.batch * self.out.1.iter().product::<usize>()
+    }
+}
+
+/// `for i in lo..hi`, four elements at a time while at least four remain, then one at a time; `body`
+/// is told which (`true`: a vector of four at `i`).
+pub fn vector_loop(kb: &mut Kb, lo: Expr, hi: Expr, body: impl Fn(&mut Kb, Expr, bool)) {
+    let lo = kb.let_(lo);
+    let vend = kb.let_(lo.clone() + (hi.clone() - lo.clone()) / LANES * LANES);
+    kb.for_step(lo, vend.clone(), LANES as i64, |kb, i| body(kb, i, true));
+    kb.for_(vend, hi, |kb, i| body(kb, i, false));
+}
+
+/// `for i in lo..hi` four at a time, where writing an element twice is harmless (copies and fills):
+/// ranges of four or more end with one vector that overlaps the previous one instead of a scalar tail
+/// (im2col copies rows of 13–55 floats, so the tail was a large share of the work).
+pub fn overlapping_vector_loop(kb: &mut Kb, lo: Expr, hi: Expr, body: impl Fn(&mut Kb, Expr, bool)) {
+    let (lo, hi) = (kb.let_(lo), kb.let_(hi));
+    let vend = kb.let_(lo.clone() + (hi.clone() - lo.clone()) / LANES * LANES);
+    kb.if_else(
+        e(LANES).le(hi.clone() - lo.clone()),
+        |kb| {
+            kb.for_step(lo.clone(), vend.clone(), LANES as i64, |kb, i| body(kb, i, true));
+            kb.if_(vend.clone().lt(hi.clone()), |kb| body(kb, hi.clone() - LANES, true));
+        },
+        |kb| kb.for_(lo.clone(), hi.clone(), |kb, i| body(kb, i, false)),
+    );
+}
+
+/// `dst[d..d + n] = src[s..s + n]` (the ranges do not overlap).
+pub fn copy(kb: &mut Kb, dst: Buf, d: Expr, src: Buf, s: Expr, n: impl Into<Expr>) {
+    let delta = kb.let_(s - d.clone());
+    let end = d.clone() + n;
+    overlapping_vector_loop(kb, d, end, |kb, i, vec| {
+        let v = src.load(i.clone() + delta.clone(), vec);
+        kb.store(dst, i, v)
+    });
+}
+
+/// `dst[d..d + n] = 0`.
+pub fn zero(kb: &mut Kb, dst: Buf, d: Expr, n: Expr) {
+    overlapping_vector_loop(kb, d.clone(), d + n, |kb, i, vec| kb.store(dst, i, e(0.0f32).lanes(vec)));
+}
+
+/// A convolution input, zero-padded and split into stride phases, so that every row of the column
+/// matrix is a contiguous run of it: `xq[img][c][ry][rx][iq][jq] = x[img][c][iq·s0 + ry − p0][jq·s1 + rx − p1]`
+/// (zero outside the image) for phases ry < s0, rx < s1. Tap (ky, kx) of output pixel (oy, ox) is then
+/// `xq[..][ky % s0][kx % s1][oy + ky / s0][ox + kx / s1]`. For stride 1 it is just the padded input;
+/// for AlexNet's stride-4 conv1 it replaces a strided gather per panel element by vector copies.
+#[derive(Clone, Copy)]
+pub struct Phased {
+    pub s: [usize; 2],
+    pub hq: usize,
+    pub wq: usize,
+}
+
+impl Phased {
+    pub fn len(&self, batch: usize, ci: usize) -> usize {
+        batch * ci * self.s[0] * self.s[1] * self.hq * self.wq
+    }
+}
+
+/// Launches the copy of `n`'s input into its [`Phased`] form for `stride` and `pad`, in a new store,
+/// with at least `min` rows and columns per phase (the rows and columns past the padded input are zeros
+/// too).
+pub fn phase_split(t: &mut Tables, n: &Node, stride: [usize; 2], [p0, p1]: [usize; 2], min: [usize; 2]) -> (Ref, Phased) {
+    let [ci, h, w] = [n.ins[0].1[0], n.ins[0].1[1], n.ins[0].1[2]];
+    let [s0, s1] = stride;
+    let ph = Phased { s: stride, hq: (h + 2 * p0).div_ceil(s0).max(min[0]), wq: (w + 2 * p1).div_ceil(s1).max(min[1]) };
+    let len = ph.len(n.batch, ci);
+    let out = t.store(len);
+    // One iteration per input row position (image, channel, ry, iq), all s1 column phases inside.
+    let mut kb = Kb::new(format!("{}.phase_split", n.name), len / (s1 * ph.wq));
+    let (xb, qb) = (kb.buf("x", n.in_len(0), Access::Read), kb.buf("xq", len, Access::Write));
+    let (lo, hi) = kb.range();
+    kb.for_(lo, hi, |kb, it| {
+        // it = (plane·s0 + ry)·hq + iq
+        let (plane, ry, iq) = (kb.let_(it.clone() / (s0 * ph.hq)), kb.let_(it.clone() / ph.hq % s0), kb.let_(it.clone() % ph.hq));
+        let iy = kb.let_(iq.clone() * s0 + ry.clone() - p0);
+        let inside = kb.let_(e(0i64).le(iy.clone()).and(iy.clone().lt(h)));
+        let src0 = kb.let_(plane.clone() * (h * w) + iy * w - p1);
+        // The column phases unrolled, so that each one's bounds are constants: rows are short (a
+        // Winograd input's phases are 4–5 wide) and computing them per row cost more than the copy.
+        for rx in 0..s1 {
+            let dst = kb.let_((((plane.clone() * s0 + ry.clone()) * s1 + rx) * ph.hq + iq.clone()) * ph.wq);
+            // Phase columns jq whose input column jq·s1 + rx − p1 is inside the image.
+            let jlo = ((p1 + s1 - 1).saturating_sub(rx) / s1).min(ph.wq);
+            let jhi = ((w + p1 + s1 - 1 - rx) / s1).min(ph.wq).max(jlo);
+            kb.if_else(
+                inside.clone(),
+                |kb| {
+                    if jlo > 0 {
+                        zero(kb, qb, dst.clone(), e(jlo));
+                    }
+                    let src = kb.let_(src0.clone() + rx);
+                    if s1 == 1 {
+                        copy(kb, qb, dst.clone() + jlo, xb, src + jlo, jhi - jlo);
+                    } else {
+                        // Loop-carried addresses: Cranelift otherwise recomputed src and dst from their
+                        // multiplications in every iteration (seen in --emit asm).
+                        let (from, to) = (kb.var(src.clone() + jlo * s1), kb.var(dst.clone() + jlo));
+                        kb.for_(jlo, jhi, |kb, _| {
+                            kb.store(qb, to, xb.at(from));
+                            kb.set(from, from + s1);
+                            kb.set(to, to + 1i64);
+                        });
+                    }
+                    if jhi < ph.wq {
+                        zero(kb, qb, dst.clone() + jhi, e(ph.wq - jhi));
+                    }
+                },
+                |kb| zero(kb, qb, dst.clone(), e(ph.wq)),
+            );
+        }
+    });
+    t.launch(kb.finish(), vec![n.ins[0].0, out], 0);
+    (out, ph)
+}

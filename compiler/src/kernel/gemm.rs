@@ -1,0 +1,590 @@
+//! Convolution and linear layers as GEMMs on the tier's tile, and the GEMM Winograd's products use.
+//!
+//! A direct convolution is a GEMM over its column matrix (the input itself for 1×1 stride-1 unpadded
+//! convolutions), packed from a padded, stride-phase-split copy of the input (`Phased`) into panels
+//! of the tile's width, as the tile reads them, or read in place by the AVX-512 tile ([`Columns`]). The
+//! register-blocked microkernel ([`micro`], or the AVX-512 tile) keeps an MR×NR tile of the output in
+//! registers; bias, ReLU and max pooling are applied by the same launch before anything leaves the task.
+//! Invariant left: per output element the arithmetic is fixed — bias, then one FMA per k in (channel,
+//! ky, kx) order — whatever the tile, tier or thread count, so results are bitwise identical across them.
+
+use super::common::{copy, phase_split, Node, Phased, Ref, Tables};
+use super::pool::{pool, pool_launch};
+use super::{e, Access, BRows, Buf, Expr, Gemm, Kb, Taps, Tier, LANES};
+use cnnc_runtime::op::{Conv2d, Linear, Pool2d};
+use cnnc_runtime::Op;
+
+/// Output-channel blocks one task runs against the same column tile before moving on (its chunk).
+/// Portable tier: the tile's panel (K × 12 floats) is read from L1/L2 eight times per trip from
+/// memory, and 8 blocks of packed weights (8 × K × 16 B, 150 KB at K = 2400) stay in a 2 MB L2.
+/// AVX-512 tier: each KC-deep slice of the column panels is streamed once per chunk, so a chunk should
+/// hold a task's whole share of blocks; 32 blocks' slices of A (32 × 12 × KC × 4 B = 192 KB) stay in L2.
+fn chunk_blocks(tier: Tier) -> usize {
+    match tier {
+        Tier::Portable => 8,
+        Tier::Avx512 => 32,
+    }
+}
+/// Target depth of one AVX-512 tile call (rounded down to whole rows of kw taps, see [`pack`]): its B
+/// panel, KC × 32 floats = 16 KB, and the A slices streaming past it (12 × KC floats = 6 KB each)
+/// then fit a 48 KB L1d together; a 32 KB panel is evicted by the A stream (measured: docs/benchmarks.md).
+const KC: usize = 128;
+
+/// Linear above batch 1, as GEMM tiles with the roles turned around, so that each weight is loaded as
+/// part of a vector and used by up to MR samples: the tile's rows are samples (A = X packed per k in
+/// blocks of MR samples, by a `pack_x` launch), its columns output features (B = Wᵀ, packed at compile
+/// time in [feature tile][k][NR] panels and streamed once per MR samples), and C is Y itself. The
+/// tile's bias is per row, so each task first fills its block of Y with the bias and the tile
+/// accumulates onto it: bias, then one FMA per k in order, as everywhere. (A 1×1 convolution over Xᵀ,
+/// one weight load per FMA, and the GEMV, one weight stream per sample, are slower: docs/benchmarks.md.)
+pub fn linear(t: &mut Tables, n: &Node, l: &Linear, relu: bool) {
+    let (k, o, b) = (l.in_features, l.out_features, n.batch);
+    let (mr, nr) = (t.tier.mr(), t.tier.nr());
+    let (blocks, tiles) = (b.div_ceil(mr), o.div_ceil(nr));
+    // The bias is padded to whole tiles: at least MR long, as the tile's (unused) bias operand must be.
+    let (mut panels, bias) = pack_blocks(n.params[0].data(), n.params.get(1).map(|b| b.data()), k, nr);
+    panels.iter_mut().for_each(|v| *v = t.fc_weights.round(*v));
+    let (wp, bp, xp) = (t.param(panels), t.param(bias), t.store(blocks * k * mr));
+    let name = |s: &str| format!("{}.{s}", n.name);
+    // xp[block][kk][r] = x[block·MR + r][kk], zero past the batch.
+    let mut kb = Kb::new(name("pack_x"), blocks * k);
+    let (xb, pb) = (kb.buf("x", b * k, Access::Read), kb.buf("xp", blocks * k * mr, Access::Write));
+    let (lo, hi) = kb.range();
+    kb.for_(lo, hi, |kb, it| {
+        let (blk, kk) = (kb.let_(it.clone() / k), kb.let_(it.clone() % k));
+        let rows = kb.let_((e(b) - blk.clone() * mr).min(mr));
+        kb.for_(0usize, rows.clone(), |kb, r| kb.store(pb, it.clone() * mr + r.clone(), xb.at((blk.clone() * mr + r) * k + kk.clone())));
+        kb.for_(rows, mr, |kb, r| kb.store(pb, it.clone() * mr + r, e(0.0f32)));
+    });
+    t.launch(kb.finish(), vec![n.ins[0].0, xp], 0);
+    // Tasks own feature tiles; each streams its panels once per block of samples.
+    let mut kb = Kb::new(name("gemm"), tiles);
+    let [ab, wb, bb, yb] =
+        [("xp", blocks * k * mr, Access::Read), ("Wt", tiles * k * nr, Access::Read), ("b", tiles * nr, Access::Read), ("y", b * o, Access::Write)]
+            .map(|(nm, len, a)| kb.buf(nm, len, a));
+    let (lo, hi) = kb.range();
+    let tier = t.tier;
+    // Features f0..f0 + cols (`width`: how the portable tile covers them) of every sample block.
+    let tile = |kb: &mut Kb, f0: Expr, cols: Expr, width: Option<Width>| {
+        kb.for_(0usize, blocks, |kb, blk| {
+            let rows = kb.let_((e(b) - blk.clone() * mr).min(mr));
+            let c0 = kb.let_(blk.clone() * (mr * o) + f0.clone());
+            kb.for_(0usize, rows.clone(), |kb, r| copy(kb, yb, c0.clone() + r * o, bb, f0.clone(), cols.clone()));
+            let g = Gemm {
+                a: ab,
+                a0: blk * (k * mr),
+                bias: bb,
+                bias0: e(0i64),
+                b: wb,
+                b0: f0.clone() / nr * (k * nr) + f0.clone() % nr,
+                c: yb,
+                c0,
+                rows_b: BRows::Strided(nr),
+                ldc: o,
+                depth: e(k),
+                rows,
+                cols: cols.clone(),
+                accumulate: true,
+                relu,
+            };
+            match width {
+                Some(w) => micro(kb, &g, w, true),
+                None => kb.gemm(g),
+            }
+        });
+    };
+    kb.for_(lo, hi, |kb, ft| {
+        let f0 = kb.let_(ft.clone() * nr);
+        match tier {
+            Tier::Avx512 => tile(kb, f0.clone(), (e(o) - f0).min(nr), None),
+            // The portable tile's widths are static: the last tile may be narrower.
+            Tier::Portable => {
+                let each = |kb: &mut Kb, cols: usize| {
+                    for (at, n, w) in pieces(cols) {
+                        tile(kb, f0.clone() + at, e(n), Some(w));
+                    }
+                };
+                match o % nr {
+                    0 => each(kb, nr),
+                    last => kb.if_else(ft.lt(tiles - 1), |kb| each(kb, nr), |kb| each(kb, last)),
+                }
+            }
+        }
+    });
+    t.launch(kb.finish(), vec![xp, wp, bp, n.out.0], 2 * (b * k * o) as u64);
+}
+
+/// How the portable tile covers `cols` ≤ NR columns: (first column, columns, width) — the whole vectors
+/// in one call, then single columns.
+fn pieces(cols: usize) -> Vec<(usize, usize, Width)> {
+    let v = cols / LANES;
+    let whole = (v > 0).then_some((0, v * LANES, Width::Vectors(v)));
+    whole.into_iter().chain((v * LANES..cols).map(|c| (c, 1, Width::Scalar))).collect()
+}
+
+/// Convolution geometry, per group.
+struct Geo {
+    cig: usize,
+    cog: usize,
+    /// GEMM depth: input channels × kh × kw.
+    k: usize,
+    /// Output pixels per channel.
+    p: usize,
+    /// Output-channel blocks of MR.
+    ncb: usize,
+}
+
+/// Packs `W` (out, in/groups, kh, kw) as [group][block][k][MR], zero rows past the group's channels,
+/// and the bias as [group][block·MR + r].
+fn pack_conv(c: &Conv2d, g: &Geo, mr: usize, w: &[f32], b: Option<&[f32]>) -> (Vec<f32>, Vec<f32>) {
+    let (mut a, mut bias) = (vec![], vec![]);
+    for grp in 0..c.groups {
+        let rows = grp * g.cog..(grp + 1) * g.cog;
+        let (ga, gb) = pack_blocks(&w[rows.start * g.k..rows.end * g.k], b.map(|b| &b[rows]), g.k, mr);
+        a.extend(ga);
+        bias.extend(gb);
+    }
+    (a, bias)
+}
+
+/// Packs rows of `k` weights (row-major `w`) as [block][k][mr], zero rows past the last, and their
+/// bias (zeros without one) as [block·mr + r]: the tile's A, or (turned around) a linear layer's B.
+fn pack_blocks(w: &[f32], b: Option<&[f32]>, k: usize, mr: usize) -> (Vec<f32>, Vec<f32>) {
+    let rows = w.len() / k;
+    let mut a = vec![0.0; rows.div_ceil(mr) * k * mr];
+    for (row, ws) in w.chunks(k).enumerate() {
+        for (kk, &v) in ws.iter().enumerate() {
+            a[(row / mr * k + kk) * mr + row % mr] = v;
+        }
+    }
+    let mut bias = b.map_or(vec![0.0; rows], <[f32]>::to_vec);
+    bias.resize(rows.div_ceil(mr) * mr, 0.0);
+    (a, bias)
+}
+
+/// Lowers convolution `n` (whose own output, before `pool_after`, is [oh, ow]) as a direct GEMM.
+pub fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after: Option<&Pool2d>, out: [usize; 2]) {
+    let weights = Weights::Rows(n.params[0].data(), n.params.get(1).map(|b| b.data()));
+    direct(t, n, c, relu, pool_after, out, weights, None);
+}
+
+/// Winograd's `groups` (α²) products `M[ξ] = U[ξ] · V[ξ]`, each (co × k) · (k × cols), as the direct
+/// GEMM of a `groups`-group 1×1 convolution over one image whose groups' first input and output rows lie
+/// `pitch` elements apart (V's and M's plane pitch). U is `u`, (groups·co) rows of k, packed here unless
+/// `packed` holds what an earlier call returned. Returns the packed U and its (zero) bias.
+#[allow(clippy::too_many_arguments)]
+pub fn plane_products(
+    t: &mut Tables,
+    name: &str,
+    groups: usize,
+    [k, co, cols]: [usize; 3],
+    [v, m]: [Ref; 2],
+    pitch: [usize; 2],
+    u: &[f32],
+    packed: Option<(Ref, Ref)>,
+) -> (Ref, Ref) {
+    let c = Conv2d { in_channels: groups * k, out_channels: groups * co, kernel: [1, 1], stride: [1, 1], pad: [0, 0], groups, bias: false };
+    let (op, in_shape, out_shape) = (Op::Conv2d(c.clone()), [groups * k, cols, 1], [groups * co, cols, 1]);
+    let n = Node { name, op: &op, batch: 1, ins: vec![(v, &in_shape)], out: (m, &out_shape), params: vec![] };
+    let weights = packed.map_or(Weights::Rows(u, None), |(a, bias)| Weights::Packed(a, bias));
+    direct(t, &n, &c, false, None, [cols, 1], weights, Some(pitch))
+}
+
+/// Where a direct convolution's weights come from.
+enum Weights<'a> {
+    /// (co, ci/groups·kh·kw) rows and the bias, to be packed.
+    Rows(&'a [f32], Option<&'a [f32]>),
+    /// Packed weights and bias, as an earlier lowering of the same weights returned them.
+    Packed(Ref, Ref),
+}
+
+/// Lowers convolution `n` as a direct GEMM with `weights`; `planes` overrides the elements from one
+/// (image, group)'s first input and output row to the next (only for unpacked columns of one image).
+/// Returns the packed weights and bias.
+#[allow(clippy::too_many_arguments)]
+fn direct(
+    t: &mut Tables,
+    n: &Node,
+    c: &Conv2d,
+    relu: bool,
+    pool_after: Option<&Pool2d>,
+    [oh, ow]: [usize; 2],
+    weights: Weights,
+    planes: Option<[usize; 2]>,
+) -> (Ref, Ref) {
+    let [ci, h, w] = [n.ins[0].1[0], n.ins[0].1[1], n.ins[0].1[2]];
+    let [kh, kw] = c.kernel;
+    let co = c.out_channels;
+    let (mr, nr) = (t.tier.mr(), t.tier.nr());
+    let (cig, k, ncb) = (ci / c.groups, ci / c.groups * kh * kw, (co / c.groups).div_ceil(mr));
+    let avx = t.tier == Tier::Avx512;
+    // Implicit columns (see [`Columns::Taps`]) mask the horizontal padding of stride-1 convolutions at
+    // least as wide as their input; others read the whole phased input, whose row pitch the output then
+    // has too (its extra columns are computed and skipped by the fused pool, the only reader).
+    let masked = c.stride == [1, 1] && w <= ow;
+    let [s0, s1] = c.stride;
+    // The tile addresses a group's input with 32-bit offsets and displacements: bytes of the phased
+    // input (padding, stride phases and the extra rows included) must stay below 2³¹.
+    let group_bytes = 4 * cig * (h + 2 * c.pad[0] + s0 * (kh + 1)) * (w + 2 * c.pad[1] + s1);
+    let columns = if kh == 1 && kw == 1 && c.stride == [1, 1] && c.pad == [0, 0] {
+        Columns::Input
+    } else if avx && (masked || pool_after.is_some()) && group_bytes < i32::MAX as usize {
+        Columns::Taps
+    } else if avx && c.groups * ncb * k * mr * 4 <= 1 << 20 {
+        Columns::OnTheFly
+    } else {
+        Columns::Panels
+    };
+    let pitch = if columns == Columns::Taps && !masked { (w + 2 * c.pad[1]).div_ceil(s1) } else { ow };
+    let g = Geo { cig, cog: co / c.groups, k, p: oh * pitch, ncb };
+    // Elements from one (image, group)'s first input row (of unpacked columns) and output row to the next.
+    let [gp_in, gp_out] = planes.unwrap_or([g.cig * g.p, g.cog * g.p]);
+    debug_assert!(planes.is_none() || (n.batch == 1 && columns == Columns::Input));
+    let (a, bias) = match weights {
+        Weights::Packed(a, bias) => (a, bias),
+        Weights::Rows(w, b) => {
+            let (a, bias) = pack_conv(c, &g, mr, w, b);
+            (t.param(a), t.param(bias))
+        }
+    };
+    let name = |s: &str| format!("{}.{s}", n.name);
+    let x = n.ins[0].0;
+    // Slices of k per tile call (see [`KC`]); the portable tier takes k whole.
+    let kc = match t.tier {
+        Tier::Portable => g.k,
+        Tier::Avx512 => (KC / kw).max(1) * kw,
+    };
+    let slices = g.k.div_ceil(kc);
+    let ntiles = g.p.div_ceil(nr);
+    // Packing reads the input through a zero-padded, stride-phase-split copy (see [`Phased`]), so that
+    // each panel row is contiguous copies without bounds checks.
+    let ph = match columns {
+        Columns::Input => None,
+        // Rows ow wide, padded only vertically.
+        Columns::Taps if masked => Some(phase_split(t, n, c.stride, [c.pad[0], 0], [0, ow])),
+        // A row past the last window's: the last output row's extra columns read up to (kw − 1) / s1
+        // elements beyond it.
+        Columns::Taps => Some(phase_split(t, n, c.stride, c.pad, [oh + (kh - 1) / s0 + 1, 0])),
+        Columns::OnTheFly | Columns::Panels => Some(phase_split(t, n, c.stride, c.pad, [0, 0])),
+    };
+    let geo = |x: Buf, panel: Buf| Pack { c, g: &g, ci, ow, ph: ph.expect("phased input").1, x, panel, nr };
+    let taps = ph.filter(|_| columns == Columns::Taps).map(|(_, ph)| {
+        let (pad, w) = if masked { (c.pad[1], w) } else { (0, pitch) };
+        Taps { kh, kw, stride: c.stride, pitch, phase: ph.hq * pitch, pad, w }
+    });
+    let (cols, col_len) = match (columns, ph) {
+        (Columns::Input, _) => (x, gp_in * c.groups * n.batch),
+        (Columns::OnTheFly | Columns::Taps, Some((xq, ph))) => (xq, ph.len(n.batch, ci)),
+        (Columns::Panels, Some((xq, ph))) => {
+            let len = n.batch * c.groups * ntiles * g.k * nr;
+            let cols = t.store(len);
+            let mut kb = Kb::new(name("im2col"), n.batch * c.groups * ntiles * slices);
+            let (xb, cb) = (kb.buf("x", ph.len(n.batch, ci), Access::Read), kb.buf("cols", len, Access::Write));
+            let (lo, hi) = kb.range();
+            kb.for_(lo, hi, |kb, it| {
+                let (tile, s) = (kb.let_(it.clone() / slices), kb.let_(it % slices));
+                let (ig, col, k0) = (kb.let_(tile.clone() / ntiles), kb.let_(tile.clone() % ntiles * nr), kb.let_(s * kc));
+                let cols = (e(g.p) - col.clone()).min(nr);
+                let depth = (e(g.k) - k0.clone()).min(kc);
+                pack(kb, &geo(xb, cb), ig.clone() / c.groups, ig % c.groups, k0.clone(), depth, col, cols, (tile * g.k + k0) * nr);
+            });
+            t.launch(kb.finish(), vec![xq, cols], 0);
+            (cols, len)
+        }
+        _ => unreachable!("packed columns have a phased input"),
+    };
+    let conv_len = n.batch * c.groups * gp_out;
+    let pre_pool = if pool_after.is_some() { t.store(conv_len) } else { n.out.0 };
+    // Packed layers are split by column tiles; the others by channel blocks, so each task streams only
+    // its share of A and pools its own channels in the same launch.
+    let packed = columns == Columns::OnTheFly;
+    let extent = n.batch * c.groups * if packed { ntiles } else { g.ncb };
+    let mut kb = Kb::new(name("gemm"), extent);
+    let ab = kb.buf("A", c.groups * g.ncb * g.k * mr, Access::Read);
+    let bb = kb.buf("bias", c.groups * g.ncb * mr, Access::Read);
+    let colb = kb.buf("cols", col_len, Access::Read);
+    let yb = kb.buf("y", conv_len, Access::ReadWrite);
+    let panel = packed.then(|| kb.buf("panel", kc * nr, Access::Local));
+    let pooled = pool_after.filter(|_| !packed).map(|_| kb.buf("pooled", n.out_len(), Access::Write));
+    // The tile's tables: lane masks per column tile, offsets per tap row (see [`BRows::Taps`]).
+    let tables = taps.map(|tp| {
+        let (masks, offsets) = tap_tables(&tp, g.p, nr, cig);
+        (kb.buf("masks", masks.len(), Access::Read), t.param(masks), kb.buf("offsets", offsets.len(), Access::Read), t.param(offsets))
+    });
+    let (lo, hi) = kb.range();
+    // Runs `f(k0, depth, accumulate, relu)` for every slice of k: the first starts from the bias, the
+    // last applies the epilogue.
+    let each_slice = |kb: &mut Kb, f: &dyn Fn(&mut Kb, Expr, Expr, bool, bool)| {
+        if slices == 1 {
+            return f(kb, e(0i64), e(g.k), false, relu);
+        }
+        f(kb, e(0i64), e(kc), false, false);
+        kb.for_(1usize, slices - 1, |kb, s| f(kb, s * kc, e(kc), true, false));
+        f(kb, e((slices - 1) * kc), e(g.k - (slices - 1) * kc), true, relu);
+    };
+    // Per (image, group) `ig`: the first column-matrix element and the first output element.
+    let bbase = |ig: &Expr| {
+        let plane = |plane: usize| ig.clone() / c.groups * (ci * plane) + ig.clone() % c.groups * (g.cig * plane);
+        match (columns, taps) {
+            (Columns::Input, _) => ig.clone() * gp_in,
+            (Columns::Taps, Some(tp)) => plane(s0 * s1 * tp.phase),
+            _ => ig.clone() * (ntiles * g.k * nr),
+        }
+    };
+    let cbase = |ig: &Expr| ig.clone() * gp_out;
+    // The tile of channel block `blk` × columns col..col + cols, for k in k0..k0 + depth.
+    let gemm = |ig: &Expr, blk: Expr, k0: &Expr, depth: &Expr, col: &Expr, cols: Expr, accumulate: bool, relu: bool| {
+        let blocks = ig.clone() % c.groups * g.ncb + blk.clone();
+        Gemm {
+            a: ab,
+            a0: blocks.clone() * (g.k * mr) + k0.clone() * mr,
+            bias: bb,
+            bias0: blocks * mr,
+            b: panel.unwrap_or(colb),
+            b0: match columns {
+                Columns::Input => bbase(ig) + k0.clone() * g.p + col.clone(),
+                // Column col lies in panel col / NR, at col % NR of each of its rows.
+                Columns::Panels => bbase(ig) + col.clone() / nr * (g.k * nr) + k0.clone() * nr + col.clone() % nr,
+                Columns::Taps => bbase(ig),
+                Columns::OnTheFly => e(0i64),
+            },
+            c: yb,
+            c0: cbase(ig) + blk.clone() * (mr * g.p) + col.clone(),
+            rows_b: match (taps, tables) {
+                (Some(taps), Some((masks, _, offsets, _))) => {
+                    BRows::Taps { taps, k0: k0.clone(), col: col.clone(), offsets, masks, masks0: col.clone() / nr * kw }
+                }
+                _ => BRows::Strided(if columns == Columns::Input { g.p } else { nr }),
+            },
+            ldc: g.p,
+            depth: depth.clone(),
+            rows: (e(g.cog) - blk * mr).min(mr),
+            cols,
+            accumulate,
+            relu,
+        }
+    };
+    let pack_panel = |kb: &mut Kb, ig: &Expr, k0: &Expr, depth: &Expr, col: &Expr, cols: &Expr| {
+        if let Some(panel) = panel {
+            pack(kb, &geo(colb, panel), ig.clone() / c.groups, ig.clone() % c.groups, k0.clone(), depth.clone(), col.clone(), cols.clone(), e(0i64));
+        }
+    };
+    if packed {
+        kb.for_(lo, hi, |kb, it| {
+            let ig = kb.let_(it.clone() / ntiles);
+            let col = kb.let_(it % ntiles * nr);
+            let cols = kb.let_((e(g.p) - col.clone()).min(nr));
+            each_slice(kb, &|kb, k0, depth, accumulate, relu| {
+                pack_panel(kb, &ig, &k0, &depth, &col, &cols);
+                kb.for_(0usize, g.ncb, |kb, blk| kb.gemm(gemm(&ig, blk, &k0, &depth, &col, cols.clone(), accumulate, relu)));
+            });
+        });
+    } else {
+        // Tasks own ranges of (image, group, channel block); each range is walked in chunks of blocks
+        // (`chunk_blocks`) that never cross an (image, group) boundary.
+        kb.for_(lo.clone() / g.ncb, (hi.clone() - 1i64) / g.ncb + 1i64, |kb, ig| {
+            let b0 = kb.let_((lo.clone() - ig.clone() * g.ncb).max(0i64));
+            let b1 = kb.let_((hi.clone() - ig.clone() * g.ncb).min(g.ncb));
+            let mcb = chunk_blocks(t.tier);
+            kb.for_step(b0, b1.clone(), mcb as i64, |kb, c0| {
+                let c1 = kb.let_((c0.clone() + mcb).min(b1.clone()));
+                each_slice(kb, &|kb, k0, depth, accumulate, relu| {
+                    let blocks = |kb: &mut Kb, col: Expr, cols: Expr, width: Option<Width>| {
+                        kb.for_(c0.clone(), c1.clone(), |kb, blk| {
+                            let tile = gemm(&ig, blk, &k0, &depth, &col, cols.clone(), accumulate, relu);
+                            match width {
+                                Some(w) => micro(kb, &tile, w, !g.cog.is_multiple_of(mr)),
+                                None => kb.gemm(tile),
+                            }
+                        });
+                    };
+                    match t.tier {
+                        // Full tiles, then one tile of 1–2 vectors, then single columns.
+                        Tier::Portable => {
+                            let full = g.p / nr * nr;
+                            kb.for_step(0usize, full, nr as i64, |kb, col| blocks(kb, col, e(nr), Some(Width::Vectors(nr / LANES))));
+                            for (at, n, w) in pieces(g.p - full) {
+                                blocks(kb, e(full + at), e(n), Some(w));
+                            }
+                        }
+                        // The tile masks its own edge columns.
+                        Tier::Avx512 => kb.for_step(0usize, g.p, nr as i64, |kb, col| {
+                            let cols = (e(g.p) - col.clone()).min(nr);
+                            blocks(kb, col, cols, None)
+                        }),
+                    }
+                });
+                if let (Some(p), Some(pb)) = (pool_after, pooled) {
+                    let first = ig.clone() * g.cog + c0.clone() * mr;
+                    let last = (ig.clone() * g.cog + c1.clone() * mr).min(ig.clone() * g.cog + g.cog);
+                    pool(kb, p, false, yb, pb, first, last, [oh, ow, pitch], [n.out.1[1], n.out.1[2]]);
+                }
+            });
+        });
+    }
+    let mut refs = vec![a, bias, cols, pre_pool];
+    refs.extend(pooled.map(|_| n.out.0));
+    refs.extend(tables.into_iter().flat_map(|(_, masks, _, offsets)| [masks, offsets]));
+    t.launch(kb.finish(), refs, 2 * (n.batch * co * oh * ow * g.k) as u64);
+    if let (Some(p), true) = (pool_after, packed) {
+        pool_launch(t, n, p, pre_pool, [oh, ow]);
+    }
+    (a, bias)
+}
+
+/// Where a convolution's GEMM reads its column matrix (B).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Columns {
+    /// 1×1 stride-1 unpadded convolutions: the input itself, [image][channel][pixel].
+    Input,
+    /// Written by an `im2col` launch as the tile reads it, [image][group][column tile][k][NR]: each k
+    /// step of a tile is one contiguous run of NR floats and a panel one contiguous KC × NR block (as a
+    /// [k][pixel] matrix, rows kilobytes apart were slower: docs/benchmarks.md).
+    Panels,
+    /// AVX-512 tier, when the columns cannot be read in place (strided convolutions without a pool)
+    /// and the packed weights fit comfortably in L2 (under 1 MiB; AlexNet's conv1 has 139 KB): each task
+    /// packs KC × NR panels into a stack buffer right before the tiles that read them (L1-hot, no
+    /// round trip to memory). Tasks split the column tiles and each read all of A, so each panel is
+    /// packed once; pooling needs whole planes and becomes a second launch. (Split by channel blocks,
+    /// as the larger layers are, every task would pack every panel.)
+    OnTheFly,
+    /// AVX-512 tier: no column matrix at all; the tile reads each tap in place, as pixel p's element
+    /// plus a constant ([`BRows::Taps`]). Stride-1 convolutions whose output is at least as wide as
+    /// their input read it padded with rows only, ow wide, and mask the lanes that fall on horizontal
+    /// padding; others that are followed by a pool (AlexNet's stride-4 conv1) read the phased input,
+    /// whose row pitch wq ≥ ow the output takes too (conv1: 57 for 55 columns). No packing, and the
+    /// pool fused (measured: docs/benchmarks.md).
+    Taps,
+}
+
+/// The tables of [`BRows::Taps`] for one (image, group), as u32/i32 bits in f32s: the lane masks of
+/// every column tile ([tile][kx]: bit j set if output pixel `tile·nr + j` exists and reads memory at tap
+/// column kx, [`Taps::source`] in `0..w`) and every tap row's [`Taps::offset`].
+fn tap_tables(tp: &Taps, p: usize, nr: usize, cig: usize) -> (Vec<f32>, Vec<f32>) {
+    let reads = |ox: usize, kx: usize| (0..tp.w as i64).contains(&tp.source(ox as i64, kx as i64));
+    let mask = |col: usize, kx: usize| (0..nr.min(p - col)).filter(|j| reads((col + j) % tp.pitch, kx)).fold(0u32, |m, j| m | 1 << j);
+    let masks = (0..p.div_ceil(nr)).flat_map(|t| (0..tp.kw).map(move |kx| f32::from_bits(mask(t * nr, kx)))).collect();
+    let offset = |r: usize| i32::try_from(tp.offset(r as i64)).expect("under 2³¹: the lowering checks `group_bytes`") as u32;
+    (masks, (0..cig * tp.kh).map(|r| f32::from_bits(offset(r))).collect())
+}
+
+/// How many output columns a microkernel call covers.
+#[derive(Clone, Copy)]
+enum Width {
+    /// 1..=3 f32x4 vectors.
+    Vectors(usize),
+    /// One column, scalar (the last 1–3 columns of a row).
+    Scalar,
+}
+
+/// What [`pack`] needs of a convolution.
+struct Pack<'a> {
+    c: &'a Conv2d,
+    g: &'a Geo,
+    ci: usize,
+    ow: usize,
+    ph: Phased,
+    /// The [`Phased`] input.
+    x: Buf,
+    panel: Buf,
+    nr: usize,
+}
+
+/// Packs rows k0..k0 + depth, columns col..col + cols of image `img`, group `grp`'s column matrix into
+/// `panel` from element `base` on (row stride NR; columns past `cols` are left as they are). k0 and
+/// depth are whole rows of taps (multiples of kw), so that (channel, ky) is derived once per kw rows.
+/// The columns are output pixels; they run along output rows, so each k row is copied as segments of
+/// one output row each, every segment one contiguous run of the phased input.
+#[allow(clippy::too_many_arguments)]
+fn pack(kb: &mut Kb, p: &Pack, img: Expr, grp: Expr, k0: Expr, depth: Expr, col: Expr, cols: Expr, base: Expr) {
+    let ([kh, kw], [s0, s1], Phased { hq, wq, .. }) = (p.c.kernel, p.c.stride, p.ph);
+    let (oy0, ox0) = (kb.let_(col.clone() / p.ow), kb.let_(col % p.ow));
+    let end = kb.let_(ox0.clone() + cols);
+    let segments = kb.let_((end.clone() + (p.ow - 1)) / p.ow);
+    let first_plane = kb.let_((img * p.ci + grp * p.g.cig) * (s0 * s1));
+    let r0 = kb.let_(k0 / kw);
+    // Segments outside, k inside: a segment's geometry is computed once per panel, not once per row.
+    kb.for_(0usize, segments, |kb, seg| {
+        // This segment covers ox in a..b of output row oy0 + seg; panel column = ox + (seg·ow − ox0).
+        let a = kb.let_(seg.clone().eq(0i64).select(ox0.clone(), 0i64));
+        let len = kb.let_((end.clone() - seg.clone() * p.ow).min(p.ow) - a.clone());
+        let dst0 = kb.let_(base.clone() + seg.clone() * p.ow - ox0.clone() + a.clone());
+        let row = kb.let_((oy0.clone() + seg) * wq + a);
+        kb.for_(0usize, depth.clone() / kw, |kb, rr| {
+            // Tap row r = (channel, ky) of this slice; its kw taps are the next kw panel rows.
+            let r = kb.let_(r0.clone() + rr.clone());
+            let (ch, ky) = (kb.let_(r.clone() / kh), kb.let_(r % kh));
+            let plane = kb.let_(first_plane.clone() + ch * (s0 * s1) + ky.clone() % s0 * s1);
+            let src = kb.let_(row.clone() + ky / s0 * wq);
+            let dst = kb.let_(dst0.clone() + rr * (kw * p.nr));
+            kb.for_(0usize, kw, |kb, kx| {
+                let (phase, shift) = if s1 == 1 { (e(0i64), kx.clone()) } else { (kx.clone() % s1, kx.clone() / s1) };
+                let from = (plane.clone() + phase) * (hq * wq) + src.clone() + shift;
+                copy(kb, p.panel, dst.clone() + kx * p.nr, p.x, from, len.clone());
+            });
+        });
+    });
+}
+
+/// The portable GEMM microkernel, expanded in the IR: an MR × (4·vectors or 1) tile whose accumulators
+/// start at the bias, take one FMA per k, then the epilogue, then the store (rows past `g.rows` are
+/// padding and not stored when the block is `ragged`). 4 rows × 3 vectors = 12 accumulators + 3 loaded
+/// vectors + 1 broadcast fill the 16 xmm registers Cranelift allocates; more accumulators spill.
+fn micro(kb: &mut Kb, g: &Gemm, width: Width, ragged: bool) {
+    let mr = Tier::Portable.mr();
+    let (nv, vec) = match width {
+        Width::Vectors(v) => (v, true),
+        Width::Scalar => (1, false),
+    };
+    let BRows::Strided(ldb) = g.rows_b else { unreachable!("the portable tier packs its columns") };
+    let (a0, b0) = (kb.var(g.a0.clone()), kb.var(g.b0.clone()));
+    let acc: Vec<Vec<_>> = (0..mr)
+        .map(|r| {
+            (0..nv)
+                .map(|v| {
+                    if !g.accumulate {
+                        let bias = g.bias.at(g.bias0.clone() + r);
+                        return kb.var(bias.lanes(vec));
+                    }
+                    let at = g.c0.clone() + r * g.ldc + v * LANES;
+                    let acc = kb.var(e(0.0f32).lanes(vec));
+                    let load = |kb: &mut Kb| kb.set(acc, g.c.load(at, vec));
+                    if ragged {
+                        kb.if_(e(r).lt(g.rows.clone()), load);
+                    } else {
+                        load(kb);
+                    }
+                    acc
+                })
+                .collect()
+        })
+        .collect();
+    kb.for_(0usize, g.depth.clone(), |kb, _| {
+        let bv: Vec<Expr> = (0..nv).map(|v| kb.let_(if vec { g.b.at4(e(b0) + v * LANES) } else { g.b.at(b0) })).collect();
+        for (r, row) in acc.iter().enumerate() {
+            let a = g.a.at(e(a0) + r);
+            let a = kb.let_(a.lanes(vec));
+            for (v, &acc) in row.iter().enumerate() {
+                kb.set(acc, a.clone().fma(bv[v].clone(), acc));
+            }
+        }
+        kb.set(a0, e(a0) + mr);
+        kb.set(b0, e(b0) + ldb);
+    });
+    for (r, row) in acc.iter().enumerate() {
+        let store = |kb: &mut Kb| {
+            for (v, &acc) in row.iter().enumerate() {
+                let mut val = e(acc);
+                if g.relu {
+                    val = val.max(e(0.0f32).lanes(vec));
+                }
+                kb.store(g.c, g.c0.clone() + r * g.ldc + v * LANES, val);
+            }
+        };
+        if ragged {
+            kb.if_(e(r).lt(g.rows.clone()), store);
+        } else {
+            store(kb);
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! Linear layers at batch 1: a bandwidth-bound GEMV over weights packed at compile time.
+//! Invariant left: each output feature is bias + the sum of its products in one fixed order (two
+//! 4-lane partial sums over steps of 8, a scalar tail, the horizontal sum), however tasks split the rows.
+
+use super::common::{Node, Tables};
+use super::{bf16_bits, e, Access, Expr, Kb, WeightsDtype, LANES};
+use cnnc_runtime::op::Linear;
+
+/// Linear (+ReLU) at batch 1, as a bandwidth-bound GEMV: each task owns a range of output features
+/// and streams their weight rows. Per row: two f32x4 partial sums over k in steps of 8 (with the
+/// block's other rows, eight independent FMA chains hide the FMA latency), a scalar tail, then the
+/// horizontal sum and the bias — the same arithmetic however rows are grouped. A block covers four rows
+/// (one if the features are not a multiple of 4): eight independent FMA chains, and 8 accumulators + 2
+/// shared vectors fit the 16 xmm registers. The weights are packed at compile time so that a block is
+/// one sequential run — per step of 8, each row's 8 in turn, then the rows' tails — and a task reads one
+/// stream (rows in place, four streams, and one row per block were slower: docs/benchmarks.md).
+///
+/// With bfloat16 weights ([`WeightsDtype::Bf16`]) the slots are f32 slots holding two of them: per 8
+/// weights of a row, slot j has w[j] in its low half and w[4 + j] in its high half, so one 4-slot load
+/// widens into the two vectors of weights the two partial sums take; the scalar tail has one per slot.
+/// The arithmetic is the f32 GEMV's over the rounded weights, bit for bit.
+pub fn linear(t: &mut Tables, n: &Node, l: &Linear, relu: bool) {
+    const U: usize = 2;
+    let (k, o) = (l.in_features, l.out_features);
+    let rb = if o % 4 == 0 { 4 } else { 1 };
+    let bias = n.params.get(1).map_or(vec![0.0; o], |b| b.data().to_vec());
+    let step = U * LANES;
+    let kv = k / step * step;
+    let bf16 = t.fc_weights == WeightsDtype::Bf16;
+    // Slots per row, and the slot of weight i (i < kv a multiple of 8, or a tail weight).
+    let per = if bf16 { 2 } else { 1 };
+    let (row, slot) = (kv / per + (k - kv), |i: Expr| if bf16 { i / 2i64 } else { i });
+    // Each block of rb rows is one sequential run: per step of 8 weights, the rows' slots in turn, then
+    // the rows' tails. bf16 slots hold a step as 4 pairs, and a tail weight each.
+    let pair = |lo: f32, hi: f32| f32::from_bits((bf16_bits(hi) as u32) << 16 | bf16_bits(lo) as u32);
+    let step_slots = |c: &[f32]| -> Vec<f32> {
+        if bf16 {
+            (0..LANES).map(|j| pair(c[j], c[LANES + j])).collect()
+        } else {
+            c.to_vec()
+        }
+    };
+    let tail_slots = |c: &[f32]| -> Vec<f32> {
+        if bf16 {
+            c.iter().map(|&v| pair(v, 0.0)).collect()
+        } else {
+            c.to_vec()
+        }
+    };
+    let rows: Vec<&[f32]> = n.params[0].data().chunks(k).collect();
+    let w: Vec<f32> = rows
+        .chunks(rb)
+        .flat_map(|blk| {
+            let body = (0..kv / step).flat_map(move |s| blk.iter().flat_map(move |r| step_slots(&r[s * step..][..step])));
+            body.chain(blk.iter().flat_map(|r| tail_slots(&r[kv..])))
+        })
+        .collect();
+    let (w, b) = (t.param(w), t.param(bias));
+    let mut kb = Kb::new(format!("{}.{}", n.name, n.op.name()), o / rb);
+    let [xb, wb, bb, yb] =
+        [("x", k, Access::Read), ("W", o * row, Access::Read), ("b", o, Access::Read), ("y", o, Access::Write)].map(|(nm, len, a)| kb.buf(nm, len, a));
+    let (lo, hi) = kb.range();
+    kb.for_(lo, hi, |kb, rp| {
+        // Rows r0..r0 + rb.
+        let r0 = kb.let_(rp * rb);
+        let acc: Vec<Vec<_>> = (0..rb).map(|_| (0..U).map(|_| kb.var(e(0.0f32).splat())).collect()).collect();
+        let tail: Vec<_> = (0..rb).map(|_| kb.var(0.0f32)).collect();
+        let w0 = kb.let_(r0.clone() * row);
+        kb.for_step(0usize, kv, step as i64, |kb, i| {
+            // The input is loaded once for the block's rows.
+            let x: Vec<Expr> = (0..U).map(|u| kb.let_(xb.at4(i.clone() + u * LANES))).collect();
+            let at = kb.let_(w0.clone() + slot(i.clone()) * rb as i64);
+            for (r, a) in acc.iter().enumerate() {
+                let pairs = bf16.then(|| kb.let_(wb.at4(at.clone() + r * step / per)));
+                for u in 0..U {
+                    let w = match &pairs {
+                        Some(p) => p.clone().bf16(u == 1),
+                        None => wb.at4(at.clone() + (r * step + u * LANES)),
+                    };
+                    kb.set(a[u], w.fma(x[u].clone(), a[u]));
+                }
+            }
+        });
+        kb.for_(kv, k, |kb, i| {
+            for (r, &a) in tail.iter().enumerate() {
+                let w = wb.at(w0.clone() + (i.clone() - kv as i64) + (rb * kv / per + r * (k - kv)) as i64);
+                kb.set(a, xb.at(i.clone()).fma(if bf16 { w.bf16(false) } else { w }, a));
+            }
+        });
+        for (r, a) in acc.iter().enumerate() {
+            let mut v = (e(a[0]) + a[1]).hsum() + tail[r] + bb.at(r0.clone() + r);
+            if relu {
+                v = v.max(0.0f32);
+            }
+            kb.store(yb, r0.clone() + r, v);
+        }
+    });
+    t.launch(kb.finish(), vec![n.ins[0].0, w, b, n.out.0], 2 * (k * o) as u64);
+}
