@@ -5,108 +5,119 @@
 
 use super::common::{copy, vector_loop, Node, Ref, Tables};
 use super::{e, Access, Buf, Expr, Kb};
-use cnnc_runtime::Op;
+use cnnc_runtime::op::{Axis, BatchNorm, Lrn};
 
 /// Elements per parallel iteration of element-wise kernels: large enough to amortize the loop, small
 /// enough that two tasks get equal shares of a 55×55 feature map.
 const CHUNK: usize = 4096;
 
-/// Appends the launch that computes element-wise or copying op `n`.
-pub fn lower(t: &mut Tables, n: &Node) {
-    let name = |suffix: &str| format!("{}.{suffix}", n.name);
+/// The launch's name: the node's, then the op's.
+fn name(n: &Node) -> String {
+    format!("{}.{}", n.name, n.op.name())
+}
+
+/// A point-wise op over the node's `K` inputs: `f` builds an output element from theirs (written for
+/// vectors of four; the scalar tail gets its constants devectorized).
+pub fn pointwise<const K: usize>(t: &mut Tables, n: &Node, f: impl Fn([Expr; K]) -> Expr) {
+    map(t, &name(n), n.out_len(), &std::array::from_fn(|i| n.ins[i].0), n.out.0, f)
+}
+
+/// Batch normalization at inference as one FMA per element, per-channel constants folded in f64.
+pub fn batch_norm(t: &mut Tables, n: &Node, bn: &BatchNorm) {
     let (x, y) = (n.ins[0].0, n.out.0);
-    match n.op {
-        Op::Relu => map(t, &name("relu"), n.out_len(), &[x], y, |[v]| v.max(e(0.0f32).splat())),
-        Op::Add => map(t, &name("add"), n.out_len(), &[x, n.ins[1].0], y, |[a, b]| a + b),
-        Op::BatchNorm(bn) => {
-            // y = x·s + (β − mean·s), s = γ/√(var + eps), computed once in f64.
-            let p: Vec<&[f32]> = n.params.iter().map(|p| p.data()).collect();
-            let s: Vec<f64> = (0..bn.channels).map(|c| p[0][c] as f64 / (p[3][c] as f64 + bn.eps.0).sqrt()).collect();
-            let shift = (0..bn.channels).map(|c| (p[1][c] as f64 - p[2][c] as f64 * s[c]) as f32).collect();
-            let (s, shift) = (t.param(s.iter().map(|&v| v as f32).collect()), t.param(shift));
-            let (c, hw) = (n.ins[0].1[0], n.ins[0].1[1..].iter().product::<usize>());
-            let mut kb = Kb::new(name("batch_norm"), n.batch * c);
-            let [xb, sb, bb, yb] =
-                [("x", n.out_len(), Access::Read), ("scale", c, Access::Read), ("shift", c, Access::Read), ("y", n.out_len(), Access::Write)]
-                    .map(|(nm, len, a)| kb.buf(nm, len, a));
-            let (lo, hi) = kb.range();
-            kb.for_(lo, hi, |kb, plane| {
-                let ch = kb.let_(plane.clone() % c);
-                let (sv, bv) = (kb.let_(sb.at(ch.clone()).splat()), kb.let_(bb.at(ch.clone())));
-                let bv4 = kb.let_(bv.clone().splat());
-                let base = kb.let_(plane * hw);
-                vector_loop(kb, base.clone(), base + hw, |kb, i, vec| match vec {
-                    true => kb.store(yb, i.clone(), xb.at4(i).fma(sv.clone(), bv4.clone())),
-                    false => kb.store(yb, i.clone(), xb.at(i).fma(sb.at(ch.clone()), bv.clone())),
-                });
+    // y = x·s + (β − mean·s), s = γ/√(var + eps), computed once in f64.
+    let p: Vec<&[f32]> = n.params.iter().map(|p| p.data()).collect();
+    let s: Vec<f64> = (0..bn.channels).map(|c| p[0][c] as f64 / (p[3][c] as f64 + bn.eps.0).sqrt()).collect();
+    let shift = (0..bn.channels).map(|c| (p[1][c] as f64 - p[2][c] as f64 * s[c]) as f32).collect();
+    let (s, shift) = (t.param(s.iter().map(|&v| v as f32).collect()), t.param(shift));
+    let (c, hw) = (n.ins[0].1[0], n.ins[0].1[1..].iter().product::<usize>());
+    let mut kb = Kb::new(name(n), n.batch * c);
+    let [xb, sb, bb, yb] = [("x", n.out_len(), Access::Read), ("scale", c, Access::Read), ("shift", c, Access::Read), ("y", n.out_len(), Access::Write)]
+        .map(|(nm, len, a)| kb.buf(nm, len, a));
+    let (lo, hi) = kb.range();
+    kb.for_(lo, hi, |kb, plane| {
+        let ch = kb.let_(plane.clone() % c);
+        let (sv, bv) = (kb.let_(sb.at(ch.clone()).splat()), kb.let_(bb.at(ch.clone())));
+        let bv4 = kb.let_(bv.clone().splat());
+        let base = kb.let_(plane * hw);
+        vector_loop(kb, base.clone(), base + hw, |kb, i, vec| match vec {
+            true => kb.store(yb, i.clone(), xb.at4(i).fma(sv.clone(), bv4.clone())),
+            false => kb.store(yb, i.clone(), xb.at(i).fma(sb.at(ch.clone()), bv.clone())),
+        });
+    });
+    t.launch(kb.finish(), vec![x, s, shift, y], 2 * n.out_len() as u64);
+}
+
+/// Chainer's LRN, one plane per parallel iteration.
+pub fn lrn(t: &mut Tables, n: &Node, l: &Lrn) {
+    let (x, y) = (n.ins[0].0, n.out.0);
+    let [c, hw] = [n.ins[0].1[0], n.ins[0].1[1..].iter().product()];
+    let mut kb = Kb::new(name(n), n.batch * c);
+    let (xb, yb) = (kb.buf("x", n.in_len(0), Access::Read), kb.buf("y", n.out_len(), Access::Write));
+    let (lo, hi) = kb.range();
+    let half = (l.n / 2) as i64;
+    kb.for_(lo, hi, |kb, plane| {
+        let (img, ch) = (kb.let_(plane.clone() / c), kb.let_(plane.clone() % c));
+        let (j0, j1) = (kb.let_((ch.clone() - half).max(0i64)), kb.let_((ch + half + 1i64).min(c)));
+        kb.for_(0usize, hw, |kb, p| {
+            let sum = kb.var(0.0f32);
+            kb.for_(j0, j1, |kb, j| {
+                let v = kb.let_(xb.at((img.clone() * c + j) * hw + p.clone()));
+                kb.set(sum, v.clone().fma(v, sum));
             });
-            t.launch(kb.finish(), vec![x, s, shift, y], 2 * n.out_len() as u64);
+            // x · (k + α Σ)^(−β), as exp(−β · ln(k + α Σ)).
+            let i = plane.clone() * hw + p;
+            let denom = (e(sum).fma(l.alpha.0 as f32, l.k.0 as f32)).ln() * (-l.beta.0 as f32);
+            kb.store(yb, i.clone(), xb.at(i) * denom.exp());
+        });
+    });
+    t.launch(kb.finish(), vec![x, y], n.out_len() as u64 * (2 * l.n as u64 + 4));
+}
+
+/// Softmax along `axis`, max-subtracted, one row per parallel iteration.
+pub fn softmax(t: &mut Tables, n: &Node, axis: Axis) {
+    let (x, y) = (n.ins[0].0, n.out.0);
+    let s = n.ins[0].1;
+    let ax = axis.0 - 1;
+    let (outer, len, inner) = (n.batch * s[..ax].iter().product::<usize>(), s[ax], s[ax + 1..].iter().product::<usize>());
+    let mut kb = Kb::new(name(n), outer * inner);
+    let (xb, yb) = (kb.buf("x", n.in_len(0), Access::Read), kb.buf("y", n.out_len(), Access::Write));
+    let (lo, hi) = kb.range();
+    kb.for_(lo, hi, |kb, r| {
+        let base = kb.let_(r.clone() / inner * (len * inner) + r % inner);
+        let at = |k: Expr| base.clone() + k * inner;
+        let (m, total) = (kb.var(f32::NEG_INFINITY), kb.var(0.0f32));
+        kb.for_(0usize, len, |kb, k| kb.set(m, e(m).max(xb.at(at(k)))));
+        kb.for_(0usize, len, |kb, k| kb.set(total, e(total) + (xb.at(at(k)) - m).exp()));
+        kb.for_(0usize, len, |kb, k| kb.store(yb, at(k.clone()), (xb.at(at(k)) - m).exp() / total));
+    });
+    t.launch(kb.finish(), vec![x, y], 4 * n.out_len() as u64);
+}
+
+/// Concat along `axis`, or (with `slice`, its start and length) a slice of one input: block copies,
+/// `outer` rows each a run of elements per input.
+pub fn copies(t: &mut Tables, n: &Node, axis: Axis, slice: Option<(usize, usize)>) {
+    let y = n.out.0;
+    let ax = axis.0 - 1;
+    let out = n.out.1;
+    let (outer, per_out) = (n.batch * out[..ax].iter().product::<usize>(), out[ax..].iter().product::<usize>());
+    let mut kb = Kb::new(name(n), outer);
+    let ins: Vec<Buf> = (0..n.ins.len()).map(|i| kb.buf(format!("x{i}"), n.in_len(i), Access::Read)).collect();
+    let yb = kb.buf("y", n.out_len(), Access::Write);
+    let (lo, hi) = kb.range();
+    kb.for_(lo, hi, |kb, o| {
+        let mut dst = 0;
+        for (i, &xb) in ins.iter().enumerate() {
+            let per_in: usize = n.ins[i].1[ax..].iter().product();
+            let (src, len) = match slice {
+                Some((start, len)) => (o.clone() * per_in + start * per_out / len, per_out),
+                None => (o.clone() * per_in, per_in),
+            };
+            copy(kb, yb, o.clone() * per_out + dst, xb, src, len);
+            dst += len;
         }
-        Op::Lrn(l) => {
-            let [c, hw] = [n.ins[0].1[0], n.ins[0].1[1..].iter().product()];
-            let mut kb = Kb::new(name("lrn"), n.batch * c);
-            let (xb, yb) = (kb.buf("x", n.in_len(0), Access::Read), kb.buf("y", n.out_len(), Access::Write));
-            let (lo, hi) = kb.range();
-            let half = (l.n / 2) as i64;
-            kb.for_(lo, hi, |kb, plane| {
-                let (img, ch) = (kb.let_(plane.clone() / c), kb.let_(plane.clone() % c));
-                let (j0, j1) = (kb.let_((ch.clone() - half).max(0i64)), kb.let_((ch + half + 1i64).min(c)));
-                kb.for_(0usize, hw, |kb, p| {
-                    let sum = kb.var(0.0f32);
-                    kb.for_(j0, j1, |kb, j| {
-                        let v = kb.let_(xb.at((img.clone() * c + j) * hw + p.clone()));
-                        kb.set(sum, v.clone().fma(v, sum));
-                    });
-                    // x · (k + α Σ)^(−β), as exp(−β · ln(k + α Σ)).
-                    let i = plane.clone() * hw + p;
-                    let denom = (e(sum).fma(l.alpha.0 as f32, l.k.0 as f32)).ln() * (-l.beta.0 as f32);
-                    kb.store(yb, i.clone(), xb.at(i) * denom.exp());
-                });
-            });
-            t.launch(kb.finish(), vec![x, y], n.out_len() as u64 * (2 * l.n as u64 + 4));
-        }
-        Op::Softmax { axis } => {
-            let s = n.ins[0].1;
-            let ax = axis.0 - 1;
-            let (outer, len, inner) = (n.batch * s[..ax].iter().product::<usize>(), s[ax], s[ax + 1..].iter().product::<usize>());
-            let mut kb = Kb::new(name("softmax"), outer * inner);
-            let (xb, yb) = (kb.buf("x", n.in_len(0), Access::Read), kb.buf("y", n.out_len(), Access::Write));
-            let (lo, hi) = kb.range();
-            kb.for_(lo, hi, |kb, r| {
-                let base = kb.let_(r.clone() / inner * (len * inner) + r % inner);
-                let at = |k: Expr| base.clone() + k * inner;
-                let (m, total) = (kb.var(f32::NEG_INFINITY), kb.var(0.0f32));
-                kb.for_(0usize, len, |kb, k| kb.set(m, e(m).max(xb.at(at(k)))));
-                kb.for_(0usize, len, |kb, k| kb.set(total, e(total) + (xb.at(at(k)) - m).exp()));
-                kb.for_(0usize, len, |kb, k| kb.store(yb, at(k.clone()), (xb.at(at(k)) - m).exp() / total));
-            });
-            t.launch(kb.finish(), vec![x, y], 4 * n.out_len() as u64);
-        }
-        Op::Concat { axis } | Op::Slice { axis, .. } => {
-            // Both are block copies: `outer` rows, each a run of `block` elements per input.
-            let ax = axis.0 - 1;
-            let out = n.out.1;
-            let (outer, per_out) = (n.batch * out[..ax].iter().product::<usize>(), out[ax..].iter().product::<usize>());
-            let mut kb = Kb::new(name(n.op.name()), outer);
-            let ins: Vec<Buf> = (0..n.ins.len()).map(|i| kb.buf(format!("x{i}"), n.in_len(i), Access::Read)).collect();
-            let yb = kb.buf("y", n.out_len(), Access::Write);
-            let (lo, hi) = kb.range();
-            kb.for_(lo, hi, |kb, o| {
-                let mut dst = 0;
-                for (i, &xb) in ins.iter().enumerate() {
-                    let per_in: usize = n.ins[i].1[ax..].iter().product();
-                    let (src, len) = match n.op {
-                        Op::Slice { start, len, .. } => (o.clone() * per_in + start * per_out / len, per_out),
-                        _ => (o.clone() * per_in, per_in),
-                    };
-                    copy(kb, yb, o.clone() * per_out + dst, xb, src, len);
-                    dst += len;
-                }
-            });
-            t.launch(kb.finish(), n.ins.iter().map(|i| i.0).chain([y]).collect(), 0);
-        }
-        op => unreachable!("{} is not element-wise", op.name()),
-    }
+    });
+    t.launch(kb.finish(), n.ins.iter().map(|i| i.0).chain([y]).collect(), 0);
 }
 
 /// Element-wise kernel over `len` elements: `y = f(inputs)`, vectorized.

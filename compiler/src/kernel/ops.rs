@@ -9,7 +9,7 @@
 //! bits; within a batch, no sample depends on its place.)
 
 use super::common::{Node, Tables};
-use super::{elementwise, gemm, gemv, pool, winograd};
+use super::{e, elementwise, gemm, gemv, pool, winograd};
 use cnnc_runtime::op::{window_out, Conv2d, FusedBase, Linear, Pool2d};
 use cnnc_runtime::Op;
 
@@ -17,7 +17,13 @@ use cnnc_runtime::Op;
 pub fn lower(t: &mut Tables, n: &Node) {
     match n.op {
         Op::Reshape { .. } | Op::Dropout { .. } => {}
-        Op::Relu | Op::Add | Op::BatchNorm(_) | Op::Lrn(_) | Op::Softmax { .. } | Op::Concat { .. } | Op::Slice { .. } => elementwise::lower(t, n),
+        Op::Relu => elementwise::pointwise(t, n, |[v]| v.max(e(0.0f32).splat())),
+        Op::Add => elementwise::pointwise(t, n, |[a, b]| a + b),
+        Op::BatchNorm(bn) => elementwise::batch_norm(t, n, bn),
+        Op::Lrn(l) => elementwise::lrn(t, n, l),
+        Op::Softmax { axis } => elementwise::softmax(t, n, *axis),
+        Op::Concat { axis } => elementwise::copies(t, n, *axis, None),
+        Op::Slice { axis, start, len } => elementwise::copies(t, n, *axis, Some((*start, *len))),
         Op::MaxPool2d(p) | Op::AvgPool2d(p) => pool::lower(t, n, p),
         Op::Linear(l) => linear(t, n, l, false),
         Op::Conv2d(c) => conv(t, n, c, false, None),
