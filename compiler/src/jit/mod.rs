@@ -591,9 +591,21 @@ impl Gen<'_, '_> {
                         self.b.ins().fadd(p, q)
                     }
                     UnOp::Exp | UnOp::Ln => {
+                        // libm's scalar function, lane by lane on a vector.
                         let f = self.math[usize::from(*op == UnOp::Ln)];
-                        let call = self.b.ins().call(f, &[x]);
-                        self.b.inst_results(call)[0]
+                        let call = |b: &mut FunctionBuilder, v| {
+                            let call = b.ins().call(f, &[v]);
+                            b.inst_results(call)[0]
+                        };
+                        if self.b.func.dfg.value_type(x).is_vector() {
+                            (0u8..4).fold(x, |acc, i| {
+                                let lane = self.b.ins().extractlane(x, i);
+                                let y = call(&mut self.b, lane);
+                                self.b.ins().insertlane(acc, y, i)
+                            })
+                        } else {
+                            call(&mut self.b, x)
+                        }
                     }
                     UnOp::Bf16Lo | UnOp::Bf16Hi => {
                         // On the lanes' bits: shift the low half up, or clear the low half.

@@ -147,6 +147,7 @@ fn devectorize(e: Expr) -> Expr {
     match e {
         Expr::Un(super::UnOp::Splat, a) => *a,
         Expr::Bin(op, a, b) => Expr::Bin(op, Box::new(devectorize(*a)), Box::new(devectorize(*b))),
+        Expr::Un(op, a) => Expr::Un(op, Box::new(devectorize(*a))),
         other => other,
     }
 }
