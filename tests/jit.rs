@@ -20,6 +20,7 @@ enum Layer {
     Pool(Pool),
     Lrn,
     Softmax,
+    Sigmoid,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -82,6 +83,7 @@ impl Problem {
             Layer::Pool(p) => (String::new(), p.call("x")),
             Layer::Lrn => (String::new(), "F.local_response_normalization(x)".into()),
             Layer::Softmax => (String::new(), "F.softmax(x)".into()),
+            Layer::Sigmoid => (String::new(), "F.sigmoid(x)".into()),
         };
         format!("model Case {{\n{link}\n    forward(x: [{}, {}, {}]) {{\n        return {body}\n    }}\n}}\n", self.c, self.h, self.w)
     }
@@ -187,6 +189,7 @@ fn problem() -> impl Strategy<Value = Problem> {
         (1usize..5, pool_strategy()).prop_map(|(c, p)| (c, Layer::Pool(p))),
         (1usize..8).prop_map(|c| (c, Layer::Lrn)),
         (1usize..8).prop_map(|c| (c, Layer::Softmax)),
+        (1usize..8).prop_map(|c| (c, Layer::Sigmoid)),
     ];
     (prop_oneof![3 => conv, 1 => other], 1usize..4, 3usize..12, 3usize..12).prop_map(|((c, layer), batch, h, w)| Problem { batch, c, h, w, layer })
 }

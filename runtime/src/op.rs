@@ -137,6 +137,8 @@ pub enum Op {
     BatchNorm(BatchNorm),
     Linear(Linear),
     Relu,
+    /// `F.sigmoid`: 1 / (1 + e^(−x)).
+    Sigmoid,
     MaxPool2d(Pool2d),
     AvgPool2d(Pool2d),
     Lrn(Lrn),
@@ -203,6 +205,7 @@ impl Op {
             | Op::BatchNorm(_)
             | Op::Linear(_)
             | Op::Relu
+            | Op::Sigmoid
             | Op::MaxPool2d(_)
             | Op::AvgPool2d(_)
             | Op::Lrn(_)
@@ -219,7 +222,7 @@ impl Op {
         match self {
             Op::Conv2d(Conv2d { bias, .. }) | Op::Linear(Linear { bias, .. }) => Some(bias),
             Op::Fused(Fused { base: FusedBase::Conv(Conv2d { bias, .. }) | FusedBase::Linear(Linear { bias, .. }), .. }) => Some(bias),
-            Op::BatchNorm(_) | Op::Relu | Op::MaxPool2d(_) | Op::AvgPool2d(_) | Op::Lrn(_) | Op::Dropout { .. } => None,
+            Op::BatchNorm(_) | Op::Relu | Op::Sigmoid | Op::MaxPool2d(_) | Op::AvgPool2d(_) | Op::Lrn(_) | Op::Dropout { .. } => None,
             Op::Softmax { .. } | Op::Reshape { .. } | Op::Concat { .. } | Op::Add | Op::Slice { .. } => None,
         }
     }
@@ -231,6 +234,7 @@ impl Op {
             Op::BatchNorm(_) => "batch_norm",
             Op::Linear(_) => "linear",
             Op::Relu => "relu",
+            Op::Sigmoid => "sigmoid",
             Op::MaxPool2d(_) => "max_pool2d",
             Op::AvgPool2d(_) => "avg_pool2d",
             Op::Lrn(_) => "lrn",
@@ -269,6 +273,7 @@ impl Op {
             Op::Fused(f) => f.base_op().params(),
             Op::BatchNorm(b) => ["gamma", "beta", "avg_mean", "avg_var"].into_iter().map(|n| (n, vec![b.channels])).collect(),
             Op::Relu
+            | Op::Sigmoid
             | Op::MaxPool2d(_)
             | Op::AvgPool2d(_)
             | Op::Lrn(_)
@@ -333,7 +338,7 @@ impl Op {
                 chw(x, "local response normalization")?;
                 Ok(x.to_vec())
             }
-            Op::Relu | Op::Dropout { .. } => Ok(x.to_vec()),
+            Op::Relu | Op::Sigmoid | Op::Dropout { .. } => Ok(x.to_vec()),
             Op::Softmax { axis } => {
                 per_sample_axis(*axis, x)?;
                 Ok(x.to_vec())
@@ -392,6 +397,7 @@ impl Op {
             Op::Fused(f) => f.base_op().macs(inputs),
             Op::BatchNorm(_)
             | Op::Relu
+            | Op::Sigmoid
             | Op::MaxPool2d(_)
             | Op::AvgPool2d(_)
             | Op::Lrn(_)
@@ -444,7 +450,7 @@ impl fmt::Display for Op {
             Op::Dropout { ratio } => write!(f, "[ratio={}]", ratio.0),
             Op::Softmax { axis } | Op::Concat { axis } => write!(f, "[axis={}]", axis.0),
             Op::Reshape { dims } => write!(f, "{}", Batched(dims)),
-            Op::Relu | Op::Add => Ok(()),
+            Op::Relu | Op::Sigmoid | Op::Add => Ok(()),
             Op::Slice { axis, start, len } => write!(f, "[axis={}, {start}..{}]", axis.0, start + len),
             Op::Fused(fu) => {
                 // `conv2d+relu+max_pool2d[96 <- 3, ...; k=3x3, ...]`: base attributes, then the pool's.

@@ -159,6 +159,7 @@ const LINKS: &[(&str, Signature)] = &[
 
 const FUNCTIONS: &[(&str, Signature)] = &[
     ("relu", &[("x", REQUIRED)]),
+    ("sigmoid", &[("x", REQUIRED)]),
     ("max_pooling_2d", &[("x", REQUIRED), ("ksize", REQUIRED), ("stride", Default::None), ("pad", Default::Int(0)), ("cover_all", Default::Bool(true))]),
     ("average_pooling_2d", &[("x", REQUIRED), ("ksize", REQUIRED), ("stride", Default::None), ("pad", Default::Int(0))]),
     (
@@ -1024,6 +1025,7 @@ impl<'a> Builder<'a> {
                 };
             }
             "relu" => Some(Op::Relu),
+            "sigmoid" => Some(Op::Sigmoid),
             "max_pooling_2d" | "average_pooling_2d" => (|| {
                 let kernel = self.pair(&v[1], sp(1), "ksize", 1)?;
                 let stride = if v[2] == Value::None { kernel } else { self.pair(&v[2], sp(2), "stride", 1)? };
