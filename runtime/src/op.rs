@@ -201,19 +201,8 @@ impl Op {
         match self {
             Op::Concat { .. } => None,
             Op::Add => Some(2),
-            Op::Conv2d(_)
-            | Op::BatchNorm(_)
-            | Op::Linear(_)
-            | Op::Relu
-            | Op::Sigmoid
-            | Op::MaxPool2d(_)
-            | Op::AvgPool2d(_)
-            | Op::Lrn(_)
-            | Op::Dropout { .. }
-            | Op::Softmax { .. }
-            | Op::Reshape { .. }
-            | Op::Fused(_)
-            | Op::Slice { .. } => Some(1),
+            Op::Conv2d(_) | Op::BatchNorm(_) | Op::Linear(_) | Op::Relu | Op::Sigmoid | Op::MaxPool2d(_) | Op::AvgPool2d(_) => Some(1),
+            Op::Lrn(_) | Op::Dropout { .. } | Op::Softmax { .. } | Op::Reshape { .. } | Op::Fused(_) | Op::Slice { .. } => Some(1),
         }
     }
 
@@ -272,17 +261,8 @@ impl Op {
             }
             Op::Fused(f) => f.base_op().params(),
             Op::BatchNorm(b) => ["gamma", "beta", "avg_mean", "avg_var"].into_iter().map(|n| (n, vec![b.channels])).collect(),
-            Op::Relu
-            | Op::Sigmoid
-            | Op::MaxPool2d(_)
-            | Op::AvgPool2d(_)
-            | Op::Lrn(_)
-            | Op::Dropout { .. }
-            | Op::Softmax { .. }
-            | Op::Reshape { .. }
-            | Op::Concat { .. }
-            | Op::Add
-            | Op::Slice { .. } => vec![],
+            Op::Relu | Op::Sigmoid | Op::MaxPool2d(_) | Op::AvgPool2d(_) | Op::Lrn(_) | Op::Dropout { .. } => vec![],
+            Op::Softmax { .. } | Op::Reshape { .. } | Op::Concat { .. } | Op::Add | Op::Slice { .. } => vec![],
         }
     }
 
@@ -395,18 +375,8 @@ impl Op {
             Op::Conv2d(c) => out() * (c.in_channels / c.groups * c.kernel[0] * c.kernel[1]) as u64,
             Op::Linear(l) => out() * l.in_features as u64,
             Op::Fused(f) => f.base_op().macs(inputs),
-            Op::BatchNorm(_)
-            | Op::Relu
-            | Op::Sigmoid
-            | Op::MaxPool2d(_)
-            | Op::AvgPool2d(_)
-            | Op::Lrn(_)
-            | Op::Dropout { .. }
-            | Op::Softmax { .. }
-            | Op::Reshape { .. }
-            | Op::Concat { .. }
-            | Op::Add
-            | Op::Slice { .. } => 0,
+            Op::BatchNorm(_) | Op::Relu | Op::Sigmoid | Op::MaxPool2d(_) | Op::AvgPool2d(_) | Op::Lrn(_) | Op::Dropout { .. } => 0,
+            Op::Softmax { .. } | Op::Reshape { .. } | Op::Concat { .. } | Op::Add | Op::Slice { .. } => 0,
         }
     }
 }

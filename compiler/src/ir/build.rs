@@ -707,58 +707,46 @@ impl<'a> Builder<'a> {
         match v {
             Value::Tuple(t) if t.len() == 2 => Some([self.usize(&t[0], span, what, min)?, self.usize(&t[1], span, what, min)?]),
             Value::Int(_) | Value::Poison => self.usize(v, span, what, min).map(|x| [x, x]),
-            _ => {
-                self.arg_error(span, format!("`{what}` must be an integer or a pair of integers, found {}", v.describe()), "here");
-                None
-            }
+            _ => self.want(v, span, None, || format!("`{what}` must be an integer or a pair of integers")),
         }
+    }
+
+    /// `got`, the converted value; where there is none, an error saying what was wanted and what was
+    /// found (nothing more for a value already poisoned by an earlier error).
+    fn want<T>(&mut self, v: &Value, span: Span, got: Option<T>, wanted: impl FnOnce() -> String) -> Option<T> {
+        if got.is_none() && *v != Value::Poison {
+            self.arg_error(span, format!("{}, found {}", wanted(), v.describe()), "here");
+        }
+        got
     }
 
     /// An axis of a tensor of `rank` dimensions (batch included); negative axes count from the end.
     fn axis(&mut self, v: &Value, span: Span, rank: usize) -> Option<usize> {
-        match v {
+        let got = match v {
             Value::Int(i) if *i < 0 && i.unsigned_abs() as usize <= rank => Some(rank - i.unsigned_abs() as usize),
             Value::Int(i) if *i >= 0 => Some(*i as usize),
-            Value::Poison => None,
-            _ => {
-                self.arg_error(span, format!("`axis` must be an integer in -{rank}..{rank}, found {}", v.describe()), "here");
-                None
-            }
-        }
+            _ => None,
+        };
+        self.want(v, span, got, || format!("`axis` must be an integer in -{rank}..{rank}"))
     }
 
     fn float(&mut self, v: &Value, span: Span, what: &str) -> Option<f64> {
-        match v {
+        let got = match v {
             Value::Float(f) if f.is_finite() => Some(*f),
             Value::Int(i) => Some(*i as f64),
-            Value::Poison => None,
-            _ => {
-                self.arg_error(span, format!("`{what}` must be a finite number, found {}", v.describe()), "here");
-                None
-            }
-        }
+            _ => None,
+        };
+        self.want(v, span, got, || format!("`{what}` must be a finite number"))
     }
 
     fn bool(&mut self, v: &Value, span: Span, what: &str) -> Option<bool> {
-        match v {
-            Value::Bool(b) => Some(*b),
-            Value::Poison => None,
-            _ => {
-                self.arg_error(span, format!("`{what}` must be True or False, found {}", v.describe()), "here");
-                None
-            }
-        }
+        let got = if let Value::Bool(b) = v { Some(*b) } else { None };
+        self.want(v, span, got, || format!("`{what}` must be True or False"))
     }
 
     fn tensor(&mut self, v: &Value, span: Span) -> Option<NodeIndex> {
-        match v {
-            Value::Tensor(t) => Some(*t),
-            Value::Poison => None,
-            _ => {
-                self.arg_error(span, format!("expected a tensor, found {}", v.describe()), "here");
-                None
-            }
-        }
+        let got = if let Value::Tensor(t) = v { Some(*t) } else { None };
+        self.want(v, span, got, || "expected a tensor".into())
     }
 
     /// Python truthiness of a compile-time value (`None` on error).
