@@ -229,7 +229,7 @@ fn compile(a: &CompileArgs) -> Result<()> {
         eprint!("{}", cnnc::opt::explain(&report));
     }
     // Kernels depend on shapes, not on values: lower with zero parameters.
-    let zeros = || weights::Bound { params: optimized.params().into_iter().map(|s| (s.clone(), Tensor::zeros(s.shape.clone()))).collect(), notes: vec![] };
+    let zeros = || weights::Bound::zeros(&optimized);
     let program_for = |tier: Tier| cnnc::kernel::program(&optimized, zeros(), batch, tier);
     let program = || program_for(a.tier.get());
     let text = match a.emit {

@@ -177,6 +177,14 @@ pub struct Bound {
     pub notes: Vec<Diagnostic>,
 }
 
+impl Bound {
+    /// Zero parameters for every key the graph needs: kernels depend on shapes, not values, so listings
+    /// and programs made only to be looked at bind these.
+    pub fn zeros(graph: &Graph) -> Bound {
+        Bound { params: graph.params().into_iter().map(|s| (s.clone(), Tensor::zeros(s.shape.clone()))).collect(), notes: vec![] }
+    }
+}
+
 /// Reads every parameter the graph needs, checking keys and shapes; reports all problems at once.
 pub fn bind(graph: &Graph, w: &mut Weights) -> Result<Bound, Vec<Diagnostic>> {
     let specs = graph.params();

@@ -3,7 +3,6 @@
 
 use cnnc::kernel::{listing, listing_after, program_with, Lowering, Pass, Tier};
 use cnnc::weights::Bound;
-use cnnc_runtime::Tensor;
 
 const MODEL: &str = "model M {
     b = L.BatchNormalization(3)
@@ -20,8 +19,8 @@ const MODEL: &str = "model M {
 fn graph() -> (cnnc::ir::Graph, impl Fn() -> Bound) {
     let src = cnnc::diag::Source::new("m.model", MODEL);
     let (g, _) = cnnc::compile(&src).unwrap_or_else(|f| panic!("{}", src.render_plain(&f.0)));
-    let params: Vec<_> = g.params().into_iter().map(|s| (s.clone(), Tensor::zeros(s.shape.clone()))).collect();
-    (g, move || Bound { params: params.clone(), notes: vec![] })
+    let bound = Bound::zeros(&g);
+    (g, move || bound.clone())
 }
 
 #[test]

@@ -25,8 +25,7 @@ fn program_as(name: &str, text: &str, batch: usize, tier: Tier, dtype: WeightsDt
     let src = cnnc::diag::Source::new(name, text);
     let (g, _) = cnnc::compile(&src).unwrap_or_else(|f| panic!("{}", src.render_plain(&f.0)));
     let (g, _) = cnnc::opt::optimize(&g, &cnnc::opt::Options { level: 1, model: cnnc::opt::lang::CUDA });
-    let zeros = g.params().into_iter().map(|s| (s.clone(), Tensor::zeros(s.shape.clone()))).collect();
-    cnnc::kernel::program_with(&g, cnnc::weights::Bound { params: zeros, notes: vec![] }, batch, Lowering { fc_weights: dtype, ..Lowering::new(tier) })
+    cnnc::kernel::program_with(&g, cnnc::weights::Bound::zeros(&g), batch, Lowering { fc_weights: dtype, ..Lowering::new(tier) })
 }
 
 /// The ptxas of the `nvidia-cuda-nvcc-cu12` wheel in `target/ci-venv`, installed on first use.
