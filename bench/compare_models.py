@@ -27,8 +27,9 @@ import time
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+from compare_ort import ort_session  # the same ORT settings as the AlexBN comparison
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINE = re.compile(r"%(\d+) = ([a-z_0-9]+)(?: [A-Za-z_0-9]+)?(\[[^\]]*\])?(?:\(([^)]*)\))?(?: \{([^}]*)\})? : \[N((?:, \d+)*)\]")
@@ -109,14 +110,6 @@ def onnx_model(ir, npz):
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
 
 
-def session(path, threads):
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-
-
 def ort_median(sess, x, runs):
     name = sess.get_inputs()[0].name
     for _ in range(3):
@@ -151,7 +144,7 @@ def main():
         ir = subprocess.run([args.cnnc[0], "compile", model, "--emit", "ir", "-O0"], capture_output=True, text=True, check=True).stdout
         onnx_path = os.path.join(work, name + ".onnx")
         onnx.save(onnx_model(ir, np.load(npz_path)), onnx_path)
-        sess = session(onnx_path, args.threads)
+        sess = ort_session(onnx_path, args.threads)
         # Gate on Chainer's input for this model.
         x_in = np.load(os.path.join(args.weights, name + "_in.npy")).astype(np.float32)
         y_path = os.path.join(work, name + "_y.npy")
