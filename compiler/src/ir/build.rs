@@ -120,18 +120,19 @@ struct Link<'a> {
     used: bool,
 }
 
-/// A primitive link or function signature: (parameter, default); `Required` marks no default.
-type Signature = &'static [(&'static str, Default)];
-
-#[derive(Clone, Copy)]
-enum Default {
-    Required,
-    Int(i64),
-    Float(f64),
-    Bool(bool),
-    None,
+/// A primitive link or function signature: (parameter, default); `None` marks a required one.
+type Signature = &'static [(&'static str, Option<Value>)];
+const REQUIRED: Option<Value> = None;
+const NONE: Option<Value> = Some(Value::None);
+const fn int(i: i64) -> Option<Value> {
+    Some(Value::Int(i))
 }
-const REQUIRED: Default = Default::Required;
+const fn float(f: f64) -> Option<Value> {
+    Some(Value::Float(f))
+}
+const fn bool(b: bool) -> Option<Value> {
+    Some(Value::Bool(b))
+}
 
 const LINKS: &[(&str, Signature)] = &[
     (
@@ -139,41 +140,35 @@ const LINKS: &[(&str, Signature)] = &[
         &[
             ("in_channels", REQUIRED),
             ("out_channels", REQUIRED),
-            ("ksize", Default::None),
-            ("stride", Default::Int(1)),
-            ("pad", Default::Int(0)),
-            ("nobias", Default::Bool(false)),
-            ("initialW", Default::None),
-            ("initial_bias", Default::None),
-            ("dilate", Default::Int(1)),
-            ("groups", Default::Int(1)),
+            ("ksize", NONE),
+            ("stride", int(1)),
+            ("pad", int(0)),
+            ("nobias", bool(false)),
+            ("initialW", NONE),
+            ("initial_bias", NONE),
+            ("dilate", int(1)),
+            ("groups", int(1)),
         ],
     ),
     // `decay` only matters for training; accepted so that Chainer code pastes unchanged.
-    ("BatchNormalization", &[("size", Default::None), ("decay", Default::Float(0.9)), ("eps", Default::Float(2e-5))]),
-    (
-        "Linear",
-        &[("in_size", REQUIRED), ("out_size", Default::None), ("nobias", Default::Bool(false)), ("initialW", Default::None), ("initial_bias", Default::None)],
-    ),
+    ("BatchNormalization", &[("size", NONE), ("decay", float(0.9)), ("eps", float(2e-5))]),
+    ("Linear", &[("in_size", REQUIRED), ("out_size", NONE), ("nobias", bool(false)), ("initialW", NONE), ("initial_bias", NONE)]),
 ];
 
 const FUNCTIONS: &[(&str, Signature)] = &[
     ("relu", &[("x", REQUIRED)]),
     ("sigmoid", &[("x", REQUIRED)]),
-    ("max_pooling_2d", &[("x", REQUIRED), ("ksize", REQUIRED), ("stride", Default::None), ("pad", Default::Int(0)), ("cover_all", Default::Bool(true))]),
-    ("average_pooling_2d", &[("x", REQUIRED), ("ksize", REQUIRED), ("stride", Default::None), ("pad", Default::Int(0))]),
-    (
-        "local_response_normalization",
-        &[("x", REQUIRED), ("n", Default::Int(5)), ("k", Default::Float(2.0)), ("alpha", Default::Float(1e-4)), ("beta", Default::Float(0.75))],
-    ),
-    ("dropout", &[("x", REQUIRED), ("ratio", Default::Float(0.5))]),
-    ("softmax", &[("x", REQUIRED), ("axis", Default::Int(1))]),
+    ("max_pooling_2d", &[("x", REQUIRED), ("ksize", REQUIRED), ("stride", NONE), ("pad", int(0)), ("cover_all", bool(true))]),
+    ("average_pooling_2d", &[("x", REQUIRED), ("ksize", REQUIRED), ("stride", NONE), ("pad", int(0))]),
+    ("local_response_normalization", &[("x", REQUIRED), ("n", int(5)), ("k", float(2.0)), ("alpha", float(1e-4)), ("beta", float(0.75))]),
+    ("dropout", &[("x", REQUIRED), ("ratio", float(0.5))]),
+    ("softmax", &[("x", REQUIRED), ("axis", int(1))]),
     ("reshape", &[("x", REQUIRED), ("shape", REQUIRED)]),
     ("flatten", &[("x", REQUIRED)]),
-    ("concat", &[("xs", REQUIRED), ("axis", Default::Int(1))]),
+    ("concat", &[("xs", REQUIRED), ("axis", int(1))]),
     // Compile-time helpers.
     ("len", &[("x", REQUIRED)]),
-    ("range", &[("start", REQUIRED), ("stop", Default::None), ("step", Default::Int(1))]),
+    ("range", &[("start", REQUIRED), ("stop", NONE), ("step", int(1))]),
 ];
 
 /// Largest integer argument (sizes, strides, ...): keeps every shape computation far from overflow.
@@ -538,14 +533,14 @@ impl<'a> Builder<'a> {
         if !self.fuel(decl) {
             return None;
         }
-        let sig: Vec<(String, Option<Value>)> = item
+        let sig: Vec<(&str, Option<Value>)> = item
             .params
             .iter()
-            .map(|p| (p.name.name.clone(), p.default.as_ref().map(|d| self.expr(d, &mut Scope { vars: HashMap::new(), this: 0, declaring: true }))))
+            .map(|p| (p.name.name.as_str(), p.default.as_ref().map(|d| self.expr(d, &mut Scope { vars: HashMap::new(), this: 0, declaring: true }))))
             .collect();
         let values = self.bind(&item.name.name, &sig, args, call.span, scope)?;
         let consts: HashMap<String, (Value, Span, bool)> =
-            sig.iter().zip(&item.params).zip(values).map(|(((n, _), p), v)| (n.clone(), (v, p.name.span, true))).collect();
+            sig.iter().zip(&item.params).zip(values).map(|(((n, _), p), v)| (n.to_string(), (v, p.name.span, true))).collect();
         self.links.push(Link { path: path.clone(), decl, body: Body::Chain { item, consts: HashMap::new(), children: vec![] }, used: false });
         let id = self.links.len() - 1;
         self.stack.push((call.span, path));
@@ -560,9 +555,8 @@ impl<'a> Builder<'a> {
 
     /// Evaluates a primitive link declaration such as `L.Convolution2D(3, 96, 11, stride=4)`.
     fn prim_decl(&mut self, name: &str, sig: Signature, args: &'a [Arg], call: Span, scope: &mut Scope) -> Option<Prim> {
-        let sig_values = static_sig(sig);
-        let v = self.bind(name, &sig_values, args, call, scope)?;
-        let span_of = |i: usize| arg_span(args, &sig_values, i, call);
+        let v = self.bind(name, sig, args, call, scope)?;
+        let span_of = |i: usize| arg_span(args, sig, i, call);
         for (i, (p, _)) in sig.iter().enumerate() {
             if p.starts_with("initial") && v[i] != Value::None {
                 self.arg_error(
@@ -624,7 +618,8 @@ impl<'a> Builder<'a> {
     }
 
     fn unknown(&mut self, what: &'static str, name: &Ident, known: &[&str]) -> Value {
-        let suggestion = known.iter().filter(|k| edit_distance(k, &name.name) <= 2.max(name.name.len() / 3)).min_by_key(|k| edit_distance(k, &name.name));
+        let suggestion =
+            known.iter().filter(|k| strsim::levenshtein(k, &name.name) <= 2.max(name.name.len() / 3)).min_by_key(|k| strsim::levenshtein(k, &name.name));
         self.error(BuildError::Unknown {
             what,
             name: name.name.clone(),
@@ -635,7 +630,7 @@ impl<'a> Builder<'a> {
     }
 
     /// Binds call arguments to a signature: positional, then keyword, then defaults (`None`: required).
-    fn bind(&mut self, callee: &str, sig: &[(String, Option<Value>)], args: &'a [Arg], span: Span, scope: &mut Scope) -> Option<Vec<Value>> {
+    fn bind(&mut self, callee: &str, sig: &[(&str, Option<Value>)], args: &'a [Arg], span: Span, scope: &mut Scope) -> Option<Vec<Value>> {
         let mut slots: Vec<Option<Value>> = vec![None; sig.len()];
         let mut ok = true;
         for (i, a) in args.iter().enumerate() {
@@ -655,7 +650,7 @@ impl<'a> Builder<'a> {
                 Some(k) => match sig.iter().position(|(n, _)| *n == k.name) {
                     Some(p) => p,
                     None => {
-                        let known: Vec<&str> = sig.iter().map(|(n, _)| n.as_str()).collect();
+                        let known: Vec<&str> = sig.iter().map(|(n, _)| *n).collect();
                         self.unknown("keyword", k, &known);
                         ok = false;
                         continue;
@@ -985,9 +980,8 @@ impl<'a> Builder<'a> {
             }
             return self.unknown("function or link", name, &known.iter().map(String::as_str).collect::<Vec<_>>());
         };
-        let sig_values = static_sig(sig);
-        let Some(v) = self.bind(fname, &sig_values, args, span, scope) else { return Value::Poison };
-        let sp = |i: usize| arg_span(args, &sig_values, i, span);
+        let Some(v) = self.bind(fname, sig, args, span, scope) else { return Value::Poison };
+        let sp = |i: usize| arg_span(args, sig, i, span);
         let layer = format!("{}F.{fname}", self.layer_prefix(scope.this));
         let op = match fname {
             "len" => {
@@ -1312,21 +1306,6 @@ impl<'a> Builder<'a> {
     }
 }
 
-fn static_sig(sig: Signature) -> Vec<(String, Option<Value>)> {
-    sig.iter()
-        .map(|(n, d)| {
-            let v = match d {
-                Default::Required => None,
-                Default::Int(i) => Some(Value::Int(*i)),
-                Default::Float(f) => Some(Value::Float(*f)),
-                Default::Bool(b) => Some(Value::Bool(*b)),
-                Default::None => Some(Value::None),
-            };
-            (n.to_string(), v)
-        })
-        .collect()
-}
-
 /// Element count of a shape, if within [`MAX_ELEMENTS`].
 fn elements(d: &[usize]) -> Option<usize> {
     d.iter().try_fold(1usize, |a, &b| a.checked_mul(b)).filter(|&n| n <= MAX_ELEMENTS)
@@ -1356,7 +1335,7 @@ fn finish(g: &DiGraph<Node, u32>, name: String, inputs: Vec<NodeId>, output: Nod
 }
 
 /// The span of the argument bound to signature slot `i`, or the call's span when it was defaulted.
-fn arg_span(args: &[Arg], sig: &[(String, Option<Value>)], i: usize, call: Span) -> Span {
+fn arg_span(args: &[Arg], sig: &[(&str, Option<Value>)], i: usize, call: Span) -> Span {
     args.iter()
         .enumerate()
         .find(|(pos, a)| match &a.keyword {
@@ -1364,19 +1343,4 @@ fn arg_span(args: &[Arg], sig: &[(String, Option<Value>)], i: usize, call: Span)
             None => *pos == i,
         })
         .map_or(call, |(_, a)| a.keyword.as_ref().map_or(a.value.span, |k| k.span.to(a.value.span)))
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for j in 0..b.len() {
-            let cur = row[j + 1];
-            row[j + 1] = (prev + usize::from(ca != b[j])).min(row[j] + 1).min(cur + 1);
-            prev = cur;
-        }
-    }
-    row[b.len()]
 }

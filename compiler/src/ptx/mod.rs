@@ -292,15 +292,11 @@ impl Gen {
         for (i, sreg) in ["%ctaid.x", "%ntid.x", "%tid.x", "%nctaid.x"].iter().enumerate() {
             self.ins(format!("mov.u32 %r{i}, {sreg}"));
         }
-        self.ins(format!("mul.wide.u32 {task}, %r0, %r1"));
-        self.ins(format!("cvt.u64.u32 {t}, %r2"));
-        self.ins(format!("add.s64 {task}, {task}, {t}"));
-        self.ins(format!("mul.wide.u32 {ntasks}, %r3, %r1"));
-        self.ins(format!("mul.lo.s64 {lo}, {task}, {extent}"));
-        self.ins(format!("div.u64 {lo}, {lo}, {ntasks}"));
-        self.ins(format!("add.s64 {t}, {task}, 1"));
-        self.ins(format!("mul.lo.s64 {hi}, {t}, {extent}"));
-        self.ins(format!("div.u64 {hi}, {hi}, {ntasks}"));
+        let code = format!(
+            "mul.wide.u32 {task}, %r0, %r1; cvt.u64.u32 {t}, %r2; add.s64 {task}, {task}, {t}; mul.wide.u32 {ntasks}, %r3, %r1; \
+             mul.lo.s64 {lo}, {task}, {extent}; div.u64 {lo}, {lo}, {ntasks}; add.s64 {t}, {task}, 1; mul.lo.s64 {hi}, {t}, {extent}; div.u64 {hi}, {hi}, {ntasks}"
+        );
+        code.split("; ").for_each(|i| self.ins(i));
     }
 
     fn block(&mut self, body: &[Stmt]) -> Result<(), String> {
@@ -429,14 +425,8 @@ impl Gen {
 
     /// Whether `op` is an expression temporary (not a variable's register, not an immediate).
     fn is_temp(&self, op: &str) -> bool {
-        let (kind, n) = match op.strip_prefix("%rd") {
-            Some(n) => (Kind::Rd, n),
-            None => match op.strip_prefix("%f") {
-                Some(n) => (Kind::F, n),
-                None => return false,
-            },
-        };
-        n.parse::<u32>().is_ok_and(|n| n >= self.var_regs[kind as usize])
+        let reg = op.strip_prefix("%rd").map(|n| (Kind::Rd, n)).or_else(|| op.strip_prefix("%f").map(|n| (Kind::F, n)));
+        reg.is_some_and(|(kind, n)| n.parse::<u32>().is_ok_and(|n| n >= self.var_regs[kind as usize]))
     }
 
     fn mov(&mut self, ty: &str, dst: &str, src: &str) {
@@ -454,11 +444,7 @@ impl Gen {
             Expr::Int(c) => (None, *c),
             _ => (Some(idx), 0),
         };
-        let disp = c.checked_mul(4).filter(|d| i32::try_from(*d).is_ok());
-        let (var_part, disp) = match disp {
-            Some(d) => (var_part, d),
-            None => (Some(idx), 0),
-        };
+        let (var_part, disp) = c.checked_mul(4).filter(|d| i32::try_from(*d).is_ok()).map_or((Some(idx), 0), |d| (var_part, d));
         let Some(e) = var_part else { return Ok((base, disp)) };
         let i = self.int(e)?;
         let a = self.tmp(Kind::Rd);

@@ -137,19 +137,8 @@ impl Parser {
         };
         self.bump();
         let name = self.ident("a name")?;
-        let mut params = Vec::new();
-        if kind != ItemKind::Model {
-            self.expect("(")?;
-            while !self.at(")") {
-                let name = self.ident("a parameter name")?;
-                let default = if self.eat("=") { Some(self.expr()?) } else { None };
-                params.push(ParamDecl { name, default });
-                if !self.eat(",") {
-                    break;
-                }
-            }
-            self.expect(")")?;
-        }
+        let param = |p: &mut Self| Ok(ParamDecl { name: p.ident("a parameter name")?, default: if p.eat("=") { Some(p.expr()?) } else { None } });
+        let params = if kind == ItemKind::Model { vec![] } else { self.expect("(").and_then(|_| self.list(")", param))?.0 };
         self.newlines();
         let (body, forward, end) = self.block(|p| p.decl(), true)?;
         let forward = match forward.as_slice() {
@@ -255,16 +244,7 @@ impl Parser {
     fn forward(&mut self) -> PResult<Forward> {
         let start = self.bump().span;
         self.expect("(")?;
-        let mut params = Vec::new();
-        while !self.at(")") {
-            let name = self.ident("an input name")?;
-            let shape = if self.eat(":") { Some(self.expr()?) } else { None };
-            params.push(Param { name, shape });
-            if !self.eat(",") {
-                break;
-            }
-        }
-        self.expect(")")?;
+        let (params, _, _) = self.list(")", |p| Ok(Param { name: p.ident("an input name")?, shape: if p.eat(":") { Some(p.expr()?) } else { None } }))?;
         self.newlines();
         let (body, _, end) = self.block(Self::stmt, false)?;
         Ok(Forward { params, body, span: start.to(end) })
@@ -338,8 +318,7 @@ impl Parser {
         // Postfix: calls `f(...)` and indexing `a[i]`, left to right.
         loop {
             if self.eat("(") {
-                let args = self.args()?;
-                let end = self.expect(")")?;
+                let (args, _, end) = self.list(")", Self::arg)?;
                 let span = e.span.to(end);
                 e = self.tree(ExprKind::Call { callee: Box::new(e), args }, span)?;
             } else if self.eat("[") {
@@ -371,49 +350,48 @@ impl Parser {
         Ok(())
     }
 
-    fn args(&mut self) -> PResult<Vec<Arg>> {
-        let mut args = Vec::new();
-        while !self.at(")") {
-            let keyword = match (self.peek().tok.clone(), self.peek_at(1)) {
-                (Tok::Ident(_), Tok::Punct("=")) => {
-                    let k = self.ident("a keyword")?;
-                    self.bump();
-                    Some(k)
-                }
-                _ => None,
-            };
-            args.push(Arg { keyword, value: self.expr()? });
+    /// `item, item, ...` (a trailing comma allowed) up to and including `close`: the items, whether a
+    /// comma was seen, and the closing span.
+    fn list<T>(&mut self, close: &'static str, mut item: impl FnMut(&mut Self) -> PResult<T>) -> PResult<(Vec<T>, bool, Span)> {
+        let (mut items, mut comma) = (Vec::new(), false);
+        while !self.at(close) {
+            items.push(item(self)?);
             if !self.eat(",") {
                 break;
             }
+            comma = true;
         }
-        Ok(args)
+        Ok((items, comma, self.expect(close)?))
+    }
+
+    fn arg(&mut self) -> PResult<Arg> {
+        let keyword = match (self.peek().tok.clone(), self.peek_at(1)) {
+            (Tok::Ident(_), Tok::Punct("=")) => {
+                let k = self.ident("a keyword")?;
+                self.bump();
+                Some(k)
+            }
+            _ => None,
+        };
+        Ok(Arg { keyword, value: self.expr()? })
     }
 
     fn primary(&mut self) -> PResult<Expr> {
         let t = self.peek().clone();
-        let simple = |kind| Ok(Expr::new(kind, t.span));
+        let literal = match &t.tok {
+            Tok::Int(i) => Some(ExprKind::Int(*i)),
+            Tok::Float(f) => Some(ExprKind::Float(*f)),
+            Tok::Str(s) => Some(ExprKind::Str(s.clone())),
+            Tok::Ident(w) => {
+                [("True", ExprKind::Bool(true)), ("False", ExprKind::Bool(false)), ("None", ExprKind::None)].into_iter().find(|(n, _)| n == w).map(|(_, k)| k)
+            }
+            _ => None,
+        };
+        if let Some(kind) = literal {
+            self.bump();
+            return Ok(Expr::new(kind, t.span));
+        }
         match &t.tok {
-            Tok::Int(i) => {
-                self.bump();
-                simple(ExprKind::Int(*i))
-            }
-            Tok::Float(f) => {
-                self.bump();
-                simple(ExprKind::Float(*f))
-            }
-            Tok::Str(s) => {
-                self.bump();
-                simple(ExprKind::Str(s.clone()))
-            }
-            Tok::Ident(w) if matches!(w.as_str(), "True" | "False" | "None") => {
-                self.bump();
-                simple(match w.as_str() {
-                    "True" => ExprKind::Bool(true),
-                    "False" => ExprKind::Bool(false),
-                    _ => ExprKind::None,
-                })
-            }
             Tok::Ident(_) => {
                 let mut path = vec![self.ident("a name")?];
                 while self.eat(".") {
@@ -425,15 +403,7 @@ impl Parser {
             Tok::Punct(open @ ("(" | "[")) => {
                 let close = if *open == "(" { ")" } else { "]" };
                 self.bump();
-                let (mut items, mut comma) = (Vec::new(), false);
-                while !self.at(close) {
-                    items.push(self.expr()?);
-                    if !self.eat(",") {
-                        break;
-                    }
-                    comma = true;
-                }
-                let end = self.expect(close)?;
+                let (mut items, comma, end) = self.list(close, Self::expr)?;
                 let span = t.span.to(end);
                 if *open == "(" && items.len() == 1 && !comma {
                     let mut e = items.pop().expect("one item");
