@@ -9,7 +9,7 @@
 
 use super::{front_end, load_weights, BenchArgs};
 use anyhow::Result;
-use cnnc::backend::{Backend, Runner};
+use cnnc::backend::Runner;
 use cnnc::kernel::WeightsDtype;
 use cnnc_runtime::{rng, Tensor};
 use std::time::{Duration, Instant};
@@ -53,9 +53,7 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
         let dt = t.elapsed();
         if i >= WARMUP {
             total.push(dt);
-            for (k, d) in steps.into_iter().enumerate() {
-                per_kernel[k].push(d);
-            }
+            per_kernel.iter_mut().zip(steps).for_each(|(v, d)| v.push(d));
         }
         bar.inc(1);
     }
@@ -70,13 +68,8 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
     let min = *total.iter().min().expect("runs ≥ 1");
     let med = median(&mut total);
     let gflop = 2.0 * g.macs() as f64 * batch as f64 / 1e9;
-    let backend = match exec.backend {
-        Backend::Jit => "jit",
-        Backend::Reference => "reference",
-        Backend::Cuda => "cuda",
-    };
-    let json = a.json;
-    if json {
+    let backend = format!("{:?}", exec.backend).to_lowercase();
+    if a.json {
         let kernels: Vec<_> = names
             .iter()
             .zip(per_kernel.iter_mut())

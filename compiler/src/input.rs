@@ -95,15 +95,8 @@ fn image(p: &str, bytes: &[u8], dims: &[usize], pre: &Preprocess) -> Result<Tens
     }
     let resized = image::imageops::resize(&img, nw, nh, image::imageops::FilterType::Triangle);
     let (top, left) = ((nh as usize - ch) / 2, (nw as usize - cw) / 2);
-    let mut data = vec![0f32; 3 * ch * cw];
-    for c in 0..3 {
-        for y in 0..ch {
-            for x in 0..cw {
-                let px = resized.get_pixel((left + x) as u32, (top + y) as u32);
-                data[(c * ch + y) * cw + x] = (px[c] as f32 - pre.mean[c]) * pre.scale;
-            }
-        }
-    }
+    let chw = (0..3).flat_map(|c| (0..ch).flat_map(move |y| (0..cw).map(move |x| (c, y, x))));
+    let data = chw.map(|(c, y, x)| (resized.get_pixel((left + x) as u32, (top + y) as u32)[c] as f32 - pre.mean[c]) * pre.scale).collect();
     Ok(Tensor::new(vec![1, 3, ch, cw], data).expect("3*ch*cw values"))
 }
 

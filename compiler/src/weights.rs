@@ -51,16 +51,11 @@ impl Weights {
     pub fn open(path: &Path) -> Result<Weights, WeightError> {
         let p = path.display().to_string();
         let bytes = std::fs::read(path).map_err(|source| WeightError::Io { path: p.clone(), source })?;
+        let corrupt = |format, reason: String| WeightError::Corrupt { path: p.clone(), format, reason };
         let store = if bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"PK\x05\x06") {
-            let npz =
-                npyz::npz::NpzArchive::new(Cursor::new(bytes)).map_err(|e| WeightError::Corrupt { path: p.clone(), format: "npz", reason: e.to_string() })?;
-            Store::Npz(npz)
+            Store::Npz(npyz::npz::NpzArchive::new(Cursor::new(bytes)).map_err(|e| corrupt("npz", e.to_string()))?)
         } else if bytes.len() >= 9 && bytes[8] == b'{' {
-            safetensors::SafeTensors::deserialize(&bytes).map_err(|e| WeightError::Corrupt {
-                path: p.clone(),
-                format: "safetensors",
-                reason: e.to_string(),
-            })?;
+            safetensors::SafeTensors::deserialize(&bytes).map_err(|e| corrupt("safetensors", e.to_string()))?;
             Store::Safetensors(bytes)
         } else {
             return Err(WeightError::UnknownFormat { path: p });

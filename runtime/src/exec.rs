@@ -91,9 +91,6 @@ impl Aligned {
         // SAFETY: `ptr` holds `len` initialized floats owned by `self`.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
-    fn ptr(&mut self) -> *mut f32 {
-        self.ptr
-    }
 }
 
 impl Drop for Aligned {
@@ -174,6 +171,7 @@ struct JobPtr(*const Job<'static>);
 // SAFETY: the job is `Sync`, and only called while `Pool::run` keeps it alive.
 unsafe impl Send for JobPtr {}
 
+#[derive(Default)]
 struct Shared {
     job: Mutex<Option<JobPtr>>,
     /// Bumped once per job (and once to stop).
@@ -190,14 +188,7 @@ const IDLE_SPINS: u32 = 1 << 16;
 
 impl Pool {
     fn new(threads: usize) -> Pool {
-        let shared = std::sync::Arc::new(Shared {
-            job: Mutex::new(None),
-            generation: AtomicUsize::new(0),
-            done: AtomicUsize::new(0),
-            stop: AtomicBool::new(false),
-            sleep: Mutex::new(()),
-            wake: std::sync::Condvar::new(),
-        });
+        let shared = std::sync::Arc::new(Shared::default());
         let workers = (1..threads)
             .map(|thread| {
                 let shared = shared.clone();
@@ -219,11 +210,7 @@ impl Pool {
         let ptr = unsafe { std::mem::transmute::<*const Job<'_>, *const Job<'static>>(job) };
         *sh.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(JobPtr(ptr));
         sh.done.store(0, Ordering::Relaxed);
-        {
-            let _g = sh.sleep.lock().unwrap_or_else(|e| e.into_inner());
-            sh.generation.fetch_add(1, Ordering::Release);
-            sh.wake.notify_all();
-        }
+        sh.bump();
         job(0);
         while sh.done.load(Ordering::Acquire) < self.workers.len() {
             std::hint::spin_loop();
@@ -232,6 +219,13 @@ impl Pool {
 }
 
 impl Shared {
+    /// Moves `generation` on and wakes the sleeping workers.
+    fn bump(&self) {
+        let _g = self.sleep.lock().unwrap_or_else(|e| e.into_inner());
+        self.generation.fetch_add(1, Ordering::Release);
+        self.wake.notify_all();
+    }
+
     fn work(&self, thread: usize) {
         let mut seen = 0;
         loop {
@@ -263,11 +257,7 @@ impl Shared {
 impl Drop for Pool {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
-        {
-            let _g = self.shared.sleep.lock().unwrap_or_else(|e| e.into_inner());
-            self.shared.generation.fetch_add(1, Ordering::Release);
-            self.shared.wake.notify_all();
-        }
+        self.shared.bump();
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
@@ -340,30 +330,15 @@ impl Executable {
         for (t, (offset, _)) in inputs.iter().zip(&self.inputs) {
             arena.slice_mut()[*offset..][..t.data().len()].copy_from_slice(t.data());
         }
-        let base = arena.ptr();
-        let mut params: Vec<*mut f32> = Vec::with_capacity(self.params.len());
-        for p in &self.params {
+        let ptr = |slot: &Slot| match *slot {
+            // SAFETY: offsets were planned inside the arena.
+            Slot::Arena { offset, .. } => unsafe { arena.ptr.add(offset) },
             // Kernels only read parameters; the table type is shared with the arena's.
-            params.push(p.ptr);
-        }
-        let tables = Tables(
-            self.steps
-                .iter()
-                .map(|s| {
-                    s.slots
-                        .iter()
-                        .map(|slot| match *slot {
-                            // SAFETY: offsets were planned inside the arena.
-                            Slot::Arena { offset, .. } => unsafe { base.add(offset) },
-                            Slot::Param(p) => params[p],
-                        })
-                        .collect()
-                })
-                .collect(),
-        );
+            Slot::Param(p) => self.params[p].ptr,
+        };
+        let tables = Tables(self.steps.iter().map(|s| s.slots.iter().map(ptr).collect()).collect());
         let threads = threads.max(1);
         let barrier = SpinBarrier::new(threads);
-        let tables = &tables;
         // The next unclaimed task of each launch.
         let next: Vec<AtomicUsize> = self.steps.iter().map(|_| AtomicUsize::new(0)).collect();
         let ntasks = if threads == 1 { 1 } else { threads * TASKS_PER_THREAD };

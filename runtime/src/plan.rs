@@ -80,10 +80,8 @@ impl PlanBuilder {
 
     pub fn finish(self, output: ValueId) -> Plan {
         let mut last_use = vec![usize::MAX; self.values.len()];
-        for (i, s) in self.steps.iter().enumerate() {
-            for v in &s.inputs {
-                last_use[v.0 as usize] = i;
-            }
+        for (i, v) in self.steps.iter().enumerate().flat_map(|(i, s)| s.inputs.iter().map(move |v| (i, v))) {
+            last_use[v.0 as usize] = i;
         }
         last_use[output.0 as usize] = usize::MAX;
         Plan { values: self.values, params: self.params, steps: self.steps, inputs: self.inputs, output, last_use }
@@ -117,10 +115,8 @@ impl Plan {
             if t.shape().len() != expected.len() + 1 || &t.shape()[1..] != expected.as_slice() || t.batch() == 0 {
                 return Err(RunError::InputShape { index, expected: expected.clone(), got: t.shape().to_vec() });
             }
-            if let Some(first) = slots.iter().flatten().next() {
-                if first.batch() != t.batch() {
-                    return Err(RunError::MixedBatch(first.batch(), t.batch()));
-                }
+            if let Some(first) = slots.iter().flatten().next().filter(|first| first.batch() != t.batch()) {
+                return Err(RunError::MixedBatch(first.batch(), t.batch()));
             }
             slots[id.0 as usize] = Some(t);
         }
@@ -128,10 +124,8 @@ impl Plan {
             let ins: Vec<&Tensor> = step.inputs.iter().map(|v| slots[v.0 as usize].as_ref().expect("defined before use")).collect();
             let ps: Vec<&Tensor> = step.params.iter().map(|p| &self.params[p.0 as usize]).collect();
             let y = reference::eval(&step.op, &ins, &ps);
-            for v in &step.inputs {
-                if self.last_use[v.0 as usize] == i {
-                    slots[v.0 as usize] = None;
-                }
+            for v in step.inputs.iter().filter(|v| self.last_use[v.0 as usize] == i) {
+                slots[v.0 as usize] = None;
             }
             slots[step.output.0 as usize] = Some(y);
         }

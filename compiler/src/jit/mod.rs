@@ -531,8 +531,7 @@ impl Gen<'_, '_> {
         if self.check.is_some() {
             i = self.checked_index(buf, i, lanes).0;
         }
-        let off = self.b.ins().ishl_imm_u(i, 2);
-        self.b.ins().iadd(self.bases[buf as usize], off)
+        self.ptr(buf, i)
     }
 
     fn expr(&mut self, e: &Expr) -> Value {

@@ -84,6 +84,14 @@ pub fn overlapping_vector_loop(kb: &mut Kb, lo: Expr, hi: Expr, body: impl Fn(&m
     );
 }
 
+/// `body`, under `if cond` where there is a condition.
+pub fn guarded(kb: &mut Kb, cond: Option<Expr>, body: impl FnOnce(&mut Kb)) {
+    match cond {
+        Some(c) => kb.if_(c, body),
+        None => body(kb),
+    }
+}
+
 /// `dst[d..d + n] = src[s..s + n]` (the ranges do not overlap).
 pub fn copy(kb: &mut Kb, dst: Buf, d: Expr, src: Buf, s: Expr, n: impl Into<Expr>) {
     let delta = kb.let_(s - d.clone());

@@ -8,7 +8,7 @@
 //! Invariant left: per output element the arithmetic is fixed — bias, then one FMA per k in (channel,
 //! ky, kx) order — whatever the tile, tier or thread count, so results are bitwise identical across them.
 
-use super::common::{copy, phase_split, Node, Phased, Ref, Tables};
+use super::common::{copy, guarded, phase_split, Node, Phased, Ref, Tables};
 use super::pool::{pool, pool_launch};
 use super::{e, Access, BRows, Buf, Expr, Gemm, Kb, Taps, Tier, LANES};
 use cnnc_runtime::op::{Conv2d, Linear, Pool2d};
@@ -137,14 +137,9 @@ struct Geo {
 /// Packs `W` (out, in/groups, kh, kw) as [group][block][k][MR], zero rows past the group's channels,
 /// and the bias as [group][block·MR + r].
 fn pack_conv(c: &Conv2d, g: &Geo, mr: usize, w: &[f32], b: Option<&[f32]>) -> (Vec<f32>, Vec<f32>) {
-    let (mut a, mut bias) = (vec![], vec![]);
-    for grp in 0..c.groups {
-        let rows = grp * g.cog..(grp + 1) * g.cog;
-        let (ga, gb) = pack_blocks(&w[rows.start * g.k..rows.end * g.k], b.map(|b| &b[rows]), g.k, mr);
-        a.extend(ga);
-        bias.extend(gb);
-    }
-    (a, bias)
+    let groups = (0..c.groups).map(|grp| pack_blocks(&w[grp * g.cog * g.k..][..g.cog * g.k], b.map(|b| &b[grp * g.cog..][..g.cog]), g.k, mr));
+    let (a, bias): (Vec<Vec<f32>>, Vec<Vec<f32>>) = groups.unzip();
+    (a.concat(), bias.concat())
 }
 
 /// Packs rows of `k` weights (row-major `w`) as [block][k][mr], zero rows past the last, and their
@@ -548,12 +543,7 @@ fn micro(kb: &mut Kb, g: &Gemm, width: Width, ragged: bool) {
                     }
                     let at = g.c0.clone() + r * g.ldc + v * LANES;
                     let acc = kb.var(e(0.0f32).lanes(vec));
-                    let load = |kb: &mut Kb| kb.set(acc, g.c.load(at, vec));
-                    if ragged {
-                        kb.if_(e(r).lt(g.rows.clone()), load);
-                    } else {
-                        load(kb);
-                    }
+                    guarded(kb, ragged.then(|| e(r).lt(g.rows.clone())), |kb| kb.set(acc, g.c.load(at, vec)));
                     acc
                 })
                 .collect()
@@ -572,7 +562,7 @@ fn micro(kb: &mut Kb, g: &Gemm, width: Width, ragged: bool) {
         kb.set(b0, e(b0) + ldb);
     });
     for (r, row) in acc.iter().enumerate() {
-        let store = |kb: &mut Kb| {
+        guarded(kb, ragged.then(|| e(r).lt(g.rows.clone())), |kb| {
             for (v, &acc) in row.iter().enumerate() {
                 let mut val = e(acc);
                 if g.relu {
@@ -580,11 +570,6 @@ fn micro(kb: &mut Kb, g: &Gemm, width: Width, ragged: bool) {
                 }
                 kb.store(g.c, g.c0.clone() + r * g.ldc + v * LANES, val);
             }
-        };
-        if ragged {
-            kb.if_(e(r).lt(g.rows.clone()), store);
-        } else {
-            store(kb);
-        }
+        });
     }
 }

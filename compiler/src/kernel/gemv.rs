@@ -33,20 +33,8 @@ pub fn linear(t: &mut Tables, n: &Node, l: &Linear, relu: bool) {
     // Each block of rb rows is one sequential run: per step of 8 weights, the rows' slots in turn, then
     // the rows' tails. bf16 slots hold a step as 4 pairs, and a tail weight each.
     let pair = |lo: f32, hi: f32| f32::from_bits((bf16_bits(hi) as u32) << 16 | bf16_bits(lo) as u32);
-    let step_slots = |c: &[f32]| -> Vec<f32> {
-        if bf16 {
-            (0..LANES).map(|j| pair(c[j], c[LANES + j])).collect()
-        } else {
-            c.to_vec()
-        }
-    };
-    let tail_slots = |c: &[f32]| -> Vec<f32> {
-        if bf16 {
-            c.iter().map(|&v| pair(v, 0.0)).collect()
-        } else {
-            c.to_vec()
-        }
-    };
+    let step_slots = |c: &[f32]| if bf16 { (0..LANES).map(|j| pair(c[j], c[LANES + j])).collect() } else { c.to_vec() };
+    let tail_slots = |c: &[f32]| if bf16 { c.iter().map(|&v| pair(v, 0.0)).collect() } else { c.to_vec() };
     let rows: Vec<&[f32]> = n.params[0].data().chunks(k).collect();
     let w: Vec<f32> = rows
         .chunks(rb)

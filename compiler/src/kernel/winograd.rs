@@ -20,7 +20,7 @@
 //! interpreter, relative to the output's largest magnitude (the rest within 1e-5), and `tests/chainer.rs`
 //! all six models within 1e-4 of Chainer with each tile size forced (measured errors: docs/benchmarks.md).
 
-use super::common::{phase_split, vector_loop, Node, Tables};
+use super::common::{guarded, phase_split, vector_loop, Node, Tables};
 use super::gemm::plane_products;
 use super::pool::pool_launch;
 use super::{e, Access, Expr, Kb, Tier, LANES};
@@ -154,7 +154,7 @@ fn plane_pitch(len: usize) -> usize {
 
 /// `Σ coef[i] · v[i]` over the nonzero coefficients, left to right, with ±1 as plain adds; on 4-lane
 /// vectors when `vec`.
-fn lin(coef: &[f64], v: &[Expr], vec: bool) -> Expr {
+fn lin<'a>(coef: &[f64], v: impl IntoIterator<Item = &'a Expr>, vec: bool) -> Expr {
     let mut acc: Option<Expr> = None;
     for (&c, x) in coef.iter().zip(v) {
         if c == 0.0 {
@@ -174,20 +174,8 @@ fn lin(coef: &[f64], v: &[Expr], vec: bool) -> Expr {
 /// `X ↦ L X Lᵀ` for an R × α matrix L and an α × α X (row-major values), each entry bound once.
 fn sandwich(kb: &mut Kb, l: &[Vec<f64>], x: &[Expr], vec: bool) -> Vec<Expr> {
     let a = l[0].len();
-    let mut lx = Vec::with_capacity(l.len() * a);
-    for row in l {
-        for j in 0..a {
-            let col: Vec<Expr> = (0..a).map(|k| x[k * a + j].clone()).collect();
-            lx.push(kb.let_(lin(row, &col, vec)));
-        }
-    }
-    let mut out = Vec::with_capacity(l.len() * l.len());
-    for i in 0..l.len() {
-        for row in l {
-            out.push(kb.let_(lin(row, &lx[i * a..(i + 1) * a], vec)));
-        }
-    }
-    out
+    let lx: Vec<Expr> = l.iter().flat_map(|row| (0..a).map(move |j| (row, j))).map(|(row, j)| kb.let_(lin(row, x[j..].iter().step_by(a), vec))).collect();
+    lx.chunks(a).flat_map(|lx_i| l.iter().map(move |row| (row, lx_i))).map(|(row, lx_i)| kb.let_(lin(row, lx_i, vec))).collect()
 }
 
 /// Lowers the convolution `n` as `f` (which [`chosen`] returned for it).
@@ -200,19 +188,14 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, relu: bool, pool_afte
     let name = |s: &str| format!("{}.{s}", n.name);
     // U[ξ][o][c] as the weights of an α²-group 1×1 convolution, (α²·co, ci, 1, 1).
     let w = n.params[0].data();
-    let mut u = vec![0.0f32; a * a * co * ci];
-    for o in 0..co {
-        for ch in 0..ci {
-            let gw = &w[(o * ci + ch) * r * r..][..r * r];
-            for (xi, yi) in (0..a).flat_map(|xi| (0..a).map(move |yi| (xi, yi))) {
-                let mut s = 0.0f64;
-                for (p, q) in (0..r).flat_map(|p| (0..r).map(move |q| (p, q))) {
-                    s += g[xi][p] * gw[p * r + q] as f64 * g[yi][q];
-                }
-                u[((xi * a + yi) * co + o) * ci + ch] = s as f32;
-            }
-        }
-    }
+    let u: Vec<f32> = (0..a * a * co * ci)
+        .map(|i| {
+            // U[xi·α + yi][oc] = (G g Gᵀ)[xi][yi] of filter oc = o·ci + ch, summed in (p, q) order.
+            let (xi, yi, oc) = (i / (co * ci) / a, i / (co * ci) % a, i % (co * ci));
+            let gw = &w[oc * r * r..][..r * r];
+            (0..r * r).fold(0.0f64, |s, pq| s + g[xi][pq / r] * gw[pq] as f64 * g[yi][pq % r]) as f32
+        })
+        .collect();
     // The input, zero-padded to whole tiles (rows and columns up to m·tiles + r − 1) and split into m
     // column phases, xq[..][x % m][y][x / m]: element (i, j) of tiles tx..tx + 3 is then one 4-lane
     // vector, and the transforms run on four horizontally adjacent tiles at once.
@@ -221,10 +204,7 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, relu: bool, pool_afte
     // The batch in chunks of images whose M fits in CHUNK_BYTES, each chunk's transforms and GEMMs in
     // turn over one V and one M (U packed by the first chunk's GEMMs). Each chunk streams U again, so a
     // large U takes the batch in one pass.
-    let chunks = match 4 * a * a * co * ci > CHUNK_BYTES * 2 {
-        true => 1,
-        false => batch.div_ceil((CHUNK_BYTES / (4 * a * a * co * per_image)).max(1)),
-    };
+    let chunks = if 4 * a * a * co * ci > CHUNK_BYTES * 2 { 1 } else { batch.div_ceil((CHUNK_BYTES / (4 * a * a * co * per_image)).max(1)) };
     let per_chunk = batch.div_ceil(chunks);
     // V[ξ][c][image·tiles + t] (images of the chunk), plane ξ at ξ·pv; M alike.
     let (pv, pm) = (plane_pitch(ci * per_chunk * per_image), plane_pitch(co * per_chunk * per_image));
@@ -294,23 +274,12 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, relu: bool, pool_afte
                     // y[at + i·ow + m·u + j] = tile u's (i, j), where inside the output.
                     let scatter = |kb: &mut Kb, checked: bool| {
                         for i in 0..m {
-                            let row = |kb: &mut Kb| {
+                            guarded(kb, (checked && i > 0).then(|| e(i).lt(rows.clone())), |kb| {
                                 for (u, j) in (0..tiles).flat_map(|u| (0..m).map(move |j| (u, j))) {
-                                    let v = tmp.at(e((i * m + j) * tiles + u));
-                                    let q = u * m + j;
-                                    let st = |kb: &mut Kb| kb.store(yb, at.clone() + (i * ow + q), v.clone());
-                                    if checked && q > 0 {
-                                        kb.if_(e(q).lt(width.clone()), st)
-                                    } else {
-                                        st(kb)
-                                    }
+                                    let (v, q) = (tmp.at(e((i * m + j) * tiles + u)), u * m + j);
+                                    guarded(kb, (checked && q > 0).then(|| e(q).lt(width.clone())), |kb| kb.store(yb, at.clone() + (i * ow + q), v));
                                 }
-                            };
-                            if checked && i > 0 {
-                                kb.if_(e(i).lt(rows.clone()), row)
-                            } else {
-                                row(kb)
-                            }
+                            });
                         }
                     };
                     kb.if_else(rows.clone().eq(m).and(e(tiles * m).le(width.clone())), |kb| scatter(kb, false), |kb| scatter(kb, true));

@@ -31,11 +31,8 @@ impl Cnn {
     }
     /// The node's name, if it is one (`conv2d`, `fold-w`, ...).
     pub fn name(&self) -> Option<&str> {
-        if let Cnn::Node(s, _) = self {
-            Some(s.as_str())
-        } else {
-            None
-        }
+        let Cnn::Node(s, _) = self else { return None };
+        Some(s.as_str())
     }
 }
 
@@ -56,18 +53,12 @@ impl Language for Cnn {
         }
     }
     fn children(&self) -> &[Id] {
-        if let Cnn::Node(_, c) = self {
-            c
-        } else {
-            &[]
-        }
+        let Cnn::Node(_, c) = self else { return &[] };
+        c
     }
     fn children_mut(&mut self) -> &mut [Id] {
-        if let Cnn::Node(_, c) = self {
-            c
-        } else {
-            &mut []
-        }
+        let Cnn::Node(_, c) = self else { return &mut [] };
+        c
     }
 }
 
@@ -216,10 +207,7 @@ impl egg::CostFunction<Cnn> for Cost<'_> {
         let own = match op_of(self.egraph, node) {
             Some((op, ins, _)) => {
                 let shapes: Option<Vec<Dims>> = ins.iter().map(|i| self.egraph[*i].data.clone()).collect();
-                match shapes {
-                    Some(s) => self.model.kernel(&op, &s.iter().map(Vec::as_slice).collect::<Vec<_>>()),
-                    None => f64::INFINITY,
-                }
+                shapes.map_or(f64::INFINITY, |s| self.model.kernel(&op, &s.iter().map(Vec::as_slice).collect::<Vec<_>>()))
             }
             None if matches!(node.name(), Some("fold-w" | "fold-b" | "cat")) => 1e-3,
             None => 0.0,

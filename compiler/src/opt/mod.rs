@@ -244,31 +244,14 @@ impl egg::Applier<Cnn, Shapes> for Tracked {
         }
         let mut origin = Origin::default();
         if let Some(lhs) = &self.lhs {
-            let mut ids: Vec<Id> = Vec::new();
-            for n in lhs.ast.as_ref() {
-                let id = match n {
-                    egg::ENodeOrVar::Var(v) => subst[*v],
-                    egg::ENodeOrVar::ENode(e) => {
-                        let e = e.clone().map_children(|i| ids[usize::from(i)]);
-                        origin.absorb(&self.origins.lock().expect("not poisoned").of(eg, &e));
-                        eg.lookup(e).unwrap_or(eclass)
-                    }
-                };
-                ids.push(id);
-            }
+            walk(lhs, subst, |e| {
+                origin.absorb(&self.origins.lock().expect("not poisoned").of(eg, &e));
+                eg.lookup(e).unwrap_or(eclass)
+            });
         }
         let mut build = Build { eg, added: vec![], absorbed: vec![] };
         let unions = match &self.rhs {
-            Applied::Pattern(rhs) => {
-                let mut ids: Vec<Id> = Vec::new();
-                for n in rhs.ast.as_ref() {
-                    ids.push(match n {
-                        egg::ENodeOrVar::Var(v) => subst[*v],
-                        egg::ENodeOrVar::ENode(e) => build.add(e.clone().map_children(|i| ids[usize::from(i)])),
-                    });
-                }
-                vec![(eclass, *ids.last().expect("a right side has a root"))]
-            }
+            Applied::Pattern(rhs) => vec![(eclass, walk(rhs, subst, |e| build.add(e)))],
             Applied::Build(f) => f(&mut build, eclass, subst),
         };
         let Build { eg, added, absorbed } = build;
@@ -290,6 +273,19 @@ impl egg::Applier<Cnn, Shapes> for Tracked {
             Applied::Build(_) => vec![],
         }
     }
+}
+
+/// Visits a pattern's e-nodes children first, each with its children's classes (`subst`'s for variables,
+/// `f`'s for e-nodes); returns the root's.
+fn walk(p: &Pattern<Cnn>, subst: &Subst, mut f: impl FnMut(Cnn) -> Id) -> Id {
+    let mut ids: Vec<Id> = Vec::new();
+    for n in p.ast.as_ref() {
+        ids.push(match n {
+            egg::ENodeOrVar::Var(v) => subst[*v],
+            egg::ENodeOrVar::ENode(e) => f(e.clone().map_children(|i| ids[usize::from(i)])),
+        });
+    }
+    *ids.last().expect("a pattern has a root")
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -363,10 +359,8 @@ pub fn optimize(g: &Graph, opts: &Options) -> (Graph, Report) {
         .collect();
     let runner = Runner::default().with_egraph(eg).with_iter_limit(ITER_LIMIT).with_node_limit(NODE_LIMIT).with_time_limit(TIME_LIMIT).run(&rules);
     let mut fired: HashMap<&str, usize> = HashMap::new();
-    for it in &runner.iterations {
-        for (rule, n) in &it.applied {
-            *fired.entry(rule_names().find(|r| *r == rule.as_str()).unwrap_or("?")).or_default() += n;
-        }
+    for (rule, n) in runner.iterations.iter().flat_map(|it| &it.applied) {
+        *fired.entry(rule_names().find(|r| *r == rule.as_str()).unwrap_or("?")).or_default() += n;
     }
     let eg = &runner.egraph;
     let extractor = egg::Extractor::new(eg, Cost { egraph: eg, model: opts.model });
@@ -399,16 +393,9 @@ fn node_cost(g: &Graph, id: NodeId, model: &CostModel) -> f64 {
 
 /// Adds every node of the graph to a fresh e-graph; returns it, the output's e-class and each node's class.
 fn to_egraph(g: &Graph, origins: &mut Origins) -> (EGraph<Cnn, Shapes>, Id, Vec<Id>) {
-    let mut shapes = Shapes::default();
-    for (_, n) in g.nodes() {
-        if let Kind::Input(_) = n.kind {
-            shapes.inputs.insert(Symbol::from(&n.layer), n.shape.clone());
-        }
-    }
-    for p in g.params() {
-        shapes.params.insert(Symbol::from(&p.key), p.shape.clone());
-    }
-    let mut eg = EGraph::new(shapes);
+    let inputs = g.nodes().filter(|(_, n)| matches!(n.kind, Kind::Input(_))).map(|(_, n)| (Symbol::from(&n.layer), n.shape.clone())).collect();
+    let params = g.params().iter().map(|p| (Symbol::from(&p.key), p.shape.clone())).collect();
+    let mut eg = EGraph::new(Shapes { inputs, params });
     let mut classes: Vec<Id> = Vec::new();
     for (id, n) in g.nodes() {
         let node = match &n.kind {
@@ -597,23 +584,14 @@ fn param_of(eg: &EGraph<Cnn, Shapes>, ex: &egg::Extractor<Cost, Cnn, Shapes>, cl
 
 /// `cnnc compile --explain`: the rules fired and what they changed.
 pub fn explain(r: &Report) -> String {
-    use std::fmt::Write;
     let mut s = format!("{:<24} {:>7} {:>10} {:>14}\n", "rule", "fired", "in result", "cost change");
     for (rule, fired, used, change) in &r.rules {
-        writeln!(s, "{rule:<24} {fired:>7} {used:>10} {:>14}", if *used == 0 { "-".into() } else { format!("{change:+.0}") }).expect("write to String");
+        s += &format!("{rule:<24} {fired:>7} {used:>10} {:>14}\n", if *used == 0 { "-".into() } else { format!("{change:+.0}") });
     }
     let pct = if r.cost_before > 0.0 { 100.0 * (r.cost_after - r.cost_before) / r.cost_before } else { 0.0 };
-    writeln!(s, "estimated cost ({} model, ns per sample): {:.0} -> {:.0} ({pct:+.1}%)", r.model.name, r.cost_before, r.cost_after).expect("write to String");
-    writeln!(
-        s,
-        "e-graph: {} iterations, {} e-nodes, stopped: {}; optimizer time {:.1} ms",
-        r.iterations,
-        r.egraph_nodes,
-        r.stop_reason,
-        r.time.as_secs_f64() * 1e3
-    )
-    .expect("write to String");
-    s
+    s += &format!("estimated cost ({} model, ns per sample): {:.0} -> {:.0} ({pct:+.1}%)\n", r.model.name, r.cost_before, r.cost_after);
+    let ms = r.time.as_secs_f64() * 1e3;
+    s + &format!("e-graph: {} iterations, {} e-nodes, stopped: {}; optimizer time {ms:.1} ms\n", r.iterations, r.egraph_nodes, r.stop_reason)
 }
 
 #[cfg(test)]

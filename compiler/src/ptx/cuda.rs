@@ -63,7 +63,6 @@ struct Launch {
 
 /// A program loaded on the GPU: its module, parameters and arena.
 pub struct CudaExecutable {
-    ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     _module: Arc<CudaModule>,
     launches: Vec<Launch>,
@@ -99,23 +98,19 @@ impl CudaExecutable {
         let arena = stream.alloc_zeros::<f32>(program.arena_len.max(1)).map_err(driver("arena allocation"))?;
         let base = |s: &CudaSlice<f32>| s.device_ptr(&stream).0;
         let arena_base = base(&arena);
+        let addr = |s: &Slot| match *s {
+            Slot::Arena { offset, .. } => arena_base + 4 * offset as u64,
+            Slot::Param(p) => base(&params[p]),
+        };
         let mut launches = vec![];
         for (i, l) in program.launches.iter().enumerate() {
             let name = entry_name(i, &l.kernel);
             let f = module.load_function(&name).map_err(driver(format!("finding kernel {name}")))?;
-            let ptrs = l
-                .slots
-                .iter()
-                .map(|s| match *s {
-                    Slot::Arena { offset, .. } => arena_base + 4 * offset as u64,
-                    Slot::Param(p) => base(&params[p]),
-                })
-                .collect();
+            let ptrs = l.slots.iter().map(addr).collect();
             launches.push(Launch { name: l.kernel.name.clone(), flops: l.flops, f, grid: launch_config(&l.kernel), ptrs });
         }
         stream.synchronize().map_err(driver("parameter upload"))?;
         Ok(CudaExecutable {
-            ctx,
             stream,
             _module: module,
             launches,
@@ -124,11 +119,6 @@ impl CudaExecutable {
             inputs: program.inputs.clone(),
             output: program.output.clone(),
         })
-    }
-
-    /// The GPU's name.
-    pub fn device(&self) -> String {
-        self.ctx.name().unwrap_or_else(|_| "unknown CUDA device".into())
     }
 
     /// Kernel names and floating-point operations, in launch order.
@@ -182,11 +172,8 @@ impl CudaExecutable {
         // The copy to pageable memory returns when done; synchronize anyway so that a failed kernel is
         // reported here and the events are complete.
         self.stream.synchronize().map_err(driver("running the kernels"))?;
-        let mut times = vec![];
-        for w in events.windows(2) {
-            let ms = w[0].elapsed_ms(&w[1]).map_err(driver("event timing"))?;
-            times.push(Duration::from_secs_f64(ms as f64 / 1e3));
-        }
+        let times = events.windows(2).map(|w| w[0].elapsed_ms(&w[1]).map(|ms| Duration::from_secs_f64(ms as f64 / 1e3)));
+        let times = times.collect::<Result<_, _>>().map_err(driver("event timing"))?;
         Ok((Tensor::new(shape.clone(), data).expect("the output slot holds the output shape"), times))
     }
 }
