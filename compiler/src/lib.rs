@@ -13,6 +13,7 @@ pub mod ir;
 pub mod jit;
 pub mod kernel;
 pub mod lower;
+pub mod onnx;
 pub mod opt;
 pub mod ptx;
 pub mod syntax;

@@ -32,11 +32,25 @@ enum Cmd {
     Run(RunArgs),
     /// Time a model: compile time, weight loading, latency (median and min), GFLOP/s, per-kernel times.
     Bench(BenchArgs),
+    /// Write an ONNX model as a model file (and its weights under Chainer-style keys).
+    Import(ImportArgs),
+}
+
+#[derive(clap::Args)]
+struct ImportArgs {
+    /// The ONNX file.
+    model: PathBuf,
+    /// Write the model text to FILE instead of standard output.
+    #[arg(short, long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Write the weights to FILE: `.npz` (Chainer's `save_npz` layout) or `.safetensors`.
+    #[arg(long, value_name = "FILE")]
+    weights_out: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
 struct CompileArgs {
-    /// The model file (`.model`).
+    /// The model file (`.model`, or `.onnx`).
     model: PathBuf,
     /// What to print.
     #[arg(long, value_enum, default_value_t = Emit::Table)]
@@ -185,6 +199,7 @@ fn main() -> ExitCode {
         }
         Cmd::Run(a) => run(&a),
         Cmd::Bench(a) => bench::bench(&a),
+        Cmd::Import(a) => import(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -197,16 +212,29 @@ fn main() -> ExitCode {
     }
 }
 
-/// Reads and compiles a model, printing its diagnostics.
-fn front_end(model: Option<&Path>) -> Result<(Source, Graph)> {
-    let src = match model {
-        Some(p) => Source::new(p.display().to_string(), std::fs::read_to_string(p).with_context(|| format!("cannot read model `{}`", p.display()))?),
-        None => Source::new("alexbn.model (bundled)", cnnc::ALEXBN),
+/// Whether `path` names an ONNX file (by its extension).
+fn is_onnx(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("onnx"))
+}
+
+/// Reads and compiles a model (an ONNX file is imported first), printing its diagnostics; returns the
+/// imported weights of an ONNX file.
+fn front_end(model: Option<&Path>) -> Result<(Source, Graph, Option<Weights>)> {
+    let (src, weights) = match model {
+        Some(p) if is_onnx(p) => {
+            let imported = cnnc::onnx::import(p)?;
+            for note in &imported.notes {
+                eprintln!("note: {note}");
+            }
+            (Source::new(format!("{} (imported)", p.display()), imported.text), Some(Weights::from_arrays(p, imported.weights)))
+        }
+        Some(p) => (Source::new(p.display().to_string(), std::fs::read_to_string(p).with_context(|| format!("cannot read model `{}`", p.display()))?), None),
+        None => (Source::new("alexbn.model (bundled)", cnnc::ALEXBN), None),
     };
     match cnnc::compile(&src) {
         Ok((g, warnings)) => {
             src.emit(&warnings);
-            Ok((src, g))
+            Ok((src, g, weights))
         }
         Err(Failed(diags)) => {
             src.emit(&diags);
@@ -217,8 +245,33 @@ fn front_end(model: Option<&Path>) -> Result<(Source, Graph)> {
     }
 }
 
+/// `cnnc import`: the model text (and, with `--weights-out`, the weights) of an ONNX file.
+fn import(a: &ImportArgs) -> Result<()> {
+    let imported = cnnc::onnx::import(&a.model)?;
+    // Compiled before anything is written: an import that cnnc cannot compile writes nothing.
+    let src = Source::new(format!("{} (imported)", a.model.display()), imported.text.clone());
+    if let Err(Failed(diags)) = cnnc::compile(&src) {
+        src.emit(&diags);
+        return Err(anyhow!("the model imported from `{}` does not compile (a cnnc bug: please report it)", a.model.display()));
+    }
+    for note in &imported.notes {
+        eprintln!("note: {note}");
+    }
+    if let Some(path) = &a.weights_out {
+        let safetensors = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+        write_atomic(path, |w| Ok(weights::write(w, &imported.weights, safetensors)?))?;
+    }
+    match &a.output {
+        Some(path) => write_atomic(path, |w| Ok(w.write_all(imported.text.as_bytes())?)),
+        None => {
+            print!("{}", imported.text);
+            Ok(())
+        }
+    }
+}
+
 fn compile(a: &CompileArgs) -> Result<()> {
-    let (src, g) = front_end(Some(&a.model))?;
+    let (src, g, _) = front_end(Some(&a.model))?;
     let costs = match a.target {
         Target::Cpu => cnnc::opt::lang::CPU,
         Target::Cuda => cnnc::opt::lang::CUDA,
@@ -268,7 +321,7 @@ fn compile(a: &CompileArgs) -> Result<()> {
 
 fn run(a: &RunArgs) -> Result<()> {
     a.exec.check()?;
-    let (src, g) = front_end(a.model.as_deref())?;
+    let (src, g, imported) = front_end(a.model.as_deref())?;
     let [input_node] = g.inputs[..] else {
         return Err(anyhow!("`{}` takes {} inputs; `cnnc run` feeds models with exactly one", src.name, g.inputs.len()));
     };
@@ -285,7 +338,7 @@ fn run(a: &RunArgs) -> Result<()> {
     }
     let x = input::concat_batches(parts);
 
-    let bound = load_weights(&src, &g, a.weights.as_deref(), true)?;
+    let bound = load_weights(&src, &g, a.weights.as_deref(), imported, true)?;
     let (g, _) = cnnc::opt::optimize(&g, &cnnc::opt::Options { level: a.opt, ..Default::default() });
     let y = Runner::new(&g, bound, x.batch(), &a.exec)?.run(&x)?;
     if let Some(path) = &a.output {
@@ -295,10 +348,11 @@ fn run(a: &RunArgs) -> Result<()> {
 }
 
 /// Opens and binds the weights (or Chainer's initializers, with a loud warning), printing diagnostics.
-fn load_weights(src: &Source, g: &Graph, weights: Option<&Path>, warn: bool) -> Result<weights::Bound> {
-    let mut w = match weights {
-        Some(p) => Weights::open(p).map_err(|e| anyhow!(e))?,
-        None => {
+fn load_weights(src: &Source, g: &Graph, weights: Option<&Path>, imported: Option<Weights>, warn: bool) -> Result<weights::Bound> {
+    let mut w = match (weights, imported) {
+        (Some(p), _) => Weights::open(p).map_err(|e| anyhow!(e))?,
+        (None, Some(w)) => w,
+        (None, None) => {
             if warn && !g.params().is_empty() {
                 eprintln!("warning: no --weights given: parameters are initialised randomly (Chainer's LeCunNormal, fixed seed)");
                 eprintln!("warning: THE PREDICTIONS BELOW ARE MEANINGLESS; pass --weights FILE.npz for real ones");

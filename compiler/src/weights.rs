@@ -8,6 +8,7 @@
 use crate::diag::Diagnostic;
 use crate::ir::{Graph, ParamSpec};
 use cnnc_runtime::{rng, Tensor};
+use std::collections::HashMap;
 use std::io::Cursor;
 use std::path::Path;
 
@@ -40,6 +41,8 @@ enum Store {
     Safetensors(Vec<u8>),
     /// Deterministic initialisation (no file).
     Init,
+    /// Arrays already in memory (an imported ONNX model's).
+    Memory(HashMap<String, Array>),
 }
 
 /// A raw array: shape and values converted to f32.
@@ -68,6 +71,11 @@ impl Weights {
         Weights { path: "<initialised>".into(), store: Store::Init }
     }
 
+    /// The arrays of a model imported from `path`.
+    pub fn from_arrays(path: &Path, arrays: HashMap<String, Array>) -> Weights {
+        Weights { path: path.display().to_string(), store: Store::Memory(arrays) }
+    }
+
     pub fn is_init(&self) -> bool {
         matches!(self.store, Store::Init)
     }
@@ -77,6 +85,7 @@ impl Weights {
             Store::Npz(z) => z.array_names().map(str::to_string).collect(),
             Store::Safetensors(b) => safetensors::SafeTensors::deserialize(b).map(|s| s.names().into_iter().map(str::to_string).collect()).unwrap_or_default(),
             Store::Init => vec![],
+            Store::Memory(m) => m.keys().cloned().collect(),
         }
     }
 
@@ -101,6 +110,7 @@ impl Weights {
                 };
                 Ok((t.shape().to_vec(), data))
             }
+            Store::Memory(m) => m.get(key).cloned().ok_or_else(|| corrupt("missing".into())),
             Store::Init => unreachable!("initialised weights are not read"),
         }
     }
@@ -267,4 +277,27 @@ fn missing(path: &str, spec: &ParamSpec, keys: &[String]) -> Diagnostic {
         sample.sort();
         d.note(format!("the file has {} keys, e.g. {}", keys.len(), sample.join(", ")))
     }
+}
+
+/// Writes `arrays` as a Chainer `save_npz` file (one float32 `.npy` per key, compressed) or, with
+/// `safetensors`, as a safetensors file; keys in sorted order, so the bytes are reproducible.
+pub fn write(w: &mut dyn std::io::Write, arrays: &HashMap<String, Array>, safetensors: bool) -> std::io::Result<()> {
+    use npyz::WriterBuilder;
+    let mut keys: Vec<&String> = arrays.keys().collect();
+    keys.sort();
+    if safetensors {
+        let bytes: Vec<Vec<u8>> = keys.iter().map(|k| arrays[*k].1.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+        let views = keys.iter().zip(&bytes).map(|(k, b)| Ok((*k, safetensors::tensor::TensorView::new(safetensors::Dtype::F32, arrays[*k].0.clone(), b)?)));
+        let views: Vec<_> = views.collect::<Result<_, safetensors::SafeTensorError>>().map_err(std::io::Error::other)?;
+        return w.write_all(&safetensors::serialize(views, None).map_err(std::io::Error::other)?);
+    }
+    let mut zip = npyz::npz::NpzWriter::new(Cursor::new(Vec::new()));
+    for k in keys {
+        let (shape, data) = &arrays[k];
+        let shape: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+        let mut npy = zip.array::<f32>(k, Default::default())?.default_dtype().shape(&shape).begin_nd()?;
+        npy.extend(data.iter().copied())?;
+        npy.finish()?;
+    }
+    w.write_all(&zip.zip_writer().finish().map_err(std::io::Error::other)?.into_inner())
 }

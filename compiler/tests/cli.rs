@@ -636,3 +636,59 @@ fn ptx_emission_and_the_cuda_backend_without_a_gpu() {
         assert_eq!(run.code, 0, "{}", run.stderr);
     }
 }
+
+// ---- ONNX ----
+
+/// `cnnc run` on an ONNX file (inline and external weights) against ONNX Runtime's output
+/// (tests/fixtures/onnx/gen_onnx.py), and `cnnc import` → `cnnc run MODEL --weights` giving the same bytes.
+#[test]
+fn onnx_runs_like_onnxruntime_and_imports_to_the_same_numbers() {
+    let d = tmp();
+    let x = fixture("onnx/x.npy");
+    let (_, want) = read_npy(&fixture("onnx/tiny_cnn.ort.npy"));
+    let run = |model: &str, extra: &[&str], out: &str| {
+        let o = cnnc(&[&["run", model, "--input", &x, "--output", out], extra].concat());
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        read_npy(out).1
+    };
+    let out = |n: &str| d.path().join(n).display().to_string();
+    let direct = run(&fixture("onnx/tiny_cnn.onnx"), &[], &out("a.npy"));
+    assert!(rel_diff(&direct, &want) <= 1e-5, "{}", rel_diff(&direct, &want));
+    let reference = run(&fixture("onnx/tiny_cnn.onnx"), &["--backend", "reference", "-O", "0"], &out("r.npy"));
+    assert!(rel_diff(&reference, &want) <= 1e-5, "{}", rel_diff(&reference, &want));
+    assert_eq!(run(&fixture("onnx/tiny_cnn_external.onnx"), &[], &out("b.npy")), direct, "external data");
+    for weights in ["w.npz", "w.safetensors"] {
+        let o = cnnc(&["import", &fixture("onnx/tiny_cnn.onnx"), "-o", &out("m.model"), "--weights-out", &out(weights)]);
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        assert_eq!(run(&out("m.model"), &["--weights", &out(weights)], &out("c.npy")), direct, "{weights}");
+    }
+    let text = std::fs::read_to_string(out("m.model")).unwrap();
+    assert!(text.contains("F.max_pooling_2d(h3, 3, stride=2)") && text.contains("pad_value=None"), "{text}");
+}
+
+#[test]
+fn bad_onnx_files_are_named_errors() {
+    let d = tmp();
+    let garbage = write(d.path(), "garbage.onnx", b"\x08\x07this is not protobuf\xff\xff");
+    fails(&["compile", &garbage], 1, &["garbage.onnx", "is not an ONNX model"]);
+    let bytes = std::fs::read(fixture("onnx/tiny_cnn.onnx")).unwrap();
+    let cut = write(d.path(), "cut.onnx", &bytes[..bytes.len() / 2]);
+    fails(&["compile", &cut], 1, &["cut.onnx"]);
+    // External data that leaves the model's folder, or is shorter than declared.
+    let ext = std::fs::read(fixture("onnx/tiny_cnn_external.onnx")).unwrap();
+    let escaped = write(d.path(), "escape.onnx", &replace(&ext, b"tiny_cnn_external.data", b"../../etc/passwd.data0"));
+    fails(&["compile", &escaped], 1, &["escape.onnx", "leaves the model's folder"]);
+    let moved = write(d.path(), "moved.onnx", &ext);
+    fails(&["compile", &moved], 1, &["moved.onnx", "tiny_cnn_external.data"]);
+    write(d.path(), "tiny_cnn_external.data", &[0u8; 16]);
+    fails(&["compile", &moved], 1, &["moved.onnx", "runs past its end"]);
+    let none = d.path().join("none.onnx").display().to_string();
+    fails(&["import", &none], 1, &["none.onnx"]);
+    assert!(!d.path().join("m.model").exists());
+}
+
+fn replace(hay: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+    assert_eq!(from.len(), to.len(), "same length keeps the protobuf valid");
+    let at = hay.windows(from.len()).position(|w| w == from).expect("present");
+    [&hay[..at], to, &hay[at + from.len()..]].concat()
+}

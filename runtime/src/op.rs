@@ -67,14 +67,17 @@ pub struct Linear {
 
 /// `F.max_pooling_2d` / `F.average_pooling_2d`.
 ///
-/// `cover_all` (max pooling only) uses Chainer's ceil-mode size `(H + 2p − k + s − 1) / s + 1`;
-/// average pooling always divides by `kh·kw`, padded zeros included (Chainer's semantics).
+/// `cover_all` (max pooling only) uses Chainer's ceil-mode size `(H + 2p − k + s − 1) / s + 1`.
+/// Average pooling divides by `kh·kw`, padded zeros included (Chainer's semantics), or with
+/// `exclude_pad` by the number of input elements in the window (Chainer's `pad_value=None`, ONNX's
+/// `count_include_pad=0`). Max pooling ignores padding either way and keeps `exclude_pad` false.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Pool2d {
     pub kernel: [usize; 2],
     pub stride: [usize; 2],
     pub pad: [usize; 2],
     pub cover_all: bool,
+    pub exclude_pad: bool,
 }
 
 /// `F.local_response_normalization`: y = x · (k + α Σ x²)^(−β), the sum over the `n / 2` channels on each
@@ -414,7 +417,7 @@ impl fmt::Display for Op {
             Op::Linear(l) => write!(f, "[{} <- {}{}]", l.out_features, l.in_features, if l.bias { "" } else { ", nobias" }),
             Op::MaxPool2d(p) | Op::AvgPool2d(p) => {
                 write!(f, "[k={}, s={}, p={}", hw(p.kernel), hw(p.stride), hw(p.pad))?;
-                write!(f, "{}]", if p.cover_all { ", cover_all" } else { "" })
+                write!(f, "{}{}]", if p.cover_all { ", cover_all" } else { "" }, if p.exclude_pad { ", exclude_pad" } else { "" })
             }
             Op::Lrn(l) => write!(f, "[n={}, k={}, alpha={:e}, beta={}]", l.n, l.k.0, l.alpha.0, l.beta.0),
             Op::Dropout { ratio } => write!(f, "[ratio={}]", ratio.0),

@@ -36,10 +36,10 @@ pub fn eval(op: &Op, inputs: &[&Tensor], params: &[&Tensor]) -> Tensor {
         Op::Relu => map(x, |v| v.max(0.0)),
         Op::Sigmoid => map(x, |v| (1.0 / (1.0 + (-v as f64).exp())) as f32),
         Op::Dropout { .. } => x.clone(),
-        Op::MaxPool2d(p) => pool(p, x, shape, f32::NEG_INFINITY, f32::max, |m| m),
+        Op::MaxPool2d(p) => pool(p, x, shape, f32::NEG_INFINITY, f32::max, |m, _| m),
         Op::AvgPool2d(p) => {
-            let divisor = (p.kernel[0] * p.kernel[1]) as f32;
-            pool(p, x, shape, 0.0, |a, v| a + v, |s| s / divisor)
+            let window = (p.kernel[0] * p.kernel[1]) as f32;
+            pool(p, x, shape, 0.0, |a, v| a + v, |s, inside| s / if p.exclude_pad { inside as f32 } else { window })
         }
         Op::Lrn(l) => lrn(l, x),
         Op::Softmax { axis } => {
@@ -139,24 +139,26 @@ fn conv2d(c: &Conv2d, x: &Tensor, w: &Tensor, b: Option<&Tensor>, shape: Vec<usi
     y
 }
 
-/// Sliding-window reduction over the in-bounds part of each window (padding never contributes).
-fn pool(p: &Pool2d, x: &Tensor, shape: Vec<usize>, init: f32, fold: impl Fn(f32, f32) -> f32, finish: impl Fn(f32) -> f32) -> Tensor {
+/// Sliding-window reduction over the in-bounds part of each window (padding never contributes);
+/// `finish` gets the reduction and the number of elements it took.
+fn pool(p: &Pool2d, x: &Tensor, shape: Vec<usize>, init: f32, fold: impl Fn(f32, f32) -> f32, finish: impl Fn(f32, usize) -> f32) -> Tensor {
     let [n, c, h, w] = dims4(x);
     let [oh, ow] = [shape[2], shape[3]];
     let mut y = Tensor::zeros(shape);
     for (plane, out) in x.data().chunks(h * w).zip(y.data_mut().chunks_mut(oh * ow)).take(n * c) {
         for oy in 0..oh {
             for ox in 0..ow {
-                let mut acc = init;
+                let (mut acc, mut inside) = (init, 0);
                 for ky in 0..p.kernel[0] {
                     for kx in 0..p.kernel[1] {
                         let (iy, ix) = ((oy * p.stride[0] + ky) as isize - p.pad[0] as isize, (ox * p.stride[1] + kx) as isize - p.pad[1] as isize);
                         if (0..h as isize).contains(&iy) && (0..w as isize).contains(&ix) {
                             acc = fold(acc, plane[iy as usize * w + ix as usize]);
+                            inside += 1;
                         }
                     }
                 }
-                out[oy * ow + ox] = finish(acc);
+                out[oy * ow + ox] = finish(acc, inside);
             }
         }
     }
@@ -238,7 +240,7 @@ mod tests {
     fn cover_all_window_sees_the_last_row() {
         // 1x1x4x4 ramp, k2 s3 cover_all: out 2x2; the second window holds only row/col 3.
         let x = t(&[1, 1, 4, 4], &(0..16).map(|v| v as f32).collect::<Vec<_>>());
-        let p = Pool2d { kernel: [2, 2], stride: [3, 3], pad: [0, 0], cover_all: true };
+        let p = Pool2d { kernel: [2, 2], stride: [3, 3], pad: [0, 0], cover_all: true, exclude_pad: false };
         let y = eval(&Op::MaxPool2d(p), &[&x], &[]);
         assert_eq!(y.shape(), &[1, 1, 2, 2]);
         assert_eq!(y.data(), &[5.0, 7.0, 13.0, 15.0]);
@@ -247,7 +249,7 @@ mod tests {
     #[test]
     fn average_pool_counts_padding() {
         let x = t(&[1, 1, 2, 2], &[4.0, 4.0, 4.0, 4.0]);
-        let p = Pool2d { kernel: [2, 2], stride: [2, 2], pad: [1, 1], cover_all: false };
+        let p = Pool2d { kernel: [2, 2], stride: [2, 2], pad: [1, 1], cover_all: false, exclude_pad: false };
         let y = eval(&Op::AvgPool2d(p), &[&x], &[]);
         assert_eq!(y.data(), &[1.0, 1.0, 1.0, 1.0]);
     }

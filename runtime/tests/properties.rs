@@ -143,7 +143,12 @@ impl PoolProblem {
                     y.push(if self.max {
                         cells.iter().copied().fold(f32::NEG_INFINITY, f32::max)
                     } else {
-                        cells.iter().sum::<f32>() / (p.kernel[0] * p.kernel[1]) as f32
+                        // Chainer's pad_value=None (ONNX count_include_pad=0): the mean of the cells in the input.
+                        let inside = (0..p.kernel[0])
+                            .flat_map(|ky| (0..p.kernel[1]).map(move |kx| (oy * p.stride[0] + ky, ox * p.stride[1] + kx)))
+                            .filter(|&(yy, xx)| (p.pad[0]..p.pad[0] + self.h).contains(&yy) && (p.pad[1]..p.pad[1] + self.w).contains(&xx))
+                            .count();
+                        cells.iter().sum::<f32>() / if p.exclude_pad { inside as f32 } else { (p.kernel[0] * p.kernel[1]) as f32 }
                     });
                 }
             }
@@ -161,13 +166,18 @@ impl PoolProblem {
 }
 
 fn pool_problem() -> impl Strategy<Value = PoolProblem> {
-    ((1usize..3, 1usize..9, 1usize..9), (1usize..4, 1usize..4, 1usize..4, 1usize..4), (0usize..2, 0usize..2), (any::<bool>(), any::<bool>(), 0u64..1000))
-        .prop_filter_map("window must fit", |((c, h, w), (kh, kw, sh, sw), (ph, pw), (cover_all, max, seed))| {
+    (
+        (1usize..3, 1usize..9, 1usize..9),
+        (1usize..4, 1usize..4, 1usize..4, 1usize..4),
+        (0usize..2, 0usize..2),
+        (any::<bool>(), any::<bool>(), any::<bool>(), 0u64..1000),
+    )
+        .prop_filter_map("window must fit", |((c, h, w), (kh, kw, sh, sw), (ph, pw), (cover_all, max, exclude, seed))| {
             // Chainer requires pad < ksize; padding wider than the window makes windows of pure padding.
             if h + 2 * ph < kh || w + 2 * pw < kw || ph >= kh || pw >= kw {
                 return None;
             }
-            let pool = Pool2d { kernel: [kh, kw], stride: [sh, sw], pad: [ph, pw], cover_all: cover_all && max };
+            let pool = Pool2d { kernel: [kh, kw], stride: [sh, sw], pad: [ph, pw], cover_all: cover_all && max, exclude_pad: exclude && !max };
             Some(PoolProblem { c, h, w, pool, max, seed })
         })
 }
@@ -196,6 +206,6 @@ fn conv_stride_beyond_kernel_with_pad() {
 /// cover_all's last window hangs over the edge by stride − 1.
 #[test]
 fn max_pool_cover_all_overhang() {
-    let pool = Pool2d { kernel: [2, 3], stride: [3, 2], pad: [1, 0], cover_all: true };
+    let pool = Pool2d { kernel: [2, 3], stride: [3, 2], pad: [1, 0], cover_all: true, exclude_pad: false };
     PoolProblem { c: 1, h: 7, w: 4, pool, max: true, seed: 3 }.check();
 }

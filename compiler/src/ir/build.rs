@@ -159,7 +159,8 @@ const FUNCTIONS: &[(&str, Signature)] = &[
     ("relu", &[("x", REQUIRED)]),
     ("sigmoid", &[("x", REQUIRED)]),
     ("max_pooling_2d", &[("x", REQUIRED), ("ksize", REQUIRED), ("stride", NONE), ("pad", int(0)), ("cover_all", bool(true))]),
-    ("average_pooling_2d", &[("x", REQUIRED), ("ksize", REQUIRED), ("stride", NONE), ("pad", int(0))]),
+    // `pad_value` as in Chainer's `average_pooling_nd`: 0 averages padded zeros in, None leaves them out.
+    ("average_pooling_2d", &[("x", REQUIRED), ("ksize", REQUIRED), ("stride", NONE), ("pad", int(0)), ("pad_value", int(0))]),
     ("local_response_normalization", &[("x", REQUIRED), ("n", int(5)), ("k", float(2.0)), ("alpha", float(1e-4)), ("beta", float(0.75))]),
     ("dropout", &[("x", REQUIRED), ("ratio", float(0.5))]),
     ("softmax", &[("x", REQUIRED), ("axis", int(1))]),
@@ -594,8 +595,8 @@ impl<'a> Builder<'a> {
             }
             "BatchNormalization" => {
                 let eps = self.float(&v[2], span_of(2), "eps")?;
-                if eps <= 0.0 {
-                    self.arg_error(span_of(2), "eps must be positive", "here");
+                if eps.is_nan() || eps < 0.0 {
+                    self.arg_error(span_of(2), "eps must not be negative", "here");
                     return None;
                 }
                 self.float(&v[1], span_of(1), "decay")?;
@@ -1014,9 +1015,18 @@ impl<'a> Builder<'a> {
                 let pad = self.pair(&v[3], sp(3), "pad", 0)?;
                 if fname == "max_pooling_2d" {
                     let cover_all = self.bool(&v[4], sp(4), "cover_all")?;
-                    Some(Op::MaxPool2d(Pool2d { kernel, stride, pad, cover_all }))
+                    Some(Op::MaxPool2d(Pool2d { kernel, stride, pad, cover_all, exclude_pad: false }))
                 } else {
-                    Some(Op::AvgPool2d(Pool2d { kernel, stride, pad, cover_all: false }))
+                    let exclude_pad = match v[4] {
+                        Value::None => true,
+                        Value::Int(0) => false,
+                        Value::Float(0.0) => false,
+                        _ => {
+                            self.arg_error(sp(4), "`pad_value` must be 0 or None", "here");
+                            return None;
+                        }
+                    };
+                    Some(Op::AvgPool2d(Pool2d { kernel, stride, pad, cover_all: false, exclude_pad }))
                 }
             })(),
             "local_response_normalization" => (|| {

@@ -21,7 +21,8 @@ pub fn lower(t: &mut Tables, n: &Node, p: &Pool2d) {
 
 /// Max or average pooling of planes `lo..hi` of `x` into `y` (plane-major NCHW, same plane numbering).
 /// Windows are clipped to the input, so padding never contributes (Chainer's semantics; average pooling
-/// still divides by the full window, and sums in the reference's (ky, kx) order).
+/// divides by the full window, or with `exclude_pad` by the cells inside, and sums in the reference's
+/// (ky, kx) order).
 ///
 /// Max pooling is separable: each output row first takes the maximum of its window's input rows into
 /// a local buffer, then the maximum of each window of kw columns there at every start position (both
@@ -47,13 +48,22 @@ pub fn pool(kb: &mut Kb, p: &Pool2d, avg: bool, x: Buf, y: Buf, lo: Expr, hi: Ex
                 kb.for_(0usize, ow, |kb, ox| {
                     let (xlo, xhi) = window(kb, ox.clone(), kw, p.stride[1], p.pad[1], w);
                     let acc = kb.var(if avg { e(0.0f32) } else { neg_inf() });
+                    // With `exclude_pad`, the divisor counts the cells summed (as a float: exact here).
+                    let inside = p.exclude_pad.then(|| kb.var(e(0.0f32)));
                     kb.for_(ylo.clone(), yhi.clone(), |kb, iy| {
                         kb.for_(xlo, xhi, |kb, ix| {
                             let v = x.at(src.clone() + iy * pitch + ix);
-                            kb.set(acc, if avg { e(acc) + v } else { e(acc).max(v) })
+                            kb.set(acc, if avg { e(acc) + v } else { e(acc).max(v) });
+                            if let Some(n) = inside {
+                                kb.set(n, e(n) + 1.0f32);
+                            }
                         })
                     });
-                    let v = if avg { e(acc) / ((kh * kw) as f32) } else { e(acc) };
+                    let v = match (avg, inside) {
+                        (true, Some(n)) => e(acc) / n,
+                        (true, None) => e(acc) / ((kh * kw) as f32),
+                        (false, _) => e(acc),
+                    };
                     kb.store(y, dst.clone() + oy.clone() * ow + ox, v);
                 });
             });
