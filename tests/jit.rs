@@ -21,6 +21,7 @@ enum Layer {
     Lrn,
     Softmax,
     Sigmoid,
+    Clip,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -51,7 +52,12 @@ fn py(b: bool) -> &'static str {
 
 impl Pool {
     fn call(&self, x: &str) -> String {
-        let (f, extra) = if self.max { ("max_pooling_2d", format!(", cover_all={}", py(self.cover_all))) } else { ("average_pooling_2d", String::new()) };
+        // For average pooling the flag chooses the divisor instead: the cells inside (`pad_value=None`).
+        let (f, extra) = match (self.max, self.cover_all) {
+            (true, c) => ("max_pooling_2d", format!(", cover_all={}", py(c))),
+            (false, true) => ("average_pooling_2d", ", pad_value=None".into()),
+            (false, false) => ("average_pooling_2d", String::new()),
+        };
         format!("F.{f}({x}, {}, stride={}, pad={}{extra})", self.k, self.stride, self.pad)
     }
 }
@@ -84,6 +90,7 @@ impl Problem {
             Layer::Lrn => (String::new(), "F.local_response_normalization(x)".into()),
             Layer::Softmax => (String::new(), "F.softmax(x)".into()),
             Layer::Sigmoid => (String::new(), "F.sigmoid(x)".into()),
+            Layer::Clip => (String::new(), "F.clip(x, -0.25, 0.5)".into()),
         };
         format!("model Case {{\n{link}\n    forward(x: [{}, {}, {}]) {{\n        return {body}\n    }}\n}}\n", self.c, self.h, self.w)
     }
@@ -190,6 +197,7 @@ fn problem() -> impl Strategy<Value = Problem> {
         (1usize..8).prop_map(|c| (c, Layer::Lrn)),
         (1usize..8).prop_map(|c| (c, Layer::Softmax)),
         (1usize..8).prop_map(|c| (c, Layer::Sigmoid)),
+        (1usize..8).prop_map(|c| (c, Layer::Clip)),
     ];
     (prop_oneof![3 => conv, 1 => other], 1usize..4, 3usize..12, 3usize..12).prop_map(|((c, layer), batch, h, w)| Problem { batch, c, h, w, layer })
 }

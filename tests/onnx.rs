@@ -8,6 +8,12 @@
 //! listed in `tests/onnx-skips.txt` with its reason (so an import that breaks fails here, and one that
 //! starts working must be taken off the list).
 //!
+//! Beside them, torchvision's classic CNNs as torch's two exporters write them
+//! (`tests/fixtures/torchvision/`, graphs only): `weights.py` regenerates their weights deterministically
+//! under `target/torchvision/` and computes ONNX Runtime's output on them; each must match within 1e-4 on
+//! the reference interpreter (-O0) and the JIT (-O1), and its PTX must assemble with `ptxas` when one is
+//! found.
+//!
 //! The wheel is found through `CNNC_PYTHON` (`.ci/run` sets it to its venv's interpreter) or a venv under
 //! `target/`; without one the tests fail under CI and are ignored elsewhere.
 
@@ -74,12 +80,20 @@ fn main() {
         }
     }
     cases.sort();
+    match torchvision(&dir) {
+        Ok(graphs) => {
+            cases.extend(graphs.into_iter().map(|(name, model, x, want)| (name, model, vec![x], want)));
+        }
+        Err(e) => cases.push(("torchvision_setup".into(), PathBuf::from(e), vec![], PathBuf::new())),
+    }
     let listed: Vec<String> = skips.keys().filter(|k| !cases.iter().any(|c| &c.0 == *k)).cloned().collect();
     let mut trials: Vec<Trial> = cases
         .into_iter()
         .map(|(name, model, inputs, output)| {
             let skip = skips.get(&name).cloned();
-            Trial::test(name, move || check(&model, &inputs, &output, skip.as_deref()))
+            // PTX for the torchvision set (the others are small variations of the same kernels).
+            let ptx = name.starts_with("torchvision_");
+            Trial::test(name, move || check(&model, &inputs, &output, skip.as_deref(), ptx))
         })
         .collect();
     trials.push(Trial::test("skip_list_names_existing_tests", move || {
@@ -92,12 +106,42 @@ fn main() {
     libtest_mimic::run(&args, trials).exit();
 }
 
+/// The torchvision graphs with their regenerated weights: (name, model, input, ORT's output). Runs
+/// `weights.py` (seconds) unless every output is newer than its graph.
+fn torchvision(_: &Path) -> Result<Vec<(String, PathBuf, PathBuf, PathBuf)>, String> {
+    let src = root().join("tests/fixtures/torchvision");
+    let out = root().join("target/torchvision");
+    let mut graphs: Vec<PathBuf> = std::fs::read_dir(&src).map_err(|e| e.to_string())?.map(|e| e.expect("entry").path()).collect();
+    graphs.retain(|p| p.extension().is_some_and(|e| e == "onnx"));
+    graphs.sort();
+    let stem = |g: &Path| g.file_stem().expect("a name").to_string_lossy().into_owned();
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let fresh = graphs.iter().all(|g| modified(&out.join(format!("{}.ort.npy", stem(g)))) > modified(g));
+    if !fresh {
+        let py = python().ok_or("no Python with onnxruntime")?;
+        let status = std::process::Command::new(py).arg(src.join("weights.py")).arg(&out).status().map_err(|e| e.to_string())?;
+        if !status.success() {
+            return Err(format!("tests/fixtures/torchvision/weights.py failed ({status})"));
+        }
+    }
+    Ok(graphs
+        .iter()
+        .map(|g| (format!("torchvision_{}", stem(g)), out.join(g.file_name().expect("a name")), out.join("x.npy"), out.join(format!("{}.ort.npy", stem(g)))))
+        .collect())
+}
+
 fn tensor(path: &Path) -> Result<Tensor, Failed> {
+    if path.extension().is_some_and(|e| e == "npy") {
+        return Ok(cnnc_tests::load_npy(path));
+    }
     let (d, v) = cnnc::onnx::read_tensor(path).map_err(|e| e.to_string())?;
     Tensor::new(d, v).map_err(|e| Failed::from(format!("{}: {e:?}", path.display())))
 }
 
-fn check(model: &Path, inputs: &[PathBuf], output: &Path, skip: Option<&str>) -> Result<(), Failed> {
+fn check(model: &Path, inputs: &[PathBuf], output: &Path, skip: Option<&str>, ptx: bool) -> Result<(), Failed> {
+    if output.as_os_str().is_empty() {
+        return Err(model.display().to_string().into());
+    }
     let imported = match (cnnc::onnx::import(model), skip) {
         (Ok(_), Some(reason)) => return Err(format!("imports now, but tests/onnx-skips.txt skips it ({reason}): take it off the list").into()),
         (Err(_), Some(_)) => return Ok(()),
@@ -132,6 +176,11 @@ fn check(model: &Path, inputs: &[PathBuf], output: &Path, skip: Option<&str>) ->
         let y =
             cnnc::jit::compile(&jit, cnnc::jit::Options { checked: true }).map_err(|e| format!("{e}"))?.exe.run(&[&xs[0]], 2).map_err(|e| format!("{e}"))?;
         check_close(&reshaped(y), &want, "JIT -O1")?;
+        if let Some(ptxas) = cnnc::ptx::ptxas::find().filter(|_| ptx) {
+            let portable = cnnc::kernel::program(&fast, bound(&fast), 1, cnnc::kernel::Tier::Portable);
+            let ptx = cnnc::ptx::emit(&portable, cnnc::ptx::DEFAULT_SM).map_err(|e| e.to_string())?;
+            cnnc::ptx::ptxas::assemble(&ptxas, &ptx, cnnc::ptx::DEFAULT_SM).map_err(|e| format!("ptxas: {e}"))?;
+        }
     }
     Ok(())
 }

@@ -142,6 +142,11 @@ pub enum Op {
     Relu,
     /// `F.sigmoid`: 1 / (1 + e^(−x)).
     Sigmoid,
+    /// `F.clip(x, x_min, x_max)`: min(max(x, x_min), x_max) (ReLU6 is `clip(x, 0, 6)`).
+    Clip {
+        min: F64,
+        max: F64,
+    },
     MaxPool2d(Pool2d),
     AvgPool2d(Pool2d),
     Lrn(Lrn),
@@ -204,7 +209,7 @@ impl Op {
         match self {
             Op::Concat { .. } => None,
             Op::Add => Some(2),
-            Op::Conv2d(_) | Op::BatchNorm(_) | Op::Linear(_) | Op::Relu | Op::Sigmoid | Op::MaxPool2d(_) | Op::AvgPool2d(_) => Some(1),
+            Op::Conv2d(_) | Op::BatchNorm(_) | Op::Linear(_) | Op::Relu | Op::Sigmoid | Op::Clip { .. } | Op::MaxPool2d(_) | Op::AvgPool2d(_) => Some(1),
             Op::Lrn(_) | Op::Dropout { .. } | Op::Softmax { .. } | Op::Reshape { .. } | Op::Fused(_) | Op::Slice { .. } => Some(1),
         }
     }
@@ -214,7 +219,7 @@ impl Op {
         match self {
             Op::Conv2d(Conv2d { bias, .. }) | Op::Linear(Linear { bias, .. }) => Some(bias),
             Op::Fused(Fused { base: FusedBase::Conv(Conv2d { bias, .. }) | FusedBase::Linear(Linear { bias, .. }), .. }) => Some(bias),
-            Op::BatchNorm(_) | Op::Relu | Op::Sigmoid | Op::MaxPool2d(_) | Op::AvgPool2d(_) | Op::Lrn(_) | Op::Dropout { .. } => None,
+            Op::BatchNorm(_) | Op::Relu | Op::Sigmoid | Op::Clip { .. } | Op::MaxPool2d(_) | Op::AvgPool2d(_) | Op::Lrn(_) | Op::Dropout { .. } => None,
             Op::Softmax { .. } | Op::Reshape { .. } | Op::Concat { .. } | Op::Add | Op::Slice { .. } => None,
         }
     }
@@ -227,6 +232,7 @@ impl Op {
             Op::Linear(_) => "linear",
             Op::Relu => "relu",
             Op::Sigmoid => "sigmoid",
+            Op::Clip { .. } => "clip",
             Op::MaxPool2d(_) => "max_pool2d",
             Op::AvgPool2d(_) => "avg_pool2d",
             Op::Lrn(_) => "lrn",
@@ -264,7 +270,7 @@ impl Op {
             }
             Op::Fused(f) => f.base_op().params(),
             Op::BatchNorm(b) => ["gamma", "beta", "avg_mean", "avg_var"].into_iter().map(|n| (n, vec![b.channels])).collect(),
-            Op::Relu | Op::Sigmoid | Op::MaxPool2d(_) | Op::AvgPool2d(_) | Op::Lrn(_) | Op::Dropout { .. } => vec![],
+            Op::Relu | Op::Sigmoid | Op::Clip { .. } | Op::MaxPool2d(_) | Op::AvgPool2d(_) | Op::Lrn(_) | Op::Dropout { .. } => vec![],
             Op::Softmax { .. } | Op::Reshape { .. } | Op::Concat { .. } | Op::Add | Op::Slice { .. } => vec![],
         }
     }
@@ -321,7 +327,7 @@ impl Op {
                 chw(x, "local response normalization")?;
                 Ok(x.to_vec())
             }
-            Op::Relu | Op::Sigmoid | Op::Dropout { .. } => Ok(x.to_vec()),
+            Op::Relu | Op::Sigmoid | Op::Clip { .. } | Op::Dropout { .. } => Ok(x.to_vec()),
             Op::Softmax { axis } => {
                 per_sample_axis(*axis, x)?;
                 Ok(x.to_vec())
@@ -378,7 +384,7 @@ impl Op {
             Op::Conv2d(c) => out() * (c.in_channels / c.groups * c.kernel[0] * c.kernel[1]) as u64,
             Op::Linear(l) => out() * l.in_features as u64,
             Op::Fused(f) => f.base_op().macs(inputs),
-            Op::BatchNorm(_) | Op::Relu | Op::Sigmoid | Op::MaxPool2d(_) | Op::AvgPool2d(_) | Op::Lrn(_) | Op::Dropout { .. } => 0,
+            Op::BatchNorm(_) | Op::Relu | Op::Sigmoid | Op::Clip { .. } | Op::MaxPool2d(_) | Op::AvgPool2d(_) | Op::Lrn(_) | Op::Dropout { .. } => 0,
             Op::Softmax { .. } | Op::Reshape { .. } | Op::Concat { .. } | Op::Add | Op::Slice { .. } => 0,
         }
     }
@@ -424,6 +430,7 @@ impl fmt::Display for Op {
             Op::Softmax { axis } | Op::Concat { axis } => write!(f, "[axis={}]", axis.0),
             Op::Reshape { dims } => write!(f, "{}", Batched(dims)),
             Op::Relu | Op::Sigmoid | Op::Add => Ok(()),
+            Op::Clip { min, max } => write!(f, "[{}, {}]", min.0, max.0),
             Op::Slice { axis, start, len } => write!(f, "[axis={}, {start}..{}]", axis.0, start + len),
             Op::Fused(fu) => {
                 // `conv2d+relu+max_pool2d[96 <- 3, ...; k=3x3, ...]`: base attributes, then the pool's.

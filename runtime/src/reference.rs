@@ -35,6 +35,7 @@ pub fn eval(op: &Op, inputs: &[&Tensor], params: &[&Tensor]) -> Tensor {
         }
         Op::Relu => map(x, |v| v.max(0.0)),
         Op::Sigmoid => map(x, |v| (1.0 / (1.0 + (-v as f64).exp())) as f32),
+        Op::Clip { min, max } => map(x, |v| v.max(min.0 as f32).min(max.0 as f32)),
         Op::Dropout { .. } => x.clone(),
         Op::MaxPool2d(p) => pool(p, x, shape, f32::NEG_INFINITY, f32::max, |m, _| m),
         Op::AvgPool2d(p) => {

@@ -158,6 +158,7 @@ const LINKS: &[(&str, Signature)] = &[
 const FUNCTIONS: &[(&str, Signature)] = &[
     ("relu", &[("x", REQUIRED)]),
     ("sigmoid", &[("x", REQUIRED)]),
+    ("clip", &[("x", REQUIRED), ("x_min", REQUIRED), ("x_max", REQUIRED)]),
     ("max_pooling_2d", &[("x", REQUIRED), ("ksize", REQUIRED), ("stride", NONE), ("pad", int(0)), ("cover_all", bool(true))]),
     // `pad_value` as in Chainer's `average_pooling_nd`: 0 averages padded zeros in, None leaves them out.
     ("average_pooling_2d", &[("x", REQUIRED), ("ksize", REQUIRED), ("stride", NONE), ("pad", int(0)), ("pad_value", int(0))]),
@@ -1009,6 +1010,14 @@ impl<'a> Builder<'a> {
             }
             "relu" => Some(Op::Relu),
             "sigmoid" => Some(Op::Sigmoid),
+            "clip" => (|| {
+                let (min, max) = (self.float(&v[1], sp(1), "x_min")?, self.float(&v[2], sp(2), "x_max")?);
+                if min.is_nan() || max.is_nan() || min > max {
+                    self.arg_error(sp(2), format!("x_max {max} is below x_min {min}"), "here");
+                    return None;
+                }
+                Some(Op::Clip { min: F64(min), max: F64(max) })
+            })(),
             "max_pooling_2d" | "average_pooling_2d" => (|| {
                 let kernel = self.pair(&v[1], sp(1), "ksize", 1)?;
                 let stride = if v[2] == Value::None { kernel } else { self.pair(&v[2], sp(2), "stride", 1)? };

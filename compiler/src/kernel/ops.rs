@@ -18,6 +18,7 @@ pub fn lower(t: &mut Tables, n: &Node) {
     match n.op {
         Op::Reshape { .. } | Op::Dropout { .. } => {}
         Op::Relu => elementwise::pointwise(t, n, |[v]| v.max(e(0.0f32).splat())),
+        Op::Clip { min, max } => elementwise::pointwise(t, n, |[v]| v.max(e(min.0 as f32).splat()).min(e(max.0 as f32).splat())),
         Op::Sigmoid => elementwise::pointwise(t, n, |[v]| e(1.0f32).splat() / (e(1.0f32).splat() + (e(0.0f32).splat() - v).exp())),
         Op::Add => elementwise::pointwise(t, n, |[a, b]| a + b),
         Op::BatchNorm(bn) => elementwise::batch_norm(t, n, bn),

@@ -169,7 +169,11 @@ fn alias(graph: &Graph) -> Vec<usize> {
         let first = graph.args(id).first().map(|a| home[pos[a]]);
         let h = match (&graph.node(id).kind, first) {
             (Kind::Op(Op::Reshape { .. } | Op::Dropout { .. }), Some(f)) => f,
-            (Kind::Op(Op::Relu | Op::BatchNorm(_) | Op::Add), Some(f)) if busy[f] <= i && !matches!(graph.node(order[f]).kind, Kind::Input(_)) => f,
+            (Kind::Op(Op::Relu | Op::Clip { .. } | Op::BatchNorm(_) | Op::Add), Some(f))
+                if busy[f] <= i && !matches!(graph.node(order[f]).kind, Kind::Input(_)) =>
+            {
+                f
+            }
             _ => i,
         };
         busy[h] = busy[h].max(last_read[i]);

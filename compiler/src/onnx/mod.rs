@@ -90,6 +90,11 @@ pub fn import(path: &Path) -> Result<Imported, OnnxError> {
             dims.filter(|d| !d.is_empty()).ok_or_else(|| invalid(format!("input `{}` needs fixed sizes after the batch axis, has {shape:?}", i.name())))?;
         inputs.push((i.name().to_string(), dims));
     }
+    let batches: std::collections::BTreeSet<i64> =
+        graph.input.iter().filter(|i| !values.contains_key(i.name())).filter_map(|i| value_shape(i)?.first().copied()?).collect();
+    if batches.len() > 1 {
+        return Err(invalid(format!("the inputs declare different batch sizes {batches:?}; cnnc's inputs share axis 0, the batch")));
+    }
     let order = topological(graph).map_err(invalid)?;
     let unsupported: Vec<String> = order
         .iter()

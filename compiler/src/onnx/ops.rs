@@ -38,6 +38,8 @@ const SUPPORTED: &[&str] = &[
     "Unsqueeze",
     "Squeeze",
     "Cast",
+    "ReduceMean",
+    "Clip",
 ];
 
 pub(super) fn supported(op: &str) -> bool {
@@ -98,12 +100,20 @@ fn string(n: &pb::NodeProto, name: &str) -> String {
 
 /// A pair as the model language writes it: `3` for `(3, 3)`.
 fn pair(v: [usize; 2]) -> String {
-    if v[0] == v[1] { v[0].to_string() } else { format!("({}, {})", v[0], v[1]) }
+    if v[0] == v[1] {
+        v[0].to_string()
+    } else {
+        format!("({}, {})", v[0], v[1])
+    }
 }
 
 /// `, name=value` unless the value is the default.
 fn keyword(name: &str, v: [usize; 2], default: [usize; 2]) -> String {
-    if v == default { String::new() } else { format!(", {name}={}", pair(v)) }
+    if v == default {
+        String::new()
+    } else {
+        format!(", {name}={}", pair(v))
+    }
 }
 
 fn usizes(v: &[i64], what: &str) -> R<Vec<usize>> {
@@ -243,7 +253,11 @@ impl Writer {
             self.set(n, v);
             return Ok(());
         }
-        if matches!(op, "Constant" | "ConstantOfShape" | "Shape" | "Gather" | "Unsqueeze" | "Squeeze" | "Cast") || (self.all_const(n) && op != "Sum") {
+        let on_tensor = matches!(self.get(n, 0), Some(Value::Tensor(_)));
+        if matches!(op, "Constant" | "ConstantOfShape" | "Shape" | "Gather" | "Cast")
+            || (matches!(op, "Unsqueeze" | "Squeeze") && !on_tensor)
+            || (self.all_const(n) && op != "Sum")
+        {
             let c = self.fold(n)?;
             self.set(n, Value::Const(c));
             return Ok(());
@@ -272,6 +286,24 @@ impl Writer {
                 self.emit(n, format!("F.{}({})", op.to_lowercase(), x.var), x.shape, None);
                 Ok(())
             }
+            "Clip" => {
+                let x = self.tensor(n, 0)?;
+                // Bounds are attributes before opset 11, optional constant inputs from 11.
+                let bound = |i: usize, name: &str, default: f32| -> R<f32> {
+                    if self.opset < 11 {
+                        return Ok(float(n, name, default));
+                    }
+                    self.opt_constant(n, i)?.map_or(Ok(default), |c| c.floats().first().copied().ok_or(format!("an empty {name}")))
+                };
+                let (lo, hi) = (bound(1, "min", f32::NEG_INFINITY)?, bound(2, "max", f32::INFINITY)?);
+                let expr = match (lo, hi) {
+                    (0.0, f32::INFINITY) => format!("F.relu({})", x.var),
+                    _ if lo.is_finite() && hi.is_finite() && lo <= hi => format!("F.clip({}, {:?}, {:?})", x.var, lo as f64, hi as f64),
+                    _ => return Err(format!("clipping to [{lo}, {hi}] is not supported (finite bounds, or ReLU's [0, inf))")),
+                };
+                self.emit(n, expr, x.shape, None);
+                Ok(())
+            }
             "MaxPool" | "AveragePool" => self.pool(n),
             "GlobalAveragePool" => {
                 let x = self.tensor(n, 0)?;
@@ -293,6 +325,26 @@ impl Writer {
             }
             "Gemm" | "MatMul" => self.linear(n),
             "Add" | "Sub" | "Mul" | "Sum" => self.arith(n),
+            "Unsqueeze" | "Squeeze" => {
+                let x = self.tensor(n, 0)?;
+                let folded = self.fold_shape(n, &x.shape)?;
+                self.reshape(n, &x, folded)
+            }
+            "ReduceMean" => {
+                let x = self.tensor(n, 0)?;
+                let listed = if self.opset >= 18 { self.opt_constant(n, 1)?.map(|c| c.ints()) } else { ints(n, "axes") };
+                let mut axes: Vec<usize> = listed.unwrap_or_default().iter().map(|&a| axis(a, x.shape.len())).collect::<R<_>>()?;
+                axes.sort();
+                let [_, c, h, w] = x.shape[..] else { return Err(format!("input shape {:?} is not (N, C, H, W)", x.shape)) };
+                if axes != [2, 3] {
+                    return Err(format!("a mean over axes {axes:?} (cnnc averages over H and W only)"));
+                }
+                let pooled = format!("F.average_pooling_2d({}, {})", x.var, pair([h, w]));
+                let keep = int(n, "keepdims", 1) != 0;
+                let (expr, shape) = if keep { (pooled, vec![1, c, 1, 1]) } else { (format!("F.reshape({pooled}, (-1, {c}))"), vec![1, c]) };
+                self.emit(n, expr, shape, None);
+                Ok(())
+            }
             "Flatten" => {
                 let x = self.tensor(n, 0)?;
                 if axis(int(n, "axis", 1), x.shape.len() + 1)? != 1 {
@@ -305,12 +357,7 @@ impl Writer {
             "Reshape" => {
                 let x = self.tensor(n, 0)?;
                 let shape = self.reshaped(&x.shape, &self.constant(n, 1)?.ints(), int(n, "allowzero", 0) != 0)?;
-                if shape.len() < 2 || shape[0] != 1 {
-                    return Err(format!("reshape {:?} → {shape:?} does not keep the batch on axis 0", x.shape));
-                }
-                let dims: Vec<String> = shape[1..].iter().map(usize::to_string).collect();
-                self.emit(n, format!("F.reshape({}, (-1, {}))", x.var, dims.join(", ")), shape, None);
-                Ok(())
+                self.reshape(n, &x, shape)
             }
             "Concat" => {
                 let xs: Vec<Tensor> = (0..n.input.len()).map(|i| self.tensor(n, i)).collect::<R<_>>()?;
@@ -534,6 +581,21 @@ impl Writer {
         Ok(())
     }
 
+    /// `F.reshape` to `shape`, whose axis 0 must stay the batch.
+    fn reshape(&mut self, n: &pb::NodeProto, x: &Tensor, shape: Vec<usize>) -> R<()> {
+        if shape.len() < 2 || shape[0] != 1 {
+            return Err(format!("reshape {:?} → {shape:?} does not keep the batch on axis 0", x.shape));
+        }
+        let dims: Vec<String> = shape[1..].iter().map(usize::to_string).collect();
+        self.emit(n, format!("F.reshape({}, (-1, {}))", x.var, dims.join(", ")), shape, None);
+        Ok(())
+    }
+
+    /// The shape `Unsqueeze`/`Squeeze` make of `dims` (the node folded on a stand-in without values).
+    fn fold_shape(&self, n: &pb::NodeProto, dims: &[usize]) -> R<Vec<usize>> {
+        Ok(self.fold_with(n, Some(Const::F(dims.to_vec(), vec![])))?.dims().to_vec())
+    }
+
     /// Reshape's target: 0 copies the input's size (unless `allowzero`), −1 takes what is left.
     fn reshaped(&self, input: &[usize], target: &[i64], allowzero: bool) -> R<Vec<usize>> {
         let total: usize = input.iter().product();
@@ -555,7 +617,15 @@ impl Writer {
 
     /// Evaluates a node whose inputs are all constants (or a `Shape` of a tensor).
     fn fold(&self, n: &pb::NodeProto) -> R<Const> {
-        let c = |i: usize| self.constant(n, i);
+        self.fold_with(n, None)
+    }
+
+    /// [`Writer::fold`] with input 0 given (for shape-only folds, its values may be empty).
+    fn fold_with(&self, n: &pb::NodeProto, first: Option<Const>) -> R<Const> {
+        let c = |i: usize| match (i, &first) {
+            (0, Some(f)) => Ok(f.clone()),
+            _ => self.constant(n, i),
+        };
         // Unsqueeze/Squeeze axes: an attribute before opset 13, an input from 13.
         let axes = |rank: Option<usize>| -> R<Vec<usize>> {
             let a = if self.opset >= 13 && n.input.len() > 1 { c(1)?.ints() } else { ints(n, "axes").unwrap_or_default() };
