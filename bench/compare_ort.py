@@ -1,8 +1,12 @@
 #!/usr/bin/env python3
-"""Latency of cnnc against ONNX Runtime on Chainer's AlexBN: same model, same weights, one run.
+"""Latency of cnnc against ONNX Runtime on Chainer's AlexBN, or on any ONNX files: same model, same weights, one run.
 
     python3 bench/compare_ort.py [--cnnc PATH] [--batch 1 8] [--threads 1 2] [--runs 30] [--rounds 5]
-                                 [--work DIR] [--layers]
+                                 [--work DIR] [--layers] [--onnx FILE.onnx ...]
+
+With --onnx, both sides read the same files (cnnc imports each on the fly): per file and batch a gate
+(cnnc run against ORT on one seeded input, limit 1e-4 relative), then the alternating rounds of step 3
+below, one table row per (file, batch, threads). Otherwise, on AlexBN:
 
 1. Writes deterministic weights (numpy default_rng(0)) as a Chainer-style npz with the keys cnnc
    reads (conv1/W, conv1/b, bn1/gamma, bn1/beta, bn1/avg_mean, bn1/avg_var, ..., fc8/b) and the
@@ -167,8 +171,9 @@ def check(cnnc, npz, onnx_path, batch, work):
     return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
-def cnnc_bench(cnnc, npz, batch, threads, runs, tier="auto"):
-    cmd = [cnnc, "bench", MODEL, "--weights", npz, "--batch", str(batch), "--threads", str(threads),
+def cnnc_bench(cnnc, npz, batch, threads, runs, tier="auto", model=MODEL):
+    weights = ["--weights", npz] if npz else []
+    cmd = [cnnc, "bench", model, *weights, "--batch", str(batch), "--threads", str(threads),
            "--runs", str(runs), "--tier", tier, "--json"]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
@@ -259,6 +264,61 @@ def cpu_model():
     return "unknown"
 
 
+def onnx_input(sess, batch):
+    """A seeded N(0,1) input for the session's first input, with `batch` on its symbolic axis 0."""
+    i = sess.get_inputs()[0]
+    shape = [batch] + [d for d in i.shape[1:]]
+    if not all(isinstance(d, int) for d in shape):
+        sys.exit(f"input `{i.name}` has symbolic dimensions {i.shape} beyond the batch")
+    return i.name, np.random.default_rng(1).standard_normal(shape, dtype=np.float32)
+
+
+def compare_onnx(a):
+    """The --onnx mode: gate and time each file on both sides."""
+    med = statistics.median
+    os.makedirs(a.work, exist_ok=True)
+    print("| model | batch | threads | cnnc median ms | ORT median ms | ratio cnnc/ORT | round ratios | max rel. diff |")
+    print("|---|---:|---:|---:|---:|---:|---|---:|")
+    for path in a.onnx:
+        name = os.path.basename(path)[: -len(".onnx")] if path.endswith(".onnx") else os.path.basename(path)
+        for b in a.batch:
+            sess2 = ort_session(path, 2)
+            in_name, x = onnx_input(sess2, b)
+            xf, yf = os.path.join(a.work, f"{name}_x{b}.npy"), os.path.join(a.work, f"{name}_y{b}.npy")
+            np.save(xf, x)
+            if os.path.exists(yf):
+                os.remove(yf)
+            cmd = [a.cnnc, "run", path, "--input", xf, "--output", yf]
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode != 0:
+                print(f"| {name} | {b} | - | cnnc failed: {p.stderr.strip().splitlines()[0] if p.stderr.strip() else p.returncode} | | | | |", flush=True)
+                break
+            ref = sess2.run(None, {in_name: x})[0]
+            err = float(np.abs(np.load(yf).reshape(ref.shape) - ref).max() / np.abs(ref).max())
+            if not err <= TOLERANCE:
+                sys.exit(f"{path}: cnnc and ONNX Runtime disagree at batch {b} ({err:.2e}); not timing")
+            for t in a.threads:
+                sess = ort_session(path, t)
+                ours, theirs = [], []
+                for _ in range(a.rounds):
+                    ours.append(cnnc_bench(a.cnnc, None, b, t, a.runs, model=path))
+                    theirs.append(time_onnx(sess, in_name, x, a.runs))
+                ratios = [c["median_ms"] / o for c, o in zip(ours, theirs)]
+                print(f"| {name} | {b} | {t} | {med(c['median_ms'] for c in ours):.2f} | {med(theirs):.2f} | {med(ratios):.2f} | "
+                      f"{' '.join(f'{r:.2f}' for r in ratios)} | {err:.1e} |", flush=True)
+
+
+def time_onnx(sess, in_name, x, runs, warmup=5):
+    for _ in range(warmup):
+        sess.run(None, {in_name: x})
+    ts = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, {in_name: x})
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cnnc", default=os.path.join(ROOT, "target", "release", "cnnc"))
@@ -273,6 +333,7 @@ def main():
                     help="also time cnnc with the AVX-512 tier disabled (--tier portable) in the same rounds")
     ap.add_argument("--peak", type=float, default=PEAK_GFLOPS_PER_CORE,
                     help="FMA peak GFLOP/s per core for the %% of peak columns (default: %(default)s)")
+    ap.add_argument("--onnx", nargs="+", metavar="FILE", help="compare on these ONNX files instead of AlexBN")
     a = ap.parse_args()
     import onnxruntime
 
@@ -282,6 +343,13 @@ def main():
         if subprocess.run([a.cnnc, "bench", "--help"], capture_output=True).returncode != 0:
             sys.exit(f"{a.cnnc} has no `bench` subcommand (`cnnc bench MODEL --weights W --batch B --threads T "
                      "--runs R --json`); build a cnnc that has one, or pass --ort-only")
+    if a.onnx:
+        tree = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"], capture_output=True, text=True)
+        print(f"command: `{shlex.join(getattr(sys, 'orig_argv', [sys.executable, *sys.argv]))}`  ")
+        print(f"cnnc tree {tree.stdout.strip() or '?'}; onnxruntime {onnxruntime.__version__}; CPU: {cpu_model()} "
+              f"({os.cpu_count()} logical CPUs); {a.rounds} rounds of {a.runs} timed runs each\n")
+        compare_onnx(a)
+        return 0
     npz, onnx_path = prepare(a.work)
 
     tree = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"], capture_output=True, text=True)

@@ -15,13 +15,29 @@ use proptest::prelude::*;
 
 #[derive(Clone, Debug)]
 enum Layer {
-    Conv { out: usize, k: [usize; 2], stride: usize, pad: usize, groups: usize, bias: bool, relu: bool, pool: Option<Pool> },
-    Linear { out: usize, relu: bool },
+    Conv {
+        out: usize,
+        k: [usize; 2],
+        stride: usize,
+        pad: usize,
+        groups: usize,
+        bias: bool,
+        relu: bool,
+        pool: Option<Pool>,
+    },
+    Linear {
+        out: usize,
+        relu: bool,
+    },
     Pool(Pool),
     Lrn,
     Softmax,
     Sigmoid,
     Clip,
+    /// `x * F.sigmoid(x)`: a product of equal shapes.
+    Silu,
+    /// `x` times its per-channel mean: a product by one value per channel.
+    Scale,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -91,6 +107,8 @@ impl Problem {
             Layer::Softmax => (String::new(), "F.softmax(x)".into()),
             Layer::Sigmoid => (String::new(), "F.sigmoid(x)".into()),
             Layer::Clip => (String::new(), "F.clip(x, -0.25, 0.5)".into()),
+            Layer::Silu => (String::new(), "x * F.sigmoid(x)".into()),
+            Layer::Scale => (String::new(), format!("x * F.average_pooling_2d(x, ({}, {}))", self.h, self.w)),
         };
         format!("model Case {{\n{link}\n    forward(x: [{}, {}, {}]) {{\n        return {body}\n    }}\n}}\n", self.c, self.h, self.w)
     }
@@ -198,6 +216,8 @@ fn problem() -> impl Strategy<Value = Problem> {
         (1usize..8).prop_map(|c| (c, Layer::Softmax)),
         (1usize..8).prop_map(|c| (c, Layer::Sigmoid)),
         (1usize..8).prop_map(|c| (c, Layer::Clip)),
+        (1usize..8).prop_map(|c| (c, Layer::Silu)),
+        (1usize..8).prop_map(|c| (c, Layer::Scale)),
     ];
     (prop_oneof![3 => conv, 1 => other], 1usize..4, 3usize..12, 3usize..12).prop_map(|((c, layer), batch, h, w)| Problem { batch, c, h, w, layer })
 }

@@ -168,6 +168,8 @@ enum Emit {
     Asm,
     /// PTX for NVIDIA GPUs, one `.entry` per kernel (needs `--target cuda`).
     Ptx,
+    /// Graphviz text of the graph (optimized at -O1: fused layers are one node listing what they fused).
+    Dot,
 }
 
 fn parse_finite(s: &str) -> Result<f32, String> {
@@ -299,6 +301,7 @@ fn compile(a: &CompileArgs) -> Result<()> {
         }
         Emit::Ir => ir::dump(&g, &src),
         Emit::IrOpt => ir::dump(&optimized, &src),
+        Emit::Dot => ir::dot(&optimized),
         Emit::Kernels => match a.after {
             Some(pass) => cnnc::kernel::listing_after(&optimized, zeros(), batch, cnnc::kernel::Lowering::new(a.tier.get()), pass),
             None => cnnc::kernel::listing(&program()),

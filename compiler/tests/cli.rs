@@ -692,3 +692,22 @@ fn replace(hay: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
     let at = hay.windows(from.len()).position(|w| w == from).expect("present");
     [&hay[..at], to, &hay[at + from.len()..]].concat()
 }
+
+/// `--emit dot` is Graphviz text that `dot` (Debian's graphviz) renders; at -O1 AlexBN's fused layers are
+/// single nodes that list the rules and parameters they folded in. Under CI a missing `dot` fails.
+#[test]
+fn emit_dot_renders_with_graphviz() {
+    let d = tmp();
+    for (level, fused) in [("0", false), ("1", true)] {
+        let path = d.path().join(format!("g{level}.dot")).display().to_string();
+        let o = cnnc(&["compile", "models/alexbn.model", "--emit", "dot", "-O", level, "-o", &path]);
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("digraph \"AlexBN\" {") && text.contains(" -> "), "{text}");
+        assert_eq!(text.contains("conv2d+relu+max_pool2d") && text.contains("fold_w(conv1/W, bn1)"), fused, "{text}");
+        match Command::new("dot").arg("-Tsvg").arg(&path).output() {
+            Ok(svg) => assert!(svg.status.success() && String::from_utf8_lossy(&svg.stdout).contains("<svg"), "{}", String::from_utf8_lossy(&svg.stderr)),
+            Err(e) => assert!(std::env::var_os("CI").is_none(), "graphviz's `dot` is needed under CI: {e}"),
+        }
+    }
+}

@@ -165,6 +165,8 @@ pub enum Op {
         axis: Axis,
     },
     Add,
+    /// `a * b`: element-wise product; `b` may hold one value per channel (N, C, 1, 1) and is broadcast.
+    Mul,
     Fused(Fused),
     /// `len` entries from `start` along `axis` (the outputs of merged parallel convolutions).
     Slice {
@@ -208,7 +210,7 @@ impl Op {
     pub fn arity(&self) -> Option<usize> {
         match self {
             Op::Concat { .. } => None,
-            Op::Add => Some(2),
+            Op::Add | Op::Mul => Some(2),
             Op::Conv2d(_) | Op::BatchNorm(_) | Op::Linear(_) | Op::Relu | Op::Sigmoid | Op::Clip { .. } | Op::MaxPool2d(_) | Op::AvgPool2d(_) => Some(1),
             Op::Lrn(_) | Op::Dropout { .. } | Op::Softmax { .. } | Op::Reshape { .. } | Op::Fused(_) | Op::Slice { .. } => Some(1),
         }
@@ -220,7 +222,7 @@ impl Op {
             Op::Conv2d(Conv2d { bias, .. }) | Op::Linear(Linear { bias, .. }) => Some(bias),
             Op::Fused(Fused { base: FusedBase::Conv(Conv2d { bias, .. }) | FusedBase::Linear(Linear { bias, .. }), .. }) => Some(bias),
             Op::BatchNorm(_) | Op::Relu | Op::Sigmoid | Op::Clip { .. } | Op::MaxPool2d(_) | Op::AvgPool2d(_) | Op::Lrn(_) | Op::Dropout { .. } => None,
-            Op::Softmax { .. } | Op::Reshape { .. } | Op::Concat { .. } | Op::Add | Op::Slice { .. } => None,
+            Op::Softmax { .. } | Op::Reshape { .. } | Op::Concat { .. } | Op::Add | Op::Mul | Op::Slice { .. } => None,
         }
     }
 
@@ -241,6 +243,7 @@ impl Op {
             Op::Reshape { .. } => "reshape",
             Op::Concat { .. } => "concat",
             Op::Add => "add",
+            Op::Mul => "mul",
             Op::Fused(f) => match (&f.base, f.pool.is_some()) {
                 (FusedBase::Conv(_), false) => "conv2d+relu",
                 (FusedBase::Conv(_), true) => "conv2d+relu+max_pool2d",
@@ -271,7 +274,7 @@ impl Op {
             Op::Fused(f) => f.base_op().params(),
             Op::BatchNorm(b) => ["gamma", "beta", "avg_mean", "avg_var"].into_iter().map(|n| (n, vec![b.channels])).collect(),
             Op::Relu | Op::Sigmoid | Op::Clip { .. } | Op::MaxPool2d(_) | Op::AvgPool2d(_) | Op::Lrn(_) | Op::Dropout { .. } => vec![],
-            Op::Softmax { .. } | Op::Reshape { .. } | Op::Concat { .. } | Op::Add | Op::Slice { .. } => vec![],
+            Op::Softmax { .. } | Op::Reshape { .. } | Op::Concat { .. } | Op::Add | Op::Mul | Op::Slice { .. } => vec![],
         }
     }
 
@@ -373,6 +376,18 @@ impl Op {
                 }
                 Ok(x.to_vec())
             }
+            Op::Mul => {
+                // The right operand may be one value per channel, (C, 1, 1): a squeeze-and-excitation scale.
+                let per_channel = inputs[1].first() == x.first() && inputs[1].len() == x.len() && inputs[1][1..].iter().all(|&d| d == 1);
+                if inputs[0] != inputs[1] && !per_channel {
+                    return err(format!(
+                        "operands have shapes {} and {} (the right one must be the same or one value per channel)",
+                        Batched(inputs[0]),
+                        Batched(inputs[1])
+                    ));
+                }
+                Ok(x.to_vec())
+            }
         }
     }
 
@@ -385,7 +400,7 @@ impl Op {
             Op::Linear(l) => out() * l.in_features as u64,
             Op::Fused(f) => f.base_op().macs(inputs),
             Op::BatchNorm(_) | Op::Relu | Op::Sigmoid | Op::Clip { .. } | Op::MaxPool2d(_) | Op::AvgPool2d(_) | Op::Lrn(_) | Op::Dropout { .. } => 0,
-            Op::Softmax { .. } | Op::Reshape { .. } | Op::Concat { .. } | Op::Add | Op::Slice { .. } => 0,
+            Op::Softmax { .. } | Op::Reshape { .. } | Op::Concat { .. } | Op::Add | Op::Mul | Op::Slice { .. } => 0,
         }
     }
 }
@@ -429,7 +444,7 @@ impl fmt::Display for Op {
             Op::Dropout { ratio } => write!(f, "[ratio={}]", ratio.0),
             Op::Softmax { axis } | Op::Concat { axis } => write!(f, "[axis={}]", axis.0),
             Op::Reshape { dims } => write!(f, "{}", Batched(dims)),
-            Op::Relu | Op::Sigmoid | Op::Add => Ok(()),
+            Op::Relu | Op::Sigmoid | Op::Add | Op::Mul => Ok(()),
             Op::Clip { min, max } => write!(f, "[{}, {}]", min.0, max.0),
             Op::Slice { axis, start, len } => write!(f, "[axis={}, {start}..{}]", axis.0, start + len),
             Op::Fused(fu) => {

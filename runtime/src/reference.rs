@@ -64,6 +64,12 @@ pub fn eval(op: &Op, inputs: &[&Tensor], params: &[&Tensor]) -> Tensor {
             let data = x.data().iter().zip(inputs[1].data()).map(|(a, b)| a + b).collect();
             Tensor::new(shape, data).expect("validated")
         }
+        Op::Mul => {
+            // Element i of the right operand, or of its channel when it holds one value per channel.
+            let (s, per) = (inputs[1].data(), x.data().len() / inputs[1].data().len());
+            let data = x.data().iter().enumerate().map(|(i, a)| a * s[i / per]).collect();
+            Tensor::new(shape, data).expect("validated")
+        }
         // Defined by composition: the layer, then ReLU, then max pooling.
         Op::Fused(f) => {
             let mut y = eval(&f.base_op(), inputs, params);

@@ -889,6 +889,7 @@ impl<'a> Builder<'a> {
         match (op, &a, &b) {
             (_, Poison, _) | (_, _, Poison) => Poison,
             (BinOp::Add, Tensor(x), Tensor(y)) => self.node(Op::Add, vec![*x, *y], span, layer, Option::None, vec![]),
+            (BinOp::Mul, Tensor(x), Tensor(y)) => self.node(Op::Mul, vec![*x, *y], span, layer, Option::None, vec![]),
             (BinOp::Eq, _, _) => Bool(a == b || matches!((num(&a), num(&b)), (Some(x), Some(y)) if x == y)),
             (BinOp::Ne, _, _) => Bool(!(a == b || matches!((num(&a), num(&b)), (Some(x), Some(y)) if x == y))),
             (BinOp::Add, Tuple(x), Tuple(y)) if x.len() + y.len() <= MAX_TUPLE => Tuple([x.clone(), y.clone()].concat()),

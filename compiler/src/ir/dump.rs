@@ -1,4 +1,5 @@
-//! Stable text forms of a graph: the IR dump (`--emit ir`) and the per-layer table (`cnnc compile`).
+//! Stable text forms of a graph: the IR dump (`--emit ir`), the per-layer table (`cnnc compile`) and
+//! Graphviz text (`--emit dot`).
 //!
 //! Both are snapshot-tested for every model in `models/`; change them only on purpose.
 
@@ -92,4 +93,32 @@ pub fn thousands(v: u64) -> String {
         out.push(c);
     }
     out
+}
+
+/// Graphviz text: one box per node (layer, op with its attributes, output shape); a node the optimizer
+/// produced is filled and lists the rules that made it and the parameters it folded in.
+pub fn dot(g: &Graph) -> String {
+    let quote = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+    let mut out = format!("digraph \"{}\" {{\n  node [shape=box, fontname=\"Helvetica\", fontsize=10];\n", quote(&g.name));
+    for (id, n) in g.nodes() {
+        let (what, style) = match (&n.kind, &n.provenance) {
+            (Kind::Input(_), _) => (vec!["input".to_string()], ", shape=ellipse"),
+            (Kind::Op(op), None) => (vec![op.to_string()], ""),
+            (Kind::Op(op), Some(p)) => {
+                let params: Vec<String> = n.params.iter().map(ToString::to_string).collect();
+                (
+                    vec![op.to_string(), format!("rules: {}", p.rules.join(", ")), format!("params: {}", params.join(", "))],
+                    ", style=filled, fillcolor=\"#dde8f8\"",
+                )
+            }
+        };
+        let lines: Vec<String> = [n.layer.clone()].into_iter().chain(what).chain([Batched(&n.shape).to_string()]).map(|l| quote(&l)).collect();
+        writeln!(out, "  n{} [label=\"{}\"{style}];", id.0.index(), lines.join("\\n")).expect("write to String");
+    }
+    for (id, _) in g.nodes() {
+        for a in g.args(id) {
+            writeln!(out, "  n{} -> n{};", a.0.index(), id.0.index()).expect("write to String");
+        }
+    }
+    out + "}\n"
 }

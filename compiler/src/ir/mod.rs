@@ -9,7 +9,7 @@ mod build;
 mod dump;
 
 pub use build::{build, BuildError};
-pub use dump::{dump, table};
+pub use dump::{dot, dump, table};
 
 use crate::diag::Span;
 use cnnc_runtime::op::Dims;

@@ -1,4 +1,4 @@
-//! Element-wise and data-movement ops: ReLU, add, batch normalization, LRN, softmax, and the block
+//! Element-wise and data-movement ops: ReLU, add, multiply (also by a per-channel scale), batch normalization, LRN, softmax, and the block
 //! copies of concat and slice. One launch each, parallel over chunks, planes or rows.
 //! Invariant left: each output element is computed from its inputs alone, in a fixed order, so results
 //! do not depend on how the parallel loop is split.
@@ -20,6 +20,22 @@ fn name(n: &Node) -> String {
 /// vectors of four; the scalar tail gets its constants devectorized).
 pub fn pointwise<const K: usize>(t: &mut Tables, n: &Node, f: impl Fn([Expr; K]) -> Expr) {
     map(t, &name(n), n.out_len(), &std::array::from_fn(|i| n.ins[i].0), n.out.0, f)
+}
+
+/// `x · s` with one `s` per (sample, channel), `s` being (N, C, 1, 1): one plane per parallel iteration.
+pub fn scale(t: &mut Tables, n: &Node) {
+    let (c, hw) = (n.ins[0].1[0], n.ins[0].1[1..].iter().product::<usize>());
+    let mut kb = Kb::new(name(n), n.batch * c);
+    let [xb, sb, yb] =
+        [("x", n.out_len(), Access::Read), ("s", n.batch * c, Access::Read), ("y", n.out_len(), Access::Write)].map(|(nm, len, a)| kb.buf(nm, len, a));
+    let (lo, hi) = kb.range();
+    kb.for_(lo, hi, |kb, plane| {
+        let s = kb.let_(sb.at(plane.clone()));
+        let s4 = kb.let_(s.clone().splat());
+        let base = kb.let_(plane * hw);
+        vector_loop(kb, base.clone(), base + hw, |kb, i, vec| kb.store(yb, i.clone(), xb.load(i, vec) * if vec { s4.clone() } else { s.clone() }));
+    });
+    t.launch(kb.finish(), vec![n.ins[0].0, n.ins[1].0, n.out.0], n.out_len() as u64);
 }
 
 /// Batch normalization at inference as one FMA per element, per-channel constants folded in f64.

@@ -21,6 +21,8 @@ pub fn lower(t: &mut Tables, n: &Node) {
         Op::Clip { min, max } => elementwise::pointwise(t, n, |[v]| v.max(e(min.0 as f32).splat()).min(e(max.0 as f32).splat())),
         Op::Sigmoid => elementwise::pointwise(t, n, |[v]| e(1.0f32).splat() / (e(1.0f32).splat() + (e(0.0f32).splat() - v).exp())),
         Op::Add => elementwise::pointwise(t, n, |[a, b]| a + b),
+        Op::Mul if n.ins[0].1 == n.ins[1].1 => elementwise::pointwise(t, n, |[a, b]| a * b),
+        Op::Mul => elementwise::scale(t, n),
         Op::BatchNorm(bn) => elementwise::batch_norm(t, n, bn),
         Op::Lrn(l) => elementwise::lrn(t, n, l),
         Op::Softmax { axis } => elementwise::softmax(t, n, *axis),

@@ -543,6 +543,16 @@ impl Writer {
             self.emit(n, vars.join(" + "), ts[0].shape.clone(), None);
             return Ok(());
         }
+        if let ([a, b], true) = (&ts[..], consts.is_empty() && op == "Mul") {
+            // `a * b` broadcasts a per-channel right operand (SiLU, squeeze-and-excitation); × commutes.
+            let per_channel = |t: &Tensor| t.shape.len() == 4 && t.shape[2..] == [1, 1];
+            let (a, b) = if a.shape != b.shape && per_channel(a) { (b, a) } else { (a, b) };
+            if a.shape != b.shape && !(per_channel(b) && b.shape[..2] == a.shape[..2]) {
+                return Err(format!("a product of shapes {:?} and {:?} (same shapes, or one value per channel)", a.shape, b.shape));
+            }
+            self.emit(n, format!("{} * {}", a.var, b.var), a.shape.clone(), None);
+            return Ok(());
+        }
         let [Value::Const(c)] = consts[..] else { return Err(format!("{op} of computed tensors is not supported")) };
         let (x, c) = (ts[0].clone(), c.clone());
         if op == "Sub" && !matches!(self.get(n, 0), Some(Value::Tensor(_))) {
