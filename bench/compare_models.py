@@ -23,13 +23,12 @@ import re
 import statistics
 import subprocess
 import tempfile
-import time
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from compare_ort import ort_session  # the same ORT settings as the AlexBN comparison
+from compare_ort import ort_session, time_onnx  # the same ORT settings and timing as the AlexBN comparison
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINE = re.compile(r"%(\d+) = ([a-z_0-9]+)(?: [A-Za-z_0-9]+)?(\[[^\]]*\])?(?:\(([^)]*)\))?(?: \{([^}]*)\})? : \[N((?:, \d+)*)\]")
@@ -110,18 +109,6 @@ def onnx_model(ir, npz):
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
 
 
-def ort_median(sess, x, runs):
-    name = sess.get_inputs()[0].name
-    for _ in range(3):
-        sess.run(None, {name: x})
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sess.run(None, {name: x})
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--weights", required=True, help="folder of NAME.npz and NAME_in.npy (gen_models.py --write-weights)")
@@ -160,7 +147,7 @@ def main():
                 out = subprocess.run([c, "bench", model, "--weights", npz_path, "--json", "--batch", str(args.batch), "--runs", str(args.runs),
                                       "--threads", str(args.threads)], capture_output=True, text=True, check=True).stdout
                 cnnc_ms[i].append(json.loads(out.strip().splitlines()[-1])["median_ms"])
-            ort_ms.append(ort_median(sess, x, args.runs))
+            ort_ms.append(time_onnx(sess, sess.get_inputs()[0].name, x, args.runs, warmup=3)[0])
         cells = []
         for ms in cnnc_ms:
             ratios = [a / b for a, b in zip(ms, ort_ms)]

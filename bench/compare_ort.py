@@ -143,15 +143,7 @@ def make_input(batch):
 
 
 def time_ort(sess, batch, runs, warmup=5):
-    x = make_input(batch)
-    for _ in range(warmup):
-        sess.run(["logits"], {"input": x})
-    ts = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(["logits"], {"input": x})
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts), min(ts)
+    return time_onnx(sess, "input", make_input(batch), runs, warmup)
 
 
 def check(cnnc, npz, onnx_path, batch, work):
@@ -302,13 +294,14 @@ def compare_onnx(a):
                 ours, theirs = [], []
                 for _ in range(a.rounds):
                     ours.append(cnnc_bench(a.cnnc, None, b, t, a.runs, model=path))
-                    theirs.append(time_onnx(sess, in_name, x, a.runs))
+                    theirs.append(time_onnx(sess, in_name, x, a.runs)[0])
                 ratios = [c["median_ms"] / o for c, o in zip(ours, theirs)]
                 print(f"| {name} | {b} | {t} | {med(c['median_ms'] for c in ours):.2f} | {med(theirs):.2f} | {med(ratios):.2f} | "
                       f"{' '.join(f'{r:.2f}' for r in ratios)} | {err:.1e} |", flush=True)
 
 
 def time_onnx(sess, in_name, x, runs, warmup=5):
+    """ORT's median and minimum latency in ms over `runs` runs on `x`, after `warmup` runs."""
     for _ in range(warmup):
         sess.run(None, {in_name: x})
     ts = []
@@ -316,7 +309,7 @@ def time_onnx(sess, in_name, x, runs, warmup=5):
         t0 = time.perf_counter()
         sess.run(None, {in_name: x})
         ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+    return statistics.median(ts), min(ts)
 
 
 def main():

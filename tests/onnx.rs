@@ -160,6 +160,9 @@ fn check(model: &Path, inputs: &[PathBuf], output: &Path, skip: Option<&str>, pt
     };
     let want = tensor(output)?;
     let weights = imported.weights;
+    if ptx {
+        round_trip(&weights, model)?;
+    }
     let params = |key: &str, shape: &[usize]| -> Tensor {
         let (d, v) = weights.get(key).unwrap_or_else(|| panic!("no weight `{key}`")).clone();
         assert_eq!(d.iter().product::<usize>(), shape.iter().product::<usize>(), "{key}");
@@ -182,6 +185,24 @@ fn check(model: &Path, inputs: &[PathBuf], output: &Path, skip: Option<&str>, pt
             cnnc::ptx::ptxas::assemble(&ptxas, &ptx, cnnc::ptx::DEFAULT_SM).map_err(|e| format!("ptxas: {e}"))?;
         }
     }
+    Ok(())
+}
+
+/// `cnnc import --weights-out`'s npz read back: every array bit for bit (so `cnnc run MODEL --weights` on
+/// the imported text computes what the ONNX file does; the text itself is the one compiled here).
+fn round_trip(weights: &std::collections::HashMap<String, cnnc::weights::Array>, model: &Path) -> Result<(), Failed> {
+    let path = model.with_extension("roundtrip.npz");
+    let mut bytes = vec![];
+    cnnc::weights::write(&mut bytes, weights, false).map_err(|e| e.to_string())?;
+    std::fs::write(&path, bytes).map_err(|e| e.to_string())?;
+    let mut back = cnnc::weights::Weights::open(&path).map_err(|e| e.to_string())?;
+    for (key, (shape, data)) in weights {
+        let (s, d) = back.read(key).map_err(|e| e.to_string())?;
+        if &s != shape || !d.iter().map(|v| v.to_bits()).eq(data.iter().map(|v| v.to_bits())) {
+            return Err(format!("`{key}` changed through the npz").into());
+        }
+    }
+    std::fs::remove_file(&path).map_err(|e| e.to_string())?;
     Ok(())
 }
 

@@ -89,7 +89,8 @@ impl Weights {
         }
     }
 
-    fn read(&mut self, key: &str) -> Result<Array, WeightError> {
+    /// The array under `key`, converted to f32.
+    pub fn read(&mut self, key: &str) -> Result<Array, WeightError> {
         let corrupt = |reason: String| WeightError::Corrupt { path: self.path.clone(), format: "npz", reason: format!("array `{key}`: {reason}") };
         match &mut self.store {
             Store::Npz(z) => {
@@ -279,7 +280,8 @@ fn missing(path: &str, spec: &ParamSpec, keys: &[String]) -> Diagnostic {
     }
 }
 
-/// Writes `arrays` as a Chainer `save_npz` file (one float32 `.npy` per key, compressed) or, with
+/// Writes `arrays` as a Chainer `save_npz` file (one float32 `.npy` per key, stored uncompressed as
+/// `save_npz` does by default) or, with
 /// `safetensors`, as a safetensors file; keys in sorted order, so the bytes are reproducible.
 pub fn write(w: &mut dyn std::io::Write, arrays: &HashMap<String, Array>, safetensors: bool) -> std::io::Result<()> {
     use npyz::WriterBuilder;
@@ -295,7 +297,8 @@ pub fn write(w: &mut dyn std::io::Write, arrays: &HashMap<String, Array>, safete
     for k in keys {
         let (shape, data) = &arrays[k];
         let shape: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
-        let mut npy = zip.array::<f32>(k, Default::default())?.default_dtype().shape(&shape).begin_nd()?;
+        let stored = npyz::zip::write::FileOptions::default().compression_method(npyz::zip::CompressionMethod::Stored);
+        let mut npy = zip.array::<f32>(k, stored)?.default_dtype().shape(&shape).begin_nd()?;
         npy.extend(data.iter().copied())?;
         npy.finish()?;
     }
