@@ -711,3 +711,85 @@ fn emit_dot_renders_with_graphviz() {
         }
     }
 }
+
+/// Inconsistent or hostile ONNX graphs (built here with the prost types): each a clear error, exit 1.
+#[test]
+fn inconsistent_onnx_graphs_are_errors_not_panics() {
+    use cnnc_onnx_proto as pb;
+    use prost::Message;
+    let d = tmp();
+    let value = |name: &str, dims: &[i64]| pb::ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(pb::TypeProto {
+            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                elem_type: Some(1),
+                shape: Some(pb::TensorShapeProto {
+                    dim: dims
+                        .iter()
+                        .map(|&v| pb::tensor_shape_proto::Dimension {
+                            value: Some(pb::tensor_shape_proto::dimension::Value::DimValue(v)),
+                            ..Default::default()
+                        })
+                        .collect(),
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let node = |op: &str, name: &str, ins: &[&str], outs: &[&str]| pb::NodeProto {
+        op_type: Some(op.into()),
+        name: Some(name.into()),
+        input: ins.iter().map(|s| s.to_string()).collect(),
+        output: outs.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let int_attr = |name: &str, ints: Vec<i64>| pb::AttributeProto { name: Some(name.into()), ints, r#type: Some(7), ..Default::default() };
+    let shape_const = |name: &str, dims: Vec<i64>| pb::TensorProto {
+        name: Some(name.into()),
+        dims: vec![dims.len() as i64],
+        data_type: Some(7),
+        int64_data: dims,
+        ..Default::default()
+    };
+    let model = |nodes: Vec<pb::NodeProto>, inits: Vec<pb::TensorProto>, out: &str| {
+        let graph =
+            pb::GraphProto { node: nodes, initializer: inits, input: vec![value("x", &[1, 3, 4, 4])], output: vec![value(out, &[])], ..Default::default() };
+        pb::ModelProto { graph: Some(graph), opset_import: vec![pb::OperatorSetIdProto { version: Some(13), ..Default::default() }], ..Default::default() }
+            .encode_to_vec()
+    };
+    let cases: Vec<(&str, Vec<u8>, Vec<&str>)> = vec![
+        ("dangling", model(vec![node("Relu", "r", &["nothing"], &["y"])], vec![], "y"), vec!["reads `nothing`"]),
+        ("cycle", model(vec![node("Relu", "a", &["b_out"], &["a_out"]), node("Relu", "b", &["a_out"], &["b_out"])], vec![], "b_out"), vec!["cycle"]),
+        (
+            "unsupported",
+            model(vec![node("Tanh", "t", &["x"], &["t_out"]), node("Elu", "e", &["t_out"], &["y"])], vec![], "y"),
+            vec!["2 operators", "node `t`: Tanh", "node `e`: Elu", "opset 13"],
+        ),
+        ("sum_of_constants", model(vec![node("Sum", "s", &["c"], &["y"])], vec![shape_const("c", vec![2, 2])], "y"), vec!["node `s` (Sum)"]),
+        (
+            "huge_constant",
+            model(vec![node("ConstantOfShape", "big", &["c"], &["y"])], vec![shape_const("c", vec![1 << 20, 1 << 20])], "y"),
+            vec!["too many elements"],
+        ),
+        ("output_is_a_constant", model(vec![node("Shape", "sh", &["x"], &["y"])], vec![], "y"), vec!["constant, not computed"]),
+        ("overwritten_input", model(vec![node("Relu", "r", &["x"], &["x"]), node("Unsqueeze", "u", &["x"], &["y"])], vec![], "y"), vec!["`x`"]),
+        (
+            "unsqueeze_on_batch",
+            model(
+                vec![{
+                    let mut n = node("Unsqueeze", "u", &["x", "axes"], &["y"]);
+                    n.attribute.push(int_attr("unused", vec![]));
+                    n
+                }],
+                vec![shape_const("axes", vec![0])],
+                "y",
+            ),
+            vec!["moves the batch off axis 0"],
+        ),
+    ];
+    for (name, bytes, culprits) in cases {
+        let path = write(d.path(), &format!("{name}.onnx"), &bytes);
+        fails(&["compile", &path], 1, &[&[format!("{name}.onnx").as_str()][..], &culprits[..]].concat());
+    }
+}

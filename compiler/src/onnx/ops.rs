@@ -328,6 +328,12 @@ impl Writer {
             "Unsqueeze" | "Squeeze" => {
                 let x = self.tensor(n, 0)?;
                 let folded = self.fold_shape(n, &x.shape)?;
+                // The batch is 1 in `shape`, so a new or removed axis 0 would look like the batch.
+                let listed = if self.opset >= 13 && n.input.len() > 1 { self.constant(n, 1)?.ints() } else { ints(n, "axes").unwrap_or_default() };
+                let rank = if op == "Unsqueeze" { folded.len() } else { x.shape.len() };
+                if listed.iter().any(|&a| axis(a, rank) == Ok(0)) || (op == "Squeeze" && listed.is_empty()) {
+                    return Err("it moves the batch off axis 0".into());
+                }
                 self.reshape(n, &x, folded)
             }
             "ReduceMean" => {
@@ -534,7 +540,10 @@ impl Writer {
         let op = n.op_type();
         let vals: Vec<&Value> = (0..n.input.len()).map(|i| self.get(n, i).ok_or(format!("input {i} is missing"))).collect::<R<_>>()?;
         let (tensors, consts): (Vec<&Value>, Vec<&Value>) = vals.into_iter().partition(|v| matches!(v, Value::Tensor(_)));
-        let ts: Vec<Tensor> = tensors.iter().map(|v| if let Value::Tensor(t) = v { t.clone() } else { unreachable!("partitioned") }).collect();
+        let ts: Vec<Tensor> = tensors.iter().filter_map(|v| if let Value::Tensor(t) = v { Some(t.clone()) } else { None }).collect();
+        if ts.is_empty() {
+            return Err(format!("{op} of constants only is not supported"));
+        }
         if consts.is_empty() && matches!(op, "Add" | "Sum") {
             if ts.iter().any(|t| t.shape != ts[0].shape) {
                 return Err("tensors of different shapes (broadcasting between computed tensors is not supported)".into());
@@ -656,7 +665,8 @@ impl Writer {
             }
             "ConstantOfShape" => {
                 let dims = usizes(&c(0)?.ints(), "shape")?;
-                let len = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).filter(|&l| l <= 1 << 32).ok_or("too many elements")?;
+                // Its values are not in the file: bound what a few bytes can ask for (1 GiB of f32).
+                let len = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).filter(|&l| l <= 1 << 28).ok_or("too many elements")?;
                 match attr(n, "value").and_then(|a| a.t.as_ref()).map(|t| super::tensor(t, std::path::Path::new("."))).transpose()? {
                     Some(Const::I(_, v)) => Const::I(dims, vec![*v.first().ok_or("an empty value")?; len]),
                     Some(Const::F(_, v)) => Const::F(dims, vec![*v.first().ok_or("an empty value")?; len]),
@@ -777,10 +787,12 @@ impl Writer {
         let args: Vec<String> = inputs
             .iter()
             .map(|(name, dims)| match self.values.get(name) {
-                Some(Value::Tensor(t)) => format!("{}: [{}]", t.var, dims.iter().map(usize::to_string).collect::<Vec<_>>().join(", ")),
-                _ => unreachable!("inputs are tensors"),
+                Some(Value::Tensor(t)) if t.shape[1..] == dims[..] => {
+                    Ok(format!("{}: [{}]", t.var, dims.iter().map(usize::to_string).collect::<Vec<_>>().join(", ")))
+                }
+                _ => Err(format!("input `{name}` is also the output of a node")),
             })
-            .collect();
+            .collect::<R<_>>()?;
         let _ = writeln!(text, "\n    forward({}) {{", args.join(", "));
         for line in &self.lines {
             let _ = writeln!(text, "        {line}");
