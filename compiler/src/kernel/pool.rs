@@ -14,15 +14,24 @@ pub fn lower(t: &mut Tables, n: &Node, p: &Pool2d) {
     let [c, h, w] = [n.ins[0].1[0], n.ins[0].1[1], n.ins[0].1[2]];
     let mut kb = Kb::new(format!("{}.{}", n.name, n.op.name()), n.batch * c);
     let (xb, yb) = (kb.buf("x", n.in_len(0), Access::Read), kb.buf("y", n.out_len(), Access::Write));
+    let [oh, ow] = [n.out.1[1], n.out.1[2]];
+    let mut args = vec![x, y];
+    // With `exclude_pad`, each output's divisor (the input cells its window holds) is a compile-time table.
+    let counts = (avg && p.exclude_pad).then(|| {
+        let cells =
+            |o: usize, a: usize, size: usize| (o * p.stride[a] + p.kernel[a]).min(size + p.pad[a]).saturating_sub((o * p.stride[a]).max(p.pad[a])) as f32;
+        args.push(t.param((0..oh * ow).map(|i| cells(i / ow, 0, h) * cells(i % ow, 1, w)).collect()));
+        kb.buf("counts", oh * ow, Access::Read)
+    });
     let (lo, hi) = kb.range();
-    pool(&mut kb, p, avg, xb, yb, lo, hi, [h, w, w], [n.out.1[1], n.out.1[2]]);
-    t.launch(kb.finish(), vec![x, y], n.out_len() as u64 * (p.kernel[0] * p.kernel[1]) as u64);
+    pool(&mut kb, p, avg.then_some(counts), xb, yb, lo, hi, [h, w, w], [oh, ow]);
+    t.launch(kb.finish(), args, n.out_len() as u64 * (p.kernel[0] * p.kernel[1]) as u64);
 }
 
 /// Max or average pooling of planes `lo..hi` of `x` into `y` (plane-major NCHW, same plane numbering).
 /// Windows are clipped to the input, so padding never contributes (Chainer's semantics; average pooling
 /// divides by the full window, or with `exclude_pad` by the cells inside, and sums in the reference's
-/// (ky, kx) order).
+/// (ky, kx) order). `avg` is `Some` for average pooling, holding the divisor table of `exclude_pad`.
 ///
 /// Max pooling is separable: each output row first takes the maximum of its window's input rows into
 /// a local buffer, then the maximum of each window of kw columns there at every start position (both
@@ -30,7 +39,7 @@ pub fn lower(t: &mut Tables, n: &Node, p: &Pool2d) {
 /// scalar. Max is exact, so this is the same result. Scalar maxima are what this avoids: Cranelift's
 /// IEEE `fmax` is a several-instruction sequence on x64 (measured: docs/benchmarks.md).
 #[allow(clippy::too_many_arguments)]
-pub fn pool(kb: &mut Kb, p: &Pool2d, avg: bool, x: Buf, y: Buf, lo: Expr, hi: Expr, [h, w, pitch]: [usize; 3], [oh, ow]: [usize; 2]) {
+pub fn pool(kb: &mut Kb, p: &Pool2d, avg: Option<Option<Buf>>, x: Buf, y: Buf, lo: Expr, hi: Expr, [h, w, pitch]: [usize; 3], [oh, ow]: [usize; 2]) {
     let [kh, kw] = p.kernel;
     // The window of output o along an axis, clipped to 0..size.
     let window = |kb: &mut Kb, o: Expr, k: usize, s: usize, pad: usize, size: usize| {
@@ -40,29 +49,24 @@ pub fn pool(kb: &mut Kb, p: &Pool2d, avg: bool, x: Buf, y: Buf, lo: Expr, hi: Ex
     let neg_inf = || e(f32::NEG_INFINITY);
     // The separable form keeps one plane's row maxima on the task's stack; planes too large for that
     // (over 64 KiB of them: worker threads have 2 MiB stacks) take the direct form.
-    if avg || oh * w * 4 > 64 << 10 {
+    if avg.is_some() || oh * w * 4 > 64 << 10 {
         return kb.for_(lo, hi, |kb, plane| {
             let (src, dst) = (kb.let_(plane.clone() * (h * pitch)), kb.let_(plane * (oh * ow)));
             kb.for_(0usize, oh, |kb, oy| {
                 let (ylo, yhi) = window(kb, oy.clone(), kh, p.stride[0], p.pad[0], h);
                 kb.for_(0usize, ow, |kb, ox| {
                     let (xlo, xhi) = window(kb, ox.clone(), kw, p.stride[1], p.pad[1], w);
-                    let acc = kb.var(if avg { e(0.0f32) } else { neg_inf() });
-                    // With `exclude_pad`, the divisor counts the cells summed (as a float: exact here).
-                    let inside = p.exclude_pad.then(|| kb.var(e(0.0f32)));
+                    let acc = kb.var(if avg.is_some() { e(0.0f32) } else { neg_inf() });
                     kb.for_(ylo.clone(), yhi.clone(), |kb, iy| {
                         kb.for_(xlo, xhi, |kb, ix| {
                             let v = x.at(src.clone() + iy * pitch + ix);
-                            kb.set(acc, if avg { e(acc) + v } else { e(acc).max(v) });
-                            if let Some(n) = inside {
-                                kb.set(n, e(n) + 1.0f32);
-                            }
+                            kb.set(acc, if avg.is_some() { e(acc) + v } else { e(acc).max(v) })
                         })
                     });
-                    let v = match (avg, inside) {
-                        (true, Some(n)) => e(acc) / n,
-                        (true, None) => e(acc) / ((kh * kw) as f32),
-                        (false, _) => e(acc),
+                    let v = match avg {
+                        Some(Some(counts)) => e(acc) / counts.at(oy.clone() * ow + ox.clone()),
+                        Some(None) => e(acc) / ((kh * kw) as f32),
+                        None => e(acc),
                     };
                     kb.store(y, dst.clone() + oy.clone() * ow + ox, v);
                 });
@@ -115,6 +119,6 @@ pub fn pool_launch(t: &mut Tables, n: &Node, p: &Pool2d, x: Ref, [oh, ow]: [usiz
     let mut kb = Kb::new(format!("{}.max_pool2d", n.name), n.batch * co);
     let (xb, pb) = (kb.buf("x", n.batch * co * oh * ow, Access::Read), kb.buf("y", n.out_len(), Access::Write));
     let (lo, hi) = kb.range();
-    pool(&mut kb, p, false, xb, pb, lo, hi, [oh, ow, ow], [n.out.1[1], n.out.1[2]]);
+    pool(&mut kb, p, None, xb, pb, lo, hi, [oh, ow, ow], [n.out.1[1], n.out.1[2]]);
     t.launch(kb.finish(), vec![x, n.out.0], 0);
 }
