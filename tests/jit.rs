@@ -8,8 +8,9 @@
 //! F(4×4, 3×3), or F(2×2, 5×5), F(3×3, 5×5); Winograd lowerings are held to 5e-5 (its transforms add roundings). Shrunk failures
 //! are pinned below as named cases.
 
+use cnnc::ir::Kind;
 use cnnc::kernel::{BRows, Lowering, Program, Stmt, Tier, WeightsDtype, Winograd};
-use cnnc_runtime::{rng, Tensor};
+use cnnc_runtime::{rng, Op, Tensor};
 use cnnc_tests::*;
 use proptest::prelude::*;
 
@@ -24,6 +25,9 @@ enum Layer {
         bias: bool,
         relu: bool,
         pool: Option<Pool>,
+        /// `self.l(x) + self.m(x)`, `m` a twin of `l` with the other bias-ness (so the two do not merge):
+        /// the optimizer fuses the add into one of them (never with a pool).
+        add: bool,
     },
     Linear {
         out: usize,
@@ -38,6 +42,10 @@ enum Layer {
     Silu,
     /// `x` times its per-channel mean: a product by one value per channel.
     Scale,
+    /// `F.transpose(x, (0, p₁, p₂, p₃))`.
+    Transpose([usize; 3]),
+    /// The channels rotated by `F.split_axis` at 1 and a concat: two slices.
+    Split,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -81,7 +89,7 @@ impl Pool {
 impl Problem {
     fn source(&self) -> String {
         let (link, body) = match &self.layer {
-            Layer::Conv { out, k, stride, pad, groups, bias, relu, pool } => {
+            Layer::Conv { out, k, stride, pad, groups, bias, relu, pool, add } => {
                 let link = format!(
                     "    l = L.Convolution2D({}, {out}, ({}, {}), stride={stride}, pad={pad}, groups={groups}, nobias={})",
                     self.c,
@@ -90,6 +98,18 @@ impl Problem {
                     py(!bias)
                 );
                 let mut body = "self.l(x)".to_string();
+                let mut link = link;
+                if *add {
+                    let twin = format!(
+                        "\n    m = L.Convolution2D({}, {out}, ({}, {}), stride={stride}, pad={pad}, groups={groups}, nobias={})",
+                        self.c,
+                        k[0],
+                        k[1],
+                        py(*bias)
+                    );
+                    link += &twin;
+                    body += " + self.m(x)";
+                }
                 if *relu {
                     body = format!("F.relu({body})");
                 }
@@ -109,6 +129,8 @@ impl Problem {
             Layer::Clip => (String::new(), "F.clip(x, -0.25, 0.5)".into()),
             Layer::Silu => (String::new(), "x * F.sigmoid(x)".into()),
             Layer::Scale => (String::new(), format!("x * F.average_pooling_2d(x, ({}, {}))", self.h, self.w)),
+            Layer::Transpose(p) => (String::new(), format!("F.transpose(x, (0, {}, {}, {}))", p[0], p[1], p[2])),
+            Layer::Split => (String::new(), "F.concat((F.split_axis(x, (1,), axis=1)[1], F.split_axis(x, (1,), axis=1)[0]), axis=1)".into()),
         };
         format!("model Case {{\n{link}\n    forward(x: [{}, {}, {}]) {{\n        return {body}\n    }}\n}}\n", self.c, self.h, self.w)
     }
@@ -142,6 +164,10 @@ impl Problem {
         let src = cnnc::diag::Source::new("case.model", self.source());
         let (g, _) = cnnc::compile(&src).unwrap_or_else(|f| panic!("{}\n{}", self.source(), src.render_plain(&f.0)));
         let g = optimized(&g, 1);
+        if let Layer::Conv { add: true, .. } = self.layer {
+            let fused = g.nodes().any(|(_, n)| matches!(&n.kind, Kind::Op(Op::Fused(f)) if f.add));
+            assert!(fused, "the add is not fused:\n{}", self.source());
+        }
         let shape = [self.batch, self.c, self.h, self.w];
         let x = Tensor::new(shape.to_vec(), rng::normal("x", shape.iter().product()).map(|v| v as f32).collect()).unwrap();
         let want = run_graph(&src, &g, Params::Generated(prng_param), x.clone());
@@ -206,7 +232,12 @@ fn problem() -> impl Strategy<Value = Problem> {
     let kernel = prop_oneof![4 => (1usize..4, 1usize..4), 1 => Just((5, 5))];
     let conv = (1usize..3, 1usize..4, 1usize..30, kernel, 1usize..3, 0usize..3, any::<bool>(), any::<bool>(), proptest::option::of(pool_strategy())).prop_map(
         |(groups, cg, out_g, (kh, kw), stride, pad, bias, relu, pool)| {
-            (groups * cg, Layer::Conv { out: out_g * groups, k: [kh, kw], stride, pad, groups, bias, relu, pool: pool.filter(|p| p.max) })
+            // A max pool, or (where none) a residual add one time in two.
+            let (pool, add) = match pool {
+                Some(p) if p.max => (Some(p), false),
+                p => (None, p.is_some()),
+            };
+            (groups * cg, Layer::Conv { out: out_g * groups, k: [kh, kw], stride, pad, groups, bias, relu, pool, add })
         },
     );
     let other = prop_oneof![
@@ -218,6 +249,8 @@ fn problem() -> impl Strategy<Value = Problem> {
         (1usize..8).prop_map(|c| (c, Layer::Clip)),
         (1usize..8).prop_map(|c| (c, Layer::Silu)),
         (1usize..8).prop_map(|c| (c, Layer::Scale)),
+        (1usize..8, Just([1usize, 2, 3]).prop_shuffle()).prop_map(|(c, p)| (c, Layer::Transpose([p[0], p[1], p[2]]))),
+        (2usize..8).prop_map(|c| (c, Layer::Split)),
     ];
     (prop_oneof![3 => conv, 1 => other], 1usize..4, 3usize..12, 3usize..12).prop_map(|((c, layer), batch, h, w)| Problem { batch, c, h, w, layer })
 }
@@ -233,7 +266,7 @@ proptest! {
 
 #[allow(clippy::too_many_arguments)]
 fn conv(c: usize, hw: usize, out: usize, k: usize, stride: usize, pad: usize, groups: usize, pool: Option<Pool>) -> Problem {
-    Problem { batch: 2, c, h: hw, w: hw, layer: Layer::Conv { out, k: [k, k], stride, pad, groups, bias: true, relu: true, pool } }
+    Problem { batch: 2, c, h: hw, w: hw, layer: Layer::Conv { out, k: [k, k], stride, pad, groups, bias: true, relu: true, pool, add: false } }
 }
 
 /// A 1×1 stride-1 convolution reads its input as the column matrix (no im2col).
@@ -271,8 +304,31 @@ fn stride_beyond_kernel_with_pad() {
 /// Enough columns for full 32-wide tiles plus a ragged edge, and batch 3 across (image, block) tasks.
 #[test]
 fn wide_plane_and_batch() {
-    Problem { batch: 3, c: 3, h: 23, w: 23, layer: Layer::Conv { out: 16, k: [3, 3], stride: 1, pad: 1, groups: 1, bias: false, relu: false, pool: None } }
-        .check();
+    Problem {
+        batch: 3,
+        c: 3,
+        h: 23,
+        w: 23,
+        layer: Layer::Conv { out: 16, k: [3, 3], stride: 1, pad: 1, groups: 1, bias: false, relu: false, pool: None, add: false },
+    }
+    .check();
+}
+
+/// A residual add (and ReLU) fused into each lowering of a convolution: direct over the input (1×1),
+/// implicit or packed columns (3×3, stride 1 and 2, grouped), Winograd (3×3 stride 1, also forced), at
+/// batch 1 and 3, with channel counts that leave ragged blocks.
+#[test]
+fn residual_add_in_every_lowering() {
+    for (batch, c, hw, out, k, stride, pad, groups, relu) in [
+        (1, 8, 9, 16, 1, 1, 0, 1, true),
+        (3, 5, 11, 13, 3, 1, 1, 1, true),
+        (2, 6, 12, 10, 3, 2, 1, 1, false),
+        (1, 4, 10, 6, 3, 1, 1, 2, true),
+        (3, 30, 6, 7, 3, 1, 1, 1, true),
+    ] {
+        let layer = Layer::Conv { out, k: [k, k], stride, pad, groups, bias: true, relu, pool: None, add: true };
+        Problem { batch, c, h: hw, w: hw, layer }.check();
+    }
 }
 
 /// Linear layers: k not a multiple of 8 (scalar tail), odd output count, batch 3 (a block of two rows
@@ -351,7 +407,13 @@ fn large_weights_split_by_channel_blocks() {
 fn implicit_columns_with_a_pitch() {
     let pool = Some(Pool { max: true, k: 3, stride: 2, pad: 0, cover_all: true });
     check_in_place([
-        Problem { batch: 2, c: 3, h: 31, w: 31, layer: Layer::Conv { out: 14, k: [11, 11], stride: 4, pad: 0, groups: 1, bias: true, relu: true, pool } },
+        Problem {
+            batch: 2,
+            c: 3,
+            h: 31,
+            w: 31,
+            layer: Layer::Conv { out: 14, k: [11, 11], stride: 4, pad: 0, groups: 1, bias: true, relu: true, pool, add: false },
+        },
         conv(256, 17, 128, 3, 2, 1, 2, pool),
         conv(5, 12, 7, 3, 1, 0, 1, pool),
     ]);
@@ -363,9 +425,21 @@ fn implicit_columns_with_a_pitch() {
 #[test]
 fn implicit_columns() {
     check_in_place([
-        Problem { batch: 2, c: 30, h: 7, w: 9, layer: Layer::Conv { out: 13, k: [3, 2], stride: 1, pad: 1, groups: 1, bias: true, relu: true, pool: None } },
+        Problem {
+            batch: 2,
+            c: 30,
+            h: 7,
+            w: 9,
+            layer: Layer::Conv { out: 13, k: [3, 2], stride: 1, pad: 1, groups: 1, bias: true, relu: true, pool: None, add: false },
+        },
         conv(3, 6, 5, 3, 1, 2, 1, Some(Pool { max: true, k: 3, stride: 2, pad: 0, cover_all: true })),
-        Problem { batch: 1, c: 2, h: 5, w: 6, layer: Layer::Conv { out: 3, k: [1, 1], stride: 1, pad: 1, groups: 1, bias: false, relu: false, pool: None } },
+        Problem {
+            batch: 1,
+            c: 2,
+            h: 5,
+            w: 6,
+            layer: Layer::Conv { out: 3, k: [1, 1], stride: 1, pad: 1, groups: 1, bias: false, relu: false, pool: None, add: false },
+        },
         conv(4, 13, 26, 5, 1, 2, 2, None),
     ]);
 }
@@ -391,8 +465,14 @@ fn max_pool_of_a_large_plane() {
 #[test]
 fn winograd_edge_tiles() {
     conv(6, 11, 13, 3, 1, 1, 1, Some(Pool { max: true, k: 3, stride: 2, pad: 0, cover_all: true })).check();
-    Problem { batch: 3, c: 5, h: 9, w: 9, layer: Layer::Conv { out: 7, k: [3, 3], stride: 1, pad: 0, groups: 1, bias: false, relu: false, pool: None } }
-        .check();
+    Problem {
+        batch: 3,
+        c: 5,
+        h: 9,
+        w: 9,
+        layer: Layer::Conv { out: 7, k: [3, 3], stride: 1, pad: 0, groups: 1, bias: false, relu: false, pool: None, add: false },
+    }
+    .check();
 }
 
 /// Winograd F(2×2, 5×5) and F(3×3, 5×5) (AlexNet's conv2 in miniature: pad 2, a fused 3×3/2 max pool; 13 × 13 outputs in
@@ -400,15 +480,27 @@ fn winograd_edge_tiles() {
 #[test]
 fn winograd_five_by_five() {
     conv(5, 13, 9, 5, 1, 2, 1, Some(Pool { max: true, k: 3, stride: 2, pad: 0, cover_all: true })).check();
-    Problem { batch: 3, c: 4, h: 9, w: 9, layer: Layer::Conv { out: 6, k: [5, 5], stride: 1, pad: 0, groups: 1, bias: true, relu: false, pool: None } }.check();
+    Problem {
+        batch: 3,
+        c: 4,
+        h: 9,
+        w: 9,
+        layer: Layer::Conv { out: 6, k: [5, 5], stride: 1, pad: 0, groups: 1, bias: true, relu: false, pool: None, add: false },
+    }
+    .check();
 }
 
 /// Winograd over a batch in chunks of images (M past 4 MiB): as F(2×2, 3×3) one image per chunk (three
 /// chunks), as F(3×3, 3×3) two and then one, as F(4×4, 3×3) all three in one pass.
 #[test]
 fn winograd_in_chunks_of_images() {
-    let p =
-        Problem { batch: 3, c: 4, h: 46, w: 46, layer: Layer::Conv { out: 64, k: [3, 3], stride: 1, pad: 1, groups: 1, bias: true, relu: true, pool: None } };
+    let p = Problem {
+        batch: 3,
+        c: 4,
+        h: 46,
+        w: 46,
+        layer: Layer::Conv { out: 64, k: [3, 3], stride: 1, pad: 1, groups: 1, bias: true, relu: true, pool: None, add: false },
+    };
     let src = cnnc::diag::Source::new("case.model", p.source());
     let g = optimized(&cnnc::compile(&src).expect("compiles").0, 1);
     let chunks = |w| {
@@ -429,7 +521,7 @@ fn winograd_chosen_for_alexnet_conv4_at_batch_8() {
         c: 384,
         h: 13,
         w: 13,
-        layer: Layer::Conv { out: 384, k: [3, 3], stride: 1, pad: 1, groups: 1, bias: true, relu: true, pool: None },
+        layer: Layer::Conv { out: 384, k: [3, 3], stride: 1, pad: 1, groups: 1, bias: true, relu: true, pool: None, add: false },
     };
     assert!(p.auto_takes_winograd());
     p.check();

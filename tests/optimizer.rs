@@ -78,6 +78,20 @@ proptest! {
         check(&model(&c, &body, &input), &input, "fuse-conv-relu-maxpool", true);
     }
 
+    /// A residual block in miniature: `c` keeps the shape (odd kernel, half padding, stride 1), so
+    /// `self.c(x) + x` is a shortcut add, written either way round, with or without the ReLU after it.
+    #[test]
+    fn fuse_conv_add(ch in 1usize..5, k in prop::sample::select(vec![1usize, 3]), hw in 1usize..7, relu in any::<bool>(), swapped in any::<bool>()) {
+        let links = format!("    c = L.Convolution2D({ch}, {ch}, {k}, pad={})", k / 2);
+        let sum = if swapped { "x + self.c(x)" } else { "self.c(x) + x" };
+        let body = if relu { format!("F.relu({sum})") } else { sum.to_string() };
+        let input = [ch, hw.max(k), hw.max(k) + 1];
+        check(&model(&links, &body, &input), &input, "fuse-conv-add", true);
+        if relu {
+            check(&model(&links, &body, &input), &input, "fuse-conv-add-relu", true);
+        }
+    }
+
     #[test]
     fn fuse_linear_relu(n in 1usize..20, o in 1usize..9) {
         check(&model(&format!("    l = L.Linear({n}, {o})"), "F.relu(self.l(x))", &[n]), &[n], "fuse-linear-relu", true);

@@ -90,11 +90,15 @@ pub struct Lrn {
     pub beta: F64,
 }
 
-/// A convolution or linear layer with its epilogue fused: bias, then ReLU, then max pooling, applied
-/// before the store. Its meaning is exactly that composition (see `reference::eval`).
+/// A convolution or linear layer with its epilogue fused: bias, then a residual add, then ReLU, then
+/// max pooling, applied before the store. Its meaning is exactly that composition (see
+/// `reference::eval`).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Fused {
     pub base: FusedBase,
+    /// A second input of the output's shape added before the activation (a ResNet shortcut;
+    /// convolutions without pooling only).
+    pub add: bool,
     pub relu: bool,
     /// Max pooling after the activation (convolutions only).
     pub pool: Option<Pool2d>,
@@ -164,6 +168,11 @@ pub enum Op {
     Concat {
         axis: Axis,
     },
+    /// `F.transpose(x, axes)`: output axis i is input axis `axes[i]`, over the full tensor's axes (the
+    /// batch, axis 0, stays first).
+    Transpose {
+        axes: Dims,
+    },
     Add,
     /// `a * b`: element-wise product; `b` may hold one value per channel (N, C, 1, 1) and is broadcast.
     Mul,
@@ -212,7 +221,8 @@ impl Op {
             Op::Concat { .. } => None,
             Op::Add | Op::Mul => Some(2),
             Op::Conv2d(_) | Op::BatchNorm(_) | Op::Linear(_) | Op::Relu | Op::Sigmoid | Op::Clip { .. } | Op::MaxPool2d(_) | Op::AvgPool2d(_) => Some(1),
-            Op::Lrn(_) | Op::Dropout { .. } | Op::Softmax { .. } | Op::Reshape { .. } | Op::Fused(_) | Op::Slice { .. } => Some(1),
+            Op::Lrn(_) | Op::Dropout { .. } | Op::Softmax { .. } | Op::Reshape { .. } | Op::Slice { .. } | Op::Transpose { .. } => Some(1),
+            Op::Fused(f) => Some(1 + usize::from(f.add)),
         }
     }
 
@@ -222,7 +232,7 @@ impl Op {
             Op::Conv2d(Conv2d { bias, .. }) | Op::Linear(Linear { bias, .. }) => Some(bias),
             Op::Fused(Fused { base: FusedBase::Conv(Conv2d { bias, .. }) | FusedBase::Linear(Linear { bias, .. }), .. }) => Some(bias),
             Op::BatchNorm(_) | Op::Relu | Op::Sigmoid | Op::Clip { .. } | Op::MaxPool2d(_) | Op::AvgPool2d(_) | Op::Lrn(_) | Op::Dropout { .. } => None,
-            Op::Softmax { .. } | Op::Reshape { .. } | Op::Concat { .. } | Op::Add | Op::Mul | Op::Slice { .. } => None,
+            Op::Softmax { .. } | Op::Reshape { .. } | Op::Concat { .. } | Op::Transpose { .. } | Op::Add | Op::Mul | Op::Slice { .. } => None,
         }
     }
 
@@ -242,12 +252,15 @@ impl Op {
             Op::Softmax { .. } => "softmax",
             Op::Reshape { .. } => "reshape",
             Op::Concat { .. } => "concat",
+            Op::Transpose { .. } => "transpose",
             Op::Add => "add",
             Op::Mul => "mul",
-            Op::Fused(f) => match (&f.base, f.pool.is_some()) {
-                (FusedBase::Conv(_), false) => "conv2d+relu",
-                (FusedBase::Conv(_), true) => "conv2d+relu+max_pool2d",
-                (FusedBase::Linear(_), _) => "linear+relu",
+            Op::Fused(f) => match (&f.base, f.add, f.relu, f.pool.is_some()) {
+                (FusedBase::Conv(_), false, _, false) => "conv2d+relu",
+                (FusedBase::Conv(_), false, _, true) => "conv2d+relu+max_pool2d",
+                (FusedBase::Conv(_), true, false, _) => "conv2d+add",
+                (FusedBase::Conv(_), true, true, _) => "conv2d+add+relu",
+                (FusedBase::Linear(_), ..) => "linear+relu",
             },
             Op::Slice { .. } => "slice",
         }
@@ -274,7 +287,7 @@ impl Op {
             Op::Fused(f) => f.base_op().params(),
             Op::BatchNorm(b) => ["gamma", "beta", "avg_mean", "avg_var"].into_iter().map(|n| (n, vec![b.channels])).collect(),
             Op::Relu | Op::Sigmoid | Op::Clip { .. } | Op::MaxPool2d(_) | Op::AvgPool2d(_) | Op::Lrn(_) | Op::Dropout { .. } => vec![],
-            Op::Softmax { .. } | Op::Reshape { .. } | Op::Concat { .. } | Op::Add | Op::Mul | Op::Slice { .. } => vec![],
+            Op::Softmax { .. } | Op::Reshape { .. } | Op::Concat { .. } | Op::Transpose { .. } | Op::Add | Op::Mul | Op::Slice { .. } => vec![],
         }
     }
 
@@ -355,11 +368,21 @@ impl Op {
                 Ok(out)
             }
             Op::Fused(f) => {
-                let y = f.base_op().output_shape(inputs)?;
-                match &f.pool {
-                    Some(p) => Op::MaxPool2d(p.clone()).output_shape(&[&y]),
-                    None => Ok(y),
+                let y = f.base_op().output_shape(&inputs[..1])?;
+                match (&f.pool, f.add, &f.base) {
+                    (None, false, _) => Ok(y),
+                    (Some(p), false, FusedBase::Conv(_)) => Op::MaxPool2d(p.clone()).output_shape(&[&y]),
+                    (None, true, FusedBase::Conv(_)) => Op::Add.output_shape(&[&y, inputs[1]]),
+                    _ => err("only a convolution fuses max pooling or an add, not both"),
                 }
+            }
+            Op::Transpose { axes } => {
+                let mut sorted = axes.clone();
+                sorted.sort_unstable();
+                if sorted != (0..=x.len()).collect::<Vec<_>>() || axes[0] != 0 {
+                    return err(format!("axes {axes:?} are not a permutation of 0..{} that keeps the batch (axis 0) first", x.len() + 1));
+                }
+                Ok(axes[1..].iter().map(|&a| x[a - 1]).collect())
             }
             Op::Slice { axis, start, len } => {
                 let ax = per_sample_axis(*axis, x)?;
@@ -398,9 +421,9 @@ impl Op {
         match self {
             Op::Conv2d(c) => out() * (c.in_channels / c.groups * c.kernel[0] * c.kernel[1]) as u64,
             Op::Linear(l) => out() * l.in_features as u64,
-            Op::Fused(f) => f.base_op().macs(inputs),
+            Op::Fused(f) => f.base_op().macs(&inputs[..1]),
             Op::BatchNorm(_) | Op::Relu | Op::Sigmoid | Op::Clip { .. } | Op::MaxPool2d(_) | Op::AvgPool2d(_) | Op::Lrn(_) | Op::Dropout { .. } => 0,
-            Op::Softmax { .. } | Op::Reshape { .. } | Op::Concat { .. } | Op::Add | Op::Mul | Op::Slice { .. } => 0,
+            Op::Softmax { .. } | Op::Reshape { .. } | Op::Concat { .. } | Op::Transpose { .. } | Op::Add | Op::Mul | Op::Slice { .. } => 0,
         }
     }
 }
@@ -447,6 +470,7 @@ impl fmt::Display for Op {
             Op::Relu | Op::Sigmoid | Op::Add | Op::Mul => Ok(()),
             Op::Clip { min, max } => write!(f, "[{}, {}]", min.0, max.0),
             Op::Slice { axis, start, len } => write!(f, "[axis={}, {start}..{}]", axis.0, start + len),
+            Op::Transpose { axes } => write!(f, "{axes:?}"),
             Op::Fused(fu) => {
                 // `conv2d+relu+max_pool2d[96 <- 3, ...; k=3x3, ...]`: base attributes, then the pool's.
                 let base = fu.base_op().to_string();

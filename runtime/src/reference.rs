@@ -7,6 +7,26 @@
 use crate::op::{per_sample_axis, Conv2d, Lrn, Op, Pool2d};
 use crate::Tensor;
 
+/// For each element of `dims` transposed by `axes` (a permutation), in order, the index of the element
+/// it is: output (o₀, …, oᵣ₋₁) is input i with i[axes[k]] = oₖ.
+pub fn transposed(dims: &[usize], axes: &[usize]) -> impl Iterator<Item = usize> {
+    let rank = dims.len();
+    let mut strides = vec![1; rank];
+    for k in (0..rank.saturating_sub(1)).rev() {
+        strides[k] = strides[k + 1] * dims[k + 1];
+    }
+    let out: Vec<usize> = axes.iter().map(|&a| dims[a]).collect();
+    let axes = axes.to_vec();
+    (0..dims.iter().product()).map(move |mut i| {
+        let mut at = 0;
+        for k in (0..rank).rev() {
+            at += i % out[k] * strides[axes[k]];
+            i /= out[k];
+        }
+        at
+    })
+}
+
 /// Evaluates `op` on its activation inputs and parameters (in [`Op::params`] order).
 pub fn eval(op: &Op, inputs: &[&Tensor], params: &[&Tensor]) -> Tensor {
     let x = inputs[0];
@@ -60,6 +80,7 @@ pub fn eval(op: &Op, inputs: &[&Tensor], params: &[&Tensor]) -> Tensor {
             }
             Tensor::new(shape, data).expect("validated")
         }
+        Op::Transpose { axes } => Tensor::new(shape, transposed(x.shape(), axes).map(|i| x.data()[i]).collect()).expect("validated"),
         Op::Add => {
             let data = x.data().iter().zip(inputs[1].data()).map(|(a, b)| a + b).collect();
             Tensor::new(shape, data).expect("validated")
@@ -70,9 +91,12 @@ pub fn eval(op: &Op, inputs: &[&Tensor], params: &[&Tensor]) -> Tensor {
             let data = x.data().iter().enumerate().map(|(i, a)| a * s[i / per]).collect();
             Tensor::new(shape, data).expect("validated")
         }
-        // Defined by composition: the layer, then ReLU, then max pooling.
+        // Defined by composition: the layer, then the add, then ReLU, then max pooling.
         Op::Fused(f) => {
-            let mut y = eval(&f.base_op(), inputs, params);
+            let mut y = eval(&f.base_op(), &inputs[..1], params);
+            if f.add {
+                y = eval(&Op::Add, &[&y, inputs[1]], &[]);
+            }
             if f.relu {
                 y = map(&y, |v| v.max(0.0));
             }

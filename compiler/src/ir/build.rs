@@ -168,6 +168,9 @@ const FUNCTIONS: &[(&str, Signature)] = &[
     ("reshape", &[("x", REQUIRED), ("shape", REQUIRED)]),
     ("flatten", &[("x", REQUIRED)]),
     ("concat", &[("xs", REQUIRED), ("axis", int(1))]),
+    ("transpose", &[("x", REQUIRED), ("axes", NONE)]),
+    // Always a tuple here: `force_tuple` is accepted so that Chainer code pastes unchanged.
+    ("split_axis", &[("x", REQUIRED), ("indices_or_sections", REQUIRED), ("axis", REQUIRED), ("force_tuple", bool(true))]),
     // Compile-time helpers.
     ("len", &[("x", REQUIRED)]),
     ("range", &[("start", REQUIRED), ("stop", NONE), ("step", int(1))]),
@@ -1061,6 +1064,19 @@ impl<'a> Builder<'a> {
                 x.map(|x| Op::Reshape { dims: vec![self.g[x].shape.iter().product()] })
             }
             "reshape" => self.reshape_op(&v, sp(1)),
+            "transpose" => {
+                let x = self.tensor(&v[0], sp(0));
+                let axes = match (&v[1], x) {
+                    (Value::Tuple(t), Some(_)) => t.iter().map(|a| if let Value::Int(i @ 0..=MAX_DIM) = a { Some(*i as usize) } else { None }).collect(),
+                    _ => None,
+                };
+                if axes.is_none() && x.is_some() {
+                    let note = "the batch axis must stay first: `(0, ...)`, e.g. `(0, 2, 1, 3, 4)`".to_string();
+                    self.structure(sp(1), "`transpose` needs the permutation `axes` as a tuple of axes", "here", Some(note));
+                }
+                axes.map(|axes| Op::Transpose { axes })
+            }
+            "split_axis" => return self.split_axis(&v, sp(1), sp(2), span, &layer),
             "concat" => {
                 let Value::Tuple(items) = &v[0] else {
                     return match v[0] {
@@ -1082,6 +1098,37 @@ impl<'a> Builder<'a> {
             (Some(op), Some(x)) => self.node(op, vec![x], span, &layer, None, vec![]),
             _ => Value::Poison,
         }
+    }
+
+    /// `split_axis(x, indices_or_sections, axis)`: a tuple of slices of `x` along `axis`, at the given
+    /// indices or into that many equal sections (as Chainer).
+    fn split_axis(&mut self, v: &[Value], at: Span, axis_span: Span, span: Span, layer: &str) -> Value {
+        let Some(x) = self.tensor(&v[0], span) else { return Value::Poison };
+        let rank = self.g[x].shape.len() + 1;
+        let Some(axis) = self.axis(&v[2], axis_span, rank) else { return Value::Poison };
+        let size = if axis == 0 { 0 } else { self.g[x].shape.get(axis - 1).copied().unwrap_or(0) };
+        let bounds: Option<Vec<usize>> = match &v[1] {
+            Value::Int(n @ 1..) if size % *n as usize == 0 => Some((0..=*n as usize).map(|i| i * size / *n as usize).collect()),
+            Value::Tuple(t) => {
+                let inner: Option<Vec<usize>> = t.iter().map(|i| if let Value::Int(i @ 0..=MAX_DIM) = i { Some(*i as usize) } else { None }).collect();
+                inner.map(|i| [vec![0], i, vec![size]].concat()).filter(|b| b.windows(2).all(|w| w[0] <= w[1]))
+            }
+            Value::Poison => return Value::Poison,
+            _ => None,
+        };
+        let Some(bounds) = bounds.filter(|_| axis > 0) else {
+            let note = format!("axis {axis} has {size} entries: a number of sections that divides it, or a tuple of increasing indices");
+            return self.structure(at, "`split_axis` cannot split here", "these sections", Some(note));
+        };
+        let parts: Vec<Value> = bounds
+            .windows(2)
+            .map(|w| match w[1] - w[0] {
+                // An empty part: Chainer returns a zero-size array, which no layer here can take.
+                0 => self.structure(at, "`split_axis` would make an empty part", "these indices", None),
+                len => self.node(Op::Slice { axis: Axis(axis), start: w[0], len }, vec![x], span, layer, None, vec![]),
+            })
+            .collect();
+        Value::Tuple(parts)
     }
 
     /// `reshape(x, (-1, d1, d2, ...))`: Chainer's full shape; the batch entry must be −1 (it is symbolic).

@@ -5,6 +5,7 @@
 //! parameters and launches in the order they are asked for (the memory plan and listings rely on it).
 
 use super::{e, Access, Buf, Expr, Kb, Kernel, Tier, WeightsDtype, Winograd, LANES};
+use cnnc_runtime::op::Pool2d;
 use cnnc_runtime::{Op, Tensor};
 
 /// A tensor a launch reads or writes.
@@ -90,6 +91,31 @@ pub fn guarded(kb: &mut Kb, cond: Option<Expr>, body: impl FnOnce(&mut Kb)) {
         Some(c) => kb.if_(c, body),
         None => body(kb),
     }
+}
+
+/// What a convolution applies between its sum (with bias) and the store, in this order: a residual
+/// add of `add` (the fused node's second input, the output's shape), ReLU, max pooling (never with an add).
+#[derive(Clone, Copy, Default)]
+pub struct Epilogue<'a> {
+    pub add: Option<Ref>,
+    pub relu: bool,
+    pub pool: Option<&'a Pool2d>,
+}
+
+impl Epilogue<'_> {
+    /// Whether ReLU goes on the sum itself; after an add, [`add_tail`] applies it.
+    pub fn relu_on_sum(&self) -> bool {
+        self.relu && self.add.is_none()
+    }
+}
+
+/// `y[i] = y[i] + r[i]`, then ReLU if `relu`, for `i` in `lo..hi`: a fused residual add over outputs the
+/// task has just stored (still in cache), rounded exactly as a separate add and ReLU would be.
+pub fn add_tail(kb: &mut Kb, [y, r]: [Buf; 2], lo: Expr, hi: Expr, relu: bool) {
+    vector_loop(kb, lo, hi, |kb, i, vec| {
+        let v = y.load(i.clone(), vec) + r.load(i.clone(), vec);
+        kb.store(y, i, if relu { v.max(e(0.0f32).lanes(vec)) } else { v })
+    });
 }
 
 /// `dst[d..d + n] = src[s..s + n]` (the ranges do not overlap).

@@ -1,5 +1,5 @@
 //! Element-wise and data-movement ops: ReLU, add, multiply (also by a per-channel scale), batch normalization, LRN, softmax, and the block
-//! copies of concat and slice. One launch each, parallel over chunks, planes or rows.
+//! copies of concat, slice and transpose. One launch each, parallel over chunks, planes or rows.
 //! Invariant left: each output element is computed from its inputs alone, in a fixed order, so results
 //! do not depend on how the parallel loop is split.
 
@@ -134,6 +134,33 @@ pub fn copies(t: &mut Tables, n: &Node, axis: Axis, slice: Option<(usize, usize)
         }
     });
     t.launch(kb.finish(), n.ins.iter().map(|i| i.0).chain([y]).collect(), 0);
+}
+
+/// A transpose: one output row (its last axis) per parallel iteration, read from the input with that
+/// axis's stride (a block copy where the last axis stays last, as in a channel shuffle).
+pub fn transpose(t: &mut Tables, n: &Node, axes: &[usize]) {
+    let dims = [&[n.batch][..], n.ins[0].1].concat();
+    let out = [&[n.batch][..], n.out.1].concat();
+    let rank = dims.len();
+    let stride = |a: usize| dims[a + 1..].iter().product::<usize>();
+    let len = out[rank - 1];
+    let mut kb = Kb::new(name(n), out[..rank - 1].iter().product());
+    let (xb, yb) = (kb.buf("x", n.in_len(0), Access::Read), kb.buf("y", n.out_len(), Access::Write));
+    let (lo, hi) = kb.range();
+    kb.for_(lo, hi, |kb, row| {
+        // The row's first input element: each outer output coordinate times its input axis's stride.
+        let (mut src, mut inner) = (e(0i64), 1);
+        for k in (0..rank - 1).rev() {
+            src = src + row.clone() / inner % out[k] * stride(axes[k]);
+            inner *= out[k];
+        }
+        let src = kb.let_(src);
+        match stride(axes[rank - 1]) {
+            1 => copy(kb, yb, row * len, xb, src, len),
+            s => kb.for_(0usize, len, |kb, i| kb.store(yb, row.clone() * len + i.clone(), xb.at(src.clone() + i * s))),
+        }
+    });
+    t.launch(kb.finish(), vec![n.ins[0].0, n.out.0], 0);
 }
 
 /// Element-wise kernel over `len` elements: `y = f(inputs)`, vectorized.

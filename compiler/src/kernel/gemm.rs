@@ -8,10 +8,10 @@
 //! Invariant left: per output element the arithmetic is fixed — bias, then one FMA per k in (channel,
 //! ky, kx) order — whatever the tile, tier or thread count, so results are bitwise identical across them.
 
-use super::common::{copy, guarded, phase_split, Node, Phased, Ref, Tables};
+use super::common::{add_tail, copy, guarded, phase_split, Epilogue, Node, Phased, Ref, Tables};
 use super::pool::{pool, pool_launch};
 use super::{e, Access, BRows, Buf, Expr, Gemm, Kb, Taps, Tier, LANES};
-use cnnc_runtime::op::{Conv2d, Linear, Pool2d};
+use cnnc_runtime::op::{Conv2d, Linear};
 use cnnc_runtime::Op;
 
 /// Output-channel blocks one task runs against the same column tile before moving on (its chunk).
@@ -157,10 +157,10 @@ fn pack_blocks(w: &[f32], b: Option<&[f32]>, k: usize, mr: usize) -> (Vec<f32>, 
     (a, bias)
 }
 
-/// Lowers convolution `n` (whose own output, before `pool_after`, is [oh, ow]) as a direct GEMM.
-pub fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after: Option<&Pool2d>, out: [usize; 2]) {
+/// Lowers convolution `n` (whose own output, before the epilogue's pool, is [oh, ow]) as a direct GEMM.
+pub fn conv(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue, out: [usize; 2]) {
     let weights = Weights::Rows(n.params[0].data(), n.params.get(1).map(|b| b.data()));
-    direct(t, n, c, relu, pool_after, out, weights, None);
+    direct(t, n, c, ep, out, weights, None);
 }
 
 /// Winograd's `groups` (α²) products `M[ξ] = U[ξ] · V[ξ]`, each (co × k) · (k × cols), as the direct
@@ -182,7 +182,7 @@ pub fn plane_products(
     let (op, in_shape, out_shape) = (Op::Conv2d(c.clone()), [groups * k, cols, 1], [groups * co, cols, 1]);
     let n = Node { name, op: &op, batch: 1, ins: vec![(v, &in_shape)], out: (m, &out_shape), params: vec![] };
     let weights = packed.map_or(Weights::Rows(u, None), |(a, bias)| Weights::Packed(a, bias));
-    direct(t, &n, &c, false, None, [cols, 1], weights, Some(pitch))
+    direct(t, &n, &c, Epilogue::default(), [cols, 1], weights, Some(pitch))
 }
 
 /// Where a direct convolution's weights come from.
@@ -197,22 +197,14 @@ enum Weights<'a> {
 /// (image, group)'s first input and output row to the next (only for unpacked columns of one image).
 /// Returns the packed weights and bias.
 #[allow(clippy::too_many_arguments)]
-fn direct(
-    t: &mut Tables,
-    n: &Node,
-    c: &Conv2d,
-    relu: bool,
-    pool_after: Option<&Pool2d>,
-    [oh, ow]: [usize; 2],
-    weights: Weights,
-    planes: Option<[usize; 2]>,
-) -> (Ref, Ref) {
+fn direct(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue, [oh, ow]: [usize; 2], weights: Weights, planes: Option<[usize; 2]>) -> (Ref, Ref) {
     let [ci, h, w] = [n.ins[0].1[0], n.ins[0].1[1], n.ins[0].1[2]];
     let [kh, kw] = c.kernel;
     let co = c.out_channels;
     let (mr, nr) = (t.tier.mr(), t.tier.nr());
     let (cig, k, ncb) = (ci / c.groups, ci / c.groups * kh * kw, (co / c.groups).div_ceil(mr));
     let avx = t.tier == Tier::Avx512;
+    let pool_after = ep.pool;
     // Implicit columns (see [`Columns::Taps`]) mask the horizontal padding of stride-1 convolutions at
     // least as wide as their input; others read the whole phased input, whose row pitch the output then
     // has too (its extra columns are computed and skipped by the fused pool, the only reader).
@@ -301,6 +293,7 @@ fn direct(
     let yb = kb.buf("y", conv_len, Access::ReadWrite);
     let panel = packed.then(|| kb.buf("panel", kc * nr, Access::Local));
     let pooled = pool_after.filter(|_| !packed).map(|_| kb.buf("pooled", n.out_len(), Access::Write));
+    let residual = ep.add.map(|_| kb.buf("residual", conv_len, Access::Read));
     // The tile's tables: lane masks per column tile, offsets per tap row (see [`BRows::Taps`]).
     let tables = taps.map(|tp| {
         let (masks, offsets) = tap_tables(&tp, g.p, nr, cig);
@@ -311,11 +304,11 @@ fn direct(
     // last applies the epilogue.
     let each_slice = |kb: &mut Kb, f: &dyn Fn(&mut Kb, Expr, Expr, bool, bool)| {
         if slices == 1 {
-            return f(kb, e(0i64), e(g.k), false, relu);
+            return f(kb, e(0i64), e(g.k), false, ep.relu_on_sum());
         }
         f(kb, e(0i64), e(kc), false, false);
         kb.for_(1usize, slices - 1, |kb, s| f(kb, s * kc, e(kc), true, false));
-        f(kb, e((slices - 1) * kc), e(g.k - (slices - 1) * kc), true, relu);
+        f(kb, e((slices - 1) * kc), e(g.k - (slices - 1) * kc), true, ep.relu_on_sum());
     };
     // Per (image, group) `ig`: the first column-matrix element and the first output element.
     let bbase = |ig: &Expr| {
@@ -373,6 +366,12 @@ fn direct(
                 pack_panel(kb, &ig, &k0, &depth, &col, &cols);
                 kb.for_(0usize, g.ncb, |kb, blk| kb.gemm(gemm(&ig, blk, &k0, &depth, &col, cols.clone(), accumulate, relu)));
             });
+            if let Some(rb) = residual {
+                kb.for_(0usize, g.cog, |kb, ch| {
+                    let at = kb.let_(cbase(&ig) + ch * g.p + col.clone());
+                    add_tail(kb, [yb, rb], at.clone(), at + cols.clone(), ep.relu);
+                });
+            }
         });
     } else {
         // Tasks own ranges of (image, group, channel block); each range is walked in chunks of blocks
@@ -409,6 +408,11 @@ fn direct(
                         }),
                     }
                 });
+                // The chunk's channels are whole planes of y (no pool: the pitch is ow).
+                if let Some(rb) = residual {
+                    let base = kb.let_(cbase(&ig));
+                    add_tail(kb, [yb, rb], base.clone() + c0.clone() * (mr * g.p), base + (c1.clone() * mr).min(g.cog) * g.p, ep.relu);
+                }
                 if let (Some(p), Some(pb)) = (pool_after, pooled) {
                     let first = ig.clone() * g.cog + c0.clone() * mr;
                     let last = (ig.clone() * g.cog + c1.clone() * mr).min(ig.clone() * g.cog + g.cog);
@@ -419,6 +423,7 @@ fn direct(
     }
     let mut refs = vec![a, bias, cols, pre_pool];
     refs.extend(pooled.map(|_| n.out.0));
+    refs.extend(ep.add);
     refs.extend(tables.into_iter().flat_map(|(_, masks, _, offsets)| [masks, offsets]));
     t.launch(kb.finish(), refs, 2 * (n.batch * co * oh * ow * g.k) as u64);
     if let (Some(p), true) = (pool_after, packed) {

@@ -8,9 +8,9 @@
 //! 1 and Winograd is chosen per batch size, so batch sizes on either side of those may differ in the last
 //! bits; within a batch, no sample depends on its place.)
 
-use super::common::{Node, Tables};
+use super::common::{Epilogue, Node, Tables};
 use super::{e, elementwise, gemm, gemv, pool, winograd};
-use cnnc_runtime::op::{window_out, Conv2d, FusedBase, Linear, Pool2d};
+use cnnc_runtime::op::{window_out, Conv2d, FusedBase, Linear};
 use cnnc_runtime::Op;
 
 /// Appends the launches that compute `n` (aliasing ops — reshape, dropout — have none).
@@ -28,11 +28,12 @@ pub fn lower(t: &mut Tables, n: &Node) {
         Op::Softmax { axis } => elementwise::softmax(t, n, *axis),
         Op::Concat { axis } => elementwise::copies(t, n, *axis, None),
         Op::Slice { axis, start, len } => elementwise::copies(t, n, *axis, Some((*start, *len))),
+        Op::Transpose { axes } => elementwise::transpose(t, n, axes),
         Op::MaxPool2d(p) | Op::AvgPool2d(p) => pool::lower(t, n, p),
         Op::Linear(l) => linear(t, n, l, false),
-        Op::Conv2d(c) => conv(t, n, c, false, None),
+        Op::Conv2d(c) => conv(t, n, c, Epilogue::default()),
         Op::Fused(f) => match &f.base {
-            FusedBase::Conv(c) => conv(t, n, c, f.relu, f.pool.as_ref()),
+            FusedBase::Conv(c) => conv(t, n, c, Epilogue { add: f.add.then(|| n.ins[1].0), relu: f.relu, pool: f.pool.as_ref() }),
             FusedBase::Linear(l) => linear(t, n, l, f.relu),
         },
     }
@@ -47,16 +48,16 @@ fn linear(t: &mut Tables, n: &Node, l: &Linear, relu: bool) {
     }
 }
 
-/// A convolution (with its fused ReLU and max pooling): Winograd if the cost model (or the caller's
+/// A convolution (with its fused add, ReLU and max pooling): Winograd if the cost model (or the caller's
 /// [`super::Winograd`] choice) takes it, else direct.
-fn conv(t: &mut Tables, n: &Node, c: &Conv2d, relu: bool, pool_after: Option<&Pool2d>) {
+fn conv(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue) {
     // The convolution's own output size (before pooling).
-    let out = match pool_after {
+    let out = match ep.pool {
         Some(_) => [0, 1].map(|i| window_out(n.ins[0].1[1 + i], c.kernel[i], c.stride[i], c.pad[i], false).expect("validated")),
         None => [n.out.1[1], n.out.1[2]],
     };
     match winograd::chosen(t.winograd, c, n.batch, out) {
-        Some(f) => winograd::lower(t, n, c, f, relu, pool_after, out),
-        None => gemm::conv(t, n, c, relu, pool_after, out),
+        Some(f) => winograd::lower(t, n, c, f, ep, out),
+        None => gemm::conv(t, n, c, ep, out),
     }
 }

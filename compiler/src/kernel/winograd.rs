@@ -20,11 +20,11 @@
 //! interpreter, relative to the output's largest magnitude (the rest within 1e-5), and `tests/chainer.rs`
 //! all six models within 1e-4 of Chainer with each tile size forced (measured errors: docs/benchmarks.md).
 
-use super::common::{guarded, phase_split, vector_loop, Node, Tables};
+use super::common::{add_tail, guarded, phase_split, vector_loop, Epilogue, Node, Tables};
 use super::gemm::plane_products;
 use super::pool::pool_launch;
 use super::{e, Access, Expr, Kb, Tier, LANES};
-use cnnc_runtime::op::{Conv2d, Pool2d};
+use cnnc_runtime::op::Conv2d;
 
 /// One minimal filtering algorithm: m×m output tiles of an r×r filter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -179,7 +179,7 @@ fn sandwich(kb: &mut Kb, l: &[Vec<f64>], x: &[Expr], vec: bool) -> Vec<Expr> {
 }
 
 /// Lowers the convolution `n` as `f` (which [`chosen`] returned for it).
-pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, relu: bool, pool_after: Option<&Pool2d>, [oh, ow]: [usize; 2]) {
+pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, ep: Epilogue, [oh, ow]: [usize; 2]) {
     let (ci, co, batch) = (c.in_channels, c.out_channels, n.batch);
     let (m, r, a) = (f.m, f.r, f.alpha());
     let Matrices { bt, g, at } = f.matrices();
@@ -210,7 +210,7 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, relu: bool, pool_afte
     let (pv, pm) = (plane_pitch(ci * per_chunk * per_image), plane_pitch(co * per_chunk * per_image));
     let (v, mm) = (t.store(a * a * pv), t.store(a * a * pm));
     let conv_len = batch * co * oh * ow;
-    let y = if pool_after.is_some() { t.store(conv_len) } else { n.out.0 };
+    let y = if ep.pool.is_some() { t.store(conv_len) } else { n.out.0 };
     let bias = t.param(n.params.get(1).map_or(vec![0.0; co], |b| b.data().to_vec()));
     let mut packed = None;
     for chunk in 0..chunks {
@@ -243,7 +243,9 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, relu: bool, pool_afte
         packed = Some(plane_products(t, n.name, a * a, [ci, co, cols], [v, mm], [pv, pm], &u, packed));
         // y = Aᵀ M A + bias, then ReLU, stored where the tile lies inside the output.
         let mut kb = Kb::new(name("winograd_out"), images * co);
-        let (mb, bb, yb) = (kb.buf("M", a * a * pm, Access::Read), kb.buf("bias", co, Access::Read), kb.buf("y", conv_len, Access::Write));
+        let y_access = if ep.add.is_some() { Access::ReadWrite } else { Access::Write };
+        let (mb, bb, yb) = (kb.buf("M", a * a * pm, Access::Read), kb.buf("bias", co, Access::Read), kb.buf("y", conv_len, y_access));
+        let residual = ep.add.map(|_| kb.buf("residual", conv_len, Access::Read));
         // Four tiles' outputs as m² vectors, [r][s][tile], reread as scalars to store them in place.
         let tmp = kb.buf("tiles", m * m * LANES, Access::Local);
         let (lo, hi) = kb.range();
@@ -268,7 +270,7 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, relu: bool, pool_afte
                     let tiles = if vec { LANES } else { 1 };
                     for (i, val) in out.into_iter().enumerate() {
                         let val = val + b.clone().lanes(vec);
-                        let val = if relu { val.max(e(0.0f32).lanes(vec)) } else { val };
+                        let val = if ep.relu_on_sum() { val.max(e(0.0f32).lanes(vec)) } else { val };
                         kb.store(tmp, e(i * tiles), val);
                     }
                     // y[at + i·ow + m·u + j] = tile u's (i, j), where inside the output.
@@ -285,10 +287,14 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, relu: bool, pool_afte
                     kb.if_else(rows.clone().eq(m).and(e(tiles * m).le(width.clone())), |kb| scatter(kb, false), |kb| scatter(kb, true));
                 });
             });
+            if let Some(rb) = residual {
+                let at = kb.let_((plane.clone() + i0 * co) * (oh * ow));
+                add_tail(kb, [yb, rb], at.clone(), at + oh * ow, ep.relu);
+            }
         });
-        t.launch(kb.finish(), vec![mm, bias, y], 0);
+        t.launch(kb.finish(), [mm, bias, y].into_iter().chain(ep.add).collect(), 0);
     }
-    if let Some(p) = pool_after {
+    if let Some(p) = ep.pool {
         pool_launch(t, n, p, y, [oh, ow]);
     }
 }

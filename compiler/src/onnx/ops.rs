@@ -6,6 +6,7 @@
 use super::Const;
 use crate::weights::Array;
 use cnnc_onnx_proto as pb;
+use cnnc_runtime::reference::transposed;
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 
@@ -40,6 +41,10 @@ const SUPPORTED: &[&str] = &[
     "Cast",
     "ReduceMean",
     "Clip",
+    "Div",
+    "Transpose",
+    "Split",
+    "Slice",
 ];
 
 pub(super) fn supported(op: &str) -> bool {
@@ -118,6 +123,17 @@ fn keyword(name: &str, v: [usize; 2], default: [usize; 2]) -> String {
 
 fn usizes(v: &[i64], what: &str) -> R<Vec<usize>> {
     v.iter().map(|&x| usize::try_from(x).map_err(|_| format!("{what} {v:?} has a negative entry"))).collect()
+}
+
+/// Transpose's `perm` (by default the axes reversed), checked to be a permutation of `rank` axes.
+fn perm(n: &pb::NodeProto, rank: usize) -> R<Vec<usize>> {
+    let perm = ints(n, "perm").map_or_else(|| Ok((0..rank).rev().collect()), |p| usizes(&p, "perm"))?;
+    let mut sorted = perm.clone();
+    sorted.sort_unstable();
+    if sorted != (0..rank).collect::<Vec<_>>() {
+        return Err(format!("perm {perm:?} is not a permutation of {rank} axes"));
+    }
+    Ok(perm)
 }
 
 /// `axis` (negative counts from the end) as an index below `rank`.
@@ -241,10 +257,10 @@ impl Writer {
         if n.output.is_empty() || n.output[0].is_empty() {
             return Err("it has no output".into());
         }
-        if n.output.iter().skip(1).any(|o| !o.is_empty() && self.uses.get(o).copied().unwrap_or(0) > 0) {
+        let op = n.op_type();
+        if op != "Split" && n.output.iter().skip(1).any(|o| !o.is_empty() && self.uses.get(o).copied().unwrap_or(0) > 0) {
             return Err("its second output is used; cnnc computes only the first (inference)".into());
         }
-        let op = n.op_type();
         if matches!(op, "Identity" | "Dropout") {
             let v = match self.get(n, 0).ok_or("input 0 is missing")? {
                 Value::Const(c) => Value::Const(c.clone()),
@@ -325,6 +341,20 @@ impl Writer {
             }
             "Gemm" | "MatMul" => self.linear(n),
             "Add" | "Sub" | "Mul" | "Sum" => self.arith(n),
+            // x / c is not x · (1/c) in floating point, and no layer here divides.
+            "Div" => Err("division of a computed tensor is not supported (only of constants)".into()),
+            "Transpose" => {
+                let x = self.tensor(n, 0)?;
+                let perm = perm(n, x.shape.len())?;
+                if perm[0] != 0 {
+                    return Err(format!("perm {perm:?} moves the batch off axis 0"));
+                }
+                let axes: Vec<String> = perm.iter().map(usize::to_string).collect();
+                self.emit(n, format!("F.transpose({}, ({}))", x.var, axes.join(", ")), perm.iter().map(|&a| x.shape[a]).collect(), None);
+                Ok(())
+            }
+            "Split" => self.split(n),
+            "Slice" => self.slice(n),
             "Unsqueeze" | "Squeeze" => {
                 let x = self.tensor(n, 0)?;
                 let folded = self.fold_shape(n, &x.shape)?;
@@ -600,6 +630,82 @@ impl Writer {
         Ok(())
     }
 
+    /// `F.split_axis`: the sizes from the `split` input (opset 13) or attribute, else equal parts (the
+    /// last one smaller, as opset 18's `num_outputs` has it); each output is an element of the tuple.
+    fn split(&mut self, n: &pb::NodeProto) -> R<()> {
+        let x = self.tensor(n, 0)?;
+        let a = axis(int(n, "axis", 0), x.shape.len())?;
+        let (size, parts) = (x.shape[a], n.output.len());
+        let given = if self.opset >= 13 { self.opt_constant(n, 1)?.map(|c| c.ints()) } else { ints(n, "split") };
+        let sizes = match given {
+            Some(s) => usizes(&s, "split")?,
+            None => (0..parts).map(|i| size.div_ceil(parts).min(size.saturating_sub(i * size.div_ceil(parts)))).collect(),
+        };
+        if a == 0 || sizes.len() != parts || sizes.iter().sum::<usize>() != size || sizes.contains(&0) {
+            return Err(format!("sizes {sizes:?} do not split axis {a} of {:?} into {parts} parts", x.shape));
+        }
+        let sections = if sizes.iter().all(|&s| s == sizes[0]) {
+            parts.to_string()
+        } else {
+            let ends: Vec<String> = sizes[..parts - 1]
+                .iter()
+                .scan(0, |end, &s| {
+                    *end += s;
+                    Some(end.to_string())
+                })
+                .collect();
+            format!("({}{})", ends.join(", "), if ends.len() == 1 { "," } else { "" })
+        };
+        self.vars += 1;
+        let var = self.fresh(&format!("h{}", self.vars));
+        self.lines.push(format!("{var} = F.split_axis({}, {sections}, axis={a})", x.var));
+        for (i, (out, &len)) in n.output.iter().zip(&sizes).enumerate().filter(|(_, (o, _))| !o.is_empty()) {
+            let mut shape = x.shape.clone();
+            shape[a] = len;
+            self.values.insert(out.clone(), Value::Tensor(Tensor { var: format!("{var}[{i}]"), shape, link: None }));
+        }
+        Ok(())
+    }
+
+    /// A `Slice` with step 1 as one element of an `F.split_axis` per sliced axis (the model's unused
+    /// parts are pruned when it is built). Starts, ends and axes are attributes before opset 10.
+    fn slice(&mut self, n: &pb::NodeProto) -> R<()> {
+        let mut x = self.tensor(n, 0)?;
+        let list = |i: usize, name: &str| -> R<Option<Vec<i64>>> {
+            if self.opset >= 10 {
+                Ok(self.opt_constant(n, i)?.map(|c| c.ints()))
+            } else {
+                Ok(ints(n, name))
+            }
+        };
+        let (starts, ends) = (list(1, "starts")?.ok_or("no starts")?, list(2, "ends")?.ok_or("no ends")?);
+        let axes = list(3, "axes")?.unwrap_or_else(|| (0..starts.len() as i64).collect());
+        let steps = list(4, "steps")?.filter(|_| self.opset >= 10).unwrap_or_else(|| vec![1; starts.len()]);
+        if ends.len() != starts.len() || axes.len() != starts.len() || steps.iter().any(|&s| s != 1) || steps.len() != starts.len() {
+            return Err(format!("starts {starts:?}, ends {ends:?}, axes {axes:?}, steps {steps:?} (only steps of 1)"));
+        }
+        for ((&s, &e), &a) in starts.iter().zip(&ends).zip(&axes) {
+            let a = axis(a, x.shape.len())?;
+            let dim = x.shape[a] as i64;
+            let clamp = |v: i64| (if v < 0 { v.saturating_add(dim) } else { v }).clamp(0, dim) as usize;
+            let (s, e) = (clamp(s), clamp(e));
+            if (s, e) == (0, dim as usize) {
+                continue;
+            }
+            if a == 0 || s >= e {
+                return Err(format!("slice {s}..{e} of axis {a} of {:?} (not the batch, not empty)", x.shape));
+            }
+            let cuts: Vec<String> = [s, e].into_iter().filter(|&c| c > 0 && c < dim as usize).map(|c| c.to_string()).collect();
+            self.vars += 1;
+            let var = self.fresh(&format!("h{}", self.vars));
+            self.lines.push(format!("{var} = F.split_axis({}, ({}{}), axis={a})", x.var, cuts.join(", "), if cuts.len() == 1 { "," } else { "" }));
+            x.shape[a] = e - s;
+            x = Tensor { var: format!("{var}[{}]", usize::from(s > 0)), link: None, ..x };
+        }
+        self.set(n, Value::Tensor(x));
+        Ok(())
+    }
+
     /// `F.reshape` to `shape`, whose axis 0 must stay the batch.
     fn reshape(&mut self, n: &pb::NodeProto, x: &Tensor, shape: Vec<usize>) -> R<()> {
         if shape.len() < 2 || shape[0] != 1 {
@@ -708,6 +814,15 @@ impl Writer {
                 let d = self.reshaped(x.dims(), &c(1)?.ints(), int(n, "allowzero", 0) != 0)?;
                 x.with_dims(d)
             }
+            "Transpose" => {
+                let x = c(0)?;
+                let perm = perm(n, x.dims().len())?;
+                let (dims, at): (Vec<usize>, Vec<usize>) = (perm.iter().map(|&a| x.dims()[a]).collect(), transposed(x.dims(), &perm).collect());
+                match x {
+                    Const::I(_, v) => Const::I(dims, at.iter().map(|&i| v[i]).collect()),
+                    Const::F(_, v) => Const::F(dims, at.iter().map(|&i| v[i]).collect()),
+                }
+            }
             "Gather" => {
                 let (x, idx) = (c(0)?, c(1)?);
                 if x.dims().len() != 1 || axis(int(n, "axis", 0), 1)? != 0 {
@@ -736,11 +851,15 @@ impl Writer {
                     Const::F(vec![len], xs.iter().flat_map(Const::floats).collect())
                 }
             }
-            op @ ("Add" | "Sub" | "Mul") => {
+            op @ ("Add" | "Sub" | "Mul" | "Div") => {
                 let (a, b) = (c(0)?, c(1)?);
+                if op == "Div" && matches!(b, Const::I(..)) && b.ints().contains(&0) {
+                    return Err("an integer division by zero".into());
+                }
                 let f = |x: f32, y: f32| match op {
                     "Add" => x + y,
                     "Sub" => x - y,
+                    "Div" => x / y,
                     _ => x * y,
                 };
                 match (&a, &b) {
@@ -748,6 +867,8 @@ impl Writer {
                         let g = |x: i64, y: i64| match op {
                             "Add" => x.wrapping_add(y),
                             "Sub" => x.wrapping_sub(y),
+                            // ONNX's integer division truncates, as Rust's does.
+                            "Div" => x.wrapping_div(y),
                             _ => x.wrapping_mul(y),
                         };
                         let (d, v) = broadcast((a.dims(), &a.ints()), (b.dims(), &b.ints()), g)?;

@@ -96,16 +96,18 @@ pub fn op_of(eg: &EGraph<Cnn, Shapes>, node: &Cnn) -> Option<(Op, Vec<Id>, Vec<I
     let (mut op, mut rest) = (attr(eg, *children.first()?)?, &children[1..]);
     // `conv2d+relu+max_pool2d`: the base layer's attributes, then the pool's.
     if let Some(parts) = name.as_str().strip_prefix(op.name()).filter(|p| !p.is_empty()) {
-        let pool = match parts {
-            "+relu" => None,
+        let (add, relu, pool) = match parts {
+            "+relu" => (false, true, None),
+            "+add" => (true, false, None),
+            "+add+relu" => (true, true, None),
             "+relu+max_pool2d" => {
                 let Some(Op::MaxPool2d(p)) = attr(eg, *rest.first()?) else { return None };
                 rest = &rest[1..];
-                Some(p)
+                (false, true, Some(p))
             }
             _ => return None,
         };
-        op = Op::Fused(Fused { base: FusedBase::of(op)?, relu: true, pool });
+        op = Op::Fused(Fused { base: FusedBase::of(op)?, add, relu, pool });
     }
     // A parameter term over an attribute (`fold-w` reads a BatchNormalization's) is not that op.
     if op.name() != name.as_str() {
