@@ -187,6 +187,10 @@ fn parse_mean(s: &str) -> Result<[f32; 3], String> {
 struct Reported;
 
 fn main() -> ExitCode {
+    // A reader that goes away (`cnnc compile … | head`) ends cnnc as it ends any Unix filter. Rust
+    // ignores SIGPIPE, so every `print!` after that would panic instead.
+    // SAFETY: restoring a signal's default disposition before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Compile(a) => {

@@ -793,3 +793,24 @@ fn inconsistent_onnx_graphs_are_errors_not_panics() {
         fails(&["compile", &path], 1, &[&[format!("{name}.onnx").as_str()][..], &culprits[..]].concat());
     }
 }
+
+/// A reader that closes the pipe early (`cnnc compile ... | head`) ends cnnc quietly: by SIGPIPE, as
+/// any Unix filter, never a panic.
+#[test]
+fn a_closed_pipe_is_not_a_panic() {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cnnc"))
+        .args(["compile", "models/resnet50.model", "--emit", "kernels"])
+        .current_dir(root())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("cnnc runs");
+    let mut first = [0u8; 64];
+    child.stdout.take().expect("piped").read_exact(&mut first).expect("some output");
+    let out = child.wait_with_output().expect("cnnc ends");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{stderr}");
+}
