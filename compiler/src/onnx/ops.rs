@@ -136,6 +136,14 @@ fn perm(n: &pb::NodeProto, rank: usize) -> R<Vec<usize>> {
     Ok(perm)
 }
 
+/// Pads (begin H, begin W, end H, end W) as cnnc's symmetric pad per axis and the number of leading
+/// output windows to skip: a larger end pad becomes the begin pad plus whole strides, so that windows
+/// `skip..` lie exactly where ONNX's do (the caller crops to ONNX's count); a larger begin pad is kept.
+fn symmetric(p: [usize; 4], stride: [usize; 2]) -> ([usize; 2], [usize; 2]) {
+    let skip = [0, 1].map(|a| p[a + 2].saturating_sub(p[a]).div_ceil(stride[a]));
+    ([0, 1].map(|a| p[a] + skip[a] * stride[a]), skip)
+}
+
 /// `axis` (negative counts from the end) as an index below `rank`.
 fn axis(a: i64, rank: usize) -> R<usize> {
     let r = rank as i64;
@@ -208,6 +216,12 @@ impl Writer {
 
     fn get(&self, n: &pb::NodeProto, i: usize) -> Option<&Value> {
         n.input.get(i).filter(|s| !s.is_empty()).and_then(|s| self.values.get(s))
+    }
+    fn tensor_named(&self, name: &str) -> R<Tensor> {
+        match self.values.get(name) {
+            Some(Value::Tensor(t)) => Ok(t.clone()),
+            _ => Err(format!("`{name}` is not a computed tensor")),
+        }
     }
     fn tensor(&self, n: &pb::NodeProto, i: usize) -> R<Tensor> {
         match self.get(n, i) {
@@ -475,22 +489,49 @@ impl Writer {
         if x.shape[1] != cg * g {
             return Err(format!("{} input channels for weights {wd:?} in {g} groups", x.shape[1]));
         }
-        if p[0] != p[2] || p[1] != p[3] {
-            return Err(format!("asymmetric pads {p:?} are not supported yet"));
-        }
-        let out = |i: usize, k: usize, a: usize| (i + 2 * p[a]).checked_sub(k).map(|d| d / stride[a] + 1).ok_or("the kernel is larger than the padded input");
-        let shape = vec![1, m, out(h, kh, 0)?, out(w, kw, 1)?];
+        let (pad, skip) = symmetric(p, stride);
+        let out = |i: usize, k: usize, a: usize, total: usize| {
+            (i + total).checked_sub(k).map(|d| d / stride[a] + 1).ok_or("the kernel is larger than the padded input")
+        };
+        let onnx = [out(h, kh, 0, p[0] + p[2])?, out(w, kw, 1, p[1] + p[3])?];
+        let shape = vec![1, m, out(h, kh, 0, 2 * pad[0])?, out(w, kw, 1, 2 * pad[1])?];
         let mut params = vec![("W", (wd.clone(), wv))];
         let b = self.opt_constant(n, 2)?;
         if let Some(b) = &b {
             params.push(("b", (vec![m], b.floats())));
         }
         let groups = if g > 1 { format!(", groups={g}") } else { String::new() };
-        let geo = format!("{}{}", keyword("stride", stride, [1, 1]), keyword("pad", [p[0], p[1]], [0, 0]));
+        let geo = format!("{}{}", keyword("stride", stride, [1, 1]), keyword("pad", pad, [0, 0]));
         let ctor = format!("L.Convolution2D({}, {m}, {}{geo}{groups}", cg * g, pair([kh, kw]));
         let l = self.link(&n.input[1], ctor, Some(b.is_some()), params);
         self.call(n, l, &x, shape);
+        self.crop_output(n, skip, onnx)
+    }
+
+    /// Crops the node's (N, C, H, W) output to `len` rows and columns from `start` (see [`symmetric`]).
+    fn crop_output(&mut self, n: &pb::NodeProto, start: [usize; 2], len: [usize; 2]) -> R<()> {
+        let mut y = self.tensor_named(&n.output[0])?;
+        for a in 0..2 {
+            y = self.crop(y, 2 + a, start[a], len[a]);
+        }
+        self.set(n, Value::Tensor(y));
         Ok(())
+    }
+
+    /// `len` entries from `start` along `axis` of `x`, as an element of an `F.split_axis` (the model's
+    /// unused parts are pruned when it is built); `x` itself when that is all of it.
+    fn crop(&mut self, x: Tensor, axis: usize, start: usize, len: usize) -> Tensor {
+        let dim = x.shape[axis];
+        if (start, len) == (0, dim) {
+            return x;
+        }
+        let cuts: Vec<String> = [start, start + len].into_iter().filter(|&c| c > 0 && c < dim).map(|c| c.to_string()).collect();
+        self.vars += 1;
+        let var = self.fresh(&format!("h{}", self.vars));
+        self.lines.push(format!("{var} = F.split_axis({}, ({}{}), axis={axis})", x.var, cuts.join(", "), if cuts.len() == 1 { "," } else { "" }));
+        let mut shape = x.shape;
+        shape[axis] = len;
+        Tensor { var: format!("{var}[{}]", usize::from(start > 0)), shape, link: None }
     }
 
     fn pool(&mut self, n: &pb::NodeProto) -> R<()> {
@@ -505,13 +546,16 @@ impl Writer {
             Ok(if ceil && (o - 1) * s[a] >= input[a] + p[a] { o - 1 } else { o })
         };
         let out = [onnx(0)?, onnx(1)?];
-        // cnnc pads both sides by the left pad, with windows at the same places: floor or cover-all size.
-        let floor = |a: usize| (input[a] + 2 * p[a]).checked_sub(k[a]).map(|d| d / s[a] + 1);
-        let cover = |a: usize| (input[a] + 2 * p[a]).checked_sub(k[a]).map(|d| d.div_ceil(s[a]) + 1);
-        let is_floor = (0..2).all(|a| Some(out[a]) == floor(a));
-        let is_cover = (0..2).all(|a| Some(out[a]) == cover(a));
-        let shape = vec![1, x.shape[1], out[0], out[1]];
-        let geo = format!("{}, {}{}{}", x.var, pair(k), keyword("stride", s, k), keyword("pad", [p[0], p[1]], [0, 0]));
+        // cnnc pads both sides alike, with windows at the same places (see [`symmetric`]): floor or
+        // cover-all size, then the output cropped to ONNX's windows where it has more.
+        let (pad, skip) = symmetric(p, s);
+        let floor = |a: usize| (input[a] + 2 * pad[a]).checked_sub(k[a]).map(|d| d / s[a] + 1).unwrap_or(0);
+        let cover = |a: usize| (input[a] + 2 * pad[a]).checked_sub(k[a]).map(|d| d.div_ceil(s[a]) + 1).unwrap_or(0);
+        let is_floor = (0..2).all(|a| floor(a) >= skip[a] + out[a]);
+        let is_cover = (0..2).all(|a| cover(a) >= skip[a] + out[a]);
+        let ours = |size: &dyn Fn(usize) -> usize| vec![1, x.shape[1], size(0), size(1)];
+        let shape = if is_floor { ours(&floor) } else { ours(&cover) };
+        let geo = format!("{}, {}{}{}", x.var, pair(k), keyword("stride", s, k), keyword("pad", pad, [0, 0]));
         if n.op_type() == "MaxPool" {
             if int(n, "storage_order", 0) != 0 && n.output.len() > 1 {
                 return Err("column-major indices".into());
@@ -520,18 +564,18 @@ impl Writer {
                 return Err(format!("pads {p:?} with ceil_mode {ceil} give an output size cnnc's pooling cannot produce"));
             }
             self.emit(n, format!("F.max_pooling_2d({geo}{})", if is_floor { ", cover_all=False" } else { "" }), shape, None);
-            return Ok(());
+            return self.crop_output(n, skip, out);
         }
-        // Windows at the same places as ONNX's; the divisor is kh·kw (Chainer's) where every window lies
-        // inside the input or, with count_include_pad, inside symmetric padding; else the cells inside.
+        // The divisor is kh·kw (Chainer's) where every window lies inside the input or, with
+        // count_include_pad, inside ONNX's padding (a floor-mode window always does); else the cells inside.
         let inside = (0..2).all(|a| p[a] == 0 && (out[a] - 1) * s[a] + k[a] <= input[a]);
         let include = int(n, "count_include_pad", 0) != 0;
-        if !is_floor || (include && !inside && (p[0] != p[2] || p[1] != p[3])) {
+        if !is_floor || (include && ceil && !inside) {
             return Err(format!("an average over pads {p:?} with ceil_mode {ceil} is not supported yet"));
         }
         let exclude = if include || inside { "" } else { ", pad_value=None" };
         self.emit(n, format!("F.average_pooling_2d({geo}{exclude})"), shape, None);
-        Ok(())
+        self.crop_output(n, skip, out)
     }
 
     fn linear(&mut self, n: &pb::NodeProto) -> R<()> {
@@ -689,18 +733,10 @@ impl Writer {
             let dim = x.shape[a] as i64;
             let clamp = |v: i64| (if v < 0 { v.saturating_add(dim) } else { v }).clamp(0, dim) as usize;
             let (s, e) = (clamp(s), clamp(e));
-            if (s, e) == (0, dim as usize) {
-                continue;
-            }
-            if a == 0 || s >= e {
+            if (a == 0 && (s, e) != (0, dim as usize)) || s >= e {
                 return Err(format!("slice {s}..{e} of axis {a} of {:?} (not the batch, not empty)", x.shape));
             }
-            let cuts: Vec<String> = [s, e].into_iter().filter(|&c| c > 0 && c < dim as usize).map(|c| c.to_string()).collect();
-            self.vars += 1;
-            let var = self.fresh(&format!("h{}", self.vars));
-            self.lines.push(format!("{var} = F.split_axis({}, ({}{}), axis={a})", x.var, cuts.join(", "), if cuts.len() == 1 { "," } else { "" }));
-            x.shape[a] = e - s;
-            x = Tensor { var: format!("{var}[{}]", usize::from(s > 0)), link: None, ..x };
+            x = self.crop(x, a, s, e - s);
         }
         self.set(n, Value::Tensor(x));
         Ok(())
