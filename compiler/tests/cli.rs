@@ -666,18 +666,21 @@ fn onnx_runs_like_onnxruntime_and_imports_to_the_same_numbers() {
     assert!(text.contains("F.max_pooling_2d(h3, 3, stride=2)") && text.contains("pad_value=None"), "{text}");
 }
 
-/// Asymmetric pads (tests/fixtures/onnx/gen_onnx.py: conv, max pool and both kinds of average), written
-/// as a symmetric pad and a crop, against ONNX Runtime on the JIT and the reference.
+/// Small graphs of tests/fixtures/onnx/gen_onnx.py against ONNX Runtime on the JIT and the reference:
+/// asymmetric pads (conv, max pool and both kinds of average), written as a symmetric pad and a crop;
+/// HardSigmoid and HardSwish, written as an affine batch normalization, a clip and a product.
 #[test]
-fn onnx_asymmetric_pads_match_onnxruntime() {
+fn onnx_small_graphs_match_onnxruntime() {
     let d = tmp();
-    let (_, want) = read_npy(&fixture("onnx/asym_pads.ort.npy"));
-    for extra in [&[][..], &["--backend", "reference", "-O", "0"]] {
-        let out = d.path().join("y.npy").display().to_string();
-        let o = cnnc(&[&["run", &fixture("onnx/asym_pads.onnx"), "--input", &fixture("onnx/x.npy"), "--output", &out], extra].concat());
-        assert_eq!(o.code, 0, "{}", o.stderr);
-        let got = read_npy(&out).1;
-        assert!(rel_diff(&got, &want) <= 1e-5, "{extra:?}: {}", rel_diff(&got, &want));
+    for name in ["asym_pads", "hard_acts"] {
+        let (_, want) = read_npy(&fixture(&format!("onnx/{name}.ort.npy")));
+        for extra in [&[][..], &["--backend", "reference", "-O", "0"]] {
+            let out = d.path().join("y.npy").display().to_string();
+            let o = cnnc(&[&["run", &fixture(&format!("onnx/{name}.onnx")), "--input", &fixture("onnx/x.npy"), "--output", &out], extra].concat());
+            assert_eq!(o.code, 0, "{name}: {}", o.stderr);
+            let got = read_npy(&out).1;
+            assert!(rel_diff(&got, &want) <= 1e-5, "{name} {extra:?}: {}", rel_diff(&got, &want));
+        }
     }
 }
 

@@ -45,6 +45,8 @@ const SUPPORTED: &[&str] = &[
     "Transpose",
     "Split",
     "Slice",
+    "HardSigmoid",
+    "HardSwish",
 ];
 
 pub(super) fn supported(op: &str) -> bool {
@@ -123,6 +125,15 @@ fn keyword(name: &str, v: [usize; 2], default: [usize; 2]) -> String {
 
 fn usizes(v: &[i64], what: &str) -> R<Vec<usize>> {
     v.iter().map(|&x| usize::try_from(x).map_err(|_| format!("{what} {v:?} has a negative entry"))).collect()
+}
+
+/// A name for the links a node makes: its own, or its op's.
+fn base_name(n: &pb::NodeProto) -> String {
+    if n.name().is_empty() {
+        n.op_type().to_lowercase()
+    } else {
+        n.name().to_string()
+    }
 }
 
 /// Transpose's `perm` (by default the axes reversed), checked to be a permutation of `rank` axes.
@@ -250,10 +261,26 @@ impl Writer {
 
     /// Emits `var = expr` for the node's first output.
     fn emit(&mut self, n: &pb::NodeProto, expr: String, shape: Vec<usize>, link: Option<usize>) {
+        let t = self.line(expr, shape, link);
+        self.set(n, Value::Tensor(t));
+    }
+
+    /// Writes `var = expr` with a fresh variable; returns it.
+    fn line(&mut self, expr: String, shape: Vec<usize>, link: Option<usize>) -> Tensor {
         self.vars += 1;
         let var = self.fresh(&format!("h{}", self.vars));
         self.lines.push(format!("{var} = {expr}"));
-        self.set(n, Value::Tensor(Tensor { var, shape, link }));
+        Tensor { var, shape, link }
+    }
+
+    /// `x·γ + β` per channel, as a batch normalization whose statistics are the identity:
+    /// x·γ/√(1 + 0) + β, exact (so the optimizer folds it like any other).
+    fn affine(&mut self, base: &str, x: &Tensor, gamma: Vec<f32>, beta: Vec<f32>) -> Tensor {
+        let ch = gamma.len();
+        let stats = [("avg_mean", vec![0.0; ch]), ("avg_var", vec![1.0; ch])];
+        let params = [("gamma", gamma), ("beta", beta)].into_iter().chain(stats).map(|(k, v)| (k, (vec![ch], v))).collect();
+        let l = self.link(base, format!("L.BatchNormalization({ch}, eps=0.0"), None, params);
+        self.line(format!("self.{}({})", self.links[l].name, x.var), x.shape.clone(), None)
     }
 
     /// Declares a link named after `base` and stores its parameters under `name/key`.
@@ -309,6 +336,22 @@ impl Writer {
                 let eps = float(n, "epsilon", 1e-5) as f64;
                 let l = self.link(&n.input[1], format!("L.BatchNormalization({c}, eps={eps:?}"), None, params);
                 self.call(n, l, &x, x.shape.clone());
+                Ok(())
+            }
+            // max(0, min(1, αx + β)); HardSwish is x times it with α = 1/6, β = 1/2.
+            "HardSigmoid" | "HardSwish" => {
+                let x = self.tensor(n, 0)?;
+                let ch = *x.shape.get(1).ok_or("the input has no channel axis")?;
+                let (alpha, beta) = if op == "HardSwish" { (1.0 / 6.0, 0.5) } else { (float(n, "alpha", 0.2), float(n, "beta", 0.5)) };
+                let y = self.affine(&base_name(n), &x, vec![alpha; ch], vec![beta; ch]);
+                let clipped = format!("F.clip({}, 0.0, 1.0)", y.var);
+                match op {
+                    "HardSwish" => {
+                        let h = self.line(clipped, x.shape.clone(), None);
+                        self.emit(n, format!("{} * {}", x.var, h.var), x.shape, None);
+                    }
+                    _ => self.emit(n, clipped, x.shape, None),
+                }
                 Ok(())
             }
             "Relu" | "Sigmoid" => {
@@ -664,13 +707,9 @@ impl Writer {
                 return Ok(());
             }
         }
-        // Otherwise as a batch normalization whose statistics are the identity: y = x·γ/√(1 + 0) + β, exact.
         let (gamma, beta) = if op == "Mul" { (values, vec![0.0; ch]) } else { (vec![1.0; ch], values) };
-        let params =
-            vec![("gamma", (vec![ch], gamma)), ("beta", (vec![ch], beta)), ("avg_mean", (vec![ch], vec![0.0; ch])), ("avg_var", (vec![ch], vec![1.0; ch]))];
-        let base = if n.name().is_empty() { op.to_lowercase() } else { n.name().to_string() };
-        let l = self.link(&base, format!("L.BatchNormalization({ch}, eps=0.0"), None, params);
-        self.call(n, l, &x, x.shape.clone());
+        let y = self.affine(&base_name(n), &x, gamma, beta);
+        self.set(n, Value::Tensor(y));
         Ok(())
     }
 
