@@ -668,11 +668,12 @@ fn onnx_runs_like_onnxruntime_and_imports_to_the_same_numbers() {
 
 /// Small graphs of tests/fixtures/onnx/gen_onnx.py against ONNX Runtime on the JIT and the reference:
 /// asymmetric pads (conv, max pool and both kinds of average), written as a symmetric pad and a crop;
-/// HardSigmoid and HardSwish, written as an affine batch normalization, a clip and a product.
+/// HardSigmoid and HardSwish, written as an affine batch normalization, a clip and a product; `Pad`
+/// nodes folded into a conv and an average.
 #[test]
 fn onnx_small_graphs_match_onnxruntime() {
     let d = tmp();
-    for name in ["asym_pads", "hard_acts"] {
+    for name in ["asym_pads", "hard_acts", "pad_fold"] {
         let (_, want) = read_npy(&fixture(&format!("onnx/{name}.ort.npy")));
         for extra in [&[][..], &["--backend", "reference", "-O", "0"]] {
             let out = d.path().join("y.npy").display().to_string();
@@ -804,6 +805,22 @@ fn inconsistent_onnx_graphs_are_errors_not_panics() {
                 "y",
             ),
             vec!["moves the batch off axis 0"],
+        ),
+        // Zeros before a ReLU, a max pool or at the output are data, not a layer's pads.
+        (
+            "pad_before_relu",
+            model(
+                vec![node("Pad", "p", &["x", "pads"], &["xp"]), node("Relu", "r", &["xp"], &["y"])],
+                vec![shape_const("pads", vec![0, 0, 1, 1, 0, 0, 1, 1])],
+                "y",
+            ),
+            vec!["node `r` (Relu)", "comes from a `Pad`"],
+        ),
+        ("pad_as_output", model(vec![node("Pad", "p", &["x", "pads"], &["y"])], vec![shape_const("pads", vec![0, 0, 1, 1, 0, 0, 1, 1])], "y"), vec!["`Pad`"]),
+        (
+            "pad_of_channels",
+            model(vec![node("Pad", "p", &["x", "pads"], &["y"])], vec![shape_const("pads", vec![0, 1, 0, 0, 0, 0, 0, 0])], "y"),
+            vec!["node `p` (Pad)", "channel axis"],
         ),
     ];
     for (name, bytes, culprits) in cases {

@@ -47,6 +47,7 @@ const SUPPORTED: &[&str] = &[
     "Slice",
     "HardSigmoid",
     "HardSwish",
+    "Pad",
 ];
 
 pub(super) fn supported(op: &str) -> bool {
@@ -65,6 +66,9 @@ pub(super) struct Tensor {
     /// The convolution or linear link whose output this is, directly (a constant added to it can go
     /// into its bias).
     link: Option<usize>,
+    /// Zeros a `Pad` node put around it (begin H, begin W, end H, end W), not written yet: only a
+    /// convolution or an average counting its padding can take them, as its own pads.
+    pad: [usize; 4],
 }
 
 struct Link {
@@ -222,7 +226,7 @@ impl Writer {
 
     pub(super) fn input(&mut self, _: usize, name: &str, dims: &[usize]) {
         let var = self.fresh(name);
-        self.values.insert(name.into(), Value::Tensor(Tensor { var, shape: [&[1], dims].concat(), link: None }));
+        self.values.insert(name.into(), Value::Tensor(Tensor { var, shape: [&[1], dims].concat(), link: None, pad: [0; 4] }));
     }
 
     fn get(&self, n: &pb::NodeProto, i: usize) -> Option<&Value> {
@@ -235,8 +239,12 @@ impl Writer {
         }
     }
     fn tensor(&self, n: &pb::NodeProto, i: usize) -> R<Tensor> {
+        self.padded(n, i).map(|(t, _)| t)
+    }
+    /// A tensor input with the zeros a `Pad` put around it (see [`Tensor::pad`]).
+    fn padded(&self, n: &pb::NodeProto, i: usize) -> R<(Tensor, [usize; 4])> {
         match self.get(n, i) {
-            Some(Value::Tensor(t)) => Ok(t.clone()),
+            Some(Value::Tensor(t)) => Ok((Tensor { pad: [0; 4], ..t.clone() }, t.pad)),
             Some(Value::Const(_)) => Err(format!("input {i} is a constant where cnnc needs a computed tensor")),
             None => Err(format!("input {i} is missing")),
         }
@@ -270,7 +278,7 @@ impl Writer {
         self.vars += 1;
         let var = self.fresh(&format!("h{}", self.vars));
         self.lines.push(format!("{var} = {expr}"));
-        Tensor { var, shape, link }
+        Tensor { var, shape, link, pad: [0; 4] }
     }
 
     /// `x·γ + β` per channel, as a batch normalization whose statistics are the identity:
@@ -309,6 +317,11 @@ impl Writer {
             };
             self.set(n, v);
             return Ok(());
+        }
+        // Only these see a `Pad`'s zeros (see [`Tensor::pad`]); every other op refuses them here.
+        let pending = n.input.iter().any(|i| matches!(self.values.get(i), Some(Value::Tensor(t)) if t.pad != [0; 4]));
+        if pending && !matches!(op, "Conv" | "AveragePool") {
+            return Err("an input comes from a `Pad`, which cnnc folds only into a following Conv, or AveragePool counting its padding".into());
         }
         let on_tensor = matches!(self.get(n, 0), Some(Value::Tensor(_)));
         if matches!(op, "Constant" | "ConstantOfShape" | "Shape" | "Gather" | "Cast")
@@ -411,6 +424,7 @@ impl Writer {
                 Ok(())
             }
             "Split" => self.split(n),
+            "Pad" => self.pad(n),
             "Slice" => self.slice(n),
             "Unsqueeze" | "Squeeze" => {
                 let x = self.tensor(n, 0)?;
@@ -511,7 +525,8 @@ impl Writer {
         }
     }
 
-    fn geometry(n: &pb::NodeProto, x: &Tensor, kernel: [usize; 2]) -> R<([usize; 2], [usize; 4], [usize; 2])> {
+    /// Stride, pads (with `extra`, zeros a `Pad` put around the input) and input size of a window op.
+    fn geometry(n: &pb::NodeProto, x: &Tensor, kernel: [usize; 2], extra: [usize; 4]) -> R<([usize; 2], [usize; 4], [usize; 2])> {
         let [_, _, h, w] = x.shape[..] else { return Err(format!("input shape {:?} is not (N, C, H, W)", x.shape)) };
         let stride: [usize; 2] = usizes(&ints(n, "strides").unwrap_or(vec![1, 1]), "strides")?.try_into().map_err(|_| "strides for 2 axes expected")?;
         if stride.contains(&0) || kernel.contains(&0) {
@@ -520,14 +535,18 @@ impl Writer {
         if ints(n, "dilations").is_some_and(|d| d.iter().any(|&d| d != 1)) {
             return Err("dilations other than 1 are not supported".into());
         }
-        Ok((stride, Self::pads(n, [h, w], kernel, stride)?, [h, w]))
+        if extra != [0; 4] && !matches!(string(n, "auto_pad").as_str(), "" | "NOTSET") {
+            return Err("a `Pad` before a layer with `auto_pad`".into());
+        }
+        let own = Self::pads(n, [h, w], kernel, stride)?;
+        Ok((stride, std::array::from_fn(|i| own[i] + extra[i]), [h, w]))
     }
 
     fn conv(&mut self, n: &pb::NodeProto) -> R<()> {
-        let x = self.tensor(n, 0)?;
+        let (x, extra) = self.padded(n, 0)?;
         let Const::F(wd, wv) = self.constant(n, 1)? else { return Err("integer weights".into()) };
         let [m, cg, kh, kw] = wd[..] else { return Err(format!("weights of shape {wd:?} are not (M, C/group, kH, kW)")) };
-        let (stride, p, [h, w]) = Self::geometry(n, &x, [kh, kw])?;
+        let (stride, p, [h, w]) = Self::geometry(n, &x, [kh, kw], extra)?;
         let g = usize::try_from(int(n, "group", 1)).ok().filter(|&g| g >= 1 && m % g == 0).ok_or("a group count that does not divide the outputs")?;
         if x.shape[1] != cg * g {
             return Err(format!("{} input channels for weights {wd:?} in {g} groups", x.shape[1]));
@@ -574,14 +593,19 @@ impl Writer {
         self.lines.push(format!("{var} = F.split_axis({}, ({}{}), axis={axis})", x.var, cuts.join(", "), if cuts.len() == 1 { "," } else { "" }));
         let mut shape = x.shape;
         shape[axis] = len;
-        Tensor { var: format!("{var}[{}]", usize::from(start > 0)), shape, link: None }
+        Tensor { var: format!("{var}[{}]", usize::from(start > 0)), shape, link: None, pad: [0; 4] }
     }
 
     fn pool(&mut self, n: &pb::NodeProto) -> R<()> {
-        let x = self.tensor(n, 0)?;
+        let (x, extra) = self.padded(n, 0)?;
         let k: [usize; 2] = usizes(&ints(n, "kernel_shape").unwrap_or_default(), "kernel_shape")?.try_into().map_err(|_| "kernel_shape for 2 axes expected")?;
-        let (s, p, input) = Self::geometry(n, &x, k)?;
         let ceil = int(n, "ceil_mode", 0) != 0;
+        // Padded zeros are cells of the input: only an average that counts its padding (over windows
+        // that stay inside it: floor mode) divides the same with them as pads.
+        if extra != [0; 4] && (n.op_type() != "AveragePool" || int(n, "count_include_pad", 0) == 0 || ceil) {
+            return Err("input 0 comes from a `Pad`, which only an AveragePool with count_include_pad and floor mode takes as its pads".into());
+        }
+        let (s, p, input) = Self::geometry(n, &x, k, extra)?;
         // ONNX's size; in ceil mode a last window that would start in the right padding is dropped.
         let onnx = |a: usize| -> R<usize> {
             let span = (input[a] + p[a] + p[a + 2]).checked_sub(k[a]).ok_or("the window is larger than the padded input")?;
@@ -713,6 +737,38 @@ impl Writer {
         Ok(())
     }
 
+    /// A constant `Pad` of zeros around H and W, kept with the tensor for the next layer to take (see
+    /// [`Tensor::pad`]). Pads are an attribute before opset 11, inputs from 11 (with `axes` from 18).
+    fn pad(&mut self, n: &pb::NodeProto) -> R<()> {
+        let x = self.tensor(n, 0)?;
+        let rank = x.shape.len();
+        let mode = string(n, "mode");
+        let (pads, value) = if self.opset < 11 {
+            (ints(n, "pads").ok_or("no pads")?, float(n, "value", 0.0))
+        } else {
+            (self.constant(n, 1)?.ints(), self.opt_constant(n, 2)?.and_then(|c| c.floats().first().copied()).unwrap_or(0.0))
+        };
+        let axes: Vec<usize> = match self.opt_constant(n, 3)?.filter(|_| self.opset >= 18) {
+            Some(a) => a.ints().iter().map(|&a| axis(a, rank)).collect::<R<_>>()?,
+            None => (0..rank).collect(),
+        };
+        if !matches!(mode.as_str(), "" | "constant") || value != 0.0 || rank != 4 || pads.len() != 2 * axes.len() {
+            return Err(format!("a `{mode}` pad of {value} by {pads:?} on {:?} (cnnc folds zeros around H and W)", x.shape));
+        }
+        let mut p = [0; 4];
+        for (i, &a) in axes.iter().enumerate() {
+            let (b, e) = (pads[i], pads[i + axes.len()]);
+            if b < 0 || e < 0 || (a < 2 && (b, e) != (0, 0)) {
+                return Err(format!("pads {pads:?} crop, or pad the batch or channel axis"));
+            }
+            if a >= 2 {
+                (p[a - 2], p[a]) = (b as usize, e as usize);
+            }
+        }
+        self.set(n, Value::Tensor(Tensor { pad: p, ..x }));
+        Ok(())
+    }
+
     /// `F.split_axis`: the sizes from the `split` input (opset 13) or attribute, else equal parts (the
     /// last one smaller, as opset 18's `num_outputs` has it); each output is an element of the tuple.
     fn split(&mut self, n: &pb::NodeProto) -> R<()> {
@@ -745,7 +801,7 @@ impl Writer {
         for (i, (out, &len)) in n.output.iter().zip(&sizes).enumerate().filter(|(_, (o, _))| !o.is_empty()) {
             let mut shape = x.shape.clone();
             shape[a] = len;
-            self.values.insert(out.clone(), Value::Tensor(Tensor { var: format!("{var}[{i}]"), shape, link: None }));
+            self.values.insert(out.clone(), Value::Tensor(Tensor { var: format!("{var}[{i}]"), shape, link: None, pad: [0; 4] }));
         }
         Ok(())
     }
@@ -974,7 +1030,9 @@ impl Writer {
 
     /// The model text and the weights its links read.
     pub(super) fn finish(mut self, header: &str, model: &str, inputs: &[(String, Vec<usize>)], output: &str) -> R<(String, HashMap<String, Array>)> {
-        let Some(Value::Tensor(out)) = self.values.get(output) else { return Err(format!("output `{output}` is not computed")) };
+        let Some(Value::Tensor(out)) = self.values.get(output).filter(|v| !matches!(v, Value::Tensor(t) if t.pad != [0; 4])) else {
+            return Err(format!("output `{output}` is not computed (a `Pad` output is folded into the next layer only)"));
+        };
         let mut text = format!("{header}model {model} {{\n");
         for l in &self.links {
             let nobias = if l.bias == Some(false) { ", nobias=True" } else { "" };
