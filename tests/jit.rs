@@ -28,6 +28,8 @@ enum Layer {
         /// `self.l(x) + self.m(x)`, `m` a twin of `l` with the other bias-ness (so the two do not merge):
         /// the optimizer fuses the add into one of them (never with a pool).
         add: bool,
+        /// Chainer's `dilate`.
+        dilate: usize,
     },
     Linear {
         out: usize,
@@ -89,9 +91,9 @@ impl Pool {
 impl Problem {
     fn source(&self) -> String {
         let (link, body) = match &self.layer {
-            Layer::Conv { out, k, stride, pad, groups, bias, relu, pool, add } => {
+            Layer::Conv { out, k, stride, pad, groups, bias, relu, pool, add, dilate } => {
                 let link = format!(
-                    "    l = L.Convolution2D({}, {out}, ({}, {}), stride={stride}, pad={pad}, groups={groups}, nobias={})",
+                    "    l = L.Convolution2D({}, {out}, ({}, {}), stride={stride}, pad={pad}, dilate={dilate}, groups={groups}, nobias={})",
                     self.c,
                     k[0],
                     k[1],
@@ -101,7 +103,7 @@ impl Problem {
                 let mut link = link;
                 if *add {
                     let twin = format!(
-                        "\n    m = L.Convolution2D({}, {out}, ({}, {}), stride={stride}, pad={pad}, groups={groups}, nobias={})",
+                        "\n    m = L.Convolution2D({}, {out}, ({}, {}), stride={stride}, pad={pad}, dilate={dilate}, groups={groups}, nobias={})",
                         self.c,
                         k[0],
                         k[1],
@@ -230,16 +232,16 @@ fn pool_strategy() -> impl Strategy<Value = Pool> {
 fn problem() -> impl Strategy<Value = Problem> {
     // Kernels up to 3×3, and 5×5 (Winograd's F(2×2, 5×5)) one time in five.
     let kernel = prop_oneof![4 => (1usize..4, 1usize..4), 1 => Just((5, 5))];
-    let conv = (1usize..3, 1usize..4, 1usize..30, kernel, 1usize..3, 0usize..3, any::<bool>(), any::<bool>(), proptest::option::of(pool_strategy())).prop_map(
-        |(groups, cg, out_g, (kh, kw), stride, pad, bias, relu, pool)| {
+    let dilate = prop_oneof![3 => Just(1usize), 1 => 2usize..4];
+    let conv = (1usize..3, 1usize..4, 1usize..30, kernel, 1usize..3, 0usize..3, any::<bool>(), any::<bool>(), proptest::option::of(pool_strategy()), dilate)
+        .prop_map(|(groups, cg, out_g, (kh, kw), stride, pad, bias, relu, pool, dilate)| {
             // A max pool, or (where none) a residual add one time in two.
             let (pool, add) = match pool {
                 Some(p) if p.max => (Some(p), false),
                 p => (None, p.is_some()),
             };
-            (groups * cg, Layer::Conv { out: out_g * groups, k: [kh, kw], stride, pad, groups, bias, relu, pool, add })
-        },
-    );
+            (groups * cg, Layer::Conv { out: out_g * groups, k: [kh, kw], stride, pad, groups, bias, relu, pool, add, dilate })
+        });
     let other = prop_oneof![
         (1usize..5, 1usize..40, any::<bool>()).prop_map(|(c, out, relu)| (c, Layer::Linear { out, relu })),
         (1usize..5, pool_strategy()).prop_map(|(c, p)| (c, Layer::Pool(p))),
@@ -266,7 +268,7 @@ proptest! {
 
 #[allow(clippy::too_many_arguments)]
 fn conv(c: usize, hw: usize, out: usize, k: usize, stride: usize, pad: usize, groups: usize, pool: Option<Pool>) -> Problem {
-    Problem { batch: 2, c, h: hw, w: hw, layer: Layer::Conv { out, k: [k, k], stride, pad, groups, bias: true, relu: true, pool, add: false } }
+    Problem { batch: 2, c, h: hw, w: hw, layer: Layer::Conv { out, k: [k, k], stride, pad, groups, bias: true, relu: true, pool, add: false, dilate: 1 } }
 }
 
 /// A 1×1 stride-1 convolution reads its input as the column matrix (no im2col).
@@ -309,7 +311,7 @@ fn wide_plane_and_batch() {
         c: 3,
         h: 23,
         w: 23,
-        layer: Layer::Conv { out: 16, k: [3, 3], stride: 1, pad: 1, groups: 1, bias: false, relu: false, pool: None, add: false },
+        layer: Layer::Conv { out: 16, k: [3, 3], stride: 1, pad: 1, groups: 1, bias: false, relu: false, pool: None, add: false, dilate: 1 },
     }
     .check();
 }
@@ -326,9 +328,24 @@ fn residual_add_in_every_lowering() {
         (1, 4, 10, 6, 3, 1, 1, 2, true),
         (3, 30, 6, 7, 3, 1, 1, 1, true),
     ] {
-        let layer = Layer::Conv { out, k: [k, k], stride, pad, groups, bias: true, relu, pool: None, add: true };
+        let layer = Layer::Conv { out, k: [k, k], stride, pad, groups, bias: true, relu, pool: None, add: true, dilate: 1 };
         Problem { batch, c, h: hw, w: hw, layer }.check();
     }
+}
+
+/// Dilated convolutions (DeepLab's atrous 3×3, and one strided, grouped, rectangular) read their columns
+/// through the packed panels in both tiers, with a fused pool and a fused add.
+#[test]
+fn dilated_convolutions() {
+    let conv = |c, hw, out, k: [usize; 2], stride, pad, dilate, groups, pool, add| Problem {
+        batch: 2,
+        c,
+        h: hw,
+        w: hw + 1,
+        layer: Layer::Conv { out, k, stride, pad, groups, bias: true, relu: true, pool, add, dilate },
+    };
+    conv(4, 12, 6, [3, 3], 1, 2, 2, 1, None, true).check();
+    conv(4, 13, 6, [3, 2], 2, 1, 3, 2, Some(Pool { max: true, k: 2, stride: 2, pad: 0, cover_all: true }), false).check();
 }
 
 /// Linear layers: k not a multiple of 8 (scalar tail), odd output count, batch 3 (a block of two rows
@@ -412,7 +429,7 @@ fn implicit_columns_with_a_pitch() {
             c: 3,
             h: 31,
             w: 31,
-            layer: Layer::Conv { out: 14, k: [11, 11], stride: 4, pad: 0, groups: 1, bias: true, relu: true, pool, add: false },
+            layer: Layer::Conv { out: 14, k: [11, 11], stride: 4, pad: 0, groups: 1, bias: true, relu: true, pool, add: false, dilate: 1 },
         },
         conv(256, 17, 128, 3, 2, 1, 2, pool),
         conv(5, 12, 7, 3, 1, 0, 1, pool),
@@ -430,7 +447,7 @@ fn implicit_columns() {
             c: 30,
             h: 7,
             w: 9,
-            layer: Layer::Conv { out: 13, k: [3, 2], stride: 1, pad: 1, groups: 1, bias: true, relu: true, pool: None, add: false },
+            layer: Layer::Conv { out: 13, k: [3, 2], stride: 1, pad: 1, groups: 1, bias: true, relu: true, pool: None, add: false, dilate: 1 },
         },
         conv(3, 6, 5, 3, 1, 2, 1, Some(Pool { max: true, k: 3, stride: 2, pad: 0, cover_all: true })),
         Problem {
@@ -438,7 +455,7 @@ fn implicit_columns() {
             c: 2,
             h: 5,
             w: 6,
-            layer: Layer::Conv { out: 3, k: [1, 1], stride: 1, pad: 1, groups: 1, bias: false, relu: false, pool: None, add: false },
+            layer: Layer::Conv { out: 3, k: [1, 1], stride: 1, pad: 1, groups: 1, bias: false, relu: false, pool: None, add: false, dilate: 1 },
         },
         conv(4, 13, 26, 5, 1, 2, 2, None),
     ]);
@@ -470,7 +487,7 @@ fn winograd_edge_tiles() {
         c: 5,
         h: 9,
         w: 9,
-        layer: Layer::Conv { out: 7, k: [3, 3], stride: 1, pad: 0, groups: 1, bias: false, relu: false, pool: None, add: false },
+        layer: Layer::Conv { out: 7, k: [3, 3], stride: 1, pad: 0, groups: 1, bias: false, relu: false, pool: None, add: false, dilate: 1 },
     }
     .check();
 }
@@ -485,7 +502,7 @@ fn winograd_five_by_five() {
         c: 4,
         h: 9,
         w: 9,
-        layer: Layer::Conv { out: 6, k: [5, 5], stride: 1, pad: 0, groups: 1, bias: true, relu: false, pool: None, add: false },
+        layer: Layer::Conv { out: 6, k: [5, 5], stride: 1, pad: 0, groups: 1, bias: true, relu: false, pool: None, add: false, dilate: 1 },
     }
     .check();
 }
@@ -499,7 +516,7 @@ fn winograd_in_chunks_of_images() {
         c: 4,
         h: 46,
         w: 46,
-        layer: Layer::Conv { out: 64, k: [3, 3], stride: 1, pad: 1, groups: 1, bias: true, relu: true, pool: None, add: false },
+        layer: Layer::Conv { out: 64, k: [3, 3], stride: 1, pad: 1, groups: 1, bias: true, relu: true, pool: None, add: false, dilate: 1 },
     };
     let src = cnnc::diag::Source::new("case.model", p.source());
     let g = optimized(&cnnc::compile(&src).expect("compiles").0, 1);
@@ -521,7 +538,7 @@ fn winograd_chosen_for_alexnet_conv4_at_batch_8() {
         c: 384,
         h: 13,
         w: 13,
-        layer: Layer::Conv { out: 384, k: [3, 3], stride: 1, pad: 1, groups: 1, bias: true, relu: true, pool: None, add: false },
+        layer: Layer::Conv { out: 384, k: [3, 3], stride: 1, pad: 1, groups: 1, bias: true, relu: true, pool: None, add: false, dilate: 1 },
     };
     assert!(p.auto_takes_winograd());
     p.check();

@@ -207,7 +207,7 @@ proptest! {
     fn merged_convolution_slices_equal_the_originals(ch in 1usize..4, hw in 1usize..6, o1 in 1usize..5, o2 in 1usize..5, k in 1usize..3, nobias in any::<bool>()) {
         use cnnc_runtime::op::{Axis, Conv2d};
         use cnnc_runtime::{plan::PlanBuilder, Op};
-        let conv = |o| Conv2d { in_channels: ch, out_channels: o, kernel: [k, k], stride: [1, 1], pad: [k / 2, k / 2], groups: 1, bias: !nobias };
+        let conv = |o| Conv2d { in_channels: ch, out_channels: o, kernel: [k, k], stride: [1, 1], pad: [k / 2, k / 2], dilation: [1, 1], groups: 1, bias: !nobias };
         let tensors: std::collections::HashMap<String, cnnc_runtime::Tensor> = [("a/W", vec![o1, ch, k, k]), ("a/b", vec![o1]), ("b/W", vec![o2, ch, k, k]), ("b/b", vec![o2])]
             .into_iter()
             .map(|(key, shape)| (key.to_string(), prng_param(key, &shape)))

@@ -577,7 +577,7 @@ mod emu {
 }
 
 /// Small models covering every op the lowering has (and the conv paths: im2col, direct 1×1, Winograd).
-const CASES: [(&str, &str); 13] = [
+const CASES: [(&str, &str); 14] = [
     (
         "conv_bn_relu_maxpool_grouped",
         "model T {\n    c = L.Convolution2D(4, 6, 3, pad=1, groups=2)\n    bn = L.BatchNormalization(6)\n    forward(x: [4, 9, 9]) {\n        return F.max_pooling_2d(F.relu(self.bn(self.c(x))), 3, stride=2)\n    }\n}\n",
@@ -606,6 +606,11 @@ const CASES: [(&str, &str); 13] = [
         "model T {\n    c = L.Convolution2D(6, 8, 3, stride=2, pad=1)\n    d = L.Convolution2D(6, 8, 1, stride=2, nobias=True)\n    forward(x: [6, 9, 9]) {\n        return F.relu(self.c(x) + self.d(x))\n    }\n}\n",
     ),
     ("winograd_residual", "model T {\n    c = L.Convolution2D(5, 5, 3, pad=1)\n    forward(x: [5, 11, 11]) {\n        return F.relu(self.c(x) + x)\n    }\n}\n"),
+    // Dilated taps read through packed panels (on the fly in the AVX-512 tier: a strided conv).
+    (
+        "conv_dilated_strided",
+        "model T {\n    c = L.Convolution2D(3, 5, 3, stride=2, pad=2, dilate=2)\n    forward(x: [3, 11, 10]) {\n        return F.relu(self.c(x))\n    }\n}\n",
+    ),
     ("deep_k_slices", "model T {\n    c = L.Convolution2D(40, 8, 3, pad=1)\n    forward(x: [40, 4, 4]) {\n        return F.relu(self.c(x))\n    }\n}\n"),
     // Lowered with Winograd F(4×4, 3×3) forced on (see the test); 11 × 11 leaves partial tiles.
     ("winograd_conv_relu_pool", "model T {\n    c = L.Convolution2D(5, 6, 3, pad=1)\n    forward(x: [5, 11, 11]) {\n        return F.max_pooling_2d(F.relu(self.c(x)), 3, stride=2)\n    }\n}\n"),

@@ -46,8 +46,17 @@ pub struct Conv2d {
     pub kernel: [usize; 2],
     pub stride: [usize; 2],
     pub pad: [usize; 2],
+    /// Chainer's `dilate`: tap (ky, kx) reads input pixel (oy·s + ky·d − p, …); 1 is a plain convolution.
+    pub dilation: [usize; 2],
     pub groups: usize,
     pub bias: bool,
+}
+
+impl Conv2d {
+    /// The extent of the kernel's taps on the input, (k − 1)·d + 1 per axis.
+    pub fn span(&self) -> [usize; 2] {
+        [0, 1].map(|a| (self.kernel[a] - 1) * self.dilation[a] + 1)
+    }
 }
 
 /// `L.BatchNormalization` at inference: y = γ (x − avg_mean) / √(avg_var + eps) + β, per channel.
@@ -305,11 +314,17 @@ impl Op {
                 if ch != c.in_channels {
                     return err(format!("expects {} input channels, but its input {} has {ch}", c.in_channels, Batched(x)));
                 }
-                let oh = window_out(h, c.kernel[0], c.stride[0], c.pad[0], false);
-                let ow = window_out(w, c.kernel[1], c.stride[1], c.pad[1], false);
-                match (oh, ow) {
+                let [sh, sw] = c.span();
+                match (window_out(h, sh, c.stride[0], c.pad[0], false), window_out(w, sw, c.stride[1], c.pad[1], false)) {
                     (Some(oh), Some(ow)) => Ok(vec![c.out_channels, oh, ow]),
-                    _ => err(format!("kernel {}x{} does not fit input {} with pad {}x{}", c.kernel[0], c.kernel[1], Batched(x), c.pad[0], c.pad[1])),
+                    _ => err(format!(
+                        "kernel {}x{} (spanning {sh}x{sw}) does not fit input {} with pad {}x{}",
+                        c.kernel[0],
+                        c.kernel[1],
+                        Batched(x),
+                        c.pad[0],
+                        c.pad[1]
+                    )),
                 }
             }
             Op::BatchNorm(b) => {
@@ -452,6 +467,9 @@ impl fmt::Display for Op {
         match self {
             Op::Conv2d(c) => {
                 write!(f, "[{} <- {}, k={}, s={}, p={}", c.out_channels, c.in_channels, hw(c.kernel), hw(c.stride), hw(c.pad))?;
+                if c.dilation != [1, 1] {
+                    write!(f, ", d={}", hw(c.dilation))?;
+                }
                 if c.groups != 1 {
                     write!(f, ", groups={}", c.groups)?;
                 }

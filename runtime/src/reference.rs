@@ -142,7 +142,7 @@ fn conv2d(c: &Conv2d, x: &Tensor, w: &Tensor, b: Option<&Tensor>, shape: Vec<usi
     let [n, ci, h, wi] = dims4(x);
     let [_, co, oh, ow] = [shape[0], shape[1], shape[2], shape[3]];
     let (cig, cog) = (ci / c.groups, co / c.groups);
-    let [kh, kw] = c.kernel;
+    let ([kh, kw], [dh, dw]) = (c.kernel, c.dilation);
     let mut y = Tensor::zeros(shape);
     let (xd, wd, yd) = (x.data(), w.data(), y.data_mut());
     for img in 0..n {
@@ -155,10 +155,10 @@ fn conv2d(c: &Conv2d, x: &Tensor, w: &Tensor, b: Option<&Tensor>, shape: Vec<usi
                 for ky in 0..kh {
                     for kx in 0..kw {
                         let wv = wd[((oc * cig + icg) * kh + ky) * kw + kx];
-                        for oy in valid(oh, h, ky, c.stride[0], c.pad[0]) {
-                            let iy = oy * c.stride[0] + ky - c.pad[0];
-                            for ox in valid(ow, wi, kx, c.stride[1], c.pad[1]) {
-                                let ix = ox * c.stride[1] + kx - c.pad[1];
+                        for oy in valid(oh, h, ky * dh, c.stride[0], c.pad[0]) {
+                            let iy = oy * c.stride[0] + ky * dh - c.pad[0];
+                            for ox in valid(ow, wi, kx * dw, c.stride[1], c.pad[1]) {
+                                let ix = ox * c.stride[1] + kx * dw - c.pad[1];
                                 plane[oy * ow + ox] += wv * xin[iy * wi + ix];
                             }
                         }

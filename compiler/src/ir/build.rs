@@ -579,15 +579,13 @@ impl<'a> Builder<'a> {
                     Value::None => (Value::None, v[0].clone(), v[1].clone(), span_of(1)),
                     _ => (v[0].clone(), v[1].clone(), v[2].clone(), span_of(2)),
                 };
-                if self.pair(&v[8], span_of(8), "dilate", 1)? != [1, 1] {
-                    self.arg_error(span_of(8), "dilated convolutions are not supported", "dilate must be 1");
-                }
                 let conv = Conv2d {
                     in_channels: if inp == Value::None { 0 } else { self.usize(&inp, span_of(0), "in_channels", 1)? },
                     out_channels: self.usize(&out, span_of(1), "out_channels", 1)?,
                     kernel: self.pair(&k, ks, "ksize", 1)?,
                     stride: self.pair(&v[3], span_of(3), "stride", 1)?,
                     pad: self.pair(&v[4], span_of(4), "pad", 0)?,
+                    dilation: self.pair(&v[8], span_of(8), "dilate", 1)?,
                     groups: self.usize(&v[9], span_of(9), "groups", 1)?,
                     bias: !self.bool(&v[5], span_of(5), "nobias")?,
                 };

@@ -178,7 +178,7 @@ pub fn plane_products(
     u: &[f32],
     packed: Option<(Ref, Ref)>,
 ) -> (Ref, Ref) {
-    let c = Conv2d { in_channels: groups * k, out_channels: groups * co, kernel: [1, 1], stride: [1, 1], pad: [0, 0], groups, bias: false };
+    let c = Conv2d { in_channels: groups * k, out_channels: groups * co, kernel: [1, 1], stride: [1, 1], pad: [0, 0], dilation: [1, 1], groups, bias: false };
     let (op, in_shape, out_shape) = (Op::Conv2d(c.clone()), [groups * k, cols, 1], [groups * co, cols, 1]);
     let n = Node { name, op: &op, batch: 1, ins: vec![(v, &in_shape)], out: (m, &out_shape), params: vec![] };
     let weights = packed.map_or(Weights::Rows(u, None), |(a, bias)| Weights::Packed(a, bias));
@@ -215,7 +215,7 @@ fn direct(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue, [oh, ow]: [usize; 
     let group_bytes = 4 * cig * (h + 2 * c.pad[0] + s0 * (kh + 1)) * (w + 2 * c.pad[1] + s1);
     let columns = if kh == 1 && kw == 1 && c.stride == [1, 1] && c.pad == [0, 0] {
         Columns::Input
-    } else if avx && (masked || pool_after.is_some()) && group_bytes < i32::MAX as usize {
+    } else if avx && (masked || pool_after.is_some()) && group_bytes < i32::MAX as usize && c.dilation == [1, 1] {
         Columns::Taps
     } else if avx && c.groups * ncb * k * mr * 4 <= 1 << 20 {
         Columns::OnTheFly
@@ -497,7 +497,7 @@ struct Pack<'a> {
 /// one output row each, every segment one contiguous run of the phased input.
 #[allow(clippy::too_many_arguments)]
 fn pack(kb: &mut Kb, p: &Pack, img: Expr, grp: Expr, k0: Expr, depth: Expr, col: Expr, cols: Expr, base: Expr) {
-    let ([kh, kw], [s0, s1], Phased { hq, wq, .. }) = (p.c.kernel, p.c.stride, p.ph);
+    let ([kh, kw], [s0, s1], [d0, d1], Phased { hq, wq, .. }) = (p.c.kernel, p.c.stride, p.c.dilation, p.ph);
     let (oy0, ox0) = (kb.let_(col.clone() / p.ow), kb.let_(col % p.ow));
     let end = kb.let_(ox0.clone() + cols);
     let segments = kb.let_((end.clone() + (p.ow - 1)) / p.ow);
@@ -514,11 +514,14 @@ fn pack(kb: &mut Kb, p: &Pack, img: Expr, grp: Expr, k0: Expr, depth: Expr, col:
             // Tap row r = (channel, ky) of this slice; its kw taps are the next kw panel rows.
             let r = kb.let_(r0.clone() + rr.clone());
             let (ch, ky) = (kb.let_(r.clone() / kh), kb.let_(r % kh));
+            // The tap's offset on the input: ky·d rows, kx·d columns (a dilated convolution).
+            let ky = if d0 == 1 { ky } else { kb.let_(ky * d0) };
             let plane = kb.let_(first_plane.clone() + ch * (s0 * s1) + ky.clone() % s0 * s1);
             let src = kb.let_(row.clone() + ky / s0 * wq);
             let dst = kb.let_(dst0.clone() + rr * (kw * p.nr));
             kb.for_(0usize, kw, |kb, kx| {
-                let (phase, shift) = if s1 == 1 { (e(0i64), kx.clone()) } else { (kx.clone() % s1, kx.clone() / s1) };
+                let kxd = if d1 == 1 { kx.clone() } else { kx.clone() * d1 };
+                let (phase, shift) = if s1 == 1 { (e(0i64), kxd) } else { (kxd.clone() % s1, kxd / s1) };
                 let from = (plane.clone() + phase) * (hq * wq) + src.clone() + shift;
                 copy(kb, p.panel, dst.clone() + kx * p.nr, p.x, from, len.clone());
             });

@@ -53,7 +53,7 @@ fn linear(t: &mut Tables, n: &Node, l: &Linear, relu: bool) {
 fn conv(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue) {
     // The convolution's own output size (before pooling).
     let out = match ep.pool {
-        Some(_) => [0, 1].map(|i| window_out(n.ins[0].1[1 + i], c.kernel[i], c.stride[i], c.pad[i], false).expect("validated")),
+        Some(_) => [0, 1].map(|i| window_out(n.ins[0].1[1 + i], c.span()[i], c.stride[i], c.pad[i], false).expect("validated")),
         None => [n.out.1[1], n.out.1[2]],
     };
     match winograd::chosen(t.winograd, c, n.batch, out) {

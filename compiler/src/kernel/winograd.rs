@@ -109,7 +109,7 @@ pub enum Winograd {
 
 /// The algorithm convolution `c` (at `batch`, output [oh, ow]) is lowered with, if any.
 pub fn chosen(w: Winograd, c: &Conv2d, batch: usize, out: [usize; 2]) -> Option<Fmr> {
-    let fit = ALGORITHMS.into_iter().filter(|f| c.kernel == [f.r, f.r] && c.stride == [1, 1] && c.groups == 1);
+    let fit = ALGORITHMS.into_iter().filter(|f| c.kernel == [f.r, f.r] && c.stride == [1, 1] && c.dilation == [1, 1] && c.groups == 1);
     let largest = |m: usize| fit.clone().rfind(|f| f.m <= m);
     match w {
         Winograd::Auto => choose(fit, c, batch, out),
@@ -304,7 +304,7 @@ mod tests {
     use super::*;
 
     fn conv(ci: usize, co: usize, k: usize, stride: usize, groups: usize) -> Conv2d {
-        Conv2d { in_channels: ci, out_channels: co, kernel: [k, k], stride: [stride, stride], pad: [1, 1], groups, bias: true }
+        Conv2d { in_channels: ci, out_channels: co, kernel: [k, k], stride: [stride, stride], pad: [1, 1], dilation: [1, 1], groups, bias: true }
     }
 
     #[test]

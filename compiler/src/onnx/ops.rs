@@ -525,15 +525,13 @@ impl Writer {
         }
     }
 
-    /// Stride, pads (with `extra`, zeros a `Pad` put around the input) and input size of a window op.
+    /// Stride, pads (with `extra`, zeros a `Pad` put around the input) and input size of a window op
+    /// whose taps span `kernel` (a dilated kernel's extent); dilations are the caller's to read.
     fn geometry(n: &pb::NodeProto, x: &Tensor, kernel: [usize; 2], extra: [usize; 4]) -> R<([usize; 2], [usize; 4], [usize; 2])> {
         let [_, _, h, w] = x.shape[..] else { return Err(format!("input shape {:?} is not (N, C, H, W)", x.shape)) };
         let stride: [usize; 2] = usizes(&ints(n, "strides").unwrap_or(vec![1, 1]), "strides")?.try_into().map_err(|_| "strides for 2 axes expected")?;
         if stride.contains(&0) || kernel.contains(&0) {
             return Err("zero stride or kernel size".into());
-        }
-        if ints(n, "dilations").is_some_and(|d| d.iter().any(|&d| d != 1)) {
-            return Err("dilations other than 1 are not supported".into());
         }
         if extra != [0; 4] && !matches!(string(n, "auto_pad").as_str(), "" | "NOTSET") {
             return Err("a `Pad` before a layer with `auto_pad`".into());
@@ -546,7 +544,12 @@ impl Writer {
         let (x, extra) = self.padded(n, 0)?;
         let Const::F(wd, wv) = self.constant(n, 1)? else { return Err("integer weights".into()) };
         let [m, cg, kh, kw] = wd[..] else { return Err(format!("weights of shape {wd:?} are not (M, C/group, kH, kW)")) };
-        let (stride, p, [h, w]) = Self::geometry(n, &x, [kh, kw], extra)?;
+        let d: [usize; 2] = usizes(&ints(n, "dilations").unwrap_or(vec![1, 1]), "dilations")?.try_into().map_err(|_| "dilations for 2 axes expected")?;
+        if d.contains(&0) || kh == 0 || kw == 0 {
+            return Err("a zero dilation or kernel size".into());
+        }
+        let (sh, sw) = ((kh - 1) * d[0] + 1, (kw - 1) * d[1] + 1);
+        let (stride, p, [h, w]) = Self::geometry(n, &x, [sh, sw], extra)?;
         let g = usize::try_from(int(n, "group", 1)).ok().filter(|&g| g >= 1 && m % g == 0).ok_or("a group count that does not divide the outputs")?;
         if x.shape[1] != cg * g {
             return Err(format!("{} input channels for weights {wd:?} in {g} groups", x.shape[1]));
@@ -555,15 +558,15 @@ impl Writer {
         let out = |i: usize, k: usize, a: usize, total: usize| {
             (i + total).checked_sub(k).map(|d| d / stride[a] + 1).ok_or("the kernel is larger than the padded input")
         };
-        let onnx = [out(h, kh, 0, p[0] + p[2])?, out(w, kw, 1, p[1] + p[3])?];
-        let shape = vec![1, m, out(h, kh, 0, 2 * pad[0])?, out(w, kw, 1, 2 * pad[1])?];
+        let onnx = [out(h, sh, 0, p[0] + p[2])?, out(w, sw, 1, p[1] + p[3])?];
+        let shape = vec![1, m, out(h, sh, 0, 2 * pad[0])?, out(w, sw, 1, 2 * pad[1])?];
         let mut params = vec![("W", (wd.clone(), wv))];
         let b = self.opt_constant(n, 2)?;
         if let Some(b) = &b {
             params.push(("b", (vec![m], b.floats())));
         }
         let groups = if g > 1 { format!(", groups={g}") } else { String::new() };
-        let geo = format!("{}{}", keyword("stride", stride, [1, 1]), keyword("pad", pad, [0, 0]));
+        let geo = format!("{}{}{}", keyword("stride", stride, [1, 1]), keyword("pad", pad, [0, 0]), keyword("dilate", d, [1, 1]));
         let ctor = format!("L.Convolution2D({}, {m}, {}{geo}{groups}", cg * g, pair([kh, kw]));
         let l = self.link(&n.input[1], ctor, Some(b.is_some()), params);
         self.call(n, l, &x, shape);
@@ -604,6 +607,9 @@ impl Writer {
         // that stay inside it: floor mode) divides the same with them as pads.
         if extra != [0; 4] && (n.op_type() != "AveragePool" || int(n, "count_include_pad", 0) == 0 || ceil) {
             return Err("input 0 comes from a `Pad`, which only an AveragePool with count_include_pad and floor mode takes as its pads".into());
+        }
+        if ints(n, "dilations").is_some_and(|d| d.iter().any(|&d| d != 1)) {
+            return Err("dilated pooling is not supported".into());
         }
         let (s, p, input) = Self::geometry(n, &x, k, extra)?;
         // ONNX's size; in ceil mode a last window that would start in the right padding is dropped.

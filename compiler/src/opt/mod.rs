@@ -94,7 +94,7 @@ fn is_concat(eg: &EGraph<Cnn, Shapes>, s: &Subst) -> bool {
 fn convs_merge(eg: &EGraph<Cnn, Shapes>, s: &Subst) -> bool {
     let v = |n: &str| var(s, n);
     let (Some(Op::Conv2d(a1)), Some(Op::Conv2d(a2))) = (attr(eg, v("?a1")), attr(eg, v("?a2"))) else { return false };
-    let same = a1.kernel == a2.kernel && a1.stride == a2.stride && a1.pad == a2.pad && a1.groups == 1 && a2.groups == 1 && a1.bias == a2.bias;
+    let same = Conv2d { out_channels: a2.out_channels, ..a1.clone() } == a2 && a1.groups == 1;
     let merged_before = |id: Id| eg[id].nodes.iter().any(|n| n.name() == Some("cat"));
     let (w1, w2) = (v("?w1"), v("?w2"));
     eg.find(v("?c1")) < eg.find(v("?c2"))
