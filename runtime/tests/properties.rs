@@ -50,8 +50,8 @@ impl ConvProblem {
                             let ic = oc / cog * cig + i;
                             for ky in 0..c.kernel[0] {
                                 for kx in 0..c.kernel[1] {
-                                    let iy = (oy * c.stride[0] + ky) as isize - c.pad[0] as isize;
-                                    let ix = (ox * c.stride[1] + kx) as isize - c.pad[1] as isize;
+                                    let iy = (oy * c.stride[0] + ky * c.dilation[0]) as isize - c.pad[0] as isize;
+                                    let ix = (ox * c.stride[1] + kx * c.dilation[1]) as isize - c.pad[1] as isize;
                                     if iy < 0 || ix < 0 || iy >= self.h as isize || ix >= self.w as isize {
                                         continue;
                                     }
@@ -86,13 +86,15 @@ fn conv_problem() -> impl Strategy<Value = ConvProblem> {
         (1usize..3, 1usize..4, 1usize..4, 1usize..4),
         (1usize..6, 1usize..6, 1usize..4, 1usize..4),
         (0usize..3, 0usize..3, 1usize..9, 1usize..9),
-        (any::<bool>(), 0u64..1000),
+        (any::<bool>(), 0u64..1000, 1usize..4, 1usize..4),
     )
-        .prop_filter_map("kernel must fit", |((n, g, cig, cog), (kh, kw, sh, sw), (ph, pw, h, w), (bias, seed))| {
-            if h + 2 * ph < kh || w + 2 * pw < kw {
+        .prop_filter_map("kernel must fit", |((n, g, cig, cog), (kh, kw, sh, sw), (ph, pw, h, w), (bias, seed, dh, dw))| {
+            let conv =
+                Conv2d { in_channels: g * cig, out_channels: g * cog, kernel: [kh, kw], stride: [sh, sw], pad: [ph, pw], dilation: [dh, dw], groups: g, bias };
+            let [sph, spw] = conv.span();
+            if h + 2 * ph < sph || w + 2 * pw < spw {
                 return None;
             }
-            let conv = Conv2d { in_channels: g * cig, out_channels: g * cog, kernel: [kh, kw], stride: [sh, sw], pad: [ph, pw], groups: g, bias };
             Some(ConvProblem { n, h, w, conv, seed })
         })
 }
@@ -199,7 +201,7 @@ proptest! {
 /// Stride larger than the kernel with padding: some kernel taps never land in bounds.
 #[test]
 fn conv_stride_beyond_kernel_with_pad() {
-    let conv = Conv2d { in_channels: 2, out_channels: 3, kernel: [1, 2], stride: [3, 3], pad: [2, 1], groups: 1, bias: true };
+    let conv = Conv2d { in_channels: 2, out_channels: 3, kernel: [1, 2], stride: [3, 3], pad: [2, 1], dilation: [1, 1], groups: 1, bias: true };
     ConvProblem { n: 1, h: 4, w: 5, conv, seed: 7 }.check();
 }
 
