@@ -123,7 +123,8 @@ pub enum NpyError {
     Bad(String),
 }
 
-/// Reads a C-order float32 or float64 `.npy` array as f32 (the one npy reader for weights and inputs).
+/// Reads a float32 or float64 `.npy` array as f32 in C order (the one npy reader for weights and
+/// inputs); a Fortran-order one, as `np.save` writes a transposed array, is reordered.
 pub fn read_npy<R: std::io::Read>(npy: npyz::NpyFile<R>) -> Result<Array, NpyError> {
     use std::io::Read;
     let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
@@ -131,9 +132,7 @@ pub fn read_npy<R: std::io::Read>(npy: npyz::NpyFile<R>) -> Result<Array, NpyErr
     if shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).is_none_or(|n| n > 1 << 34) {
         return Err(NpyError::Bad(format!("shape {shape:?} is too large")));
     }
-    if npy.order() == npyz::Order::Fortran && shape.len() > 1 {
-        return Err(NpyError::Bad("Fortran-order arrays are not supported (use np.ascontiguousarray)".into()));
-    }
+    let fortran = npy.order() == npyz::Order::Fortran;
     let descr = npy.dtype().descr().trim_matches('\'').to_string();
     let width = match &descr[..] {
         "<f4" | ">f4" => 4,
@@ -148,7 +147,7 @@ pub fn read_npy<R: std::io::Read>(npy: npyz::NpyFile<R>) -> Result<Array, NpyErr
         return Err(NpyError::Bad(format!("truncated: {n} values need {} bytes of data, found {}", n * width, raw.len())));
     }
     let little = descr.starts_with('<');
-    let data = match width {
+    let data: Vec<f32> = match width {
         4 => raw
             .chunks_exact(4)
             .map(|b| if little { f32::from_le_bytes(b.try_into().expect("4 bytes")) } else { f32::from_be_bytes(b.try_into().expect("4 bytes")) })
@@ -158,7 +157,13 @@ pub fn read_npy<R: std::io::Read>(npy: npyz::NpyFile<R>) -> Result<Array, NpyErr
             .map(|b| if little { f64::from_le_bytes(b.try_into().expect("8 bytes")) } else { f64::from_be_bytes(b.try_into().expect("8 bytes")) } as f32)
             .collect(),
     };
-    Ok((shape, data))
+    if !fortran {
+        return Ok((shape, data));
+    }
+    // Fortran order is the C order of the reversed shape: transpose it back.
+    let stored: Vec<usize> = shape.iter().rev().copied().collect();
+    let axes: Vec<usize> = (0..shape.len()).rev().collect();
+    Ok((shape, cnnc_runtime::reference::transposed(&stored, &axes).map(|i| data[i]).collect()))
 }
 
 /// Chainer's default initialisation of one parameter, deterministic per key: W ~ LeCunNormal

@@ -849,3 +849,60 @@ fn a_closed_pipe_is_not_a_panic() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{stderr}");
 }
+
+/// Valid files others write: a model saved with a UTF-8 byte-order mark, and Fortran-order arrays (what
+/// `np.save` writes for a transposed array) as input and as weights, which give the C-order numbers.
+#[test]
+fn byte_order_marks_and_fortran_order_arrays_are_read() {
+    use npyz::WriterBuilder;
+    let d = tmp();
+    let model = write(
+        d.path(),
+        "bom.model",
+        "\u{feff}model T {\n    c = L.Convolution2D(2, 3, (1, 2))\n    forward(x: [2, 3, 4]) {\n        return self.c(x)\n    }\n}\n".as_bytes(),
+    );
+    let (xs, ws) = ([1u64, 2, 3, 4], [3u64, 2, 1, 2]);
+    let x: Vec<f32> = (0..24).map(|i| i as f32 * 0.25 - 2.0).collect();
+    let w: Vec<f32> = (0..12).map(|i| (i as f32 * 0.7).sin()).collect();
+    // The same arrays in Fortran order: element (i, j, k, l) at i + I·(j + J·(k + K·l)).
+    let fortran = |shape: &[u64], c: &[f32]| -> Vec<f32> {
+        let s: Vec<usize> = shape.iter().map(|&v| v as usize).collect();
+        let mut f = vec![0.0; c.len()];
+        for (at, v) in c.iter().enumerate() {
+            let (mut rest, mut idx) = (at, [0usize; 4]);
+            for k in (0..4).rev() {
+                idx[k] = rest % s[k];
+                rest /= s[k];
+            }
+            f[idx[0] + s[0] * (idx[1] + s[1] * (idx[2] + s[2] * idx[3]))] = *v;
+        }
+        f
+    };
+    let weights = |name: &str, order: npyz::Order, data: Vec<f32>| {
+        let p = d.path().join(name);
+        let mut npz = npyz::npz::NpzWriter::create(&p).unwrap();
+        let mut a = npz.array::<f32>("c/W", Default::default()).unwrap().default_dtype().shape(&ws).order(order).begin_nd().unwrap();
+        a.extend(data).unwrap();
+        a.finish().unwrap();
+        let mut b = npz.array::<f32>("c/b", Default::default()).unwrap().default_dtype().shape(&[3]).begin_nd().unwrap();
+        b.extend([0.5f32, -1.0, 2.0]).unwrap();
+        b.finish().unwrap();
+        p.display().to_string()
+    };
+    let input = |name: &str, order: npyz::Order, data: Vec<f32>| {
+        let p = d.path().join(name);
+        let mut a = npyz::WriteOptions::new().default_dtype().shape(&xs).order(order).writer(std::fs::File::create(&p).unwrap()).begin_nd().unwrap();
+        a.extend(data).unwrap();
+        a.finish().unwrap();
+        p.display().to_string()
+    };
+    let run = |w: &str, x: &str, out: &str| {
+        let out = d.path().join(out).display().to_string();
+        let o = cnnc(&["run", &model, "--weights", w, "--input", x, "--output", &out]);
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        read_npy(&out).1
+    };
+    let c_order = run(&weights("c.npz", npyz::Order::C, w.clone()), &input("c.npy", npyz::Order::C, x.clone()), "c_out.npy");
+    let f_order = run(&weights("f.npz", npyz::Order::Fortran, fortran(&ws, &w)), &input("f.npy", npyz::Order::Fortran, fortran(&xs, &x)), "f_out.npy");
+    assert_eq!(c_order, f_order);
+}

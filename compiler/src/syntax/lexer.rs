@@ -42,7 +42,8 @@ pub(super) const PUNCTS: [&str; 22] = ["//", "==", "!=", "<=", ">=", "(", ")", "
 pub fn lex(src: &str, file: FileId) -> (Vec<Token>, Vec<SyntaxError>) {
     let (mut toks, mut errs, mut depth) = (Vec::new(), Vec::new(), 0usize);
     let bytes = src.as_bytes();
-    let mut i = 0;
+    // A byte-order mark, as some Windows editors save UTF-8, is not part of the model.
+    let mut i = if src.starts_with('\u{feff}') { '\u{feff}'.len_utf8() } else { 0 };
     while i < src.len() {
         let c = src[i..].chars().next().expect("in bounds");
         let start = i;
