@@ -203,7 +203,15 @@ fn main() -> ExitCode {
             }
             compile(&a)
         }
-        Cmd::Run(a) => run(&a),
+        Cmd::Run(a) => {
+            // `--input` takes every file after it: a model written there lands among the inputs.
+            if let Some(m) = a.input.iter().find(|p| a.model.is_none() && p.extension().is_some_and(|e| e == "model" || e == "onnx")) {
+                use clap::CommandFactory;
+                let msg = format!("`{}` looks like a model, but `--input` took it as an input (it takes every file after it): write the model first, `cnnc run MODEL --input FILE...`", m.display());
+                Cli::command().error(clap::error::ErrorKind::ArgumentConflict, msg).exit();
+            }
+            run(&a)
+        }
         Cmd::Bench(a) => bench::bench(&a),
         Cmd::Import(a) => import(&a),
     };

@@ -906,3 +906,10 @@ fn byte_order_marks_and_fortran_order_arrays_are_read() {
     let f_order = run(&weights("f.npz", npyz::Order::Fortran, fortran(&ws, &w)), &input("f.npy", npyz::Order::Fortran, fortran(&xs, &x)), "f_out.npy");
     assert_eq!(c_order, f_order);
 }
+
+/// A model written after `--input` (which takes every file after it) is named as misplaced, not as an
+/// unreadable image.
+#[test]
+fn a_model_after_input_is_a_usage_error() {
+    fails(&["run", "--input", "models/examples/cat.jpg", "models/resnet50.model"], 2, &["`models/resnet50.model` looks like a model", "cnnc run MODEL --input"]);
+}
