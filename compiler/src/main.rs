@@ -448,16 +448,40 @@ fn write_npy(w: &mut dyn Write, y: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// Writes `path` through a temporary file in the same directory, renamed into place only on success.
+/// Writes `path` through a temporary file in the same directory, renamed into place only on success, so
+/// a failure leaves no partial file. A symlink is kept (its target is replaced); a device or pipe
+/// (`/dev/null`, `/dev/stdout`) is written directly; a read-only file is refused. A new file gets the
+/// umask's permissions, a replaced one keeps its own.
 fn write_atomic(path: &Path, body: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    use std::os::unix::fs::PermissionsExt;
     let ctx = || format!("cannot write `{}`", path.display());
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(ctx)?;
-    {
-        let mut buf = std::io::BufWriter::new(tmp.as_file_mut());
-        body(&mut buf).with_context(ctx)?;
-        buf.flush().with_context(ctx)?;
+    let existing = std::fs::metadata(path).ok();
+    let write = |w: &mut dyn Write| -> Result<()> {
+        let mut buf = std::io::BufWriter::new(w);
+        body(&mut buf)?;
+        Ok(buf.flush()?)
+    };
+    if let Some(m) = existing.as_ref().filter(|m| !m.is_file()) {
+        if m.is_dir() {
+            return Err(anyhow!("`{}` is a directory", path.display()));
+        }
+        return write(&mut std::fs::OpenOptions::new().write(true).open(path).with_context(ctx)?).with_context(ctx);
     }
-    tmp.persist(path).map_err(|e| e.error).with_context(ctx)?;
+    if existing.as_ref().is_some_and(|m| m.permissions().readonly()) {
+        return Err(anyhow!("`{}` is read-only", path.display()));
+    }
+    let target = if path.is_symlink() { std::fs::canonicalize(path).with_context(ctx)? } else { path.to_path_buf() };
+    let dir = target.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(ctx)?;
+    write(tmp.as_file_mut()).with_context(ctx)?;
+    let umask = || {
+        // SAFETY: umask has no failure mode; the mask is put back at once (nothing else creates files now).
+        let old = unsafe { libc::umask(0o022) };
+        unsafe { libc::umask(old) };
+        old as u32
+    };
+    let mode = existing.map_or_else(|| 0o666 & !umask(), |m| m.permissions().mode());
+    tmp.as_file().set_permissions(std::fs::Permissions::from_mode(mode)).with_context(ctx)?;
+    tmp.persist(&target).map_err(|e| e.error).with_context(ctx)?;
     Ok(())
 }

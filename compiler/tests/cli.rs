@@ -911,5 +911,42 @@ fn byte_order_marks_and_fortran_order_arrays_are_read() {
 /// unreadable image.
 #[test]
 fn a_model_after_input_is_a_usage_error() {
-    fails(&["run", "--input", "models/examples/cat.jpg", "models/resnet50.model"], 2, &["`models/resnet50.model` looks like a model", "cnnc run MODEL --input"]);
+    fails(
+        &["run", "--input", "models/examples/cat.jpg", "models/resnet50.model"],
+        2,
+        &["`models/resnet50.model` looks like a model", "cnnc run MODEL --input"],
+    );
+}
+
+/// Output files: a device is written, not replaced (`--output /dev/null`); a symlink stays a link to the
+/// new file; a read-only file is refused and kept; a new file has the umask's permissions.
+#[test]
+fn outputs_respect_devices_links_read_only_files_and_the_umask() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let d = tmp();
+    let x = fixture("alexbn_small/in.npy");
+    let model = fixture(SMALL);
+    let run = |out: &str| cnnc(&["run", &model, "--input", &x, "--output", out]);
+    assert_eq!(run("/dev/null").code, 0);
+    assert!(std::fs::metadata("/dev/null").unwrap().file_type().is_char_device());
+    let real = d.path().join("real.npy");
+    std::fs::write(&real, b"old").unwrap();
+    let link = d.path().join("link.npy");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    assert_eq!(run(link.to_str().unwrap()).code, 0);
+    assert!(link.is_symlink(), "the link is kept");
+    assert_eq!(read_npy(real.to_str().unwrap()).0[0], 2, "its target holds the output");
+    let ro = d.path().join("ro.npy");
+    std::fs::write(&ro, b"keep").unwrap();
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o444)).unwrap();
+    fails(&["run", &model, "--input", &x, "--output", ro.to_str().unwrap()], 1, &["is read-only"]);
+    assert_eq!(std::fs::read(&ro).unwrap(), b"keep");
+    let new = d.path().join("new.npy");
+    let o = Command::new("sh")
+        .args(["-c", &format!("umask 027 && exec \"$0\" run {model} --input {x} --output {}", new.display()), env!("CARGO_BIN_EXE_cnnc")])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::metadata(&new).unwrap().permissions().mode() & 0o777, 0o640);
 }
