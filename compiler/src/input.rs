@@ -42,6 +42,8 @@ pub enum InputError {
     TooSmall { path: String, resize: u32, w: u32, h: u32, cw: usize, ch: usize },
     #[error("input `{path}` holds non-finite values (NaN or infinity)")]
     NonFinite { path: String },
+    #[error("input `{path}`: the preprocessing (--mean {mean:?}, --scale {scale:e}) takes its pixels past the float range")]
+    Overflow { path: String, mean: [f32; 3], scale: f32 },
     #[error("input `{path}`: a {w}x{h} image would be resized to {nw}x{nh} (shorter side {resize}); crop it closer to the model's aspect ratio first")]
     TooElongated { path: String, w: u32, h: u32, nw: u64, nh: u64, resize: u32 },
 }
@@ -53,9 +55,11 @@ const MAX_RESIZED_PIXELS: u64 = 1 << 26;
 pub fn load(path: &Path, dims: &[usize], pre: &Preprocess) -> Result<Tensor, InputError> {
     let p = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|source| InputError::Io { path: p.clone(), source })?;
-    let t = if bytes.starts_with(b"\x93NUMPY") { npy(&p, &bytes, dims)? } else { image(&p, &bytes, dims, pre)? };
+    let is_npy = bytes.starts_with(b"\x93NUMPY");
+    let t = if is_npy { npy(&p, &bytes, dims)? } else { image(&p, &bytes, dims, pre)? };
     if t.data().iter().any(|v| !v.is_finite()) {
-        return Err(InputError::NonFinite { path: p });
+        // An image's pixels are finite: only --mean and --scale can have made them infinite.
+        return Err(if is_npy { InputError::NonFinite { path: p } } else { InputError::Overflow { path: p, mean: pre.mean, scale: pre.scale } });
     }
     Ok(t)
 }

@@ -950,3 +950,9 @@ fn outputs_respect_devices_links_read_only_files_and_the_umask() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(std::fs::metadata(&new).unwrap().permissions().mode() & 0o777, 0o640);
 }
+
+/// Preprocessing that overflows the float range is blamed on the flags, not on the image.
+#[test]
+fn an_overflowing_scale_is_named() {
+    fails(&["run", "--input", "models/examples/cat.jpg", "--scale", "1e38"], 1, &["cat.jpg", "--scale 1e38", "past the float range"]);
+}
