@@ -40,6 +40,8 @@ pub enum InputError {
     NotImageModel { path: String, expected: Vec<usize> },
     #[error("input `{path}`: after resizing to a shorter side of {resize}, the image is {w}x{h}, smaller than the model's {cw}x{ch} input (raise --resize)")]
     TooSmall { path: String, resize: u32, w: u32, h: u32, cw: usize, ch: usize },
+    #[error("input `{path}` is a truncated JPEG: its data ends before the end-of-image marker")]
+    Truncated { path: String },
     #[error("input `{path}` holds non-finite values (NaN or infinity)")]
     NonFinite { path: String },
     #[error("input `{path}`: the preprocessing (--mean {mean:?}, --scale {scale:e}) takes its pixels past the float range")]
@@ -84,6 +86,9 @@ fn image(p: &str, bytes: &[u8], dims: &[usize], pre: &Preprocess) -> Result<Tens
     let &[3, ch, cw] = dims else {
         return Err(InputError::NotImageModel { path: p.into(), expected: dims.to_vec() });
     };
+    if bytes.starts_with(&[0xFF, 0xD8]) && !jpeg_complete(bytes) {
+        return Err(InputError::Truncated { path: p.into() });
+    }
     let img = image::load_from_memory(bytes).map_err(|e| InputError::Decode { path: p.into(), reason: e.to_string() })?.to_rgb8();
     let (w, h) = img.dimensions();
     let r = pre.resize as u64;
@@ -102,6 +107,32 @@ fn image(p: &str, bytes: &[u8], dims: &[usize], pre: &Preprocess) -> Result<Tens
     let chw = (0..3).flat_map(|c| (0..ch).flat_map(move |y| (0..cw).map(move |x| (c, y, x))));
     let data = chw.map(|(c, y, x)| (resized.get_pixel((left + x) as u32, (top + y) as u32)[c] as f32 - pre.mean[c]) * pre.scale).collect();
     Ok(Tensor::new(vec![1, 3, ch, cw], data).expect("3*ch*cw values"))
+}
+
+/// Whether a JPEG runs to its end-of-image marker. Decoders fill the rows of a truncated file with grey
+/// and report no error, and half an image would be classified as a whole one. Walks the marker segments
+/// (lengths given), each scan's entropy-coded data to the next marker (FF 00 is a stuffed byte, FF D0–D7
+/// restarts), and more segments and scans (progressive JPEGs) until EOI.
+fn jpeg_complete(b: &[u8]) -> bool {
+    let mut i = 2;
+    while i + 2 <= b.len() {
+        let m = b[i + 1];
+        match (b[i], m) {
+            (0xFF, 0xD9) => return true,
+            (0xFF, 0xFF) => i += 1,
+            (0xFF, 0xD0..=0xD7 | 0x01) => i += 2,
+            (0xFF, _) if i + 4 <= b.len() => {
+                i += 2 + u16::from_be_bytes([b[i + 2], b[i + 3]]) as usize;
+                if m == 0xDA {
+                    while i + 1 < b.len() && !(b[i] == 0xFF && b[i + 1] != 0 && !(0xD0..=0xD7).contains(&b[i + 1])) {
+                        i += 1;
+                    }
+                }
+            }
+            _ => return false,
+        }
+    }
+    false
 }
 
 /// Concatenates batches along the batch axis.

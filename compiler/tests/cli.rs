@@ -956,3 +956,14 @@ fn outputs_respect_devices_links_read_only_files_and_the_umask() {
 fn an_overflowing_scale_is_named() {
     fails(&["run", "--input", "models/examples/cat.jpg", "--scale", "1e38"], 1, &["cat.jpg", "--scale 1e38", "past the float range"]);
 }
+
+/// A JPEG cut short is an error, not an image whose missing rows are grey.
+#[test]
+fn a_truncated_jpeg_is_an_error() {
+    let d = tmp();
+    let whole = std::fs::read(root().join("models/examples/cat.jpg")).unwrap();
+    let half = write(d.path(), "half.jpg", &whole[..whole.len() / 2]);
+    fails(&["run", "--input", &half], 1, &["half.jpg", "truncated JPEG"]);
+    let short = write(d.path(), "short.jpg", &whole[..whole.len() - 2]);
+    fails(&["run", "--input", &short], 1, &["short.jpg", "truncated JPEG"]);
+}
