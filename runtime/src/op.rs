@@ -317,14 +317,10 @@ impl Op {
                 let [sh, sw] = c.span();
                 match (window_out(h, sh, c.stride[0], c.pad[0], false), window_out(w, sw, c.stride[1], c.pad[1], false)) {
                     (Some(oh), Some(ow)) => Ok(vec![c.out_channels, oh, ow]),
-                    _ => err(format!(
-                        "kernel {}x{} (spanning {sh}x{sw}) does not fit input {} with pad {}x{}",
-                        c.kernel[0],
-                        c.kernel[1],
-                        Batched(x),
-                        c.pad[0],
-                        c.pad[1]
-                    )),
+                    _ => {
+                        let dilated = if c.dilation == [1, 1] { String::new() } else { format!(" (dilated: spanning {sh}x{sw})") };
+                        err(format!("kernel {}x{}{dilated} does not fit input {} with pad {}x{}", c.kernel[0], c.kernel[1], Batched(x), c.pad[0], c.pad[1]))
+                    }
                 }
             }
             Op::BatchNorm(b) => {
