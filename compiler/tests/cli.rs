@@ -57,6 +57,18 @@ fn npy(dir: &Path, name: &str, shape: &[u64], data: &[f32]) -> String {
     p.display().to_string()
 }
 
+/// Writes an npz of float32 arrays: (key, shape, values in the given order).
+fn npz(path: &Path, arrays: &[(&str, &[u64], &[f32], npyz::Order)]) -> String {
+    use npyz::WriterBuilder;
+    let mut npz = npyz::npz::NpzWriter::create(path).unwrap();
+    for &(key, shape, values, order) in arrays {
+        let mut w = npz.array::<f32>(key, Default::default()).unwrap().default_dtype().shape(shape).order(order).begin_nd().unwrap();
+        w.extend(values.iter().copied()).unwrap();
+        w.finish().unwrap();
+    }
+    path.display().to_string()
+}
+
 fn read_npy(p: &str) -> (Vec<u64>, Vec<f32>) {
     let f = npyz::NpyFile::new(std::fs::File::open(p).unwrap()).unwrap();
     (f.shape().to_vec(), f.into_vec::<f32>().unwrap())
@@ -341,7 +353,6 @@ fn grayscale_and_alpha_images_form_one_batch() {
 /// Re-encodes the reduced AlexBN's npz as safetensors and as a Classifier-style npz (`predictor/` keys).
 #[test]
 fn safetensors_and_prefixed_npz_give_the_same_logits() {
-    use npyz::WriterBuilder;
     let d = tmp();
     let mut arch = npyz::npz::NpzArchive::open(fixture("alexbn_small/weights.npz")).unwrap();
     let names: Vec<String> = arch.array_names().map(str::to_string).collect();
@@ -358,15 +369,10 @@ fn safetensors_and_prefixed_npz_give_the_same_logits() {
     let st = d.path().join("w.safetensors");
     std::fs::write(&st, safetensors::serialize(views, None).unwrap()).unwrap();
 
+    let prefixed: Vec<(String, Vec<u64>)> = arrays.iter().map(|(n, s, _)| (format!("predictor/{n}"), s.iter().map(|&x| x as u64).collect())).collect();
+    let entries: Vec<_> = prefixed.iter().zip(&arrays).map(|((k, s), (_, _, v))| (k.as_str(), &s[..], &v[..], npyz::Order::C)).collect();
     let pre = d.path().join("classifier.npz");
-    let mut npz = npyz::npz::NpzWriter::create(&pre).unwrap();
-    for (n, s, v) in &arrays {
-        let shape: Vec<u64> = s.iter().map(|&x| x as u64).collect();
-        let mut w = npz.array::<f32>(&format!("predictor/{n}"), Default::default()).unwrap().default_dtype().shape(&shape).begin_nd().unwrap();
-        w.extend(v.iter().copied()).unwrap();
-        w.finish().unwrap();
-    }
-    drop(npz);
+    npz(&pre, &entries);
 
     let mut outputs = Vec::new();
     for (i, w) in [fixture("alexbn_small/weights.npz"), st.display().to_string(), pre.display().to_string()].iter().enumerate() {
@@ -385,7 +391,6 @@ fn safetensors_and_prefixed_npz_give_the_same_logits() {
 /// Keys nest as Chainer names them; a wrong or missing one deep inside a chainlist is named in full.
 #[test]
 fn nested_chain_keys_are_named_in_full() {
-    use npyz::WriterBuilder;
     let d = tmp();
     let m = write(
         d.path(),
@@ -393,14 +398,8 @@ fn nested_chain_keys_are_named_in_full() {
         b"chain Unit(c) {\n    conv = L.Convolution2D(c, c, 3, pad=1)\n    forward(x) {\n        return F.relu(self.conv(x))\n    }\n}\n\nchainlist Stage(n, c) {\n    for i in range(n) {\n        Unit(c)\n    }\n}\n\nmodel Tiny {\n    res = Stage(2, 4)\n    forward(x: [4, 5, 5]) {\n        return self.res(x)\n    }\n}\n",
     );
     let npz_path = d.path().join("w.npz");
-    let mut npz = npyz::npz::NpzWriter::create(&npz_path).unwrap();
-    for (key, shape) in [("res/0/conv/W", vec![4u64, 4, 3, 3]), ("res/1/conv/W", vec![4, 4, 1, 1]), ("res/1/conv/b", vec![4])] {
-        let n = shape.iter().product::<u64>() as usize;
-        let mut w = npz.array::<f32>(key, Default::default()).unwrap().default_dtype().shape(&shape).begin_nd().unwrap();
-        w.extend(vec![0.5f32; n]).unwrap();
-        w.finish().unwrap();
-    }
-    drop(npz);
+    let c = npyz::Order::C;
+    npz(&npz_path, &[("res/0/conv/W", &[4, 4, 3, 3], &[0.5; 144], c), ("res/1/conv/W", &[4, 4, 1, 1], &[0.5; 16], c), ("res/1/conv/b", &[4], &[0.5; 4], c)]);
     let x = npy(d.path(), "x.npy", &[4, 5, 5], &[1.0; 100]);
     let o = fails(
         &["run", &m, "--weights", npz_path.to_str().unwrap(), "--input", &x],
@@ -878,17 +877,8 @@ fn byte_order_marks_and_fortran_order_arrays_are_read() {
         }
         f
     };
-    let weights = |name: &str, order: npyz::Order, data: Vec<f32>| {
-        let p = d.path().join(name);
-        let mut npz = npyz::npz::NpzWriter::create(&p).unwrap();
-        let mut a = npz.array::<f32>("c/W", Default::default()).unwrap().default_dtype().shape(&ws).order(order).begin_nd().unwrap();
-        a.extend(data).unwrap();
-        a.finish().unwrap();
-        let mut b = npz.array::<f32>("c/b", Default::default()).unwrap().default_dtype().shape(&[3]).begin_nd().unwrap();
-        b.extend([0.5f32, -1.0, 2.0]).unwrap();
-        b.finish().unwrap();
-        p.display().to_string()
-    };
+    let weights =
+        |name: &str, order: npyz::Order, data: Vec<f32>| npz(&d.path().join(name), &[("c/W", &ws, &data, order), ("c/b", &[3], &[0.5, -1.0, 2.0], order)]);
     let input = |name: &str, order: npyz::Order, data: Vec<f32>| {
         let p = d.path().join(name);
         let mut a = npyz::WriteOptions::new().default_dtype().shape(&xs).order(order).writer(std::fs::File::create(&p).unwrap()).begin_nd().unwrap();

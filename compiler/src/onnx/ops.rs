@@ -118,6 +118,12 @@ fn pair(v: [usize; 2]) -> String {
     }
 }
 
+/// A tuple as the model language writes it: `(3,)`, `(2, 5)`.
+fn tuple(items: &[usize]) -> String {
+    let items: Vec<String> = items.iter().map(usize::to_string).collect();
+    format!("({}{})", items.join(", "), if items.len() == 1 { "," } else { "" })
+}
+
 /// `, name=value` unless the value is the default.
 fn keyword(name: &str, v: [usize; 2], default: [usize; 2]) -> String {
     if v == default {
@@ -590,13 +596,11 @@ impl Writer {
         if (start, len) == (0, dim) {
             return x;
         }
-        let cuts: Vec<String> = [start, start + len].into_iter().filter(|&c| c > 0 && c < dim).map(|c| c.to_string()).collect();
-        self.vars += 1;
-        let var = self.fresh(&format!("h{}", self.vars));
-        self.lines.push(format!("{var} = F.split_axis({}, ({}{}), axis={axis})", x.var, cuts.join(", "), if cuts.len() == 1 { "," } else { "" }));
+        let cuts: Vec<usize> = [start, start + len].into_iter().filter(|&c| c > 0 && c < dim).collect();
+        let parts = self.line(format!("F.split_axis({}, {}, axis={axis})", x.var, tuple(&cuts)), x.shape.clone(), None);
         let mut shape = x.shape;
         shape[axis] = len;
-        Tensor { var: format!("{var}[{}]", usize::from(start > 0)), shape, link: None, pad: [0; 4] }
+        Tensor { var: format!("{}[{}]", parts.var, usize::from(start > 0)), shape, ..parts }
     }
 
     fn pool(&mut self, n: &pb::NodeProto) -> R<()> {
@@ -792,22 +796,20 @@ impl Writer {
         let sections = if sizes.iter().all(|&s| s == sizes[0]) {
             parts.to_string()
         } else {
-            let ends: Vec<String> = sizes[..parts - 1]
+            let ends: Vec<usize> = sizes[..parts - 1]
                 .iter()
                 .scan(0, |end, &s| {
                     *end += s;
-                    Some(end.to_string())
+                    Some(*end)
                 })
                 .collect();
-            format!("({}{})", ends.join(", "), if ends.len() == 1 { "," } else { "" })
+            tuple(&ends)
         };
-        self.vars += 1;
-        let var = self.fresh(&format!("h{}", self.vars));
-        self.lines.push(format!("{var} = F.split_axis({}, {sections}, axis={a})", x.var));
+        let all = self.line(format!("F.split_axis({}, {sections}, axis={a})", x.var), x.shape.clone(), None);
         for (i, (out, &len)) in n.output.iter().zip(&sizes).enumerate().filter(|(_, (o, _))| !o.is_empty()) {
             let mut shape = x.shape.clone();
             shape[a] = len;
-            self.values.insert(out.clone(), Value::Tensor(Tensor { var: format!("{var}[{i}]"), shape, link: None, pad: [0; 4] }));
+            self.values.insert(out.clone(), Value::Tensor(Tensor { var: format!("{}[{i}]", all.var), shape, ..all.clone() }));
         }
         Ok(())
     }
