@@ -21,12 +21,12 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
     let (exec, batch, runs, profile) = (&a.exec, a.batch as usize, a.runs as usize, a.profile);
     exec.check()?;
     let t0 = Instant::now();
-    let (src, g, imported) = front_end(a.model.as_deref())?;
-    let (g, _) = cnnc::opt::optimize(&g, &cnnc::opt::Options { level: a.opt, ..Default::default() });
+    let mut m = front_end(a.model.as_deref())?;
+    let (g, _) = cnnc::opt::optimize(&m.graph, &cnnc::opt::Options { level: a.opt, ..Default::default() });
     let front = t0.elapsed();
-    let [input] = g.inputs[..] else { anyhow::bail!("`cnnc bench` times models with exactly one input; `{}` has {}", src.name, g.inputs.len()) };
+    let [input] = g.inputs[..] else { anyhow::bail!("`cnnc bench` times models with exactly one input; `{}` has {}", m.src.name, g.inputs.len()) };
     let t1 = Instant::now();
-    let bound = load_weights(&src, &g, a.weights.as_deref(), imported, false)?;
+    let bound = load_weights(&mut m, a.weights.as_deref(), false)?;
     let shape = [vec![batch], g.node(input).shape.clone()].concat();
     let x = Tensor::new(shape.clone(), rng::normal("input", shape.iter().product()).map(|v| v as f32).collect()).expect("sized");
     // With reduced-precision weights: the output's change against f32 weights, relative to max |y|.

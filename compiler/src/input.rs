@@ -2,18 +2,22 @@
 //!
 //! Images are preprocessed as Chainer's imagenet example does at test time (documented in `docs/cli.md`):
 //! resize so the shorter side is [`Preprocess::resize`] (triangle filter), center-crop to the model's input
-//! size, RGB, CHW, values in 0..255, minus the per-channel mean, times the scale. Grayscale images are
-//! expanded to RGB and alpha is dropped. A `.npy` is a raw float tensor (N,C,H,W) or (C,H,W), used as is.
+//! size, RGB, CHW, values in 0..255, minus the per-channel mean, times the scale. An image that already has
+//! the input's size is taken as it is unless a resize is asked for. Grayscale images are expanded to RGB
+//! and alpha is dropped; a one-channel model takes the luma, minus the mean of the three channel means. A
+//! `.npy` is a raw float tensor (N,C,H,W) or (C,H,W), used as is.
 
 use crate::weights::{read_npy, NpyError};
 use cnnc_runtime::op::Batched;
 use cnnc_runtime::Tensor;
+use image::GenericImageView;
 use std::path::Path;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Preprocess {
-    /// Length of the shorter side after resizing, before the center crop.
-    pub resize: u32,
+    /// Length of the shorter side after resizing, before the center crop; `None`: 256, except that an
+    /// image of exactly the model's input size is not resized.
+    pub resize: Option<u32>,
     /// Subtracted per RGB channel (ImageNet means, 0..255 scale).
     pub mean: [f32; 3],
     /// Multiplied after the mean is subtracted.
@@ -22,7 +26,7 @@ pub struct Preprocess {
 
 impl Default for Preprocess {
     fn default() -> Self {
-        Preprocess { resize: 256, mean: [123.68, 116.78, 103.94], scale: 1.0 / 255.0 }
+        Preprocess { resize: None, mean: [123.68, 116.78, 103.94], scale: 1.0 / 255.0 }
     }
 }
 
@@ -36,7 +40,7 @@ pub enum InputError {
     Shape { path: String, got: Vec<usize>, expected: Vec<usize> },
     #[error("input `{path}` has dtype {dtype}; .npy inputs must be float32 (or float64)")]
     Dtype { path: String, dtype: String },
-    #[error("input `{path}`: images need a model input of shape [3, H, W], but the model takes {}", Batched(expected))]
+    #[error("input `{path}`: images need a model input of shape [3, H, W] or [1, H, W], but the model takes {}", Batched(expected))]
     NotImageModel { path: String, expected: Vec<usize> },
     #[error("input `{path}`: after resizing to a shorter side of {resize}, the image is {w}x{h}, smaller than the model's {cw}x{ch} input (raise --resize)")]
     TooSmall { path: String, resize: u32, w: u32, h: u32, cw: usize, ch: usize },
@@ -83,30 +87,37 @@ fn npy(p: &str, bytes: &[u8], dims: &[usize]) -> Result<Tensor, InputError> {
 }
 
 fn image(p: &str, bytes: &[u8], dims: &[usize], pre: &Preprocess) -> Result<Tensor, InputError> {
-    let &[3, ch, cw] = dims else {
+    let &[channels @ (1 | 3), ch, cw] = dims else {
         return Err(InputError::NotImageModel { path: p.into(), expected: dims.to_vec() });
     };
     if bytes.starts_with(&[0xFF, 0xD8]) && !jpeg_complete(bytes) {
         return Err(InputError::Truncated { path: p.into() });
     }
-    let img = image::load_from_memory(bytes).map_err(|e| InputError::Decode { path: p.into(), reason: e.to_string() })?.to_rgb8();
+    let decoded = image::load_from_memory(bytes).map_err(|e| InputError::Decode { path: p.into(), reason: e.to_string() })?;
+    let img = if channels == 1 { image::DynamicImage::ImageLuma8(decoded.to_luma8()) } else { image::DynamicImage::ImageRgb8(decoded.to_rgb8()) };
     let (w, h) = img.dimensions();
-    let r = pre.resize as u64;
+    let resize = match pre.resize {
+        Some(r) => r,
+        None if (w as usize, h as usize) == (cw, ch) => w.min(h),
+        None => 256,
+    };
+    let r = resize as u64;
     // Shorter side → `resize`, keeping the aspect ratio (rounded to the nearest pixel).
     let (nw, nh) = if w <= h { (r, (h as u64 * r + w as u64 / 2) / w as u64) } else { ((w as u64 * r + h as u64 / 2) / h as u64, r) };
     // Resizing a 1×60000 strip to a shorter side of 256 would allocate gigabytes before the crop.
     if nw * nh > MAX_RESIZED_PIXELS {
-        return Err(InputError::TooElongated { path: p.into(), w, h, nw, nh, resize: pre.resize });
+        return Err(InputError::TooElongated { path: p.into(), w, h, nw, nh, resize });
     }
     let (nw, nh) = (nw.max(1) as u32, nh.max(1) as u32);
     if (nw as usize) < cw || (nh as usize) < ch {
-        return Err(InputError::TooSmall { path: p.into(), resize: pre.resize, w: nw, h: nh, cw, ch });
+        return Err(InputError::TooSmall { path: p.into(), resize, w: nw, h: nh, cw, ch });
     }
-    let resized = image::imageops::resize(&img, nw, nh, image::imageops::FilterType::Triangle);
+    let resized = if (nw, nh) == (w, h) { img } else { img.resize_exact(nw, nh, image::imageops::FilterType::Triangle) };
     let (top, left) = ((nh as usize - ch) / 2, (nw as usize - cw) / 2);
-    let chw = (0..3).flat_map(|c| (0..ch).flat_map(move |y| (0..cw).map(move |x| (c, y, x))));
-    let data = chw.map(|(c, y, x)| (resized.get_pixel((left + x) as u32, (top + y) as u32)[c] as f32 - pre.mean[c]) * pre.scale).collect();
-    Ok(Tensor::new(vec![1, 3, ch, cw], data).expect("3*ch*cw values"))
+    let mean = |c: usize| if channels == 1 { pre.mean.iter().sum::<f32>() / 3.0 } else { pre.mean[c] };
+    let chw = (0..channels).flat_map(|c| (0..ch).flat_map(move |y| (0..cw).map(move |x| (c, y, x))));
+    let data = chw.map(|(c, y, x)| (resized.get_pixel((left + x) as u32, (top + y) as u32)[c] as f32 - mean(c)) * pre.scale).collect();
+    Ok(Tensor::new(vec![1, channels, ch, cw], data).expect("channels*ch*cw values"))
 }
 
 /// Whether a JPEG runs to its end-of-image marker. Decoders fill the rows of a truncated file with grey

@@ -4,7 +4,9 @@
 //! [`weights`] (Chainer `.npz` / safetensors → parameters bound to the graph), [`lower`] (graph → the
 //! runtime's execution plan), [`input`] (images and `.npy` → input tensors), [`ptx`] (kernel IR → PTX for
 //! NVIDIA GPUs, and the CUDA runtime that runs it). [`backend`] runs a graph with bound weights on any of
-//! them. [`diag`] renders what any stage reports. [`compile`] runs the front end in one call.
+//! them. [`diag`] renders what any stage reports. [`compile`] runs the front end in one call; [`load`] reads
+//! a model from wherever it is and [`Loaded::bind`] its weights, the steps the CLI and the Python package
+//! share; [`top`] turns a classifier's outputs into ranked classes.
 
 pub mod backend;
 pub mod diag;
@@ -18,9 +20,12 @@ pub mod opt;
 pub mod ptx;
 pub mod syntax;
 pub mod target;
+pub mod top;
 pub mod weights;
 
 use diag::{Diagnostic, Failed, FileId, Source};
+use std::path::Path;
+use weights::Weights;
 
 /// The bundled default model (Chainer's AlexBN).
 pub const ALEXBN: &str = include_str!("../../models/alexbn.model");
@@ -35,4 +40,102 @@ pub fn compile(src: &Source) -> Result<(ir::Graph, Vec<Diagnostic>), Failed> {
     let file = syntax::parse(&src.text, FileId::MODEL).map_err(to_diags)?;
     let prelude = syntax::parse(PRELUDE, FileId::PRELUDE).map_err(to_diags)?;
     ir::build(&[&file, &prelude]).map_err(Failed)
+}
+
+/// Where a model comes from.
+pub enum ModelSource<'a> {
+    /// The bundled AlexBN.
+    Bundled,
+    /// A `.model` file, or an `.onnx` file (imported first).
+    File(&'a Path),
+    /// Model text, with the name diagnostics give it.
+    Text { name: String, text: String },
+}
+
+/// A model read and compiled: its source (diagnostics point into it), its graph, its warnings, and for an
+/// ONNX file the weights it carries and the importer's notes.
+pub struct Loaded {
+    pub src: Source,
+    pub graph: ir::Graph,
+    pub warnings: Vec<Diagnostic>,
+    pub imported: Option<Weights>,
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read model `{path}`")]
+    Io { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Onnx(#[from] onnx::OnnxError),
+    #[error("could not compile `{}` ({n} error{})", .src.name, if *.n == 1 { "" } else { "s" })]
+    Compile { src: Box<Source>, diags: Vec<Diagnostic>, n: usize },
+    #[error(transparent)]
+    Weights(#[from] weights::WeightError),
+    #[error("the weights do not fit `{}` ({n} error{})", .src.name, if *.n == 1 { "" } else { "s" })]
+    Bind { src: Box<Source>, diags: Vec<Diagnostic>, n: usize },
+}
+
+impl LoadError {
+    /// The diagnostics behind a compile or binding failure, with the source they point into.
+    pub fn diagnostics(&self) -> Option<(&Source, &[Diagnostic])> {
+        match self {
+            LoadError::Compile { src, diags, .. } | LoadError::Bind { src, diags, .. } => Some((src, diags)),
+            _ => None,
+        }
+    }
+
+    /// The whole message as plain text: the rendered diagnostics (if any), then the summary.
+    pub fn render_plain(&self) -> String {
+        let diags = self.diagnostics().map(|(src, d)| src.render_plain(d)).unwrap_or_default();
+        format!("{diags}{self}")
+    }
+}
+
+fn failed(src: &Source, diags: Vec<Diagnostic>, bind: bool) -> LoadError {
+    let (src, n) = (Box::new(src.clone()), diags.iter().filter(|d| d.is_error()).count());
+    if bind {
+        LoadError::Bind { src, diags, n }
+    } else {
+        LoadError::Compile { src, diags, n }
+    }
+}
+
+/// Reads a model (importing an ONNX file, told apart by its extension) and compiles it.
+pub fn load(from: ModelSource) -> Result<Loaded, LoadError> {
+    let (src, imported, notes) = match from {
+        ModelSource::Bundled => (Source::new("alexbn.model (bundled)", ALEXBN), None, vec![]),
+        ModelSource::File(p) if p.extension().is_some_and(|e| e.eq_ignore_ascii_case("onnx")) => {
+            let i = onnx::import(p)?;
+            (Source::new(format!("{} (imported)", p.display()), i.text), Some(Weights::from_arrays(p, i.weights)), i.notes)
+        }
+        ModelSource::File(p) => {
+            let text = std::fs::read_to_string(p).map_err(|source| LoadError::Io { path: p.display().to_string(), source })?;
+            (Source::new(p.display().to_string(), text), None, vec![])
+        }
+        ModelSource::Text { name, text } => (Source::new(name, text), None, vec![]),
+    };
+    match compile(&src) {
+        Ok((graph, warnings)) => Ok(Loaded { src, graph, warnings, imported, notes }),
+        Err(Failed(diags)) => Err(failed(&src, diags, false)),
+    }
+}
+
+impl Loaded {
+    /// Whether binding without a weights file draws the parameters at random (no file, nothing imported,
+    /// and the model has parameters): callers warn that the outputs mean nothing.
+    pub fn random_weights(&self, path: Option<&Path>) -> bool {
+        path.is_none() && self.imported.is_none() && !self.graph.params().is_empty()
+    }
+
+    /// Binds the weights in `path` (or the imported ones, or Chainer's initializers) to the graph; the
+    /// bound parameters' notes (unused keys) are for the caller to show.
+    pub fn bind(&mut self, path: Option<&Path>) -> Result<weights::Bound, LoadError> {
+        let mut w = match (path, self.imported.take()) {
+            (Some(p), _) => Weights::open(p)?,
+            (None, Some(w)) => w,
+            (None, None) => Weights::init(),
+        };
+        weights::bind(&self.graph, &mut w).map_err(|diags| failed(&self.src, diags, true))
+    }
 }

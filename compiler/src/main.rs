@@ -7,10 +7,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use cnnc::backend::{self, Runner, TierChoice};
 use cnnc::diag::{Failed, Source};
 use cnnc::input::{self, Preprocess};
-use cnnc::ir::{self, Graph, Kind};
+use cnnc::ir::{self, Graph};
 use cnnc::target::Tier;
-use cnnc::weights::{self, Weights};
-use cnnc_runtime::{Op, Tensor};
+use cnnc::weights;
+use cnnc::{LoadError, Loaded, ModelSource};
+use cnnc_runtime::Tensor;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -102,9 +103,10 @@ struct RunArgs {
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
-    /// Image preprocessing: shorter side after resizing, before the center crop.
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=16384))]
-    resize: u32,
+    /// Image preprocessing: shorter side after resizing, before the center crop [default: 256, and an
+    /// image of exactly the model's input size is not resized].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=16384))]
+    resize: Option<u32>,
     /// Image preprocessing: per-channel mean subtracted, as R,G,B on the 0..255 scale.
     #[arg(long, value_parser = parse_mean, value_name = "R,G,B")]
     mean: Option<[f32; 3]>,
@@ -226,36 +228,25 @@ fn main() -> ExitCode {
     }
 }
 
-/// Whether `path` names an ONNX file (by its extension).
-fn is_onnx(path: &Path) -> bool {
-    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("onnx"))
+/// Reads and compiles a model (an ONNX file is imported first), printing its warnings and notes.
+fn front_end(model: Option<&Path>) -> Result<Loaded> {
+    let loaded = cnnc::load(model.map_or(ModelSource::Bundled, ModelSource::File)).map_err(reported)?;
+    for note in &loaded.notes {
+        eprintln!("note: {note}");
+    }
+    loaded.src.emit(&loaded.warnings);
+    Ok(loaded)
 }
 
-/// Reads and compiles a model (an ONNX file is imported first), printing its diagnostics; returns the
-/// imported weights of an ONNX file.
-fn front_end(model: Option<&Path>) -> Result<(Source, Graph, Option<Weights>)> {
-    let (src, weights) = match model {
-        Some(p) if is_onnx(p) => {
-            let imported = cnnc::onnx::import(p)?;
-            for note in &imported.notes {
-                eprintln!("note: {note}");
-            }
-            (Source::new(format!("{} (imported)", p.display()), imported.text), Some(Weights::from_arrays(p, imported.weights)))
+/// A library error as the CLI reports it: diagnostics rendered to standard error, then the summary.
+fn reported(e: LoadError) -> anyhow::Error {
+    match e.diagnostics() {
+        Some((src, diags)) => {
+            src.emit(diags);
+            eprintln!("error: {e}");
+            Reported.into()
         }
-        Some(p) => (Source::new(p.display().to_string(), std::fs::read_to_string(p).with_context(|| format!("cannot read model `{}`", p.display()))?), None),
-        None => (Source::new("alexbn.model (bundled)", cnnc::ALEXBN), None),
-    };
-    match cnnc::compile(&src) {
-        Ok((g, warnings)) => {
-            src.emit(&warnings);
-            Ok((src, g, weights))
-        }
-        Err(Failed(diags)) => {
-            src.emit(&diags);
-            let n = diags.iter().filter(|d| d.is_error()).count();
-            eprintln!("error: could not compile `{}` ({n} error{})", src.name, if n == 1 { "" } else { "s" });
-            Err(Reported.into())
-        }
+        None => e.into(),
     }
 }
 
@@ -285,7 +276,7 @@ fn import(a: &ImportArgs) -> Result<()> {
 }
 
 fn compile(a: &CompileArgs) -> Result<()> {
-    let (src, g, _) = front_end(Some(&a.model))?;
+    let Loaded { src, graph: g, .. } = front_end(Some(&a.model))?;
     let costs = match a.target {
         Target::Cpu => cnnc::opt::lang::CPU,
         Target::Cuda => cnnc::opt::lang::CUDA,
@@ -336,9 +327,10 @@ fn compile(a: &CompileArgs) -> Result<()> {
 
 fn run(a: &RunArgs) -> Result<()> {
     a.exec.check()?;
-    let (src, g, imported) = front_end(a.model.as_deref())?;
+    let mut m = front_end(a.model.as_deref())?;
+    let g = &m.graph;
     let [input_node] = g.inputs[..] else {
-        return Err(anyhow!("`{}` takes {} inputs; `cnnc run` feeds models with exactly one", src.name, g.inputs.len()));
+        return Err(anyhow!("`{}` takes {} inputs; `cnnc run` feeds models with exactly one", m.src.name, g.inputs.len()));
     };
     let dims = g.node(input_node).shape.clone();
     let defaults = Preprocess::default();
@@ -353,8 +345,8 @@ fn run(a: &RunArgs) -> Result<()> {
     }
     let x = input::concat_batches(parts);
 
-    let bound = load_weights(&src, &g, a.weights.as_deref(), imported, true)?;
-    let (g, _) = cnnc::opt::optimize(&g, &cnnc::opt::Options { level: a.opt, ..Default::default() });
+    let bound = load_weights(&mut m, a.weights.as_deref(), true)?;
+    let (g, _) = cnnc::opt::optimize(&m.graph, &cnnc::opt::Options { level: a.opt, ..Default::default() });
     let y = Runner::new(&g, bound, x.batch(), &a.exec)?.run(&x)?;
     if let Some(path) = &a.output {
         write_atomic(path, |w| write_npy(w, &y))?;
@@ -362,65 +354,30 @@ fn run(a: &RunArgs) -> Result<()> {
     report(&g, &y, &labels, a.top as usize, a.json, a.weights.as_deref())
 }
 
-/// Opens and binds the weights (or Chainer's initializers, with a loud warning), printing diagnostics.
-fn load_weights(src: &Source, g: &Graph, weights: Option<&Path>, imported: Option<Weights>, warn: bool) -> Result<weights::Bound> {
-    let mut w = match (weights, imported) {
-        (Some(p), _) => Weights::open(p).map_err(|e| anyhow!(e))?,
-        (None, Some(w)) => w,
-        (None, None) => {
-            if warn && !g.params().is_empty() {
-                eprintln!("warning: no --weights given: parameters are initialised randomly (Chainer's LeCunNormal, fixed seed)");
-                eprintln!("warning: THE PREDICTIONS BELOW ARE MEANINGLESS; pass --weights FILE.npz for real ones");
-            }
-            Weights::init()
-        }
-    };
-    match weights::bind(g, &mut w) {
-        Ok(b) => {
-            src.emit(&b.notes);
-            Ok(b)
-        }
-        Err(diags) => {
-            src.emit(&diags);
-            Err(Reported.into())
-        }
+/// Binds the weights (or Chainer's initializers, with a loud warning), printing diagnostics.
+fn load_weights(m: &mut Loaded, weights: Option<&Path>, warn: bool) -> Result<weights::Bound> {
+    if warn && m.random_weights(weights) {
+        eprintln!("warning: no --weights given: parameters are initialised randomly (Chainer's LeCunNormal, fixed seed)");
+        eprintln!("warning: THE PREDICTIONS BELOW ARE MEANINGLESS; pass --weights FILE.npz for real ones");
     }
+    let bound = m.bind(weights).map_err(reported)?;
+    m.src.emit(&bound.notes);
+    Ok(bound)
 }
 
 /// Prints the top classes per sample (softmax probabilities unless the model already ends in softmax).
 fn report(g: &Graph, y: &Tensor, labels: &[String], top: usize, json: bool, weights: Option<&Path>) -> Result<()> {
-    let classes = y.shape()[1..].iter().product::<usize>();
-    // Outputs are already probabilities if the model ends in softmax (looking through dropout, an identity).
-    let mut last = g.output;
-    while let (Kind::Op(Op::Dropout { .. }), [arg]) = (&g.node(last).kind, g.args(last).as_slice()) {
-        last = *arg;
-    }
-    let ends_in_softmax = matches!(&g.node(last).kind, Kind::Op(Op::Softmax { .. }));
-    if y.shape().len() != 2 {
+    let Some(results) = cnnc::top::top(g, y, top) else {
         println!("output shape {:?} (not a vector of class scores; use --output to save it)", y.shape());
         return Ok(());
-    }
-    let names: Vec<&str> = if classes == 1000 { IMAGENET.lines().collect() } else { vec![] };
-    let mut results = Vec::new();
-    for (label, row) in labels.iter().zip(y.data().chunks(classes)) {
-        let probs: Vec<f64> = if ends_in_softmax {
-            row.iter().map(|&v| v as f64).collect()
-        } else {
-            let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-            let e: Vec<f64> = row.iter().map(|&v| (v as f64 - m).exp()).collect();
-            let s: f64 = e.iter().sum();
-            e.into_iter().map(|v| v / s).collect()
-        };
-        let mut idx: Vec<usize> = (0..classes).collect();
-        idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
-        idx.truncate(top);
-        results.push((label, idx.into_iter().map(|i| (i, names.get(i).copied(), probs[i], row[i])).collect::<Vec<_>>()));
-    }
+    };
     if json {
-        let items: Vec<_> = results
+        let items: Vec<_> = labels
             .iter()
+            .zip(&results)
             .map(|(label, top)| {
-                let top: Vec<_> = top.iter().map(|(i, n, p, l)| serde_json::json!({"class": i, "name": n, "probability": p, "logit": l})).collect();
+                let top: Vec<_> =
+                    top.iter().map(|c| serde_json::json!({"class": c.index, "name": c.name, "probability": c.probability, "logit": c.logit})).collect();
                 serde_json::json!({"input": label, "top": top})
             })
             .collect();
@@ -428,16 +385,14 @@ fn report(g: &Graph, y: &Tensor, labels: &[String], top: usize, json: bool, weig
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
     }
-    for (label, top) in results {
+    for (label, top) in labels.iter().zip(results) {
         println!("{label}");
-        for (rank, (i, name, p, logit)) in top.iter().enumerate() {
-            println!("  {:>2}. {:>4}  {:<28} {:>7.3}%  (logit {logit:.4})", rank + 1, i, name.unwrap_or("-"), p * 100.0);
+        for (rank, c) in top.iter().enumerate() {
+            println!("  {:>2}. {:>4}  {:<28} {:>7.3}%  (logit {:.4})", rank + 1, c.index, c.name.unwrap_or("-"), c.probability * 100.0, c.logit);
         }
     }
     Ok(())
 }
-
-const IMAGENET: &str = include_str!("../data/imagenet_classes.txt");
 
 fn write_npy(w: &mut dyn Write, y: &Tensor) -> Result<()> {
     use npyz::WriterBuilder;

@@ -957,3 +957,45 @@ fn a_truncated_jpeg_is_an_error() {
     let short = write(d.path(), "short.jpg", &whole[..whole.len() - 2]);
     fails(&["run", "--input", &short], 1, &["short.jpg", "truncated JPEG"]);
 }
+
+/// The README's main command: the trained digits model reads the example 7 as a 7, confidently.
+#[test]
+fn the_readme_main_command_reads_a_seven() {
+    let o = cnnc(&["run", "models/digits.model", "--weights", "models/digits.npz", "--input", "models/examples/digit-7.png"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let first = o.stdout.lines().nth(1).expect("a ranked line");
+    assert!(first.trim_start().starts_with("1.    7  -"), "{}", o.stdout);
+    let percent: f64 = first.split_whitespace().find(|w| w.ends_with('%')).unwrap().trim_end_matches('%').parse().unwrap();
+    assert!(percent > 99.0, "{}", o.stdout);
+}
+
+/// Every example digit, in one batch of ten greyscale PNGs through a one-channel model.
+#[test]
+fn every_example_digit_is_read() {
+    let inputs: Vec<String> = (0..10).map(|d| format!("models/examples/digit-{d}.png")).collect();
+    let mut args = vec!["run", "models/digits.model", "--weights", "models/digits.npz", "--top", "1", "--input"];
+    args.extend(inputs.iter().map(String::as_str));
+    let o = cnnc(&args);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let lines: Vec<&str> = o.stdout.lines().collect();
+    for (d, pair) in lines.chunks(2).enumerate() {
+        assert_eq!(pair[0], inputs[d]);
+        assert!(pair[1].trim_start().starts_with(&format!("1.    {d}  -")), "{}", o.stdout);
+    }
+}
+
+/// An image of exactly the model's input size is used as it is, unless `--resize` asks otherwise.
+#[test]
+fn an_image_of_the_input_size_is_not_resized_unless_asked() {
+    let dir = tmp();
+    let logits = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name).display().to_string();
+        let mut args = vec!["run", "models/digits.model", "--weights", "models/digits.npz", "--input", "models/examples/digit-3.png", "-o", &out];
+        args.extend(extra);
+        assert_eq!(cnnc(&args).code, 0);
+        read_npy(&out).1
+    };
+    let plain = logits("plain.npy", &[]);
+    assert_eq!(plain, logits("same.npy", &["--resize", "8"]));
+    assert_ne!(plain, logits("zoomed.npy", &["--resize", "12"]));
+}

@@ -160,6 +160,8 @@ impl SpinBarrier {
 struct Pool {
     shared: std::sync::Arc<Shared>,
     workers: Vec<std::thread::JoinHandle<()>>,
+    /// The process that started the workers: after a `fork`, they exist only in the parent.
+    pid: u32,
 }
 
 /// A job: called once per worker with its thread number (1..threads).
@@ -195,7 +197,7 @@ impl Pool {
                 std::thread::spawn(move || shared.work(thread))
             })
             .collect();
-        Pool { shared, workers }
+        Pool { shared, workers, pid: std::process::id() }
     }
 
     fn threads(&self) -> usize {
@@ -365,6 +367,11 @@ impl Executable {
         if threads == 1 {
             work(&mut times.lock().unwrap_or_else(|e| e.into_inner()));
         } else {
+            // A forked child inherits the pool but not its threads: joining them would hang, so it is
+            // forgotten (its memory is the parent's copy) and the child starts its own.
+            if let Some(stale) = pool.take_if(|p| p.pid != std::process::id()) {
+                std::mem::forget(stale);
+            }
             if pool.as_ref().is_none_or(|p| p.threads() != threads) {
                 *pool = None;
                 *pool = Some(Pool::new(threads));
