@@ -68,6 +68,8 @@ pub struct Options {
 pub enum BackendError {
     #[error("`--{flag} {value}` needs a compiled backend (jit or cuda): the reference interpreter {why}")]
     NeedsCompiled { flag: &'static str, value: String, why: &'static str },
+    #[error("at batch {batch} the model needs {:.1} GiB ({:.1} GiB of activations, {:.1} GiB of parameters), more than cnnc's limit of {:.1} GiB (80 % of this machine's memory): lower the batch size", crate::weights::gib(.arena + .params), crate::weights::gib(*.arena), crate::weights::gib(*.params), crate::weights::gib(*.limit))]
+    TooLarge { batch: usize, arena: u64, params: u64, limit: u64 },
     #[error(transparent)]
     Jit(#[from] crate::jit::JitError),
     #[error(transparent)]
@@ -132,6 +134,10 @@ impl Runner {
             return Ok(Runner { exe, threads: o.threads(), kernels: vec![], lower_time: t.elapsed(), codegen_time: Duration::ZERO });
         }
         let p = o.program(g, bound, batch);
+        let (arena, params) = (p.arena_len as u64 * 4, p.params.iter().map(|v| v.len() as u64 * 4).sum());
+        if let Some(limit) = crate::weights::memory_limit().filter(|&l| arena + params > l) {
+            return Err(BackendError::TooLarge { batch, arena, params, limit });
+        }
         let (lower_time, t, bytes) = (t.elapsed(), Instant::now(), p.param_bytes());
         let (exe, kernels) = if o.backend == Backend::Cuda {
             let exe = CudaExecutable::new(&p, crate::ptx::DEFAULT_SM)?;

@@ -27,13 +27,14 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
     let [input] = g.inputs[..] else { anyhow::bail!("`cnnc bench` times models with exactly one input; `{}` has {}", m.src.name, g.inputs.len()) };
     let t1 = Instant::now();
     let bound = load_weights(&mut m, a.weights.as_deref(), false)?;
-    let shape = [vec![batch], g.node(input).shape.clone()].concat();
-    let x = Tensor::new(shape.clone(), rng::normal("input", shape.iter().product()).map(|v| v as f32).collect()).expect("sized");
     // With reduced-precision weights: the output's change against f32 weights, relative to max |y|.
     let f32_weights = cnnc::backend::Options { weights_dtype: WeightsDtype::F32, ..*exec };
     let reference = (exec.weights_dtype != WeightsDtype::F32).then(|| bound.clone());
     let bind = t1.elapsed();
     let runner = Runner::new(&g, bound, batch, exec)?;
+    // Made after the runner, which refuses a batch too large for memory before anything that size exists.
+    let shape = [vec![batch], g.node(input).shape.clone()].concat();
+    let x = Tensor::new(shape.clone(), rng::normal("input", shape.iter().product()).map(|v| v as f32).collect()).expect("sized");
     let (load, codegen, threads) = (bind + runner.lower_time, runner.codegen_time, runner.threads());
     let accuracy = match reference {
         Some(bound) => {

@@ -50,11 +50,14 @@ pub enum InputError {
     NonFinite { path: String },
     #[error("input `{path}`: the preprocessing (--mean {mean:?}, --scale {scale:e}) takes its pixels past the float range")]
     Overflow { path: String, mean: [f32; 3], scale: f32 },
+    #[error("input `{path}` is a {w}x{h} image ({} Mpixel); cnnc decodes images of at most {} Mpixel: shrink it first", (*.w as u64 * *.h as u64) >> 20, MAX_RESIZED_PIXELS >> 20)]
+    TooLarge { path: String, w: u32, h: u32 },
     #[error("input `{path}`: a {w}x{h} image would be resized to {nw}x{nh} (shorter side {resize}); crop it closer to the model's aspect ratio first")]
     TooElongated { path: String, w: u32, h: u32, nw: u64, nh: u64, resize: u32 },
 }
 
-/// Largest resized image (64 Mpixel, 192 MiB of RGB): far beyond any sensible crop of a CNN input.
+/// Largest image decoded, and largest resized image (64 Mpixel, 192 MiB of RGB): far beyond any
+/// sensible crop of a CNN input.
 const MAX_RESIZED_PIXELS: u64 = 1 << 26;
 
 /// Loads one input file as a batch for a model whose input has per-sample shape `dims`.
@@ -92,6 +95,13 @@ fn image(p: &str, bytes: &[u8], dims: &[usize], pre: &Preprocess) -> Result<Tens
     };
     if bytes.starts_with(&[0xFF, 0xD8]) && !jpeg_complete(bytes) {
         return Err(InputError::Truncated { path: p.into() });
+    }
+    // The header's size, before decoding: the decoder would only say "Memory limit exceeded".
+    let reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| InputError::Decode { path: p.into(), reason: e.to_string() })?;
+    if let Ok((w, h)) = reader.into_dimensions() {
+        if w as u64 * h as u64 > MAX_RESIZED_PIXELS {
+            return Err(InputError::TooLarge { path: p.into(), w, h });
+        }
     }
     let decoded = image::load_from_memory(bytes).map_err(|e| InputError::Decode { path: p.into(), reason: e.to_string() })?;
     let img = if channels == 1 { image::DynamicImage::ImageLuma8(decoded.to_luma8()) } else { image::DynamicImage::ImageRgb8(decoded.to_rgb8()) };

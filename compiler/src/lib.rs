@@ -34,12 +34,27 @@ pub const ALEXBN: &str = include_str!("../../models/alexbn.model");
 /// the model language and in scope in every model.
 pub const PRELUDE: &str = include_str!("prelude.model");
 
+/// Most diagnostics one compilation reports. A file of garbage would otherwise report (and render) one
+/// per token; the rest are counted in a last note.
+pub const MAX_DIAGNOSTICS: usize = 100;
+
+fn capped(mut diags: Vec<Diagnostic>) -> Vec<Diagnostic> {
+    if diags.len() > MAX_DIAGNOSTICS {
+        // Errors first (stable: each kind keeps its order), so the summary's count is never zero.
+        diags.sort_by_key(|d| !d.is_error());
+        let rest = diags.len() - MAX_DIAGNOSTICS;
+        diags.truncate(MAX_DIAGNOSTICS);
+        diags.push(Diagnostic::note_level(format!("{rest} more diagnostic{} not shown: cnnc reports the first {MAX_DIAGNOSTICS}", if rest == 1 { "" } else { "s" })));
+    }
+    diags
+}
+
 /// Parses and builds a model. On success, returns the graph and any warnings.
 pub fn compile(src: &Source) -> Result<(ir::Graph, Vec<Diagnostic>), Failed> {
-    let to_diags = |errs: Vec<syntax::SyntaxError>| Failed(errs.iter().map(|e| e.diagnostic()).collect());
+    let to_diags = |errs: Vec<syntax::SyntaxError>| Failed(capped(errs.iter().map(|e| e.diagnostic()).collect()));
     let file = syntax::parse(&src.text, FileId::MODEL).map_err(to_diags)?;
     let prelude = syntax::parse(PRELUDE, FileId::PRELUDE).map_err(to_diags)?;
-    ir::build(&[&file, &prelude]).map_err(Failed)
+    ir::build(&[&file, &prelude]).map(|(g, warnings)| (g, capped(warnings))).map_err(|Failed(d)| Failed(capped(d)))
 }
 
 /// Where a model comes from.

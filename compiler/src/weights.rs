@@ -141,7 +141,11 @@ pub fn read_npy<R: std::io::Read>(npy: npyz::NpyFile<R>) -> Result<Array, NpyErr
     };
     // Decoded in bulk: element-by-element reads through a zip entry spent seconds on 60 M parameters.
     let n: usize = shape.iter().product();
-    let mut raw = Vec::with_capacity(n * width);
+    if let Some(limit) = memory_limit().filter(|&m| n.saturating_mul(4) as u64 > m) {
+        return Err(NpyError::Bad(format!("shape {shape:?} needs {:.1} GiB as float32, more than cnnc's limit of {:.1} GiB (80 % of this machine's memory)", gib(n as u64 * 4), gib(limit))));
+    }
+    // Grown as the bytes arrive, not sized from the header: a header may declare far more than the file holds.
+    let mut raw = Vec::with_capacity((n * width).min(1 << 26));
     npy.into_inner().take((n * width) as u64).read_to_end(&mut raw).map_err(|e| NpyError::Bad(e.to_string()))?;
     if raw.len() < n * width {
         return Err(NpyError::Bad(format!("truncated: {n} values need {} bytes of data, found {}", n * width, raw.len())));
@@ -164,6 +168,19 @@ pub fn read_npy<R: std::io::Read>(npy: npyz::NpyFile<R>) -> Result<Array, NpyErr
     let stored: Vec<usize> = shape.iter().rev().copied().collect();
     let axes: Vec<usize> = (0..shape.len()).rev().collect();
     Ok((shape, cnnc_runtime::reference::transposed(&stored, &axes).map(|i| data[i]).collect()))
+}
+
+/// The most any one array, or a compiled model's arena and parameters together, may take: 80 % of
+/// physical memory, leaving the rest to the system (`None` where it cannot be read). Past it, a
+/// model would swap for minutes or be killed instead of failing with a message.
+pub fn memory_limit() -> Option<u64> {
+    // SAFETY: sysconf has no preconditions.
+    let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    (pages > 0 && size > 0).then(|| pages as u64 * size as u64 / 5 * 4)
+}
+
+pub fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
 }
 
 /// Chainer's default initialisation of one parameter, deterministic per key: W ~ LeCunNormal
@@ -216,7 +233,16 @@ pub fn bind(graph: &Graph, w: &mut Weights) -> Result<Bound, Vec<Diagnostic>> {
             continue;
         }
         match w.read(&key) {
-            Ok((shape, data)) if shape == spec.shape => params.push((spec, Tensor::new(shape, data).expect("npy shape matches data"))),
+            Ok((shape, data)) if shape == spec.shape => match impossible(&key, &data) {
+                Some(why) => {
+                    let d = Diagnostic::error(format!("parameter `{key}` in `{}` {why}", w.path));
+                    errors.push(match spec.decl {
+                        Some(decl) => d.label(decl, "the link that reads it").note("the file is damaged, or the training that wrote it diverged"),
+                        None => d.note("the file is damaged, or the training that wrote it diverged"),
+                    });
+                }
+                None => params.push((spec, Tensor::new(shape, data).expect("npy shape matches data"))),
+            },
             Ok((shape, _)) => {
                 let mut d = Diagnostic::error(format!("parameter `{key}` has shape {shape:?} in `{}`, but the model needs {:?}", w.path, spec.shape));
                 if let Some(decl) = spec.decl {
@@ -251,6 +277,17 @@ pub fn bind(graph: &Graph, w: &mut Weights) -> Result<Bound, Vec<Diagnostic>> {
         )));
     }
     Ok(Bound { params, notes })
+}
+
+/// Why the values of parameter `key` cannot be right, if they cannot: NaN or infinite values (every
+/// output they reach would be NaN), or a BatchNormalization variance below zero (its square root is NaN).
+fn impossible(key: &str, data: &[f32]) -> Option<String> {
+    if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+        let n = data.iter().filter(|v| !v.is_finite()).count();
+        return Some(format!("holds {n} non-finite value{} ({} at index {i})", if n == 1 { "" } else { "s" }, data[i]));
+    }
+    let i = data.iter().position(|&v| v < 0.0).filter(|_| key.ends_with("/avg_var"))?;
+    Some(format!("is a variance but holds a negative value ({} at index {i})", data[i]))
 }
 
 /// A prefix such as `predictor/` (a Chainer `Classifier`) under which the file stores every key, if the

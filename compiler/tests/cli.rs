@@ -999,3 +999,110 @@ fn an_image_of_the_input_size_is_not_resized_unless_asked() {
     assert_eq!(plain, logits("same.npy", &["--resize", "8"]));
     assert_ne!(plain, logits("zoomed.npy", &["--resize", "12"]));
 }
+
+// ---- hostile input (issue 20): each failure found by trying, pinned ----
+
+/// A megabyte of NUL bytes is one error, not a million (which took over a minute to report).
+#[test]
+fn a_file_of_nul_bytes_is_one_error() {
+    let d = tmp();
+    let model = write(d.path(), "nul.model", &vec![0u8; 1 << 20]);
+    let o = fails(&["compile", &model], 1, &["unexpected characters `\\0` and 1048575 more", "(1 error)"]);
+    assert_eq!(o.stderr.matches("error:").count(), 2, "{}", o.stderr);
+}
+
+/// A model with thousands of errors reports the first hundred and counts the rest.
+#[test]
+fn thousands_of_errors_are_capped() {
+    let d = tmp();
+    let body: String = (0..5000).map(|i| format!("    h{i} = F.relu(missing{i})\n")).collect();
+    let model = write(d.path(), "many.model", format!("model M {{\n  forward(x: [3, 8, 8]) {{\n{body}    return x\n  }}\n}}\n").as_bytes());
+    let o = fails(&["compile", &model], 1, &["more diagnostics not shown: cnnc reports the first 100"]);
+    assert!(o.stderr.matches("error: unknown name").count() <= 100, "{}", o.stderr);
+}
+
+/// Python pasted from a Chainer model gets how the model language writes it.
+#[test]
+fn chainer_habits_are_answered_in_the_model_language() {
+    let d = tmp();
+    let class = write(d.path(), "class.model", b"import chainer\nclass M(chainer.Chain):\n    def forward(self, x):\n        return x\n");
+    fails(&["compile", &class], 1, &["an import is Python", "a class is Python", "`model Name { ", "docs/dsl.md"]);
+    let def = write(d.path(), "def.model", b"model M {\n  self.conv1 = L.Convolution2D(3, 8, 3)\n  def forward(self, x):\n    return x\n}\n");
+    fails(&["compile", &def], 1, &["`self.NAME = ` is Python", "without `self.`", "`def` is Python", "forward(x: [C, H, W])"]);
+    let comma = write(d.path(), "comma.model", b"model M {\n  conv1 = L.Convolution2D(3, 8 3)\n  forward(x: [3, 8, 8]) { return self.conv1(x) }\n}\n");
+    fails(&["compile", &comma], 1, &["expected `)`, found `3`", "missing comma?"]);
+}
+
+/// An input `.npy` whose header declares a huge shape fails on the bytes present, before allocating.
+#[test]
+fn a_huge_declared_shape_is_refused_before_allocating() {
+    let d = tmp();
+    let header = "{'descr': '<f4', 'fortran_order': False, 'shape': (17179869183,), }";
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    let padded = format!("{header:<118}\n");
+    bytes.extend((padded.len() as u16).to_le_bytes());
+    bytes.extend(padded.as_bytes());
+    bytes.extend([0u8; 64]);
+    let input = write(d.path(), "huge.npy", &bytes);
+    let o = fails(&["run", &fixture(SMALL), "--input", &input], 1, &["huge.npy"]);
+    assert!(o.stderr.contains("limit") || o.stderr.contains("truncated"), "{}", o.stderr);
+}
+
+/// An image far too large to decode is named with its size, not "Memory limit exceeded".
+#[test]
+fn a_gigapixel_image_is_refused_by_its_header() {
+    let d = tmp();
+    // A PNG signature and an IHDR chunk for 40000 × 40000 greyscale; no pixel data follows.
+    let ihdr: Vec<u8> = [&b"IHDR"[..], &40000u32.to_be_bytes(), &40000u32.to_be_bytes(), &[8, 0, 0, 0, 0]].concat();
+    let crc = crc32(&ihdr);
+    let png = [&b"\x89PNG\r\n\x1a\n"[..], &13u32.to_be_bytes(), &ihdr, &crc.to_be_bytes()].concat();
+    let input = write(d.path(), "giant.png", &png);
+    fails(&["run", "--input", &input], 1, &["giant.png", "40000x40000", "at most 64 Mpixel"]);
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in bytes {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+        }
+    }
+    !c
+}
+
+/// NaN, infinite and impossible (negative variance) parameters are errors naming the key.
+#[test]
+fn impossible_weights_are_named() {
+    let d = tmp();
+    let model = write(d.path(), "m.model", b"model M {\n  conv1 = L.Convolution2D(1, 2, 1, nobias=True)\n  bn1 = L.BatchNormalization(2)\n  forward(x: [1, 2, 2]) { return self.bn1(self.conv1(x)) }\n}\n");
+    let input = npy(d.path(), "x.npy", &[1, 1, 2, 2], &[1.0; 4]);
+    let weights = |name: &str, w: [f32; 2], var: [f32; 2]| {
+        let ones = [1.0f32; 2];
+        let zeros = [0.0f32; 2];
+        let arrays: [(&str, &[u64], &[f32], npyz::Order); 5] = [
+            ("conv1/W", &[2, 1, 1, 1], &w, npyz::Order::C),
+            ("bn1/gamma", &[2], &ones, npyz::Order::C),
+            ("bn1/beta", &[2], &zeros, npyz::Order::C),
+            ("bn1/avg_mean", &[2], &zeros, npyz::Order::C),
+            ("bn1/avg_var", &[2], &var, npyz::Order::C),
+        ];
+        npz(&d.path().join(name), &arrays)
+    };
+    let ok = weights("ok.npz", [1.0, 2.0], [1.0, 1.0]);
+    assert_eq!(cnnc(&["run", &model, "--weights", &ok, "--input", &input]).code, 0);
+    let nan = weights("nan.npz", [f32::NAN, 2.0], [1.0, 1.0]);
+    fails(&["run", &model, "--weights", &nan, "--input", &input], 1, &["parameter `conv1/W`", "1 non-finite value (NaN at index 0)"]);
+    let inf = weights("inf.npz", [1.0, f32::INFINITY], [1.0, 1.0]);
+    fails(&["run", &model, "--weights", &inf, "--input", &input], 1, &["parameter `conv1/W`", "(inf at index 1)"]);
+    let var = weights("var.npz", [1.0, 2.0], [1.0, -0.5]);
+    fails(&["run", &model, "--weights", &var, "--input", &input], 1, &["parameter `bn1/avg_var`", "negative value (-0.5 at index 1)"]);
+}
+
+/// A batch whose arena cannot fit in memory is refused before anything is allocated.
+#[test]
+fn a_batch_too_large_for_memory_is_refused() {
+    let d = tmp();
+    let model = write(d.path(), "wide.model", b"model W {\n  conv = L.Convolution2D(3, 512, 3, pad=1)\n  forward(x: [3, 512, 512]) { return F.relu(self.conv(x)) }\n}\n");
+    fails(&["bench", &model, "--batch", "4096", "--runs", "1"], 1, &["at batch 4096 the model needs", "GiB", "lower the batch size"]);
+}

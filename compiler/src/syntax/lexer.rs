@@ -120,7 +120,13 @@ pub fn lex(src: &str, file: FileId) -> (Vec<Token>, Vec<SyntaxError>) {
                 }
                 None => {
                     i += c.len_utf8();
-                    errs.push(SyntaxError::UnexpectedChar { ch: c, span: span(i) });
+                    match errs.last_mut() {
+                        Some(SyntaxError::UnexpectedChar { count, span: s, .. }) if s.end == start => {
+                            *count += 1;
+                            s.end = i;
+                        }
+                        _ => errs.push(SyntaxError::UnexpectedChar { ch: c, count: 1, span: span(i) }),
+                    }
                 }
             },
         }

@@ -25,8 +25,10 @@ pub const MAX_TREE: usize = 512;
 
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum SyntaxError {
-    #[error("unexpected character `{ch}`")]
-    UnexpectedChar { ch: char, span: Span },
+    /// A run of `count` characters the language has no use for, starting with `ch` (a file of NUL
+    /// bytes is one error, not a million).
+    #[error("unexpected character{} `{}`{}", if *.count > 1 { "s" } else { "" }, .ch.escape_debug(), if *.count > 1 { format!(" and {} more", .count - 1) } else { String::new() })]
+    UnexpectedChar { ch: char, count: usize, span: Span },
     #[error("unterminated string literal")]
     UnterminatedString { span: Span },
     #[error("invalid number `{text}`: {reason}")]
@@ -35,6 +37,9 @@ pub enum SyntaxError {
     Expected { expected: String, found: String, span: Span },
     #[error("unmatched `{close}`")]
     Unmatched { close: char, span: Span },
+    /// Python that Chainer users paste (`class M(chainer.Chain):`, `def forward(self, x):`, …).
+    #[error("{what} is Python, not the model language")]
+    Python { what: &'static str, hint: &'static str, span: Span },
     #[error("expression nested more than {MAX_DEPTH} levels deep")]
     TooDeep { span: Span },
     #[error("expression more than {MAX_TREE} operations deep")]
@@ -49,6 +54,7 @@ impl SyntaxError {
             | SyntaxError::BadNumber { span, .. }
             | SyntaxError::Expected { span, .. }
             | SyntaxError::Unmatched { span, .. }
+            | SyntaxError::Python { span, .. }
             | SyntaxError::TooDeep { span }
             | SyntaxError::TooLong { span } => *span,
         }
@@ -60,7 +66,13 @@ impl SyntaxError {
             SyntaxError::UnexpectedChar { span, .. } => d.label(*span, "not part of the model language"),
             SyntaxError::UnterminatedString { span } => d.label(*span, "string starts here").note("strings end with the same quote on the same line"),
             SyntaxError::BadNumber { span, .. } => d.label(*span, "here"),
-            SyntaxError::Expected { span, expected, .. } => d.label(*span, format!("expected {expected}")),
+            SyntaxError::Expected { span, expected, found } => {
+                let d = d.label(*span, format!("expected {expected}"));
+                // An argument or element where a closing bracket was expected: two of them side by side.
+                let operand = found.starts_with("string ") || found.strip_prefix('`').and_then(|f| f.chars().next()).is_some_and(|c| c.is_alphanumeric() || c == '_');
+                if operand && (expected.contains("`)`") || expected.contains("`]`")) { d.note("missing comma?") } else { d }
+            }
+            SyntaxError::Python { span, hint, .. } => d.label(*span, "written as in Chainer's Python").note(*hint).note("the model language: docs/dsl.md"),
             SyntaxError::Unmatched { span, .. } => d.label(*span, "no matching opening bracket"),
             SyntaxError::TooDeep { span } | SyntaxError::TooLong { span } => d.label(*span, "this expression").note("split it into several statements"),
         }

@@ -6,10 +6,12 @@ use crate::diag::{FileId, Span};
 /// Parses one source file. Spans are tagged with `file`.
 pub fn parse(src: &str, file: FileId) -> Result<File, Vec<SyntaxError>> {
     let (toks, mut errs) = lex(src, file);
+    errs.extend(python_habits(&toks));
     let mut p = Parser { toks, pos: 0, errs: Vec::new(), depth: 0 };
     let parsed = p.file();
     // A line the lexer already rejected would only add follow-on parse errors.
-    let line_of = |e: &SyntaxError| src[..e.span().start.min(src.len())].matches('\n').count();
+    let line_starts: Vec<usize> = src.match_indices('\n').map(|(i, _)| i).collect();
+    let line_of = |e: &SyntaxError| line_starts.partition_point(|&nl| nl < e.span().start);
     let bad_lines: std::collections::HashSet<usize> = errs.iter().map(line_of).collect();
     errs.extend(p.errs.into_iter().filter(|e| !bad_lines.contains(&line_of(e))));
     if errs.is_empty() {
@@ -18,6 +20,36 @@ pub fn parse(src: &str, file: FileId) -> Result<File, Vec<SyntaxError>> {
         errs.sort_by_key(|e| e.span().start);
         Err(errs)
     }
+}
+
+/// Lines written as Chainer's Python rather than the model language, one error each with how the model
+/// language says it. The parser's own errors on those lines are dropped (see [`parse`]).
+fn python_habits(toks: &[Token]) -> Vec<SyntaxError> {
+    const HABITS: [(&[&str], &str, &str); 6] = [
+        (&["class", "*"], "a class", "a model is written `model Name { … }`: its links first (`conv1 = L.Convolution2D(3, 96, 11, stride=4)`), then `forward(x: [3, 227, 227]) { … }`"),
+        (&["def", "*"], "`def`", "write `forward(x: [C, H, W]) { … }`: braces instead of a colon and indentation, no `self`, and the input's shape declared"),
+        (&["import"], "an import", "models need no imports: the `L.` links and `F.` functions are built in"),
+        (&["from"], "an import", "models need no imports: the `L.` links and `F.` functions are built in"),
+        (&["self", ".", "*", "="], "`self.NAME = …`", "declare links at the top of the model without `self.`: `conv1 = L.Convolution2D(…)`; `forward` uses them as `self.conv1(x)`"),
+        (&["with", "self"], "`with self.init_scope():`", "not needed: the links declared at the top of a model are its parameters"),
+    ];
+    let text = |t: &Token| match &t.tok {
+        Tok::Ident(s) => Some(s.as_str()),
+        Tok::Punct(p) => Some(*p),
+        _ => None,
+    };
+    let mut found = vec![];
+    for (i, t) in toks.iter().enumerate() {
+        let line_start = i == 0 || matches!(toks[i - 1].tok, Tok::Newline | Tok::Punct("{"));
+        if !line_start {
+            continue;
+        }
+        let matches = |pattern: &[&str]| pattern.iter().enumerate().all(|(k, want)| toks.get(i + k).and_then(text).is_some_and(|got| *want == "*" && matches!(toks[i + k].tok, Tok::Ident(_)) || got == *want));
+        if let Some((_, what, hint)) = HABITS.iter().find(|(pattern, ..)| matches(pattern)) {
+            found.push(SyntaxError::Python { what, hint, span: t.span });
+        }
+    }
+    found
 }
 
 struct Parser {
