@@ -97,7 +97,8 @@ fn image(p: &str, bytes: &[u8], dims: &[usize], pre: &Preprocess) -> Result<Tens
         return Err(InputError::Truncated { path: p.into() });
     }
     // The header's size, before decoding: the decoder would only say "Memory limit exceeded".
-    let reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| InputError::Decode { path: p.into(), reason: e.to_string() })?;
+    let reader =
+        image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| InputError::Decode { path: p.into(), reason: e.to_string() })?;
     if let Ok((w, h)) = reader.into_dimensions() {
         if w as u64 * h as u64 > MAX_RESIZED_PIXELS {
             return Err(InputError::TooLarge { path: p.into(), w, h });

@@ -44,7 +44,10 @@ fn capped(mut diags: Vec<Diagnostic>) -> Vec<Diagnostic> {
         diags.sort_by_key(|d| !d.is_error());
         let rest = diags.len() - MAX_DIAGNOSTICS;
         diags.truncate(MAX_DIAGNOSTICS);
-        diags.push(Diagnostic::note_level(format!("{rest} more diagnostic{} not shown: cnnc reports the first {MAX_DIAGNOSTICS}", if rest == 1 { "" } else { "s" })));
+        diags.push(Diagnostic::note_level(format!(
+            "{rest} more diagnostic{} not shown: cnnc reports the first {MAX_DIAGNOSTICS}",
+            if rest == 1 { "" } else { "s" }
+        )));
     }
     diags
 }
@@ -54,7 +57,7 @@ pub fn compile(src: &Source) -> Result<(ir::Graph, Vec<Diagnostic>), Failed> {
     let to_diags = |errs: Vec<syntax::SyntaxError>| Failed(capped(errs.iter().map(|e| e.diagnostic()).collect()));
     let file = syntax::parse(&src.text, FileId::MODEL).map_err(to_diags)?;
     let prelude = syntax::parse(PRELUDE, FileId::PRELUDE).map_err(to_diags)?;
-    ir::build(&[&file, &prelude]).map(|(g, warnings)| (g, capped(warnings))).map_err(|Failed(d)| Failed(capped(d)))
+    ir::build(&[&file, &prelude]).map(|(g, warnings)| (g, capped(warnings))).map_err(|d| Failed(capped(d)))
 }
 
 /// Where a model comes from.

@@ -142,7 +142,11 @@ pub fn read_npy<R: std::io::Read>(npy: npyz::NpyFile<R>) -> Result<Array, NpyErr
     // Decoded in bulk: element-by-element reads through a zip entry spent seconds on 60 M parameters.
     let n: usize = shape.iter().product();
     if let Some(limit) = memory_limit().filter(|&m| n.saturating_mul(4) as u64 > m) {
-        return Err(NpyError::Bad(format!("shape {shape:?} needs {:.1} GiB as float32, more than cnnc's limit of {:.1} GiB (80 % of this machine's memory)", gib(n as u64 * 4), gib(limit))));
+        return Err(NpyError::Bad(format!(
+            "shape {shape:?} needs {:.1} GiB as float32, more than cnnc's limit of {:.1} GiB (80 % of this machine's memory)",
+            gib(n as u64 * 4),
+            gib(limit)
+        )));
     }
     // Grown as the bytes arrive, not sized from the header: a header may declare far more than the file holds.
     let mut raw = Vec::with_capacity((n * width).min(1 << 26));

@@ -69,8 +69,13 @@ impl SyntaxError {
             SyntaxError::Expected { span, expected, found } => {
                 let d = d.label(*span, format!("expected {expected}"));
                 // An argument or element where a closing bracket was expected: two of them side by side.
-                let operand = found.starts_with("string ") || found.strip_prefix('`').and_then(|f| f.chars().next()).is_some_and(|c| c.is_alphanumeric() || c == '_');
-                if operand && (expected.contains("`)`") || expected.contains("`]`")) { d.note("missing comma?") } else { d }
+                let operand =
+                    found.starts_with("string ") || found.strip_prefix('`').and_then(|f| f.chars().next()).is_some_and(|c| c.is_alphanumeric() || c == '_');
+                if operand && (expected.contains("`)`") || expected.contains("`]`")) {
+                    d.note("missing comma?")
+                } else {
+                    d
+                }
             }
             SyntaxError::Python { span, hint, .. } => d.label(*span, "written as in Chainer's Python").note(*hint).note("the model language: docs/dsl.md"),
             SyntaxError::Unmatched { span, .. } => d.label(*span, "no matching opening bracket"),

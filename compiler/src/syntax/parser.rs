@@ -9,10 +9,18 @@ pub fn parse(src: &str, file: FileId) -> Result<File, Vec<SyntaxError>> {
     errs.extend(python_habits(&toks));
     let mut p = Parser { toks, pos: 0, errs: Vec::new(), depth: 0 };
     let parsed = p.file();
-    // A line the lexer already rejected would only add follow-on parse errors.
+    // A line the lexer already rejected would only add follow-on parse errors; so would the indented
+    // block under a line of Python (a `def`'s body).
     let line_starts: Vec<usize> = src.match_indices('\n').map(|(i, _)| i).collect();
     let line_of = |e: &SyntaxError| line_starts.partition_point(|&nl| nl < e.span().start);
-    let bad_lines: std::collections::HashSet<usize> = errs.iter().map(line_of).collect();
+    let mut bad_lines: std::collections::HashSet<usize> = errs.iter().map(line_of).collect();
+    let lines: Vec<&str> = src.split('\n').collect();
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    for e in errs.iter().filter(|e| matches!(e, SyntaxError::Python { .. })) {
+        let first = line_of(e);
+        let base = lines.get(first).map_or(0, |l| indent(l));
+        bad_lines.extend((first + 1..lines.len()).take_while(|&k| lines[k].trim().is_empty() || indent(lines[k]) > base));
+    }
     errs.extend(p.errs.into_iter().filter(|e| !bad_lines.contains(&line_of(e))));
     if errs.is_empty() {
         Ok(parsed)
@@ -26,25 +34,40 @@ pub fn parse(src: &str, file: FileId) -> Result<File, Vec<SyntaxError>> {
 /// language says it. The parser's own errors on those lines are dropped (see [`parse`]).
 fn python_habits(toks: &[Token]) -> Vec<SyntaxError> {
     const HABITS: [(&[&str], &str, &str); 6] = [
-        (&["class", "*"], "a class", "a model is written `model Name { … }`: its links first (`conv1 = L.Convolution2D(3, 96, 11, stride=4)`), then `forward(x: [3, 227, 227]) { … }`"),
+        (
+            &["class", "*"],
+            "a class",
+            "a model is written `model Name { … }`: its links first (`conv1 = L.Convolution2D(3, 96, 11, stride=4)`), then `forward(x: [3, 227, 227]) { … }`",
+        ),
         (&["def", "*"], "`def`", "write `forward(x: [C, H, W]) { … }`: braces instead of a colon and indentation, no `self`, and the input's shape declared"),
         (&["import"], "an import", "models need no imports: the `L.` links and `F.` functions are built in"),
         (&["from"], "an import", "models need no imports: the `L.` links and `F.` functions are built in"),
-        (&["self", ".", "*", "="], "`self.NAME = …`", "declare links at the top of the model without `self.`: `conv1 = L.Convolution2D(…)`; `forward` uses them as `self.conv1(x)`"),
+        (
+            &["self", ".", "*", "="],
+            "`self.NAME = …`",
+            "declare links at the top of the model without `self.`: `conv1 = L.Convolution2D(…)`; `forward` uses them as `self.conv1(x)`",
+        ),
         (&["with", "self"], "`with self.init_scope():`", "not needed: the links declared at the top of a model are its parameters"),
     ];
-    let text = |t: &Token| match &t.tok {
-        Tok::Ident(s) => Some(s.as_str()),
-        Tok::Punct(p) => Some(*p),
-        _ => None,
-    };
+    fn text(t: &Token) -> Option<&str> {
+        match &t.tok {
+            Tok::Ident(s) => Some(s.as_str()),
+            Tok::Punct(p) => Some(*p),
+            _ => None,
+        }
+    }
     let mut found = vec![];
     for (i, t) in toks.iter().enumerate() {
         let line_start = i == 0 || matches!(toks[i - 1].tok, Tok::Newline | Tok::Punct("{"));
         if !line_start {
             continue;
         }
-        let matches = |pattern: &[&str]| pattern.iter().enumerate().all(|(k, want)| toks.get(i + k).and_then(text).is_some_and(|got| *want == "*" && matches!(toks[i + k].tok, Tok::Ident(_)) || got == *want));
+        let matches = |pattern: &[&str]| {
+            pattern
+                .iter()
+                .enumerate()
+                .all(|(k, want)| toks.get(i + k).and_then(text).is_some_and(|got| *want == "*" && matches!(toks[i + k].tok, Tok::Ident(_)) || got == *want))
+        };
         if let Some((_, what, hint)) = HABITS.iter().find(|(pattern, ..)| matches(pattern)) {
             found.push(SyntaxError::Python { what, hint, span: t.span });
         }
