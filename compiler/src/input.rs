@@ -7,7 +7,7 @@
 //! and alpha is dropped; a one-channel model takes the luma, minus the mean of the three channel means. A
 //! `.npy` is a raw float tensor (N,C,H,W) or (C,H,W), used as is.
 
-use crate::weights::{read_npy, NpyError};
+use crate::weights::{check_npy_header, read_npy, NpyError};
 use cnnc_runtime::op::Batched;
 use cnnc_runtime::Tensor;
 use image::GenericImageView;
@@ -64,8 +64,13 @@ const MAX_RESIZED_PIXELS: u64 = 1 << 26;
 pub fn load(path: &Path, dims: &[usize], pre: &Preprocess) -> Result<Tensor, InputError> {
     let p = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|source| InputError::Io { path: p.clone(), source })?;
+    from_bytes(p, &bytes, dims, pre)
+}
+
+/// One input file's `bytes` (an image or a `.npy`), named `p` in messages, as [`load`] reads it.
+pub fn from_bytes(p: String, bytes: &[u8], dims: &[usize], pre: &Preprocess) -> Result<Tensor, InputError> {
     let is_npy = bytes.starts_with(b"\x93NUMPY");
-    let t = if is_npy { npy(&p, &bytes, dims)? } else { image(&p, &bytes, dims, pre)? };
+    let t = if is_npy { npy(&p, bytes, dims)? } else { image(&p, bytes, dims, pre)? };
     if t.data().iter().any(|v| !v.is_finite()) {
         // An image's pixels are finite: only --mean and --scale can have made them infinite.
         return Err(if is_npy { InputError::NonFinite { path: p } } else { InputError::Overflow { path: p, mean: pre.mean, scale: pre.scale } });
@@ -74,6 +79,9 @@ pub fn load(path: &Path, dims: &[usize], pre: &Preprocess) -> Result<Tensor, Inp
 }
 
 fn npy(p: &str, bytes: &[u8], dims: &[usize]) -> Result<Tensor, InputError> {
+    check_npy_header(bytes).map_err(|e| match e {
+        NpyError::Bad(reason) | NpyError::Dtype(reason) => InputError::Decode { path: p.into(), reason },
+    })?;
     let f = npyz::NpyFile::new(bytes).map_err(|e| InputError::Decode { path: p.into(), reason: e.to_string() })?;
     let (shape, data) = read_npy(f).map_err(|e| match e {
         NpyError::Dtype(dtype) => InputError::Dtype { path: p.into(), dtype },

@@ -57,7 +57,34 @@ pub fn compile(src: &Source) -> Result<(ir::Graph, Vec<Diagnostic>), Failed> {
     let to_diags = |errs: Vec<syntax::SyntaxError>| Failed(capped(errs.iter().map(|e| e.diagnostic()).collect()));
     let file = syntax::parse(&src.text, FileId::MODEL).map_err(to_diags)?;
     let prelude = syntax::parse(PRELUDE, FileId::PRELUDE).map_err(to_diags)?;
-    ir::build(&[&file, &prelude]).map(|(g, warnings)| (g, capped(warnings))).map_err(|d| Failed(capped(d)))
+    let (g, warnings) = ir::build(&[&file, &prelude]).map_err(|d| Failed(capped(d)))?;
+    match too_many_parameters(&g) {
+        Some(d) => Err(Failed(vec![d])),
+        None => Ok((g, capped(warnings))),
+    }
+}
+
+/// A model whose parameters alone would not fit in memory (a `Linear` of 2^40 weights): refused here,
+/// before any stage allocates them.
+fn too_many_parameters(g: &ir::Graph) -> Option<Diagnostic> {
+    let limit = weights::memory_limit()?;
+    let params = g.params();
+    let bytes = |p: &ir::ParamSpec| p.shape.iter().try_fold(4u64, |a, &d| a.checked_mul(d as u64)).unwrap_or(u64::MAX);
+    let total = params.iter().fold(0u64, |a, p| a.saturating_add(bytes(p)));
+    if total <= limit {
+        return None;
+    }
+    let largest = params.iter().max_by_key(|p| bytes(p))?;
+    let d = Diagnostic::error(format!(
+        "the model's parameters need {:.1} GiB, more than cnnc's limit of {:.1} GiB (80 % of this machine's memory)",
+        weights::gib(total),
+        weights::gib(limit)
+    ));
+    let note = format!("the largest is `{}`, of shape {:?}", largest.key, largest.shape);
+    Some(match largest.decl {
+        Some(decl) => d.label(decl, "the largest parameter").note(note),
+        None => d.note(note),
+    })
 }
 
 /// Where a model comes from.

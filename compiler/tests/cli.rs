@@ -1131,3 +1131,22 @@ fn a_very_wide_model_compiles_within_the_optimizers_limits() {
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert!(o.stderr.contains("e-graph:"), "{}", o.stderr);
 }
+
+/// Found by fuzzing (`onnx` target): a producer name with a line break ended the header comment of the
+/// imported text, which then did not compile.
+#[test]
+fn fuzz_onnx_producer_with_a_line_break() {
+    let o = cnnc(&["compile", &fixture("fuzz/onnx-producer-newline.onnx")]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+}
+
+/// Found by fuzzing (`npy` target): an `.npy` header of 19 nested `{` kept npyz's parser busy for
+/// minutes; headers nesting deeper than a real one are refused first.
+#[test]
+fn fuzz_npy_header_nesting_is_refused_at_once() {
+    fails(
+        &["run", "models/digits.model", "--weights", "models/digits.npz", "--input", &fixture("fuzz/npy-nested-header.npy")],
+        1,
+        &["npy-nested-header.npy", "nests brackets more than 4 deep"],
+    );
+}

@@ -182,19 +182,17 @@ t0 = threads()
 m = cnnc.compile({MODEL!r}, {WEIGHTS!r}, batch=4, threads=2)
 assert threads() == t0, ('compile started threads', t0, threads())
 x = np.load({os.path.join(ROOT, 'tests', 'fixtures', 'digits', 'x_test.npy')!r})[:4]
-pid = os.fork()
-if pid == 0:
-    os._exit(0 if m(x).shape == (4, 10) else 1)
-_, status = os.waitpid(pid, 0)
-assert os.waitstatus_to_exitcode(status) == 0, status
+def child_runs():
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if m(x).shape == (4, 10) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, status
+child_runs()
 m(x)
 print('threads after the first run:', threads() - t0)
 # A child of a process that has run the model runs it too (its own workers; the parent's stay put).
-pid = os.fork()
-if pid == 0:
-    os._exit(0 if m(x).shape == (4, 10) else 1)
-_, status = os.waitpid(pid, 0)
-assert os.waitstatus_to_exitcode(status) == 0, status
+child_runs()
 m(x)
 """
     r = run_python(code)

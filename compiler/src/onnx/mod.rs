@@ -71,9 +71,14 @@ impl Const {
 
 /// Reads `path` and writes it as a model file (see the module doc).
 pub fn import(path: &Path) -> Result<Imported, OnnxError> {
+    let bytes = std::fs::read(path).map_err(|source| OnnxError::Io { path: path.display().to_string(), source })?;
+    import_bytes(path, &bytes)
+}
+
+/// Imports the ONNX model in `bytes`; `path` names it in messages and locates its external data.
+pub fn import_bytes(path: &Path, bytes: &[u8]) -> Result<Imported, OnnxError> {
     let p = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| OnnxError::Io { path: p.clone(), source })?;
-    let model = pb::ModelProto::decode(bytes.as_slice()).map_err(|e| OnnxError::NotOnnx { path: p.clone(), reason: e.to_string() })?;
+    let model = pb::ModelProto::decode(bytes).map_err(|e| OnnxError::NotOnnx { path: p.clone(), reason: e.to_string() })?;
     let invalid = |message: String| OnnxError::Invalid { path: p.clone(), message };
     let graph = model.graph.as_ref().filter(|g| !g.node.is_empty()).ok_or_else(|| OnnxError::NotOnnx { path: p.clone(), reason: "it has no graph".into() })?;
     let opset = model.opset_import.iter().find(|o| matches!(o.domain(), "" | "ai.onnx")).map_or(1, |o| o.version());
@@ -120,10 +125,12 @@ pub fn import(path: &Path) -> Result<Imported, OnnxError> {
     }
     let [out] = graph.output.as_slice() else { return Err(invalid(format!("the graph has {} outputs; cnnc models have one", graph.output.len()))) };
     let notes = w.check_output(out.name(), value_shape(out)).map_err(invalid)?;
-    let producer = format!("{} {}", model.producer_name(), model.producer_version()).trim().to_string();
+    // A comment line: the file's own strings may hold line breaks (found by fuzzing), which would end it.
+    let one_line = |s: String| s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect::<String>();
+    let producer = one_line(format!("{} {}", model.producer_name(), model.producer_version())).trim().to_string();
     let header = format!(
         "# Imported by cnnc from `{}` (ONNX opset {opset}{}).\n",
-        file_name(path),
+        one_line(file_name(path)),
         if producer.is_empty() { String::new() } else { format!(", made by {producer}") }
     );
     let (text, weights) = w.finish(&header, &name, &inputs, out.name()).map_err(invalid)?;
