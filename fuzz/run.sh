@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs cnnc's fuzz targets (cargo-fuzz, libFuzzer; needs the nightly toolchain and `cargo install
 # cargo-fuzz`), each for SECONDS (default 30), in the order given (default: all), seeded from the
-# repository's models and fixtures and the committed corpus under fuzz/corpus/TARGET.
+# repository's models and fixtures and the committed minimized corpus (fuzz/corpora/TARGET.tar.gz, unpacked
+# into the git-ignored fuzz/corpus/TARGET on first use, where new inputs then accumulate).
 #
 #   fuzz/run.sh [SECONDS] [TARGET...]
 #
@@ -27,6 +28,9 @@ done
 cp tests/fixtures/onnx/*.onnx "$seeds/onnx/"
 
 for t in "${targets[@]}"; do
+    if [ ! -d "fuzz/corpus/$t" ] && [ -f "fuzz/corpora/$t.tar.gz" ]; then
+        mkdir -p fuzz/corpus && tar -C fuzz/corpus -xzf "fuzz/corpora/$t.tar.gz"
+    fi
     mkdir -p "fuzz/corpus/$t"
     echo "== $t: ${secs}s"
     # The differential target runs a few models a second: libFuzzer would take hours to let its inputs

@@ -22,7 +22,8 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
     exec.check()?;
     let t0 = Instant::now();
     let mut m = front_end(a.model.as_deref())?;
-    let (g, _) = cnnc::opt::optimize(&m.graph, &cnnc::opt::Options { level: a.opt, ..Default::default() });
+    let (g, report) = cnnc::opt::optimize(&m.graph, &cnnc::opt::Options { level: a.opt, ..Default::default() });
+    crate::warn_optimizer(&report);
     let front = t0.elapsed();
     let [input] = g.inputs[..] else { anyhow::bail!("`cnnc bench` times models with exactly one input; `{}` has {}", m.src.name, g.inputs.len()) };
     let t1 = Instant::now();

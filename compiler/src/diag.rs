@@ -88,8 +88,20 @@ pub struct Source {
 }
 
 impl Source {
+    /// A model text as editors save it: a UTF-8 byte-order mark (Windows editors) is dropped, and a lone
+    /// `\r` (classic Mac line ends) becomes `\n`, so that lines and columns come out as the user sees them.
     pub fn new(name: impl Into<String>, text: impl Into<String>) -> Self {
-        Source { name: name.into(), text: text.into() }
+        let text: String = text.into();
+        let text = match text.strip_prefix('\u{feff}') {
+            Some(rest) => rest.to_string(),
+            None => text,
+        };
+        let mut chars = text.chars().peekable();
+        let mut normal = String::with_capacity(text.len());
+        while let Some(c) = chars.next() {
+            normal.push(if c == '\r' && chars.peek() != Some(&'\n') { '\n' } else { c });
+        }
+        Source { name: name.into(), text: normal }
     }
 
     fn file(&self, id: FileId) -> (&str, &str) {

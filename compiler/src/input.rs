@@ -38,7 +38,7 @@ pub enum InputError {
     Decode { path: String, reason: String },
     #[error("input `{path}` has shape {got:?}, but the model takes {} (or one sample without the batch axis)", Batched(expected))]
     Shape { path: String, got: Vec<usize>, expected: Vec<usize> },
-    #[error("input `{path}` has dtype {dtype}; .npy inputs must be float32 (or float64)")]
+    #[error("input `{path}` has dtype {dtype}; .npy inputs must be float32, float64 or float16")]
     Dtype { path: String, dtype: String },
     #[error("input `{path}`: images need a model input of shape [3, H, W] or [1, H, W], but the model takes {}", Batched(expected))]
     NotImageModel { path: String, expected: Vec<usize> },
@@ -52,8 +52,9 @@ pub enum InputError {
     Overflow { path: String, mean: [f32; 3], scale: f32 },
     #[error("input `{path}` is a {w}x{h} image ({} Mpixel); cnnc decodes images of at most {} Mpixel: shrink it first", (*.w as u64 * *.h as u64) >> 20, MAX_RESIZED_PIXELS >> 20)]
     TooLarge { path: String, w: u32, h: u32 },
-    #[error("input `{path}`: a {w}x{h} image would be resized to {nw}x{nh} (shorter side {resize}); crop it closer to the model's aspect ratio first")]
-    TooElongated { path: String, w: u32, h: u32, nw: u64, nh: u64, resize: u32 },
+    #[error("input `{path}`: a {w}x{h} image would be resized to {nw}x{nh} (shorter side {resize}), more than cnnc's limit of {} Mpixel; {}", MAX_RESIZED_PIXELS >> 20,
+        if *.flag { "lower --resize" } else { "crop it closer to the model's aspect ratio first" })]
+    TooElongated { path: String, w: u32, h: u32, nw: u64, nh: u64, resize: u32, flag: bool },
 }
 
 /// Largest image decoded, and largest resized image (64 Mpixel, 192 MiB of RGB): far beyond any
@@ -63,7 +64,7 @@ const MAX_RESIZED_PIXELS: u64 = 1 << 26;
 /// Loads one input file as a batch for a model whose input has per-sample shape `dims`.
 pub fn load(path: &Path, dims: &[usize], pre: &Preprocess) -> Result<Tensor, InputError> {
     let p = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| InputError::Io { path: p.clone(), source })?;
+    let bytes = crate::weights::read_within_memory(path).map_err(|source| InputError::Io { path: p.clone(), source })?;
     from_bytes(p, &bytes, dims, pre)
 }
 
@@ -125,7 +126,7 @@ fn image(p: &str, bytes: &[u8], dims: &[usize], pre: &Preprocess) -> Result<Tens
     let (nw, nh) = if w <= h { (r, (h as u64 * r + w as u64 / 2) / w as u64) } else { ((w as u64 * r + h as u64 / 2) / h as u64, r) };
     // Resizing a 1×60000 strip to a shorter side of 256 would allocate gigabytes before the crop.
     if nw * nh > MAX_RESIZED_PIXELS {
-        return Err(InputError::TooElongated { path: p.into(), w, h, nw, nh, resize });
+        return Err(InputError::TooElongated { path: p.into(), w, h, nw, nh, resize, flag: pre.resize.is_some() });
     }
     let (nw, nh) = (nw.max(1) as u32, nh.max(1) as u32);
     if (nw as usize) < cw || (nh as usize) < ch {

@@ -38,7 +38,13 @@ pub const PRELUDE: &str = include_str!("prelude.model");
 /// per token; the rest are counted in a last note.
 pub const MAX_DIAGNOSTICS: usize = 100;
 
-fn capped(mut diags: Vec<Diagnostic>) -> Vec<Diagnostic> {
+/// The largest model file read: the biggest real model text (an imported ResNet-50) is under 100 KB, so
+/// anything this size is not a model, and reading it whole would only postpone the error.
+pub const MAX_MODEL_TEXT: u64 = 16 << 20;
+
+fn capped(diags: Vec<Diagnostic>) -> Vec<Diagnostic> {
+    // Notes about the whole file (the parser stopped) are kept, after the rest.
+    let (notes, mut diags): (Vec<_>, Vec<_>) = diags.into_iter().partition(|d| d.level == diag::Level::Note);
     if diags.len() > MAX_DIAGNOSTICS {
         // Errors first (stable: each kind keeps its order), so the summary's count is never zero.
         diags.sort_by_key(|d| !d.is_error());
@@ -49,6 +55,7 @@ fn capped(mut diags: Vec<Diagnostic>) -> Vec<Diagnostic> {
             if rest == 1 { "" } else { "s" }
         )));
     }
+    diags.extend(notes);
     diags
 }
 
@@ -64,19 +71,20 @@ pub fn compile(src: &Source) -> Result<(ir::Graph, Vec<Diagnostic>), Failed> {
     }
 }
 
-/// A model whose parameters alone would not fit in memory (a `Linear` of 2^40 weights): refused here,
+/// A model whose parameters would not fit in memory twice (a `Linear` of 2^40 weights): refused here,
 /// before any stage allocates them.
 fn too_many_parameters(g: &ir::Graph) -> Option<Diagnostic> {
     let limit = weights::memory_limit()?;
     let params = g.params();
     let bytes = |p: &ir::ParamSpec| p.shape.iter().try_fold(4u64, |a, &d| a.checked_mul(d as u64)).unwrap_or(u64::MAX);
     let total = params.iter().fold(0u64, |a, p| a.saturating_add(bytes(p)));
-    if total <= limit {
+    // Twice: the weights as read and their packed copy live together while a model is bound.
+    if total.saturating_mul(2) <= limit {
         return None;
     }
     let largest = params.iter().max_by_key(|p| bytes(p))?;
     let d = Diagnostic::error(format!(
-        "the model's parameters need {:.1} GiB, more than cnnc's limit of {:.1} GiB (80 % of this machine's memory)",
+        "the model's parameters need {:.1} GiB, held twice while they are read and packed: more than cnnc's limit of {:.1} GiB (80 % of this machine's memory)",
         weights::gib(total),
         weights::gib(limit)
     ));
@@ -85,6 +93,14 @@ fn too_many_parameters(g: &ir::Graph) -> Option<Diagnostic> {
         Some(decl) => d.label(decl, "the largest parameter").note(note),
         None => d.note(note),
     })
+}
+
+/// Where text stops being UTF-8, as the user's editor counts it (line, column in characters).
+fn not_utf8(bytes: &[u8], e: std::str::Utf8Error) -> String {
+    let valid = std::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or_default();
+    let line = valid.rsplit('\n').next().unwrap_or_default();
+    let byte = bytes.get(e.valid_up_to()).copied().unwrap_or_default();
+    format!("it is not UTF-8 text: byte {byte:#04x} at line {}, column {}", valid.matches('\n').count() + 1, line.chars().count() + 1)
 }
 
 /// Where a model comes from.
@@ -155,7 +171,10 @@ pub fn load(from: ModelSource) -> Result<Loaded, LoadError> {
             (Source::new(format!("{} (imported)", p.display()), i.text), Some(Weights::from_arrays(p, i.weights)), i.notes)
         }
         ModelSource::File(p) => {
-            let text = std::fs::read_to_string(p).map_err(|source| LoadError::Io { path: p.display().to_string(), source })?;
+            let io = |source| LoadError::Io { path: p.display().to_string(), source };
+            let bytes = weights::read_file(p, MAX_MODEL_TEXT, "cnnc's limit of 16 MiB for model text").map_err(io)?;
+            let text =
+                String::from_utf8(bytes).map_err(|e| io(std::io::Error::new(std::io::ErrorKind::InvalidData, not_utf8(e.as_bytes(), e.utf8_error()))))?;
             (Source::new(p.display().to_string(), text), None, vec![])
         }
         ModelSource::Text { name, text } => (Source::new(name, text), None, vec![]),

@@ -252,6 +252,12 @@ fn reported(e: LoadError) -> anyhow::Error {
 
 /// `cnnc import`: the model text (and, with `--weights-out`, the weights) of an ONNX file.
 fn import(a: &ImportArgs) -> Result<()> {
+    if let Some(path) = &a.weights_out {
+        if !path.extension().is_some_and(|e| e.eq_ignore_ascii_case("npz") || e.eq_ignore_ascii_case("safetensors")) {
+            return Err(anyhow!("--weights-out `{}`: the file name must end in .npz or .safetensors (the format it is written in)", path.display()));
+        }
+    }
+    a.weights_out.iter().chain(&a.output).try_for_each(|p| check_output(p))?;
     let imported = cnnc::onnx::import(&a.model)?;
     // Compiled before anything is written: an import that cnnc cannot compile writes nothing.
     let src = Source::new(format!("{} (imported)", a.model.display()), imported.text.clone());
@@ -276,12 +282,14 @@ fn import(a: &ImportArgs) -> Result<()> {
 }
 
 fn compile(a: &CompileArgs) -> Result<()> {
+    a.output.iter().try_for_each(|p| check_output(p))?;
     let Loaded { src, graph: g, .. } = front_end(Some(&a.model))?;
     let costs = match a.target {
         Target::Cpu => cnnc::opt::lang::CPU,
         Target::Cuda => cnnc::opt::lang::CUDA,
     };
     let (optimized, report) = cnnc::opt::optimize(&g, &cnnc::opt::Options { level: a.opt, model: costs });
+    warn_optimizer(&report);
     let batch = a.batch as usize;
     if a.explain {
         eprint!("{}", cnnc::opt::explain(&report));
@@ -327,6 +335,7 @@ fn compile(a: &CompileArgs) -> Result<()> {
 
 fn run(a: &RunArgs) -> Result<()> {
     a.exec.check()?;
+    a.output.iter().try_for_each(|p| check_output(p))?;
     let mut m = front_end(a.model.as_deref())?;
     let g = &m.graph;
     let [input_node] = g.inputs[..] else {
@@ -346,12 +355,29 @@ fn run(a: &RunArgs) -> Result<()> {
     let x = input::concat_batches(parts);
 
     let bound = load_weights(&mut m, a.weights.as_deref(), true)?;
-    let (g, _) = cnnc::opt::optimize(&m.graph, &cnnc::opt::Options { level: a.opt, ..Default::default() });
+    let (g, optimized) = cnnc::opt::optimize(&m.graph, &cnnc::opt::Options { level: a.opt, ..Default::default() });
+    warn_optimizer(&optimized);
     let y = Runner::new(&g, bound, x.batch(), &a.exec)?.run(&x)?;
+    // Finite inputs and weights can still overflow float32 on the way: say so rather than rank NaNs.
+    let bad = y.data().iter().filter(|v| !v.is_finite()).count();
+    if bad > 0 {
+        let largest = x.data().iter().fold(0f32, |m, v| m.max(v.abs()));
+        return Err(anyhow!(
+            "the model's output holds {bad} non-finite value{} (NaN or infinity): its arithmetic overflowed float32 on {} (largest magnitude {largest:e})",
+            if bad == 1 { "" } else { "s" },
+            a.input.iter().map(|p| format!("`{}`", p.display())).collect::<Vec<_>>().join(", ")
+        ));
+    }
     if let Some(path) = &a.output {
         write_atomic(path, |w| write_npy(w, &y))?;
     }
     report(&g, &y, &labels, a.top as usize, a.json, a.weights.as_deref())
+}
+
+pub fn warn_optimizer(report: &cnnc::opt::Report) {
+    if let Some(w) = report.warning() {
+        eprintln!("warning: {w}");
+    }
 }
 
 /// Binds the weights (or Chainer's initializers, with a loud warning), printing diagnostics.
@@ -407,8 +433,28 @@ fn write_npy(w: &mut dyn Write, y: &Tensor) -> Result<()> {
 /// a failure leaves no partial file. A symlink is kept (its target is replaced); a device or pipe
 /// (`/dev/null`, `/dev/stdout`) is written directly; a read-only file is refused. A new file gets the
 /// umask's permissions, a replaced one keeps its own.
+/// Checks that `path` can be written, before any work is done (so that a long run does not end in
+/// "cannot write", and a command with two outputs writes neither when one cannot be): not a directory,
+/// not a read-only file, in a directory that exists.
+fn check_output(path: &Path) -> Result<()> {
+    let existing = std::fs::metadata(path).ok();
+    match existing {
+        Some(m) if m.is_dir() => Err(anyhow!("cannot write `{}`: it is a directory", path.display())),
+        Some(m) if m.is_file() && m.permissions().readonly() => Err(anyhow!("cannot write `{}`: it is read-only", path.display())),
+        Some(_) => Ok(()),
+        None => {
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            match dir.is_dir() {
+                true => Ok(()),
+                false => Err(anyhow!("cannot write `{}`: the directory `{}` does not exist", path.display(), dir.display())),
+            }
+        }
+    }
+}
+
 fn write_atomic(path: &Path, body: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
+    check_output(path)?;
     let ctx = || format!("cannot write `{}`", path.display());
     let existing = std::fs::metadata(path).ok();
     let write = |w: &mut dyn Write| -> Result<()> {
@@ -416,14 +462,8 @@ fn write_atomic(path: &Path, body: impl FnOnce(&mut dyn Write) -> Result<()>) ->
         body(&mut buf)?;
         Ok(buf.flush()?)
     };
-    if let Some(m) = existing.as_ref().filter(|m| !m.is_file()) {
-        if m.is_dir() {
-            return Err(anyhow!("`{}` is a directory", path.display()));
-        }
+    if existing.as_ref().is_some_and(|m| !m.is_file()) {
         return write(&mut std::fs::OpenOptions::new().write(true).open(path).with_context(ctx)?).with_context(ctx);
-    }
-    if existing.as_ref().is_some_and(|m| m.permissions().readonly()) {
-        return Err(anyhow!("`{}` is read-only", path.display()));
     }
     let target = if path.is_symlink() { std::fs::canonicalize(path).with_context(ctx)? } else { path.to_path_buf() };
     let dir = target.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));

@@ -20,7 +20,7 @@ pub enum WeightError {
     Corrupt { path: String, format: &'static str, reason: String },
     #[error("`{path}` is neither a Chainer .npz (zip) nor a safetensors file")]
     UnknownFormat { path: String },
-    #[error("`{key}` in `{path}` has dtype {dtype}; cnnc reads float32 and float64")]
+    #[error("`{key}` in `{path}` has dtype {dtype}; cnnc reads float32, float64, float16 and (safetensors) bfloat16")]
     Dtype { path: String, key: String, dtype: String },
 }
 
@@ -53,7 +53,7 @@ impl Weights {
     /// telling them apart by content.
     pub fn open(path: &Path) -> Result<Weights, WeightError> {
         let p = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|source| WeightError::Io { path: p.clone(), source })?;
+        let bytes = read_within_memory(path).map_err(|source| WeightError::Io { path: p.clone(), source })?;
         Weights::from_bytes(p, bytes)
     }
 
@@ -117,12 +117,14 @@ impl Weights {
             Store::Safetensors(bytes) => {
                 let st = safetensors::SafeTensors::deserialize(bytes).expect("validated in open");
                 let t = st.tensor(key).map_err(|e| WeightError::Corrupt { path: self.path.clone(), format: "safetensors", reason: e.to_string() })?;
-                let data: Vec<f32> = match t.dtype() {
-                    safetensors::Dtype::F32 => t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect(),
-                    safetensors::Dtype::F64 => t.data().chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32).collect(),
+                let ty = match t.dtype() {
+                    safetensors::Dtype::F16 => Float::F16,
+                    safetensors::Dtype::BF16 => Float::Bf16,
+                    safetensors::Dtype::F32 => Float::F32,
+                    safetensors::Dtype::F64 => Float::F64,
                     d => return Err(WeightError::Dtype { path: self.path.clone(), key: key.into(), dtype: format!("{d:?}") }),
                 };
-                Ok((t.shape().to_vec(), data))
+                Ok((t.shape().to_vec(), ty.decode(t.data(), true)))
             }
             Store::Memory(m) => m.get(key).cloned().ok_or_else(|| corrupt("missing".into())),
             Store::Init => unreachable!("initialised weights are not read"),
@@ -138,7 +140,10 @@ const HEADER_SCAN: u64 = 12 + 65_536;
 /// than 4 is refused before npyz reads it.
 pub fn check_npy_header(bytes: &[u8]) -> Result<(), NpyError> {
     let mut depth = 0i64;
-    for &b in bytes.iter().take(HEADER_SCAN as usize).skip(8).take_while(|&&b| b != b'\n') {
+    // The header text follows the magic, the version and its length (2 bytes in version 1, 4 after),
+    // whose bytes may well be a `\n` (a length of 2,614 is 0x0a36).
+    let start = if bytes.get(6).is_some_and(|&major| major >= 2) { 12 } else { 10 };
+    for &b in bytes.iter().take(HEADER_SCAN as usize).skip(start).take_while(|&&b| b != b'\n') {
         depth += match b {
             b'{' | b'(' | b'[' => 1,
             b'}' | b')' | b']' => -1,
@@ -157,7 +162,7 @@ pub enum NpyError {
     Bad(String),
 }
 
-/// Reads a float32 or float64 `.npy` array as f32 in C order (the one npy reader for weights and
+/// Reads a float16, float32 or float64 `.npy` array as f32 in C order (the one npy reader for weights and
 /// inputs); a Fortran-order one, as `np.save` writes a transposed array, is reordered.
 pub fn read_npy<R: std::io::Read>(npy: npyz::NpyFile<R>) -> Result<Array, NpyError> {
     use std::io::Read;
@@ -168,11 +173,13 @@ pub fn read_npy<R: std::io::Read>(npy: npyz::NpyFile<R>) -> Result<Array, NpyErr
     }
     let fortran = npy.order() == npyz::Order::Fortran;
     let descr = npy.dtype().descr().trim_matches('\'').to_string();
-    let width = match &descr[..] {
-        "<f4" | ">f4" => 4,
-        "<f8" | ">f8" => 8,
-        other => return Err(NpyError::Dtype(other.into())),
+    let ty = match descr.get(1..) {
+        Some("f2") => Float::F16,
+        Some("f4") => Float::F32,
+        Some("f8") => Float::F64,
+        _ => return Err(NpyError::Dtype(descr)),
     };
+    let width = ty.width();
     // Decoded in bulk: element-by-element reads through a zip entry spent seconds on 60 M parameters.
     let n: usize = shape.iter().product();
     if let Some(limit) = memory_limit().filter(|&m| n.saturating_mul(4) as u64 > m) {
@@ -184,21 +191,14 @@ pub fn read_npy<R: std::io::Read>(npy: npyz::NpyFile<R>) -> Result<Array, NpyErr
     }
     // Grown as the bytes arrive, not sized from the header: a header may declare far more than the file holds.
     let mut raw = Vec::with_capacity((n * width).min(1 << 26));
-    npy.into_inner().take((n * width) as u64).read_to_end(&mut raw).map_err(|e| NpyError::Bad(e.to_string()))?;
+    let mut data = npy.into_inner();
+    (&mut data).take((n * width) as u64).read_to_end(&mut raw).map_err(|e| NpyError::Bad(e.to_string()))?;
     if raw.len() < n * width {
         return Err(NpyError::Bad(format!("truncated: {n} values need {} bytes of data, found {}", n * width, raw.len())));
     }
-    let little = descr.starts_with('<');
-    let data: Vec<f32> = match width {
-        4 => raw
-            .chunks_exact(4)
-            .map(|b| if little { f32::from_le_bytes(b.try_into().expect("4 bytes")) } else { f32::from_be_bytes(b.try_into().expect("4 bytes")) })
-            .collect(),
-        _ => raw
-            .chunks_exact(8)
-            .map(|b| if little { f64::from_le_bytes(b.try_into().expect("8 bytes")) } else { f64::from_be_bytes(b.try_into().expect("8 bytes")) } as f32)
-            .collect(),
-    };
+    // Read to the end: a zip member's checksum is checked there, and a damaged one must not pass as weights.
+    std::io::copy(&mut data, &mut std::io::sink()).map_err(|e| NpyError::Bad(e.to_string()))?;
+    let data = ty.decode(&raw, !descr.starts_with('>'));
     if !fortran {
         return Ok((shape, data));
     }
@@ -208,6 +208,45 @@ pub fn read_npy<R: std::io::Read>(npy: npyz::NpyFile<R>) -> Result<Array, NpyErr
     Ok((shape, cnnc_runtime::reference::transposed(&stored, &axes).map(|i| data[i]).collect()))
 }
 
+/// A floating-point element type read as f32: what numpy, safetensors and ONNX write for weights and
+/// inputs. float16 and bfloat16 widen exactly; float64 rounds to nearest (out-of-range values become
+/// infinite, which the non-finite checks then name).
+#[derive(Clone, Copy)]
+pub enum Float {
+    F16,
+    Bf16,
+    F32,
+    F64,
+}
+
+impl Float {
+    pub fn width(self) -> usize {
+        match self {
+            Float::F16 | Float::Bf16 => 2,
+            Float::F32 => 4,
+            Float::F64 => 8,
+        }
+    }
+
+    /// The f32 values of `raw`'s whole elements, stored little- or big-endian.
+    pub fn decode(self, raw: &[u8], little: bool) -> Vec<f32> {
+        let decode = |c: &[u8]| {
+            let mut b = [0u8; 8];
+            b[..c.len()].copy_from_slice(c);
+            if !little {
+                b[..c.len()].reverse();
+            }
+            match self {
+                Float::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+                Float::Bf16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+                Float::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                Float::F64 => f64::from_le_bytes(b) as f32,
+            }
+        };
+        raw.chunks_exact(self.width()).map(decode).collect()
+    }
+}
+
 /// The most any one array, or a compiled model's arena and parameters together, may take: 80 % of
 /// physical memory, leaving the rest to the system (`None` where it cannot be read). Past it, a
 /// model would swap for minutes or be killed instead of failing with a message.
@@ -215,6 +254,34 @@ pub fn memory_limit() -> Option<u64> {
     // SAFETY: sysconf has no preconditions.
     let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
     (pages > 0 && size > 0).then(|| pages as u64 * size as u64 / 5 * 4)
+}
+
+/// Reads a whole file of at most `limit` bytes (`what` names the limit in the error), into a buffer
+/// reserved fallibly: a larger file, or a device that never ends (`/dev/zero`), is an error before
+/// memory runs out, never an abort.
+pub fn read_file(path: &Path, limit: u64, what: &str) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let too_large = || std::io::Error::other(format!("it is larger than {what}"));
+    let f = std::fs::File::open(path)?;
+    let size = f.metadata()?.len();
+    if size > limit {
+        return Err(too_large());
+    }
+    let mut buf = Vec::new();
+    buf.try_reserve_exact(size as usize).map_err(|_| std::io::Error::other(format!("the system refused {:.1} GiB of memory for it", gib(size))))?;
+    f.take(limit.saturating_add(1)).read_to_end(&mut buf)?;
+    if buf.len() as u64 > limit {
+        return Err(too_large());
+    }
+    Ok(buf)
+}
+
+/// [`read_file`] within [`memory_limit`]: weights, inputs, external data.
+pub fn read_within_memory(path: &Path) -> std::io::Result<Vec<u8>> {
+    match memory_limit() {
+        Some(limit) => read_file(path, limit, &format!("cnnc's limit of {:.1} GiB (80 % of this machine's memory)", gib(limit))),
+        None => read_file(path, u64::MAX, "the address space"),
+    }
 }
 
 pub fn gib(bytes: u64) -> f64 {

@@ -1116,7 +1116,7 @@ fn a_batch_too_large_for_memory_is_refused() {
 }
 
 /// 1,400 parallel convolutions into one concat: the optimizer stops at its e-graph limit inside an
-/// iteration too (it grew to 7.6 GB over 70 s), and the model compiles.
+/// iteration too (it grew to 7.6 GB over 70 s), and the model compiles, with a warning that it stopped.
 #[test]
 fn a_very_wide_model_compiles_within_the_optimizers_limits() {
     let d = tmp();
@@ -1130,23 +1130,6 @@ fn a_very_wide_model_compiles_within_the_optimizers_limits() {
     let o = cnnc(&["compile", &model, "--explain", "-o", d.path().join("table.txt").to_str().unwrap()]);
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert!(o.stderr.contains("e-graph:"), "{}", o.stderr);
-}
-
-/// Found by fuzzing (`onnx` target): a producer name with a line break ended the header comment of the
-/// imported text, which then did not compile.
-#[test]
-fn fuzz_onnx_producer_with_a_line_break() {
-    let o = cnnc(&["compile", &fixture("fuzz/onnx-producer-newline.onnx")]);
-    assert_eq!(o.code, 0, "{}", o.stderr);
-}
-
-/// Found by fuzzing (`npy` target): an `.npy` header of 19 nested `{` kept npyz's parser busy for
-/// minutes; headers nesting deeper than a real one are refused first.
-#[test]
-fn fuzz_npy_header_nesting_is_refused_at_once() {
-    fails(
-        &["run", "models/digits.model", "--weights", "models/digits.npz", "--input", &fixture("fuzz/npy-nested-header.npy")],
-        1,
-        &["npy-nested-header.npy", "nests brackets more than 4 deep"],
-    );
+    // Its node limit, or its 2 s on a loaded machine.
+    assert!(o.stderr.contains("warning: the optimizer stopped at its limit of "), "{}", o.stderr);
 }

@@ -1,7 +1,8 @@
 //! Differential: a random small model that is valid by construction (convolutions with groups, strides,
 //! pads and dilations, BN, ReLU, pooling with cover_all, LRN, residual adds, a Linear head), run on the
 //! reference interpreter unoptimized and on the JIT optimized and not, on every tier this CPU has, with
-//! 1 and 2 threads: every JIT result within 1e-4 of the reference (relative to its largest value), and
+//! 1 and 2 threads: every JIT result within 1e-4 of the reference (relative to its largest value, or
+//! absolute below 1), and
 //! the same bytes for any thread count.
 #![no_main]
 use arbitrary::Arbitrary;
@@ -114,16 +115,28 @@ libfuzzer_sys::fuzz_target!(|net: Net| {
     let x = Tensor::new(shape.to_vec(), x).expect("sized");
     let batch = shape[0];
     let want = Runner::new(&g, bound.clone(), batch, &options(Backend::Reference, TierChoice::Portable, 1)).unwrap().run(&x).unwrap();
-    let scale = want.max_abs().max(1e-6);
+    // Relative to the largest finite output, but at least 1: inputs lie in [-1, 1] and weights are
+    // LeCun's, so outputs are O(1), and one that cancels to near 0 (a Linear to a single class) would
+    // otherwise turn rounding noise of 1e-7 into a large relative error (found by this target: 4.6e-4
+    // at |y| ≈ 1e-3). Non-finite outputs are legitimate (a cover_all window wholly in the padding is
+    // -inf in Chainer, and a convolution of -inf is NaN) and must match exactly.
+    let scale = want.data().iter().filter(|v| v.is_finite()).fold(1f32, |m, v| m.max(v.abs()));
+    let distance = |got: &Tensor| {
+        got.data().iter().zip(want.data()).fold(0f32, |m, (&a, &b)| {
+            let d = if a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()) { 0.0 } else if a.is_finite() && b.is_finite() { (a - b).abs() / scale } else { f32::INFINITY };
+            m.max(d)
+        })
+    };
     let tiers: Vec<TierChoice> = [TierChoice::Portable, TierChoice::Avx512].into_iter().filter(|t| *t == TierChoice::Portable || Tier::best() == Tier::Avx512).collect();
     for level in [0, 1] {
         let (opt, _) = cnnc::opt::optimize(&g, &cnnc::opt::Options { level, ..Default::default() });
         for &tier in &tiers {
             let one = Runner::new(&opt, bound.clone(), batch, &options(Backend::Jit, tier, 1)).unwrap().run(&x).unwrap();
             let two = Runner::new(&opt, bound.clone(), batch, &options(Backend::Jit, tier, 2)).unwrap().run(&x).unwrap();
-            assert_eq!(one.data(), two.data(), "1 and 2 threads differ (-O{level}, {tier:?}):\n{model}");
-            let diff = one.max_abs_diff(&want) / scale;
-            assert!(diff <= 1e-4, "JIT -O{level} {tier:?} is {diff:e} from the reference:\n{model}");
+            let bits = |t: &Tensor| t.data().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert!(bits(&one) == bits(&two), "1 and 2 threads differ (-O{level}, {tier:?}):\n{model}");
+            let diff = distance(&one);
+            assert!(diff <= 1e-4, "JIT -O{level} {tier:?} is {diff:e} from the reference (max |y| {}):\n{model}", want.max_abs());
         }
     }
 });

@@ -393,9 +393,9 @@ fn compile(
     if random {
         warn("no weights given: parameters are initialised randomly (Chainer's LeCunNormal, fixed seed); the outputs are meaningless".into())?;
     }
-    let (graph, input, output, bound) = py.detach(|| {
+    let (graph, input, output, bound, report) = py.detach(|| {
         let bound = loaded.bind(spec.weights.as_deref()).map_err(load_error)?;
-        let (graph, _) = cnnc::opt::optimize(&loaded.graph, &cnnc::opt::Options { level: opt, ..Default::default() });
+        let (graph, report) = cnnc::opt::optimize(&loaded.graph, &cnnc::opt::Options { level: opt, ..Default::default() });
         let &[input] = &graph.inputs[..] else {
             return Err(ModelError::new_err(format!(
                 "`{}` takes {} inputs; cnnc's Python package runs models with exactly one",
@@ -404,8 +404,11 @@ fn compile(
             )));
         };
         let (input, output) = (graph.node(input).shape.clone(), graph.node(graph.output).shape.clone());
-        Ok((graph, input, output, bound))
+        Ok((graph, input, output, bound, report))
     })?;
+    if let Some(w) = report.warning() {
+        warn(w)?;
+    }
     let m = Model { spec, graph, input, output, options, state: Mutex::new(State::Pending(Some(bound))) };
     if let Some(b) = m.spec.batch {
         py.detach(|| m.runner(b).map(|_| ()))?;

@@ -53,23 +53,30 @@ unsafe impl Sync for Aligned {}
 
 const HUGE: usize = 2 << 20;
 
+/// The system refused an allocation of `bytes`.
+#[derive(Debug)]
+pub struct OutOfMemory {
+    pub bytes: usize,
+}
+
 impl Aligned {
-    fn new(len: usize) -> Aligned {
-        let a = Aligned::uninit(len);
+    fn new(len: usize) -> Result<Aligned, OutOfMemory> {
+        let a = Aligned::uninit(len)?;
         // SAFETY: `ptr` is valid for `layout.size()` bytes.
         unsafe { std::ptr::write_bytes(a.ptr.cast::<u8>(), 0, a.layout.size()) };
-        a
+        Ok(a)
     }
 
-    /// An allocation whose contents the caller overwrites before reading (`from`).
-    fn uninit(len: usize) -> Aligned {
-        let bytes = (len * 4).max(64);
+    /// An allocation whose contents the caller overwrites before reading (`from`). Fallible, unlike
+    /// `Vec`: a refused allocation is an error for the user, not an abort.
+    fn uninit(len: usize) -> Result<Aligned, OutOfMemory> {
+        let bytes = len.checked_mul(4).ok_or(OutOfMemory { bytes: usize::MAX })?.max(64);
         let align = if bytes >= HUGE { HUGE } else { 64 };
-        let layout = std::alloc::Layout::from_size_align(bytes.next_multiple_of(align), align).expect("valid layout");
+        let layout = std::alloc::Layout::from_size_align(bytes.next_multiple_of(align), align).map_err(|_| OutOfMemory { bytes })?;
         // SAFETY: the layout has a non-zero size.
         let ptr = unsafe { std::alloc::alloc(layout) } as *mut f32;
         if ptr.is_null() {
-            std::alloc::handle_alloc_error(layout);
+            return Err(OutOfMemory { bytes });
         }
         // Advise before the first touch, which is when pages are chosen.
         #[cfg(target_os = "linux")]
@@ -77,15 +84,15 @@ impl Aligned {
             // SAFETY: advice on memory we own; failure only means small pages.
             unsafe { libc::madvise(ptr.cast(), layout.size(), libc::MADV_HUGEPAGE) };
         }
-        Aligned { ptr, len, layout }
+        Ok(Aligned { ptr, len, layout })
     }
 
-    fn from(v: &[f32]) -> Aligned {
-        let a = Aligned::uninit(v.len());
+    fn from(v: &[f32]) -> Result<Aligned, OutOfMemory> {
+        let a = Aligned::uninit(v.len())?;
         // SAFETY: `ptr` is valid for `len` floats and does not overlap `v`; the padding past `len` is
         // never read (kernels index inside their buffers).
         unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), a.ptr, v.len()) };
-        a
+        Ok(a)
     }
     fn slice_mut(&mut self) -> &mut [f32] {
         // SAFETY: `ptr` holds `len` initialized floats owned by `self`.
@@ -303,9 +310,9 @@ impl Executable {
         inputs: Vec<(usize, Dims)>,
         output: (usize, Dims),
         code: Box<dyn Any + Send + Sync>,
-    ) -> Self {
-        let params = params.iter().map(|p| Aligned::from(p)).collect();
-        Executable { steps, params, arena: Mutex::new((Aligned::new(arena_len), None)), inputs, output, _code: code }
+    ) -> Result<Self, OutOfMemory> {
+        let params = params.iter().map(|p| Aligned::from(p)).collect::<Result<_, _>>()?;
+        Ok(Executable { steps, params, arena: Mutex::new((Aligned::new(arena_len)?, None)), inputs, output, _code: code })
     }
 
     pub fn steps(&self) -> &[Step] {

@@ -53,11 +53,11 @@ pub fn eval(op: &Op, inputs: &[&Tensor], params: &[&Tensor]) -> Tensor {
             }
             y
         }
-        Op::Relu => map(x, |v| v.max(0.0)),
+        Op::Relu => map(x, |v| max(v, 0.0)),
         Op::Sigmoid => map(x, |v| (1.0 / (1.0 + (-v as f64).exp())) as f32),
         Op::Clip { min, max } => map(x, |v| v.max(min.0 as f32).min(max.0 as f32)),
         Op::Dropout { .. } => x.clone(),
-        Op::MaxPool2d(p) => pool(p, x, shape, f32::NEG_INFINITY, f32::max, |m, _| m),
+        Op::MaxPool2d(p) => pool(p, x, shape, f32::NEG_INFINITY, max, |m, _| m),
         Op::AvgPool2d(p) => {
             let window = (p.kernel[0] * p.kernel[1]) as f32;
             pool(p, x, shape, 0.0, |a, v| a + v, |s, inside| s / if p.exclude_pad { inside as f32 } else { window })
@@ -98,7 +98,7 @@ pub fn eval(op: &Op, inputs: &[&Tensor], params: &[&Tensor]) -> Tensor {
                 y = eval(&Op::Add, &[&y, inputs[1]], &[]);
             }
             if f.relu {
-                y = map(&y, |v| v.max(0.0));
+                y = eval(&Op::Relu, &[&y], &[]);
             }
             match &f.pool {
                 Some(p) => eval(&Op::MaxPool2d(p.clone()), &[&y], &[]),
@@ -115,6 +115,16 @@ pub fn eval(op: &Op, inputs: &[&Tensor], params: &[&Tensor]) -> Tensor {
             }
             Tensor::new(shape, data).expect("validated")
         }
+    }
+}
+
+/// The larger of two values, NaN if either is: numpy's `maximum`, which Chainer's ReLU and max pooling
+/// use (`f32::max` would turn a NaN into the other value and hide an overflow upstream).
+fn max(a: f32, b: f32) -> f32 {
+    if a.is_nan() || b.is_nan() {
+        f32::NAN
+    } else {
+        a.max(b)
     }
 }
 

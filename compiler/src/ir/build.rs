@@ -266,7 +266,13 @@ impl<'a> Builder<'a> {
                 d = d.label(*outer, format!("in `{top}`"));
                 if inner != top {
                     // Paths nest (`res2/0/conv1`), so the innermost names the whole chain of calls.
-                    let short = if inner.len() > 80 { format!("{}…{}", &inner[..40], &inner[inner.len() - 39..]) } else { inner.clone() };
+                    // By characters: names may be non-ASCII, and a byte cut could split one.
+                    let n = inner.chars().count();
+                    let short = if n > 80 {
+                        format!("{}…{}", inner.chars().take(40).collect::<String>(), inner.chars().skip(n - 39).collect::<String>())
+                    } else {
+                        inner.clone()
+                    };
                     d = d.note(format!("inside `{short}`"));
                 }
             }
@@ -1106,7 +1112,8 @@ impl<'a> Builder<'a> {
         let Some(axis) = self.axis(&v[2], axis_span, rank) else { return Value::Poison };
         let size = if axis == 0 { 0 } else { self.g[x].shape.get(axis - 1).copied().unwrap_or(0) };
         let bounds: Option<Vec<usize>> = match &v[1] {
-            Value::Int(n @ 1..) if size % *n as usize == 0 => Some((0..=*n as usize).map(|i| i * size / *n as usize).collect()),
+            // `size > 0`: the batch axis, or one the input lacks, has size 0, which every count divides (even i64::MAX).
+            Value::Int(n @ 1..) if size > 0 && size % *n as usize == 0 => Some((0..=*n as usize).map(|i| i * size / *n as usize).collect()),
             Value::Tuple(t) => {
                 let inner: Option<Vec<usize>> = t.iter().map(|i| if let Value::Int(i @ 0..=MAX_DIM) = i { Some(*i as usize) } else { None }).collect();
                 inner.map(|i| [vec![0], i, vec![size]].concat()).filter(|b| b.windows(2).all(|w| w[0] <= w[1]))

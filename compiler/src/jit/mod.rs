@@ -34,6 +34,8 @@ pub enum JitError {
     NoAvx512,
     #[error("batch {batch} needs {need:.1} GiB (activations and parameters), more than this machine's {have:.1} GiB of memory; use a smaller batch")]
     TooLarge { batch: usize, need: f64, have: f64 },
+    #[error("the system refused {:.1} GiB of memory for the model's activations or parameters; use a smaller batch", crate::weights::gib(*.0 as u64))]
+    OutOfMemory(usize),
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -189,7 +191,7 @@ pub fn compile(program: &Program, opts: Options) -> Result<Jitted, JitError> {
     // Refuse what cannot fit, instead of being killed while the arena is zeroed.
     let bytes = 4 * (program.arena_len + program.params.iter().map(Vec::len).sum::<usize>()) as u64;
     if let Some(have) = cnnc_runtime::exec::physical_memory().filter(|&have| bytes > have) {
-        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        use crate::weights::gib;
         return Err(JitError::TooLarge { batch: program.batch, need: gib(bytes), have: gib(have) });
     }
     let (mut m, mut tiles) = module(program.tier)?;
@@ -221,7 +223,8 @@ pub fn compile(program: &Program, opts: Options) -> Result<Jitted, JitError> {
     // SAFETY: kernels index inside their declared buffer lengths (the lowering's invariant, verified by
     // the checked-mode tests), the program's slots are at least that long, and tasks write disjoint
     // elements; `Code` keeps the module alive as long as the executable.
-    let exe = unsafe { Executable::new(steps, &program.params, program.arena_len, program.inputs.clone(), program.output.clone(), Box::new(Code(Some(m)))) };
+    let exe = unsafe { Executable::new(steps, &program.params, program.arena_len, program.inputs.clone(), program.output.clone(), Box::new(Code(Some(m)))) }
+        .map_err(|e| JitError::OutOfMemory(e.bytes))?;
     Ok(Jitted { exe, log, names })
 }
 

@@ -10,7 +10,7 @@
 
 mod ops;
 
-use crate::weights::Array;
+use crate::weights::{Array, Float};
 use cnnc_onnx_proto as pb;
 use prost::Message;
 use std::collections::{BTreeMap, HashMap};
@@ -71,7 +71,8 @@ impl Const {
 
 /// Reads `path` and writes it as a model file (see the module doc).
 pub fn import(path: &Path) -> Result<Imported, OnnxError> {
-    let bytes = std::fs::read(path).map_err(|source| OnnxError::Io { path: path.display().to_string(), source })?;
+    let limit = "protobuf's limit of 2 GiB for an ONNX file (a larger model keeps its weights in external data)";
+    let bytes = crate::weights::read_file(path, 2 << 30, limit).map_err(|source| OnnxError::Io { path: path.display().to_string(), source })?;
     import_bytes(path, &bytes)
 }
 
@@ -89,6 +90,16 @@ pub fn import_bytes(path: &Path, bytes: &[u8]) -> Result<Imported, OnnxError> {
     }
     let mut inputs = vec![];
     for i in graph.input.iter().filter(|i| !values.contains_key(i.name())) {
+        let elem = match i.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+            Some(pb::type_proto::Value::TensorType(t)) => t.elem_type(),
+            _ => 0,
+        };
+        // A float input of another width runs in float32, as cnnc computes; integers are not images.
+        use pb::tensor_proto::DataType as T;
+        if !matches!(T::try_from(elem), Ok(T::Float | T::Double | T::Float16 | T::Bfloat16 | T::Undefined)) {
+            let ty = T::try_from(elem).map_or_else(|_| format!("type {elem}"), |t| t.as_str_name().to_string());
+            return Err(invalid(format!("input `{}` is {ty}; cnnc's inputs are floating-point tensors (computed in float32)", i.name())));
+        }
         let shape = value_shape(i).ok_or_else(|| invalid(format!("input `{}` is not a float tensor of known rank", i.name())))?;
         let dims: Option<Vec<usize>> = shape.iter().skip(1).map(|d| d.filter(|&d| d > 0).map(|d| d as usize)).collect();
         let dims =
@@ -171,7 +182,18 @@ fn value_shape(v: &pb::ValueInfoProto) -> Option<Vec<Option<i64>>> {
 fn topological(graph: &pb::GraphProto) -> Result<Vec<usize>, String> {
     let mut known: std::collections::HashSet<&str> = graph.initializer.iter().map(|t| t.name()).chain(graph.input.iter().map(|i| i.name())).collect();
     known.insert("");
-    let produced: std::collections::HashSet<&str> = graph.node.iter().flat_map(|n| n.output.iter().map(String::as_str)).collect();
+    let mut producer: HashMap<&str, &pb::NodeProto> = HashMap::new();
+    for n in &graph.node {
+        for o in n.output.iter().filter(|o| !o.is_empty()) {
+            if let Some(first) = producer.insert(o, n) {
+                return Err(format!("`{o}` is written by two nodes, `{}` ({}) and `{}` ({})", first.name(), first.op_type(), n.name(), n.op_type()));
+            }
+            if known.contains(o.as_str()) {
+                return Err(format!("node `{}` ({}) writes `{o}`, which is already a graph input or initializer", n.name(), n.op_type()));
+            }
+        }
+    }
+    let produced: std::collections::HashSet<&str> = producer.keys().copied().collect();
     for n in &graph.node {
         if let Some(i) = n.input.iter().find(|i| !known.contains(i.as_str()) && !produced.contains(i.as_str())) {
             return Err(format!("node `{}` ({}) reads `{i}`, which no node, input or initializer provides", n.name(), n.op_type()));
@@ -224,10 +246,10 @@ fn tensor(t: &pb::TensorProto, dir: &Path) -> Result<Const, String> {
             let chunks = raw.chunks_exact(width);
             let word = |c: &[u8]| c.iter().rev().fold(0u64, |a, &b| (a << 8) | b as u64);
             match ty {
-                T::Float => Const::F(dims, chunks.map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()),
-                T::Double => Const::F(dims, chunks.map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32).collect()),
-                T::Float16 => Const::F(dims, chunks.map(|c| f16(word(c) as u16)).collect()),
-                T::Bfloat16 => Const::F(dims, chunks.map(|c| f32::from_bits((word(c) as u32) << 16)).collect()),
+                T::Float => Const::F(dims, Float::F32.decode(raw, true)),
+                T::Double => Const::F(dims, Float::F64.decode(raw, true)),
+                T::Float16 => Const::F(dims, Float::F16.decode(raw, true)),
+                T::Bfloat16 => Const::F(dims, Float::Bf16.decode(raw, true)),
                 T::Int8 => Const::I(dims, chunks.map(|c| c[0] as i8 as i64).collect()),
                 T::Int16 => Const::I(dims, chunks.map(|c| word(c) as u16 as i16 as i64).collect()),
                 T::Int32 => Const::I(dims, chunks.map(|c| word(c) as u32 as i32 as i64).collect()),
@@ -238,8 +260,8 @@ fn tensor(t: &pb::TensorProto, dir: &Path) -> Result<Const, String> {
             let c = match ty {
                 T::Float => Const::F(dims, t.float_data.clone()),
                 T::Double => Const::F(dims, t.double_data.iter().map(|&v| v as f32).collect()),
-                T::Float16 => Const::F(dims, t.int32_data.iter().map(|&v| f16(v as u16)).collect()),
-                T::Bfloat16 => Const::F(dims, t.int32_data.iter().map(|&v| f32::from_bits((v as u32) << 16)).collect()),
+                T::Float16 => Const::F(dims, t.int32_data.iter().map(|&v| half::f16::from_bits(v as u16).to_f32()).collect()),
+                T::Bfloat16 => Const::F(dims, t.int32_data.iter().map(|&v| half::bf16::from_bits(v as u16).to_f32()).collect()),
                 T::Int64 => Const::I(dims, t.int64_data.clone()),
                 T::Uint64 => Const::I(dims, t.uint64_data.iter().map(|&v| v as i64).collect()),
                 _ => Const::I(dims, t.int32_data.iter().map(|&v| v as i64).collect()),
@@ -255,27 +277,6 @@ fn tensor(t: &pb::TensorProto, dir: &Path) -> Result<Const, String> {
         }
     };
     Ok(c)
-}
-
-/// IEEE half → f32 (exact).
-fn f16(h: u16) -> f32 {
-    let (sign, exp, man) = ((h >> 15) as u32, ((h >> 10) & 0x1f) as i32, (h & 0x3ff) as f32);
-    let mag = match exp {
-        0 => man * 2f32.powi(-24),
-        31 => {
-            if man == 0.0 {
-                f32::INFINITY
-            } else {
-                f32::NAN
-            }
-        }
-        e => (1.0 + man / 1024.0) * 2f32.powi(e - 15),
-    };
-    if sign == 1 {
-        -mag
-    } else {
-        mag
-    }
 }
 
 /// The bytes of an externally stored tensor: `location` relative to the model's folder (and inside it),
@@ -295,9 +296,14 @@ fn external_data(t: &pb::TensorProto, dir: &Path) -> Result<Vec<u8>, String> {
     if offset.checked_add(length).is_none_or(|end| end > size) {
         return Err(format!("external data `{}` has {size} bytes; offset {offset} + length {length} runs past its end", file.display()));
     }
+    if let Some(limit) = crate::weights::memory_limit().filter(|&m| length > m) {
+        return Err(format!("external data `{}`: {length} bytes are more than cnnc's limit of {limit} (80 % of this machine's memory)", file.display()));
+    }
     use std::io::{Read, Seek};
     let mut f = std::fs::File::open(&file).map_err(|e| format!("external data `{}`: {e}", file.display()))?;
-    let mut buf = vec![0; length as usize];
+    let mut buf = Vec::new();
+    buf.try_reserve_exact(length as usize).map_err(|_| format!("external data `{}`: the system refused {length} bytes of memory", file.display()))?;
+    buf.resize(length as usize, 0);
     f.seek(std::io::SeekFrom::Start(offset)).and_then(|_| f.read_exact(&mut buf)).map_err(|e| format!("external data `{}`: {e}", file.display()))?;
     Ok(buf)
 }
@@ -305,7 +311,7 @@ fn external_data(t: &pb::TensorProto, dir: &Path) -> Result<Vec<u8>, String> {
 /// A serialized `TensorProto` file (the ONNX test data's `input_0.pb`, `output_0.pb`) as a float array.
 pub fn read_tensor(path: &Path) -> Result<Array, OnnxError> {
     let p = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| OnnxError::Io { path: p.clone(), source })?;
+    let bytes = crate::weights::read_within_memory(path).map_err(|source| OnnxError::Io { path: p.clone(), source })?;
     let t = pb::TensorProto::decode(bytes.as_slice()).map_err(|e| OnnxError::NotOnnx { path: p.clone(), reason: e.to_string() })?;
     match tensor(&t, path.parent().unwrap_or(Path::new("."))).map_err(|message| OnnxError::Invalid { path: p, message })? {
         Const::F(d, v) => Ok((d, v)),

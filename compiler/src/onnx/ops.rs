@@ -7,6 +7,7 @@ use super::Const;
 use crate::weights::Array;
 use cnnc_onnx_proto as pb;
 use cnnc_runtime::reference::transposed;
+use pb::attribute_proto::AttributeType as AttrType;
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 
@@ -92,6 +93,74 @@ pub(super) struct Writer {
 }
 
 type R<T> = Result<T, String>;
+
+/// The type of each attribute cnnc reads (the same for every op that has it): one of another type would
+/// read as its default (a FLOAT `transA` as no transpose) and the model would run, wrongly.
+const ATTRIBUTE_TYPES: [(&str, AttrType); 27] = {
+    use AttrType::{Float as F, Int as I, Ints as Is, String as S};
+    [
+        ("transA", I),
+        ("transB", I),
+        ("ceil_mode", I),
+        ("count_include_pad", I),
+        ("group", I),
+        ("axis", I),
+        ("keepdims", I),
+        ("size", I),
+        ("storage_order", I),
+        ("to", I),
+        ("pads", Is),
+        ("kernel_shape", Is),
+        ("strides", Is),
+        ("dilations", Is),
+        ("axes", Is),
+        ("perm", Is),
+        ("split", Is),
+        ("alpha", F),
+        ("beta", F),
+        ("epsilon", F),
+        ("bias", F),
+        ("gamma", F),
+        ("min", F),
+        ("max", F),
+        ("ratio", F),
+        ("auto_pad", S),
+        ("mode", S),
+    ]
+};
+
+/// Attributes that became inputs at an opset (op, attribute, opset): past it the attribute is not part
+/// of the op, and reading it anyway (or ignoring it) would run another model than ONNX Runtime does.
+const MOVED_TO_INPUTS: [(&str, &str, i64); 10] = [
+    ("Clip", "min", 11),
+    ("Clip", "max", 11),
+    ("Pad", "pads", 11),
+    ("Pad", "value", 11),
+    ("Dropout", "ratio", 12),
+    ("Split", "split", 13),
+    ("Squeeze", "axes", 13),
+    ("Unsqueeze", "axes", 13),
+    ("ReduceSum", "axes", 13),
+    ("ReduceMean", "axes", 18),
+];
+
+/// A node's attributes, checked before any is read: each of the type ONNX defines, none that its opset
+/// moved to the inputs, every float finite (a NaN `alpha` has no meaning in the model language).
+fn check_attributes(n: &pb::NodeProto, opset: i64) -> R<()> {
+    for a in &n.attribute {
+        let want = ATTRIBUTE_TYPES.iter().find(|(name, _)| *name == a.name()).map(|(_, t)| *t);
+        if let Some(want) = want.filter(|&t| a.r#type() != AttrType::Undefined && a.r#type() != t) {
+            return Err(format!("attribute `{}` is {}, where ONNX defines {}", a.name(), a.r#type().as_str_name(), want.as_str_name()));
+        }
+        if let Some((_, _, from)) = MOVED_TO_INPUTS.iter().find(|(op, name, from)| *op == n.op_type() && *name == a.name() && opset >= *from) {
+            return Err(format!("`{}` is an input of {} from opset {from} on, not an attribute (this model is opset {opset})", a.name(), n.op_type()));
+        }
+        if !a.f().is_finite() || a.floats.iter().any(|f| !f.is_finite()) {
+            return Err(format!("attribute `{}` is not finite ({:?})", a.name(), if a.floats.is_empty() { vec![a.f()] } else { a.floats.clone() }));
+        }
+    }
+    Ok(())
+}
 
 fn attr<'a>(n: &'a pb::NodeProto, name: &str) -> Option<&'a pb::AttributeProto> {
     n.attribute.iter().find(|a| a.name() == name)
@@ -217,7 +286,8 @@ impl Writer {
     /// A fresh identifier from `base` (letters, digits and `_`, not a keyword, unique).
     fn fresh(&mut self, base: &str) -> String {
         let clean: String = base.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).collect();
-        let clean = clean.trim_matches('_').to_string();
+        // Short enough for the language's name limit (ASCII by now, so any cut is a char boundary).
+        let clean = clean[..clean.len().min(64)].trim_matches('_').to_string();
         let clean = if clean.starts_with(|c: char| c.is_ascii_alphabetic()) { clean } else { format!("l_{clean}") };
         let reserved = ["model", "chain", "chainlist", "forward", "return", "if", "else", "for", "in", "assert", "and", "or", "not", "self", "F", "L"];
         let mut name = clean.clone();
@@ -312,6 +382,7 @@ impl Writer {
         if n.output.is_empty() || n.output[0].is_empty() {
             return Err("it has no output".into());
         }
+        check_attributes(n, self.opset)?;
         let op = n.op_type();
         if op != "Split" && n.output.iter().skip(1).any(|o| !o.is_empty() && self.uses.get(o).copied().unwrap_or(0) > 0) {
             return Err("its second output is used; cnnc computes only the first (inference)".into());
@@ -550,6 +621,9 @@ impl Writer {
         let (x, extra) = self.padded(n, 0)?;
         let Const::F(wd, wv) = self.constant(n, 1)? else { return Err("integer weights".into()) };
         let [m, cg, kh, kw] = wd[..] else { return Err(format!("weights of shape {wd:?} are not (M, C/group, kH, kW)")) };
+        if let Some(k) = ints(n, "kernel_shape").filter(|k| k[..] != [kh as i64, kw as i64]) {
+            return Err(format!("kernel_shape {k:?} contradicts weights of shape {wd:?}"));
+        }
         let d: [usize; 2] = usizes(&ints(n, "dilations").unwrap_or(vec![1, 1]), "dilations")?.try_into().map_err(|_| "dilations for 2 axes expected")?;
         if d.contains(&0) || kh == 0 || kw == 0 {
             return Err("a zero dilation or kernel size".into());
@@ -569,6 +643,9 @@ impl Writer {
         let mut params = vec![("W", (wd.clone(), wv))];
         let b = self.opt_constant(n, 2)?;
         if let Some(b) = &b {
+            if b.dims().iter().product::<usize>() != m {
+                return Err(format!("a bias of shape {:?} for {m} outputs", b.dims()));
+            }
             params.push(("b", (vec![m], b.floats())));
         }
         let groups = if g > 1 { format!(", groups={g}") } else { String::new() };

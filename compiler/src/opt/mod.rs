@@ -384,6 +384,22 @@ pub fn optimize(g: &Graph, opts: &Options) -> (Graph, Report) {
     (out, report)
 }
 
+impl Report {
+    /// What to tell the user when the optimizer stopped at one of its limits before trying every rewrite
+    /// (no model in `models/` comes near them). The graph it returns is still correct, only perhaps less
+    /// fused, so this is a warning, not an error.
+    pub fn warning(&self) -> Option<String> {
+        let limit = match &self.stop_reason[..] {
+            "saturated" | "not run (-O0)" => return None,
+            r if r.starts_with("iteration") => format!("{ITER_LIMIT} iterations"),
+            r if r.starts_with("node") => format!("{NODE_LIMIT} e-nodes"),
+            r if r.starts_with("time") => format!("{} s", TIME_LIMIT.as_secs_f64()),
+            r => r.to_string(),
+        };
+        Some(format!("the optimizer stopped at its limit of {limit} before trying every rewrite; the model runs correctly but may be less fused (-O0 skips the optimizer)"))
+    }
+}
+
 /// Every rule's name, in table order.
 pub fn rule_names() -> impl Iterator<Item = &'static str> {
     RULES.iter().map(|r| r.name)

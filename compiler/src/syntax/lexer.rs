@@ -1,6 +1,6 @@
 //! The lexer: text → tokens. Newlines are tokens, except inside `()` and `[]` (as in Python).
 
-use super::SyntaxError;
+use super::{SyntaxError, MAX_NAME};
 use crate::diag::{FileId, Span};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -42,8 +42,7 @@ pub(super) const PUNCTS: [&str; 22] = ["//", "==", "!=", "<=", ">=", "(", ")", "
 pub fn lex(src: &str, file: FileId) -> (Vec<Token>, Vec<SyntaxError>) {
     let (mut toks, mut errs, mut depth) = (Vec::new(), Vec::new(), 0usize);
     let bytes = src.as_bytes();
-    // A byte-order mark, as some Windows editors save UTF-8, is not part of the model.
-    let mut i = if src.starts_with('\u{feff}') { '\u{feff}'.len_utf8() } else { 0 };
+    let mut i = 0;
     while i < src.len() {
         let c = src[i..].chars().next().expect("in bounds");
         let start = i;
@@ -105,6 +104,12 @@ pub fn lex(src: &str, file: FileId) -> (Vec<Token>, Vec<SyntaxError>) {
             }
             c if c.is_alphabetic() || c == '_' => {
                 let len = src[i..].find(|c: char| !(c.is_alphanumeric() || c == '_')).unwrap_or(src.len() - i);
+                let chars = src[i..i + len].chars().count();
+                if chars > MAX_NAME {
+                    // The span covers the allowed part: the message need not underline 100,000 characters.
+                    let allowed = src[i..].char_indices().nth(MAX_NAME).map_or(len, |(b, _)| b);
+                    errs.push(SyntaxError::LongName { chars, span: span(i + allowed) });
+                }
                 toks.push(Token { tok: Tok::Ident(src[i..i + len].to_string()), span: span(i + len) });
                 i += len;
             }

@@ -22,6 +22,9 @@ pub const MAX_DEPTH: usize = 64;
 /// Deepest expression tree (operators, calls, indexing and brackets together) that the parser builds:
 /// the recursive passes after parsing, and `Drop`, go at most this deep.
 pub const MAX_TREE: usize = 512;
+/// The longest name, in characters: longer ones are not written by people, and every message that
+/// quotes a name stays readable.
+pub const MAX_NAME: usize = 256;
 
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum SyntaxError {
@@ -44,6 +47,11 @@ pub enum SyntaxError {
     TooDeep { span: Span },
     #[error("expression more than {MAX_TREE} operations deep")]
     TooLong { span: Span },
+    #[error("a name of {chars} characters; names are at most {MAX_NAME}")]
+    LongName { chars: usize, span: Span },
+    /// The parser stopped after this many errors (a note, not an error).
+    #[error("cnnc stops reading a file after {} syntax errors", parser::MAX_ERRORS)]
+    GaveUp { span: Span },
 }
 
 impl SyntaxError {
@@ -56,11 +64,16 @@ impl SyntaxError {
             | SyntaxError::Unmatched { span, .. }
             | SyntaxError::Python { span, .. }
             | SyntaxError::TooDeep { span }
-            | SyntaxError::TooLong { span } => *span,
+            | SyntaxError::TooLong { span }
+            | SyntaxError::LongName { span, .. }
+            | SyntaxError::GaveUp { span } => *span,
         }
     }
 
     pub fn diagnostic(&self) -> Diagnostic {
+        if let SyntaxError::GaveUp { .. } = self {
+            return Diagnostic::note_level(self.to_string());
+        }
         let d = Diagnostic::error(self.to_string());
         match self {
             SyntaxError::UnexpectedChar { span, .. } => d.label(*span, "not part of the model language"),
@@ -80,6 +93,8 @@ impl SyntaxError {
             SyntaxError::Python { span, hint, .. } => d.label(*span, "written as in Chainer's Python").note(*hint).note("the model language: docs/dsl.md"),
             SyntaxError::Unmatched { span, .. } => d.label(*span, "no matching opening bracket"),
             SyntaxError::TooDeep { span } | SyntaxError::TooLong { span } => d.label(*span, "this expression").note("split it into several statements"),
+            SyntaxError::LongName { span, .. } => d.label(*span, "this name"),
+            SyntaxError::GaveUp { .. } => d,
         }
     }
 }

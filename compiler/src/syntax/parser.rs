@@ -7,8 +7,11 @@ use crate::diag::{FileId, Span};
 pub fn parse(src: &str, file: FileId) -> Result<File, Vec<SyntaxError>> {
     let (toks, mut errs) = lex(src, file);
     errs.extend(python_habits(&toks));
-    let mut p = Parser { toks, pos: 0, errs: Vec::new(), depth: 0 };
+    let mut p = Parser { toks, pos: 0, errs: Vec::new(), depth: 0, gave_up: false };
     let parsed = p.file();
+    if p.gave_up {
+        errs.push(SyntaxError::GaveUp { span: p.peek().span });
+    }
     // A line the lexer already rejected would only add follow-on parse errors; so would the indented
     // block under a line of Python (a `def`'s body).
     let line_starts: Vec<usize> = src.match_indices('\n').map(|(i, _)| i).collect();
@@ -33,7 +36,7 @@ pub fn parse(src: &str, file: FileId) -> Result<File, Vec<SyntaxError>> {
 /// Lines written as Chainer's Python rather than the model language, one error each with how the model
 /// language says it. The parser's own errors on those lines are dropped (see [`parse`]).
 fn python_habits(toks: &[Token]) -> Vec<SyntaxError> {
-    const HABITS: [(&[&str], &str, &str); 6] = [
+    const HABITS: [(&[&str], &str, &str); 9] = [
         (
             &["class", "*"],
             "a class",
@@ -48,6 +51,13 @@ fn python_habits(toks: &[Token]) -> Vec<SyntaxError> {
             "declare links at the top of the model without `self.`: `conv1 = L.Convolution2D(…)`; `forward` uses them as `self.conv1(x)`",
         ),
         (&["with", "self"], "`with self.init_scope():`", "not needed: the links declared at the top of a model are its parameters"),
+        (&["with", "*"], "a `with` block", "not needed: cnnc always runs in inference mode (`chainer.using_config('train', False)`)"),
+        (&["super", "("], "`super().__init__()`", "not needed: a model declares its links at its top"),
+        (
+            &["forward", "(", "self"],
+            "`self` among `forward`'s inputs",
+            "`forward` takes only the model's inputs, with their shapes: `forward(x: [3, 227, 227])`",
+        ),
     ];
     fn text(t: &Token) -> Option<&str> {
         match &t.tok {
@@ -80,12 +90,15 @@ struct Parser {
     pos: usize,
     errs: Vec<SyntaxError>,
     depth: usize,
+    /// Set after [`MAX_ERRORS`] errors, when the parser jumps to the end of the file: what it would
+    /// report from there on are follow-on errors of the jump.
+    gave_up: bool,
 }
 
 type PResult<T> = Result<T, SyntaxError>;
 
 /// Syntax errors reported before the parser gives up on the rest of the file.
-const MAX_ERRORS: usize = 100;
+pub(super) const MAX_ERRORS: usize = crate::MAX_DIAGNOSTICS;
 
 const ITEM_WORDS: [(&str, ItemKind); 3] = [("model", ItemKind::Model), ("chain", ItemKind::Chain), ("chainlist", ItemKind::ChainList)];
 
@@ -155,8 +168,9 @@ impl Parser {
     /// Error recovery: skips to the start of the next line, stopping before a `}`. After
     /// [`MAX_ERRORS`] errors, skips to the end of the file.
     fn recover(&mut self, e: SyntaxError) {
-        self.errs.push(e);
+        self.error(e);
         if self.errs.len() >= MAX_ERRORS {
+            self.gave_up = true;
             self.pos = self.toks.len() - 1;
             return;
         }
@@ -166,6 +180,12 @@ impl Parser {
         self.newlines();
     }
 
+    fn error(&mut self, e: SyntaxError) {
+        if !self.gave_up {
+            self.errs.push(e);
+        }
+    }
+
     fn file(&mut self) -> File {
         let mut items = Vec::new();
         self.newlines();
@@ -173,7 +193,7 @@ impl Parser {
             match self.item() {
                 Ok(m) => items.push(m),
                 Err(e) => {
-                    self.errs.push(e);
+                    self.error(e);
                     // Skip to the next item keyword at the start of a line.
                     while self.peek().tok != Tok::Eof && !(ITEM_WORDS.iter().any(|(w, _)| self.at_word(w)) && self.toks[self.pos - 1].tok == Tok::Newline) {
                         self.bump();
@@ -200,7 +220,7 @@ impl Parser {
             [] => None,
             [f, rest @ ..] => {
                 if let Some(second) = rest.first() {
-                    self.errs.push(SyntaxError::Expected { expected: "one `forward`".into(), found: "a second `forward`".into(), span: second.span });
+                    self.error(SyntaxError::Expected { expected: "one `forward`".into(), found: "a second `forward`".into(), span: second.span });
                 }
                 Some(f.clone())
             }
