@@ -295,7 +295,9 @@ pub fn init_param(spec: &ParamSpec) -> Tensor {
     let data: Vec<f32> = match spec.key.rsplit('/').next() {
         Some("W") => {
             let std = (1.0 / spec.shape[1..].iter().product::<usize>() as f64).sqrt();
-            rng::normal(&spec.key, n).map(|v| (v * std) as f32).collect()
+            let mut w = vec![0.0; n];
+            rng::normal_into(&spec.key, std, &mut w);
+            w
         }
         Some("gamma" | "avg_var") => vec![1.0; n],
         _ => vec![0.0; n],

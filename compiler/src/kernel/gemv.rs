@@ -33,16 +33,25 @@ pub fn linear(t: &mut Tables, n: &Node, l: &Linear, relu: bool) {
     // Each block of rb rows is one sequential run: per step of 8 weights, the rows' slots in turn, then
     // the rows' tails. bf16 slots hold a step as 4 pairs, and a tail weight each.
     let pair = |lo: f32, hi: f32| f32::from_bits((bf16_bits(hi) as u32) << 16 | bf16_bits(lo) as u32);
-    let step_slots = |c: &[f32]| if bf16 { (0..LANES).map(|j| pair(c[j], c[LANES + j])).collect() } else { c.to_vec() };
-    let tail_slots = |c: &[f32]| if bf16 { c.iter().map(|&v| pair(v, 0.0)).collect() } else { c.to_vec() };
+    // Appended in place: AlexBN's 58 M FC weights are packed at every start.
     let rows: Vec<&[f32]> = n.params[0].data().chunks(k).collect();
-    let w: Vec<f32> = rows
-        .chunks(rb)
-        .flat_map(|blk| {
-            let body = (0..kv / step).flat_map(move |s| blk.iter().flat_map(move |r| step_slots(&r[s * step..][..step])));
-            body.chain(blk.iter().flat_map(|r| tail_slots(&r[kv..])))
-        })
-        .collect();
+    let mut w: Vec<f32> = Vec::with_capacity(o * row);
+    for blk in rows.chunks(rb) {
+        for s in 0..kv / step {
+            for c in blk.iter().map(|r| &r[s * step..][..step]) {
+                match bf16 {
+                    true => w.extend((0..LANES).map(|j| pair(c[j], c[LANES + j]))),
+                    false => w.extend_from_slice(c),
+                }
+            }
+        }
+        for c in blk.iter().map(|r| &r[kv..]) {
+            match bf16 {
+                true => w.extend(c.iter().map(|&v| pair(v, 0.0))),
+                false => w.extend_from_slice(c),
+            }
+        }
+    }
     let (w, b) = (t.param(w), t.param(bias));
     let mut kb = Kb::new(format!("{}.{}", n.name, n.op.name()), o / rb);
     let [xb, wb, bb, yb] =
