@@ -429,10 +429,6 @@ fn write_npy(w: &mut dyn Write, y: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// Writes `path` through a temporary file in the same directory, renamed into place only on success, so
-/// a failure leaves no partial file. A symlink is kept (its target is replaced); a device or pipe
-/// (`/dev/null`, `/dev/stdout`) is written directly; a read-only file is refused. A new file gets the
-/// umask's permissions, a replaced one keeps its own.
 /// Checks that `path` can be written, before any work is done (so that a long run does not end in
 /// "cannot write", and a command with two outputs writes neither when one cannot be): not a directory,
 /// not a read-only file, in a directory that exists.
@@ -452,6 +448,10 @@ fn check_output(path: &Path) -> Result<()> {
     }
 }
 
+/// Writes `path` through a temporary file in the same directory, renamed into place only on success, so
+/// a failure leaves no partial file. A symlink is kept (its target is replaced); a device or pipe
+/// (`/dev/null`, `/dev/stdout`) is written directly; a read-only file is refused. A new file gets the
+/// umask's permissions, a replaced one keeps its own.
 fn write_atomic(path: &Path, body: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     check_output(path)?;
