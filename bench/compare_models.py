@@ -128,6 +128,10 @@ def main():
     for name in names:
         model = os.path.join(ROOT, "models", name + ".model")
         npz_path = os.path.join(args.weights, name + ".npz")
+        if not os.path.exists(npz_path) or not os.path.exists(os.path.join(args.weights, name + "_in.npy")):
+            # models/digits.model ships its own weights (copy them and an input in to include it).
+            print(f"| {name} | skipped: no {name}.npz and {name}_in.npy in {args.weights} |")
+            continue
         ir = subprocess.run([args.cnnc[0], "compile", model, "--emit", "ir", "-O0"], capture_output=True, text=True, check=True).stdout
         onnx_path = os.path.join(work, name + ".onnx")
         onnx.save(onnx_model(ir, np.load(npz_path)), onnx_path)
