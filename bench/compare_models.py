@@ -15,6 +15,10 @@ them: Chainer's own save_npz files. For each model:
    in-process (intra_op_num_threads=T, sequential, all graph optimizations, 3 warm-up runs).
    Prints per model each side's median latency over rounds and, per build, cnnc/ORT as the median
    of the rounds' paired ratios (both sides of a round see the same neighbours on a shared machine).
+4. With --startup, a second table from the same rounds: time to first answer and peak RSS. cnnc: the
+   whole `cnnc run NAME.model --weights NAME.npz --input NAME_in.npy` process, start to exit. ORT: a
+   Python process that creates the session from the ONNX file and runs once; its time is session
+   creation plus first run (imports excluded), its RSS the whole process's, Python included.
 """
 import argparse
 import json
@@ -22,7 +26,9 @@ import os
 import re
 import statistics
 import subprocess
+import sys
 import tempfile
+import time
 
 import numpy as np
 import onnx
@@ -109,6 +115,30 @@ def onnx_model(ir, npz):
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
 
 
+ORT_FIRST = """
+import sys, time
+import numpy as np, onnxruntime as ort
+x = np.load(sys.argv[2]).astype(np.float32)
+t = time.perf_counter()
+so = ort.SessionOptions()
+so.intra_op_num_threads, so.inter_op_num_threads = int(sys.argv[3]), 1
+s = ort.InferenceSession(sys.argv[1], so, providers=["CPUExecutionProvider"])
+s.run(None, {s.get_inputs()[0].name: x})
+print(time.perf_counter() - t)
+"""
+
+
+def process(cmd):
+    """Runs `cmd`; returns (wall seconds, peak RSS in MB, standard output). The RSS comes from GNU time:
+    a child forked from this (large) Python process inherits its high-water mark through exec."""
+    t = time.perf_counter()
+    p = subprocess.run(["/usr/bin/time", "-f", "%M"] + cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if p.returncode != 0:
+        raise SystemExit(f"failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr}")
+    return wall, int(p.stderr.strip().splitlines()[-1]) / 1024, p.stdout
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--weights", required=True, help="folder of NAME.npz and NAME_in.npy (gen_models.py --write-weights)")
@@ -118,7 +148,9 @@ def main():
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--models", nargs="*")
+    ap.add_argument("--startup", action="store_true", help="also time the first answer and peak RSS of each side's process")
     args = ap.parse_args()
+    startup_rows = []
     names = args.models or sorted(f[:-6] for f in os.listdir(os.path.join(ROOT, "models")) if f.endswith(".model"))
     work = tempfile.mkdtemp(prefix="cnnc-models-")
     print(f"batch {args.batch}, {args.threads} threads, {args.rounds} rounds of {args.runs} runs; builds: {' '.join(args.cnnc)}")
@@ -146,7 +178,16 @@ def main():
         x = np.random.default_rng(0).standard_normal([args.batch] + list(x_in.shape[1:])).astype(np.float32)
         cnnc_ms = [[] for _ in args.cnnc]
         ort_ms = []
+        first = [[] for _ in args.cnnc]  # (seconds, MB) per round
+        ort_first = []
         for _ in range(args.rounds):
+            if args.startup:
+                in_path = os.path.join(args.weights, name + "_in.npy")
+                for i, c in enumerate(args.cnnc):
+                    wall, rss, _ = process([c, "run", model, "--weights", npz_path, "--input", in_path, "--output", y_path, "--threads", str(args.threads)])
+                    first[i].append((wall, rss))
+                _, rss, out = process([sys.executable, "-c", ORT_FIRST, onnx_path, in_path, str(args.threads)])
+                ort_first.append((float(out.strip()), rss))
             for i, c in enumerate(args.cnnc):
                 out = subprocess.run([c, "bench", model, "--weights", npz_path, "--json", "--batch", str(args.batch), "--runs", str(args.runs),
                                       "--threads", str(args.threads)], capture_output=True, text=True, check=True).stdout
@@ -157,6 +198,17 @@ def main():
             ratios = [a / b for a, b in zip(ms, ort_ms)]
             cells.append(f"{statistics.median(ms):.2f} | **{statistics.median(ratios):.2f}** ({' '.join(f'{r:.2f}' for r in ratios)})")
         print(f"| {name} | {gate:.1e} | {statistics.median(ort_ms):.2f} | {' | '.join(cells)} |", flush=True)
+        if args.startup:
+            cells = []
+            for runs in first:
+                ratios = [a[0] / b[0] for a, b in zip(runs, ort_first)]
+                cells.append(f"{statistics.median(r[0] for r in runs):.2f} | **{statistics.median(ratios):.2f}** | {max(r[1] for r in runs):.0f}")
+            startup_rows.append(f"| {name} | {statistics.median(r[0] for r in ort_first):.2f} | {max(r[1] for r in ort_first):.0f} | {' | '.join(cells)} |")
+    if startup_rows:
+        head = " | ".join(f"build {i} s | build {i}/ORT | build {i} MB" for i in range(len(args.cnnc)))
+        print(f"\nTime to first answer (median of rounds) and peak RSS (max of rounds)\n\n| model | ORT s | ORT MB | {head} |")
+        print("|---|---:|---:|" + "---:|---:|---:|" * len(args.cnnc))
+        print("\n".join(startup_rows))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ pub fn model_files() -> Vec<PathBuf> {
 pub fn load_npy(path: &Path) -> Tensor {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let f = npyz::NpyFile::new(&bytes[..]).expect("valid npy");
-    let (shape, data) = weights::read_npy(f).unwrap_or_else(|_| panic!("{} is not f32/f64", path.display()));
+    let (shape, data) = weights::read_npy(f, None).unwrap_or_else(|_| panic!("{} is not f32/f64", path.display()));
     Tensor::new(shape, data).expect("consistent npy")
 }
 
@@ -60,10 +60,10 @@ pub fn run_graph(src: &Source, g: &cnnc::ir::Graph, params: Params, x: Tensor) -
 pub fn bind(src: &Source, g: &cnnc::ir::Graph, params: Params) -> Bound {
     match params {
         Params::File(p) => {
-            let mut w = Weights::open(p).expect("weights open");
-            weights::bind(g, &mut w).unwrap_or_else(|d| panic!("{}", src.render_plain(&d)))
+            let w = Weights::open(p).expect("weights open");
+            weights::bind(g, &w).unwrap_or_else(|d| panic!("{}", src.render_plain(&d)))
         }
-        Params::Init => weights::bind(g, &mut Weights::init()).expect("init binds"),
+        Params::Init => weights::bind(g, &Weights::init()).expect("init binds"),
         Params::Generated(f) => Bound { params: g.params().into_iter().map(|s| (s.clone(), f(&s.key, &s.shape))).collect(), notes: vec![] },
     }
 }

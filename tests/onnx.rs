@@ -195,9 +195,9 @@ fn round_trip(weights: &std::collections::HashMap<String, cnnc::weights::Array>,
     let mut bytes = vec![];
     cnnc::weights::write(&mut bytes, weights, false).map_err(|e| e.to_string())?;
     std::fs::write(&path, bytes).map_err(|e| e.to_string())?;
-    let mut back = cnnc::weights::Weights::open(&path).map_err(|e| e.to_string())?;
+    let back = cnnc::weights::Weights::open(&path).map_err(|e| e.to_string())?;
     for (key, (shape, data)) in weights {
-        let (s, d) = back.read(key).map_err(|e| e.to_string())?;
+        let (s, d) = back.read(key, None).map_err(|e| e.to_string())?;
         if &s != shape || !d.iter().map(|v| v.to_bits()).eq(data.iter().map(|v| v.to_bits())) {
             return Err(format!("`{key}` changed through the npz").into());
         }

@@ -222,9 +222,10 @@ proptest! {
         };
         let bias_of = |names: &[&str]| if nobias { vec![] } else { vec![cnnc::ir::Param::Cat(names.iter().map(|n| key(n)).collect())] };
         let merged = run(&|b, input| {
-            let w = b.param(cnnc::lower::eval(&cnnc::ir::Param::Cat(vec![key("a/W"), key("b/W")]), &tensors));
+            let mut t = cnnc::lower::Tensors::from(tensors.clone());
+            let w = b.param(cnnc::lower::eval(&cnnc::ir::Param::Cat(vec![key("a/W"), key("b/W")]), &mut t));
             let mut ps = vec![w];
-            ps.extend(bias_of(&["a/b", "b/b"]).iter().map(|p| b.param(cnnc::lower::eval(p, &tensors))));
+            ps.extend(bias_of(&["a/b", "b/b"]).iter().map(|p| b.param(cnnc::lower::eval(p, &mut t))));
             let m = b.step(Op::Conv2d(conv(o1 + o2)), vec![input], ps).unwrap();
             let s1 = b.step(Op::Slice { axis: Axis(1), start: 0, len: o1 }, vec![m], vec![]).unwrap();
             let s2 = b.step(Op::Slice { axis: Axis(1), start: o1, len: o2 }, vec![m], vec![]).unwrap();

@@ -82,7 +82,7 @@ pub fn from_bytes(p: String, bytes: &[u8], dims: &[usize], pre: &Preprocess) -> 
 fn npy(p: &str, bytes: &[u8], dims: &[usize]) -> Result<Tensor, InputError> {
     check_npy_header(bytes).map_err(|reason| InputError::Decode { path: p.into(), reason })?;
     let f = npyz::NpyFile::new(bytes).map_err(|e| InputError::Decode { path: p.into(), reason: e.to_string() })?;
-    let (shape, data) = read_npy(f).map_err(|e| match e {
+    let (shape, data) = read_npy(f, None).map_err(|e| match e {
         NpyError::Dtype(dtype) => InputError::Dtype { path: p.into(), dtype },
         NpyError::Bad(reason) => InputError::Decode { path: p.into(), reason },
     })?;

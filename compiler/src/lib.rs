@@ -195,11 +195,11 @@ impl Loaded {
     /// Binds the weights in `path` (or the imported ones, or Chainer's initializers) to the graph; the
     /// bound parameters' notes (unused keys) are for the caller to show.
     pub fn bind(&mut self, path: Option<&Path>) -> Result<weights::Bound, LoadError> {
-        let mut w = match (path, self.imported.take()) {
+        let w = match (path, self.imported.take()) {
             (Some(p), _) => Weights::open(p)?,
             (None, Some(w)) => w,
             (None, None) => Weights::init(),
         };
-        weights::bind(&self.graph, &mut w).map_err(|diags| failed(&self.src, diags, true))
+        weights::bind(&self.graph, &w).map_err(|diags| failed(&self.src, diags, true))
     }
 }

@@ -12,7 +12,7 @@ use cnnc_runtime::{Plan, Tensor};
 use std::collections::HashMap;
 
 pub fn lower(graph: &Graph, bound: Bound) -> Result<Plan, PlanError> {
-    let tensors: HashMap<String, Tensor> = bound.params.into_iter().map(|(s, t)| (s.key, t)).collect();
+    let mut tensors = Tensors::new(graph, bound);
     let mut b = PlanBuilder::default();
     let mut params: HashMap<&Param, ParamId> = HashMap::new();
     let mut values: HashMap<crate::ir::NodeId, ValueId> = HashMap::new();
@@ -21,7 +21,7 @@ pub fn lower(graph: &Graph, bound: Bound) -> Result<Plan, PlanError> {
             Kind::Input(_) => b.input(n.shape.clone()),
             Kind::Op(op) => {
                 let ins = graph.args(id).iter().map(|a| values[a]).collect();
-                let ps = n.params.iter().map(|p| *params.entry(p).or_insert_with(|| b.param(eval(p, &tensors)))).collect();
+                let ps = n.params.iter().map(|p| *params.entry(p).or_insert_with(|| b.param(eval(p, &mut tensors)))).collect();
                 b.step(op.clone(), ins, ps)?
             }
         };
@@ -30,32 +30,91 @@ pub fn lower(graph: &Graph, bound: Bound) -> Result<Plan, PlanError> {
     Ok(b.finish(values[&graph.output]))
 }
 
+/// The bound tensors, each handed over by its last reader: a key no later term reads is moved, not
+/// copied, so lowering holds each weight once (AlexBN's fc6 is 151 MB) and frees it once packed.
+pub struct Tensors {
+    map: HashMap<String, Tensor>,
+    /// Reads left per key: an upper bound (the reference lowering evaluates a shared term once). A key
+    /// without a count is copied at every read.
+    left: HashMap<String, usize>,
+}
+
+impl Tensors {
+    pub fn new(graph: &Graph, bound: Bound) -> Tensors {
+        let mut left = HashMap::new();
+        for (_, n) in graph.nodes() {
+            n.params.iter().for_each(|p| reads(p, &mut |k| *left.entry(k).or_insert(0) += 1));
+        }
+        Tensors { map: bound.params.into_iter().map(|(s, t)| (s.key, t)).collect(), left }
+    }
+
+    fn take(&mut self, k: String) -> Tensor {
+        let last = self.left.get_mut(&k).is_some_and(|left| {
+            *left -= 1;
+            *left == 0
+        });
+        let t = if last { self.map.remove(&k) } else { self.map.get(&k).cloned() };
+        t.unwrap_or_else(|| panic!("`{k}` was bound"))
+    }
+}
+
+/// Tensors by key, each copied at every read.
+impl From<HashMap<String, Tensor>> for Tensors {
+    fn from(map: HashMap<String, Tensor>) -> Tensors {
+        Tensors { map, left: HashMap::new() }
+    }
+}
+
+/// The four statistics of BatchNormalization `bn`; FoldW reads the first two, FoldB all four.
+fn bn_keys(bn: &str) -> [String; 4] {
+    ["gamma", "avg_var", "beta", "avg_mean"].map(|s| format!("{bn}/{s}"))
+}
+
+/// Every key [`eval`] reads for `p`, once per read.
+fn reads(p: &Param, f: &mut impl FnMut(String)) {
+    match p {
+        Param::Key(k) => f(k.clone()),
+        Param::FoldW { w, bn, .. } => {
+            reads(w, f);
+            bn_keys(bn).into_iter().take(2).for_each(f);
+        }
+        Param::FoldB { b, bn, .. } => {
+            b.iter().for_each(|b| reads(b, f));
+            bn_keys(bn).into_iter().for_each(f);
+        }
+        Param::Cat(parts) => parts.iter().for_each(|q| reads(q, f)),
+    }
+}
+
 /// Evaluates a parameter term over the bound tensors (every key was checked when binding).
-pub fn eval(p: &Param, tensors: &HashMap<String, Tensor>) -> Tensor {
-    let key = |k: String| tensors.get(&k).unwrap_or_else(|| panic!("`{k}` was bound")).data().to_vec();
-    // BatchNormalization's per-channel scale γ/√(var + eps) and its statistics, in f64.
-    let bn = |bn: &str, eps_bits: u64| {
-        let (gamma, var) = (key(format!("{bn}/gamma")), key(format!("{bn}/avg_var")));
-        let scale: Vec<f64> = gamma.iter().zip(&var).map(|(&g, &v)| g as f64 / (v as f64 + f64::from_bits(eps_bits)).sqrt()).collect();
-        (scale, key(format!("{bn}/beta")), key(format!("{bn}/avg_mean")))
+pub fn eval(p: &Param, t: &mut Tensors) -> Tensor {
+    // BatchNormalization's per-channel scale γ/√(var + eps) and, for FoldB, β and the mean, in f64.
+    let mut bn = |bn: &str, eps_bits: u64, all: bool| {
+        let [gamma, var, beta, mean] = bn_keys(bn);
+        let (gamma, var) = (t.take(gamma), t.take(var));
+        let scale: Vec<f64> = gamma.data().iter().zip(var.data()).map(|(&g, &v)| g as f64 / (v as f64 + f64::from_bits(eps_bits)).sqrt()).collect();
+        let rest = all.then(|| (t.take(beta).into_data(), t.take(mean).into_data()));
+        (scale, rest)
     };
     match p {
-        Param::Key(k) => tensors[k].clone(),
+        Param::Key(k) => t.take(k.clone()),
         Param::FoldW { w, bn: name, eps_bits } => {
-            let w = eval(w, tensors);
-            let (scale, _, _) = bn(name, *eps_bits);
+            let (scale, _) = bn(name, *eps_bits, false);
+            // In place: the weights were handed over (or copied) for this term alone.
+            let mut w = eval(w, t);
             let per_channel = w.data().len() / scale.len();
-            let data = w.data().iter().enumerate().map(|(i, &v)| (v as f64 * scale[i / per_channel]) as f32).collect();
-            Tensor::new(w.shape().to_vec(), data).expect("same shape")
+            cnnc_runtime::par::chunks_mut(w.data_mut(), per_channel, |c, ws| ws.iter_mut().for_each(|v| *v = (*v as f64 * scale[c]) as f32));
+            w
         }
         Param::FoldB { b, bn: name, eps_bits } => {
-            let (scale, beta, mean) = bn(name, *eps_bits);
-            let b = b.as_ref().map(|b| eval(b, tensors).into_data()).unwrap_or_else(|| vec![0.0; scale.len()]);
+            let (scale, rest) = bn(name, *eps_bits, true);
+            let (beta, mean) = rest.expect("asked for all four");
+            let b = b.as_ref().map(|b| eval(b, t).into_data()).unwrap_or_else(|| vec![0.0; scale.len()]);
             let data = (0..scale.len()).map(|c| ((b[c] as f64 - mean[c] as f64) * scale[c] + beta[c] as f64) as f32).collect();
             Tensor::new(vec![scale.len()], data).expect("one value per channel")
         }
         Param::Cat(parts) => {
-            let parts: Vec<Tensor> = parts.iter().map(|q| eval(q, tensors)).collect();
+            let parts: Vec<Tensor> = parts.iter().map(|q| eval(q, t)).collect();
             let mut shape = parts[0].shape().to_vec();
             shape[0] = parts.iter().map(|t| t.shape()[0]).sum();
             Tensor::new(shape, parts.into_iter().flat_map(Tensor::into_data).collect()).expect("same trailing dims")

@@ -306,7 +306,7 @@ fn compile(a: &CompileArgs) -> Result<()> {
                 "{}activation arena (batch {batch}, planned): {:.2} MiB; packed parameters: {:.2} MiB; {} kernel launches\n",
                 ir::table(&g),
                 mib(p.arena_len),
-                mib(p.params.iter().map(Vec::len).sum()),
+                mib(p.params.iter().map(|p| p.len()).sum()),
                 p.launches.len()
             )
         }

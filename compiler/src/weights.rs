@@ -11,6 +11,7 @@ use cnnc_runtime::{rng, Tensor};
 use std::collections::HashMap;
 use std::io::Cursor;
 use std::path::Path;
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WeightError {
@@ -37,12 +38,65 @@ pub struct Weights {
 }
 
 enum Store {
-    Npz(npyz::npz::NpzArchive<Cursor<Vec<u8>>>),
+    /// A zip of `.npy` members (its central directory read once), whose members are inflated in place
+    /// from the file, each reader with its own cursor: threads decode members side by side.
+    Npz(zip::ZipArchive<At>),
     Safetensors(Vec<u8>),
     /// Deterministic initialisation (no file).
     Init,
-    /// Arrays already in memory (an imported ONNX model's).
-    Memory(HashMap<String, Array>),
+    /// Arrays already in memory (an imported ONNX model's), each handed over when read.
+    Memory(std::sync::Mutex<HashMap<String, Array>>),
+}
+
+/// A cursor over a weights file's bytes. A file is read with positional reads, so that clones share
+/// one handle and the file is never held whole in memory beside the arrays decoded from it.
+#[derive(Clone)]
+struct At {
+    bytes: Arc<Bytes>,
+    pos: u64,
+}
+
+enum Bytes {
+    File(std::fs::File, u64),
+    Memory(Vec<u8>),
+}
+
+impl Bytes {
+    fn len(&self) -> u64 {
+        match self {
+            Bytes::File(_, len) => *len,
+            Bytes::Memory(b) => b.len() as u64,
+        }
+    }
+}
+
+impl std::io::Read for At {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.bytes.len().saturating_sub(self.pos);
+        let n = left.min(buf.len() as u64) as usize;
+        let buf = &mut buf[..n];
+        let n = match &*self.bytes {
+            Bytes::File(f, _) => std::os::unix::fs::FileExt::read_at(f, buf, self.pos)?,
+            Bytes::Memory(b) => {
+                buf.copy_from_slice(&b[self.pos as usize..][..buf.len()]);
+                buf.len()
+            }
+        };
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl std::io::Seek for At {
+    fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+        let pos = match to {
+            std::io::SeekFrom::Start(p) => Some(p),
+            std::io::SeekFrom::End(d) => self.bytes.len().checked_add_signed(d),
+            std::io::SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        self.pos = pos.ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek before the start of the file"))?;
+        Ok(self.pos)
+    }
 }
 
 /// A raw array: shape and values converted to f32.
@@ -50,25 +104,46 @@ pub type Array = (Vec<usize>, Vec<f32>);
 
 impl Weights {
     /// Opens a `.npz` (as written by `chainer.serializers.save_npz`, compressed or not) or a safetensors file,
-    /// telling them apart by content.
+    /// telling them apart by content. An npz file stays on disk and is read member by member.
     pub fn open(path: &Path) -> Result<Weights, WeightError> {
         let p = path.display().to_string();
-        let bytes = read_within_memory(path).map_err(|source| WeightError::Io { path: p.clone(), source })?;
+        let io = |source| WeightError::Io { path: p.clone(), source };
+        let mut magic = [0u8; 9];
+        let file = std::fs::File::open(path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        let got = std::os::unix::fs::FileExt::read_at(&file, &mut magic, 0).map_err(io)?;
+        if is_zip(&magic[..got]) {
+            return Weights::npz(p, Bytes::File(file, len));
+        }
+        let bytes = read_within_memory(path).map_err(io)?;
         Weights::from_bytes(p, bytes)
     }
 
     /// The weights file `bytes`, named `p` in messages.
     pub fn from_bytes(p: String, bytes: Vec<u8>) -> Result<Weights, WeightError> {
-        let corrupt = |format, reason: String| WeightError::Corrupt { path: p.clone(), format, reason };
-        let store = if bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"PK\x05\x06") {
-            Store::Npz(npyz::npz::NpzArchive::new(Cursor::new(bytes)).map_err(|e| corrupt("npz", e.to_string()))?)
-        } else if bytes.len() >= 9 && bytes[8] == b'{' {
-            safetensors::SafeTensors::deserialize(&bytes).map_err(|e| corrupt("safetensors", e.to_string()))?;
+        if is_zip(&bytes) {
+            return Weights::npz(p, Bytes::Memory(bytes));
+        }
+        let store = if bytes.len() >= 9 && bytes[8] == b'{' {
+            safetensors::SafeTensors::deserialize(&bytes).map_err(|e| WeightError::Corrupt {
+                path: p.clone(),
+                format: "safetensors",
+                reason: e.to_string(),
+            })?;
             Store::Safetensors(bytes)
         } else {
             return Err(WeightError::UnknownFormat { path: p });
         };
         Ok(Weights { path: p, store })
+    }
+
+    fn npz(p: String, bytes: Bytes) -> Result<Weights, WeightError> {
+        let zip = zip::ZipArchive::new(At { bytes: Arc::new(bytes), pos: 0 }).map_err(|e| WeightError::Corrupt {
+            path: p.clone(),
+            format: "npz",
+            reason: e.to_string(),
+        })?;
+        Ok(Weights { path: p, store: Store::Npz(zip) })
     }
 
     /// No file: parameters are initialised deterministically (see [`init_param`]).
@@ -78,7 +153,7 @@ impl Weights {
 
     /// The arrays of a model imported from `path`.
     pub fn from_arrays(path: &Path, arrays: HashMap<String, Array>) -> Weights {
-        Weights { path: path.display().to_string(), store: Store::Memory(arrays) }
+        Weights { path: path.display().to_string(), store: Store::Memory(arrays.into()) }
     }
 
     pub fn is_init(&self) -> bool {
@@ -87,30 +162,36 @@ impl Weights {
 
     pub fn keys(&self) -> Vec<String> {
         match &self.store {
-            Store::Npz(z) => z.array_names().map(str::to_string).collect(),
+            Store::Npz(z) => z.file_names().filter_map(|f| f.strip_suffix(".npy")).map(str::to_string).collect(),
             Store::Safetensors(b) => safetensors::SafeTensors::deserialize(b).map(|s| s.names().into_iter().map(str::to_string).collect()).unwrap_or_default(),
             Store::Init => vec![],
-            Store::Memory(m) => m.keys().cloned().collect(),
+            Store::Memory(m) => m.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect(),
         }
     }
 
-    /// The array under `key`, converted to f32.
-    pub fn read(&mut self, key: &str) -> Result<Array, WeightError> {
+    /// The array under `key`, converted to f32. Several threads may read different keys at once; an
+    /// array held in memory is moved out, so each key is read once. With `want`, an array of another
+    /// shape comes back without its values, unread: a file cannot make cnnc hold more than the model
+    /// needs (binding reads every member at once, on every core).
+    pub fn read(&self, key: &str, want: Option<&[usize]>) -> Result<Array, WeightError> {
         let corrupt = |reason: String| WeightError::Corrupt { path: self.path.clone(), format: "npz", reason: format!("array `{key}`: {reason}") };
-        match &mut self.store {
+        match &self.store {
             Store::Npz(z) => {
+                use std::io::Read;
+                let mut z = z.clone();
                 let mut head = Vec::new();
-                if let Ok(member) = z.zip_archive().by_name(&npyz::npz::file_name_from_array_name(key)) {
-                    use std::io::Read;
-                    member.take(HEADER_SCAN).read_to_end(&mut head).map_err(|e| corrupt(e.to_string()))?;
-                }
+                z.by_name(&format!("{key}.npy"))
+                    .map_err(|e| corrupt(e.to_string()))?
+                    .take(HEADER_SCAN)
+                    .read_to_end(&mut head)
+                    .map_err(|e| corrupt(e.to_string()))?;
                 check_npy_header(&head).map_err(corrupt)?;
-                let npy = z.by_name(key).map_err(|e| corrupt(e.to_string()))?.ok_or_else(|| corrupt("missing".into()))?;
-                let (shape, data) = read_npy(npy).map_err(|e| match e {
+                let member = z.by_name(&format!("{key}.npy")).map_err(|e| corrupt(e.to_string()))?;
+                let npy = npyz::NpyFile::new(member).map_err(|e| corrupt(e.to_string()))?;
+                read_npy(npy, want).map_err(|e| match e {
                     NpyError::Dtype(dtype) => WeightError::Dtype { path: self.path.clone(), key: key.into(), dtype },
                     NpyError::Bad(reason) => corrupt(reason),
-                })?;
-                Ok((shape, data))
+                })
             }
             Store::Safetensors(bytes) => {
                 let st = safetensors::SafeTensors::deserialize(bytes).expect("validated in open");
@@ -122,12 +203,19 @@ impl Weights {
                     safetensors::Dtype::F64 => Float::F64,
                     d => return Err(WeightError::Dtype { path: self.path.clone(), key: key.into(), dtype: format!("{d:?}") }),
                 };
+                if want.is_some_and(|w| w != t.shape()) {
+                    return Ok((t.shape().to_vec(), vec![]));
+                }
                 Ok((t.shape().to_vec(), ty.decode(t.data(), true)))
             }
-            Store::Memory(m) => m.get(key).cloned().ok_or_else(|| corrupt("missing".into())),
+            Store::Memory(m) => m.lock().unwrap_or_else(|e| e.into_inner()).remove(key).ok_or_else(|| corrupt("missing".into())),
             Store::Init => unreachable!("initialised weights are not read"),
         }
     }
+}
+
+fn is_zip(bytes: &[u8]) -> bool {
+    bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"PK\x05\x06")
 }
 
 /// How much of an `.npy` [`check_npy_header`] reads: the magic, the length and the longest header.
@@ -162,8 +250,8 @@ pub enum NpyError {
 
 /// Reads a float16, float32 or float64 `.npy` array as f32 in C order (the one npy reader for weights and
 /// inputs); a Fortran-order one, as `np.save` writes a transposed array, is reordered.
-pub fn read_npy<R: std::io::Read>(npy: npyz::NpyFile<R>) -> Result<Array, NpyError> {
-    use std::io::Read;
+/// With `want`, an array of another shape comes back without its values, unread.
+pub fn read_npy<R: std::io::Read>(npy: npyz::NpyFile<R>, want: Option<&[usize]>) -> Result<Array, NpyError> {
     let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
     // The header's shape is untrusted: its element count must not overflow (npyz would read 0 values).
     if shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).is_none_or(|n| n > 1 << 34) {
@@ -178,6 +266,9 @@ pub fn read_npy<R: std::io::Read>(npy: npyz::NpyFile<R>) -> Result<Array, NpyErr
         _ => return Err(NpyError::Dtype(descr)),
     };
     let width = ty.width();
+    if want.is_some_and(|w| w != shape) {
+        return Ok((shape, vec![]));
+    }
     // Decoded in bulk: element-by-element reads through a zip entry spent seconds on 60 M parameters.
     let n: usize = shape.iter().product();
     if let Some(limit) = memory_limit().filter(|&m| n.saturating_mul(4) as u64 > m) {
@@ -187,16 +278,20 @@ pub fn read_npy<R: std::io::Read>(npy: npyz::NpyFile<R>) -> Result<Array, NpyErr
             gib(limit)
         )));
     }
-    // Grown as the bytes arrive, not sized from the header: a header may declare far more than the file holds.
-    let mut raw = Vec::with_capacity((n * width).min(1 << 26));
-    let mut data = npy.into_inner();
-    (&mut data).take((n * width) as u64).read_to_end(&mut raw).map_err(|e| NpyError::Bad(e.to_string()))?;
-    if raw.len() < n * width {
-        return Err(NpyError::Bad(format!("truncated: {n} values need {} bytes of data, found {}", n * width, raw.len())));
-    }
+    let mut r = npy.into_inner();
+    let little = !descr.starts_with('>');
+    let truncated = |got: usize| NpyError::Bad(format!("truncated: {n} values need {} bytes of data, found {got}", n * width));
+    let data = if matches!(ty, Float::F32) && little {
+        // The common case lands in its final buffer: no byte copy beside it.
+        let mut v: Vec<f32> = grown(n, |v: &mut [f32]| fill(&mut r, bytemuck::cast_slice_mut(v))).map_err(|(e, got)| e.unwrap_or_else(|| truncated(got)))?;
+        v.shrink_to_fit();
+        v
+    } else {
+        let raw: Vec<u8> = grown(n * width, |v: &mut [u8]| fill(&mut r, v)).map_err(|(e, got)| e.unwrap_or_else(|| truncated(got)))?;
+        ty.decode(&raw, little)
+    };
     // Read to the end: a zip member's checksum is checked there, and a damaged one must not pass as weights.
-    std::io::copy(&mut data, &mut std::io::sink()).map_err(|e| NpyError::Bad(e.to_string()))?;
-    let data = ty.decode(&raw, !descr.starts_with('>'));
+    std::io::copy(&mut r, &mut std::io::sink()).map_err(|e| NpyError::Bad(e.to_string()))?;
     if !fortran {
         return Ok((shape, data));
     }
@@ -204,6 +299,37 @@ pub fn read_npy<R: std::io::Read>(npy: npyz::NpyFile<R>) -> Result<Array, NpyErr
     let stored: Vec<usize> = shape.iter().rev().copied().collect();
     let axes: Vec<usize> = (0..shape.len()).rev().collect();
     Ok((shape, cnnc_runtime::reference::transposed(&stored, &axes).map(|i| data[i]).collect()))
+}
+
+/// `n` elements filled by `read`, the buffer grown as they arrive rather than sized from a header that
+/// may declare far more than its file holds. `read` fills a slice and returns the bytes it read.
+/// Err: the reader's error, or none and how many bytes arrived in all.
+fn grown<T: Copy + Default>(n: usize, mut read: impl FnMut(&mut [T]) -> std::io::Result<usize>) -> Result<Vec<T>, (Option<NpyError>, usize)> {
+    let size = std::mem::size_of::<T>();
+    let mut v = Vec::new();
+    while v.len() < n {
+        let start = v.len();
+        v.resize(start + (n - start).min(start.max(1 << 16)), T::default());
+        let got = read(&mut v[start..]).map_err(|e| (Some(NpyError::Bad(e.to_string())), start * size))?;
+        if got < (v.len() - start) * size {
+            return Err((None, start * size + got));
+        }
+    }
+    Ok(v)
+}
+
+/// Reads until `buf` is full or the reader ends; returns how many bytes it read.
+fn fill(r: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match r.read(&mut buf[done..]) {
+            Ok(0) => break,
+            Ok(k) => done += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
 }
 
 /// A floating-point element type read as f32: what numpy, safetensors and ONNX write for weights and
@@ -319,7 +445,7 @@ impl Bound {
 }
 
 /// Reads every parameter the graph needs, checking keys and shapes; reports all problems at once.
-pub fn bind(graph: &Graph, w: &mut Weights) -> Result<Bound, Vec<Diagnostic>> {
+pub fn bind(graph: &Graph, w: &Weights) -> Result<Bound, Vec<Diagnostic>> {
     let specs = graph.params();
     if w.is_init() {
         let params = specs.into_iter().map(|s| (init_param(&s), s)).map(|(t, s)| (s, t)).collect();
@@ -331,31 +457,38 @@ pub fn bind(graph: &Graph, w: &mut Weights) -> Result<Bound, Vec<Diagnostic>> {
     if !prefix.is_empty() {
         notes.push(Diagnostic::note_level(format!("`{}` stores the model's parameters under `{prefix}`; using them", w.path)));
     }
-    for spec in specs {
+    // Read and checked on every core, in the order of the specs.
+    let known: std::collections::HashSet<&String> = keys.iter().collect();
+    let read = cnnc_runtime::par::map(&specs, |spec| {
         let key = format!("{prefix}{}", spec.key);
-        if !keys.contains(&key) {
-            errors.push(missing(&w.path, &spec, &keys));
-            continue;
+        if !known.contains(&key) {
+            return Err(missing(&w.path, spec, &keys));
         }
-        match w.read(&key) {
+        match w.read(&key, Some(&spec.shape)) {
             Ok((shape, data)) if shape == spec.shape => match impossible(&key, &data) {
                 Some(why) => {
                     let d = Diagnostic::error(format!("parameter `{key}` in `{}` {why}", w.path));
-                    errors.push(match spec.decl {
+                    Err(match spec.decl {
                         Some(decl) => d.label(decl, "the link that reads it").note("the file is damaged, or the training that wrote it diverged"),
                         None => d.note("the file is damaged, or the training that wrote it diverged"),
-                    });
+                    })
                 }
-                None => params.push((spec, Tensor::new(shape, data).expect("npy shape matches data"))),
+                None => Ok(Tensor::new(shape, data).expect("npy shape matches data")),
             },
             Ok((shape, _)) => {
                 let mut d = Diagnostic::error(format!("parameter `{key}` has shape {shape:?} in `{}`, but the model needs {:?}", w.path, spec.shape));
                 if let Some(decl) = spec.decl {
                     d = d.label(decl, format!("this link needs {key} of shape {:?}", spec.shape));
                 }
-                errors.push(d);
+                Err(d)
             }
-            Err(e) => errors.push(e.diagnostic()),
+            Err(e) => Err(e.diagnostic()),
+        }
+    });
+    for (spec, r) in specs.into_iter().zip(read) {
+        match r {
+            Ok(t) => params.push((spec, t)),
+            Err(d) => errors.push(d),
         }
     }
     if !errors.is_empty() {

@@ -368,7 +368,7 @@ mod emu {
     pub fn run(ptx: &str, program: &Program, inputs: &[&Tensor]) -> Result<Tensor, String> {
         let entries = parse(ptx);
         let mut mem: Vec<Vec<f32>> = vec![vec![], vec![0.0; program.arena_len]];
-        mem.extend(program.params.iter().cloned());
+        mem.extend(program.params.iter().map(|p| p.to_vec()));
         for (x, (offset, _)) in inputs.iter().zip(&program.inputs) {
             mem[1][*offset..*offset + x.data().len()].copy_from_slice(x.data());
         }

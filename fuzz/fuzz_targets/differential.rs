@@ -103,7 +103,7 @@ libfuzzer_sys::fuzz_target!(|net: Net| {
     let (model, shape) = text(&net);
     let src = Source::new("fuzz.model", model.clone());
     let (g, _) = cnnc::compile(&src).unwrap_or_else(|cnnc::diag::Failed(d)| panic!("a generated model does not compile:\n{model}\n{}", src.render_plain(&d)));
-    let bound = cnnc::weights::bind(&g, &mut cnnc::weights::Weights::init()).expect("initialised weights bind");
+    let bound = cnnc::weights::bind(&g, &cnnc::weights::Weights::init()).expect("initialised weights bind");
     let n: usize = shape.iter().product();
     let mut state = net.seed as u64 | 1;
     let x: Vec<f32> = (0..n).map(|_| {

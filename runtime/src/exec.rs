@@ -14,7 +14,7 @@ use crate::plan::RunError;
 use crate::Tensor;
 use std::any::Any;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A compiled kernel: `bufs` points at its buffers (in the kernel's order); the task computes its
@@ -37,19 +37,20 @@ pub struct Step {
     pub flops: u64,
 }
 
-/// A zero-initialized `f32` buffer, 64-byte aligned (cache lines, vectors). Buffers of 2 MiB or more
+/// An `f32` buffer, 64-byte aligned (cache lines, vectors): the arena, and each packed parameter, made
+/// once when the model is lowered and shared by the executables built from it. Buffers of 2 MiB or more
 /// are 2 MiB aligned and, on Linux, asked to be backed by huge pages, so that streaming 150 MB of FC
-/// weights takes no TLB miss per 4 KiB. (On the 2-core test machine this made no difference beyond
-/// noise — FC there is limited by memory streams per core — but it costs nothing.)
-struct Aligned {
+/// weights takes no TLB miss per 4 KiB. Allocation is fallible, unlike `Vec`'s: a refused allocation
+/// is an error for the user, not an abort.
+pub struct Buffer {
     ptr: *mut f32,
     len: usize,
     layout: std::alloc::Layout,
 }
 
-// SAFETY: `Aligned` owns its allocation like a `Vec<f32>`.
-unsafe impl Send for Aligned {}
-unsafe impl Sync for Aligned {}
+// SAFETY: `Buffer` owns its allocation like a `Vec<f32>`.
+unsafe impl Send for Buffer {}
+unsafe impl Sync for Buffer {}
 
 const HUGE: usize = 2 << 20;
 
@@ -59,17 +60,28 @@ pub struct OutOfMemory {
     pub bytes: usize,
 }
 
-impl Aligned {
-    fn new(len: usize) -> Result<Aligned, OutOfMemory> {
-        let a = Aligned::uninit(len)?;
-        // SAFETY: `ptr` is valid for `layout.size()` bytes.
-        unsafe { std::ptr::write_bytes(a.ptr.cast::<u8>(), 0, a.layout.size()) };
+impl Buffer {
+    /// `len` zeros. A large buffer is zeroed on every core: its first touch, when the system finds and
+    /// clears its pages, costs more than the writing.
+    pub fn zeroed(len: usize) -> Result<Buffer, OutOfMemory> {
+        let a = Buffer::uninit(len)?;
+        // SAFETY: `ptr` is valid for `layout.size()` bytes, which `a` owns; nothing reads them yet.
+        let all = unsafe { std::slice::from_raw_parts_mut(a.ptr.cast::<std::mem::MaybeUninit<u8>>(), a.layout.size()) };
+        crate::par::chunks_mut(all, HUGE * 4, |_, c| c.fill(std::mem::MaybeUninit::new(0)));
         Ok(a)
     }
 
-    /// An allocation whose contents the caller overwrites before reading (`from`). Fallible, unlike
-    /// `Vec`: a refused allocation is an error for the user, not an abort.
-    fn uninit(len: usize) -> Result<Aligned, OutOfMemory> {
+    /// A copy of `v`.
+    pub fn from_slice(v: &[f32]) -> Result<Buffer, OutOfMemory> {
+        let a = Buffer::uninit(v.len())?;
+        // SAFETY: `ptr` is valid for `len` floats and does not overlap `v`; the padding past `len` is
+        // never read (kernels index inside their buffers).
+        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), a.ptr, v.len()) };
+        Ok(a)
+    }
+
+    /// An allocation whose first `len` floats the caller writes before anything reads them.
+    fn uninit(len: usize) -> Result<Buffer, OutOfMemory> {
         let bytes = len.checked_mul(4).ok_or(OutOfMemory { bytes: usize::MAX })?.max(64);
         let align = if bytes >= HUGE { HUGE } else { 64 };
         let layout = std::alloc::Layout::from_size_align(bytes.next_multiple_of(align), align).map_err(|_| OutOfMemory { bytes })?;
@@ -84,34 +96,43 @@ impl Aligned {
             // SAFETY: advice on memory we own; failure only means small pages.
             unsafe { libc::madvise(ptr.cast(), layout.size(), libc::MADV_HUGEPAGE) };
         }
-        Ok(Aligned { ptr, len, layout })
+        Ok(Buffer { ptr, len, layout })
     }
+}
 
-    fn from(v: &[f32]) -> Result<Aligned, OutOfMemory> {
-        let a = Aligned::uninit(v.len())?;
-        // SAFETY: `ptr` is valid for `len` floats and does not overlap `v`; the padding past `len` is
-        // never read (kernels index inside their buffers).
-        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), a.ptr, v.len()) };
-        Ok(a)
-    }
-    fn slice_mut(&mut self) -> &mut [f32] {
+impl std::ops::Deref for Buffer {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
         // SAFETY: `ptr` holds `len` initialized floats owned by `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl std::ops::DerefMut for Buffer {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        // SAFETY: as in `deref`, and `&mut self` is the only access.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
 }
 
-impl Drop for Aligned {
+impl Drop for Buffer {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout.
+        // SAFETY: allocated in `uninit` with this layout.
         unsafe { std::alloc::dealloc(self.ptr.cast(), self.layout) };
+    }
+}
+
+impl std::fmt::Debug for Buffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "Buffer({} floats)", self.len)
     }
 }
 
 pub struct Executable {
     steps: Vec<Step>,
-    params: Vec<Aligned>,
+    params: Vec<Arc<Buffer>>,
     /// The activations, and the worker threads of the last multi-threaded run (kept for the next).
-    arena: Mutex<(Aligned, Option<Pool>)>,
+    arena: Mutex<(Buffer, Option<Pool>)>,
     /// Arena offsets and full (batched) shapes.
     inputs: Vec<(usize, Dims)>,
     output: (usize, Dims),
@@ -305,14 +326,13 @@ impl Executable {
     /// lives.
     pub unsafe fn new(
         steps: Vec<Step>,
-        params: &[Vec<f32>],
+        params: Vec<Arc<Buffer>>,
         arena_len: usize,
         inputs: Vec<(usize, Dims)>,
         output: (usize, Dims),
         code: Box<dyn Any + Send + Sync>,
     ) -> Result<Self, OutOfMemory> {
-        let params = params.iter().map(|p| Aligned::from(p)).collect::<Result<_, _>>()?;
-        Ok(Executable { steps, params, arena: Mutex::new((Aligned::new(arena_len)?, None)), inputs, output, _code: code })
+        Ok(Executable { steps, params, arena: Mutex::new((Buffer::zeroed(arena_len)?, None)), inputs, output, _code: code })
     }
 
     pub fn steps(&self) -> &[Step] {
@@ -337,7 +357,7 @@ impl Executable {
         let mut guard = self.arena.lock().unwrap_or_else(|e| e.into_inner());
         let (arena, pool) = &mut *guard;
         for (t, (offset, _)) in inputs.iter().zip(&self.inputs) {
-            arena.slice_mut()[*offset..][..t.data().len()].copy_from_slice(t.data());
+            arena[*offset..][..t.data().len()].copy_from_slice(t.data());
         }
         let ptr = |slot: &Slot| match *slot {
             // SAFETY: offsets were planned inside the arena.
@@ -393,7 +413,7 @@ impl Executable {
         let times = times.into_inner().unwrap_or_else(|e| e.into_inner());
         let (offset, shape) = &self.output;
         let n = shape.iter().product::<usize>();
-        let out = arena.slice_mut()[*offset..][..n].to_vec();
+        let out = arena[*offset..][..n].to_vec();
         Ok((Tensor::new(shape.clone(), out).expect("planned size"), times))
     }
 }

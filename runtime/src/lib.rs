@@ -6,6 +6,7 @@
 
 pub mod exec;
 pub mod op;
+pub mod par;
 pub mod plan;
 pub mod reference;
 pub mod rng;

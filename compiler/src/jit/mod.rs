@@ -20,7 +20,7 @@ use cranelift_codegen::ir::{types, AbiParam, Endianness, FuncRef, InstBuilder, M
 use cranelift_codegen::{settings::Configurable, Context};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 use cranelift_jit::{JITBuilder, JITModule};
-use cranelift_module::{default_libcall_names, FuncId, Linkage, Module};
+use cranelift_module::{default_libcall_names, FuncId, Linkage, Module, ModuleReloc};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -159,13 +159,16 @@ fn define_tiles(_: &mut JITModule, _: Option<&Taps>) -> Result<[FuncId; VARIANTS
     Err(JitError::NoAvx512)
 }
 
-/// A JIT module for this CPU, with the tier's strided microkernels defined in it.
-fn module(tier: Tier) -> Result<(JITModule, Option<Tiles>), JitError> {
+/// A JIT module for this CPU, with the tier's strided microkernels defined in it. Cranelift's IR
+/// verifier runs in checked mode (every test) and debug builds: in release builds it took a tenth of
+/// code generation to re-check what the tests check.
+fn module(tier: Tier, verify: bool) -> Result<(JITModule, Option<Tiles>), JitError> {
     let mut flags = cranelift_codegen::settings::builder();
     let set = |f: &mut cranelift_codegen::settings::Builder, k: &str, v: &str| f.set(k, v).map_err(|e| JitError::Target(e.to_string()));
     set(&mut flags, "opt_level", "speed")?;
     set(&mut flags, "is_pic", "false")?;
     set(&mut flags, "use_colocated_libcalls", "false")?;
+    set(&mut flags, "enable_verifier", if verify || cfg!(debug_assertions) { "true" } else { "false" })?;
     let isa = cranelift_native::builder().map_err(|e| JitError::Target(e.to_string()))?;
     let isa = isa.finish(cranelift_codegen::settings::Flags::new(flags)).map_err(|e| JitError::Target(e.to_string()))?;
     let mut b = JITBuilder::with_isa(isa, default_libcall_names());
@@ -186,35 +189,56 @@ fn module(tier: Tier) -> Result<(JITModule, Option<Tiles>), JitError> {
     Ok((m, tiles))
 }
 
-/// Compiles every launch of `program` to native code.
+/// Compiles every launch of `program` to native code. Launches whose kernels differ only in name
+/// (ResNet's repeated blocks) share one function, except in checked mode, whose code names its launch;
+/// Cranelift compiles the distinct functions on every core, and the module then takes their bytes.
 pub fn compile(program: &Program, opts: Options) -> Result<Jitted, JitError> {
     // Refuse what cannot fit, instead of being killed while the arena is zeroed.
-    let bytes = 4 * (program.arena_len + program.params.iter().map(Vec::len).sum::<usize>()) as u64;
+    let bytes = 4 * (program.arena_len + program.params.iter().map(|p| p.len()).sum::<usize>()) as u64;
     if let Some(have) = cnnc_runtime::exec::physical_memory().filter(|&have| bytes > have) {
         use crate::weights::gib;
         return Err(JitError::TooLarge { batch: program.batch, need: gib(bytes), have: gib(have) });
     }
-    let (mut m, mut tiles) = module(program.tier)?;
+    let (mut m, mut tiles) = module(program.tier, opts.checked)?;
     let log = Arc::new(Log::default());
     let mut ctx = m.make_context();
     let mut fctx = FunctionBuilderContext::new();
-    let mut ids = vec![];
+    // Per launch, its function among the distinct ones: (kernel, Cranelift IR, id).
+    let (mut distinct, mut of_launch): (Vec<(&Kernel, cranelift_codegen::ir::Function, FuncId)>, Vec<usize>) = (vec![], vec![]);
     for (i, l) in program.launches.iter().enumerate() {
+        let same = |k: &Kernel| k.bufs == l.kernel.bufs && k.vars == l.kernel.vars && k.extent == l.kernel.extent && k.body == l.kernel.body;
+        if let Some(at) = distinct.iter().position(|(k, ..)| !opts.checked && same(k)) {
+            of_launch.push(at);
+            continue;
+        }
         let check = opts.checked.then_some((Arc::as_ptr(&log) as i64, i as i64));
         build(&mut m, &mut ctx, &mut fctx, &l.kernel, check, tiles.as_mut())?;
-        let err = |e: cranelift_module::ModuleError| JitError::Codegen { kernel: l.kernel.name.clone(), message: format!("{e:?}") };
-        let id = m.declare_anonymous_function(&ctx.func.signature).map_err(err)?;
-        m.define_function(id, &mut ctx).map_err(err)?;
-        m.clear_context(&mut ctx);
-        ids.push(id);
+        let id =
+            m.declare_anonymous_function(&ctx.func.signature).map_err(|e| JitError::Codegen { kernel: l.kernel.name.clone(), message: format!("{e:?}") })?;
+        of_launch.push(distinct.len());
+        distinct.push((&l.kernel, std::mem::replace(&mut ctx.func, cranelift_codegen::ir::Function::new()), id));
     }
+    let isa = m.isa();
+    let align_min = (isa.function_alignment().minimum as u64).max(isa.symbol_alignment());
+    let compiled = cnnc_runtime::par::map(&distinct, |(k, func, id)| {
+        let mut ctx = Context::for_function(func.clone());
+        let code = ctx.compile(isa, &mut Default::default()).map_err(|e| JitError::Codegen { kernel: k.name.clone(), message: format!("{:?}", e.inner) })?;
+        let relocs: Vec<ModuleReloc> = code.buffer.relocs().iter().map(|r| ModuleReloc::from_mach_reloc(r, func, *id)).collect();
+        Ok(((code.buffer.alignment as u64).max(align_min), code.code_buffer().to_vec(), relocs))
+    });
+    for ((k, _, id), c) in distinct.iter().zip(compiled) {
+        let (align, bytes, relocs) = c?;
+        m.define_function_bytes(*id, align, &bytes, &relocs).map_err(|e| JitError::Codegen { kernel: k.name.clone(), message: format!("{e:?}") })?;
+    }
+    let ids: Vec<FuncId> = of_launch.iter().map(|&d| distinct[d].2).collect();
+    drop(distinct);
     m.finalize_definitions().map_err(|e| JitError::Codegen { kernel: "(module)".into(), message: format!("{e:?}") })?;
     let steps = program
         .launches
         .iter()
         .zip(&ids)
         .map(|(l, &id)| {
-            // SAFETY: the function was built from `l.kernel` with the `KernelFn` signature.
+            // SAFETY: the function was built from a kernel with `l.kernel`'s code and the `KernelFn` signature.
             let f = unsafe { std::mem::transmute::<*const u8, cnnc_runtime::exec::KernelFn>(m.get_finalized_function(id)) };
             Step { name: l.kernel.name.clone(), f, slots: l.slots.clone(), flops: l.flops }
         })
@@ -223,15 +247,16 @@ pub fn compile(program: &Program, opts: Options) -> Result<Jitted, JitError> {
     // SAFETY: kernels index inside their declared buffer lengths (the lowering's invariant, verified by
     // the checked-mode tests), the program's slots are at least that long, and tasks write disjoint
     // elements; `Code` keeps the module alive as long as the executable.
-    let exe = unsafe { Executable::new(steps, &program.params, program.arena_len, program.inputs.clone(), program.output.clone(), Box::new(Code(Some(m)))) }
-        .map_err(|e| JitError::OutOfMemory(e.bytes))?;
+    let exe =
+        unsafe { Executable::new(steps, program.params.clone(), program.arena_len, program.inputs.clone(), program.output.clone(), Box::new(Code(Some(m)))) }
+            .map_err(|e| JitError::OutOfMemory(e.bytes))?;
     Ok(Jitted { exe, log, names })
 }
 
 /// The Cranelift IR of every kernel as built, before Cranelift optimizes it (`cnnc compile --emit
 /// clif`), or (`asm`) the machine code Cranelift generated for this CPU (`--emit asm`).
 pub fn clif(program: &Program, asm: bool) -> Result<String, JitError> {
-    let (mut m, mut tiles) = module(program.tier)?;
+    let (mut m, mut tiles) = module(program.tier, true)?;
     let (mut ctx, mut fctx) = (m.make_context(), FunctionBuilderContext::new());
     let mut out = String::new();
     for l in &program.launches {
@@ -663,7 +688,7 @@ mod tests {
             batch: 1,
             tier,
             launches: vec![Launch { kernel: k, slots, flops: 0 }],
-            params: vec![param],
+            params: vec![Arc::new(cnnc_runtime::exec::Buffer::from_slice(&param).expect("small"))],
             arena_len: 24,
             inputs: vec![],
             output: (0, vec![1, 24]),
@@ -685,6 +710,35 @@ mod tests {
         // The blocked store went to element 0 instead; nothing past the buffer was written.
         assert_eq!(&out[1..8], &[2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]);
         assert!(out[8..].iter().all(|&v| v == 0.0), "{out:?}");
+    }
+
+    #[test]
+    fn launches_that_differ_only_in_name_share_one_function() {
+        let kernel = |name: &str| {
+            let mut kb = Kb::new(name, 1);
+            let (x, y) = (kb.buf("x", 8, Access::Read), kb.buf("y", 8, Access::Write));
+            kb.for_(0usize, 8usize, |kb, i| kb.store(y, i.clone(), x.at(i) + 1.0f32));
+            kb.finish()
+        };
+        let launch = |name, offset| Launch { kernel: kernel(name), slots: vec![Slot::Param(0), Slot::Arena { offset, len: 8 }], flops: 0 };
+        let param = Arc::new(cnnc_runtime::exec::Buffer::from_slice(&[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]).expect("small"));
+        let p = Program {
+            batch: 1,
+            tier: Tier::Portable,
+            launches: vec![launch("first", 0), launch("second", 8)],
+            params: vec![param],
+            arena_len: 16,
+            inputs: vec![],
+            output: (0, vec![1, 16]),
+        };
+        for checked in [false, true] {
+            let jit = compile(&p, Options { checked }).expect("compiles");
+            let [a, b] = [0, 1].map(|i| jit.exe.steps()[i].f as usize);
+            assert_eq!(a == b, !checked, "checked mode names each launch in its code");
+            let y = jit.exe.run(&[], 1).expect("runs");
+            assert_eq!(y.data(), (0..16).map(|i| (i % 8 + 1) as f32).collect::<Vec<_>>());
+            assert_eq!(jit.exe.steps()[1].name, "second");
+        }
     }
 
     #[test]

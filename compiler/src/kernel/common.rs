@@ -5,8 +5,10 @@
 //! parameters and launches in the order they are asked for (the memory plan and listings rely on it).
 
 use super::{e, Access, Buf, Expr, Kb, Kernel, Tier, WeightsDtype, Winograd, LANES};
+use cnnc_runtime::exec::Buffer;
 use cnnc_runtime::op::Pool2d;
 use cnnc_runtime::{Op, Tensor};
+use std::sync::Arc;
 
 /// A tensor a launch reads or writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -23,7 +25,7 @@ pub struct Tables {
     pub winograd: Winograd,
     pub fc_weights: WeightsDtype,
     pub stores: Vec<usize>,
-    pub params: Vec<Vec<f32>>,
+    pub params: Vec<Arc<Buffer>>,
     pub launches: Vec<(Kernel, Vec<Ref>, u64)>,
 }
 
@@ -32,13 +34,28 @@ impl Tables {
         self.stores.push(len);
         Ref::Store(self.stores.len() - 1)
     }
+    /// A packed parameter, copied into its aligned buffer now so that the packing's vector is freed
+    /// at once (large ones are packed in place: [`Tables::packed`]).
     pub fn param(&mut self, data: Vec<f32>) -> Ref {
-        self.params.push(data);
+        self.packed(buffer(data.len(), |b| b.copy_from_slice(&data)))
+    }
+    pub fn packed(&mut self, b: Buffer) -> Ref {
+        self.params.push(Arc::new(b));
         Ref::Param(self.params.len() - 1)
     }
     pub fn launch(&mut self, k: Kernel, refs: Vec<Ref>, flops: u64) {
         self.launches.push((k, refs, flops));
     }
+}
+
+/// A parameter buffer of `len` floats, filled by `fill`. Parameter sizes were checked against memory
+/// before lowering (twice the bound parameters, see `cnnc::load`), so a refusal here is as unexpected
+/// as a `Vec`'s and aborts like one.
+pub fn buffer(len: usize, fill: impl FnOnce(&mut [f32])) -> Buffer {
+    use std::alloc::{handle_alloc_error, Layout};
+    let mut b = Buffer::zeroed(len).unwrap_or_else(|e| handle_alloc_error(Layout::from_size_align(e.bytes, 64).unwrap_or(Layout::new::<f32>())));
+    fill(&mut b);
+    b
 }
 
 /// One node to lower: its op, activations (with per-sample shapes), output, bound parameters.

@@ -8,9 +8,10 @@
 //! Invariant left: per output element the arithmetic is fixed — bias, then one FMA per k in (channel,
 //! ky, kx) order — whatever the tile, tier or thread count, so results are bitwise identical across them.
 
-use super::common::{add_tail, copy, guarded, phase_split, Epilogue, Node, Phased, Ref, Tables};
+use super::common::{add_tail, buffer, copy, guarded, phase_split, Epilogue, Node, Phased, Ref, Tables};
 use super::pool::{pool, pool_launch};
 use super::{e, Access, BRows, Buf, Expr, Gemm, Kb, Taps, Tier, LANES};
+use cnnc_runtime::exec::Buffer;
 use cnnc_runtime::op::{Conv2d, Linear};
 use cnnc_runtime::Op;
 
@@ -42,9 +43,10 @@ pub fn linear(t: &mut Tables, n: &Node, l: &Linear, relu: bool) {
     let (mr, nr) = (t.tier.mr(), t.tier.nr());
     let (blocks, tiles) = (b.div_ceil(mr), o.div_ceil(nr));
     // The bias is padded to whole tiles: at least MR long, as the tile's (unused) bias operand must be.
-    let (mut panels, bias) = pack_blocks(n.params[0].data(), n.params.get(1).map(|b| b.data()), k, nr);
-    panels.iter_mut().for_each(|v| *v = t.fc_weights.round(*v));
-    let (wp, bp, xp) = (t.param(panels), t.param(bias), t.store(blocks * k * mr));
+    let dtype = t.fc_weights;
+    let panels = pack_blocks(n.params[0].data(), 1, k, nr, |v| dtype.round(v));
+    let bias = pack_bias(n.params.get(1).map(|b| b.data()), 1, o, nr);
+    let (wp, bp, xp) = (t.packed(panels), t.param(bias), t.store(blocks * k * mr));
     let name = |s: &str| format!("{}.{s}", n.name);
     // xp[block][kk][r] = x[block·MR + r][kk], zero past the batch.
     let mut kb = Kb::new(name("pack_x"), blocks * k);
@@ -134,27 +136,27 @@ struct Geo {
     ncb: usize,
 }
 
-/// Packs `W` (out, in/groups, kh, kw) as [group][block][k][MR], zero rows past the group's channels,
-/// and the bias as [group][block·MR + r].
-fn pack_conv(c: &Conv2d, g: &Geo, mr: usize, w: &[f32], b: Option<&[f32]>) -> (Vec<f32>, Vec<f32>) {
-    let groups = (0..c.groups).map(|grp| pack_blocks(&w[grp * g.cog * g.k..][..g.cog * g.k], b.map(|b| &b[grp * g.cog..][..g.cog]), g.k, mr));
-    let (a, bias): (Vec<Vec<f32>>, Vec<Vec<f32>>) = groups.unzip();
-    (a.concat(), bias.concat())
+/// Packs `groups` groups of rows of `k` weights (row-major `w`, a convolution's (out, in/groups, kh, kw))
+/// as [group][block][k][mr], zero rows past each group's last, each weight through `round`: the tile's
+/// A, or (turned around) a linear layer's B. Blocks are packed on every core, into the final buffer.
+fn pack_blocks(w: &[f32], groups: usize, k: usize, mr: usize, round: impl Fn(f32) -> f32 + Sync) -> Buffer {
+    let rows = w.len() / k / groups;
+    let blocks = rows.div_ceil(mr);
+    buffer(groups * blocks * k * mr, |a| {
+        cnnc_runtime::par::chunks_mut(a, k * mr, |i, a| {
+            let first = i / blocks * rows + i % blocks * mr;
+            let n = mr.min(rows - i % blocks * mr);
+            for (r, ws) in w[first * k..][..n * k].chunks(k).enumerate() {
+                ws.iter().enumerate().for_each(|(kk, &v)| a[kk * mr + r] = round(v));
+            }
+        })
+    })
 }
 
-/// Packs rows of `k` weights (row-major `w`) as [block][k][mr], zero rows past the last, and their
-/// bias (zeros without one) as [block·mr + r]: the tile's A, or (turned around) a linear layer's B.
-fn pack_blocks(w: &[f32], b: Option<&[f32]>, k: usize, mr: usize) -> (Vec<f32>, Vec<f32>) {
-    let rows = w.len() / k;
-    let mut a = vec![0.0; rows.div_ceil(mr) * k * mr];
-    for (row, ws) in w.chunks(k).enumerate() {
-        for (kk, &v) in ws.iter().enumerate() {
-            a[(row / mr * k + kk) * mr + row % mr] = v;
-        }
-    }
-    let mut bias = b.map_or(vec![0.0; rows], <[f32]>::to_vec);
-    bias.resize(rows.div_ceil(mr) * mr, 0.0);
-    (a, bias)
+/// The bias (zeros without one) of [`pack_blocks`]' rows, as [group][block·mr + r].
+fn pack_bias(b: Option<&[f32]>, groups: usize, rows: usize, mr: usize) -> Vec<f32> {
+    let per = rows.div_ceil(mr) * mr;
+    (0..groups * per).map(|i| if i % per < rows { b.map_or(0.0, |b| b[i / per * rows + i % per]) } else { 0.0 }).collect()
 }
 
 /// Lowers convolution `n` (whose own output, before the epilogue's pool, is [oh, ow]) as a direct GEMM.
@@ -229,10 +231,7 @@ fn direct(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue, [oh, ow]: [usize; 
     debug_assert!(planes.is_none() || (n.batch == 1 && columns == Columns::Input));
     let (a, bias) = match weights {
         Weights::Packed(a, bias) => (a, bias),
-        Weights::Rows(w, b) => {
-            let (a, bias) = pack_conv(c, &g, mr, w, b);
-            (t.param(a), t.param(bias))
-        }
+        Weights::Rows(w, b) => (t.packed(pack_blocks(w, c.groups, g.k, mr, |v| v)), t.param(pack_bias(b, c.groups, g.cog, mr))),
     };
     let name = |s: &str| format!("{}.{s}", n.name);
     let x = n.ins[0].0;

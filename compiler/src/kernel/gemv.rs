@@ -2,7 +2,7 @@
 //! Invariant left: each output feature is bias + the sum of its products in one fixed order (two
 //! 4-lane partial sums over steps of 8, a scalar tail, the horizontal sum), however tasks split the rows.
 
-use super::common::{Node, Tables};
+use super::common::{buffer, Node, Tables};
 use super::{bf16_bits, e, Access, Expr, Kb, WeightsDtype, LANES};
 use cnnc_runtime::op::Linear;
 
@@ -33,26 +33,26 @@ pub fn linear(t: &mut Tables, n: &Node, l: &Linear, relu: bool) {
     // Each block of rb rows is one sequential run: per step of 8 weights, the rows' slots in turn, then
     // the rows' tails. bf16 slots hold a step as 4 pairs, and a tail weight each.
     let pair = |lo: f32, hi: f32| f32::from_bits((bf16_bits(hi) as u32) << 16 | bf16_bits(lo) as u32);
-    // Appended in place: AlexBN's 58 M FC weights are packed at every start.
+    // Written in place into the final buffer: AlexBN's 58 M FC weights are packed at every start.
     let rows: Vec<&[f32]> = n.params[0].data().chunks(k).collect();
-    let mut w: Vec<f32> = Vec::with_capacity(o * row);
-    for blk in rows.chunks(rb) {
-        for s in 0..kv / step {
-            for c in blk.iter().map(|r| &r[s * step..][..step]) {
-                match bf16 {
-                    true => w.extend((0..LANES).map(|j| pair(c[j], c[LANES + j]))),
-                    false => w.extend_from_slice(c),
+    let w = buffer(o * row, |out| {
+        cnnc_runtime::par::chunks_mut(out, rb * row, |b, out| {
+            let blk = &rows[b * rb..][..rb];
+            let (steps, tails) = out.split_at_mut(rb * kv / per);
+            for (s, out) in steps.chunks_mut(rb * step / per).enumerate() {
+                for (c, out) in blk.iter().map(|r| &r[s * step..][..step]).zip(out.chunks_mut(step / per)) {
+                    match bf16 {
+                        true => out.iter_mut().enumerate().for_each(|(j, o)| *o = pair(c[j], c[LANES + j])),
+                        false => out.copy_from_slice(c),
+                    }
                 }
             }
-        }
-        for c in blk.iter().map(|r| &r[kv..]) {
-            match bf16 {
-                true => w.extend(c.iter().map(|&v| pair(v, 0.0))),
-                false => w.extend_from_slice(c),
+            for (c, out) in blk.iter().map(|r| &r[kv..]).zip(tails.chunks_mut((k - kv).max(1))) {
+                out.iter_mut().zip(c).for_each(|(o, &v)| *o = if bf16 { pair(v, 0.0) } else { v });
             }
-        }
-    }
-    let (w, b) = (t.param(w), t.param(bias));
+        })
+    });
+    let (w, b) = (t.packed(w), t.param(bias));
     let mut kb = Kb::new(format!("{}.{}", n.name, n.op.name()), o / rb);
     let [xb, wb, bb, yb] =
         [("x", k, Access::Read), ("W", o * row, Access::Read), ("b", o, Access::Read), ("y", o, Access::Write)].map(|(nm, len, a)| kb.buf(nm, len, a));

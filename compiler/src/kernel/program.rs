@@ -10,11 +10,13 @@ use super::common::{Node, Ref, Tables};
 use super::ops;
 use super::{Kernel, Tier, WeightsDtype, Winograd};
 use crate::ir::{Graph, Kind, NodeId};
-use crate::lower::eval;
+use crate::lower::{eval, Tensors};
 use crate::weights::Bound;
+use cnnc_runtime::exec::Buffer;
 pub use cnnc_runtime::exec::Slot;
-use cnnc_runtime::{Op, Tensor};
+use cnnc_runtime::Op;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// Alignment of every arena tensor, in elements: 64 bytes, one cache line, so no two tasks writing
 /// different tensors share a line and every tensor starts vector-aligned.
@@ -34,7 +36,7 @@ pub struct Program {
     pub tier: Tier,
     pub launches: Vec<Launch>,
     /// Packed parameters, in the layouts the kernels read.
-    pub params: Vec<Vec<f32>>,
+    pub params: Vec<Arc<Buffer>>,
     /// Peak activation memory, in elements.
     pub arena_len: usize,
     /// Arena offsets and full (batched) shapes of the inputs and the output.
@@ -186,7 +188,7 @@ fn alias(graph: &Graph) -> Vec<usize> {
 /// Invariant left: launches are in graph order; stores, parameters and launches are numbered in the
 /// order lowering asked for them; every launch names one store or parameter per argument buffer.
 fn lower(b: &mut Build, graph: &Graph, bound: Bound, batch: usize) {
-    let tensors: HashMap<String, Tensor> = bound.params.into_iter().map(|(s, t)| (s.key, t)).collect();
+    let mut tensors = Tensors::new(graph, bound);
     let order: Vec<NodeId> = graph.nodes().map(|(id, _)| id).collect();
     let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &id)| (id, i)).collect();
     let mut store_of: Vec<Ref> = Vec::with_capacity(order.len());
@@ -197,7 +199,7 @@ fn lower(b: &mut Build, graph: &Graph, bound: Bound, batch: usize) {
         match &node.kind {
             Kind::Input(_) => b.inputs.push((out, [vec![batch], node.shape.clone()].concat())),
             Kind::Op(op) => {
-                let params = node.params.iter().map(|p| eval(p, &tensors)).collect();
+                let params = node.params.iter().map(|p| eval(p, &mut tensors)).collect();
                 let ins = graph.args(id).iter().map(|a| (store_of[pos[a]], graph.node(*a).shape.as_slice())).collect();
                 ops::lower(&mut b.t, &Node { name: &node_name(graph, id), op, batch, ins, out: (out, &node.shape), params });
             }

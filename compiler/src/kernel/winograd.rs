@@ -188,14 +188,15 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, ep: Epilogue, [oh, ow
     let name = |s: &str| format!("{}.{s}", n.name);
     // U[ξ][o][c] as the weights of an α²-group 1×1 convolution, (α²·co, ci, 1, 1).
     let w = n.params[0].data();
-    let u: Vec<f32> = (0..a * a * co * ci)
-        .map(|i| {
-            // U[xi·α + yi][oc] = (G g Gᵀ)[xi][yi] of filter oc = o·ci + ch, summed in (p, q) order.
-            let (xi, yi, oc) = (i / (co * ci) / a, i / (co * ci) % a, i % (co * ci));
-            let gw = &w[oc * r * r..][..r * r];
-            (0..r * r).fold(0.0f64, |s, pq| s + g[xi][pq / r] * gw[pq] as f64 * g[yi][pq % r]) as f32
-        })
-        .collect();
+    // U[xi·α + yi][oc] = (G g Gᵀ)[xi][yi] of filter oc = o·ci + ch: row xi of G g, then its product with
+    // row yi of G, in f64; the α² planes on every core (AlexBN transforms 0.4 M filters, ResNet-50 1 M).
+    let mut u = vec![0.0f32; a * a * co * ci];
+    cnnc_runtime::par::chunks_mut(&mut u, co * ci, |xy, plane| {
+        let (gx, gy) = (&g[xy / a], &g[xy % a]);
+        for (out, gw) in plane.iter_mut().zip(w.chunks(r * r)) {
+            *out = (0..r).map(|q| (0..r).map(|p| gx[p] * gw[p * r + q] as f64).sum::<f64>() * gy[q]).sum::<f64>() as f32;
+        }
+    });
     // The input, zero-padded to whole tiles (rows and columns up to m·tiles + r − 1) and split into m
     // column phases, xq[..][x % m][y][x / m]: element (i, j) of tiles tx..tx + 3 is then one 4-lane
     // vector, and the transforms run on four horizontally adjacent tiles at once.
