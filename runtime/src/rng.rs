@@ -47,15 +47,9 @@ fn normal_at(seed: u64, j: u64) -> f64 {
 pub fn normal_into(key: &str, scale: f64, out: &mut [f32]) {
     const CHUNK: usize = 1 << 18;
     let seed = fnv1a64(key);
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(out.len().div_ceil(CHUNK)).max(1);
-    let per = out.len().div_ceil(threads).max(1);
-    std::thread::scope(|s| {
-        for (t, part) in out.chunks_mut(per).enumerate() {
-            s.spawn(move || {
-                for (k, v) in part.iter_mut().enumerate() {
-                    *v = (normal_at(seed, (t * per + k) as u64) * scale) as f32;
-                }
-            });
+    crate::par::chunks_mut(out, CHUNK, |c, part| {
+        for (k, v) in part.iter_mut().enumerate() {
+            *v = (normal_at(seed, (c * CHUNK + k) as u64) * scale) as f32;
         }
     });
 }
