@@ -206,13 +206,9 @@ impl Problem {
     }
 }
 
-/// The tiers this CPU runs: always the portable one, and AVX-512 where available.
+/// The tiers this CPU runs: always the portable one, and AVX2 and AVX-512 where available.
 fn tiers() -> Vec<Tier> {
-    let mut t = vec![Tier::Portable];
-    if Tier::best() != Tier::Portable {
-        t.push(Tier::best());
-    }
-    t
+    Tier::ALL.into_iter().filter(|t| t.available()).collect()
 }
 
 fn bits(t: &Tensor) -> Vec<u32> {
@@ -277,15 +273,15 @@ fn direct_one_by_one_conv() {
     conv(5, 7, 9, 1, 1, 0, 1, None).check();
 }
 
-/// Output channels not a multiple of either tile's rows (4, 12): the last block's padding rows are
+/// Output channels not a multiple of any tile's rows (4, 6, 12): the last block's padding rows are
 /// computed and must not be stored.
 #[test]
 fn ragged_channel_blocks() {
     conv(3, 9, 13, 3, 1, 1, 1, None).check();
 }
 
-/// k = 30·3·3 = 270 > KC = 128 (126 as whole rows of 3 taps): the AVX-512 tier splits k into slices and
-/// accumulates onto C.
+/// k = 30·3·3 = 270 > KC (as whole rows of 3 taps: 126 for AVX-512, 255 for AVX2): the assembled tiers
+/// split k into slices and accumulate onto C.
 #[test]
 fn depth_split_into_slices() {
     conv(30, 6, 12, 3, 1, 1, 1, None).check();
@@ -364,7 +360,7 @@ fn pooling_edges() {
 }
 
 /// Linear layers above batch 1 run as GEMM tiles over packed samples and weight panels: ragged feature
-/// tiles (14 and 3 features), sample blocks past MR (37 = 3 × 12 + 1), and batch 2.
+/// tiles (14 and 3 features), sample blocks past MR (37 = 3 × 12 + 1 = 6 × 6 + 1), and batch 2.
 #[test]
 fn linear_as_gemm_at_larger_batches() {
     Problem { batch: 9, c: 5, h: 3, w: 3, layer: Layer::Linear { out: 14, relu: true } }.check();

@@ -27,6 +27,8 @@ pub enum TierChoice {
     Auto,
     /// Cranelift f32x4 code (every CPU Cranelift targets).
     Portable,
+    /// A JIT-assembled AVX2 + FMA tile (x86-64 with AVX2 and FMA).
+    Avx2,
     /// A JIT-assembled AVX-512 tile (x86-64 with AVX-512F).
     Avx512,
 }
@@ -36,6 +38,7 @@ impl TierChoice {
         match self {
             TierChoice::Auto => Tier::best(),
             TierChoice::Portable => Tier::Portable,
+            TierChoice::Avx2 => Tier::Avx2,
             TierChoice::Avx512 => Tier::Avx512,
         }
     }

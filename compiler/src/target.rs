@@ -1,7 +1,7 @@
 //! The CPU the kernels are built for: which GEMM microkernel ([`Tier`]) runs them, its tile shape,
 //! and whether this machine can run it. The kernel IR and the JIT both ask here, not each other.
 //! Invariant left: a [`Tier`]'s tile shape is the one its microkernel computes (the IR's portable tile
-//! and the JIT's AVX-512 tile read MR and NR from [`Tier::mr`] and [`Tier::nr`], nowhere else).
+//! and the JIT's assembled tiles read MR and NR from [`Tier::mr`] and [`Tier::nr`], nowhere else).
 
 /// The GEMM microkernel a program is lowered for; it fixes the tile shape and the weight packing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -9,16 +9,22 @@ pub enum Tier {
     /// Cranelift f32x4 code, expanded in the kernel IR: 4 × 12 tiles (3 vectors of 4 lanes per row, 12
     /// xmm accumulators).
     Portable,
-    /// `Stmt::Gemm` calls to a JIT-assembled AVX-512 tile: 12 × 32 (2 zmm vectors per row, 24 zmm
+    /// `Stmt::Gemm` calls to a JIT-assembled AVX2 + FMA tile: 6 × 16 (2 ymm vectors per row, 12 ymm
     /// accumulators).
+    Avx2,
+    /// `Stmt::Gemm` calls to a JIT-assembled AVX-512 tile: 12 × 32 (2 zmm vectors per row, 24 zmm
+    /// accumulators), which can also read a convolution's input in place (`BRows::Taps`).
     Avx512,
 }
 
 impl Tier {
+    /// Every tier, slowest first.
+    pub const ALL: [Tier; 3] = [Tier::Portable, Tier::Avx2, Tier::Avx512];
     /// Tile rows (MR): output channels, or samples for linear layers at batch > 1.
     pub const fn mr(self) -> usize {
         match self {
             Tier::Portable => 4,
+            Tier::Avx2 => 6,
             Tier::Avx512 => 12,
         }
     }
@@ -26,23 +32,30 @@ impl Tier {
     pub const fn nr(self) -> usize {
         match self {
             Tier::Portable => 12,
+            Tier::Avx2 => 16,
             Tier::Avx512 => 32,
         }
     }
+    /// Whether GEMMs are `Stmt::Gemm` calls to an assembled tile (else expanded in the IR).
+    pub const fn assembled(self) -> bool {
+        !matches!(self, Tier::Portable)
+    }
+    /// Whether this CPU (and OS) runs the tier.
+    pub fn available(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        let has = |f: &[bool]| f.iter().all(|&x| x);
+        #[cfg(target_arch = "x86_64")]
+        return match self {
+            Tier::Portable => true,
+            Tier::Avx2 => has(&[std::is_x86_feature_detected!("avx2"), std::is_x86_feature_detected!("fma")]),
+            // BMI2 for the column mask.
+            Tier::Avx512 => has(&[std::is_x86_feature_detected!("avx512f"), std::is_x86_feature_detected!("bmi2")]),
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        matches!(self, Tier::Portable)
+    }
     /// The fastest tier this machine runs.
     pub fn best() -> Tier {
-        if avx512_available() {
-            Tier::Avx512
-        } else {
-            Tier::Portable
-        }
+        Tier::ALL.into_iter().rfind(|t| t.available()).unwrap_or(Tier::Portable)
     }
-}
-
-/// Whether this CPU (and OS) can run the AVX-512 tier: AVX-512F, plus BMI2 for the column mask.
-pub fn avx512_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("bmi2");
-    #[cfg(not(target_arch = "x86_64"))]
-    false
 }

@@ -33,7 +33,7 @@ fn passes_are_named_in_order() {
 #[test]
 fn each_pass_shows_what_it_added() {
     let (g, bound) = graph();
-    for tier in [Tier::Portable, Tier::Avx512] {
+    for tier in Tier::ALL {
         for batch in [1, 3] {
             let after = |p| listing_after(&g, bound(), batch, Lowering::new(tier), p);
             let alias = after(Pass::Alias);

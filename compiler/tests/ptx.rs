@@ -661,7 +661,7 @@ fn emitted_ptx_computes_what_the_jit_computes() {
             let lowering = |tier| Lowering { tier, winograd, fc_weights: dtype };
             let cpu = cnnc::kernel::program_with(&g, bound(&g), batch, lowering(Tier::Portable));
             let want = cnnc::jit::compile(&cpu, cnnc::jit::Options { checked: true }).expect("jit").exe.run(&[&x], 1).expect("runs");
-            for tier in [Tier::Portable, Tier::Avx512] {
+            for tier in Tier::ALL {
                 let p = cnnc::kernel::program_with(&g, bound(&g), batch, lowering(tier));
                 let what = format!("{name}, batch {batch}, {tier:?} tier");
                 let got = emu::run(&ptx::emit(&p, 80).expect("emits"), &p, &[&x]).unwrap_or_else(|e| panic!("{what}: {e}"));

@@ -9,7 +9,6 @@ use arbitrary::Arbitrary;
 use cnnc::backend::{Backend, Options, Runner, TierChoice};
 use cnnc::diag::Source;
 use cnnc::kernel::{WeightsDtype, Winograd};
-use cnnc::target::Tier;
 use cnnc_runtime::Tensor;
 
 #[derive(Arbitrary, Debug)]
@@ -127,7 +126,7 @@ libfuzzer_sys::fuzz_target!(|net: Net| {
             m.max(d)
         })
     };
-    let tiers: Vec<TierChoice> = [TierChoice::Portable, TierChoice::Avx512].into_iter().filter(|t| *t == TierChoice::Portable || Tier::best() == Tier::Avx512).collect();
+    let tiers: Vec<TierChoice> = [TierChoice::Portable, TierChoice::Avx2, TierChoice::Avx512].into_iter().filter(|t| t.get().available()).collect();
     for level in [0, 1] {
         let (opt, _) = cnnc::opt::optimize(&g, &cnnc::opt::Options { level, ..Default::default() });
         for &tier in &tiers {

@@ -12,8 +12,8 @@ import pytest
 import cnnc
 from conftest import MEAN, MODEL, ROOT, WEIGHTS, cli_top, write_png
 
-# Every backend and tier, skipped where this machine lacks it (no AVX-512, no CUDA driver).
-BACKENDS = [("jit", "portable"), ("jit", "avx512"), ("reference", "auto"), ("cuda", "auto")]
+# Every backend and tier, skipped where this machine lacks it (no AVX2 or AVX-512, no CUDA driver).
+BACKENDS = [("jit", "portable"), ("jit", "avx2"), ("jit", "avx512"), ("reference", "auto"), ("cuda", "auto")]
 
 
 def compiled_or_skip(backend, tier, **kw):

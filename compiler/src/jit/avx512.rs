@@ -5,7 +5,7 @@
 //! The tile computes, for r < rows and j < cols (rows ≤ 12, cols ≤ 32):
 //!   C[r·ldc + j] = act(init[r][j] + Σ_{k < depth} A[k·12 + r] · B[k·ldb + j])
 //! where init is the bias (`accumulate` off) or C itself (on: a later slice of k, see the lowering),
-//! with one `vfmadd231ps` per k in order — the same roundings as the portable tier, so both tiers give
+//! with one `vfmadd231ps` per k in order — the same roundings as the portable tier, so every tier gives
 //! the same bytes. 24 zmm accumulators (12 rows × 2 vectors of 16 columns) stay in registers. Columns past `cols` are masked with k1/k2 on
 //! every load and store (masked-off lanes never fault), so the tile never touches memory outside the
 //! rows and columns it owns.

@@ -10,6 +10,8 @@
 //! or corrupting memory. Tests run every model in checked mode.
 
 #[cfg(target_arch = "x86_64")]
+pub mod avx2;
+#[cfg(target_arch = "x86_64")]
 pub mod avx512;
 
 use crate::kernel::{Access, BRows, BinOp, Expr, Gemm, Kernel, Program, Stmt, Taps, Ty, UnOp};
@@ -30,8 +32,8 @@ pub enum JitError {
     Target(String),
     #[error("cranelift failed on kernel `{kernel}`: {message}")]
     Codegen { kernel: String, message: String },
-    #[error("this program was lowered for the AVX-512 tier, which this CPU does not have")]
-    NoAvx512,
+    #[error("this program was lowered for the {0:?} tier, which this CPU does not have")]
+    Unsupported(Tier),
     #[error("batch {batch} needs {need:.1} GiB (activations and parameters), more than this machine's {have:.1} GiB of memory; use a smaller batch")]
     TooLarge { batch: usize, need: f64, have: f64 },
     #[error("the system refused {:.1} GiB of memory for the model's activations or parameters; use a smaller batch", crate::weights::gib(*.0 as u64))]
@@ -120,9 +122,10 @@ struct TapArgs {
 /// Tile variants: 4·narrow + 2·accumulate + relu.
 const VARIANTS: usize = 8;
 
-/// The AVX-512 tiles defined in a module, by variant: the strided one, and one per
+/// The assembled tiles defined in a module, by variant: the strided one, and (AVX-512) one per
 /// implicit-convolution geometry, defined when a kernel first calls it.
 struct Tiles {
+    tier: Tier,
     strided: [FuncId; VARIANTS],
     taps: HashMap<Taps, [FuncId; VARIANTS]>,
 }
@@ -134,20 +137,25 @@ impl Tiles {
         if let Some(ids) = self.taps.get(t) {
             return Ok(*ids);
         }
-        let ids = define_tiles(m, Some(t))?;
+        let ids = define_tiles(m, self.tier, Some(t))?;
         self.taps.insert(*t, ids);
         Ok(ids)
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-fn define_tiles(m: &mut JITModule, taps: Option<&Taps>) -> Result<[FuncId; VARIANTS], JitError> {
+fn define_tiles(m: &mut JITModule, tier: Tier, taps: Option<&Taps>) -> Result<[FuncId; VARIANTS], JitError> {
     let mut s = Signature::new(m.isa().default_call_conv());
     s.params.extend(vec![AbiParam::new(types::I64); if taps.is_some() { 10 } else { 9 }]);
     let mut ids = [FuncId::from_u32(0); VARIANTS];
     for (variant, id) in ids.iter_mut().enumerate() {
-        let err = |message: String| JitError::Codegen { kernel: "avx512 tile".into(), message };
-        let code = avx512::tile(variant & 2 != 0, variant & 1 != 0, taps, variant & 4 != 0).map_err(|e| err(e.to_string()))?;
+        let err = |message: String| JitError::Codegen { kernel: format!("{tier:?} tile"), message };
+        let (accumulate, relu, narrow) = (variant & 2 != 0, variant & 1 != 0, variant & 4 != 0);
+        let code = match tier {
+            Tier::Avx2 => avx2::tile(accumulate, relu, narrow),
+            _ => avx512::tile(accumulate, relu, taps, narrow),
+        };
+        let code = code.map_err(|e| err(e.to_string()))?;
         *id = m.declare_anonymous_function(&s).map_err(|e| err(e.to_string()))?;
         m.define_function_bytes(*id, 64, &code, &[]).map_err(|e| err(e.to_string()))?;
     }
@@ -155,8 +163,8 @@ fn define_tiles(m: &mut JITModule, taps: Option<&Taps>) -> Result<[FuncId; VARIA
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn define_tiles(_: &mut JITModule, _: Option<&Taps>) -> Result<[FuncId; VARIANTS], JitError> {
-    Err(JitError::NoAvx512)
+fn define_tiles(_: &mut JITModule, tier: Tier, _: Option<&Taps>) -> Result<[FuncId; VARIANTS], JitError> {
+    Err(JitError::Unsupported(tier))
 }
 
 /// A JIT module for this CPU, with the tier's strided microkernels defined in it. Cranelift's IR
@@ -176,15 +184,12 @@ fn module(tier: Tier, verify: bool) -> Result<(JITModule, Option<Tiles>), JitErr
     b.symbol("cnnc_expf", cnnc_expf as *const u8);
     b.symbol("cnnc_logf", cnnc_logf as *const u8);
     let mut m = JITModule::new(b);
-    let tiles = match tier {
-        Tier::Portable => None,
-        Tier::Avx512 => {
-            #[cfg(target_arch = "x86_64")]
-            if !crate::target::avx512_available() {
-                return Err(JitError::NoAvx512);
-            }
-            Some(Tiles { strided: define_tiles(&mut m, None)?, taps: HashMap::new() })
-        }
+    if !tier.available() {
+        return Err(JitError::Unsupported(tier));
+    }
+    let tiles = match tier.assembled() {
+        false => None,
+        true => Some(Tiles { tier, strided: define_tiles(&mut m, tier, None)?, taps: HashMap::new() }),
     };
     Ok((m, tiles))
 }
@@ -308,8 +313,9 @@ fn build(
     let math = [m.declare_func_in_func(exp, &mut ctx.func), m.declare_func_in_func(ln, &mut ctx.func)];
     let oob = m.declare_func_in_func(oob, &mut ctx.func);
     // Every tile variant the kernel calls, by geometry (None: strided).
-    let mut calls = HashMap::new();
+    let (mut calls, mut tier) = (HashMap::new(), Tier::Portable);
     if let Some(tiles) = tiles {
+        tier = tiles.tier;
         let mut geos = vec![None];
         Stmt::visit(&k.body, &mut |s| {
             if let Stmt::Gemm(g) = s {
@@ -352,7 +358,7 @@ fn build(
         });
     }
     let frontend = m.isa().frontend_config();
-    let mut g = Gen { b, k, vars, bases, math, tiles: calls, check: check.map(|(log, kernel)| (log, kernel, oob)) };
+    let mut g = Gen { b, k, vars, bases, math, tiles: calls, tier, check: check.map(|(log, kernel)| (log, kernel, oob)) };
     g.block(&k.body);
     g.b.ins().return_(&[]);
     g.b.seal_all_blocks();
@@ -367,6 +373,8 @@ struct Gen<'a, 'f> {
     bases: Vec<Value>,
     math: [FuncRef; 2],
     tiles: HashMap<Option<Taps>, [FuncRef; VARIANTS]>,
+    /// The tier whose tiles `tiles` are.
+    tier: Tier,
     check: Option<(i64, i64, FuncRef)>,
 }
 
@@ -439,7 +447,7 @@ impl Gen<'_, '_> {
         }
         // The last element the tile may touch in each buffer: start + (n − 1)·stride + width − 1 for
         // n rows (k steps for A and B, output rows for C) of `width` elements.
-        let mr = self.b.ins().iconst(types::I64, Tier::Avx512.mr() as i64);
+        let mr = self.b.ins().iconst(types::I64, self.tier.mr() as i64);
         let mut last = |start: Value, n: Value, stride: i64, width: Value| {
             let n = self.b.ins().iadd_imm_s(n, -1);
             let rows = self.b.ins().imul_imm_s(n, stride);
@@ -447,14 +455,14 @@ impl Gen<'_, '_> {
             let end = self.b.ins().iadd(end, width);
             self.b.ins().iadd_imm_s(end, -1)
         };
-        let a_last = last(a0, depth, Tier::Avx512.mr() as i64, mr);
+        let a_last = last(a0, depth, self.tier.mr() as i64, mr);
         let c_last = last(c0, rows, g.ldc as i64, cols);
         let b_last = match g.rows_b {
             BRows::Strided(ldb) => Some(last(b0, depth, ldb as i64, cols)),
             BRows::Taps { .. } => None,
         };
         let mut checks = vec![(g.a.0, a0), (g.a.0, a_last), (g.bias.0, bias0), (g.c.0, c0), (g.c.0, c_last)];
-        let bias_last = self.b.ins().iadd_imm_s(bias0, Tier::Avx512.mr() as i64 - 1);
+        let bias_last = self.b.ins().iadd_imm_s(bias0, self.tier.mr() as i64 - 1);
         checks.push((g.bias.0, bias_last));
         match (b_last, taps) {
             (Some(b_last), _) => checks.extend([(g.b.0, b0), (g.b.0, b_last)]),
@@ -517,9 +525,9 @@ impl Gen<'_, '_> {
             }
             _ => unreachable!("taps evaluated by the caller"),
         };
-        // Calls of at most 16 columns take the one-vector variant: half the FMAs, the same sums.
+        // Calls of at most half a tile's columns take the one-vector variant: half the FMAs, the same sums.
         let (narrow, wide, cont) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
-        let fits = self.b.ins().icmp_imm_u(IntCC::UnsignedLessThanOrEqual, cols, 16);
+        let fits = self.b.ins().icmp_imm_u(IntCC::UnsignedLessThanOrEqual, cols, self.tier.nr() as i64 / 2);
         self.b.ins().brif(fits, narrow, &[], wide, &[]);
         for (block, tile) in [(narrow, tiles[4 + variant]), (wide, tiles[variant])] {
             self.b.switch_to_block(block);
@@ -759,13 +767,20 @@ mod tests {
 
     #[test]
     fn checked_mode_checks_every_tile_call() {
-        if !crate::target::avx512_available() {
-            eprintln!("skipped: this CPU has no AVX-512 tier");
-            return;
+        let tiers: Vec<Tier> = Tier::ALL.into_iter().filter(|t| t.assembled() && t.available()).collect();
+        if tiers.is_empty() {
+            eprintln!("skipped: this CPU has no assembled tier");
         }
-        // A 12-row tile whose C rows (stride 8) run far past the 8-element buffer.
+        for tier in tiers {
+            overrunning_tile_is_skipped(tier);
+        }
+    }
+
+    fn overrunning_tile_is_skipped(tier: Tier) {
+        // An MR-row tile whose C rows (stride 8) run far past the 8-element buffer.
+        let mr = tier.mr();
         let mut kb = Kb::new("tile_overrun", 1);
-        let (a, c) = (kb.buf("A", 12, Access::Read), kb.buf("C", 8, Access::Write));
+        let (a, c) = (kb.buf("A", mr, Access::Read), kb.buf("C", 8, Access::Write));
         kb.gemm(crate::kernel::Gemm {
             a,
             a0: e(0i64),
@@ -778,14 +793,14 @@ mod tests {
             rows_b: crate::kernel::BRows::Strided(1),
             ldc: 8,
             depth: e(1i64),
-            rows: e(12i64),
+            rows: e(mr as i64),
             cols: e(1i64),
             accumulate: false,
             relu: false,
         });
-        let (out, v) = run(kb.finish(), vec![1.0; 12], Tier::Avx512);
+        let (out, v) = run(kb.finish(), vec![1.0; mr], tier);
         assert_eq!(v.len(), 1, "{v:?}");
-        assert_eq!((v[0].buffer.as_str(), v[0].index, v[0].len), ("C", 88, 8));
+        assert_eq!((v[0].buffer.as_str(), v[0].index, v[0].len), ("C", 8 * mr as i64 - 8, 8));
         assert!(out.iter().all(|&v| v == 0.0), "the call must be skipped: {out:?}");
     }
 }

@@ -3,7 +3,7 @@
 //! A direct convolution is a GEMM over its column matrix (the input itself for 1×1 stride-1 unpadded
 //! convolutions), packed from a padded, stride-phase-split copy of the input (`Phased`) into panels
 //! of the tile's width, as the tile reads them, or read in place by the AVX-512 tile ([`Columns`]). The
-//! register-blocked microkernel ([`micro`], or the AVX-512 tile) keeps an MR×NR tile of the output in
+//! register-blocked microkernel ([`micro`], or an assembled AVX2/AVX-512 tile) keeps an MR×NR tile of the output in
 //! registers; bias, ReLU and max pooling are applied by the same launch before anything leaves the task.
 //! Invariant left: per output element the arithmetic is fixed — bias, then one FMA per k in (channel,
 //! ky, kx) order — whatever the tile, tier or thread count, so results are bitwise identical across them.
@@ -18,18 +18,25 @@ use cnnc_runtime::Op;
 /// Output-channel blocks one task runs against the same column tile before moving on (its chunk).
 /// Portable tier: the tile's panel (K × 12 floats) is read from L1/L2 eight times per trip from
 /// memory, and 8 blocks of packed weights (8 × K × 16 B, 150 KB at K = 2400) stay in a 2 MB L2.
-/// AVX-512 tier: each KC-deep slice of the column panels is streamed once per chunk, so a chunk should
-/// hold a task's whole share of blocks; 32 blocks' slices of A (32 × 12 × KC × 4 B = 192 KB) stay in L2.
+/// Assembled tiles: each KC-deep slice of the column panels is streamed once per chunk, so a chunk should
+/// hold a task's whole share of blocks; 32 blocks' slices of A (32 × MR × KC × 4 B: 192 KB) stay in L2.
 fn chunk_blocks(tier: Tier) -> usize {
     match tier {
         Tier::Portable => 8,
-        Tier::Avx512 => 32,
+        Tier::Avx2 | Tier::Avx512 => 32,
     }
 }
-/// Target depth of one AVX-512 tile call (rounded down to whole rows of kw taps, see [`pack`]): its B
-/// panel, KC × 32 floats = 16 KB, and the A slices streaming past it (12 × KC floats = 6 KB each)
-/// then fit a 48 KB L1d together; a 32 KB panel is evicted by the A stream (measured: docs/benchmarks.md).
-const KC: usize = 128;
+/// Target depth of one assembled tile call (rounded down to whole rows of kw taps, see [`pack`]): its B
+/// panel (KC × NR floats, 16 KB) and the A slices streaming past it (MR × KC floats) then fit L1d
+/// together; for AVX-512, a 32 KB panel is evicted by the A stream (measured: docs/benchmarks.md). The
+/// portable tier takes k whole (None).
+fn kc(tier: Tier) -> Option<usize> {
+    match tier {
+        Tier::Portable => None,
+        Tier::Avx2 => Some(256),
+        Tier::Avx512 => Some(128),
+    }
+}
 
 /// Linear above batch 1, as GEMM tiles with the roles turned around, so that each weight is loaded as
 /// part of a vector and used by up to MR samples: the tile's rows are samples (A = X packed per k in
@@ -98,7 +105,7 @@ pub fn linear(t: &mut Tables, n: &Node, l: &Linear, relu: bool) {
     kb.for_(lo, hi, |kb, ft| {
         let f0 = kb.let_(ft.clone() * nr);
         match tier {
-            Tier::Avx512 => tile(kb, f0.clone(), (e(o) - f0).min(nr), None),
+            Tier::Avx2 | Tier::Avx512 => tile(kb, f0.clone(), (e(o) - f0).min(nr), None),
             // The portable tile's widths are static: the last tile may be narrower.
             Tier::Portable => {
                 let each = |kb: &mut Kb, cols: usize| {
@@ -205,7 +212,6 @@ fn direct(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue, [oh, ow]: [usize; 
     let co = c.out_channels;
     let (mr, nr) = (t.tier.mr(), t.tier.nr());
     let (cig, k, ncb) = (ci / c.groups, ci / c.groups * kh * kw, (co / c.groups).div_ceil(mr));
-    let avx = t.tier == Tier::Avx512;
     let pool_after = ep.pool;
     // Implicit columns (see [`Columns::Taps`]) mask the horizontal padding of stride-1 convolutions at
     // least as wide as their input; others read the whole phased input, whose row pitch the output then
@@ -217,9 +223,9 @@ fn direct(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue, [oh, ow]: [usize; 
     let group_bytes = 4 * cig * (h + 2 * c.pad[0] + s0 * (kh + 1)) * (w + 2 * c.pad[1] + s1);
     let columns = if kh == 1 && kw == 1 && c.stride == [1, 1] && c.pad == [0, 0] {
         Columns::Input
-    } else if avx && (masked || pool_after.is_some()) && group_bytes < i32::MAX as usize && c.dilation == [1, 1] {
+    } else if t.tier == Tier::Avx512 && (masked || pool_after.is_some()) && group_bytes < i32::MAX as usize && c.dilation == [1, 1] {
         Columns::Taps
-    } else if avx && c.groups * ncb * k * mr * 4 <= 1 << 20 {
+    } else if t.tier.assembled() && c.groups * ncb * k * mr * 4 <= 1 << 20 {
         Columns::OnTheFly
     } else {
         Columns::Panels
@@ -235,11 +241,8 @@ fn direct(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue, [oh, ow]: [usize; 
     };
     let name = |s: &str| format!("{}.{s}", n.name);
     let x = n.ins[0].0;
-    // Slices of k per tile call (see [`KC`]); the portable tier takes k whole.
-    let kc = match t.tier {
-        Tier::Portable => g.k,
-        Tier::Avx512 => (KC / kw).max(1) * kw,
-    };
+    // Slices of k per tile call, whole rows of kw taps.
+    let kc = kc(t.tier).map_or(g.k, |kc| (kc / kw).max(1) * kw);
     let slices = g.k.div_ceil(kc);
     let ntiles = g.p.div_ceil(nr);
     // Packing reads the input through a zero-padded, stride-phase-split copy (see [`Phased`]), so that
@@ -401,7 +404,7 @@ fn direct(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue, [oh, ow]: [usize; 
                             }
                         }
                         // The tile masks its own edge columns.
-                        Tier::Avx512 => kb.for_step(0usize, g.p, nr as i64, |kb, col| {
+                        Tier::Avx2 | Tier::Avx512 => kb.for_step(0usize, g.p, nr as i64, |kb, col| {
                             let cols = (e(g.p) - col.clone()).min(nr);
                             blocks(kb, col, cols, None)
                         }),
@@ -440,7 +443,7 @@ enum Columns {
     /// step of a tile is one contiguous run of NR floats and a panel one contiguous KC × NR block (as a
     /// [k][pixel] matrix, rows kilobytes apart were slower: docs/benchmarks.md).
     Panels,
-    /// AVX-512 tier, when the columns cannot be read in place (strided convolutions without a pool)
+    /// Assembled tiers, when the columns cannot be read in place (AVX-512: strided convolutions without a pool)
     /// and the packed weights fit comfortably in L2 (under 1 MiB; AlexNet's conv1 has 139 KB): each task
     /// packs KC × NR panels into a stack buffer right before the tiles that read them (L1-hot, no
     /// round trip to memory). Tasks split the column tiles and each read all of A, so each panel is

@@ -121,7 +121,7 @@ pub fn chosen(w: Winograd, c: &Conv2d, batch: usize, out: [usize; 2]) -> Option<
 }
 
 /// The algorithm among `fit` with the fewest tile instructions, transforms included, if under 0.8× the
-/// direct convolution's. Columns are counted in the AVX-512 tile's width (32) whatever the tier, so both
+/// direct convolution's. Columns are counted in the AVX-512 tile's width (32) whatever the tier, so all
 /// tiers choose alike and stay bitwise equal. The GEMM columns are the batch's tiles, so a small feature
 /// map at batch 1 (AlexNet's 13×13: 16 tiles of 4×4 or 49 of 2×2) gains less than a batch of 8.
 fn choose(fit: impl Iterator<Item = Fmr>, c: &Conv2d, batch: usize, [oh, ow]: [usize; 2]) -> Option<Fmr> {

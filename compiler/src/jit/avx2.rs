@@ -1,0 +1,149 @@
+//! The AVX2 microkernel tier: the strided GEMM tile of [`super::avx512`] for CPUs with AVX2 and FMA
+//! but not AVX-512 (Zen 1–3, Haswell to Alder Lake), assembled with `iced-x86` because Cranelift's
+//! x64 backend lowers vectors of at most 128 bits (half of what these CPUs' FMA units take).
+//!
+//! The tile computes, for r < rows and j < cols (rows ≤ 6, cols ≤ 16):
+//!   C[r·ldc + j] = act(init[r][j] + Σ_{k < depth} A[k·6 + r] · B[k·ldb + j])
+//! where init is the bias (`accumulate` off) or C itself (on), with one `vfmadd231ps` per k in order:
+//! the roundings of every other tier, so all tiers give the same bytes. 12 ymm accumulators (6 rows ×
+//! 2 vectors of 8 columns), 2 B vectors, 1 broadcast and 1 lane mask fill the 16 ymm registers.
+//!
+//! AVX2 has no opmask registers: the columns of the last vector past `cols` are masked with
+//! `vmaskmovps` (masked-off lanes never fault), whose mask comes from a table in the code. A call
+//! with every column present (`cols` = 16, or 8 for the narrow variant) takes a copy of the code with
+//! plain loads and stores instead, so full tiles never pay for masking.
+//!
+//! ABI (System V), as the AVX-512 strided tile: `extern "C" fn(a, b, c, depth, ldb, bias, rows, cols,
+//! ldc)`; the last three arrive on the stack. Only caller-saved registers are used, and `vzeroupper`
+//! precedes `ret`. The `narrow` variant (6 × 8, 6 accumulators) is for calls of at most 8 columns.
+
+use crate::target::Tier;
+use iced_x86::code_asm::*;
+
+const MR: usize = Tier::Avx2.mr();
+const _: () = assert!(Tier::Avx2.nr() == 16);
+/// How many k steps ahead the tile prefetches B and A (as the AVX-512 tile; see there).
+const PREFETCH: usize = 32;
+const ACC: [AsmRegisterYmm; 12] = [ymm0, ymm1, ymm2, ymm3, ymm4, ymm5, ymm6, ymm7, ymm8, ymm9, ymm10, ymm11];
+const BS: [AsmRegisterYmm; 2] = [ymm12, ymm13];
+const BCAST: AsmRegisterYmm = ymm14;
+/// Lanes of the last vector that are columns of the call (all ones for a full tile).
+const MASK: AsmRegisterYmm = ymm15;
+
+/// Machine code of the tile: accumulating onto C or starting from the bias, with ReLU applied before
+/// the store or not, over two vectors of columns or (`narrow`) only the first. Position independent.
+pub fn tile(accumulate: bool, relu: bool, narrow: bool) -> Result<Vec<u8>, IcedError> {
+    let mut a = CodeAssembler::new(64)?;
+    let vectors = if narrow { 1 } else { 2 };
+    let mut table = a.create_label();
+    // The mask of the last vector: 8 lanes from `table` + 4·(8·vectors − cols) bytes.
+    a.mov(rax, qword_ptr(rsp + 16))?;
+    a.mov(r10d, (8 * vectors) as i32)?;
+    a.sub(r10, rax)?;
+    a.lea(rax, ptr(table))?;
+    a.vmovups(MASK, ymmword_ptr(rax + r10 * 4))?;
+    a.mov(r11, qword_ptr(rsp + 24))?;
+    a.shl(r11, 2)?; // ldc in bytes
+    a.shl(r8, 2)?; // ldb in bytes
+    let mut masked = a.create_label();
+    a.test(r10, r10)?;
+    a.jnz(masked)?;
+    body(&mut a, accumulate, relu, vectors, false)?;
+    a.set_label(&mut masked)?;
+    body(&mut a, accumulate, relu, vectors, true)?;
+    a.set_label(&mut table)?;
+    a.dd(&[u32::MAX; 8])?;
+    a.dd(&[0; 8])?;
+    a.assemble(0)
+}
+
+/// The tile after its prologue (r8 = ldb and r11 = ldc in bytes, MASK loaded), ending in `ret`: the
+/// last vector's B loads and C accesses go through MASK when `masked`.
+fn body(a: &mut CodeAssembler, accumulate: bool, relu: bool, vectors: usize, masked: bool) -> Result<(), IcedError> {
+    let acc = |r: usize, v: usize| ACC[2 * r + v];
+    let last = vectors - 1;
+    let load = |a: &mut CodeAssembler, dst: AsmRegisterYmm, at: AsmMemoryOperand, v: usize| -> Result<(), IcedError> {
+        if masked && v == last {
+            a.vmaskmovps(dst, MASK, at)
+        } else {
+            a.vmovups(dst, at)
+        }
+    };
+    if accumulate {
+        // Rows past `rows` start (and stay) at zero and are never stored.
+        let mut loaded = a.create_label();
+        a.mov(r10, qword_ptr(rsp + 8))?;
+        a.mov(rax, rdx)?;
+        for r in 0..MR {
+            for v in 0..vectors {
+                a.vxorps(acc(r, v), acc(r, v), acc(r, v))?;
+            }
+        }
+        for r in 0..MR {
+            a.cmp(r10, r as i32)?;
+            a.jbe(loaded)?;
+            for v in 0..vectors {
+                load(a, acc(r, v), ymmword_ptr(rax + 32 * v as i32), v)?;
+            }
+            a.add(rax, r11)?;
+        }
+        a.set_label(&mut loaded)?;
+    } else {
+        for r in 0..MR {
+            a.vbroadcastss(acc(r, 0), dword_ptr(r9 + 4 * r as i32))?;
+            if vectors == 2 {
+                a.vmovaps(acc(r, 1), acc(r, 0))?;
+            }
+        }
+    }
+    let (mut step, mut store) = (a.create_label(), a.create_label());
+    // B rows PREFETCH k steps ahead are asked for while this one is used (a streamed B: a linear
+    // layer's weight panels, read once).
+    a.imul_3(rax, r8, PREFETCH as i32)?;
+    a.test(rcx, rcx)?;
+    a.jz(store)?;
+    a.set_label(&mut step)?;
+    for (v, &b) in BS.iter().enumerate().take(vectors) {
+        load(a, b, ymmword_ptr(rsi + 32 * v as i32), v)?;
+    }
+    a.prefetcht0(byte_ptr(rsi + rax))?;
+    a.prefetcht0(byte_ptr(rdi + (4 * MR * PREFETCH) as i32))?;
+    for r in 0..MR {
+        a.vbroadcastss(BCAST, dword_ptr(rdi + 4 * r as i32))?;
+        for (v, &b) in BS.iter().enumerate().take(vectors) {
+            a.vfmadd231ps(acc(r, v), b, BCAST)?;
+        }
+    }
+    a.add(rdi, (4 * MR) as i32)?;
+    a.add(rsi, r8)?;
+    a.dec(rcx)?;
+    a.jnz(step)?;
+    a.set_label(&mut store)?;
+    if relu {
+        // max(0, x) returns its second operand when either is NaN: NaN stays NaN, as in the portable tier.
+        a.vxorps(BS[0], BS[0], BS[0])?;
+        for r in 0..MR {
+            for v in 0..vectors {
+                a.vmaxps(acc(r, v), BS[0], acc(r, v))?;
+            }
+        }
+    }
+    let mut done = a.create_label();
+    a.mov(rax, qword_ptr(rsp + 8))?;
+    for r in 0..MR {
+        a.cmp(rax, r as i32)?;
+        a.jbe(done)?;
+        for v in 0..vectors {
+            let at = ymmword_ptr(rdx + 32 * v as i32);
+            if masked && v == last {
+                a.vmaskmovps(at, MASK, acc(r, v))?;
+            } else {
+                a.vmovups(at, acc(r, v))?;
+            }
+        }
+        a.add(rdx, r11)?;
+    }
+    a.set_label(&mut done)?;
+    a.vzeroupper()?;
+    a.ret()
+}
