@@ -267,10 +267,14 @@ fn conv(c: usize, hw: usize, out: usize, k: usize, stride: usize, pad: usize, gr
     Problem { batch: 2, c, h: hw, w: hw, layer: Layer::Conv { out, k: [k, k], stride, pad, groups, bias: true, relu: true, pool, add: false, dilate: 1 } }
 }
 
-/// A 1×1 stride-1 convolution reads its input as the column matrix (no im2col).
+/// A 1×1 stride-1 convolution reads its input as the column matrix (no im2col); strided ones read a
+/// subsampled copy (stride 2 on an odd and an even plane, stride 3 with groups and a fused pool).
 #[test]
 fn direct_one_by_one_conv() {
     conv(5, 7, 9, 1, 1, 0, 1, None).check();
+    conv(5, 7, 9, 1, 2, 0, 1, None).check();
+    conv(6, 8, 13, 1, 2, 0, 1, None).check();
+    conv(4, 11, 6, 1, 3, 0, 2, Some(Pool { max: true, k: 2, stride: 2, pad: 0, cover_all: true })).check();
 }
 
 /// Output channels not a multiple of any tile's rows (4, 6, 12): the last block's padding rows are

@@ -168,6 +168,28 @@ impl Phased {
     }
 }
 
+/// Launches the copy of every `stride`-th row and column of `n`'s input from (0, 0), `[oh, ow]` of them
+/// per plane, into a new store: the column matrix of a 1×1 unpadded convolution with that stride.
+pub fn subsample(t: &mut Tables, n: &Node, [s0, s1]: [usize; 2], [oh, ow]: [usize; 2]) -> Ref {
+    let [ci, h, w] = [n.ins[0].1[0], n.ins[0].1[1], n.ins[0].1[2]];
+    let len = n.batch * ci * oh * ow;
+    let out = t.store(len);
+    let mut kb = Kb::new(format!("{}.subsample", n.name), n.batch * ci * oh);
+    let (xb, sb) = (kb.buf("x", n.in_len(0), Access::Read), kb.buf("xs", len, Access::Write));
+    let (lo, hi) = kb.range();
+    kb.for_(lo, hi, |kb, row| {
+        let from = kb.var(row.clone() / oh * (h * w) + row.clone() % oh * (s0 * w));
+        let to = kb.var(row * ow);
+        kb.for_(0usize, ow, |kb, _| {
+            kb.store(sb, to, xb.at(from));
+            kb.set(from, from + s1);
+            kb.set(to, to + 1i64);
+        });
+    });
+    t.launch(kb.finish(), vec![n.ins[0].0, out], 0);
+    out
+}
+
 /// Launches the copy of `n`'s input into its [`Phased`] form for `stride` and `pad`, in a new store,
 /// with at least `min` rows and columns per phase (the rows and columns past the padded input are zeros
 /// too).

@@ -8,7 +8,7 @@
 //! Invariant left: per output element the arithmetic is fixed — bias, then one FMA per k in (channel,
 //! ky, kx) order — whatever the tile, tier or thread count, so results are bitwise identical across them.
 
-use super::common::{add_tail, buffer, copy, guarded, phase_split, Epilogue, Node, Phased, Ref, Tables};
+use super::common::{add_tail, buffer, copy, guarded, phase_split, subsample, Epilogue, Node, Phased, Ref, Tables};
 use super::pool::{pool, pool_launch};
 use super::{e, Access, BRows, Buf, Expr, Gemm, Kb, Taps, Tier, LANES};
 use cnnc_runtime::exec::Buffer;
@@ -221,7 +221,7 @@ fn direct(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue, [oh, ow]: [usize; 
     // The tile addresses a group's input with 32-bit offsets and displacements: bytes of the phased
     // input (padding, stride phases and the extra rows included) must stay below 2³¹.
     let group_bytes = 4 * cig * (h + 2 * c.pad[0] + s0 * (kh + 1)) * (w + 2 * c.pad[1] + s1);
-    let columns = if kh == 1 && kw == 1 && c.stride == [1, 1] && c.pad == [0, 0] {
+    let columns = if kh == 1 && kw == 1 && c.pad == [0, 0] {
         Columns::Input
     } else if t.tier == Tier::Avx512 && (masked || pool_after.is_some()) && group_bytes < i32::MAX as usize && c.dilation == [1, 1] {
         Columns::Taps
@@ -240,7 +240,9 @@ fn direct(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue, [oh, ow]: [usize; 
         Weights::Rows(w, b) => (t.packed(pack_blocks(w, c.groups, g.k, mr, |v| v)), t.param(pack_bias(b, c.groups, g.cog, mr))),
     };
     let name = |s: &str| format!("{}.{s}", n.name);
-    let x = n.ins[0].0;
+    // A strided 1×1 convolution reads the pixels it uses, copied out (a quarter of ResNet's stride-2
+    // inputs) instead of every stride phase of the input.
+    let x = if c.stride == [1, 1] || columns != Columns::Input { n.ins[0].0 } else { subsample(t, n, c.stride, [oh, ow]) };
     // Slices of k per tile call, whole rows of kw taps.
     let kc = kc(t.tier).map_or(g.k, |kc| (kc / kw).max(1) * kw);
     let slices = g.k.div_ceil(kc);
@@ -437,7 +439,8 @@ fn direct(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue, [oh, ow]: [usize; 
 /// Where a convolution's GEMM reads its column matrix (B).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Columns {
-    /// 1×1 stride-1 unpadded convolutions: the input itself, [image][channel][pixel].
+    /// 1×1 unpadded convolutions: the input itself, [image][channel][pixel] (strided ones: its
+    /// [`subsample`]).
     Input,
     /// Written by an `im2col` launch as the tile reads it, [image][group][column tile][k][NR]: each k
     /// step of a tile is one contiguous run of NR floats and a panel one contiguous KC × NR block (as a

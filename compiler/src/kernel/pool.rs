@@ -47,35 +47,49 @@ pub fn pool(kb: &mut Kb, p: &Pool2d, avg: Option<Option<Buf>>, x: Buf, y: Buf, l
         (kb.let_(start.clone().max(0i64)), kb.let_((start + k).min(size)))
     };
     let neg_inf = || e(f32::NEG_INFINITY);
+    // Output columns whose window lies inside the row: ox·s − pad ≥ 0 and ox·s − pad + kw ≤ w.
+    let first = p.pad[1].div_ceil(p.stride[1]).min(ow);
+    let last = if w + p.pad[1] >= kw { ((w + p.pad[1] - kw) / p.stride[1] + 1).min(ow).max(first) } else { first };
     // The separable form keeps one plane's row maxima on the task's stack; planes too large for that
     // (over 64 KiB of them: worker threads have 2 MiB stacks) take the direct form.
     if avg.is_some() || oh * w * 4 > 64 << 10 {
+        // Window by window; with stride 1 the windows inside the row four at a time, each lane its own
+        // window reduced in the same (ky, kx) order (GoogLeNet's 3×3 average pools were a sixth of its
+        // time as scalar code: docs/benchmarks.md).
+        let (first, last) = if p.stride[1] == 1 { (first, last) } else { (ow, ow) };
         return kb.for_(lo, hi, |kb, plane| {
             let (src, dst) = (kb.let_(plane.clone() * (h * pitch)), kb.let_(plane * (oh * ow)));
             kb.for_(0usize, oh, |kb, oy| {
                 let (ylo, yhi) = window(kb, oy.clone(), kh, p.stride[0], p.pad[0], h);
-                kb.for_(0usize, ow, |kb, ox| {
-                    let (xlo, xhi) = window(kb, ox.clone(), kw, p.stride[1], p.pad[1], w);
-                    let acc = kb.var(if avg.is_some() { e(0.0f32) } else { neg_inf() });
-                    kb.for_(ylo.clone(), yhi.clone(), |kb, iy| {
-                        kb.for_(xlo, xhi, |kb, ix| {
-                            let v = x.at(src.clone() + iy * pitch + ix);
-                            kb.set(acc, if avg.is_some() { e(acc) + v } else { e(acc).max(v) })
-                        })
-                    });
+                let out = |kb: &mut Kb, ox: Expr, vec: bool| {
+                    let acc = kb.var(if avg.is_some() { e(0.0f32) } else { neg_inf() }.lanes(vec));
+                    let add = |kb: &mut Kb, at: Expr| {
+                        let v = x.load(src.clone() + at, vec);
+                        kb.set(acc, if avg.is_some() { e(acc) + v } else { e(acc).max(v) })
+                    };
+                    if vec {
+                        let x0 = kb.let_(ox.clone() - p.pad[1]);
+                        kb.for_(ylo.clone(), yhi.clone(), |kb, iy| (0..kw).for_each(|kx| add(kb, iy.clone() * pitch + x0.clone() + kx)));
+                    } else {
+                        let (xlo, xhi) = window(kb, ox.clone(), kw, p.stride[1], p.pad[1], w);
+                        kb.for_(ylo.clone(), yhi.clone(), |kb, iy| kb.for_(xlo, xhi, |kb, ix| add(kb, iy * pitch + ix)));
+                    }
+                    let at = kb.let_(oy.clone() * ow + ox);
                     let v = match avg {
-                        Some(Some(counts)) => e(acc) / counts.at(oy.clone() * ow + ox.clone()),
-                        Some(None) => e(acc) / ((kh * kw) as f32),
+                        Some(Some(counts)) => e(acc) / counts.load(at.clone(), vec),
+                        Some(None) => e(acc) / e((kh * kw) as f32).lanes(vec),
                         None => e(acc),
                     };
-                    kb.store(y, dst.clone() + oy.clone() * ow + ox, v);
-                });
+                    kb.store(y, dst.clone() + at, v);
+                };
+                kb.for_(0usize, first, |kb, ox| out(kb, ox, false));
+                if last > first {
+                    overlapping_vector_loop(kb, e(first), e(last), &out);
+                }
+                kb.for_(last, ow, |kb, ox| out(kb, ox, false));
             });
         });
     }
-    // Output columns whose window lies inside the row: ox·s − pad ≥ 0 and ox·s − pad + kw ≤ w.
-    let first = p.pad[1].div_ceil(p.stride[1]).min(ow);
-    let last = if w + p.pad[1] >= kw { ((w + p.pad[1] - kw) / p.stride[1] + 1).min(ow).max(first) } else { first };
     let rows = kb.buf("rows", oh * w, Access::Local);
     // Window maxima at every start position of a row (`slide[i]` = max of its kw columns from i), of
     // which the output takes every stride-th.
