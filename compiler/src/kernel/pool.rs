@@ -84,7 +84,7 @@ pub fn pool(kb: &mut Kb, p: &Pool2d, avg: Option<Option<Buf>>, x: Buf, y: Buf, l
                 };
                 kb.for_(0usize, first, |kb, ox| out(kb, ox, false));
                 if last > first {
-                    overlapping_vector_loop(kb, e(first), e(last), &out);
+                    overlapping_vector_loop(kb, e(first), e(last), out);
                 }
                 kb.for_(last, ow, |kb, ox| out(kb, ox, false));
             });
