@@ -50,7 +50,8 @@ pub struct Options {
     /// Which kernels run the model: the JIT-compiled ones, or the reference interpreter (slow, the oracle).
     #[arg(long, value_enum, default_value_t = Backend::Jit)]
     pub backend: Backend,
-    /// GEMM microkernel: `auto` picks the fastest this CPU runs. Results are identical for every tier.
+    /// GEMM microkernel: `auto` picks the fastest this CPU runs. Results are identical for every tier
+    /// (`avx512` may take other Winograd algorithms than the others with `--winograd auto`: last bits).
     #[arg(long, value_enum, default_value_t = TierChoice::Auto)]
     pub tier: TierChoice,
     /// Worker threads (default: the available cores). Results are identical for any count.

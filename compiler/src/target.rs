@@ -36,6 +36,17 @@ impl Tier {
             Tier::Avx512 => 32,
         }
     }
+    /// The column granularity of the tile's cost, as the Winograd cost model counts it: a GEMM of n
+    /// columns costs ⌈n / unit⌉ units. The AVX2 tile's width, and the portable tier's too, so that both
+    /// tiers of an AVX2 machine choose alike; for AVX-512 its full width (its one-vector variant did not
+    /// make AlexNet's 16-column F(4×4, 3×3) GEMMs at batch 1 cheaper than 25-column F(3×3, 3×3) ones:
+    /// docs/benchmarks.md).
+    pub const fn cost_columns(self) -> usize {
+        match self {
+            Tier::Portable | Tier::Avx2 => 16,
+            Tier::Avx512 => 32,
+        }
+    }
     /// Whether GEMMs are `Stmt::Gemm` calls to an assembled tile (else expanded in the IR).
     pub const fn assembled(self) -> bool {
         !matches!(self, Tier::Portable)

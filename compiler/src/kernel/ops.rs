@@ -56,7 +56,7 @@ fn conv(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue) {
         Some(_) => [0, 1].map(|i| window_out(n.ins[0].1[1 + i], c.span()[i], c.stride[i], c.pad[i], false).expect("validated")),
         None => [n.out.1[1], n.out.1[2]],
     };
-    match winograd::chosen(t.winograd, c, n.batch, out) {
+    match winograd::chosen(t.winograd, t.tier, c, n.batch, out) {
         Some(f) => winograd::lower(t, n, c, f, ep, out),
         None => gemm::conv(t, n, c, ep, out),
     }

@@ -107,12 +107,12 @@ pub enum Winograd {
     Never,
 }
 
-/// The algorithm convolution `c` (at `batch`, output [oh, ow]) is lowered with, if any.
-pub fn chosen(w: Winograd, c: &Conv2d, batch: usize, out: [usize; 2]) -> Option<Fmr> {
+/// The algorithm convolution `c` (at `batch`, output [oh, ow]) is lowered with for `tier`, if any.
+pub fn chosen(w: Winograd, tier: Tier, c: &Conv2d, batch: usize, out: [usize; 2]) -> Option<Fmr> {
     let fit = ALGORITHMS.into_iter().filter(|f| c.kernel == [f.r, f.r] && c.stride == [1, 1] && c.dilation == [1, 1] && c.groups == 1);
     let largest = |m: usize| fit.clone().rfind(|f| f.m <= m);
     match w {
-        Winograd::Auto => choose(fit, c, batch, out),
+        Winograd::Auto => choose(fit, tier.cost_columns(), c, batch, out),
         Winograd::M2 => largest(2),
         Winograd::M3 => largest(3),
         Winograd::M4 => largest(4),
@@ -121,11 +121,12 @@ pub fn chosen(w: Winograd, c: &Conv2d, batch: usize, out: [usize; 2]) -> Option<
 }
 
 /// The algorithm among `fit` with the fewest tile instructions, transforms included, if under 0.8× the
-/// direct convolution's. Columns are counted in the AVX-512 tile's width (32) whatever the tier, so all
-/// tiers choose alike and stay bitwise equal. The GEMM columns are the batch's tiles, so a small feature
-/// map at batch 1 (AlexNet's 13×13: 16 tiles of 4×4 or 49 of 2×2) gains less than a batch of 8.
-fn choose(fit: impl Iterator<Item = Fmr>, c: &Conv2d, batch: usize, [oh, ow]: [usize; 2]) -> Option<Fmr> {
-    let cols = |n: usize| n.next_multiple_of(Tier::Avx512.nr()) as f64;
+/// direct convolution's. Columns are counted in `unit`s ([`Tier::cost_columns`]): the GEMM columns
+/// are the batch's tiles, so a small feature map at batch 1 gains less than a batch of 8 (AlexNet's
+/// 13×13: 16 tiles of 4×4 or 25 of 3×3, one unit or two on AVX2; ResNet's and GoogLeNet's 7×7: 16
+/// tiles of 2×2 against 49 pixels). Tiers with the same unit choose alike and give the same bytes.
+fn choose(fit: impl Iterator<Item = Fmr>, unit: usize, c: &Conv2d, batch: usize, [oh, ow]: [usize; 2]) -> Option<Fmr> {
+    let cols = |n: usize| n.next_multiple_of(unit) as f64;
     let (ci, co, k) = (c.in_channels as f64, c.out_channels as f64, (c.kernel[0] * c.kernel[1]) as f64);
     let direct = batch as f64 * cols(oh * ow) * k * ci * co / 16.0;
     let cost = |f: Fmr| {
@@ -315,24 +316,32 @@ mod tests {
     fn the_cost_model_takes_winograd_where_it_pays() {
         let [f23, f33, f43, f25, f35] = ALGORITHMS;
         let conv4 = conv(384, 384, 3, 1, 1);
-        // AlexNet's conv4 (13 × 13): 4×4 tiles at batch 8; at batch 1 their 16 columns half fill a tile,
-        // and 3×3 tiles (25 columns) cost less. Its conv2 (27 × 27, 5×5) as F(3×3, 5×5) at both, as
-        // measured (docs/benchmarks.md).
-        assert_eq!(chosen(Winograd::Auto, &conv4, 8, [13, 13]), Some(f43));
-        assert_eq!(chosen(Winograd::Auto, &conv4, 1, [13, 13]), Some(f33));
+        let auto = |tier, c: &Conv2d, batch, out| chosen(Winograd::Auto, tier, c, batch, out);
+        // AlexNet's conv4 (13 × 13): 4×4 tiles at batch 8; at batch 1 their 16 columns half fill an
+        // AVX-512 tile, and 3×3 tiles (25 columns) cost less there, while on AVX2 16 columns fill one
+        // tile and 25 take two. Its conv2 (27 × 27, 5×5) as F(3×3, 5×5) at both, as measured
+        // (docs/benchmarks.md).
+        assert_eq!(auto(Tier::Avx512, &conv4, 8, [13, 13]), Some(f43));
+        assert_eq!(auto(Tier::Avx512, &conv4, 1, [13, 13]), Some(f33));
+        assert_eq!(auto(Tier::Avx2, &conv4, 1, [13, 13]), Some(f43));
         let conv2 = Conv2d { pad: [2, 2], ..conv(96, 256, 5, 1, 1) };
-        assert_eq!(chosen(Winograd::Auto, &conv2, 1, [27, 27]), Some(f35));
-        assert_eq!(chosen(Winograd::Auto, &conv2, 8, [27, 27]), Some(f35));
-        // Few channels: the transforms cost more than the multiplies saved.
-        assert_eq!(chosen(Winograd::Auto, &conv(8, 8, 3, 1, 1), 8, [56, 56]), None);
+        for tier in Tier::ALL {
+            assert_eq!(auto(tier, &conv2, 1, [27, 27]), Some(f35));
+            assert_eq!(auto(tier, &conv2, 8, [27, 27]), Some(f35));
+            // Few channels: the transforms cost more than the multiplies saved.
+            assert_eq!(auto(tier, &conv(8, 8, 3, 1, 1), 8, [56, 56]), None);
+        }
+        // ResNet-50's res5 3×3 (7 × 7): 16 columns of 2×2 tiles against 49 pixels, on AVX2.
+        let res5 = conv(512, 512, 3, 1, 1);
+        assert_eq!([auto(Tier::Avx2, &res5, 1, [7, 7]), auto(Tier::Avx512, &res5, 1, [7, 7])], [Some(f23), None]);
         // Not applicable, whatever is asked.
         for c in [conv(384, 384, 7, 1, 1), conv(384, 384, 3, 2, 1), conv(384, 384, 3, 1, 2)] {
-            assert_eq!(chosen(Winograd::M4, &c, 8, [13, 13]), None);
+            assert_eq!(chosen(Winograd::M4, Tier::Avx2, &c, 8, [13, 13]), None);
         }
-        let forced = |w, k| chosen(w, &conv(8, 8, k, 1, 1), 1, [5, 5]);
+        let forced = |w, k| chosen(w, Tier::Avx2, &conv(8, 8, k, 1, 1), 1, [5, 5]);
         assert_eq!([forced(Winograd::M2, 3), forced(Winograd::M3, 3), forced(Winograd::M4, 3)], [Some(f23), Some(f33), Some(f43)]);
         assert_eq!([forced(Winograd::M2, 5), forced(Winograd::M3, 5), forced(Winograd::M4, 5)], [Some(f25), Some(f35), Some(f35)]);
-        assert_eq!(chosen(Winograd::Never, &conv4, 8, [13, 13]), None);
+        assert_eq!(chosen(Winograd::Never, Tier::Avx2, &conv4, 8, [13, 13]), None);
     }
 
     #[test]
