@@ -546,3 +546,25 @@ fn winograd_chosen_for_alexnet_conv4_at_batch_8() {
     assert!(p.auto_takes_winograd());
     p.check();
 }
+
+/// Two stride-2 1×1 convolutions of one tensor share its subsampled copy; after an in-place ReLU has
+/// written over that tensor's store, the second convolution must take a copy of its own (unoptimized:
+/// the optimizer would fuse the ReLU into a second copy of `c0` instead).
+#[test]
+fn strided_one_by_one_convolutions_share_a_subsample_only_while_it_is_current() {
+    for (second, copies) in [("h", 1), ("F.relu(h)", 2)] {
+        let text = format!(
+            "model Shared {{\n    c0 = L.Convolution2D(4, 6, 3, pad=1)\n    c1 = L.Convolution2D(6, 5, 1, stride=2)\n    c2 = L.Convolution2D(6, 5, 1, stride=2)\n\n    forward(x: [4, 9, 9]) {{\n        h = self.c0(x)\n        return self.c1(h) + self.c2({second})\n    }}\n}}\n"
+        );
+        let src = cnnc::diag::Source::new("shared.model", text);
+        let g = optimized(&cnnc::compile(&src).expect("compiles").0, 0);
+        let x = Tensor::new(vec![2, 4, 9, 9], rng::normal("x", 2 * 4 * 81).map(|v| v as f32).collect()).unwrap();
+        let want = run_graph(&src, &g, Params::Generated(prng_param), x.clone());
+        for tier in tiers() {
+            let program = cnnc::kernel::program(&g, bind(&src, &g, Params::Generated(prng_param)), 2, tier);
+            assert_eq!(program.launches.iter().filter(|l| l.kernel.name.ends_with(".subsample")).count(), copies, "{second}");
+            let got = cnnc::jit::compile(&program, cnnc::jit::Options { checked: true }).expect("compiles").exe.run(&[&x], 2).expect("runs");
+            assert_close(&got, &want, 1e-5, &format!("{tier:?}, {second}"));
+        }
+    }
+}

@@ -27,6 +27,9 @@ pub struct Tables {
     pub stores: Vec<usize>,
     pub params: Vec<Arc<Buffer>>,
     pub launches: Vec<(Kernel, Vec<Ref>, u64)>,
+    /// The [`subsample`]s made, by input and stride, with the launch count then: ResNet's strided 1×1
+    /// convolution and its projection shortcut read the same one.
+    pub subsampled: Vec<((Ref, [usize; 2]), Ref, usize)>,
 }
 
 impl Tables {
@@ -45,6 +48,11 @@ impl Tables {
     }
     pub fn launch(&mut self, k: Kernel, refs: Vec<Ref>, flops: u64) {
         self.launches.push((k, refs, flops));
+    }
+    /// Whether a launch from number `since` on writes `r` (an in-place op gives its output its input's
+    /// store).
+    fn written(&self, r: Ref, since: usize) -> bool {
+        self.launches[since..].iter().any(|(k, refs, _)| k.args().zip(refs).any(|(b, &x)| x == r && b.access != Access::Read))
     }
 }
 
@@ -168,9 +176,16 @@ impl Phased {
     }
 }
 
-/// Launches the copy of every `stride`-th row and column of `n`'s input from (0, 0), `[oh, ow]` of them
-/// per plane, into a new store: the column matrix of a 1×1 unpadded convolution with that stride.
+/// Every `stride`-th row and column of `n`'s input from (0, 0), `[oh, ow]` of them per plane, in a
+/// store: the column matrix of a 1×1 unpadded convolution with that stride. Launches the copy unless an
+/// earlier node made the same one of a store nothing has written since.
 pub fn subsample(t: &mut Tables, n: &Node, [s0, s1]: [usize; 2], [oh, ow]: [usize; 2]) -> Ref {
+    let key = (n.ins[0].0, [s0, s1]);
+    if let Some(&(_, made, at)) = t.subsampled.iter().find(|(k, ..)| *k == key) {
+        if !t.written(key.0, at) {
+            return made;
+        }
+    }
     let [ci, h, w] = [n.ins[0].1[0], n.ins[0].1[1], n.ins[0].1[2]];
     let len = n.batch * ci * oh * ow;
     let out = t.store(len);
@@ -187,6 +202,8 @@ pub fn subsample(t: &mut Tables, n: &Node, [s0, s1]: [usize; 2], [oh, ow]: [usiz
         });
     });
     t.launch(kb.finish(), vec![n.ins[0].0, out], 0);
+    t.subsampled.retain(|(k, ..)| *k != key);
+    t.subsampled.push((key, out, t.launches.len()));
     out
 }
 

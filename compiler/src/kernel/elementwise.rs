@@ -111,17 +111,22 @@ pub fn softmax(t: &mut Tables, n: &Node, axis: Axis) {
 }
 
 /// Concat along `axis`, or (with `slice`, its start and length) a slice of one input: block copies,
-/// `outer` rows each a run of elements per input.
+/// `outer` rows each a run of elements per input. Each row is copied in pieces of at least 16 KiB, in
+/// parallel: a channel concat at batch 1 is one row (GoogLeNet's were one task each).
 pub fn copies(t: &mut Tables, n: &Node, axis: Axis, slice: Option<(usize, usize)>) {
     let y = n.out.0;
     let ax = axis.0 - 1;
     let out = n.out.1;
     let (outer, per_out) = (n.batch * out[..ax].iter().product::<usize>(), out[ax..].iter().product::<usize>());
-    let mut kb = Kb::new(name(n), outer);
+    let pieces = (per_out / 4096).clamp(1, 16);
+    let mut kb = Kb::new(name(n), outer * pieces);
     let ins: Vec<Buf> = (0..n.ins.len()).map(|i| kb.buf(format!("x{i}"), n.in_len(i), Access::Read)).collect();
     let yb = kb.buf("y", n.out_len(), Access::Write);
     let (lo, hi) = kb.range();
-    kb.for_(lo, hi, |kb, o| {
+    kb.for_(lo, hi, |kb, it| {
+        let o = kb.let_(it.clone() / pieces);
+        // This piece's elements a..b of the output row, and of each input's run the part inside them.
+        let (a, b) = (kb.let_(it.clone() % pieces * per_out / pieces), kb.let_((it % pieces + 1i64) * per_out / pieces));
         let mut dst = 0;
         for (i, &xb) in ins.iter().enumerate() {
             let per_in: usize = n.ins[i].1[ax..].iter().product();
@@ -129,7 +134,10 @@ pub fn copies(t: &mut Tables, n: &Node, axis: Axis, slice: Option<(usize, usize)
                 Some((start, len)) => (o.clone() * per_in + start * per_out / len, per_out),
                 None => (o.clone() * per_in, per_in),
             };
-            copy(kb, yb, o.clone() * per_out + dst, xb, src, len);
+            let (from, to) = (kb.let_(a.clone().max(dst as i64)), kb.let_(b.clone().min((dst + len) as i64)));
+            kb.if_(from.clone().lt(to.clone()), |kb| {
+                copy(kb, yb, o.clone() * per_out + from.clone(), xb, src + from.clone() - dst as i64, to - from);
+            });
             dst += len;
         }
     });

@@ -130,7 +130,7 @@ struct Build {
 
 /// Runs the passes up to `last`, in order.
 fn run(graph: &Graph, bound: Bound, batch: usize, Lowering { tier, winograd, fc_weights }: Lowering, last: Pass) -> Build {
-    let t = Tables { tier, winograd, fc_weights, stores: vec![], params: vec![], launches: vec![] };
+    let t = Tables { tier, winograd, fc_weights, stores: vec![], params: vec![], launches: vec![], subsampled: vec![] };
     let mut b = Build { last, home: vec![], t, inputs: vec![], out: Ref::Store(0), life: vec![], offsets: vec![], arena_len: 0, program: None };
     let mut bound = Some(bound);
     for pass in Pass::ALL.into_iter().filter(|&p| p <= last) {
