@@ -323,7 +323,7 @@ def main():
     ap.add_argument("--ort-only", action="store_true", help="time ONNX Runtime alone (no gate, no cnnc)")
     ap.add_argument("--layers", action="store_true", help="also per-layer tables (cnnc --profile, ORT's profiler)")
     ap.add_argument("--portable", action="store_true",
-                    help="also time cnnc with the AVX-512 tier disabled (--tier portable) in the same rounds")
+                    help="also time cnnc with the assembled (AVX2 or AVX-512) tier disabled (--tier portable) in the same rounds")
     ap.add_argument("--peak", type=float, default=PEAK_GFLOPS_PER_CORE,
                     help="FMA peak GFLOP/s per core for the %% of peak columns (default: %(default)s)")
     ap.add_argument("--onnx", nargs="+", metavar="FILE", help="compare on these ONNX files instead of AlexBN")

@@ -54,8 +54,8 @@ pub fn pool(kb: &mut Kb, p: &Pool2d, avg: Option<Option<Buf>>, x: Buf, y: Buf, l
     // (over 64 KiB of them: worker threads have 2 MiB stacks) take the direct form.
     if avg.is_some() || oh * w * 4 > 64 << 10 {
         // Window by window; with stride 1 the windows inside the row four at a time, each lane its own
-        // window reduced in the same (ky, kx) order (GoogLeNet's 3×3 average pools were a sixth of its
-        // time as scalar code: docs/benchmarks.md).
+        // window reduced in the same (ky, kx) order (as scalar code, GoogLeNet's 3×3 average pools
+        // weighed as much as several of its convolutions: docs/benchmarks.md).
         let (first, last) = if p.stride[1] == 1 { (first, last) } else { (ow, ow) };
         return kb.for_(lo, hi, |kb, plane| {
             let (src, dst) = (kb.let_(plane.clone() * (h * pitch)), kb.let_(plane * (oh * ow)));

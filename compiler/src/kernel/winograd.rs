@@ -223,8 +223,8 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, ep: Epilogue, [oh, ow
         let (xb, vb) = (kb.buf("x", ph.len(batch, ci), Access::Read), kb.buf("V", a * a * pv, Access::Write));
         let (lo, hi) = kb.range();
         // Tasks own channels, all images of each: V's columns are [image][tile], so neighbouring
-        // tasks would otherwise write the same cache lines when an image has few tiles (an 8×8 input's
-        // transform took 5× longer on two threads than on one).
+        // tasks would otherwise write the same cache lines when an image has few tiles (two threads were
+        // slower than one on 8×8 inputs: docs/benchmarks.md).
         kb.for_(lo, hi, |kb, it| {
             let (ch, img) = (kb.let_(it.clone() / images), kb.let_(it % images));
             kb.for_(0usize, th, |kb, ty| {
