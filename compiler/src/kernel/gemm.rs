@@ -1,7 +1,7 @@
 //! Convolution and linear layers as GEMMs on the tier's tile, and the GEMM Winograd's products use.
 //!
-//! A direct convolution is a GEMM over its column matrix (the input itself for 1×1 stride-1 unpadded
-//! convolutions), packed from a padded, stride-phase-split copy of the input (`Phased`) into panels
+//! A direct convolution is a GEMM over its column matrix (the input itself, or for a stride its
+//! subsample, for 1×1 unpadded convolutions), packed from a padded, stride-phase-split copy of the input (`Phased`) into panels
 //! of the tile's width, as the tile reads them, or read in place by the AVX-512 tile ([`Columns`]). The
 //! register-blocked microkernel ([`micro`], or an assembled AVX2/AVX-512 tile) keeps an MR×NR tile of the output in
 //! registers; bias, ReLU and max pooling are applied by the same launch before anything leaves the task.
