@@ -2,7 +2,7 @@
 """Every model in models/ against ONNX Runtime, for one or two cnnc builds, alternating in one run.
 
     python3 bench/compare_models.py --weights DIR [--cnnc PATH ...] [--batch 1] [--threads 2]
-                                    [--runs 10] [--rounds 3] [--models alex nin]
+                                    [--runs 10] [--min-seconds 0.3] [--rounds 3] [--models alex nin]
 
 DIR holds NAME.npz (and NAME_in.npy) as `tests/fixtures/gen_models.py --write-weights DIR` writes
 them: Chainer's own save_npz files. For each model:
@@ -12,7 +12,8 @@ them: Chainer's own save_npz files. For each model:
    by n), Linear as Flatten + Gemm(transB=1), dropout as identity.
 2. Gate: `cnnc run` (the first build) on NAME_in.npy against ORT on the same input, max|diff|/max|ORT|.
 3. --rounds times: each cnnc build's `bench --json` (cnnc times itself, same weights), then ORT
-   in-process (intra_op_num_threads=T, sequential, all graph optimizations, 3 warm-up runs).
+   in-process (intra_op_num_threads=T, sequential, all graph optimizations, 3 warm-up runs); each
+   side times the same number of runs, at least --runs and enough for --min-seconds.
    Prints per model each side's median latency over rounds and, per build, cnnc/ORT as the median
    of the rounds' paired ratios (both sides of a round see the same neighbours on a shared machine).
 4. With --startup, a second table from the same rounds: time to first answer and peak RSS. cnnc: the
@@ -145,7 +146,8 @@ def main():
     ap.add_argument("--cnnc", nargs="+", default=[os.path.join(ROOT, "target", "release", "cnnc")])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--runs", type=int, default=10, help="timed runs per side per round (at least)")
+    ap.add_argument("--min-seconds", type=float, default=0.3, help="each side runs at least this long per round (more runs for small models)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--models", nargs="*")
     ap.add_argument("--startup", action="store_true", help="also time the first answer and peak RSS of each side's process")
@@ -153,7 +155,7 @@ def main():
     startup_rows = []
     names = args.models or sorted(f[:-6] for f in os.listdir(os.path.join(ROOT, "models")) if f.endswith(".model"))
     work = tempfile.mkdtemp(prefix="cnnc-models-")
-    print(f"batch {args.batch}, {args.threads} threads, {args.rounds} rounds of {args.runs} runs; builds: {' '.join(args.cnnc)}")
+    print(f"batch {args.batch}, {args.threads} threads, {args.rounds} rounds of at least {args.runs} runs and {args.min_seconds} s; builds: {' '.join(args.cnnc)}")
     head = " | ".join(f"build {i} ms | build {i}/ORT (rounds)" for i in range(len(args.cnnc)))
     print(f"| model | gate | ORT ms | {head} |")
     print("|---|---:|---:|" + "---:|---|" * len(args.cnnc))
@@ -176,6 +178,10 @@ def main():
         want = sess.run(None, {sess.get_inputs()[0].name: x_in})[0]
         gate = float(np.abs(np.load(y_path) - want).max() / np.abs(want).max())
         x = np.random.default_rng(0).standard_normal([args.batch] + list(x_in.shape[1:])).astype(np.float32)
+        # Each side times at least --min-seconds per round: ten runs of a 60 µs model (digits) measure
+        # its cold start, not its speed. Both sides time the same number of runs.
+        once = time_onnx(sess, sess.get_inputs()[0].name, x, 5, warmup=3)[1] / 1e3
+        runs = max(args.runs, int(args.min_seconds / max(once, 1e-6)) + 1)
         cnnc_ms = [[] for _ in args.cnnc]
         ort_ms = []
         first = [[] for _ in args.cnnc]  # (seconds, MB) per round
@@ -189,10 +195,10 @@ def main():
                 _, rss, out = process([sys.executable, "-c", ORT_FIRST, onnx_path, in_path, str(args.threads)])
                 ort_first.append((float(out.strip()), rss))
             for i, c in enumerate(args.cnnc):
-                out = subprocess.run([c, "bench", model, "--weights", npz_path, "--json", "--batch", str(args.batch), "--runs", str(args.runs),
+                out = subprocess.run([c, "bench", model, "--weights", npz_path, "--json", "--batch", str(args.batch), "--runs", str(runs),
                                       "--threads", str(args.threads)], capture_output=True, text=True, check=True).stdout
                 cnnc_ms[i].append(json.loads(out.strip().splitlines()[-1])["median_ms"])
-            ort_ms.append(time_onnx(sess, sess.get_inputs()[0].name, x, args.runs, warmup=3)[0])
+            ort_ms.append(time_onnx(sess, sess.get_inputs()[0].name, x, runs, warmup=3)[0])
         cells = []
         for ms in cnnc_ms:
             ratios = [a / b for a, b in zip(ms, ort_ms)]
