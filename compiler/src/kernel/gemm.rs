@@ -172,26 +172,39 @@ pub fn conv(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue, out: [usize; 2])
     direct(t, n, c, ep, out, weights, None);
 }
 
+/// Where [`pack_blocks`] puts row `row`'s weight `kk` of group `group`: [group][block][k][mr].
+#[derive(Clone, Copy)]
+pub struct Blocks {
+    mr: usize,
+    blocks: usize,
+    k: usize,
+}
+
+impl Blocks {
+    pub fn at(self, group: usize, row: usize, kk: usize) -> usize {
+        ((group * self.blocks + row / self.mr) * self.k + kk) * self.mr + row % self.mr
+    }
+}
+
+/// Winograd's U for [`plane_products`] with its (zero) bias: `groups` groups of `rows` rows of `k`,
+/// packed as [`pack_blocks`] packs them but written straight into the final buffer (no row-major copy
+/// beside it) by `fill(i, part, layout)` on every core, where `part` holds groups i·per..(i + 1)·per and
+/// `layout.at(j, row, kk)` is where the part's group j's weight (row, kk) goes. Rows past the last stay 0.
+pub fn packed_planes(t: &mut Tables, [groups, rows, k]: [usize; 3], per: usize, fill: impl Fn(usize, &mut [f32], Blocks) + Sync) -> (Ref, Ref) {
+    let mr = t.tier.mr();
+    let layout = Blocks { mr, blocks: rows.div_ceil(mr), k };
+    let a = buffer(groups * layout.blocks * k * mr, |a| cnnc_runtime::par::chunks_mut(a, per * layout.blocks * k * mr, |i, part| fill(i, part, layout)));
+    (t.packed(a), t.param(pack_bias(None, groups, rows, mr)))
+}
+
 /// Winograd's `groups` (α²) products `M[ξ] = U[ξ] · V[ξ]`, each (co × k) · (k × cols), as the direct
 /// GEMM of a `groups`-group 1×1 convolution over one image whose groups' first input and output rows lie
-/// `pitch` elements apart (V's and M's plane pitch). U is `u`, (groups·co) rows of k, packed here unless
-/// `packed` holds what an earlier call returned. Returns the packed U and its (zero) bias.
-#[allow(clippy::too_many_arguments)]
-pub fn plane_products(
-    t: &mut Tables,
-    name: &str,
-    groups: usize,
-    [k, co, cols]: [usize; 3],
-    [v, m]: [Ref; 2],
-    pitch: [usize; 2],
-    u: &[f32],
-    packed: Option<(Ref, Ref)>,
-) -> (Ref, Ref) {
+/// `pitch` elements apart (V's and M's plane pitch). U and its bias are `packed` by [`packed_planes`].
+pub fn plane_products(t: &mut Tables, name: &str, groups: usize, [k, co, cols]: [usize; 3], [v, m]: [Ref; 2], pitch: [usize; 2], packed: (Ref, Ref)) {
     let c = Conv2d { in_channels: groups * k, out_channels: groups * co, kernel: [1, 1], stride: [1, 1], pad: [0, 0], dilation: [1, 1], groups, bias: false };
     let (op, in_shape, out_shape) = (Op::Conv2d(c.clone()), [groups * k, cols, 1], [groups * co, cols, 1]);
     let n = Node { name, op: &op, batch: 1, ins: vec![(v, &in_shape)], out: (m, &out_shape), params: vec![] };
-    let weights = packed.map_or(Weights::Rows(u, None), |(a, bias)| Weights::Packed(a, bias));
-    direct(t, &n, &c, Epilogue::default(), [cols, 1], weights, Some(pitch))
+    direct(t, &n, &c, Epilogue::default(), [cols, 1], Weights::Packed(packed.0, packed.1), Some(pitch));
 }
 
 /// Where a direct convolution's weights come from.

@@ -21,7 +21,7 @@
 //! all six models within 1e-4 of Chainer with each tile size forced (measured errors: docs/benchmarks.md).
 
 use super::common::{add_tail, guarded, phase_split, vector_loop, Epilogue, Node, Tables};
-use super::gemm::plane_products;
+use super::gemm::{packed_planes, plane_products};
 use super::pool::pool_launch;
 use super::{e, Access, Expr, Kb, Tier, LANES};
 use cnnc_runtime::op::Conv2d;
@@ -187,19 +187,17 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, ep: Epilogue, [oh, ow
     let (th, tw) = (oh.div_ceil(m), ow.div_ceil(m));
     let per_image = th * tw;
     let name = |s: &str| format!("{}.{s}", n.name);
-    // U[ξ][o][c] as the weights of an α²-group 1×1 convolution, (α²·co, ci, 1, 1).
     let w = n.params[0].data();
-    // U[xi·α + yi][oc] = (G g Gᵀ)[xi][yi] of filter oc = o·ci + ch: row xi of G g, then its product with
-    // row yi of G, in f64. A task owns the α planes of one xi, so each filter's row of G g is summed once
-    // for them (AlexBN transforms 0.4 M filters, ResNet-50 1 M).
-    let nf = co * ci;
-    let mut u = vec![0.0f32; a * a * nf];
-    cnnc_runtime::par::chunks_mut(&mut u, a * nf, |xi, planes| {
+    // U[xi·α + yi] = (G g Gᵀ)[xi][yi] per filter (o, ch) as the weights of an α²-group 1×1 convolution
+    // (α²·co, ci, 1, 1): row xi of G g, then its product with row yi of G, in f64. A task owns the α
+    // planes of one xi, so each filter's row of G g is summed once for them (AlexBN transforms 0.4 M
+    // filters, ResNet-50 1 M), and writes them straight into the GEMM's packed layout.
+    let transform = |t: &mut Tables| packed_planes(t, [a * a, co, ci], a, |xi, planes, layout| {
         let mut row = vec![0.0f64; r];
         for (f, gw) in w.chunks(r * r).enumerate() {
             row.iter_mut().enumerate().for_each(|(q, v)| *v = (0..r).map(|p| g[xi][p] * gw[p * r + q] as f64).sum());
             for (yi, gy) in g.iter().enumerate() {
-                planes[yi * nf + f] = row.iter().zip(gy).map(|(v, gy)| v * gy).sum::<f64>() as f32;
+                planes[layout.at(yi, f / ci, f % ci)] = row.iter().zip(gy).map(|(v, gy)| v * gy).sum::<f64>() as f32;
             }
         }
     });
@@ -209,7 +207,7 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, ep: Epilogue, [oh, ow
     let (xq, ph) = phase_split(t, n, [1, m], c.pad, [th * m + r - 1, tw + (a - 1) / m]);
     let (hq, wq) = (ph.hq, ph.wq);
     // The batch in chunks of images whose M fits in CHUNK_BYTES, each chunk's transforms and GEMMs in
-    // turn over one V and one M (U packed by the first chunk's GEMMs). Each chunk streams U again, so a
+    // turn over one V and one M (U made for the first chunk's GEMMs). Each chunk streams U again, so a
     // large U takes the batch in one pass.
     let chunks = if 4 * a * a * co * ci > CHUNK_BYTES * 2 { 1 } else { batch.div_ceil((CHUNK_BYTES / (4 * a * a * co * per_image)).max(1)) };
     let per_chunk = batch.div_ceil(chunks);
@@ -250,7 +248,8 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, ep: Epilogue, [oh, ow
         });
         t.launch(kb.finish(), vec![xq, v], 0);
         // M = the α² GEMMs.
-        packed = Some(plane_products(t, n.name, a * a, [ci, co, cols], [v, mm], [pv, pm], &u, packed));
+        let u = *packed.get_or_insert_with(|| transform(t));
+        plane_products(t, n.name, a * a, [ci, co, cols], [v, mm], [pv, pm], u);
         // y = Aᵀ M A + bias, then ReLU, stored where the tile lies inside the output.
         let mut kb = Kb::new(name("winograd_out"), images * co);
         let y_access = if ep.add.is_some() { Access::ReadWrite } else { Access::Write };
