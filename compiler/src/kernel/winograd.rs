@@ -192,15 +192,17 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, ep: Epilogue, [oh, ow
     // (α²·co, ci, 1, 1): row xi of G g, then its product with row yi of G, in f64. A task owns the α
     // planes of one xi, so each filter's row of G g is summed once for them (AlexBN transforms 0.4 M
     // filters, ResNet-50 1 M), and writes them straight into the GEMM's packed layout.
-    let transform = |t: &mut Tables| packed_planes(t, [a * a, co, ci], a, |xi, planes, layout| {
-        let mut row = vec![0.0f64; r];
-        for (f, gw) in w.chunks(r * r).enumerate() {
-            row.iter_mut().enumerate().for_each(|(q, v)| *v = (0..r).map(|p| g[xi][p] * gw[p * r + q] as f64).sum());
-            for (yi, gy) in g.iter().enumerate() {
-                planes[layout.at(yi, f / ci, f % ci)] = row.iter().zip(gy).map(|(v, gy)| v * gy).sum::<f64>() as f32;
+    let transform = |t: &mut Tables| {
+        packed_planes(t, [a * a, co, ci], a, |xi, planes, layout| {
+            let mut row = vec![0.0f64; r];
+            for (f, gw) in w.chunks(r * r).enumerate() {
+                row.iter_mut().enumerate().for_each(|(q, v)| *v = (0..r).map(|p| g[xi][p] * gw[p * r + q] as f64).sum());
+                for (yi, gy) in g.iter().enumerate() {
+                    planes[layout.at(yi, f / ci, f % ci)] = row.iter().zip(gy).map(|(v, gy)| v * gy).sum::<f64>() as f32;
+                }
             }
-        }
-    });
+        })
+    };
     // The input, zero-padded to whole tiles (rows and columns up to m·tiles + r − 1) and split into m
     // column phases, xq[..][x % m][y][x / m]: element (i, j) of tiles tx..tx + 3 is then one 4-lane
     // vector, and the transforms run on four horizontally adjacent tiles at once.
