@@ -96,8 +96,11 @@ def test_any_batch_size_runs_in_chunks_of_the_compiled_one(held_out):
     want = cnnc.compile(MODEL, WEIGHTS, batch=10)(x)
     small = cnnc.compile(MODEL, WEIGHTS, batch=4)
     assert small.batch == 4
-    np.testing.assert_allclose(small(x), want, rtol=0, atol=1e-5)
-    np.testing.assert_allclose(small(x[3]), want[3:4], rtol=0, atol=1e-5)  # one sample without the batch axis
+    # Batches of 10 and 4 may lower a 3×3 layer differently (Winograd's cost model counts columns), so
+    # they agree to rounding relative to the largest logit, not bit for bit.
+    tol = 1e-5 * np.abs(want).max()
+    np.testing.assert_allclose(small(x), want, rtol=0, atol=tol)
+    np.testing.assert_allclose(small(x[3]), want[3:4], rtol=0, atol=tol)  # one sample without the batch axis
     lazy = cnnc.compile(MODEL, WEIGHTS)
     assert lazy.batch is None
     lazy(x[:3])
