@@ -294,6 +294,29 @@ fn depth_split_into_slices() {
     conv(30, 6, 12, 3, 1, 1, 1, None).check();
 }
 
+/// Columns that end 1–4 past a multiple of 16 (7 × 7 = 49, 3 × 6 = 18, 5 × 7 = 35, 6 × 6 = 36): AVX2
+/// computes them in column tiles over groups of full channel blocks. 100 channels are 16 full blocks of
+/// 6 and a ragged one (which the 6 × 16 tile takes), k = 300 and 2,700 run in slices (the accumulating
+/// variants), with ReLU, a fused add and a 3×3 through packed panels: the same bytes as the portable tier.
+#[test]
+fn column_tiles_for_the_last_columns() {
+    for (h, w, k, add) in [(7, 7, 1, true), (3, 6, 1, false), (5, 7, 3, false), (6, 6, 1, true)] {
+        let layer = Layer::Conv { out: 100, k: [k, k], stride: 1, pad: k / 2, groups: 1, bias: true, relu: true, pool: None, add, dilate: 1 };
+        let p = Problem { batch: 2, c: 300, h, w, layer };
+        let src = cnnc::diag::Source::new("case.model", p.source());
+        let g = optimized(&cnnc::compile(&src).expect("compiles").0, 1);
+        // (The 3×3 without Winograd: check() runs it both ways.)
+        let lowering = Lowering { winograd: Winograd::Never, ..Lowering::new(Tier::Avx2) };
+        let program = cnnc::kernel::program_with(&g, bind(&src, &g, Params::Generated(prng_param)), p.batch, lowering);
+        let mut columns = false;
+        for l in &program.launches {
+            Stmt::visit(&l.kernel.body, &mut |s| columns |= matches!(s, Stmt::Gemm(g) if g.blocks > 1));
+        }
+        assert!(columns, "no column tile:\n{}", p.source());
+        p.check();
+    }
+}
+
 /// Grouped convolution with pooling fused into its kernel (AlexNet's conv2 in miniature).
 #[test]
 fn grouped_conv_with_fused_pool() {

@@ -28,6 +28,11 @@ impl Tier {
             Tier::Avx512 => 12,
         }
     }
+    /// How many MR-row blocks AVX2's column tile covers for the last `cols` (1–4) columns of a GEMM
+    /// (see `jit::avx2::column_tile`): 8 accumulators in all; `None` where it does not apply.
+    pub fn column_blocks(self, cols: usize) -> Option<usize> {
+        (self == Tier::Avx2 && (1..=4).contains(&cols)).then(|| [8, 4, 2, 2][cols - 1])
+    }
     /// Tile columns (NR): output pixels, or output features for linear layers at batch > 1.
     pub const fn nr(self) -> usize {
         match self {

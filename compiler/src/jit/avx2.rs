@@ -15,7 +15,8 @@
 //!
 //! ABI (System V), as the AVX-512 strided tile: `extern "C" fn(a, b, c, depth, ldb, bias, rows, cols,
 //! ldc)`; the last three arrive on the stack. Only caller-saved registers are used, and `vzeroupper`
-//! precedes `ret`. The `narrow` variant (6 × 8, 6 accumulators) is for calls of at most 8 columns.
+//! precedes `ret`. The `narrow` variant (6 × 8, 6 accumulators) is for calls of at most 8 columns, and
+//! [`column_tile`] for a GEMM's last 1–4 columns over several row blocks at once.
 
 use crate::target::Tier;
 use iced_x86::code_asm::*;
@@ -146,4 +147,144 @@ fn body(a: &mut CodeAssembler, accumulate: bool, relu: bool, vectors: usize, mas
     a.set_label(&mut done)?;
     a.vzeroupper()?;
     a.ret()
+}
+
+/// The column tile: the last 1–4 columns of a GEMM whose column count is not a multiple of 16 (ResNet's
+/// 7 × 7 maps: 49 = 3·16 + 1), for [`Tier::column_blocks`] full MR-row blocks at once, `a_pitch`
+/// elements of A apart. The 6 × 16 tile would spend a whole call of 6 broadcasts per k on one column;
+/// here a vector holds a block's 6 rows of one column (A's rows per k are contiguous), so one k step is
+/// one broadcast of B per column and one FMA per block and column:
+///   C[r·ldc + j] = act(init[r][j] + Σ_{k < depth} A[(r / 6)·a_pitch + k·6 + r % 6] · B[k·ldb + j])
+/// with one `vfmadd231ps` per k in order, as every tier rounds. C's rows are ldc apart, so the
+/// accumulators go through the red zone below rsp (a leaf function's 128 bytes): 4 slots of 8 lanes.
+/// A vector load of a block's 6 rows reads 2 floats more (the next k's); the last k step loads with a
+/// 6-lane mask, so the call never reads past the last block.
+///
+/// ABI: the strided tile's (`a, b, c, depth, ldb, bias, rows, cols, ldc`) plus `a_pitch` on the stack;
+/// `rows` (= blocks·6) and `cols` are the ones the code was assembled for.
+pub fn column_tile(accumulate: bool, relu: bool, cols: usize) -> Result<Vec<u8>, IcedError> {
+    let blocks = Tier::Avx2.column_blocks(cols).expect("1 to 4 columns");
+    let mut a = CodeAssembler::new(64)?;
+    let acc = |b: usize, j: usize| ACC[b * cols + j];
+    // Column j's slot in the red zone, and its lane r.
+    let slot = |j: usize, r: usize| dword_ptr(rsp - (32 * (j + 1) - 4 * r) as i32);
+    let (bc, mask, t) = (ymm8, ymm9, ymm10);
+    let at = |b: usize| -> AsmRegisterYmm { [ymm11, ymm12, ymm13, ymm14][b] };
+    // Block b of A: rdi + b·pitch, with rax = rdi + 3·pitch and r11 = rdi + 6·pitch.
+    let a_at = |b: usize| match b {
+        0 => ymmword_ptr(rdi),
+        1 => ymmword_ptr(rdi + r10),
+        2 => ymmword_ptr(rdi + r10 * 2),
+        3 => ymmword_ptr(rax),
+        4 => ymmword_ptr(rax + r10),
+        5 => ymmword_ptr(rax + r10 * 2),
+        6 => ymmword_ptr(r11),
+        _ => ymmword_ptr(r11 + r10),
+    };
+    let mut table = a.create_label();
+    a.lea(r10, ptr(table))?;
+    a.vmovups(mask, ymmword_ptr(r10))?;
+    a.mov(r11, qword_ptr(rsp + 24))?;
+    a.shl(r11, 2)?; // ldc in bytes
+    if accumulate {
+        a.mov(rax, rdx)?;
+        for b in 0..blocks {
+            for r in 0..MR {
+                for j in 0..cols {
+                    a.mov(r10d, dword_ptr(rax + 4 * j as i32))?;
+                    a.mov(slot(j, r), r10d)?;
+                }
+                a.add(rax, r11)?;
+            }
+            for j in 0..cols {
+                a.vmovups(acc(b, j), ymmword_ptr(rsp - 32 * (j + 1) as i32))?;
+            }
+        }
+    } else {
+        for b in 0..blocks {
+            a.vmaskmovps(acc(b, 0), mask, ymmword_ptr(r9 + 4 * (MR * b) as i32))?;
+            for j in 1..cols {
+                a.vmovaps(acc(b, j), acc(b, 0))?;
+            }
+        }
+    }
+    a.shl(r8, 2)?; // ldb in bytes
+    a.mov(r10, qword_ptr(rsp + 32))?;
+    a.shl(r10, 2)?; // a_pitch in bytes
+    a.lea(rax, ptr(rdi + r10 * 2))?;
+    a.add(rax, r10)?;
+    a.lea(r11, ptr(rax + r10 * 2))?;
+    a.add(r11, r10)?;
+    // One k step; `masked`: the last, whose A loads take the 6-lane mask.
+    let step = |a: &mut CodeAssembler, masked: bool| -> Result<(), IcedError> {
+        if cols == 1 {
+            a.vbroadcastss(bc, dword_ptr(rsi))?;
+            for b in 0..blocks {
+                if masked {
+                    a.vmaskmovps(t, mask, a_at(b))?;
+                    a.vfmadd231ps(acc(b, 0), bc, t)?;
+                } else {
+                    a.vfmadd231ps(acc(b, 0), bc, a_at(b))?;
+                }
+            }
+            return Ok(());
+        }
+        for b in 0..blocks {
+            match masked {
+                true => a.vmaskmovps(at(b), mask, a_at(b))?,
+                false => a.vmovups(at(b), a_at(b))?,
+            }
+        }
+        for j in 0..cols {
+            a.vbroadcastss(bc, dword_ptr(rsi + 4 * j as i32))?;
+            for b in 0..blocks {
+                a.vfmadd231ps(acc(b, j), bc, at(b))?;
+            }
+        }
+        Ok(())
+    };
+    let (mut next, mut last, mut store) = (a.create_label(), a.create_label(), a.create_label());
+    a.test(rcx, rcx)?;
+    a.jz(store)?;
+    a.dec(rcx)?;
+    a.jz(last)?;
+    a.set_label(&mut next)?;
+    step(&mut a, false)?;
+    for base in [rdi, rax, r11] {
+        a.add(base, (4 * MR) as i32)?;
+    }
+    a.add(rsi, r8)?;
+    a.dec(rcx)?;
+    a.jnz(next)?;
+    a.set_label(&mut last)?;
+    step(&mut a, true)?;
+    a.set_label(&mut store)?;
+    if relu {
+        // max(0, x) returns its second operand when either is NaN, as the strided tile.
+        a.vxorps(bc, bc, bc)?;
+        for i in 0..blocks * cols {
+            a.vmaxps(ACC[i], bc, ACC[i])?;
+        }
+    }
+    a.mov(r11, qword_ptr(rsp + 24))?;
+    a.shl(r11, 2)?;
+    a.mov(rax, rdx)?;
+    for b in 0..blocks {
+        for j in 0..cols {
+            a.vmovups(ymmword_ptr(rsp - 32 * (j + 1) as i32), acc(b, j))?;
+        }
+        for r in 0..MR {
+            for j in 0..cols {
+                a.mov(r10d, slot(j, r))?;
+                a.mov(dword_ptr(rax + 4 * j as i32), r10d)?;
+            }
+            a.add(rax, r11)?;
+        }
+    }
+    a.vzeroupper()?;
+    a.ret()?;
+    a.set_label(&mut table)?;
+    a.dd(&[u32::MAX; MR])?;
+    a.dd(&[0; 8 - MR])?;
+    a.assemble(0)
 }

@@ -128,6 +128,13 @@ struct Tiles {
     tier: Tier,
     strided: [FuncId; VARIANTS],
     taps: HashMap<Taps, [FuncId; VARIANTS]>,
+    /// AVX2's column tiles (see [`avx2::column_tile`]), at [`column_variant`].
+    columns: Vec<FuncId>,
+}
+
+/// The column tile for `cols` columns, accumulating or not, with ReLU or not.
+fn column_variant(cols: usize, accumulate: bool, relu: bool) -> usize {
+    4 * (cols - 1) + 2 * usize::from(accumulate) + usize::from(relu)
 }
 
 impl Tiles {
@@ -162,6 +169,32 @@ fn define_tiles(m: &mut JITModule, tier: Tier, taps: Option<&Taps>) -> Result<[F
     Ok(ids)
 }
 
+/// AVX2's column tiles, in [`column_variant`] order (none for other tiers).
+#[cfg(target_arch = "x86_64")]
+fn define_columns(m: &mut JITModule, tier: Tier) -> Result<Vec<FuncId>, JitError> {
+    if tier != Tier::Avx2 {
+        return Ok(vec![]);
+    }
+    let mut s = Signature::new(m.isa().default_call_conv());
+    s.params.extend(vec![AbiParam::new(types::I64); 10]);
+    let err = |message: String| JitError::Codegen { kernel: "AVX2 column tile".into(), message };
+    let mut ids = vec![];
+    for cols in 1..=4 {
+        for (accumulate, relu) in [(false, false), (false, true), (true, false), (true, true)] {
+            let code = avx2::column_tile(accumulate, relu, cols).map_err(|e| err(e.to_string()))?;
+            let id = m.declare_anonymous_function(&s).map_err(|e| err(e.to_string()))?;
+            m.define_function_bytes(id, 64, &code, &[]).map_err(|e| err(e.to_string()))?;
+            ids.push(id);
+        }
+    }
+    Ok(ids)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn define_columns(_: &mut JITModule, tier: Tier) -> Result<Vec<FuncId>, JitError> {
+    Err(JitError::Unsupported(tier))
+}
+
 #[cfg(not(target_arch = "x86_64"))]
 fn define_tiles(_: &mut JITModule, tier: Tier, _: Option<&Taps>) -> Result<[FuncId; VARIANTS], JitError> {
     Err(JitError::Unsupported(tier))
@@ -189,7 +222,7 @@ fn module(tier: Tier, verify: bool) -> Result<(JITModule, Option<Tiles>), JitErr
     }
     let tiles = match tier.assembled() {
         false => None,
-        true => Some(Tiles { tier, strided: define_tiles(&mut m, tier, None)?, taps: HashMap::new() }),
+        true => Some(Tiles { tier, strided: define_tiles(&mut m, tier, None)?, taps: HashMap::new(), columns: define_columns(&mut m, tier)? }),
     };
     Ok((m, tiles))
 }
@@ -313,20 +346,24 @@ fn build(
     let math = [m.declare_func_in_func(exp, &mut ctx.func), m.declare_func_in_func(ln, &mut ctx.func)];
     let oob = m.declare_func_in_func(oob, &mut ctx.func);
     // Every tile variant the kernel calls, by geometry (None: strided).
-    let (mut calls, mut tier) = (HashMap::new(), Tier::Portable);
+    let (mut calls, mut columns, mut tier) = (HashMap::new(), vec![], Tier::Portable);
     if let Some(tiles) = tiles {
         tier = tiles.tier;
-        let mut geos = vec![None];
+        let (mut geos, mut blocks) = (vec![None], false);
         Stmt::visit(&k.body, &mut |s| {
             if let Stmt::Gemm(g) = s {
                 if let BRows::Taps { taps, .. } = &g.rows_b {
                     geos.push(Some(*taps));
                 }
+                blocks |= g.blocks > 1;
             }
         });
         for geo in geos {
             let ids = tiles.get(m, geo.as_ref())?;
             calls.insert(geo, ids.map(|id| m.declare_func_in_func(id, &mut ctx.func)));
+        }
+        if blocks {
+            columns = tiles.columns.iter().map(|&id| m.declare_func_in_func(id, &mut ctx.func)).collect();
         }
     }
 
@@ -358,7 +395,7 @@ fn build(
         });
     }
     let frontend = m.isa().frontend_config();
-    let mut g = Gen { b, k, vars, bases, math, tiles: calls, tier, check: check.map(|(log, kernel)| (log, kernel, oob)) };
+    let mut g = Gen { b, k, vars, bases, math, tiles: calls, columns, tier, check: check.map(|(log, kernel)| (log, kernel, oob)) };
     g.block(&k.body);
     g.b.ins().return_(&[]);
     g.b.seal_all_blocks();
@@ -373,6 +410,8 @@ struct Gen<'a, 'f> {
     bases: Vec<Value>,
     math: [FuncRef; 2],
     tiles: HashMap<Option<Taps>, [FuncRef; VARIANTS]>,
+    /// The column tiles, if the kernel calls one (see [`Tiles::columns`]).
+    columns: Vec<FuncRef>,
     /// The tier whose tiles `tiles` are.
     tier: Tier,
     check: Option<(i64, i64, FuncRef)>,
@@ -448,6 +487,8 @@ impl Gen<'_, '_> {
         // The last element the tile may touch in each buffer: start + (n − 1)·stride + width − 1 for
         // n rows (k steps for A and B, output rows for C) of `width` elements.
         let mr = self.b.ins().iconst(types::I64, self.tier.mr() as i64);
+        // A column tile's blocks lie a_pitch apart in A; its bias is one run of rows.
+        let a_first_of_last = self.b.ins().iadd_imm_s(a0, ((g.blocks - 1) * g.a_pitch) as i64);
         let mut last = |start: Value, n: Value, stride: i64, width: Value| {
             let n = self.b.ins().iadd_imm_s(n, -1);
             let rows = self.b.ins().imul_imm_s(n, stride);
@@ -455,14 +496,14 @@ impl Gen<'_, '_> {
             let end = self.b.ins().iadd(end, width);
             self.b.ins().iadd_imm_s(end, -1)
         };
-        let a_last = last(a0, depth, self.tier.mr() as i64, mr);
+        let a_last = last(a_first_of_last, depth, self.tier.mr() as i64, mr);
         let c_last = last(c0, rows, g.ldc as i64, cols);
         let b_last = match g.rows_b {
             BRows::Strided(ldb) => Some(last(b0, depth, ldb as i64, cols)),
             BRows::Taps { .. } => None,
         };
         let mut checks = vec![(g.a.0, a0), (g.a.0, a_last), (g.bias.0, bias0), (g.c.0, c0), (g.c.0, c_last)];
-        let bias_last = self.b.ins().iadd_imm_s(bias0, self.tier.mr() as i64 - 1);
+        let bias_last = self.b.ins().iadd_imm_s(bias0, (g.blocks * self.tier.mr()) as i64 - 1);
         checks.push((g.bias.0, bias_last));
         match (b_last, taps) {
             (Some(b_last), _) => checks.extend([(g.b.0, b0), (g.b.0, b_last)]),
@@ -525,6 +566,13 @@ impl Gen<'_, '_> {
             }
             _ => unreachable!("taps evaluated by the caller"),
         };
+        if g.blocks > 1 {
+            let Expr::Int(cols) = g.cols else { unreachable!("a column tile's columns are a constant") };
+            let pitch = self.b.ins().iconst(types::I64, g.a_pitch as i64);
+            let tile = self.columns[column_variant(cols as usize, g.accumulate, g.relu)];
+            self.b.ins().call(tile, &[args, vec![pitch]].concat());
+            return;
+        }
         // Calls of at most half a tile's columns take the one-vector variant: half the FMAs, the same sums.
         let (narrow, wide, cont) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
         let fits = self.b.ins().icmp_imm_u(IntCC::UnsignedLessThanOrEqual, cols, self.tier.nr() as i64 / 2);
@@ -795,6 +843,8 @@ mod tests {
             depth: e(1i64),
             rows: e(mr as i64),
             cols: e(1i64),
+            blocks: 1,
+            a_pitch: 0,
             accumulate: false,
             relu: false,
         });

@@ -93,6 +93,8 @@ pub fn linear(t: &mut Tables, n: &Node, l: &Linear, relu: bool) {
                 depth: e(k),
                 rows,
                 cols: cols.clone(),
+                blocks: 1,
+                a_pitch: 0,
                 accumulate: true,
                 relu,
             };
@@ -365,6 +367,8 @@ fn direct(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue, [oh, ow]: [usize; 
             depth: depth.clone(),
             rows: (e(g.cog) - blk * mr).min(mr),
             cols,
+            blocks: 1,
+            a_pitch: 0,
             accumulate,
             relu,
         }
@@ -418,11 +422,37 @@ fn direct(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue, [oh, ow]: [usize; 
                                 blocks(kb, e(full + at), e(n), Some(w));
                             }
                         }
-                        // The tile masks its own edge columns.
-                        Tier::Avx2 | Tier::Avx512 => kb.for_step(0usize, g.p, nr as i64, |kb, col| {
-                            let cols = (e(g.p) - col.clone()).min(nr);
-                            blocks(kb, col, cols, None)
-                        }),
+                        // The tile masks its own edge columns; AVX2 takes the last 1–4 in column tiles,
+                        // over whole groups of full blocks.
+                        Tier::Avx2 | Tier::Avx512 => {
+                            let (full, tail) = (g.p / nr * nr, g.p % nr);
+                            let Some(nb) = t.tier.column_blocks(tail) else {
+                                return kb.for_step(0usize, g.p, nr as i64, |kb, col| {
+                                    let cols = (e(g.p) - col.clone()).min(nr);
+                                    blocks(kb, col, cols, None)
+                                });
+                            };
+                            kb.for_step(0usize, full, nr as i64, |kb, col| blocks(kb, col, e(nr), None));
+                            let whole = kb.let_(c1.clone().min(g.cog / mr));
+                            kb.for_step(c0.clone(), c1.clone(), nb as i64, |kb, blk| {
+                                let column = (blk.clone() + nb).le(whole.clone());
+                                let tile = Gemm {
+                                    rows: e(nb * mr),
+                                    blocks: nb,
+                                    a_pitch: g.k * mr,
+                                    ..gemm(&ig, blk.clone(), &k0, &depth, &e(full), e(tail), accumulate, relu)
+                                };
+                                kb.if_else(
+                                    column,
+                                    |kb| kb.gemm(tile),
+                                    |kb| {
+                                        kb.for_(blk.clone(), (blk.clone() + nb).min(c1.clone()), |kb, b| {
+                                            kb.gemm(gemm(&ig, b, &k0, &depth, &e(full), e(tail), accumulate, relu))
+                                        })
+                                    },
+                                );
+                            });
+                        }
                     }
                 });
                 // The chunk's channels are whole planes of y (no pool: the pitch is ow).

@@ -177,7 +177,10 @@ impl Stmt {
 /// `j < cols`, one FMA per k in order, where init is `bias[bias0 + r]`, or with `accumulate` the value
 /// already in C (so a long sum can be split into slices of k without changing a single rounding).
 /// MR and NR are the [`Tier`]'s tile shape, `rows ≤ MR`, `cols ≤ NR`, and `A` holds MR rows per k
-/// (zero rows pad the last block). `B(k, j)` is read as [`BRows`] says.
+/// (zero rows pad the last block). `B(k, j)` is read as [`BRows`] says. With `blocks` > 1 (AVX2's column
+/// tile, [`crate::jit::avx2::column_tile`]) the call covers `rows` = blocks·MR rows of a constant 1–4
+/// `cols`, and row r's weights are A's block r / MR, `a_pitch` elements after the previous one:
+/// `A[a0 + (r / MR)·a_pitch + k·MR + r % MR]` (C's rows and the bias run on across blocks as they are).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Gemm {
     pub a: Buf,
@@ -193,6 +196,8 @@ pub struct Gemm {
     pub depth: Expr,
     pub rows: Expr,
     pub cols: Expr,
+    pub blocks: usize,
+    pub a_pitch: usize,
     pub accumulate: bool,
     pub relu: bool,
 }
@@ -563,7 +568,10 @@ fn write_block(f: &mut fmt::Formatter<'_>, body: &[Stmt], depth: usize) -> fmt::
                         format!("{taps:?} from k {k0} column {col}, offsets b{}, masks b{}[{masks0}]", offsets.0, masks.0)
                     }
                 };
-                let flags = [(g.accumulate, ", accumulate"), (g.relu, ", relu")].map(|(on, s)| if on { s } else { "" }).concat();
+                let mut flags = [(g.accumulate, ", accumulate"), (g.relu, ", relu")].map(|(on, s)| if on { s } else { "" }).concat();
+                if g.blocks > 1 {
+                    flags = format!(", {} blocks {} apart{flags}", g.blocks, g.a_pitch);
+                }
                 let (a, bias, b, c) = (a.0, bias.0, b.0, c.0);
                 writeln!(
                     f,

@@ -650,7 +650,10 @@ fn gemm_loops(g: &Gemm, mr: usize, vars: &mut Vec<Ty>) -> Vec<Stmt> {
     let (r, j, kk, acc) = (var(Ty::I64), var(Ty::I64), var(Ty::I64), var(Ty::F32));
     let at_c = Expr::from(c0) + Expr::from(r) * g.ldc + j;
     let init = if g.accumulate { g.c.at(at_c.clone()) } else { g.bias.at(Expr::from(bias0) + r) };
-    let a = g.a.at(Expr::from(a0) + Expr::from(kk) * mr + r);
+    let a = match g.blocks {
+        1 => g.a.at(Expr::from(a0) + Expr::from(kk) * mr + r),
+        _ => g.a.at(Expr::from(a0) + Expr::from(r) / mr * g.a_pitch + Expr::from(kk) * mr + Expr::from(r) % mr),
+    };
     let step = match &g.rows_b {
         BRows::Strided(ldb) => vec![Stmt::Set(acc, a.fma(g.b.at(Expr::from(b0) + Expr::from(kk) * *ldb + j), acc))],
         BRows::Taps { taps: t, k0, col, .. } => {
