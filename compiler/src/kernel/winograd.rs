@@ -20,7 +20,7 @@
 //! interpreter, relative to the output's largest magnitude (the rest within 1e-5), and `tests/chainer.rs`
 //! all six models within 1e-4 of Chainer with each tile size forced (measured errors: docs/benchmarks.md).
 
-use super::common::{add_tail, guarded, phase_split, vector_loop, Epilogue, Node, Tables};
+use super::common::{add_tail, guarded, overlapping_vector_loop, phase_split, Epilogue, Node, Tables};
 use super::gemm::{packed_planes, plane_products};
 use super::pool::pool_launch;
 use super::{e, Access, Expr, Kb, Tier, LANES};
@@ -205,7 +205,8 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, ep: Epilogue, [oh, ow
     };
     // The input, zero-padded to whole tiles (rows and columns up to m·tiles + r − 1) and split into m
     // column phases, xq[..][x % m][y][x / m]: element (i, j) of tiles tx..tx + 3 is then one 4-lane
-    // vector, and the transforms run on four horizontally adjacent tiles at once.
+    // vector, and the transforms run on four horizontally adjacent tiles at once (a row of four or more
+    // tiles ends with four that overlap the previous ones: a tile transformed twice is stored twice alike).
     let (xq, ph) = phase_split(t, n, [1, m], c.pad, [th * m + r - 1, tw + (a - 1) / m]);
     let (hq, wq) = (ph.hq, ph.wq);
     // The batch in chunks of images whose M fits in CHUNK_BYTES, each chunk's transforms and GEMMs in
@@ -235,7 +236,7 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, ep: Epilogue, [oh, ow
             kb.for_(0usize, th, |kb, ty| {
                 let row = kb.let_(((img.clone() + i0) * ci + ch.clone()) * (m * hq * wq) + ty.clone() * (m * wq));
                 let col0 = kb.let_(img.clone() * per_image + ty * tw);
-                vector_loop(kb, e(0i64), e(tw), |kb, tx, vec| {
+                overlapping_vector_loop(kb, e(0i64), e(tw), |kb, tx, vec| {
                     let d: Vec<Expr> = (0..a * a)
                         .map(|i| {
                             let at = row.clone() + ((i % a % m) * hq * wq + i / a * wq + i % a / m) + tx.clone();
@@ -267,7 +268,7 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, ep: Epilogue, [oh, ow
                 let rows = kb.let_((e(oh) - ty.clone() * m).min(m));
                 let col0 = kb.let_(img.clone() * per_image + ty.clone() * tw);
                 let at0 = kb.let_(((plane.clone() + i0 * co) * oh + ty * m) * ow);
-                vector_loop(kb, e(0i64), e(tw), |kb, tx, vec| {
+                overlapping_vector_loop(kb, e(0i64), e(tw), |kb, tx, vec| {
                     let mv: Vec<Expr> = (0..a * a)
                         .map(|xi| {
                             let at = e(xi * pm) + o.clone() * cols + col0.clone() + tx.clone();

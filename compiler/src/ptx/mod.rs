@@ -9,7 +9,7 @@
 //! threads, so every parallel iteration is its own thread. Kernel variables become PTX registers (PTX
 //! registers are mutable, so `Set` is a `mov` and no SSA is built), expressions become fresh temporaries,
 //! loops and conditionals become labels and predicated branches, and each IR operation is printed from a
-//! table of instruction templates ([`INT_OPS`], [`FLOAT_OPS`]). `Stmt::Gemm` (the AVX-512 tier's tile) is
+//! table of instruction templates ([`INT_OPS`], [`FLOAT_OPS`]). `Stmt::Gemm` (the assembled tiers' tiles) is
 //! expanded into scalar IR loops with the tile's documented semantics before printing ([`expand_gemm`]).
 //!
 //! Arithmetic is the JIT's: `add/sub/mul/div.rn.f32` (the `.rn` forbids ptxas from contracting a
@@ -620,8 +620,9 @@ fn disp(off: i64) -> String {
 /// `k` with every [`Stmt::Gemm`] replaced by scalar loops with the tile's semantics (see [`Gemm`]):
 /// its operands evaluated once, then for each row `r < rows` and column `j < cols` an accumulator that
 /// starts at `bias[bias0 + r]` (or, with `accumulate`, at the value in C), takes one FMA per k in order
-/// (`A[a0 + k·MR + r] · B(k, j)`, see [`BRows`]), then ReLU if asked, then the store. This is what the JIT's
-/// AVX-512 tile computes, rounding for rounding.
+/// (`A[a0 + k·MR + r] · B(k, j)`, see [`BRows`]; a column tile's rows r ≥ MR in A's block r / MR, see
+/// [`Gemm`]), then ReLU if asked, then the store. This is what the JIT's assembled tiles compute, rounding
+/// for rounding.
 pub fn expand_gemm(k: &Kernel, mr: usize) -> Kernel {
     fn go(body: &[Stmt], mr: usize, vars: &mut Vec<Ty>) -> Vec<Stmt> {
         body.iter()
