@@ -262,8 +262,8 @@ pub fn column_tile(accumulate: bool, relu: bool, cols: usize) -> Result<Vec<u8>,
     if relu {
         // max(0, x) returns its second operand when either is NaN, as the strided tile.
         a.vxorps(bc, bc, bc)?;
-        for i in 0..blocks * cols {
-            a.vmaxps(ACC[i], bc, ACC[i])?;
+        for &r in &ACC[..blocks * cols] {
+            a.vmaxps(r, bc, r)?;
         }
     }
     a.mov(r11, qword_ptr(rsp + 24))?;
