@@ -152,19 +152,14 @@ impl Tiles {
 
 #[cfg(target_arch = "x86_64")]
 fn define_tiles(m: &mut JITModule, tier: Tier, taps: Option<&Taps>) -> Result<[FuncId; VARIANTS], JitError> {
-    let mut s = Signature::new(m.isa().default_call_conv());
-    s.params.extend(vec![AbiParam::new(types::I64); if taps.is_some() { 10 } else { 9 }]);
     let mut ids = [FuncId::from_u32(0); VARIANTS];
     for (variant, id) in ids.iter_mut().enumerate() {
-        let err = |message: String| JitError::Codegen { kernel: format!("{tier:?} tile"), message };
         let (accumulate, relu, narrow) = (variant & 2 != 0, variant & 1 != 0, variant & 4 != 0);
         let code = match tier {
             Tier::Avx2 => avx2::tile(accumulate, relu, narrow),
             _ => avx512::tile(accumulate, relu, taps, narrow),
         };
-        let code = code.map_err(|e| err(e.to_string()))?;
-        *id = m.declare_anonymous_function(&s).map_err(|e| err(e.to_string()))?;
-        m.define_function_bytes(*id, 64, &code, &[]).map_err(|e| err(e.to_string()))?;
+        *id = define_code(m, if taps.is_some() { 10 } else { 9 }, &format!("{tier:?} tile"), code)?;
     }
     Ok(ids)
 }
@@ -175,19 +170,20 @@ fn define_columns(m: &mut JITModule, tier: Tier) -> Result<Vec<FuncId>, JitError
     if tier != Tier::Avx2 {
         return Ok(vec![]);
     }
+    let variants = (1..=4).flat_map(|cols| [(false, false), (false, true), (true, false), (true, true)].map(|(acc, relu)| (cols, acc, relu)));
+    variants.map(|(cols, acc, relu)| define_code(m, 10, "AVX2 column tile", avx2::column_tile(acc, relu, cols))).collect()
+}
+
+/// Defines assembled `code`, a function of `params` i64 arguments, in `m` (`what` names it in errors).
+#[cfg(target_arch = "x86_64")]
+fn define_code(m: &mut JITModule, params: usize, what: &str, code: Result<Vec<u8>, iced_x86::IcedError>) -> Result<FuncId, JitError> {
+    let err = |message: String| JitError::Codegen { kernel: what.into(), message };
     let mut s = Signature::new(m.isa().default_call_conv());
-    s.params.extend(vec![AbiParam::new(types::I64); 10]);
-    let err = |message: String| JitError::Codegen { kernel: "AVX2 column tile".into(), message };
-    let mut ids = vec![];
-    for cols in 1..=4 {
-        for (accumulate, relu) in [(false, false), (false, true), (true, false), (true, true)] {
-            let code = avx2::column_tile(accumulate, relu, cols).map_err(|e| err(e.to_string()))?;
-            let id = m.declare_anonymous_function(&s).map_err(|e| err(e.to_string()))?;
-            m.define_function_bytes(id, 64, &code, &[]).map_err(|e| err(e.to_string()))?;
-            ids.push(id);
-        }
-    }
-    Ok(ids)
+    s.params.extend(vec![AbiParam::new(types::I64); params]);
+    let code = code.map_err(|e| err(e.to_string()))?;
+    let id = m.declare_anonymous_function(&s).map_err(|e| err(e.to_string()))?;
+    m.define_function_bytes(id, 64, &code, &[]).map_err(|e| err(e.to_string()))?;
+    Ok(id)
 }
 
 #[cfg(not(target_arch = "x86_64"))]
