@@ -86,10 +86,21 @@ impl Fmr {
 
 /// The price the cost model puts on transforming one input tile (with its share of the padding copy)
 /// and one output tile, per element of the α×α tile, in units of one 16-lane FMA instruction of the GEMM
-/// tiles: the middle of the ranges measured on AlexNet at batch 1 and 8 (docs/benchmarks.md; more at
-/// batch 8, where V and M no longer fit in L2), which chooses as the measurements do at both sizes.
-const IN_COST: f64 = 3.5;
-const OUT_COST: f64 = 2.2;
+/// tiles, when the transforms run on four tiles per vector (rows of four or more tiles). AVX-512: the
+/// middle of the ranges measured on AlexNet at batch 1 and 8 (more at batch 8, where V and M no longer
+/// fit in L2). AVX2 and portable (one price, so that both tiers of a machine choose alike): fitted to
+/// fifteen 3×3 and 5×5 layers of every model at batch 1 and 8 with each algorithm forced; a 16-lane
+/// unit is two FMAs there, so the transforms weigh less (docs/benchmarks.md).
+fn transform_costs(tier: Tier) -> [f64; 2] {
+    match tier {
+        Tier::Avx512 => [3.5, 2.2],
+        Tier::Portable | Tier::Avx2 => [0.5, 0.5],
+    }
+}
+
+/// How much more a transform costs on rows of fewer than four tiles, which it takes one tile at a
+/// time (`overlapping_vector_loop`'s scalar form): F(4×4, 3×3) on 8 × 8 maps, F(3×3, ·) on 7 × 7.
+const SCALAR_TRANSFORMS: f64 = 4.0;
 
 /// When convolutions take Winograd's algorithms.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -112,7 +123,7 @@ pub fn chosen(w: Winograd, tier: Tier, c: &Conv2d, batch: usize, out: [usize; 2]
     let fit = ALGORITHMS.into_iter().filter(|f| c.kernel == [f.r, f.r] && c.stride == [1, 1] && c.dilation == [1, 1] && c.groups == 1);
     let largest = |m: usize| fit.clone().rfind(|f| f.m <= m);
     match w {
-        Winograd::Auto => choose(fit, tier.cost_columns(), c, batch, out),
+        Winograd::Auto => choose(fit, tier.cost_columns(), transform_costs(tier), c, batch, out),
         Winograd::M2 => largest(2),
         Winograd::M3 => largest(3),
         Winograd::M4 => largest(4),
@@ -124,15 +135,17 @@ pub fn chosen(w: Winograd, tier: Tier, c: &Conv2d, batch: usize, out: [usize; 2]
 /// direct convolution's. Columns are counted in `unit`s ([`Tier::cost_columns`]): the GEMM columns
 /// are the batch's tiles, so a small feature map at batch 1 gains less than a batch of 8 (AlexNet's
 /// 13×13: 16 tiles of 4×4 or 25 of 3×3, one unit or two on AVX2; ResNet's and GoogLeNet's 7×7: 16
-/// tiles of 2×2 against 49 pixels). Tiers with the same unit choose alike and give the same bytes.
-fn choose(fit: impl Iterator<Item = Fmr>, unit: usize, c: &Conv2d, batch: usize, [oh, ow]: [usize; 2]) -> Option<Fmr> {
+/// tiles of 2×2 against 49 pixels). Tiers with the same unit and `[in, out]` transform costs choose
+/// alike and give the same bytes.
+fn choose(fit: impl Iterator<Item = Fmr>, unit: usize, [in_cost, out_cost]: [f64; 2], c: &Conv2d, batch: usize, [oh, ow]: [usize; 2]) -> Option<Fmr> {
     let cols = |n: usize| n.next_multiple_of(unit) as f64;
     let (ci, co, k) = (c.in_channels as f64, c.out_channels as f64, (c.kernel[0] * c.kernel[1]) as f64);
     let direct = batch as f64 * cols(oh * ow) * k * ci * co / 16.0;
     let cost = |f: Fmr| {
         let a2 = (f.alpha() * f.alpha()) as f64;
         let tiles = batch * oh.div_ceil(f.m) * ow.div_ceil(f.m);
-        a2 * cols(tiles) * ci * co / 16.0 + tiles as f64 * a2 * (ci * IN_COST + co * OUT_COST)
+        let scalar = if ow.div_ceil(f.m) < LANES { SCALAR_TRANSFORMS } else { 1.0 };
+        a2 * cols(tiles) * ci * co / 16.0 + tiles as f64 * a2 * (ci * in_cost + co * out_cost) * scalar
     };
     // The margin covers what the count leaves out: three more launches and the M round trip.
     fit.map(|f| (cost(f), f)).filter(|&(w, _)| w < 0.8 * direct).min_by(|x, y| x.0.total_cmp(&y.0)).map(|(_, f)| f)
@@ -335,12 +348,25 @@ mod tests {
         for tier in Tier::ALL {
             assert_eq!(auto(tier, &conv2, 1, [27, 27]), Some(f35));
             assert_eq!(auto(tier, &conv2, 8, [27, 27]), Some(f35));
-            // Few channels: the transforms cost more than the multiplies saved.
-            assert_eq!(auto(tier, &conv(8, 8, 3, 1, 1), 8, [56, 56]), None);
+            // One input channel (the digits model's conv1): the transforms cost more than the
+            // multiplies saved.
+            assert_eq!(auto(tier, &conv(1, 32, 3, 1, 1), 8, [8, 8]), None);
         }
+        // Few channels on AVX-512, whose 32-lane unit makes the multiplies cheaper to begin with.
+        assert_eq!(auto(Tier::Avx512, &conv(8, 8, 3, 1, 1), 8, [56, 56]), None);
         // ResNet-50's res5 3×3 (7 × 7): 16 columns of 2×2 tiles against 49 pixels, on AVX2.
         let res5 = conv(512, 512, 3, 1, 1);
         assert_eq!([auto(Tier::Avx2, &res5, 1, [7, 7]), auto(Tier::Avx512, &res5, 1, [7, 7])], [Some(f23), None]);
+        // As measured on AVX2 (docs/benchmarks.md): GoogLeNet's 5×5 layers on 7 × 7 maps as F(2×2, 5×5)
+        // (F(3×3, 5×5) would transform rows of three tiles one at a time), the digits model's conv2 on
+        // 8 × 8 as F(2×2, 3×3) at both batches, its conv3 on 4 × 4 direct at batch 1.
+        for tier in [Tier::Portable, Tier::Avx2] {
+            for batch in [1, 8] {
+                assert_eq!(auto(tier, &Conv2d { pad: [2, 2], ..conv(32, 128, 5, 1, 1) }, batch, [7, 7]), Some(f25));
+                assert_eq!(auto(tier, &conv(32, 64, 3, 1, 1), batch, [8, 8]), Some(f23));
+            }
+            assert_eq!(auto(tier, &conv(64, 64, 3, 1, 1), 1, [4, 4]), None);
+        }
         // Not applicable, whatever is asked.
         for c in [conv(384, 384, 7, 1, 1), conv(384, 384, 3, 2, 1), conv(384, 384, 3, 1, 2)] {
             assert_eq!(chosen(Winograd::M4, Tier::Avx2, &c, 8, [13, 13]), None);
