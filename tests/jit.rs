@@ -317,6 +317,18 @@ fn column_tiles_for_the_last_columns() {
     }
 }
 
+/// Output rows that tile whole panels evenly, so that packing copies segments of one length known at
+/// compile time: 4 × 4 and 8 × 8 maps (rows of 4 and 8 under AVX2's 16 columns), 6 × 6 (rows of 6 under
+/// the portable tier's 12), a 7×7 stride-2 convolution with 32-wide rows (ResNet's conv1 in miniature),
+/// and the 8 × 8 with a fused pool.
+#[test]
+fn panels_of_whole_rows() {
+    conv(5, 4, 7, 3, 1, 1, 1, None).check();
+    conv(3, 6, 5, 3, 1, 1, 1, None).check();
+    conv(3, 64, 8, 7, 2, 3, 1, None).check();
+    conv(4, 8, 9, 3, 1, 1, 1, Some(Pool { max: true, k: 2, stride: 2, pad: 0, cover_all: true })).check();
+}
+
 /// Grouped convolution with pooling fused into its kernel (AlexNet's conv2 in miniature).
 #[test]
 fn grouped_conv_with_fused_pool() {

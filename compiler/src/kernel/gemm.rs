@@ -8,7 +8,7 @@
 //! Invariant left: per output element the arithmetic is fixed — bias, then one FMA per k in (channel,
 //! ky, kx) order — whatever the tile, tier or thread count, so results are bitwise identical across them.
 
-use super::common::{add_tail, buffer, copy, guarded, phase_split, subsample, Epilogue, Node, Phased, Ref, Tables};
+use super::common::{add_tail, buffer, copy, copy_exact, guarded, phase_split, subsample, Epilogue, Node, Phased, Ref, Tables};
 use super::pool::{pool, pool_launch};
 use super::{e, Access, BRows, Buf, Expr, Gemm, Kb, Taps, Tier, LANES};
 use cnnc_runtime::exec::Buffer;
@@ -546,9 +546,15 @@ struct Pack<'a> {
 #[allow(clippy::too_many_arguments)]
 fn pack(kb: &mut Kb, p: &Pack, img: Expr, grp: Expr, k0: Expr, depth: Expr, col: Expr, cols: Expr, base: Expr) {
     let ([kh, kw], [s0, s1], [d0, d1], Phased { hq, wq, .. }) = (p.c.kernel, p.c.stride, p.c.dilation, p.ph);
+    // Whole panels over rows that tile them evenly (ow a multiple of NR, or NR of ow: ResNet's conv1,
+    // 4 × 4 and 8 × 8 maps) copy segments of one length known here, without a loop or branch per tap.
+    let exact = (p.g.p.is_multiple_of(p.nr) && (p.ow.is_multiple_of(p.nr) || p.nr.is_multiple_of(p.ow))).then(|| p.ow.min(p.nr));
     let (oy0, ox0) = (kb.let_(col.clone() / p.ow), kb.let_(col % p.ow));
     let end = kb.let_(ox0.clone() + cols);
-    let segments = kb.let_((end.clone() + (p.ow - 1)) / p.ow);
+    let segments = match exact {
+        Some(len) => e(p.nr / len),
+        None => kb.let_((end.clone() + (p.ow - 1)) / p.ow),
+    };
     let first_plane = kb.let_((img * p.ci + grp * p.g.cig) * (s0 * s1));
     let r0 = kb.let_(k0 / kw);
     // Segments outside, k inside: a segment's geometry is computed once per panel, not once per row.
@@ -571,7 +577,10 @@ fn pack(kb: &mut Kb, p: &Pack, img: Expr, grp: Expr, k0: Expr, depth: Expr, col:
                 let kxd = if d1 == 1 { kx.clone() } else { kx.clone() * d1 };
                 let (phase, shift) = if s1 == 1 { (e(0i64), kxd) } else { (kxd.clone() % s1, kxd / s1) };
                 let from = (plane.clone() + phase) * (hq * wq) + src.clone() + shift;
-                copy(kb, p.panel, dst.clone() + kx * p.nr, p.x, from, len.clone());
+                match exact {
+                    Some(n) => copy_exact(kb, p.panel, dst.clone() + kx * p.nr, p.x, from, n),
+                    None => copy(kb, p.panel, dst.clone() + kx * p.nr, p.x, from, len.clone()),
+                }
             });
         });
     });
