@@ -1,6 +1,7 @@
 //! Pooling: max and average pooling as their own launches, and the max pooling a convolution fuses
 //! (into its GEMM launch, or as a launch right after it).
-//! Invariant left: windows are clipped to the input (Chainer's semantics) and reduced in (ky, kx) order.
+//! Invariant left: windows are clipped to the input (Chainer's semantics) and reduced separably, rows
+//! (ky) first, then columns (kx), whatever the tier or thread count.
 
 use super::common::{overlapping_vector_loop, Node, Ref, Tables};
 use super::{e, Access, Buf, Expr, Kb};
@@ -30,14 +31,17 @@ pub fn lower(t: &mut Tables, n: &Node, p: &Pool2d) {
 
 /// Max or average pooling of planes `lo..hi` of `x` into `y` (plane-major NCHW, same plane numbering).
 /// Windows are clipped to the input, so padding never contributes (Chainer's semantics; average pooling
-/// divides by the full window, or with `exclude_pad` by the cells inside, and sums in the reference's
-/// (ky, kx) order). `avg` is `Some` for average pooling, holding the divisor table of `exclude_pad`.
+/// divides by the full window, or with `exclude_pad` by the cells inside). `avg` is `Some` for average
+/// pooling, holding the divisor table of `exclude_pad`.
 ///
-/// Max pooling is separable: each output row first takes the maximum of its window's input rows into
-/// a local buffer, then the maximum of each window of kw columns there at every start position (both
-/// four columns at a time), of which the output takes every stride-th; windows clipped by the edges are
-/// scalar. Max is exact, so this is the same result. Scalar maxima are what this avoids: Cranelift's
-/// IEEE `fmax` is a several-instruction sequence on x64 (measured: docs/benchmarks.md).
+/// Both are separable (planes whose row reductions would not fit the stack go window by window, in
+/// (ky, kx) order): each output row first reduces its window's input rows, column by column, into a
+/// local buffer (in ky order), then each window of kw columns there (in kx order) at every start
+/// position (both four columns at a time), of which the output takes every stride-th; windows clipped
+/// by the edges are scalar. For max this is the same result; a sum is reassociated (columns first),
+/// within an ulp or so of the reference's (ky, kx) order. Per 3×3 window that is 4 adds instead of 8,
+/// each chain two deep instead of eight, and scalar maxima are what it avoids: Cranelift's IEEE `fmax`
+/// is a several-instruction sequence on x64 (measured: docs/benchmarks.md).
 #[allow(clippy::too_many_arguments)]
 pub fn pool(kb: &mut Kb, p: &Pool2d, avg: Option<Option<Buf>>, x: Buf, y: Buf, lo: Expr, hi: Expr, [h, w, pitch]: [usize; 3], [oh, ow]: [usize; 2]) {
     let [kh, kw] = p.kernel;
@@ -46,27 +50,31 @@ pub fn pool(kb: &mut Kb, p: &Pool2d, avg: Option<Option<Buf>>, x: Buf, y: Buf, l
         let start = kb.let_(o * s - pad);
         (kb.let_(start.clone().max(0i64)), kb.let_((start + k).min(size)))
     };
-    let neg_inf = || e(f32::NEG_INFINITY);
+    let (init, reduce): (f32, fn(Expr, Expr) -> Expr) = match avg {
+        Some(_) => (0.0, |a, b| a + b),
+        None => (f32::NEG_INFINITY, |a, b| a.max(b)),
+    };
+    // A window's reduction, divided for an average (by its cells with `exclude_pad`).
+    let finish = |acc: Expr, at: Expr, vec: bool| match avg {
+        Some(Some(counts)) => acc / counts.load(at, vec),
+        Some(None) => acc / e((kh * kw) as f32).lanes(vec),
+        None => acc,
+    };
     // Output columns whose window lies inside the row: ox·s − pad ≥ 0 and ox·s − pad + kw ≤ w.
     let first = p.pad[1].div_ceil(p.stride[1]).min(ow);
     let last = if w + p.pad[1] >= kw { ((w + p.pad[1] - kw) / p.stride[1] + 1).min(ow).max(first) } else { first };
-    // The separable form keeps one plane's row maxima on the task's stack; planes too large for that
-    // (over 64 KiB of them: worker threads have 2 MiB stacks) take the direct form.
-    if avg.is_some() || oh * w * 4 > 64 << 10 {
-        // Window by window; with stride 1 the windows inside the row four at a time, each lane its own
-        // window reduced in the same (ky, kx) order (as scalar code, GoogLeNet's 3×3 average pools
-        // weighed as much as several of its convolutions: docs/benchmarks.md).
+    // The separable form keeps one plane's row reductions on the task's stack; planes too large for
+    // that (over 64 KiB of them: worker threads have 2 MiB stacks) take the direct form, window by window.
+    if oh * w * 4 > 64 << 10 {
+        // Window by window in (ky, kx) order; with stride 1 the windows inside the row four at a time.
         let (first, last) = if p.stride[1] == 1 { (first, last) } else { (ow, ow) };
         return kb.for_(lo, hi, |kb, plane| {
             let (src, dst) = (kb.let_(plane.clone() * (h * pitch)), kb.let_(plane * (oh * ow)));
             kb.for_(0usize, oh, |kb, oy| {
                 let (ylo, yhi) = window(kb, oy.clone(), kh, p.stride[0], p.pad[0], h);
                 let out = |kb: &mut Kb, ox: Expr, vec: bool| {
-                    let acc = kb.var(if avg.is_some() { e(0.0f32) } else { neg_inf() }.lanes(vec));
-                    let add = |kb: &mut Kb, at: Expr| {
-                        let v = x.load(src.clone() + at, vec);
-                        kb.set(acc, if avg.is_some() { e(acc) + v } else { e(acc).max(v) })
-                    };
+                    let acc = kb.var(e(init).lanes(vec));
+                    let add = |kb: &mut Kb, at: Expr| kb.set(acc, reduce(e(acc), x.load(src.clone() + at, vec)));
                     if vec {
                         let x0 = kb.let_(ox.clone() - p.pad[1]);
                         kb.for_(ylo.clone(), yhi.clone(), |kb, iy| (0..kw).for_each(|kx| add(kb, iy.clone() * pitch + x0.clone() + kx)));
@@ -75,12 +83,7 @@ pub fn pool(kb: &mut Kb, p: &Pool2d, avg: Option<Option<Buf>>, x: Buf, y: Buf, l
                         kb.for_(ylo.clone(), yhi.clone(), |kb, iy| kb.for_(xlo, xhi, |kb, ix| add(kb, iy * pitch + ix)));
                     }
                     let at = kb.let_(oy.clone() * ow + ox);
-                    let v = match avg {
-                        Some(Some(counts)) => e(acc) / counts.load(at.clone(), vec),
-                        Some(None) => e(acc) / e((kh * kw) as f32).lanes(vec),
-                        None => e(acc),
-                    };
-                    kb.store(y, dst.clone() + at, v);
+                    kb.store(y, dst.clone() + at.clone(), finish(e(acc), at, vec));
                 };
                 kb.for_(0usize, first, |kb, ox| out(kb, ox, false));
                 if last > first {
@@ -91,8 +94,8 @@ pub fn pool(kb: &mut Kb, p: &Pool2d, avg: Option<Option<Buf>>, x: Buf, y: Buf, l
         });
     }
     let rows = kb.buf("rows", oh * w, Access::Local);
-    // Window maxima at every start position of a row (`slide[i]` = max of its kw columns from i), of
-    // which the output takes every stride-th.
+    // Window reductions at every start position of a row (`slide[i]`: its kw columns from i), of which
+    // the output takes every stride-th.
     let slide = kb.buf("slide", w, Access::Local);
     kb.for_(lo, hi, |kb, plane| {
         let (src, dst) = (kb.let_(plane.clone() * (h * pitch)), kb.let_(plane * (oh * ow)));
@@ -100,27 +103,37 @@ pub fn pool(kb: &mut Kb, p: &Pool2d, avg: Option<Option<Buf>>, x: Buf, y: Buf, l
             let (ylo, yhi) = window(kb, oy.clone(), kh, p.stride[0], p.pad[0], h);
             let to = kb.let_(oy * w);
             overlapping_vector_loop(kb, e(0i64), e(w), |kb, ix, vec| {
-                let acc = kb.var(neg_inf().lanes(vec));
-                kb.for_(ylo.clone(), yhi.clone(), |kb, iy| kb.set(acc, e(acc).max(x.load(src.clone() + iy * pitch + ix.clone(), vec))));
+                let acc = kb.var(e(init).lanes(vec));
+                kb.for_(ylo.clone(), yhi.clone(), |kb, iy| kb.set(acc, reduce(e(acc), x.load(src.clone() + iy * pitch + ix.clone(), vec))));
                 kb.store(rows, to.clone() + ix, acc);
             });
         });
         kb.for_(0usize, oh, |kb, oy| {
-            let (from, to) = (kb.let_(oy.clone() * w), kb.let_(dst.clone() + oy * ow));
+            let (from, to) = (kb.let_(oy.clone() * w), kb.let_(oy.clone() * ow));
             let clipped = |kb: &mut Kb, ox: Expr| {
                 let (xlo, xhi) = window(kb, ox.clone(), kw, p.stride[1], p.pad[1], w);
-                let acc = kb.var(neg_inf());
-                kb.for_(xlo, xhi, |kb, ix| kb.set(acc, e(acc).max(rows.at(from.clone() + ix))));
-                kb.store(y, to.clone() + ox, acc);
+                let acc = kb.var(e(init));
+                kb.for_(xlo, xhi, |kb, ix| kb.set(acc, reduce(e(acc), rows.at(from.clone() + ix))));
+                let at = kb.let_(to.clone() + ox);
+                kb.store(y, dst.clone() + at.clone(), finish(e(acc), at, false));
             };
             kb.for_(0usize, first, |kb, ox| clipped(kb, ox));
             if last > first {
-                let start = |ox: usize| (ox * p.stride[1] - p.pad[1]) as i64;
-                overlapping_vector_loop(kb, e(start(first)), e(start(last - 1) + 1), |kb, i, vec| {
-                    let v = (1..kw).fold(rows.load(from.clone() + i.clone(), vec), |m, kx| m.max(rows.load(from.clone() + i.clone() + kx, vec)));
-                    kb.store(slide, i, v);
-                });
-                kb.for_(first, last, |kb, ox| kb.store(y, to.clone() + ox.clone(), slide.at(ox * p.stride[1] - p.pad[1])));
+                let window_at = |i: Expr, vec: bool| (1..kw).fold(rows.load(from.clone() + i.clone(), vec), |m, kx| reduce(m, rows.load(from.clone() + i.clone() + kx, vec)));
+                if p.stride[1] == 1 {
+                    // Output column ox's window starts at ox − pad: straight into y.
+                    overlapping_vector_loop(kb, e(first), e(last), |kb, ox, vec| {
+                        let at = kb.let_(to.clone() + ox.clone());
+                        kb.store(y, dst.clone() + at.clone(), finish(window_at(ox - p.pad[1], vec), at, vec));
+                    });
+                } else {
+                    let start = |ox: usize| (ox * p.stride[1] - p.pad[1]) as i64;
+                    overlapping_vector_loop(kb, e(start(first)), e(start(last - 1) + 1), |kb, i, vec| kb.store(slide, i.clone(), window_at(i, vec)));
+                    kb.for_(first, last, |kb, ox| {
+                        let at = kb.let_(to.clone() + ox.clone());
+                        kb.store(y, dst.clone() + at.clone(), finish(slide.at(ox * p.stride[1] - p.pad[1]), at, false));
+                    });
+                }
             }
             kb.for_(last, ow, |kb, ox| clipped(kb, ox));
         });
