@@ -166,6 +166,23 @@ pub fn copy_exact(kb: &mut Kb, dst: Buf, d: Expr, src: Buf, s: Expr, n: usize) {
     }
 }
 
+/// [`copy`] of `n` ≤ `max` elements (`max` known here): where n ≥ 4, ⌈max / 4⌉ vector copies at 0, 4, …,
+/// each clamped to n − 4 (those past the end repeat the last), with no loop; under four, scalars.
+pub fn copy_upto(kb: &mut Kb, dst: Buf, d: Expr, src: Buf, s: Expr, n: Expr, max: usize) {
+    let (d, s, n) = (kb.let_(d), kb.let_(s), kb.let_(n));
+    kb.if_else(
+        e(LANES).le(n.clone()),
+        |kb| {
+            let last = kb.let_(n.clone() - LANES);
+            for v in 0..max.div_ceil(LANES) {
+                let at = kb.let_(e(v * LANES).min(last.clone()));
+                kb.store(dst, d.clone() + at.clone(), src.load(s.clone() + at, true));
+            }
+        },
+        |kb| kb.for_(0usize, n.clone(), |kb, i| kb.store(dst, d.clone() + i.clone(), src.at(s.clone() + i))),
+    );
+}
+
 /// `dst[d..d + n] = 0`.
 pub fn zero(kb: &mut Kb, dst: Buf, d: Expr, n: Expr) {
     overlapping_vector_loop(kb, d.clone(), d + n, |kb, i, vec| kb.store(dst, i, e(0.0f32).lanes(vec)));

@@ -8,7 +8,7 @@
 //! Invariant left: per output element the arithmetic is fixed — bias, then one FMA per k in (channel,
 //! ky, kx) order — whatever the tile, tier or thread count, so results are bitwise identical across them.
 
-use super::common::{add_tail, buffer, copy, copy_exact, guarded, phase_split, subsample, Epilogue, Node, Phased, Ref, Tables};
+use super::common::{add_tail, buffer, copy, copy_exact, copy_upto, guarded, phase_split, subsample, Epilogue, Node, Phased, Ref, Tables};
 use super::pool::{pool, pool_launch};
 use super::{e, Access, BRows, Buf, Expr, Gemm, Kb, Taps, Tier, LANES};
 use cnnc_runtime::exec::Buffer;
@@ -579,7 +579,7 @@ fn pack(kb: &mut Kb, p: &Pack, img: Expr, grp: Expr, k0: Expr, depth: Expr, col:
                 let from = (plane.clone() + phase) * (hq * wq) + src.clone() + shift;
                 match exact {
                     Some(n) => copy_exact(kb, p.panel, dst.clone() + kx * p.nr, p.x, from, n),
-                    None => copy(kb, p.panel, dst.clone() + kx * p.nr, p.x, from, len.clone()),
+                    None => copy_upto(kb, p.panel, dst.clone() + kx * p.nr, p.x, from, len.clone(), p.ow.min(p.nr)),
                 }
             });
         });

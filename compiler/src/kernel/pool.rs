@@ -119,7 +119,9 @@ pub fn pool(kb: &mut Kb, p: &Pool2d, avg: Option<Option<Buf>>, x: Buf, y: Buf, l
             };
             kb.for_(0usize, first, |kb, ox| clipped(kb, ox));
             if last > first {
-                let window_at = |i: Expr, vec: bool| (1..kw).fold(rows.load(from.clone() + i.clone(), vec), |m, kx| reduce(m, rows.load(from.clone() + i.clone() + kx, vec)));
+                let window_at = |i: Expr, vec: bool| {
+                    (1..kw).fold(rows.load(from.clone() + i.clone(), vec), |m, kx| reduce(m, rows.load(from.clone() + i.clone() + kx, vec)))
+                };
                 if p.stride[1] == 1 {
                     // Output column ox's window starts at ox − pad: straight into y.
                     overlapping_vector_loop(kb, e(first), e(last), |kb, ox, vec| {
