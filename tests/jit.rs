@@ -329,6 +329,17 @@ fn panels_of_whole_rows() {
     conv(4, 8, 9, 3, 1, 1, 1, Some(Pool { max: true, k: 2, stride: 2, pad: 0, cover_all: true })).check();
 }
 
+/// Planes whose column matrix passes 256 KB, with weights that stay in L2: tasks own (column part,
+/// channel blocks) and the last part takes the columns past the full tiles (1 past a multiple of 16 and
+/// of 12, with a fused residual add; none, with ragged blocks; 9 past, a 3×3 through packed panels).
+#[test]
+fn columns_split_into_parts() {
+    for (c, hw, out, k, add) in [(64, 47, 20, 1, true), (64, 48, 13, 1, false), (16, 45, 8, 3, false)] {
+        let layer = Layer::Conv { out, k: [k, k], stride: 1, pad: k / 2, groups: 1, bias: true, relu: true, pool: None, add, dilate: 1 };
+        Problem { batch: 2, c, h: hw, w: hw, layer }.check();
+    }
+}
+
 /// Grouped convolution with pooling fused into its kernel (AlexNet's conv2 in miniature).
 #[test]
 fn grouped_conv_with_fused_pool() {

@@ -304,7 +304,8 @@ fn direct(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue, [oh, ow]: [usize; 
     // Packed layers are split by column tiles; the others by channel blocks, so each task streams only
     // its share of A and pools its own channels in the same launch.
     let packed = columns == Columns::OnTheFly;
-    let extent = n.batch * c.groups * if packed { ntiles } else { g.ncb };
+    let parts = if matches!(columns, Columns::Input | Columns::Panels) && pool_after.is_none() { column_parts(&g, mr, nr) } else { 1 };
+    let extent = n.batch * c.groups * if packed { ntiles } else { parts * g.ncb };
     let mut kb = Kb::new(name("gemm"), extent);
     let ab = kb.buf("A", c.groups * g.ncb * g.k * mr, Access::Read);
     let bb = kb.buf("bias", c.groups * g.ncb * mr, Access::Read);
@@ -397,9 +398,18 @@ fn direct(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue, [oh, ow]: [usize; 
     } else {
         // Tasks own ranges of (image, group, channel block); each range is walked in chunks of blocks
         // (`chunk_blocks`) that never cross an (image, group) boundary.
-        kb.for_(lo.clone() / g.ncb, (hi.clone() - 1i64) / g.ncb + 1i64, |kb, ig| {
-            let b0 = kb.let_((lo.clone() - ig.clone() * g.ncb).max(0i64));
-            let b1 = kb.let_((hi.clone() - ig.clone() * g.ncb).min(g.ncb));
+        // With column parts, (image, group, part) in place of (image, group): part j owns the full
+        // column tiles j·f/parts..(j + 1)·f/parts (f of them) and the last part the columns past them.
+        let full_tiles = g.p / nr;
+        kb.for_(lo.clone() / g.ncb, (hi.clone() - 1i64) / g.ncb + 1i64, |kb, igp| {
+            let b0 = kb.let_((lo.clone() - igp.clone() * g.ncb).max(0i64));
+            let b1 = kb.let_((hi.clone() - igp.clone() * g.ncb).min(g.ncb));
+            let (ig, part) = if parts == 1 { (igp, None) } else { (kb.let_(igp.clone() / parts), Some(kb.let_(igp % parts))) };
+            let [first_col, end_full] = [0usize, 1].map(|d| part.clone().map_or(e(d * full_tiles * nr), |j| (j + d) * full_tiles / parts * nr));
+            let (first_col, end_full) = (kb.let_(first_col), kb.let_(end_full));
+            let is_last = part.clone().map(|j| j.eq(parts - 1));
+            // This task's columns in y: its part's, the tail included in the last part.
+            let end_col = kb.let_(is_last.clone().map_or(e(g.p), |l| l.select(e(g.p), end_full.clone())));
             let mcb = chunk_blocks(t.tier);
             kb.for_step(b0, b1.clone(), mcb as i64, |kb, c0| {
                 let c1 = kb.let_((c0.clone() + mcb).min(b1.clone()));
@@ -417,48 +427,60 @@ fn direct(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue, [oh, ow]: [usize; 
                         // Full tiles, then one tile of 1–2 vectors, then single columns.
                         Tier::Portable => {
                             let full = g.p / nr * nr;
-                            kb.for_step(0usize, full, nr as i64, |kb, col| blocks(kb, col, e(nr), Some(Width::Vectors(nr / LANES))));
-                            for (at, n, w) in pieces(g.p - full) {
-                                blocks(kb, e(full + at), e(n), Some(w));
-                            }
+                            kb.for_step(first_col.clone(), end_full.clone(), nr as i64, |kb, col| blocks(kb, col, e(nr), Some(Width::Vectors(nr / LANES))));
+                            guarded(kb, is_last.clone(), |kb| {
+                                for (at, n, w) in pieces(g.p - full) {
+                                    blocks(kb, e(full + at), e(n), Some(w));
+                                }
+                            });
                         }
                         // The tile masks its own edge columns; AVX2 takes the last 1–4 in column tiles,
                         // over whole groups of full blocks.
                         Tier::Avx2 | Tier::Avx512 => {
                             let (full, tail) = (g.p / nr * nr, g.p % nr);
                             let Some(nb) = t.tier.column_blocks(tail) else {
-                                return kb.for_step(0usize, g.p, nr as i64, |kb, col| {
+                                return kb.for_step(first_col.clone(), end_col.clone(), nr as i64, |kb, col| {
                                     let cols = (e(g.p) - col.clone()).min(nr);
                                     blocks(kb, col, cols, None)
                                 });
                             };
-                            kb.for_step(0usize, full, nr as i64, |kb, col| blocks(kb, col, e(nr), None));
-                            let whole = kb.let_(c1.clone().min(g.cog / mr));
-                            kb.for_step(c0.clone(), c1.clone(), nb as i64, |kb, blk| {
-                                let column = (blk.clone() + nb).le(whole.clone());
-                                let tile = Gemm {
-                                    rows: e(nb * mr),
-                                    blocks: nb,
-                                    a_pitch: g.k * mr,
-                                    ..gemm(&ig, blk.clone(), &k0, &depth, &e(full), e(tail), accumulate, relu)
-                                };
-                                kb.if_else(
-                                    column,
-                                    |kb| kb.gemm(tile),
-                                    |kb| {
-                                        kb.for_(blk.clone(), (blk.clone() + nb).min(c1.clone()), |kb, b| {
-                                            kb.gemm(gemm(&ig, b, &k0, &depth, &e(full), e(tail), accumulate, relu))
-                                        })
-                                    },
-                                );
+                            kb.for_step(first_col.clone(), end_full.clone(), nr as i64, |kb, col| blocks(kb, col, e(nr), None));
+                            guarded(kb, is_last.clone(), |kb| {
+                                let whole = kb.let_(c1.clone().min(g.cog / mr));
+                                kb.for_step(c0.clone(), c1.clone(), nb as i64, |kb, blk| {
+                                    let column = (blk.clone() + nb).le(whole.clone());
+                                    let tile = Gemm {
+                                        rows: e(nb * mr),
+                                        blocks: nb,
+                                        a_pitch: g.k * mr,
+                                        ..gemm(&ig, blk.clone(), &k0, &depth, &e(full), e(tail), accumulate, relu)
+                                    };
+                                    kb.if_else(
+                                        column,
+                                        |kb| kb.gemm(tile),
+                                        |kb| {
+                                            kb.for_(blk.clone(), (blk.clone() + nb).min(c1.clone()), |kb, b| {
+                                                kb.gemm(gemm(&ig, b, &k0, &depth, &e(full), e(tail), accumulate, relu))
+                                            })
+                                        },
+                                    );
+                                });
                             });
                         }
                     }
                 });
-                // The chunk's channels are whole planes of y (no pool: the pitch is ow).
+                // The chunk's channels are whole planes of y (no pool: the pitch is ow), or with parts
+                // the part's columns of each.
                 if let Some(rb) = residual {
                     let base = kb.let_(cbase(&ig));
-                    add_tail(kb, [yb, rb], base.clone() + c0.clone() * (mr * g.p), base + (c1.clone() * mr).min(g.cog) * g.p, ep.relu);
+                    let (ch0, ch1) = (c0.clone() * mr, (c1.clone() * mr).min(g.cog));
+                    match part {
+                        None => add_tail(kb, [yb, rb], base.clone() + ch0 * g.p, base + ch1 * g.p, ep.relu),
+                        Some(_) => kb.for_(ch0, ch1, |kb, ch| {
+                            let row = kb.let_(base.clone() + ch * g.p);
+                            add_tail(kb, [yb, rb], row.clone() + first_col.clone(), row + end_col.clone(), ep.relu)
+                        }),
+                    }
                 }
                 if let (Some(p), Some(pb)) = (pool_after, pooled) {
                     let first = ig.clone() * g.cog + c0.clone() * mr;
@@ -477,6 +499,19 @@ fn direct(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue, [oh, ow]: [usize; 
         pool_launch(t, n, p, pre_pool, [oh, ow]);
     }
     (a, bias)
+}
+
+/// How many parts a direct GEMM that is split by channel blocks splits its columns into, so that its
+/// tasks own (part, channel blocks) and each reads only its part of B: with more than one thread, every
+/// task of an image read all of B (ResNet's res2 1×1 layers: eight tasks each streaming 0.8–3.2 MB
+/// from L3). Parts of about 128 KB of B; only where A stays in L2 across them (each part streams the
+/// task's blocks of A again), and never with a fused pool (it needs whole planes).
+fn column_parts(g: &Geo, mr: usize, nr: usize) -> usize {
+    let (a_bytes, b_bytes) = (4 * g.ncb * mr * g.k, 4 * g.k * g.p);
+    if a_bytes > 256 << 10 {
+        return 1;
+    }
+    (b_bytes / (128 << 10)).clamp(1, (g.p / nr).max(1))
 }
 
 /// Where a convolution's GEMM reads its column matrix (B).
