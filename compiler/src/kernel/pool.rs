@@ -1,7 +1,8 @@
 //! Pooling: max and average pooling as their own launches, and the max pooling a convolution fuses
 //! (into its GEMM launch, or as a launch right after it).
 //! Invariant left: windows are clipped to the input (Chainer's semantics) and reduced separably, rows
-//! (ky) first, then columns (kx), whatever the tier or thread count.
+//! (ky) first, then columns (kx), or window by window in (ky, kx) order for planes too large for the
+//! stack; the order depends only on the shape, never on the tier or the thread count.
 
 use super::common::{overlapping_vector_loop, Node, Ref, Tables};
 use super::{e, Access, Buf, Expr, Kb};
