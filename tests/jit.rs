@@ -336,7 +336,17 @@ fn panels_of_whole_rows() {
 fn columns_split_into_parts() {
     for (c, hw, out, k, add) in [(64, 47, 20, 1, true), (64, 48, 13, 1, false), (16, 45, 8, 3, false)] {
         let layer = Layer::Conv { out, k: [k, k], stride: 1, pad: k / 2, groups: 1, bias: true, relu: true, pool: None, add, dilate: 1 };
-        Problem { batch: 2, c, h: hw, w: hw, layer }.check();
+        let p = Problem { batch: 2, c, h: hw, w: hw, layer };
+        let src = cnnc::diag::Source::new("case.model", p.source());
+        let g = optimized(&cnnc::compile(&src).expect("compiles").0, 1);
+        for tier in [Tier::Portable, Tier::Avx2] {
+            let lowering = Lowering { winograd: Winograd::Never, ..Lowering::new(tier) };
+            let program = cnnc::kernel::program_with(&g, bind(&src, &g, Params::Generated(prng_param)), p.batch, lowering);
+            let gemm = program.launches.iter().find(|l| l.kernel.name.ends_with(".gemm")).expect("a GEMM launch");
+            // Without parts the extent is one task per (image, channel block).
+            assert!(gemm.kernel.extent > p.batch * out.div_ceil(tier.mr()), "{tier:?}: no column parts:\n{}", p.source());
+        }
+        p.check();
     }
 }
 

@@ -153,33 +153,31 @@ pub fn copy(kb: &mut Kb, dst: Buf, d: Expr, src: Buf, s: Expr, n: impl Into<Expr
     });
 }
 
-/// [`copy`] of a length known at compile time, as straight-line vector copies (the last overlapping the
-/// one before where `n` is not a multiple of four; under four, scalars): no loop and no branch, which
-/// for rows of 4–16 floats cost more than the copy itself.
-pub fn copy_exact(kb: &mut Kb, dst: Buf, d: Expr, src: Buf, s: Expr, n: usize) {
-    if n < LANES {
-        return (0..n).for_each(|i| kb.store(dst, d.clone() + i, src.at(s.clone() + i)));
-    }
+/// `dst[d..d + n] = src[s..s + n]` for a short run, n ≤ `max`, without a loop (a loop and its branches
+/// cost more than copying rows of 4–16 floats): where n ≥ 4, ⌈max / 4⌉ vector copies at 0, 4, …, each
+/// clamped to n − 4 (those past the end repeat the last); under four, scalars. A constant n takes
+/// exactly ⌈n / 4⌉ copies at constant offsets and no branch.
+pub fn copy_short(kb: &mut Kb, dst: Buf, d: Expr, src: Buf, s: Expr, n: Expr, max: usize) {
     let (d, s) = (kb.let_(d), kb.let_(s));
-    for i in (0..n / LANES).map(|v| v * LANES).chain((!n.is_multiple_of(LANES)).then_some(n - LANES)) {
-        kb.store(dst, d.clone() + i, src.load(s.clone() + i, true));
+    let one = |kb: &mut Kb, at: Expr, vec: bool| kb.store(dst, d.clone() + at.clone(), src.load(s.clone() + at, vec));
+    if let Expr::Int(n) = n {
+        let n = n as usize;
+        return match n < LANES {
+            true => (0..n).for_each(|i| one(kb, e(i), false)),
+            false => (0..n.div_ceil(LANES)).for_each(|v| one(kb, e((v * LANES).min(n - LANES)), true)),
+        };
     }
-}
-
-/// [`copy`] of `n` ≤ `max` elements (`max` known here): where n ≥ 4, ⌈max / 4⌉ vector copies at 0, 4, …,
-/// each clamped to n − 4 (those past the end repeat the last), with no loop; under four, scalars.
-pub fn copy_upto(kb: &mut Kb, dst: Buf, d: Expr, src: Buf, s: Expr, n: Expr, max: usize) {
-    let (d, s, n) = (kb.let_(d), kb.let_(s), kb.let_(n));
+    let n = kb.let_(n);
     kb.if_else(
         e(LANES).le(n.clone()),
         |kb| {
             let last = kb.let_(n.clone() - LANES);
             for v in 0..max.div_ceil(LANES) {
                 let at = kb.let_(e(v * LANES).min(last.clone()));
-                kb.store(dst, d.clone() + at.clone(), src.load(s.clone() + at, true));
+                one(kb, at, true);
             }
         },
-        |kb| kb.for_(0usize, n.clone(), |kb, i| kb.store(dst, d.clone() + i.clone(), src.at(s.clone() + i))),
+        |kb| kb.for_(0usize, n.clone(), |kb, i| one(kb, i, false)),
     );
 }
 

@@ -8,7 +8,7 @@
 //! Invariant left: per output element the arithmetic is fixed — bias, then one FMA per k in (channel,
 //! ky, kx) order — whatever the tile, tier or thread count, so results are bitwise identical across them.
 
-use super::common::{add_tail, buffer, copy, copy_exact, copy_upto, guarded, phase_split, subsample, Epilogue, Node, Phased, Ref, Tables};
+use super::common::{add_tail, buffer, copy, copy_short, guarded, phase_split, subsample, Epilogue, Node, Phased, Ref, Tables};
 use super::pool::{pool, pool_launch};
 use super::{e, Access, BRows, Buf, Expr, Gemm, Kb, Taps, Tier, LANES};
 use cnnc_runtime::exec::Buffer;
@@ -596,7 +596,10 @@ fn pack(kb: &mut Kb, p: &Pack, img: Expr, grp: Expr, k0: Expr, depth: Expr, col:
     kb.for_(0usize, segments, |kb, seg| {
         // This segment covers ox in a..b of output row oy0 + seg; panel column = ox + (seg·ow − ox0).
         let a = kb.let_(seg.clone().eq(0i64).select(ox0.clone(), 0i64));
-        let len = kb.let_((end.clone() - seg.clone() * p.ow).min(p.ow) - a.clone());
+        let len = match exact {
+            Some(n) => e(n),
+            None => kb.let_((end.clone() - seg.clone() * p.ow).min(p.ow) - a.clone()),
+        };
         let dst0 = kb.let_(base.clone() + seg.clone() * p.ow - ox0.clone() + a.clone());
         let row = kb.let_((oy0.clone() + seg) * wq + a);
         kb.for_(0usize, depth.clone() / kw, |kb, rr| {
@@ -612,10 +615,7 @@ fn pack(kb: &mut Kb, p: &Pack, img: Expr, grp: Expr, k0: Expr, depth: Expr, col:
                 let kxd = if d1 == 1 { kx.clone() } else { kx.clone() * d1 };
                 let (phase, shift) = if s1 == 1 { (e(0i64), kxd) } else { (kxd.clone() % s1, kxd / s1) };
                 let from = (plane.clone() + phase) * (hq * wq) + src.clone() + shift;
-                match exact {
-                    Some(n) => copy_exact(kb, p.panel, dst.clone() + kx * p.nr, p.x, from, n),
-                    None => copy_upto(kb, p.panel, dst.clone() + kx * p.nr, p.x, from, len.clone(), p.ow.min(p.nr)),
-                }
+                copy_short(kb, p.panel, dst.clone() + kx * p.nr, p.x, from, len.clone(), p.ow.min(p.nr));
             });
         });
     });
