@@ -17,9 +17,12 @@ them: Chainer's own save_npz files. For each model:
    Prints per model each side's median latency over rounds and, per build, cnnc/ORT as the median
    of the rounds' paired ratios (both sides of a round see the same neighbours on a shared machine).
 4. With --startup, a second table from the same rounds: time to first answer and peak RSS. cnnc: the
-   whole `cnnc run NAME.model --weights NAME.npz --input NAME_in.npy` process, start to exit. ORT: a
-   Python process that creates the session from the ONNX file and runs once; its time is session
-   creation plus first run (imports excluded), its RSS the whole process's, Python included.
+   whole `cnnc run NAME.model --weights W --input NAME_in.npy` process, start to exit, once with
+   Chainer's npz (deflate-compressed, as save_npz writes by default) and once with the same arrays
+   stored uncompressed as safetensors (the bytes as ORT's ONNX file holds them; `cnnc import
+   --weights-out` writes this format). ORT: a Python process that creates the session from the ONNX
+   file and runs once; its time is session creation plus first run (imports excluded), its RSS the
+   whole process's, Python included.
 """
 import argparse
 import json
@@ -140,6 +143,25 @@ def process(cmd):
     return wall, int(p.stderr.strip().splitlines()[-1]) / 1024, p.stdout
 
 
+def write_safetensors(npz, path):
+    """The float arrays of `npz` as float32 in a safetensors file (8-byte header length, JSON, data)."""
+    header, blobs, at = {}, [], 0
+    for key in sorted(npz.files):
+        a = np.ascontiguousarray(npz[key])
+        if a.dtype.kind != "f":
+            continue  # BatchNormalization's sample counter N
+        b = a.astype("<f4").tobytes()
+        header[key] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [at, at + len(b)]}
+        blobs.append(b)
+        at += len(b)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for b in blobs:
+            f.write(b)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--weights", required=True, help="folder of NAME.npz and NAME_in.npy (gen_models.py --write-weights)")
@@ -169,6 +191,8 @@ def main():
         ir = subprocess.run([args.cnnc[0], "compile", model, "--emit", "ir", "-O0"], capture_output=True, text=True, check=True).stdout
         onnx_path = os.path.join(work, name + ".onnx")
         onnx.save(onnx_model(ir, np.load(npz_path)), onnx_path)
+        st_path = os.path.join(work, name + ".safetensors")
+        write_safetensors(np.load(npz_path), st_path)
         sess = ort_session(onnx_path, args.threads)
         # Gate on Chainer's input for this model.
         x_in = np.load(os.path.join(args.weights, name + "_in.npy")).astype(np.float32)
@@ -184,14 +208,14 @@ def main():
         runs = max(args.runs, int(args.min_seconds / max(once, 1e-6)) + 1)
         cnnc_ms = [[] for _ in args.cnnc]
         ort_ms = []
-        first = [[] for _ in args.cnnc]  # (seconds, MB) per round
+        first = [[] for _ in args.cnnc]  # (npz seconds, MB, safetensors seconds, MB) per round
         ort_first = []
         for _ in range(args.rounds):
             if args.startup:
                 in_path = os.path.join(args.weights, name + "_in.npy")
                 for i, c in enumerate(args.cnnc):
-                    wall, rss, _ = process([c, "run", model, "--weights", npz_path, "--input", in_path, "--output", y_path, "--threads", str(args.threads)])
-                    first[i].append((wall, rss))
+                    first[i].append(sum((process([c, "run", model, "--weights", w, "--input", in_path, "--output", y_path, "--threads", str(args.threads)])[:2]
+                                         for w in (npz_path, st_path)), ()))
                 _, rss, out = process([sys.executable, "-c", ORT_FIRST, onnx_path, in_path, str(args.threads)])
                 ort_first.append((float(out.strip()), rss))
             for i, c in enumerate(args.cnnc):
@@ -207,13 +231,15 @@ def main():
         if args.startup:
             cells = []
             for runs in first:
-                ratios = [a[0] / b[0] for a, b in zip(runs, ort_first)]
-                cells.append(f"{statistics.median(r[0] for r in runs):.2f} | **{statistics.median(ratios):.2f}** | {max(r[1] for r in runs):.0f}")
+                for k in (0, 2):
+                    ratios = [a[k] / b[0] for a, b in zip(runs, ort_first)]
+                    cells.append(f"{statistics.median(r[k] for r in runs):.2f} | **{statistics.median(ratios):.2f}** | {max(r[k + 1] for r in runs):.0f}")
             startup_rows.append(f"| {name} | {statistics.median(r[0] for r in ort_first):.2f} | {max(r[1] for r in ort_first):.0f} | {' | '.join(cells)} |")
     if startup_rows:
-        head = " | ".join(f"build {i} s | build {i}/ORT | build {i} MB" for i in range(len(args.cnnc)))
-        print(f"\nTime to first answer (median of rounds) and peak RSS (max of rounds)\n\n| model | ORT s | ORT MB | {head} |")
-        print("|---|---:|---:|" + "---:|---:|---:|" * len(args.cnnc))
+        head = " | ".join(f"{i} {w} s | {i} {w}/ORT | {i} {w} MB" for i in range(len(args.cnnc)) for w in ("npz", "st"))
+        print(f"\nTime to first answer (median of rounds) and peak RSS (max of rounds); build i reading Chainer's npz and safetensors (st)"
+              f"\n\n| model | ORT s | ORT MB | {head} |")
+        print("|---|---:|---:|" + "---:|---:|---:|" * 2 * len(args.cnnc))
         print("\n".join(startup_rows))
 
 

@@ -47,12 +47,15 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
     let names = &runner.kernels;
     let bar = indicatif::ProgressBar::new((WARMUP + runs) as u64).with_message("running");
     bar.set_style(indicatif::ProgressStyle::with_template("{msg:>8} [{bar:30}] {pos}/{len} ({elapsed})").expect("valid template"));
-    let mut total = vec![];
+    let (mut total, mut first) = (vec![], Duration::ZERO);
     let mut per_kernel: Vec<Vec<Duration>> = vec![vec![]; names.len()];
     for i in 0..WARMUP + runs {
         let t = Instant::now();
         let steps = runner.run_timed(&x, profile)?;
         let dt = t.elapsed();
+        if i == 0 {
+            first = dt;
+        }
         if i >= WARMUP {
             total.push(dt);
             per_kernel.iter_mut().zip(steps).for_each(|(v, d)| v.push(d));
@@ -92,8 +95,8 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
     }
     println!("{} ({backend}, batch {batch}, {threads} thread{})", g.name, if threads == 1 { "" } else { "s" });
     println!("  compile   {:>9.2} ms  (front end + optimizer {:.2} ms, code generation {:.2} ms)", ms(front + codegen), ms(front), ms(codegen));
-    println!("  weights   {:>9.2} ms  (read, bind, fold, pack)", ms(load));
-    println!("  latency   {:>9.2} ms median, {:.2} ms min over {runs} runs", ms(med), ms(min));
+    println!("  weights   {:>9.2} ms  (read and checked {:.2} ms, folded and packed {:.2} ms)", ms(load), ms(bind), ms(runner.lower_time));
+    println!("  latency   {:>9.2} ms median, {:.2} ms min over {runs} runs (the first, cold: {:.2} ms)", ms(med), ms(min), ms(first));
     println!("  speed     {:>9.1} GFLOP/s  ({gflop:.3} GFLOP per inference)", gflop / med.as_secs_f64());
     if let Some(a) = accuracy {
         println!("  accuracy  {a:>9.2e}  (max |y − y with f32 weights| / max |y|, {:?} linear weights)", exec.weights_dtype);

@@ -37,6 +37,11 @@ pub struct Tensors {
     /// Reads left per key: an upper bound (the reference lowering evaluates a shared term once). A key
     /// without a count is copied at every read.
     left: HashMap<String, usize>,
+    /// The largest buffer handed back ([`Tensors::recycle`]), for the next folded weights: memory
+    /// the process has touched costs far less to fill than fresh pages, which the kernel clears first.
+    spare: Vec<f32>,
+    /// The most values any folded weights hold: a larger buffer is freed, not kept as the spare.
+    largest_fold: usize,
 }
 
 impl Tensors {
@@ -45,7 +50,33 @@ impl Tensors {
         for (_, n) in graph.nodes() {
             n.params.iter().for_each(|p| reads(p, &mut |k| *left.entry(k).or_insert(0) += 1));
         }
-        Tensors { map: bound.params.into_iter().map(|(s, t)| (s.key, t)).collect(), left }
+        let map: HashMap<String, Tensor> = bound.params.into_iter().map(|(s, t)| (s.key, t)).collect();
+        let mut largest_fold = 0;
+        for p in graph.nodes().flat_map(|(_, n)| &n.params) {
+            if let Param::FoldW { w, .. } = p {
+                let mut n = 0;
+                reads(w, &mut |k| n += map.get(&k).map_or(0, |t| t.data().len()));
+                largest_fold = largest_fold.max(n);
+            }
+        }
+        Tensors { map, left, spare: vec![], largest_fold }
+    }
+
+    /// Takes back a tensor whose values were used up (packed), keeping its buffer if it is the largest
+    /// that folded weights can use.
+    pub fn recycle(&mut self, t: Tensor) {
+        match t.into_owned() {
+            Some(v) if v.capacity() > self.spare.capacity() && v.capacity() <= self.largest_fold => self.spare = v,
+            _ => {}
+        }
+    }
+
+    /// `n` zeros in the spare buffer, or in a new one.
+    fn spare(&mut self, n: usize) -> Vec<f32> {
+        let mut v = std::mem::take(&mut self.spare);
+        v.clear();
+        v.resize(n, 0.0);
+        v
     }
 
     fn take(&mut self, k: String) -> Tensor {
@@ -61,7 +92,7 @@ impl Tensors {
 /// Tensors by key, each copied at every read.
 impl From<HashMap<String, Tensor>> for Tensors {
     fn from(map: HashMap<String, Tensor>) -> Tensors {
-        Tensors { map, left: HashMap::new() }
+        Tensors { map, left: HashMap::new(), spare: vec![], largest_fold: 0 }
     }
 }
 
@@ -100,11 +131,17 @@ pub fn eval(p: &Param, t: &mut Tensors) -> Tensor {
         Param::Key(k) => t.take(k.clone()),
         Param::FoldW { w, bn: name, eps_bits } => {
             let (scale, _) = bn(name, *eps_bits, false);
-            // In place: the weights were handed over (or copied) for this term alone.
-            let mut w = eval(w, t);
+            // Into the spare buffer: the weights may be the file's own pages (memory-mapped).
+            let w = eval(w, t);
+            let mut folded = t.spare(w.data().len());
             let per_channel = w.data().len() / scale.len();
-            cnnc_runtime::par::chunks_mut(w.data_mut(), per_channel, |c, ws| ws.iter_mut().for_each(|v| *v = (*v as f64 * scale[c]) as f32));
-            w
+            let ws = w.data();
+            cnnc_runtime::par::chunks_mut(&mut folded, per_channel, |c, f| {
+                f.iter_mut().zip(&ws[c * per_channel..]).for_each(|(f, &v)| *f = (v as f64 * scale[c]) as f32)
+            });
+            let shape = w.shape().to_vec();
+            t.recycle(w);
+            Tensor::new(shape, folded).expect("the shape of the weights")
         }
         Param::FoldB { b, bn: name, eps_bits } => {
             let (scale, rest) = bn(name, *eps_bits, true);

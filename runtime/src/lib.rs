@@ -14,4 +14,4 @@ mod tensor;
 
 pub use op::Op;
 pub use plan::{Plan, PlanBuilder};
-pub use tensor::{ShapeMismatch, Tensor};
+pub use tensor::{Backing, ShapeMismatch, Shared, Tensor};

@@ -201,7 +201,10 @@ fn lower(b: &mut Build, graph: &Graph, bound: Bound, batch: usize) {
             Kind::Op(op) => {
                 let params = node.params.iter().map(|p| eval(p, &mut tensors)).collect();
                 let ins = graph.args(id).iter().map(|a| (store_of[pos[a]], graph.node(*a).shape.as_slice())).collect();
-                ops::lower(&mut b.t, &Node { name: &node_name(graph, id), op, batch, ins, out: (out, &node.shape), params });
+                let n = Node { name: &node_name(graph, id), op, batch, ins, out: (out, &node.shape), params };
+                ops::lower(&mut b.t, &n);
+                // Packed now: their buffers serve the next folded weights.
+                n.params.into_iter().for_each(|p| tensors.recycle(p));
             }
         }
     }

@@ -166,6 +166,57 @@ fn plane_pitch(len: usize) -> usize {
     p - if p - len >= 1024 { 1024 } else { 0 }
 }
 
+/// Row `xi` of U = G g Gᵀ for every r × r filter of `w`, in f64 rounded once: U[xi][yi] of filter f at
+/// `planes[yi · pitch + at(f)]`. Eight filters go side by side, as independent lanes that vectorize (with AVX where the CPU
+/// has it), each sum taken term by term from its first term as a scalar `sum` takes it: the same bytes.
+fn filter_rows(w: &[f32], r: usize, g: &[Vec<f64>], xi: usize, planes: (&mut [f32], usize), at: impl Fn(usize) -> usize) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx") {
+        // SAFETY: the CPU has AVX.
+        return unsafe { filter_rows_avx(w, r, g, xi, planes, at) };
+    }
+    filter_rows_lanes(w, r, g, xi, planes, at)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn filter_rows_avx(w: &[f32], r: usize, g: &[Vec<f64>], xi: usize, planes: (&mut [f32], usize), at: impl Fn(usize) -> usize) {
+    filter_rows_lanes(w, r, g, xi, planes, at)
+}
+
+#[inline(always)]
+fn filter_rows_lanes(w: &[f32], r: usize, g: &[Vec<f64>], xi: usize, (planes, pitch): (&mut [f32], usize), at: impl Fn(usize) -> usize) {
+    const L: usize = 8;
+    let filters = w.len() / (r * r);
+    #[inline(always)]
+    fn dot(coef: &[f64], term: impl Fn(usize) -> [f64; L]) -> [f64; L] {
+        let mut s = [0.0f64; L];
+        for (i, &c) in coef.iter().enumerate() {
+            let t = term(i);
+            for l in 0..L {
+                s[l] = if i == 0 { c * t[l] } else { s[l] + c * t[l] };
+            }
+        }
+        s
+    }
+    let (mut x, mut row) = (vec![[0.0f64; L]; r * r], vec![[0.0f64; L]; r]);
+    for base in (0..filters).step_by(L) {
+        let n = L.min(filters - base);
+        for l in 0..n {
+            w[(base + l) * r * r..][..r * r].iter().zip(&mut x).for_each(|(&v, x)| x[l] = v as f64);
+        }
+        for q in 0..r {
+            row[q] = dot(&g[xi], |p| x[p * r + q]);
+        }
+        let mut to = [0; L];
+        (0..n).for_each(|l| to[l] = at(base + l));
+        for (yi, gy) in g.iter().enumerate() {
+            let (u, plane) = (dot(gy, |q| row[q]), &mut planes[yi * pitch..]);
+            (0..n).for_each(|l| plane[to[l]] = u[l] as f32);
+        }
+    }
+}
+
 /// `Σ coef[i] · v[i]` over the nonzero coefficients, left to right, with ±1 as plain adds; on 4-lane
 /// vectors when `vec`.
 fn lin<'a>(coef: &[f64], v: impl IntoIterator<Item = &'a Expr>, vec: bool) -> Expr {
@@ -206,15 +257,7 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, ep: Epilogue, [oh, ow
     // planes of one xi, so each filter's row of G g is summed once for them (AlexBN transforms 0.4 M
     // filters, ResNet-50 1 M), and writes them straight into the GEMM's packed layout.
     let transform = |t: &mut Tables| {
-        packed_planes(t, [a * a, co, ci], a, |xi, planes, layout| {
-            let mut row = vec![0.0f64; r];
-            for (f, gw) in w.chunks(r * r).enumerate() {
-                row.iter_mut().enumerate().for_each(|(q, v)| *v = (0..r).map(|p| g[xi][p] * gw[p * r + q] as f64).sum());
-                for (yi, gy) in g.iter().enumerate() {
-                    planes[layout.at(yi, f / ci, f % ci)] = row.iter().zip(gy).map(|(v, gy)| v * gy).sum::<f64>() as f32;
-                }
-            }
-        })
+        packed_planes(t, [a * a, co, ci], a, |xi, planes, layout| filter_rows(w, r, &g, xi, (planes, layout.at(1, 0, 0)), |f| layout.at(0, f / ci, f % ci)))
     };
     // The input, zero-padded to whole tiles (rows and columns up to m·tiles + r − 1) and split into m
     // column phases, xq[..][x % m][y][x / m]: element (i, j) of tiles tx..tx + 3 is then one 4-lane
