@@ -537,7 +537,7 @@ pub fn bind(graph: &Graph, w: &Weights) -> Result<Bound, Vec<Diagnostic>> {
             return Err(missing(&w.path, spec, &keys));
         }
         match w.read(&key, Some(&spec.shape)) {
-            Ok((_, Some(t))) => match impossible(&key, t.data()).inspect(|_| t.release()) {
+            Ok((_, Some(t))) => match impossible(&key, t.data()) {
                 Some(why) => {
                     let d = Diagnostic::error(format!("parameter `{key}` in `{}` {why}", w.path));
                     Err(match spec.decl {
@@ -545,7 +545,12 @@ pub fn bind(graph: &Graph, w: &Weights) -> Result<Bound, Vec<Diagnostic>> {
                         None => d.note("the file is damaged, or the training that wrote it diverged"),
                     })
                 }
-                None => Ok(t),
+                None => {
+                    // Checked: a mapped array's pages go until packing reads them, so that the
+                    // whole file is not resident beside the packed weights.
+                    t.release();
+                    Ok(t)
+                }
             },
             Ok((shape, _)) => {
                 let mut d = Diagnostic::error(format!("parameter `{key}` has shape {shape:?} in `{}`, but the model needs {:?}", w.path, spec.shape));

@@ -254,13 +254,20 @@ pub fn compile(program: &Program, opts: Options) -> Result<Jitted, JitError> {
     }
     let isa = m.isa();
     let align_min = (isa.function_alignment().minimum as u64).max(isa.symbol_alignment());
-    let compiled = cnnc_runtime::par::map(&distinct, |(k, func, id)| {
+    // Largest first: the cores claim functions one at a time, and a large one claimed last (a
+    // Winograd transform is thousands of instructions) would leave the other cores idle behind it.
+    let mut order: Vec<usize> = (0..distinct.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(distinct[i].1.dfg.num_insts()));
+    let compiled = cnnc_runtime::par::map(&order, |&i| {
+        let (k, func, id) = &distinct[i];
         let mut ctx = Context::for_function(func.clone());
         let code = ctx.compile(isa, &mut Default::default()).map_err(|e| JitError::Codegen { kernel: k.name.clone(), message: format!("{:?}", e.inner) })?;
         let relocs: Vec<ModuleReloc> = code.buffer.relocs().iter().map(|r| ModuleReloc::from_mach_reloc(r, func, *id)).collect();
         Ok(((code.buffer.alignment as u64).max(align_min), code.code_buffer().to_vec(), relocs))
     });
-    for ((k, _, id), c) in distinct.iter().zip(compiled) {
+    let mut compiled: Vec<(usize, Result<_, JitError>)> = order.into_iter().zip(compiled).collect();
+    compiled.sort_by_key(|(i, _)| *i);
+    for ((k, _, id), (_, c)) in distinct.iter().zip(compiled) {
         let (align, bytes, relocs) = c?;
         m.define_function_bytes(*id, align, &bytes, &relocs).map_err(|e| JitError::Codegen { kernel: k.name.clone(), message: format!("{e:?}") })?;
     }
