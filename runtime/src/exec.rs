@@ -67,7 +67,7 @@ impl Buffer {
         let a = Buffer::uninit(len)?;
         // SAFETY: `ptr` is valid for `layout.size()` bytes, which `a` owns; nothing reads them yet.
         let all = unsafe { std::slice::from_raw_parts_mut(a.ptr.cast::<std::mem::MaybeUninit<u8>>(), a.layout.size()) };
-        crate::par::chunks_mut(all, HUGE * 4, |_, c| c.fill(std::mem::MaybeUninit::new(0)));
+        crate::par::chunks_mut(all, HUGE, |_, c| c.fill(std::mem::MaybeUninit::new(0)));
         Ok(a)
     }
 
