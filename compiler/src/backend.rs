@@ -5,7 +5,7 @@
 //! computes the graph's function whatever its backend, tier or thread count.
 
 use crate::ir::Graph;
-use crate::kernel::{Lowering, Program, WeightsDtype, Winograd};
+use crate::kernel::{Lowering, WeightsDtype, Winograd};
 use crate::ptx::cuda::{CudaError, CudaExecutable};
 use crate::target::Tier;
 use crate::weights::Bound;
@@ -104,11 +104,11 @@ impl Options {
         self.threads.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), |t| t as usize)
     }
 
-    /// The kernel program of a compiled backend (CUDA runs the portable tier's lowering: PTX that does
-    /// not depend on the host CPU).
-    fn program(&self, g: &Graph, bound: Bound, batch: usize) -> Program {
+    /// The lowering of a compiled backend (CUDA runs the portable tier's: PTX that does not depend on
+    /// the host CPU).
+    fn lowering(&self) -> Lowering {
         let tier = if self.backend == Backend::Cuda { Tier::Portable } else { self.tier.get() };
-        crate::kernel::program_with(g, bound, batch, Lowering { fc_weights: self.weights_dtype, winograd: self.winograd, ..Lowering::new(tier) })
+        Lowering { fc_weights: self.weights_dtype, winograd: self.winograd, ..Lowering::new(tier) }
     }
 }
 
@@ -125,7 +125,8 @@ pub struct Runner {
     /// Per launch: kernel name, floating-point operations, bytes of packed parameters it reads (empty for
     /// the reference interpreter, which has no kernels).
     pub kernels: Vec<(String, u64, u64)>,
-    /// Lowering (parameter terms evaluated, weights packed) and code generation.
+    /// Lowering (parameter terms evaluated, weights packed, and for the JIT most code generation
+    /// beside it), and what code generation took after lowering.
     pub lower_time: Duration,
     pub codegen_time: Duration,
 }
@@ -137,20 +138,33 @@ impl Runner {
             let exe = Exe::Reference(crate::lower::lower(g, bound)?);
             return Ok(Runner { exe, threads: o.threads(), kernels: vec![], lower_time: t.elapsed(), codegen_time: Duration::ZERO });
         }
-        let p = o.program(g, bound, batch);
+        let lowering = o.lowering();
+        // The JIT compiles kernels while lowering packs weights; CUDA loads the finished module.
+        let (p, code) = match o.backend {
+            Backend::Cuda => (crate::kernel::program_with(g, bound, batch, lowering), None),
+            _ => {
+                let (p, code) = crate::jit::compile_while(lowering.tier, crate::jit::Options::default(), |each| {
+                    crate::kernel::program_each(g, bound, batch, lowering, each)
+                })?;
+                (p, Some(code))
+            }
+        };
         let (arena, params) = (p.arena_len as u64 * 4, p.params.iter().map(|v| v.len() as u64 * 4).sum());
         if let Some(limit) = crate::weights::memory_limit().filter(|&l| arena + params > l) {
             return Err(BackendError::TooLarge { batch, arena, params, limit });
         }
         let (lower_time, t, bytes) = (t.elapsed(), Instant::now(), p.param_bytes());
-        let (exe, kernels) = if o.backend == Backend::Cuda {
-            let exe = CudaExecutable::new(&p, crate::ptx::DEFAULT_SM)?;
-            let kernels = exe.kernels().zip(bytes).map(|((n, f), b)| (n.to_string(), f, b)).collect();
-            (Exe::Cuda(exe), kernels)
-        } else {
-            let jit = crate::jit::compile(&p, crate::jit::Options::default())?;
-            let kernels = jit.exe.steps().iter().zip(bytes).map(|(s, b)| (s.name.clone(), s.flops, b)).collect();
-            (Exe::Jit(jit), kernels)
+        let (exe, kernels) = match code {
+            None => {
+                let exe = CudaExecutable::new(&p, crate::ptx::DEFAULT_SM)?;
+                let kernels = exe.kernels().zip(bytes).map(|((n, f), b)| (n.to_string(), f, b)).collect();
+                (Exe::Cuda(exe), kernels)
+            }
+            Some(code) => {
+                let jit = code.finish(&p)?;
+                let kernels = jit.exe.steps().iter().zip(bytes).map(|(s, b)| (s.name.clone(), s.flops, b)).collect();
+                (Exe::Jit(jit), kernels)
+            }
         };
         Ok(Runner { exe, threads: o.threads(), kernels, lower_time, codegen_time: t.elapsed() })
     }

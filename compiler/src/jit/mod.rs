@@ -223,75 +223,151 @@ fn module(tier: Tier, verify: bool) -> Result<(JITModule, Option<Tiles>), JitErr
     Ok((m, tiles))
 }
 
-/// Compiles every launch of `program` to native code. Launches whose kernels differ only in name
-/// (ResNet's repeated blocks) share one function, except in checked mode, whose code names its launch;
-/// Cranelift compiles the distinct functions on every core, and the module then takes their bytes.
+/// Compiles every launch of `program` to native code.
 pub fn compile(program: &Program, opts: Options) -> Result<Jitted, JitError> {
-    // Refuse what cannot fit, instead of being killed while the arena is zeroed.
-    let bytes = 4 * (program.arena_len + program.params.iter().map(|p| p.len()).sum::<usize>()) as u64;
-    if let Some(have) = cnnc_runtime::exec::physical_memory().filter(|&have| bytes > have) {
-        use crate::weights::gib;
-        return Err(JitError::TooLarge { batch: program.batch, need: gib(bytes), have: gib(have) });
+    let mut c = Codegen::new(program.tier, opts)?;
+    program.launches.iter().try_for_each(|l| c.add(&l.kernel))?;
+    c.finish(program)
+}
+
+/// Lowers a program with `lower` while another thread turns each kernel into native code as `lower`
+/// hands it over: code generation takes the cores that packing weights leaves idle. Returns the
+/// program and its code, to be finished ([`Codegen::finish`]) once the program is checked.
+pub fn compile_while(tier: Tier, opts: Options, lower: impl FnOnce(&mut dyn FnMut(&Kernel)) -> Program) -> Result<(Program, Codegen), JitError> {
+    std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::channel::<Kernel>();
+        let worker = s.spawn(move || {
+            let mut c = Codegen::new(tier, opts)?;
+            loop {
+                // Every kernel waiting is built (cheap); then one function is compiled. What is still
+                // to compile when lowering ends is compiled on every core by `finish`.
+                loop {
+                    match rx.try_recv() {
+                        Ok(k) => c.add(&k)?,
+                        Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                        Err(std::sync::mpsc::TryRecvError::Disconnected) => return Ok(c),
+                    }
+                }
+                if !c.compile_one()? {
+                    match rx.recv() {
+                        Ok(k) => c.add(&k)?,
+                        Err(_) => return Ok(c),
+                    }
+                }
+            }
+        });
+        // A failed worker drops its receiver: the kernels sent after are dropped, its error returned.
+        let program = lower(&mut |k| drop(tx.send(k.clone())));
+        drop(tx);
+        let c = worker.join().unwrap_or_else(|e| std::panic::resume_unwind(e))?;
+        Ok((program, c))
+    })
+}
+
+/// A function's machine code: its alignment, bytes and relocations.
+type Compiled = (u64, Vec<u8>, Vec<ModuleReloc>);
+
+/// Native code in the making: kernels added in launch order, each distinct one built as Cranelift IR
+/// and compiled, then defined in one module. Launches whose kernels differ only in name (ResNet's
+/// repeated blocks) share one function, except in checked mode, whose code names its launch.
+pub struct Codegen {
+    m: JITModule,
+    tiles: Option<Tiles>,
+    opts: Options,
+    log: Arc<Log>,
+    ctx: Context,
+    fctx: FunctionBuilderContext,
+    /// The distinct kernels: each one's Cranelift IR (until compiled), id and code (once compiled).
+    distinct: Vec<(Kernel, cranelift_codegen::ir::Function, FuncId, Option<Compiled>)>,
+    /// Per launch, its function among the distinct ones.
+    of_launch: Vec<usize>,
+}
+
+impl Codegen {
+    fn new(tier: Tier, opts: Options) -> Result<Codegen, JitError> {
+        let (m, tiles) = module(tier, opts.checked)?;
+        let (ctx, fctx, log) = (m.make_context(), FunctionBuilderContext::new(), Arc::new(Log::default()));
+        Ok(Codegen { m, tiles, opts, log, ctx, fctx, distinct: vec![], of_launch: vec![] })
     }
-    let (mut m, mut tiles) = module(program.tier, opts.checked)?;
-    let log = Arc::new(Log::default());
-    let mut ctx = m.make_context();
-    let mut fctx = FunctionBuilderContext::new();
-    // Per launch, its function among the distinct ones: (kernel, Cranelift IR, id).
-    let (mut distinct, mut of_launch): (Vec<(&Kernel, cranelift_codegen::ir::Function, FuncId)>, Vec<usize>) = (vec![], vec![]);
-    for (i, l) in program.launches.iter().enumerate() {
-        let same = |k: &Kernel| k.bufs == l.kernel.bufs && k.vars == l.kernel.vars && k.extent == l.kernel.extent && k.body == l.kernel.body;
-        if let Some(at) = distinct.iter().position(|(k, ..)| !opts.checked && same(k)) {
-            of_launch.push(at);
-            continue;
+
+    /// The next launch's kernel: built as Cranelift IR unless an identical one was.
+    fn add(&mut self, k: &Kernel) -> Result<(), JitError> {
+        let same = |d: &Kernel| d.bufs == k.bufs && d.vars == k.vars && d.extent == k.extent && d.body == k.body;
+        if let Some(at) = self.distinct.iter().position(|(d, ..)| !self.opts.checked && same(d)) {
+            self.of_launch.push(at);
+            return Ok(());
         }
-        let check = opts.checked.then_some((Arc::as_ptr(&log) as i64, i as i64));
-        build(&mut m, &mut ctx, &mut fctx, &l.kernel, check, tiles.as_mut())?;
-        let id =
-            m.declare_anonymous_function(&ctx.func.signature).map_err(|e| JitError::Codegen { kernel: l.kernel.name.clone(), message: format!("{e:?}") })?;
-        of_launch.push(distinct.len());
-        distinct.push((&l.kernel, std::mem::replace(&mut ctx.func, cranelift_codegen::ir::Function::new()), id));
+        let check = self.opts.checked.then_some((Arc::as_ptr(&self.log) as i64, self.of_launch.len() as i64));
+        build(&mut self.m, &mut self.ctx, &mut self.fctx, k, check, self.tiles.as_mut())?;
+        let err = |e| JitError::Codegen { kernel: k.name.clone(), message: format!("{e:?}") };
+        let id = self.m.declare_anonymous_function(&self.ctx.func.signature).map_err(err)?;
+        self.of_launch.push(self.distinct.len());
+        self.distinct.push((k.clone(), std::mem::replace(&mut self.ctx.func, cranelift_codegen::ir::Function::new()), id, None));
+        Ok(())
     }
-    let isa = m.isa();
+
+    /// Compiles the oldest function not compiled yet; false if there is none.
+    fn compile_one(&mut self) -> Result<bool, JitError> {
+        let isa = self.m.isa();
+        let Some((k, func, id, code)) = self.distinct.iter_mut().find(|d| d.3.is_none()) else { return Ok(false) };
+        *code = Some(compile_function(isa, k, func, *id)?);
+        Ok(true)
+    }
+
+    /// The executable running `program`, whose launches' kernels were added in order: what is not
+    /// compiled yet is compiled on every core, largest first (a Winograd transform is thousands of
+    /// instructions, and one claimed last would leave the other cores idle behind it).
+    pub fn finish(mut self, program: &Program) -> Result<Jitted, JitError> {
+        assert_eq!(self.of_launch.len(), program.launches.len(), "one kernel added per launch");
+        // Refuse what cannot fit, instead of being killed while the arena is zeroed.
+        let bytes = 4 * (program.arena_len + program.params.iter().map(|p| p.len()).sum::<usize>()) as u64;
+        if let Some(have) = cnnc_runtime::exec::physical_memory().filter(|&have| bytes > have) {
+            use crate::weights::gib;
+            return Err(JitError::TooLarge { batch: program.batch, need: gib(bytes), have: gib(have) });
+        }
+        let mut order: Vec<usize> = (0..self.distinct.len()).filter(|&i| self.distinct[i].3.is_none()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(self.distinct[i].1.dfg.num_insts()));
+        let isa = self.m.isa();
+        let compiled = cnnc_runtime::par::map(&order, |&i| compile_function(isa, &self.distinct[i].0, &self.distinct[i].1, self.distinct[i].2));
+        for (i, c) in order.into_iter().zip(compiled) {
+            self.distinct[i].3 = Some(c?);
+        }
+        for (k, _, id, code) in &self.distinct {
+            let (align, bytes, relocs) = code.as_ref().expect("every function compiled");
+            self.m.define_function_bytes(*id, *align, bytes, relocs).map_err(|e| JitError::Codegen { kernel: k.name.clone(), message: format!("{e:?}") })?;
+        }
+        let ids: Vec<FuncId> = self.of_launch.iter().map(|&d| self.distinct[d].2).collect();
+        let mut m = self.m;
+        m.finalize_definitions().map_err(|e| JitError::Codegen { kernel: "(module)".into(), message: format!("{e:?}") })?;
+        let steps = program
+            .launches
+            .iter()
+            .zip(&ids)
+            .map(|(l, &id)| {
+                // SAFETY: the function was built from a kernel with `l.kernel`'s code and the `KernelFn` signature.
+                let f = unsafe { std::mem::transmute::<*const u8, cnnc_runtime::exec::KernelFn>(m.get_finalized_function(id)) };
+                Step { name: l.kernel.name.clone(), f, slots: l.slots.clone(), flops: l.flops }
+            })
+            .collect();
+        let names = program.launches.iter().map(|l| (l.kernel.name.clone(), l.kernel.bufs.iter().map(|b| (b.name.clone(), b.len)).collect())).collect();
+        // SAFETY: kernels index inside their declared buffer lengths (the lowering's invariant, verified by
+        // the checked-mode tests), the program's slots are at least that long, and tasks write disjoint
+        // elements; `Code` keeps the module alive as long as the executable.
+        let exe = unsafe {
+            Executable::new(steps, program.params.clone(), program.arena_len, program.inputs.clone(), program.output.clone(), Box::new(Code(Some(m))))
+        }
+        .map_err(|e| JitError::OutOfMemory(e.bytes))?;
+        Ok(Jitted { exe, log: self.log, names })
+    }
+}
+
+/// Cranelift's machine code for `func`, kernel `k`'s function `id`.
+fn compile_function(isa: &dyn cranelift_codegen::isa::TargetIsa, k: &Kernel, func: &cranelift_codegen::ir::Function, id: FuncId) -> Result<Compiled, JitError> {
     let align_min = (isa.function_alignment().minimum as u64).max(isa.symbol_alignment());
-    // Largest first: the cores claim functions one at a time, and a large one claimed last (a
-    // Winograd transform is thousands of instructions) would leave the other cores idle behind it.
-    let mut order: Vec<usize> = (0..distinct.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(distinct[i].1.dfg.num_insts()));
-    let compiled = cnnc_runtime::par::map(&order, |&i| {
-        let (k, func, id) = &distinct[i];
-        let mut ctx = Context::for_function(func.clone());
-        let code = ctx.compile(isa, &mut Default::default()).map_err(|e| JitError::Codegen { kernel: k.name.clone(), message: format!("{:?}", e.inner) })?;
-        let relocs: Vec<ModuleReloc> = code.buffer.relocs().iter().map(|r| ModuleReloc::from_mach_reloc(r, func, *id)).collect();
-        Ok(((code.buffer.alignment as u64).max(align_min), code.code_buffer().to_vec(), relocs))
-    });
-    let mut compiled: Vec<(usize, Result<_, JitError>)> = order.into_iter().zip(compiled).collect();
-    compiled.sort_by_key(|(i, _)| *i);
-    for ((k, _, id), (_, c)) in distinct.iter().zip(compiled) {
-        let (align, bytes, relocs) = c?;
-        m.define_function_bytes(*id, align, &bytes, &relocs).map_err(|e| JitError::Codegen { kernel: k.name.clone(), message: format!("{e:?}") })?;
-    }
-    let ids: Vec<FuncId> = of_launch.iter().map(|&d| distinct[d].2).collect();
-    drop(distinct);
-    m.finalize_definitions().map_err(|e| JitError::Codegen { kernel: "(module)".into(), message: format!("{e:?}") })?;
-    let steps = program
-        .launches
-        .iter()
-        .zip(&ids)
-        .map(|(l, &id)| {
-            // SAFETY: the function was built from a kernel with `l.kernel`'s code and the `KernelFn` signature.
-            let f = unsafe { std::mem::transmute::<*const u8, cnnc_runtime::exec::KernelFn>(m.get_finalized_function(id)) };
-            Step { name: l.kernel.name.clone(), f, slots: l.slots.clone(), flops: l.flops }
-        })
-        .collect();
-    let names = program.launches.iter().map(|l| (l.kernel.name.clone(), l.kernel.bufs.iter().map(|b| (b.name.clone(), b.len)).collect())).collect();
-    // SAFETY: kernels index inside their declared buffer lengths (the lowering's invariant, verified by
-    // the checked-mode tests), the program's slots are at least that long, and tasks write disjoint
-    // elements; `Code` keeps the module alive as long as the executable.
-    let exe =
-        unsafe { Executable::new(steps, program.params.clone(), program.arena_len, program.inputs.clone(), program.output.clone(), Box::new(Code(Some(m)))) }
-            .map_err(|e| JitError::OutOfMemory(e.bytes))?;
-    Ok(Jitted { exe, log, names })
+    let mut ctx = Context::for_function(func.clone());
+    let code = ctx.compile(isa, &mut Default::default()).map_err(|e| JitError::Codegen { kernel: k.name.clone(), message: format!("{:?}", e.inner) })?;
+    let relocs: Vec<ModuleReloc> = code.buffer.relocs().iter().map(|r| ModuleReloc::from_mach_reloc(r, func, id)).collect();
+    Ok(((code.buffer.alignment as u64).max(align_min), code.code_buffer().to_vec(), relocs))
 }
 
 /// The Cranelift IR of every kernel as built, before Cranelift optimizes it (`cnnc compile --emit

@@ -25,7 +25,7 @@ mod program;
 mod winograd;
 
 pub use crate::target::Tier;
-pub use program::{listing_after, program, program_with, Launch, Lowering, Pass, Program, Slot, ALIGN};
+pub use program::{listing_after, program, program_each, program_with, Launch, Lowering, Pass, Program, Slot, ALIGN};
 pub use winograd::Winograd;
 
 /// How linear layers keep their weights (`--weights-dtype`). Opt-in only: f32 is the default.

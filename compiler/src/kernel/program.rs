@@ -103,12 +103,18 @@ impl Pass {
 
 /// [`program`] with every lowering choice made by the caller.
 pub fn program_with(graph: &Graph, bound: Bound, batch: usize, lowering: Lowering) -> Program {
-    run(graph, bound, batch, lowering, Pass::Slots).program.expect("the last pass builds it")
+    program_each(graph, bound, batch, lowering, &mut |_| {})
+}
+
+/// [`program_with`], handing `each` every launch's kernel in launch order as lowering makes it (a
+/// JIT compiles them meanwhile: kernels do not change after lowering).
+pub fn program_each(graph: &Graph, bound: Bound, batch: usize, lowering: Lowering, each: &mut dyn FnMut(&Kernel)) -> Program {
+    run(graph, bound, batch, lowering, Pass::Slots, each).program.expect("the last pass builds it")
 }
 
 /// The program as text after `pass` (after [`Pass::Slots`], [`super::listing`] of the finished program).
 pub fn listing_after(graph: &Graph, bound: Bound, batch: usize, lowering: Lowering, pass: Pass) -> String {
-    run(graph, bound, batch, lowering, pass).dump(graph)
+    run(graph, bound, batch, lowering, pass, &mut |_| {}).dump(graph)
 }
 
 /// What the passes have built so far: each fills its fields.
@@ -129,14 +135,14 @@ struct Build {
 }
 
 /// Runs the passes up to `last`, in order.
-fn run(graph: &Graph, bound: Bound, batch: usize, Lowering { tier, winograd, fc_weights }: Lowering, last: Pass) -> Build {
+fn run(graph: &Graph, bound: Bound, batch: usize, Lowering { tier, winograd, fc_weights }: Lowering, last: Pass, each: &mut dyn FnMut(&Kernel)) -> Build {
     let t = Tables { tier, winograd, fc_weights, stores: vec![], params: vec![], launches: vec![], subsampled: vec![] };
     let mut b = Build { last, home: vec![], t, inputs: vec![], out: Ref::Store(0), life: vec![], offsets: vec![], arena_len: 0, program: None };
     let mut bound = Some(bound);
     for pass in Pass::ALL.into_iter().filter(|&p| p <= last) {
         match pass {
             Pass::Alias => b.home = alias(graph),
-            Pass::Lower => lower(&mut b, graph, bound.take().expect("lowered once"), batch),
+            Pass::Lower => lower(&mut b, graph, bound.take().expect("lowered once"), batch, each),
             Pass::Lifetimes => b.life = lifetimes(&b),
             Pass::Arena => (b.offsets, b.arena_len) = arena(&b.t.stores, &b.life),
             Pass::Slots => b.program = Some(slots(&mut b, graph, batch)),
@@ -187,7 +193,7 @@ fn alias(graph: &Graph) -> Vec<usize> {
 /// Lowers every op node in graph order ([`super::ops::lower`]), each writing its home's store.
 /// Invariant left: launches are in graph order; stores, parameters and launches are numbered in the
 /// order lowering asked for them; every launch names one store or parameter per argument buffer.
-fn lower(b: &mut Build, graph: &Graph, bound: Bound, batch: usize) {
+fn lower(b: &mut Build, graph: &Graph, bound: Bound, batch: usize, each: &mut dyn FnMut(&Kernel)) {
     let mut tensors = Tensors::new(graph, bound);
     let order: Vec<NodeId> = graph.nodes().map(|(id, _)| id).collect();
     let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &id)| (id, i)).collect();
@@ -202,7 +208,9 @@ fn lower(b: &mut Build, graph: &Graph, bound: Bound, batch: usize) {
                 let params = node.params.iter().map(|p| eval(p, &mut tensors)).collect();
                 let ins = graph.args(id).iter().map(|a| (store_of[pos[a]], graph.node(*a).shape.as_slice())).collect();
                 let n = Node { name: &node_name(graph, id), op, batch, ins, out: (out, &node.shape), params };
+                let before = b.t.launches.len();
                 ops::lower(&mut b.t, &n);
+                b.t.launches[before..].iter().for_each(|(k, ..)| each(k));
                 // Packed now: their buffers serve the next folded weights.
                 n.params.into_iter().for_each(|p| tensors.recycle(p));
             }
