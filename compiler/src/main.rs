@@ -354,8 +354,14 @@ fn run(a: &RunArgs) -> Result<()> {
     }
     let x = input::concat_batches(parts);
 
-    let bound = load_weights(&mut m, a.weights.as_deref(), true)?;
-    let (g, optimized) = cnnc::opt::optimize(&m.graph, &cnnc::opt::Options { level: a.opt, ..Default::default() });
+    // The optimizer (a graph's rewrites need no values) runs while the weights are read and checked.
+    let graph = m.graph.clone();
+    let (bound, (g, optimized)) = std::thread::scope(|s| {
+        let opt = s.spawn(|| cnnc::opt::optimize(&graph, &cnnc::opt::Options { level: a.opt, ..Default::default() }));
+        let bound = load_weights(&mut m, a.weights.as_deref(), true);
+        (bound, opt.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+    });
+    let bound = bound?;
     warn_optimizer(&optimized);
     let y = Runner::new(&g, bound, x.batch(), &a.exec)?.run(&x)?;
     // Finite inputs and weights can still overflow float32 on the way: say so rather than rank NaNs.
