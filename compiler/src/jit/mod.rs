@@ -277,7 +277,7 @@ pub struct Codegen {
     log: Arc<Log>,
     ctx: Context,
     fctx: FunctionBuilderContext,
-    /// The distinct kernels: each one's Cranelift IR (until compiled), id and code (once compiled).
+    /// The distinct kernels: each one's Cranelift IR, id and code (once compiled).
     distinct: Vec<(Kernel, cranelift_codegen::ir::Function, FuncId, Option<Compiled>)>,
     /// Per launch, its function among the distinct ones.
     of_launch: Vec<usize>,
