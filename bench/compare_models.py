@@ -214,8 +214,8 @@ def main():
             if args.startup:
                 in_path = os.path.join(args.weights, name + "_in.npy")
                 for i, c in enumerate(args.cnnc):
-                    first[i].append(sum((process([c, "run", model, "--weights", w, "--input", in_path, "--output", y_path, "--threads", str(args.threads)])[:2]
-                                         for w in (npz_path, st_path)), ()))
+                    procs = [process([c, "run", model, "--weights", w, "--input", in_path, "--output", y_path, "--threads", str(args.threads)]) for w in (npz_path, st_path)]
+                    first[i].append((*procs[0][:2], *procs[1][:2]))
                 _, rss, out = process([sys.executable, "-c", ORT_FIRST, onnx_path, in_path, str(args.threads)])
                 ort_first.append((float(out.strip()), rss))
             for i, c in enumerate(args.cnnc):

@@ -182,7 +182,6 @@ impl Weights {
     pub fn read(&self, key: &str, want: Option<&[usize]>) -> Result<(Vec<usize>, Option<Tensor>), WeightError> {
         let corrupt = |format, reason: String| WeightError::Corrupt { path: self.path.clone(), format, reason: format!("array `{key}`: {reason}") };
         let dtype = |dtype: String| WeightError::Dtype { path: self.path.clone(), key: key.into(), dtype };
-        let unread = |shape: &[usize]| want.is_some_and(|w| w != shape);
         match &self.store {
             Store::Npz(z, bytes) => {
                 use std::io::Read;
@@ -190,20 +189,23 @@ impl Weights {
                 let corrupt = |reason: String| corrupt("npz", reason);
                 let mut head = Vec::new();
                 let member = z.by_name(&name).map_err(|e| corrupt(e.to_string()))?;
-                let span = (member.data_start() as usize, member.compressed_size() as usize);
-                let stored = (member.compression() == zip::CompressionMethod::Stored && member.size() == member.compressed_size())
-                    .then(|| (member.data_start(), member.size(), member.crc32()));
+                // The member's bytes in the file, and its checksum if they are the data itself.
+                let span = usize::try_from(member.data_start()).ok().zip(usize::try_from(member.compressed_size()).ok());
+                let stored = (member.compression() == zip::CompressionMethod::Stored && member.size() == member.compressed_size()).then(|| member.crc32());
                 member.take(HEADER_SCAN).read_to_end(&mut head).map_err(|e| corrupt(e.to_string()))?;
                 check_npy_header(&head).map_err(corrupt)?;
                 let npy = npyz::NpyFile::new(z.by_name(&name).map_err(|e| corrupt(e.to_string()))?).map_err(|e| corrupt(e.to_string()))?;
-                if let Some(member) = stored {
-                    if let Some(t) = in_place(&npy, &head, bytes, member, want).map_err(corrupt)? {
+                let member = span.and_then(|(start, len)| Some((start, bytes.bytes().get(start..start.checked_add(len)?)?)));
+                if let (Some(crc), Some(member)) = (stored, member) {
+                    if let Some(t) = in_place(&npy, &head, bytes, member, crc, want).map_err(corrupt)? {
                         return Ok((t.shape().to_vec(), Some(t)));
                     }
                 }
                 let read = read_npy(npy, want);
                 // Decoded or copied: the member's pages of the file are not needed again.
-                bytes.release(span.0..span.0.saturating_add(span.1).min(bytes.bytes().len()));
+                if let Some((start, member)) = member {
+                    bytes.release(start..start + member.len());
+                }
                 let (shape, data) = read.map_err(|e| match e {
                     NpyError::Dtype(d) => dtype(d),
                     NpyError::Bad(reason) => corrupt(reason),
@@ -220,7 +222,7 @@ impl Weights {
                     safetensors::Dtype::F64 => Float::F64,
                     d => return Err(dtype(format!("{d:?}"))),
                 };
-                if unread(&info.shape) {
+                if unwanted(want, &info.shape) {
                     return Ok((info.shape.clone(), None));
                 }
                 // Offsets and sizes were checked against the file when its header was read.
@@ -242,44 +244,49 @@ impl Weights {
     }
 }
 
+/// Whether an array of `shape` is not the one wanted, and so is not read.
+fn unwanted(want: Option<&[usize]>, shape: &[usize]) -> bool {
+    want.is_some_and(|w| w != shape)
+}
+
 /// An array read whole, or its shape alone where it is not the one wanted.
 fn values(shape: Vec<usize>, data: Vec<f32>, want: Option<&[usize]>) -> (Vec<usize>, Option<Tensor>) {
-    if want.is_some_and(|w| w != shape) {
+    if unwanted(want, &shape) {
         return (shape, None);
     }
     let t = Tensor::new(shape.clone(), data).expect("read_npy reads one value per element");
     (shape, Some(t))
 }
 
-/// The array of a stored (uncompressed) npy member as a tensor over the file's bytes, where it holds
-/// little-endian float32 in C order at an offset an f32 slice may start at; `None` otherwise (it is
-/// then read and converted). `member` is the member's data offset, size and checksum: the checksum
-/// is checked here, as reading the member to its end would have.
+/// The array of a stored (uncompressed) npy member, `member` at byte `start` of `bytes`, as a tensor
+/// over the file's bytes, where it holds little-endian float32 in C order at an offset an f32 slice may
+/// start at; `None` otherwise (it is then read and converted). The member's checksum `crc` is checked
+/// here, as reading the member to its end would have.
 fn in_place<R: std::io::Read>(
     npy: &npyz::NpyFile<R>,
     head: &[u8],
     bytes: &Arc<Bytes>,
-    (start, size, crc): (u64, u64, u32),
+    (start, member): (usize, &[u8]),
+    crc: u32,
     want: Option<&[usize]>,
 ) -> Result<Option<Tensor>, String> {
     let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
     // Another shape than wanted is read_npy's to report (an impossible one as too large).
-    if want.is_some_and(|w| w != shape) {
+    if unwanted(want, &shape) || npy.dtype().descr().trim_matches('\'') != "<f4" || npy.order() != npyz::Order::C {
         return Ok(None);
     }
     // The npy header's length follows its magic and version: 2 bytes in version 1, 4 after.
     let data = match head.get(6..12) {
-        Some([1, _, a, b, ..]) => 10 + u16::from_le_bytes([*a, *b]) as u64,
-        Some([_, _, a, b, c, d]) => 12 + u32::from_le_bytes([*a, *b, *c, *d]) as u64,
+        Some([1, _, a, b, ..]) => 10 + u16::from_le_bytes([*a, *b]) as usize,
+        Some([_, _, a, b, c, d]) => 12 + u32::from_le_bytes([*a, *b, *c, *d]) as usize,
         _ => return Ok(None),
     };
-    let n: u64 = shape.iter().map(|&d| d as u64).product();
-    if npy.dtype().descr().trim_matches('\'') != "<f4" || npy.order() != npyz::Order::C || data + 4 * n != size {
+    // The header's shape is untrusted: its byte count must not overflow, and must be what follows it.
+    let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    if n.and_then(|n| n.checked_mul(4)?.checked_add(data)) != Some(member.len()) {
         return Ok(None);
     }
-    let member = usize::try_from(start).ok().zip(usize::try_from(size).ok()).and_then(|(s, z)| bytes.bytes().get(s..s.checked_add(z)?));
-    let Some(member) = member else { return Ok(None) };
-    let Some(shared) = Shared::new(bytes.clone(), start as usize + data as usize, n as usize) else { return Ok(None) };
+    let Some(shared) = Shared::new(bytes.clone(), start + data, (member.len() - data) / 4) else { return Ok(None) };
     if crc32fast::hash(member) != crc {
         return Err("its checksum does not match its bytes (the file is damaged)".into());
     }
@@ -338,7 +345,7 @@ pub fn read_npy<R: std::io::Read>(npy: npyz::NpyFile<R>, want: Option<&[usize]>)
         _ => return Err(NpyError::Dtype(descr)),
     };
     let width = ty.width();
-    if want.is_some_and(|w| w != shape) {
+    if unwanted(want, &shape) {
         return Ok((shape, vec![]));
     }
     // Decoded in bulk: element-by-element reads through a zip entry spent seconds on 60 M parameters.
@@ -770,5 +777,22 @@ mod tests {
             let err = super::Weights::open(&file.0).expect("opens").read(key, None).expect_err("a damaged member").to_string();
             assert!(err.to_lowercase().contains("checksum") && err.contains(key), "{key}: {err}");
         }
+    }
+
+    /// A stored member whose header declares 2^62 float32 values and holds none: its byte count
+    /// overflows (in a build with overflow checks, as the fuzz targets', the in-place check panicked).
+    #[test]
+    fn a_stored_member_of_an_impossible_shape_is_too_large() {
+        let text = "{'descr': '<f4', 'fortran_order': False, 'shape': (4611686018427387904,), }";
+        let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+        let header = format!("{text:<117}\n");
+        npy.extend((header.len() as u16).to_le_bytes());
+        npy.extend(header.bytes());
+        let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        zip.start_file("w.npy", zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Stored)).expect("member");
+        std::io::Write::write_all(&mut zip, &npy).expect("written");
+        let w = super::Weights::from_bytes("w.npz".into(), zip.finish().expect("zip").into_inner()).expect("a zip");
+        let err = w.read("w", None).expect_err("no such array").to_string();
+        assert!(err.contains("too large"), "{err}");
     }
 }
