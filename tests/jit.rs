@@ -329,6 +329,25 @@ fn panels_of_whole_rows() {
     conv(4, 8, 9, 3, 1, 1, 1, Some(Pool { max: true, k: 2, stride: 2, pad: 0, cover_all: true })).check();
 }
 
+/// Winograd output tiles that hold whole max-pool windows are pooled as they are transformed, with no
+/// pooling launch: 2×2/2 pools on 8 × 8 maps (one value per 2×2 tile, four per 4×4 tile), on 12 × 12
+/// (rows of six tiles: a vector of four and an overlapping one), on 4 × 4 (one 4×4 tile per image, the
+/// digits model's conv3 at batch 8), and a 3×3/3 pool on 3×3 tiles of a 9 × 9 map.
+#[test]
+fn winograd_tiles_pooled_in_place() {
+    let pool = |k| Some(Pool { max: true, k, stride: k, pad: 0, cover_all: true });
+    for (hw, k, w) in [(8, 2, Winograd::M2), (8, 2, Winograd::M4), (12, 2, Winograd::M2), (4, 2, Winograd::M4), (9, 3, Winograd::M3)] {
+        let p = conv(6, hw, 10, 3, 1, 1, 1, pool(k));
+        let src = cnnc::diag::Source::new("case.model", p.source());
+        let g = optimized(&cnnc::compile(&src).expect("compiles").0, 1);
+        let lowering = Lowering { winograd: w, ..Lowering::new(Tier::Avx2) };
+        let program = cnnc::kernel::program_with(&g, bind(&src, &g, Params::Generated(prng_param)), p.batch, lowering);
+        let names: Vec<_> = program.launches.iter().map(|l| l.kernel.name.rsplit('.').next().unwrap_or_default()).collect();
+        assert!(names.contains(&"winograd_out") && !names.contains(&"max_pool2d"), "{w:?} on {hw} × {hw}: {names:?}");
+        p.check();
+    }
+}
+
 /// Planes whose column matrix passes 256 KB, with weights that stay in L2: tasks own (column part,
 /// channel blocks) and the last part takes the columns past the full tiles (1 past a multiple of 16 and
 /// of 12, with a fused residual add; none, with ragged blocks; 9 past, a 3×3 through packed panels).

@@ -240,7 +240,7 @@ fn direct(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue, [oh, ow]: [usize; 
         Columns::Input
     } else if t.tier == Tier::Avx512 && (masked || pool_after.is_some()) && group_bytes < i32::MAX as usize && c.dilation == [1, 1] {
         Columns::Taps
-    } else if t.tier.assembled() && c.groups * ncb * k * mr * 4 <= 1 << 20 {
+    } else if t.tier.assembled() && c.groups * ncb * k * mr * 4 <= 1 << 20 && n.batch * c.groups * (oh * ow).div_ceil(nr) > 1 {
         Columns::OnTheFly
     } else {
         Columns::Panels
@@ -529,7 +529,9 @@ enum Columns {
     /// packs KC × NR panels into a stack buffer right before the tiles that read them (L1-hot, no
     /// round trip to memory). Tasks split the column tiles and each read all of A, so each panel is
     /// packed once; pooling needs whole planes and becomes a second launch. (Split by channel blocks,
-    /// as the larger layers are, every task would pack every panel.)
+    /// as the larger layers are, every task would pack every panel.) Not for a single column tile (the
+    /// digits model's 4 × 4 conv3 at batch 1), which would be one task while the other threads wait:
+    /// that takes `Panels`, whose GEMM splits by channel blocks and pools in the same launch.
     OnTheFly,
     /// AVX-512 tier: no column matrix at all; the tile reads each tap in place, as pixel p's element
     /// plus a constant ([`BRows::Taps`]). Stride-1 convolutions whose output is at least as wide as
@@ -611,12 +613,12 @@ fn pack(kb: &mut Kb, p: &Pack, img: Expr, grp: Expr, k0: Expr, depth: Expr, col:
             let plane = kb.let_(first_plane.clone() + ch * (s0 * s1) + ky.clone() % s0 * s1);
             let src = kb.let_(row.clone() + ky / s0 * wq);
             let dst = kb.let_(dst0.clone() + rr * (kw * p.nr));
-            kb.for_(0usize, kw, |kb, kx| {
-                let kxd = if d1 == 1 { kx.clone() } else { kx.clone() * d1 };
-                let (phase, shift) = if s1 == 1 { (e(0i64), kxd) } else { (kxd.clone() % s1, kxd / s1) };
-                let from = (plane.clone() + phase) * (hq * wq) + src.clone() + shift;
+            // The kw taps unrolled: their offsets are constants from the row's (a loop here kept its
+            // divisions inside, once per tap, in the code Cranelift generated).
+            for kx in 0..kw {
+                let from = (plane.clone() + kx * d1 % s1) * (hq * wq) + src.clone() + kx * d1 / s1;
                 copy_short(kb, p.panel, dst.clone() + kx * p.nr, p.x, from, len.clone(), p.ow.min(p.nr));
-            });
+            }
         });
     });
 }

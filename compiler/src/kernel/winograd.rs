@@ -10,7 +10,8 @@
 //! which is exactly an α²-group 1×1 convolution over V — so it runs on the same GEMM tiles, in either
 //! tier, with the same per-element order of roundings in both. Four launches: pad the input
 //! ([`phase_split`]), transform the input tiles (`winograd_in`), the GEMMs, transform back with bias
-//! and ReLU (`winograd_out`); max pooling, when fused, is a fifth.
+//! and ReLU (`winograd_out`); a fused max pool is taken on the tiles there when its windows tile them,
+//! and is a fifth launch otherwise.
 //!
 //! The matrices come from Toom–Cook interpolation at the points 0, ±1, ±2, ½ (as many as α needs) and ∞
 //! ([`Fmr::matrices`]); algorithms with the same α share their Bᵀ.
@@ -274,7 +275,20 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, ep: Epilogue, [oh, ow
     let (pv, pm) = (plane_pitch(ci * per_chunk * per_image), plane_pitch(co * per_chunk * per_image));
     let (v, mm) = (t.store(a * a * pv), t.store(a * a * pm));
     let conv_len = batch * co * oh * ow;
-    let y = if ep.pool.is_some() { t.store(conv_len) } else { n.out.0 };
+    // A max pool whose q×q windows (stride q) tile the output tiles, on maps a whole number of tiles, is
+    // taken on each tile as it is transformed: (m/q)² values stored per tile, no pooling launch and no
+    // pre-pool map (the digits model's 2×2 pools). Max commutes with the rounded bias add and ReLU
+    // before it (both monotone), so the bytes are those of the separate pool.
+    let tile_pool = ep.pool.filter(|p| {
+        let q = p.kernel[0];
+        p.kernel == [q, q] && p.stride == [q, q] && p.pad == [0, 0] && m % q == 0 && ep.add.is_none() && oh % m == 0 && ow % m == 0
+    });
+    // Stored: mo × mo values per tile, on a yh × yw map.
+    let q = tile_pool.map_or(1, |p| p.kernel[0]);
+    let (mo, yh, yw) = (m / q, oh / q, ow / q);
+    debug_assert!(tile_pool.is_none() || n.out.1[1..] == [yh, yw]);
+    let y = if ep.pool.is_some() && tile_pool.is_none() { t.store(conv_len) } else { n.out.0 };
+    let y_len = batch * co * yh * yw;
     let bias = t.param(n.params.get(1).map_or(vec![0.0; co], |b| b.data().to_vec()));
     let mut packed = None;
     for chunk in 0..chunks {
@@ -312,7 +326,7 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, ep: Epilogue, [oh, ow
         // y = Aᵀ M A + bias, then ReLU, stored where the tile lies inside the output.
         let mut kb = Kb::new(name("winograd_out"), images * co);
         let y_access = if ep.add.is_some() { Access::ReadWrite } else { Access::Write };
-        let (mb, bb, yb) = (kb.buf("M", a * a * pm, Access::Read), kb.buf("bias", co, Access::Read), kb.buf("y", conv_len, y_access));
+        let (mb, bb, yb) = (kb.buf("M", a * a * pm, Access::Read), kb.buf("bias", co, Access::Read), kb.buf("y", y_len, y_access));
         let residual = ep.add.map(|_| kb.buf("residual", conv_len, Access::Read));
         // Four tiles' outputs as m² vectors, [r][s][tile], reread as scalars to store them in place.
         let tmp = kb.buf("tiles", m * m * LANES, Access::Local);
@@ -321,9 +335,9 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, ep: Epilogue, [oh, ow
             let (img, o) = (kb.let_(plane.clone() / co), kb.let_(plane.clone() % co));
             let b = kb.let_(bb.at(o.clone()));
             kb.for_(0usize, th, |kb, ty| {
-                let rows = kb.let_((e(oh) - ty.clone() * m).min(m));
+                let rows = kb.let_((e(yh) - ty.clone() * mo).min(mo));
                 let col0 = kb.let_(img.clone() * per_image + ty.clone() * tw);
-                let at0 = kb.let_(((plane.clone() + i0 * co) * oh + ty * m) * ow);
+                let at0 = kb.let_(((plane.clone() + i0 * co) * yh + ty * mo) * yw);
                 overlapping_vector_loop(kb, e(0i64), e(tw), |kb, tx, vec| {
                     let mv: Vec<Expr> = (0..a * a)
                         .map(|xi| {
@@ -331,28 +345,43 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, ep: Epilogue, [oh, ow
                             kb.let_(mb.load(at, vec))
                         })
                         .collect();
-                    let out = sandwich(kb, &at, &mv, vec);
-                    // Output columns of these tiles still inside the row (more than m·4 when not the last).
-                    let width = kb.let_(e(ow) - tx.clone() * m);
-                    let at = kb.let_(at0.clone() + tx.clone() * m);
+                    let out: Vec<Expr> = sandwich(kb, &at, &mv, vec)
+                        .into_iter()
+                        .map(|val| {
+                            let val = val + b.clone().lanes(vec);
+                            if ep.relu_on_sum() {
+                                val.max(e(0.0f32).lanes(vec))
+                            } else {
+                                val
+                            }
+                        })
+                        .collect();
+                    // The stored values, mo × mo: the pool windows' maxima (the tile itself when q = 1).
+                    let window = |pi: usize, pj: usize| (0..q * q).map(move |w| (pi * q + w / q) * m + pj * q + w % q);
+                    let out: Vec<Expr> = (0..mo * mo).map(|v| window(v / mo, v % mo).map(|i| out[i].clone()).reduce(Expr::max).expect("q ≥ 1")).collect();
+                    // Output columns of these tiles still inside the row (more than mo·4 when not the last).
+                    let width = kb.let_(e(yw) - tx.clone() * mo);
+                    let at = kb.let_(at0.clone() + tx.clone() * mo);
+                    if mo == 1 {
+                        // One value per tile: tiles tx.. are columns tx.. of row ty.
+                        return kb.store(yb, at, out[0].clone());
+                    }
                     let tiles = if vec { LANES } else { 1 };
                     for (i, val) in out.into_iter().enumerate() {
-                        let val = val + b.clone().lanes(vec);
-                        let val = if ep.relu_on_sum() { val.max(e(0.0f32).lanes(vec)) } else { val };
                         kb.store(tmp, e(i * tiles), val);
                     }
-                    // y[at + i·ow + m·u + j] = tile u's (i, j), where inside the output.
+                    // y[at + i·yw + mo·u + j] = tile u's (i, j), where inside the output.
                     let scatter = |kb: &mut Kb, checked: bool| {
-                        for i in 0..m {
+                        for i in 0..mo {
                             guarded(kb, (checked && i > 0).then(|| e(i).lt(rows.clone())), |kb| {
-                                for (u, j) in (0..tiles).flat_map(|u| (0..m).map(move |j| (u, j))) {
-                                    let (v, q) = (tmp.at(e((i * m + j) * tiles + u)), u * m + j);
-                                    guarded(kb, (checked && q > 0).then(|| e(q).lt(width.clone())), |kb| kb.store(yb, at.clone() + (i * ow + q), v));
+                                for (u, j) in (0..tiles).flat_map(|u| (0..mo).map(move |j| (u, j))) {
+                                    let (v, c) = (tmp.at(e((i * mo + j) * tiles + u)), u * mo + j);
+                                    guarded(kb, (checked && c > 0).then(|| e(c).lt(width.clone())), |kb| kb.store(yb, at.clone() + (i * yw + c), v));
                                 }
                             });
                         }
                     };
-                    kb.if_else(rows.clone().eq(m).and(e(tiles * m).le(width.clone())), |kb| scatter(kb, false), |kb| scatter(kb, true));
+                    kb.if_else(rows.clone().eq(mo).and(e(tiles * mo).le(width.clone())), |kb| scatter(kb, false), |kb| scatter(kb, true));
                 });
             });
             if let Some(rb) = residual {
@@ -362,7 +391,7 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, ep: Epilogue, [oh, ow
         });
         t.launch(kb.finish(), [mm, bias, y].into_iter().chain(ep.add).collect(), 0);
     }
-    if let Some(p) = ep.pool {
+    if let Some(p) = ep.pool.filter(|_| tile_pool.is_none()) {
         pool_launch(t, n, p, y, [oh, ow]);
     }
 }
