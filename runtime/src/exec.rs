@@ -3,8 +3,9 @@
 //! The compiler hands over function pointers (it owns code generation and keeps the code alive in
 //! `code`), where each launch's buffers live ([`Slot`]), and the packed parameters. Running copies the
 //! inputs into the arena, then runs the launches in order: each launch's work is cut into a fixed
-//! number of tasks ([`TASKS_PER_THREAD`] per thread), which the threads claim one at a time, and all
-//! threads meet at a barrier between launches. The threads past the caller's are kept between runs
+//! number of tasks ([`TASKS_PER_THREAD`] per thread), which the threads claim one at a time (each its
+//! own block of them first, then what the others left), and all threads meet at a barrier between
+//! launches. The threads past the caller's are kept between runs
 //! ([`Pool`]). Which elements a task computes is the kernel's business:
 //! kernels partition their work statically and never let the partition change the arithmetic, so any
 //! thread count, and any assignment of tasks to threads, gives the same bytes.
@@ -368,21 +369,30 @@ impl Executable {
         let tables = Tables(self.steps.iter().map(|s| s.slots.iter().map(ptr).collect()).collect());
         let threads = threads.max(1);
         let barrier = SpinBarrier::new(threads);
-        // The next unclaimed task of each launch.
-        let next: Vec<AtomicUsize> = self.steps.iter().map(|_| AtomicUsize::new(0)).collect();
+        // Per launch and thread, the next unclaimed task of the thread's own block (TASKS_PER_THREAD
+        // tasks from thread · TASKS_PER_THREAD on).
+        let next: Vec<Vec<AtomicUsize>> = self.steps.iter().map(|_| (0..threads).map(|_| AtomicUsize::new(0)).collect()).collect();
         let ntasks = if threads == 1 { 1 } else { threads * TASKS_PER_THREAD };
-        let work = |times: &mut Vec<Duration>| {
+        let per = ntasks / threads;
+        let work = |thread: usize, times: &mut Vec<Duration>| {
             let mut sense = false;
             for ((step, table), next) in self.steps.iter().zip(tables.rows()).zip(&next) {
                 let t0 = Instant::now();
-                loop {
-                    let task = next.fetch_add(1, Ordering::Relaxed);
-                    if task >= ntasks {
-                        break;
+                // A thread takes its own block first, then what is left of the others': kernels
+                // partition their work alike from launch to launch (by image, by channel), so each
+                // thread then mostly reads what it wrote, from its own caches — on a VM whose two
+                // cores sit on different dies a line written by the other costs a ~230 ns transfer
+                // (docs/benchmarks.md) — and a slower core's tasks still go to a faster one.
+                for owner in (0..threads).map(|k| (thread + k) % threads) {
+                    loop {
+                        let i = next[owner].fetch_add(1, Ordering::Relaxed);
+                        if i >= per {
+                            break;
+                        }
+                        // SAFETY: see `new`; the table points at live buffers of the planned
+                        // lengths, and each task is run once.
+                        unsafe { (step.f)(table.as_ptr(), owner * per + i, ntasks) };
                     }
-                    // SAFETY: see `new`; the table points at live buffers of the planned lengths, and
-                    // each task is run once.
-                    unsafe { (step.f)(table.as_ptr(), task, ntasks) };
                 }
                 if threads > 1 {
                     barrier.wait(&mut sense);
@@ -392,7 +402,7 @@ impl Executable {
         };
         let times = Mutex::new(Vec::with_capacity(self.steps.len()));
         if threads == 1 {
-            work(&mut times.lock().unwrap_or_else(|e| e.into_inner()));
+            work(0, &mut times.lock().unwrap_or_else(|e| e.into_inner()));
         } else {
             // A forked child inherits the pool but not its threads: joining them would hang, so it is
             // forgotten (its memory is the parent's copy) and the child starts its own.
@@ -406,8 +416,8 @@ impl Executable {
             let pool = pool.as_ref().expect("just made");
             // The caller (thread 0) times the launches.
             pool.run(&|thread| match thread {
-                0 => work(&mut times.lock().unwrap_or_else(|e| e.into_inner())),
-                _ => work(&mut Vec::new()),
+                0 => work(0, &mut times.lock().unwrap_or_else(|e| e.into_inner())),
+                _ => work(thread, &mut Vec::new()),
             });
         }
         let times = times.into_inner().unwrap_or_else(|e| e.into_inner());
