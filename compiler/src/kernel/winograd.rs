@@ -278,7 +278,8 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, ep: Epilogue, [oh, ow
     // A max pool whose q×q windows (stride q) tile the output tiles, on maps a whole number of tiles, is
     // taken on each tile as it is transformed: (m/q)² values stored per tile, no pooling launch and no
     // pre-pool map (the digits model's 2×2 pools). Max commutes with the rounded bias add and ReLU
-    // before it (both monotone), so the bytes are those of the separate pool.
+    // before it (both monotone), so the bytes are those of the separate pool (NaNs aside: which of
+    // several a window keeps depends on the order of its comparisons).
     let tile_pool = ep.pool.filter(|p| {
         let q = p.kernel[0];
         p.kernel == [q, q] && p.stride == [q, q] && p.pad == [0, 0] && m % q == 0 && ep.add.is_none() && oh % m == 0 && ow % m == 0
