@@ -96,46 +96,32 @@ pub fn vector_loop(kb: &mut Kb, lo: Expr, hi: Expr, body: impl Fn(&mut Kb, Expr,
 
 /// `for i in lo..hi` four at a time, where writing an element twice is harmless (copies and fills):
 /// ranges of four or more end with one vector that overlaps the previous one instead of a scalar tail
-/// (im2col copies rows of 13–55 floats, so the tail was a large share of the work). Constant bounds
-/// emit only the branches they take.
+/// (im2col copies rows of 13–55 floats, so the tail was a large share of the work). A constant range
+/// emits the body once: vectors at lo, lo + 4, …, each start clamped to hi − 4, or scalars where it is
+/// shorter than four. The Winograd transforms' bodies are thousands of instructions, and three copies
+/// of them (vector loop, tail, scalar loop) were two thirds of ResNet-50's code generation.
 pub fn overlapping_vector_loop(kb: &mut Kb, lo: Expr, hi: Expr, body: impl Fn(&mut Kb, Expr, bool)) {
-    let lanes = LANES as i64;
-    match (&lo, &hi) {
-        (&Expr::Int(l), &Expr::Int(h)) if h - l < lanes => kb.for_(lo, hi, |kb, i| body(kb, i, false)),
-        (&Expr::Int(l), &Expr::Int(h)) => {
-            let vend = l + (h - l) / lanes * lanes;
-            kb.for_step(lo, e(vend), lanes, |kb, i| body(kb, i, true));
-            if vend < h {
-                body(kb, e(h - lanes), true);
-            }
+    if let (&Expr::Int(l), &Expr::Int(h)) = (&lo, &hi) {
+        let n = (h - l).max(0) as usize;
+        if n < LANES {
+            return kb.for_(lo, hi, |kb, i| body(kb, i, false));
         }
-        _ => {
-            let (lo, hi) = (kb.let_(lo), kb.let_(hi));
-            let vend = kb.let_(lo.clone() + (hi.clone() - lo.clone()) / LANES * LANES);
-            kb.if_else(
-                e(LANES).le(hi.clone() - lo.clone()),
-                |kb| {
-                    kb.for_step(lo.clone(), vend.clone(), lanes, |kb, i| body(kb, i, true));
-                    kb.if_(vend.clone().lt(hi.clone()), |kb| body(kb, hi.clone() - LANES, true));
-                },
-                |kb| kb.for_(lo.clone(), hi.clone(), |kb, i| body(kb, i, false)),
-            );
-        }
+        return kb.for_(0usize, n.div_ceil(LANES), |kb, j| {
+            let i = j * LANES + l;
+            let i = if n.is_multiple_of(LANES) { i } else { kb.let_(i.min(h - LANES as i64)) };
+            body(kb, i, true)
+        });
     }
-}
-
-/// [`overlapping_vector_loop`] over a constant `0..n` with the body emitted once: vectors at 0, 4, …,
-/// each start clamped to n − 4 (scalars where n < 4). For the Winograd transforms, whose bodies are
-/// thousands of instructions: one `min` per vector costs nothing there, while the loop's three copies
-/// of the body were two thirds of ResNet-50's code generation.
-pub fn overlapping_vectors_once(kb: &mut Kb, n: usize, body: impl Fn(&mut Kb, Expr, bool)) {
-    if n < LANES {
-        return kb.for_(0usize, n, |kb, i| body(kb, i, false));
-    }
-    kb.for_(0usize, n.div_ceil(LANES), |kb, j| {
-        let i = if n.is_multiple_of(LANES) { j * LANES } else { kb.let_((j * LANES).min(n - LANES)) };
-        body(kb, i, true)
-    });
+    let (lo, hi) = (kb.let_(lo), kb.let_(hi));
+    let vend = kb.let_(lo.clone() + (hi.clone() - lo.clone()) / LANES * LANES);
+    kb.if_else(
+        e(LANES).le(hi.clone() - lo.clone()),
+        |kb| {
+            kb.for_step(lo.clone(), vend.clone(), LANES as i64, |kb, i| body(kb, i, true));
+            kb.if_(vend.clone().lt(hi.clone()), |kb| body(kb, hi.clone() - LANES, true));
+        },
+        |kb| kb.for_(lo.clone(), hi.clone(), |kb, i| body(kb, i, false)),
+    );
 }
 
 /// `body`, under `if cond` where there is a condition.

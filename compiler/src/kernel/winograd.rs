@@ -21,7 +21,7 @@
 //! interpreter, relative to the output's largest magnitude (the rest within 1e-5), and `tests/chainer.rs`
 //! all six models within 1e-4 of Chainer with each tile size forced (measured errors: docs/benchmarks.md).
 
-use super::common::{add_tail, guarded, overlapping_vectors_once, phase_split, Epilogue, Node, Tables};
+use super::common::{add_tail, guarded, overlapping_vector_loop, phase_split, Epilogue, Node, Tables};
 use super::gemm::{packed_planes, plane_products};
 use super::pool::pool_launch;
 use super::{e, Access, Expr, Kb, Tier, LANES};
@@ -307,7 +307,7 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, ep: Epilogue, [oh, ow
             kb.for_(0usize, th, |kb, ty| {
                 let row = kb.let_(((img.clone() + i0) * ci + ch.clone()) * (m * hq * wq) + ty.clone() * (m * wq));
                 let col0 = kb.let_(img.clone() * per_image + ty * tw);
-                overlapping_vectors_once(kb, tw, |kb, tx, vec| {
+                overlapping_vector_loop(kb, e(0i64), e(tw), |kb, tx, vec| {
                     let d: Vec<Expr> = (0..a * a)
                         .map(|i| {
                             let at = row.clone() + ((i % a % m) * hq * wq + i / a * wq + i % a / m) + tx.clone();
@@ -339,7 +339,7 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, ep: Epilogue, [oh, ow
                 let rows = kb.let_((e(yh) - ty.clone() * mo).min(mo));
                 let col0 = kb.let_(img.clone() * per_image + ty.clone() * tw);
                 let at0 = kb.let_(((plane.clone() + i0 * co) * yh + ty * mo) * yw);
-                overlapping_vectors_once(kb, tw, |kb, tx, vec| {
+                overlapping_vector_loop(kb, e(0i64), e(tw), |kb, tx, vec| {
                     let mv: Vec<Expr> = (0..a * a)
                         .map(|xi| {
                             let at = e(xi * pm) + o.clone() * cols + col0.clone() + tx.clone();
