@@ -69,7 +69,8 @@ pub fn bind(src: &Source, g: &cnnc::ir::Graph, params: Params) -> Bound {
 }
 
 /// Compiles a graph with the JIT for `x`'s batch and runs it on 1 and 2 threads in checked mode (every
-/// access bounds-checked; none may fail) and on 2 threads unchecked. All three must give the same bytes.
+/// access bounds-checked; none may fail) and on 2 threads unchecked; an even batch also as two replicas
+/// of half the batch, on 2 threads, checked. All must give the same bytes.
 pub fn jit_graph(src: &Source, g: &cnnc::ir::Graph, params: Params, x: &Tensor) -> Tensor {
     jit_graph_with(src, g, params, x, cnnc::kernel::Winograd::Auto)
 }
@@ -83,11 +84,20 @@ pub fn jit_graph_with(src: &Source, g: &cnnc::ir::Graph, params: Params, x: &Ten
     let two = checked.exe.run(&[x], 2).expect("runs");
     assert_eq!(checked.violations(), vec![], "out-of-bounds accesses");
     let fast = cnnc::jit::compile(&program, cnnc::jit::Options::default()).expect("compiles").exe.run(&[x], 2).expect("runs");
-    assert!(one.data().iter().map(|v| v.to_bits()).eq(two.data().iter().map(|v| v.to_bits())), "1 and 2 threads differ");
-    assert!(one.data().iter().map(|v| v.to_bits()).eq(fast.data().iter().map(|v| v.to_bits())), "checked and unchecked differ");
+    let bits = |t: &Tensor| t.data().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert!(bits(&one) == bits(&two), "1 and 2 threads differ");
+    assert!(bits(&one) == bits(&fast), "checked and unchecked differ");
+    if x.batch().is_multiple_of(2) {
+        let lowering = cnnc::kernel::Lowering { replicas: 2, ..lowering };
+        let halves = cnnc::jit::compile(&cnnc::kernel::program_with(g, bind(src, g, params), x.batch(), lowering), cnnc::jit::Options { checked: true })
+            .expect("compiles");
+        assert!(bits(&halves.exe.run(&[x], 2).expect("runs")) == bits(&one), "two replicas differ from one");
+        assert_eq!(halves.violations(), vec![], "out-of-bounds accesses");
+    }
     one
 }
 
+#[derive(Clone, Copy)]
 pub enum Params<'a> {
     File(&'a Path),
     Init,

@@ -112,6 +112,24 @@ impl Options {
     }
 }
 
+/// Fewest samples a replica takes ([`replicas`]).
+const REPLICA_SAMPLES: usize = 4;
+
+/// How many replicas of the program run a JIT batch: one per thread, each on its own share of the
+/// samples, where the threads divide the batch into shares of at least [`REPLICA_SAMPLES`]; else one,
+/// run by all threads together. A replica never waits for another and keeps its activations in its
+/// own core's caches, where threads sharing every launch meet at a barrier after each and read what
+/// the other wrote (digits at batch 8 on 2 threads: twice as fast; the ImageNet models 2-9 %,
+/// docs/benchmarks.md). Below four samples a share would re-stream the linear layers' weights for
+/// too few samples.
+fn replicas(batch: usize, threads: usize) -> usize {
+    if threads > 1 && batch.is_multiple_of(threads) && batch / threads >= REPLICA_SAMPLES {
+        threads
+    } else {
+        1
+    }
+}
+
 enum Exe {
     Jit(crate::jit::Jitted),
     Reference(Plan),
@@ -138,7 +156,7 @@ impl Runner {
             let exe = Exe::Reference(crate::lower::lower(g, bound)?);
             return Ok(Runner { exe, threads: o.threads(), kernels: vec![], lower_time: t.elapsed(), codegen_time: Duration::ZERO });
         }
-        let lowering = o.lowering();
+        let lowering = Lowering { replicas: if o.backend == Backend::Jit { replicas(batch, o.threads()) } else { 1 }, ..o.lowering() };
         // The JIT compiles kernels while lowering packs weights; CUDA loads the finished module.
         let (p, code) = match o.backend {
             Backend::Cuda => (crate::kernel::program_with(g, bound, batch, lowering), None),
@@ -149,7 +167,7 @@ impl Runner {
                 (p, Some(code))
             }
         };
-        let (arena, params) = (p.arena_len as u64 * 4, p.params.iter().map(|v| v.len() as u64 * 4).sum());
+        let (arena, params) = ((p.replicas * p.arena_len) as u64 * 4, p.params.iter().map(|v| v.len() as u64 * 4).sum());
         if let Some(limit) = crate::weights::memory_limit().filter(|&l| arena + params > l) {
             return Err(BackendError::TooLarge { batch, arena, params, limit });
         }
@@ -162,7 +180,8 @@ impl Runner {
             }
             Some(code) => {
                 let jit = code.finish(&p)?;
-                let kernels = jit.exe.steps().iter().zip(bytes).map(|(s, b)| (s.name.clone(), s.flops, b)).collect();
+                // A launch runs once per replica, on its share of the batch.
+                let kernels = jit.exe.steps().iter().zip(bytes).map(|(s, b)| (s.name.clone(), s.flops * p.replicas as u64, b)).collect();
                 (Exe::Jit(jit), kernels)
             }
         };
@@ -189,5 +208,16 @@ impl Runner {
 
     pub fn threads(&self) -> usize {
         self.threads
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn replicas_take_shares_of_four_or_more_samples() {
+        let r = super::replicas;
+        assert_eq!([r(8, 2), r(16, 4), r(12, 3), r(32, 2)], [2, 4, 3, 2]);
+        // One thread, shares under four samples, a batch the threads do not divide.
+        assert_eq!([r(8, 1), r(2, 2), r(6, 2), r(8, 3), r(1, 2)], [1; 5]);
     }
 }

@@ -658,7 +658,7 @@ fn emitted_ptx_computes_what_the_jit_computes() {
                 _ => Winograd::Auto,
             };
             let dtype = if name.starts_with("bf16") { WeightsDtype::Bf16 } else { WeightsDtype::F32 };
-            let lowering = |tier| Lowering { tier, winograd, fc_weights: dtype };
+            let lowering = |tier| Lowering { tier, winograd, fc_weights: dtype, replicas: 1 };
             let cpu = cnnc::kernel::program_with(&g, bound(&g), batch, lowering(Tier::Portable));
             let want = cnnc::jit::compile(&cpu, cnnc::jit::Options { checked: true }).expect("jit").exe.run(&[&x], 1).expect("runs");
             for tier in Tier::ALL {

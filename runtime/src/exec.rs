@@ -5,7 +5,9 @@
 //! inputs into the arena, then runs the launches in order: each launch's work is cut into a fixed
 //! number of tasks ([`TASKS_PER_THREAD`] per thread), which the threads claim one at a time (each its
 //! own block of them first, then what the others left), and all threads meet at a barrier between
-//! launches. The threads past the caller's are kept between runs
+//! launches. A program compiled as replicas ([`Arena::replicas`]) has one arena per share of the batch
+//! instead, and each thread runs whole replicas alone: no barrier, and no activation moves between
+//! cores. The threads past the caller's are kept between runs
 //! ([`Pool`]). Which elements a task computes is the kernel's business:
 //! kernels partition their work statically and never let the partition change the arithmetic, so any
 //! thread count, and any assignment of tasks to threads, gives the same bytes.
@@ -129,12 +131,21 @@ impl std::fmt::Debug for Buffer {
     }
 }
 
+/// The activations' memory: `replicas` arenas of `len` elements, one after the other, each holding one
+/// share of the batch (the launches address one arena; the samples of replica r are its r-th share).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Arena {
+    pub len: usize,
+    pub replicas: usize,
+}
+
 pub struct Executable {
     steps: Vec<Step>,
     params: Vec<Arc<Buffer>>,
-    /// The activations, and the worker threads of the last multi-threaded run (kept for the next).
+    shape: Arena,
+    /// The arenas, and the worker threads of the last multi-threaded run (kept for the next).
     arena: Mutex<(Buffer, Option<Pool>)>,
-    /// Arena offsets and full (batched) shapes.
+    /// Arena offsets and full (whole-batch) shapes.
     inputs: Vec<(usize, Dims)>,
     output: (usize, Dims),
     /// Keeps the kernels' code mapped for as long as `steps` can be called.
@@ -328,12 +339,14 @@ impl Executable {
     pub unsafe fn new(
         steps: Vec<Step>,
         params: Vec<Arc<Buffer>>,
-        arena_len: usize,
+        shape: Arena,
         inputs: Vec<(usize, Dims)>,
         output: (usize, Dims),
         code: Box<dyn Any + Send + Sync>,
     ) -> Result<Self, OutOfMemory> {
-        Ok(Executable { steps, params, arena: Mutex::new((Buffer::zeroed(arena_len)?, None)), inputs, output, _code: code })
+        assert!(shape.replicas >= 1 && inputs.iter().chain([&output]).all(|(_, d)| d[0].is_multiple_of(shape.replicas)), "replicas share the batch");
+        let len = shape.len.checked_mul(shape.replicas).ok_or(OutOfMemory { bytes: usize::MAX })?;
+        Ok(Executable { steps, params, shape, arena: Mutex::new((Buffer::zeroed(len)?, None)), inputs, output, _code: code })
     }
 
     pub fn steps(&self) -> &[Step] {
@@ -357,47 +370,70 @@ impl Executable {
         }
         let mut guard = self.arena.lock().unwrap_or_else(|e| e.into_inner());
         let (arena, pool) = &mut *guard;
+        let Arena { len, replicas } = self.shape;
+        // Replica r's share of each input: the r-th of `replicas` equal parts, at the input's offset in
+        // arena r.
         for (t, (offset, _)) in inputs.iter().zip(&self.inputs) {
-            arena[*offset..][..t.data().len()].copy_from_slice(t.data());
+            for (r, share) in t.data().chunks(t.data().len() / replicas).enumerate() {
+                arena[r * len + offset..][..share.len()].copy_from_slice(share);
+            }
         }
-        let ptr = |slot: &Slot| match *slot {
-            // SAFETY: offsets were planned inside the arena.
-            Slot::Arena { offset, .. } => unsafe { arena.ptr.add(offset) },
-            // Kernels only read parameters; the table type is shared with the arena's.
-            Slot::Param(p) => self.params[p].ptr,
+        let table = |r: usize| -> Vec<Vec<*mut f32>> {
+            let ptr = |slot: &Slot| match *slot {
+                // SAFETY: offsets were planned inside one arena, and there are `replicas` of them.
+                Slot::Arena { offset, .. } => unsafe { arena.ptr.add(r * len + offset) },
+                // Kernels only read parameters; the table type is shared with the arena's.
+                Slot::Param(p) => self.params[p].ptr,
+            };
+            self.steps.iter().map(|s| s.slots.iter().map(ptr).collect()).collect()
         };
-        let tables = Tables(self.steps.iter().map(|s| s.slots.iter().map(ptr).collect()).collect());
-        let threads = threads.max(1);
-        let barrier = SpinBarrier::new(threads);
+        let tables: Vec<Tables> = (0..replicas).map(|r| Tables(table(r))).collect();
+        // With replicas, each thread runs whole replicas alone, in turn (threads past the replica count
+        // would have nothing to do); else all threads run every launch together, tasks claimed.
+        let (threads, gang) = match replicas {
+            1 => (threads.max(1), threads.max(1)),
+            _ => (threads.clamp(1, replicas), 1),
+        };
+        let barrier = SpinBarrier::new(gang);
         // Per launch and thread, the next unclaimed task of the thread's own block (TASKS_PER_THREAD
         // tasks from thread · TASKS_PER_THREAD on).
-        let next: Vec<Vec<AtomicUsize>> = self.steps.iter().map(|_| (0..threads).map(|_| AtomicUsize::new(0)).collect()).collect();
-        let ntasks = if threads == 1 { 1 } else { threads * TASKS_PER_THREAD };
-        let per = ntasks / threads;
+        let next: Vec<Vec<AtomicUsize>> = self.steps.iter().map(|_| (0..gang).map(|_| AtomicUsize::new(0)).collect()).collect();
+        let ntasks = if gang == 1 { 1 } else { gang * TASKS_PER_THREAD };
+        let per = ntasks / gang;
         let work = |thread: usize, times: &mut Vec<Duration>| {
             let mut sense = false;
-            for ((step, table), next) in self.steps.iter().zip(tables.rows()).zip(&next) {
-                let t0 = Instant::now();
-                // A thread takes its own block first, then what is left of the others': kernels
-                // partition their work alike from launch to launch (by image, by channel), so each
-                // thread then mostly reads what it wrote, from its own caches — on a VM whose two
-                // cores sit on different dies a line written by the other costs a ~230 ns transfer
-                // (docs/benchmarks.md) — and a slower core's tasks still go to a faster one.
-                for owner in (0..threads).map(|k| (thread + k) % threads) {
-                    loop {
-                        let i = next[owner].fetch_add(1, Ordering::Relaxed);
-                        if i >= per {
-                            break;
+            // The gang's one replica, or this thread's replicas: thread, thread + threads, ...
+            let (first, stride) = if gang > 1 { (0, 1) } else { (thread, threads) };
+            for (r, tables) in tables.iter().enumerate().skip(first).step_by(stride) {
+                for ((step, table), next) in self.steps.iter().zip(tables.rows()).zip(&next) {
+                    let t0 = Instant::now();
+                    if gang == 1 {
+                        // SAFETY: see `new`; the table points at live buffers of the planned lengths.
+                        unsafe { (step.f)(table.as_ptr(), 0, 1) };
+                    } else {
+                        // A thread takes its own block first, then what is left of the others': kernels
+                        // partition their work alike from launch to launch (by image, by channel), so
+                        // each thread then mostly reads what it wrote, from its own caches — on a VM
+                        // whose two cores sit on different dies a line written by the other costs a
+                        // ~230 ns transfer (docs/benchmarks.md) — and a slower core's tasks still go to
+                        // a faster one.
+                        for owner in (0..gang).map(|k| (thread + k) % gang) {
+                            loop {
+                                let i = next[owner].fetch_add(1, Ordering::Relaxed);
+                                if i >= per {
+                                    break;
+                                }
+                                // SAFETY: see `new`; the table points at live buffers of the planned
+                                // lengths, and each task is run once.
+                                unsafe { (step.f)(table.as_ptr(), owner * per + i, ntasks) };
+                            }
                         }
-                        // SAFETY: see `new`; the table points at live buffers of the planned
-                        // lengths, and each task is run once.
-                        unsafe { (step.f)(table.as_ptr(), owner * per + i, ntasks) };
+                        barrier.wait(&mut sense);
+                    }
+                    if r == 0 {
+                        times.push(t0.elapsed());
                     }
                 }
-                if threads > 1 {
-                    barrier.wait(&mut sense);
-                }
-                times.push(t0.elapsed());
             }
         };
         let times = Mutex::new(Vec::with_capacity(self.steps.len()));
@@ -414,7 +450,7 @@ impl Executable {
                 *pool = Some(Pool::new(threads));
             }
             let pool = pool.as_ref().expect("just made");
-            // The caller (thread 0) times the launches.
+            // The caller (thread 0) times the launches (of replica 0).
             pool.run(&|thread| match thread {
                 0 => work(0, &mut times.lock().unwrap_or_else(|e| e.into_inner())),
                 _ => work(thread, &mut Vec::new()),
@@ -422,8 +458,8 @@ impl Executable {
         }
         let times = times.into_inner().unwrap_or_else(|e| e.into_inner());
         let (offset, shape) = &self.output;
-        let n = shape.iter().product::<usize>();
-        let out = arena[*offset..][..n].to_vec();
+        let share = shape.iter().product::<usize>() / replicas;
+        let out = (0..replicas).flat_map(|r| &arena[r * len + offset..][..share]).copied().collect();
         Ok((Tensor::new(shape.clone(), out).expect("planned size"), times))
     }
 }

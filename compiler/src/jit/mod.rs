@@ -16,7 +16,7 @@ pub mod avx512;
 
 use crate::kernel::{Access, BRows, BinOp, Expr, Gemm, Kernel, Program, Stmt, Taps, Ty, UnOp};
 use crate::target::Tier;
-use cnnc_runtime::exec::{Executable, Step};
+use cnnc_runtime::exec::{Arena, Executable, Step};
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{types, AbiParam, Endianness, FuncRef, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, Type, Value};
 use cranelift_codegen::{settings::Configurable, Context};
@@ -320,7 +320,7 @@ impl Codegen {
     pub fn finish(mut self, program: &Program) -> Result<Jitted, JitError> {
         assert_eq!(self.of_launch.len(), program.launches.len(), "one kernel added per launch");
         // Refuse what cannot fit, instead of being killed while the arena is zeroed.
-        let bytes = 4 * (program.arena_len + program.params.iter().map(|p| p.len()).sum::<usize>()) as u64;
+        let bytes = 4 * (program.replicas * program.arena_len + program.params.iter().map(|p| p.len()).sum::<usize>()) as u64;
         if let Some(have) = cnnc_runtime::exec::physical_memory().filter(|&have| bytes > have) {
             use crate::weights::gib;
             return Err(JitError::TooLarge { batch: program.batch, need: gib(bytes), have: gib(have) });
@@ -354,7 +354,8 @@ impl Codegen {
         // the checked-mode tests), the program's slots are at least that long, and tasks write disjoint
         // elements; `Code` keeps the module alive as long as the executable.
         let exe = unsafe {
-            Executable::new(steps, program.params.clone(), program.arena_len, program.inputs.clone(), program.output.clone(), Box::new(Code(Some(m))))
+            let arena = Arena { len: program.arena_len, replicas: program.replicas };
+            Executable::new(steps, program.params.clone(), arena, program.inputs.clone(), program.output.clone(), Box::new(Code(Some(m))))
         }
         .map_err(|e| JitError::OutOfMemory(e.bytes))?;
         Ok(Jitted { exe, log: self.log, names })
@@ -821,6 +822,7 @@ mod tests {
         let slots = vec![Slot::Param(0), Slot::Arena { offset: 0, len: 8 }];
         let p = Program {
             batch: 1,
+            replicas: 1,
             tier,
             launches: vec![Launch { kernel: k, slots, flops: 0 }],
             params: vec![Arc::new(cnnc_runtime::exec::Buffer::from_slice(&param).expect("small"))],
@@ -859,6 +861,7 @@ mod tests {
         let param = Arc::new(cnnc_runtime::exec::Buffer::from_slice(&[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]).expect("small"));
         let p = Program {
             batch: 1,
+            replicas: 1,
             tier: Tier::Portable,
             launches: vec![launch("first", 0), launch("second", 8)],
             params: vec![param],
@@ -882,6 +885,7 @@ mod tests {
         let kb = Kb::new("nothing", 1);
         let p = Program {
             batch: 64,
+            replicas: 1,
             tier: Tier::Portable,
             launches: vec![Launch { kernel: kb.finish(), slots: vec![], flops: 0 }],
             params: vec![],

@@ -24,6 +24,8 @@ pub struct Tables {
     pub tier: Tier,
     pub winograd: Winograd,
     pub fc_weights: WeightsDtype,
+    /// The whole batch, which methods are chosen for (a node's `batch` is one replica's share).
+    pub batch: usize,
     pub stores: Vec<usize>,
     pub params: Vec<Arc<Buffer>>,
     pub launches: Vec<(Kernel, Vec<Ref>, u64)>,

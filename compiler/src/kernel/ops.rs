@@ -3,10 +3,11 @@
 //! Convolutions take Winograd's minimal filtering — F(2×2, 3×3), F(3×3, 3×3), F(4×4, 3×3), F(2×2, 5×5)
 //! or F(3×3, 5×5) — where [`winograd::chosen`] takes it, else a direct GEMM; linear layers a GEMV at
 //! batch 1 and GEMM tiles above.
-//! Invariant left: every choice depends on the op, its shapes and the batch size, never on the tier or
-//! thread count, so results are bitwise identical across those. (Linear layers change method above batch
-//! 1 and Winograd is chosen per batch size, so batch sizes on either side of those may differ in the last
-//! bits; within a batch, no sample depends on its place.)
+//! Invariant left: every choice depends on the op, its shapes and the whole batch size ([`Tables::batch`]),
+//! never on the tier, the thread count or the replicas sharing the batch, so results are bitwise
+//! identical across those. (Linear layers change method above batch 1 and Winograd is chosen per batch
+//! size, so batch sizes on either side of those may differ in the last bits; within a batch, no sample
+//! depends on its place.)
 
 use super::common::{Epilogue, Node, Tables};
 use super::{e, elementwise, gemm, gemv, pool, winograd};
@@ -42,7 +43,7 @@ pub fn lower(t: &mut Tables, n: &Node) {
 /// A linear layer: at batch 1 a GEMV streams each weight once; above, GEMM tiles use each weight for up
 /// to MR samples.
 fn linear(t: &mut Tables, n: &Node, l: &Linear, relu: bool) {
-    match n.batch {
+    match t.batch {
         1 => gemv::linear(t, n, l, relu),
         _ => gemm::linear(t, n, l, relu),
     }
@@ -56,7 +57,7 @@ fn conv(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue) {
         Some(_) => [0, 1].map(|i| window_out(n.ins[0].1[1 + i], c.span()[i], c.stride[i], c.pad[i], false).expect("validated")),
         None => [n.out.1[1], n.out.1[2]],
     };
-    match winograd::chosen(t.winograd, t.tier, c, n.batch, out) {
+    match winograd::chosen(t.winograd, t.tier, c, t.batch, out) {
         Some(f) => winograd::lower(t, n, c, f, ep, out),
         None => gemm::conv(t, n, c, ep, out),
     }

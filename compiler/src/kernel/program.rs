@@ -32,14 +32,17 @@ pub struct Launch {
 }
 
 pub struct Program {
+    /// The whole batch, which `replicas` copies of the launches run in equal shares, each over its own
+    /// arena of `arena_len` elements (launches, stores and arena are those of one share).
     pub batch: usize,
+    pub replicas: usize,
     pub tier: Tier,
     pub launches: Vec<Launch>,
     /// Packed parameters, in the layouts the kernels read.
     pub params: Vec<Arc<Buffer>>,
     /// Peak activation memory, in elements.
     pub arena_len: usize,
-    /// Arena offsets and full (batched) shapes of the inputs and the output.
+    /// Arena offsets and full (whole-batch) shapes of the inputs and the output.
     pub inputs: Vec<(usize, Vec<usize>)>,
     pub output: (usize, Vec<usize>),
 }
@@ -62,18 +65,22 @@ pub fn program(graph: &Graph, bound: Bound, batch: usize, tier: Tier) -> Program
 }
 
 /// The choices a lowering makes beyond the graph: the GEMM tier, Winograd (tests and benchmarks
-/// compare both forms), and how linear layers keep their weights.
+/// compare both forms), how linear layers keep their weights, and how many replicas share the batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Lowering {
     pub tier: Tier,
     pub winograd: Winograd,
     pub fc_weights: WeightsDtype,
+    /// The batch runs as this many replicas of the program, each over its own arena and its share of
+    /// the samples (batch / replicas, which must divide it), on one thread each. Methods are chosen for
+    /// the whole batch, so the bytes do not depend on the split.
+    pub replicas: usize,
 }
 
 impl Lowering {
-    /// The defaults for `tier`: Winograd where the cost model takes it, f32 weights.
+    /// The defaults for `tier`: Winograd where the cost model takes it, f32 weights, one replica.
     pub fn new(tier: Tier) -> Lowering {
-        Lowering { tier, winograd: Winograd::Auto, fc_weights: WeightsDtype::F32 }
+        Lowering { tier, winograd: Winograd::Auto, fc_weights: WeightsDtype::F32, replicas: 1 }
     }
 }
 
@@ -135,17 +142,19 @@ struct Build {
 }
 
 /// Runs the passes up to `last`, in order.
-fn run(graph: &Graph, bound: Bound, batch: usize, Lowering { tier, winograd, fc_weights }: Lowering, last: Pass, each: &mut dyn FnMut(&Kernel)) -> Build {
-    let t = Tables { tier, winograd, fc_weights, stores: vec![], params: vec![], launches: vec![], subsampled: vec![] };
+fn run(graph: &Graph, bound: Bound, batch: usize, lowering: Lowering, last: Pass, each: &mut dyn FnMut(&Kernel)) -> Build {
+    let Lowering { tier, winograd, fc_weights, replicas } = lowering;
+    assert!(replicas >= 1 && batch.is_multiple_of(replicas), "{replicas} replicas do not share a batch of {batch}");
+    let t = Tables { tier, winograd, fc_weights, batch, stores: vec![], params: vec![], launches: vec![], subsampled: vec![] };
     let mut b = Build { last, home: vec![], t, inputs: vec![], out: Ref::Store(0), life: vec![], offsets: vec![], arena_len: 0, program: None };
     let mut bound = Some(bound);
     for pass in Pass::ALL.into_iter().filter(|&p| p <= last) {
         match pass {
             Pass::Alias => b.home = alias(graph),
-            Pass::Lower => lower(&mut b, graph, bound.take().expect("lowered once"), batch, each),
+            Pass::Lower => lower(&mut b, graph, bound.take().expect("lowered once"), batch / replicas, each),
             Pass::Lifetimes => b.life = lifetimes(&b),
             Pass::Arena => (b.offsets, b.arena_len) = arena(&b.t.stores, &b.life),
-            Pass::Slots => b.program = Some(slots(&mut b, graph, batch)),
+            Pass::Slots => b.program = Some(slots(&mut b, graph, batch, replicas)),
         }
     }
     b
@@ -190,7 +199,8 @@ fn alias(graph: &Graph) -> Vec<usize> {
     home
 }
 
-/// Lowers every op node in graph order ([`super::ops::lower`]), each writing its home's store.
+/// Lowers every op node in graph order ([`super::ops::lower`]), each writing its home's store, for
+/// `batch` samples (one replica's share).
 /// Invariant left: launches are in graph order; stores, parameters and launches are numbered in the
 /// order lowering asked for them; every launch names one store or parameter per argument buffer.
 fn lower(b: &mut Build, graph: &Graph, bound: Bound, batch: usize, each: &mut dyn FnMut(&Kernel)) {
@@ -246,7 +256,7 @@ fn lifetimes(b: &Build) -> Vec<(usize, usize)> {
 /// Resolves every launch's stores to arena slots and checks each buffer fits its tensor.
 /// Invariant left: launches run in order; within a launch, buffers that share arena memory are never
 /// both accessed (an in-place launch reads and writes each element by the same task).
-fn slots(b: &mut Build, graph: &Graph, batch: usize) -> Program {
+fn slots(b: &mut Build, graph: &Graph, batch: usize, replicas: usize) -> Program {
     let slot = |r: Ref| match r {
         Ref::Store(s) => Slot::Arena { offset: b.offsets[s], len: b.t.stores[s] },
         Ref::Param(p) => Slot::Param(p),
@@ -271,10 +281,11 @@ fn slots(b: &mut Build, graph: &Graph, batch: usize) -> Program {
             .collect();
     Program {
         batch,
+        replicas,
         tier: b.t.tier,
         launches,
         arena_len: b.arena_len,
-        inputs: b.inputs.iter().map(|(r, s)| (offset(*r), s.clone())).collect(),
+        inputs: b.inputs.iter().map(|(r, s)| (offset(*r), [&[batch], &s[1..]].concat())).collect(),
         output: (offset(b.out), [vec![batch], graph.node(graph.output).shape.clone()].concat()),
         params: std::mem::take(&mut b.t.params),
     }

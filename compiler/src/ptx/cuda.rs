@@ -76,6 +76,7 @@ pub struct CudaExecutable {
 impl CudaExecutable {
     /// Emits `program` for `sm_{sm}`, loads it on device 0 and uploads its parameters.
     pub fn new(program: &Program, sm: u32) -> Result<Self, CudaError> {
+        assert_eq!(program.replicas, 1, "a GPU runs the whole batch in one program");
         let ptx = emit(program, sm)?;
         available()?;
         let ctx = CudaContext::new(0).map_err(driver("context creation"))?;
