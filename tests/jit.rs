@@ -331,8 +331,8 @@ fn panels_of_whole_rows() {
 
 /// Winograd output tiles that hold whole max-pool windows are pooled as they are transformed, with no
 /// pooling launch: 2×2/2 pools on 8 × 8 maps (one value per 2×2 tile, four per 4×4 tile), on 12 × 12
-/// (rows of six tiles: a vector of four and an overlapping one), on 4 × 4 (one 4×4 tile per image, the
-/// digits model's conv3 at batch 8), and a 3×3/3 pool on 3×3 tiles of a 9 × 9 map.
+/// (rows of six tiles: a vector of four and an overlapping one), on 4 × 4 (one 4×4 tile per image: the tiles
+/// gathered, four images per vector), and a 3×3/3 pool on 3×3 tiles of a 9 × 9 map.
 #[test]
 fn winograd_tiles_pooled_in_place() {
     let pool = |k| Some(Pool { max: true, k, stride: k, pad: 0, cover_all: true });
@@ -344,6 +344,9 @@ fn winograd_tiles_pooled_in_place() {
         let program = cnnc::kernel::program_with(&g, bind(&src, &g, Params::Generated(prng_param)), p.batch, lowering);
         let names: Vec<_> = program.launches.iter().map(|l| l.kernel.name.rsplit('.').next().unwrap_or_default()).collect();
         assert!(names.contains(&"winograd_out") && !names.contains(&"max_pool2d"), "{w:?} on {hw} × {hw}: {names:?}");
+        // Rows of fewer than four tiles: the input gathered per tile, four tiles from anywhere in the batch at once.
+        let m = [(Winograd::M2, 2), (Winograd::M3, 3), (Winograd::M4, 4)].into_iter().find(|c| c.0 == w).map_or(0, |c| c.1);
+        assert_eq!(names.contains(&"winograd_patches"), hw.div_ceil(m) < 4, "{w:?} on {hw} × {hw}: {names:?}");
         p.check();
     }
 }

@@ -21,7 +21,7 @@
 //! interpreter, relative to the output's largest magnitude (the rest within 1e-5), and `tests/chainer.rs`
 //! all six models within 1e-4 of Chainer with each tile size forced (measured errors: docs/benchmarks.md).
 
-use super::common::{add_tail, guarded, overlapping_vector_loop, phase_split, Epilogue, Node, Tables};
+use super::common::{add_tail, guarded, overlapping_vector_loop, phase_split, Epilogue, Node, Ref, Tables};
 use super::gemm::{packed_planes, plane_products};
 use super::pool::pool_launch;
 use super::{e, Access, Expr, Kb, Tier, LANES};
@@ -87,7 +87,7 @@ impl Fmr {
 
 /// The price the cost model puts on transforming one input tile (with its share of the padding copy)
 /// and one output tile, per element of the α×α tile, in units of one 16-lane FMA instruction of the GEMM
-/// tiles, when the transforms run on four tiles per vector (rows of four or more tiles). AVX-512: the
+/// tiles, when the transforms run on four tiles per vector (a batch of four or more tiles). AVX-512: the
 /// middle of the ranges measured on AlexNet at batch 1 and 8 (more at batch 8, where V and M no longer
 /// fit in L2). AVX2 and portable (one price, so that both tiers of a machine choose alike): fitted to
 /// fifteen 3×3 and 5×5 layers of every model at batch 1 and 8 with each algorithm forced; a 16-lane
@@ -99,8 +99,8 @@ fn transform_costs(tier: Tier) -> [f64; 2] {
     }
 }
 
-/// How much more a transform costs on rows of fewer than four tiles, which it takes one tile at a
-/// time (`overlapping_vector_loop`'s scalar form): F(4×4, 3×3) on 8 × 8 maps, F(3×3, ·) on 7 × 7.
+/// How much more a transform costs when the batch has fewer than four tiles, which it takes one at a
+/// time (`overlapping_vector_loop`'s scalar form): F(4×4, 3×3) on a 4 × 4 map at batch 1.
 const SCALAR_TRANSFORMS: f64 = 4.0;
 
 /// When convolutions take Winograd's algorithms.
@@ -145,7 +145,7 @@ fn choose(fit: impl Iterator<Item = Fmr>, unit: usize, [in_cost, out_cost]: [f64
     let cost = |f: Fmr| {
         let a2 = (f.alpha() * f.alpha()) as f64;
         let tiles = batch * oh.div_ceil(f.m) * ow.div_ceil(f.m);
-        let scalar = if ow.div_ceil(f.m) < LANES { SCALAR_TRANSFORMS } else { 1.0 };
+        let scalar = if tiles < LANES { SCALAR_TRANSFORMS } else { 1.0 };
         a2 * cols(tiles) * ci * co / 16.0 + tiles as f64 * a2 * (ci * in_cost + co * out_cost) * scalar
     };
     // The margin covers what the count leaves out: three more launches and the M round trip.
@@ -244,6 +244,40 @@ fn sandwich(kb: &mut Kb, l: &[Vec<f64>], x: &[Expr], vec: bool) -> Vec<Expr> {
     lx.chunks(a).flat_map(|lx_i| l.iter().map(move |row| (row, lx_i))).map(|(row, lx_i)| kb.let_(lin(row, lx_i, vec))).collect()
 }
 
+/// Launches the gather of `n`'s input into tiles, P[c][ξ][image·tiles + t] = the input at row
+/// m·ty + ξ / α − pad and column m·tx + ξ % α − pad for tile t = (ty, tx) of a th × tw grid (zero outside
+/// the image), in a new store: each tile's α² elements for transforms that take four tiles from
+/// anywhere in the batch at once. Tasks own channels (as the input transform's do).
+fn patches(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, [th, tw]: [usize; 2]) -> Ref {
+    let [ci, h, w] = [n.ins[0].1[0], n.ins[0].1[1], n.ins[0].1[2]];
+    let (m, a, [p0, p1], all) = (f.m, f.alpha(), c.pad, n.batch * th * tw);
+    let out = t.store(ci * a * a * all);
+    let mut kb = Kb::new(format!("{}.winograd_patches", n.name), ci * n.batch);
+    let (xb, pb) = (kb.buf("x", n.in_len(0), Access::Read), kb.buf("patches", ci * a * a * all, Access::Write));
+    let (lo, hi) = kb.range();
+    kb.for_(lo, hi, |kb, it| {
+        let (ch, img) = (kb.let_(it.clone() / n.batch), kb.let_(it % n.batch));
+        let src = kb.let_((img.clone() * ci + ch.clone()) * (h * w));
+        let dst = kb.let_(ch * (a * a * all) + img * (th * tw));
+        kb.for_(0usize, th, |kb, ty| {
+            for i in 0..a {
+                // Input row iy of the tiles' row i; columns (tx, j) known here.
+                let iy = kb.let_(ty.clone() * m + (i as i64 - p0 as i64));
+                let row = |kb: &mut Kb, inside: bool| {
+                    for (tx, j) in (0..tw).flat_map(|tx| (0..a).map(move |j| (tx, j))) {
+                        let ix = (tx * m + j) as i64 - p1 as i64;
+                        let v = if inside && (0..w as i64).contains(&ix) { xb.at(src.clone() + iy.clone() * w + ix) } else { e(0.0f32) };
+                        kb.store(pb, dst.clone() + ((i * a + j) * all + tx) + ty.clone() * tw, v);
+                    }
+                };
+                kb.if_else(e(0i64).le(iy.clone()).and(iy.clone().lt(h)), |kb| row(kb, true), |kb| row(kb, false));
+            }
+        });
+    });
+    t.launch(kb.finish(), vec![n.ins[0].0, out], 0);
+    out
+}
+
 /// Lowers the convolution `n` as `f` (which [`chosen`] returned for it).
 pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, ep: Epilogue, [oh, ow]: [usize; 2]) {
     let (ci, co, batch) = (c.in_channels, c.out_channels, n.batch);
@@ -264,8 +298,18 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, ep: Epilogue, [oh, ow
     // column phases, xq[..][x % m][y][x / m]: element (i, j) of tiles tx..tx + 3 is then one 4-lane
     // vector, and the transforms run on four horizontally adjacent tiles at once (a row of four or more
     // tiles ends with four that overlap the previous ones: a tile transformed twice is stored twice alike).
-    let (xq, ph) = phase_split(t, n, [1, m], c.pad, [th * m + r - 1, tw + (a - 1) / m]);
-    let (hq, wq) = (ph.hq, ph.wq);
+    // Rows of fewer than four tiles (small maps) are taken four tiles at a time across rows and images
+    // instead (`flat`): the input is gathered per tile, P[c][ξ][image·tiles + t] (zeros outside the
+    // image), so that element ξ of four consecutive tiles is one vector, as it already is in M; each
+    // tile's outputs then go to its own place (the digits model's 4 × 4 maps: one tile per image).
+    let flat = tw < LANES;
+    let all = batch * per_image;
+    let (xq, x_len, ph) = if flat {
+        (patches(t, n, c, f, [th, tw]), ci * a * a * all, None)
+    } else {
+        let (xq, ph) = phase_split(t, n, [1, m], c.pad, [th * m + r - 1, tw + (a - 1) / m]);
+        (xq, ph.len(batch, ci), Some(ph))
+    };
     // The batch in chunks of images whose M fits in CHUNK_BYTES, each chunk's transforms and GEMMs in
     // turn over one V and one M (U made for the first chunk's GEMMs). Each chunk streams U again, so a
     // large U takes the batch in one pass.
@@ -296,100 +340,143 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, ep: Epilogue, [oh, ow
         let (i0, images) = (chunk * per_chunk, per_chunk.min(batch - chunk * per_chunk));
         let cols = images * per_image;
         let name = |s: &str| if chunk == 0 { name(s) } else { name(&format!("{s}/{chunk}")) };
-        let mut kb = Kb::new(name("winograd_in"), images * ci);
-        let (xb, vb) = (kb.buf("x", ph.len(batch, ci), Access::Read), kb.buf("V", a * a * pv, Access::Write));
+        // V = Bᵀ d B for the tiles whose element ξ `at(ξ)` loads (four tiles' when `vec`), at column `col`.
+        let mut kb = Kb::new(name("winograd_in"), if flat { ci } else { images * ci });
+        let (xb, vb) = (kb.buf("x", x_len, Access::Read), kb.buf("V", a * a * pv, Access::Write));
+        let tiles_in = |kb: &mut Kb, at: &dyn Fn(usize) -> Expr, col: Expr, vec: bool| {
+            let d: Vec<Expr> = (0..a * a).map(|i| kb.let_(xb.load(at(i), vec))).collect();
+            for (xi, val) in sandwich(kb, &bt, &d, vec).into_iter().enumerate() {
+                kb.store(vb, e(xi * pv) + col.clone(), val);
+            }
+        };
         let (lo, hi) = kb.range();
-        // Tasks own channels, all images of each: V's columns are [image][tile], so neighbouring
-        // tasks would otherwise write the same cache lines when an image has few tiles (two threads were
-        // slower than one on 8×8 inputs: docs/benchmarks.md).
-        kb.for_(lo, hi, |kb, it| {
-            let (ch, img) = (kb.let_(it.clone() / images), kb.let_(it % images));
-            kb.for_(0usize, th, |kb, ty| {
-                let row = kb.let_(((img.clone() + i0) * ci + ch.clone()) * (m * hq * wq) + ty.clone() * (m * wq));
-                let col0 = kb.let_(img.clone() * per_image + ty * tw);
-                overlapping_vector_loop(kb, e(0i64), e(tw), |kb, tx, vec| {
-                    let d: Vec<Expr> = (0..a * a)
-                        .map(|i| {
-                            let at = row.clone() + ((i % a % m) * hq * wq + i / a * wq + i % a / m) + tx.clone();
-                            kb.let_(xb.load(at, vec))
-                        })
-                        .collect();
-                    for (xi, val) in sandwich(kb, &bt, &d, vec).into_iter().enumerate() {
-                        kb.store(vb, e(xi * pv) + ch.clone() * cols + col0.clone() + tx.clone(), val);
-                    }
+        match ph {
+            // Tasks own channels, every tile of the chunk each.
+            None => kb.for_(lo, hi, |kb, ch| {
+                let (from, to) = (kb.let_(ch.clone() * (a * a * all) + i0 * per_image), kb.let_(ch * cols));
+                overlapping_vector_loop(kb, e(0i64), e(cols), |kb, t, vec| tiles_in(kb, &|i| from.clone() + i * all + t.clone(), to.clone() + t.clone(), vec));
+            }),
+            // Tasks own channels, all images of each: V's columns are [image][tile], so neighbouring
+            // tasks would otherwise write the same cache lines when an image has few tiles (two threads
+            // were slower than one on 8×8 inputs: docs/benchmarks.md).
+            Some(ph) => kb.for_(lo, hi, |kb, it| {
+                let (ch, img) = (kb.let_(it.clone() / images), kb.let_(it % images));
+                let (hq, wq) = (ph.hq, ph.wq);
+                kb.for_(0usize, th, |kb, ty| {
+                    let row = kb.let_(((img.clone() + i0) * ci + ch.clone()) * (m * hq * wq) + ty.clone() * (m * wq));
+                    let col0 = kb.let_(ch.clone() * cols + img.clone() * per_image + ty * tw);
+                    overlapping_vector_loop(kb, e(0i64), e(tw), |kb, tx, vec| {
+                        let at = |i: usize| row.clone() + ((i % a % m) * hq * wq + i / a * wq + i % a / m) + tx.clone();
+                        tiles_in(kb, &at, col0.clone() + tx.clone(), vec)
+                    });
                 });
-            });
-        });
+            }),
+        }
         t.launch(kb.finish(), vec![xq, v], 0);
         // M = the α² GEMMs.
         let u = *packed.get_or_insert_with(|| transform(t));
         plane_products(t, n.name, a * a, [ci, co, cols], [v, mm], [pv, pm], u);
         // y = Aᵀ M A + bias, then ReLU, stored where the tile lies inside the output.
-        let mut kb = Kb::new(name("winograd_out"), images * co);
+        let mut kb = Kb::new(name("winograd_out"), if flat { co } else { images * co });
         let y_access = if ep.add.is_some() { Access::ReadWrite } else { Access::Write };
         let (mb, bb, yb) = (kb.buf("M", a * a * pm, Access::Read), kb.buf("bias", co, Access::Read), kb.buf("y", y_len, y_access));
         let residual = ep.add.map(|_| kb.buf("residual", conv_len, Access::Read));
         // Four tiles' outputs as m² vectors, [r][s][tile], reread as scalars to store them in place.
         let tmp = kb.buf("tiles", m * m * LANES, Access::Local);
-        let (lo, hi) = kb.range();
-        kb.for_(lo, hi, |kb, plane| {
-            let (img, o) = (kb.let_(plane.clone() / co), kb.let_(plane.clone() % co));
-            let b = kb.let_(bb.at(o.clone()));
-            kb.for_(0usize, th, |kb, ty| {
-                let rows = kb.let_((e(yh) - ty.clone() * mo).min(mo));
-                let col0 = kb.let_(img.clone() * per_image + ty.clone() * tw);
-                let at0 = kb.let_(((plane.clone() + i0 * co) * yh + ty * mo) * yw);
-                overlapping_vector_loop(kb, e(0i64), e(tw), |kb, tx, vec| {
-                    let mv: Vec<Expr> = (0..a * a)
-                        .map(|xi| {
-                            let at = e(xi * pm) + o.clone() * cols + col0.clone() + tx.clone();
-                            kb.let_(mb.load(at, vec))
-                        })
-                        .collect();
-                    let out: Vec<Expr> = sandwich(kb, &at, &mv, vec)
-                        .into_iter()
-                        .map(|val| {
-                            let val = val + b.clone().lanes(vec);
-                            if ep.relu_on_sum() {
-                                val.max(e(0.0f32).lanes(vec))
-                            } else {
-                                val
-                            }
-                        })
-                        .collect();
-                    // The stored values, mo × mo: the pool windows' maxima (the tile itself when q = 1).
-                    let window = |pi: usize, pj: usize| (0..q * q).map(move |w| (pi * q + w / q) * m + pj * q + w % q);
-                    let out: Vec<Expr> = (0..mo * mo).map(|v| window(v / mo, v % mo).map(|i| out[i].clone()).reduce(Expr::max).expect("q ≥ 1")).collect();
-                    // Output columns of these tiles still inside the row (more than mo·4 when not the last).
-                    let width = kb.let_(e(yw) - tx.clone() * mo);
-                    let at = kb.let_(at0.clone() + tx.clone() * mo);
-                    if mo == 1 {
-                        // One value per tile: tiles tx.. are columns tx.. of row ty.
-                        return kb.store(yb, at, out[0].clone());
+        // The mo × mo stored values of the tiles at column `col` of M (four tiles' when `vec`) for
+        // output channel `o` of bias `b`: with bias and ReLU, and the pool windows' maxima (the tile
+        // itself when q = 1).
+        let outputs = |kb: &mut Kb, o: &Expr, b: &Expr, col: Expr, vec: bool| -> Vec<Expr> {
+            let mv: Vec<Expr> = (0..a * a).map(|xi| kb.let_(mb.load(e(xi * pm) + o.clone() * cols + col.clone(), vec))).collect();
+            let out: Vec<Expr> = sandwich(kb, &at, &mv, vec)
+                .into_iter()
+                .map(|val| {
+                    let val = val + b.clone().lanes(vec);
+                    if ep.relu_on_sum() {
+                        val.max(e(0.0f32).lanes(vec))
+                    } else {
+                        val
                     }
-                    let tiles = if vec { LANES } else { 1 };
-                    for (i, val) in out.into_iter().enumerate() {
-                        kb.store(tmp, e(i * tiles), val);
-                    }
-                    // y[at + i·yw + mo·u + j] = tile u's (i, j), where inside the output.
-                    let scatter = |kb: &mut Kb, checked: bool| {
-                        for i in 0..mo {
-                            guarded(kb, (checked && i > 0).then(|| e(i).lt(rows.clone())), |kb| {
-                                for (u, j) in (0..tiles).flat_map(|u| (0..mo).map(move |j| (u, j))) {
-                                    let (v, c) = (tmp.at(e((i * mo + j) * tiles + u)), u * mo + j);
-                                    guarded(kb, (checked && c > 0).then(|| e(c).lt(width.clone())), |kb| kb.store(yb, at.clone() + (i * yw + c), v));
-                                }
-                            });
-                        }
-                    };
-                    kb.if_else(rows.clone().eq(mo).and(e(tiles * mo).le(width.clone())), |kb| scatter(kb, false), |kb| scatter(kb, true));
-                });
-            });
-            if let Some(rb) = residual {
-                let at = kb.let_((plane.clone() + i0 * co) * (oh * ow));
-                add_tail(kb, [yb, rb], at.clone(), at + oh * ow, ep.relu);
+                })
+                .collect();
+            let window = |pi: usize, pj: usize| (0..q * q).map(move |w| (pi * q + w / q) * m + pj * q + w % q);
+            (0..mo * mo).map(|v| window(v / mo, v % mo).map(|i| out[i].clone()).reduce(Expr::max).expect("q ≥ 1")).collect()
+        };
+        // Stores `out` (one tile's, or four's as vectors): tile u's (i, j) at y[at + i·yw + j] for
+        // `places[u]` = [at, rows, columns] inside the output, checked unless `full` (a constant 1: always).
+        let scatter = |kb: &mut Kb, out: Vec<Expr>, places: Vec<[Expr; 3]>, full: Expr| {
+            let tiles = places.len();
+            for (i, val) in out.into_iter().enumerate() {
+                kb.store(tmp, e(i * tiles), val);
             }
-        });
+            let stores = |kb: &mut Kb, checked: bool| {
+                for i in 0..mo {
+                    for (u, [at, rows, width]) in places.iter().enumerate() {
+                        guarded(kb, (checked && i > 0).then(|| e(i).lt(rows.clone())), |kb| {
+                            for j in 0..mo {
+                                let v = tmp.at(e((i * mo + j) * tiles + u));
+                                guarded(kb, (checked && j > 0).then(|| e(j).lt(width.clone())), |kb| kb.store(yb, at.clone() + (i * yw + j), v));
+                            }
+                        });
+                    }
+                }
+            };
+            match full {
+                Expr::Int(f) => stores(kb, f == 0),
+                full => kb.if_else(full, |kb| stores(kb, false), |kb| stores(kb, true)),
+            }
+        };
+        let (lo, hi) = kb.range();
+        match ph {
+            // Tasks own output channels, every tile of the chunk each; each tile's place from its number.
+            None => kb.for_(lo, hi, |kb, o| {
+                let b = kb.let_(bb.at(o.clone()));
+                overlapping_vector_loop(kb, e(0i64), e(cols), |kb, t, vec| {
+                    let out = outputs(kb, &o, &b, t.clone(), vec);
+                    let place = |kb: &mut Kb, u: usize| {
+                        let (img, tile) = (kb.let_((t.clone() + u) / per_image), kb.let_((t.clone() + u) % per_image));
+                        let (ty, tx) = (kb.let_(tile.clone() / tw), kb.let_(tile % tw));
+                        let at = kb.let_((((img + i0) * co + o.clone()) * yh + ty.clone() * mo) * yw + tx.clone() * mo);
+                        [at, e(yh) - ty * mo, e(yw) - tx * mo]
+                    };
+                    let places = (0..if vec { LANES } else { 1 }).map(|u| place(kb, u)).collect();
+                    // Every tile lies inside the output when the map is a whole number of tiles.
+                    scatter(kb, out, places, e(i64::from(yh % mo == 0 && yw % mo == 0)))
+                });
+                if let Some(rb) = residual {
+                    kb.for_(0usize, images, |kb, img| {
+                        let at = kb.let_(((img + i0) * co + o.clone()) * (oh * ow));
+                        add_tail(kb, [yb, rb], at.clone(), at + oh * ow, ep.relu);
+                    });
+                }
+            }),
+            Some(_) => kb.for_(lo, hi, |kb, plane| {
+                let (img, o) = (kb.let_(plane.clone() / co), kb.let_(plane.clone() % co));
+                let b = kb.let_(bb.at(o.clone()));
+                kb.for_(0usize, th, |kb, ty| {
+                    let rows = kb.let_((e(yh) - ty.clone() * mo).min(mo));
+                    let col0 = kb.let_(img.clone() * per_image + ty.clone() * tw);
+                    let at0 = kb.let_(((plane.clone() + i0 * co) * yh + ty * mo) * yw);
+                    overlapping_vector_loop(kb, e(0i64), e(tw), |kb, tx, vec| {
+                        let out = outputs(kb, &o, &b, col0.clone() + tx.clone(), vec);
+                        // Output columns of these tiles still inside the row (more than mo·4 when not the last).
+                        let width = kb.let_(e(yw) - tx.clone() * mo);
+                        let at = kb.let_(at0.clone() + tx * mo);
+                        if mo == 1 {
+                            // One value per tile: tiles tx.. are columns tx.. of row ty.
+                            return kb.store(yb, at, out[0].clone());
+                        }
+                        let tiles = if vec { LANES } else { 1 };
+                        let places = (0..tiles).map(|u| [at.clone() + u * mo, rows.clone(), width.clone() - u * mo]).collect();
+                        scatter(kb, out, places, rows.clone().eq(mo).and(e(tiles * mo).le(width.clone())))
+                    });
+                });
+                if let Some(rb) = residual {
+                    let at = kb.let_((plane.clone() + i0 * co) * (oh * ow));
+                    add_tail(kb, [yb, rb], at.clone(), at + oh * ow, ep.relu);
+                }
+            }),
+        }
         t.launch(kb.finish(), [mm, bias, y].into_iter().chain(ep.add).collect(), 0);
     }
     if let Some(p) = ep.pool.filter(|_| tile_pool.is_none()) {
@@ -431,14 +518,16 @@ mod tests {
         let res5 = conv(512, 512, 3, 1, 1);
         assert_eq!([auto(Tier::Avx2, &res5, 1, [7, 7]), auto(Tier::Avx512, &res5, 1, [7, 7])], [Some(f23), None]);
         // As measured on AVX2 (docs/benchmarks.md): GoogLeNet's 5×5 layers on 7 × 7 maps as F(2×2, 5×5)
-        // (F(3×3, 5×5) would transform rows of three tiles one at a time), the digits model's conv2 on
-        // 8 × 8 as F(2×2, 3×3) at both batches, its conv3 on 4 × 4 direct at batch 1.
+        // at batch 1 and F(3×3, 5×5) at 8 (alike there); the digits model's conv2 on 8 × 8 as F(2×2, 3×3)
+        // at batch 1 and F(4×4, 3×3) at 8, its conv3 on 4 × 4 direct at batch 1 (one tile, transformed
+        // alone) and F(2×2, 3×3) at 8 (32 tiles, four at a time).
         for tier in [Tier::Portable, Tier::Avx2] {
-            for batch in [1, 8] {
-                assert_eq!(auto(tier, &Conv2d { pad: [2, 2], ..conv(32, 128, 5, 1, 1) }, batch, [7, 7]), Some(f25));
-                assert_eq!(auto(tier, &conv(32, 64, 3, 1, 1), batch, [8, 8]), Some(f23));
-            }
-            assert_eq!(auto(tier, &conv(64, 64, 3, 1, 1), 1, [4, 4]), None);
+            let inc5 = Conv2d { pad: [2, 2], ..conv(32, 128, 5, 1, 1) };
+            assert_eq!([auto(tier, &inc5, 1, [7, 7]), auto(tier, &inc5, 8, [7, 7])], [Some(f25), Some(f35)]);
+            let conv2 = conv(32, 64, 3, 1, 1);
+            assert_eq!([auto(tier, &conv2, 1, [8, 8]), auto(tier, &conv2, 8, [8, 8])], [Some(f23), Some(f43)]);
+            let conv3 = conv(64, 64, 3, 1, 1);
+            assert_eq!([auto(tier, &conv3, 1, [4, 4]), auto(tier, &conv3, 8, [4, 4])], [None, Some(f23)]);
         }
         // Not applicable, whatever is asked.
         for c in [conv(384, 384, 7, 1, 1), conv(384, 384, 3, 2, 1), conv(384, 384, 3, 1, 2)] {
