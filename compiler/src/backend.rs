@@ -112,18 +112,26 @@ impl Options {
     }
 }
 
-/// Fewest samples a replica takes ([`replicas`]).
-const REPLICA_SAMPLES: usize = 4;
+/// Floating-point operations a replica must do per byte of weights it streams ([`replicas`]).
+const REPLICA_FLOPS_PER_BYTE: u64 = 32;
 
-/// How many replicas of the program run a JIT batch: one per thread, each on its own share of the
-/// samples, where the threads divide the batch into shares of at least [`REPLICA_SAMPLES`]; else one,
-/// run by all threads together. A replica never waits for another and keeps its activations in its
-/// own core's caches, where threads sharing every launch meet at a barrier after each and read what
-/// the other wrote (digits at batch 8 on 2 threads: twice as fast; the ImageNet models 2-9 %,
-/// docs/benchmarks.md). Below four samples a share would re-stream the linear layers' weights for
-/// too few samples.
-fn replicas(batch: usize, threads: usize) -> usize {
-    if threads > 1 && batch.is_multiple_of(threads) && batch / threads >= REPLICA_SAMPLES {
+/// Weights that stay in a core's L2 cache, which replicas re-read at no cost.
+const CACHED_WEIGHTS: u64 = 1 << 20;
+
+/// How many replicas of the program run a JIT batch of `g`: one per thread, each on its own share of
+/// the samples, where the threads divide the batch and each share does enough work per byte of the
+/// weights it reads (every replica streams all of them); else one, run by all threads together. A
+/// replica never waits for another and keeps its activations in its own core's caches, where threads
+/// sharing every launch meet at a barrier after each and read what the other wrote. Measured on the
+/// 2-core VM (docs/benchmarks.md): at batch 2, ResNet-50, GoogLeNet and NIN 11-17 % faster as two
+/// replicas of one sample (75, 60 and 78 FLOP per byte of weights) and the digits model twice as
+/// fast (its 0.2 MB of weights stay in L2); AlexNet (9 FLOP per byte per sample) slower at shares of
+/// one and two samples, faster at four.
+fn replicas(g: &Graph, batch: usize, threads: usize) -> usize {
+    let bytes: u64 = g.params().iter().map(|p| 4 * p.shape.iter().product::<usize>() as u64).sum();
+    let share_flops = 2 * g.macs() * (batch / threads.max(1)) as u64;
+    let pays = bytes <= CACHED_WEIGHTS || share_flops >= REPLICA_FLOPS_PER_BYTE * bytes;
+    if threads > 1 && batch.is_multiple_of(threads) && batch >= threads && pays {
         threads
     } else {
         1
@@ -156,7 +164,7 @@ impl Runner {
             let exe = Exe::Reference(crate::lower::lower(g, bound)?);
             return Ok(Runner { exe, threads: o.threads(), kernels: vec![], lower_time: t.elapsed(), codegen_time: Duration::ZERO });
         }
-        let lowering = Lowering { replicas: if o.backend == Backend::Jit { replicas(batch, o.threads()) } else { 1 }, ..o.lowering() };
+        let lowering = Lowering { replicas: if o.backend == Backend::Jit { replicas(g, batch, o.threads()) } else { 1 }, ..o.lowering() };
         // The JIT compiles kernels while lowering packs weights; CUDA loads the finished module.
         let (p, code) = match o.backend {
             Backend::Cuda => (crate::kernel::program_with(g, bound, batch, lowering), None),
@@ -213,11 +221,24 @@ impl Runner {
 
 #[cfg(test)]
 mod tests {
+    use crate::ir::Graph;
+
+    fn graph(model: &str) -> Graph {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models").join(format!("{model}.model"));
+        let src = crate::diag::Source::new(model, std::fs::read_to_string(path).expect("the model file"));
+        crate::compile(&src).expect("compiles").0
+    }
+
     #[test]
-    fn replicas_take_shares_of_four_or_more_samples() {
+    fn replicas_where_a_share_works_enough_per_byte_of_weights() {
         let r = super::replicas;
-        assert_eq!([r(8, 2), r(16, 4), r(12, 3), r(32, 2)], [2, 4, 3, 2]);
-        // One thread, shares under four samples, a batch the threads do not divide.
-        assert_eq!([r(8, 1), r(2, 2), r(6, 2), r(8, 3), r(1, 2)], [1; 5]);
+        let (resnet, alex, digits) = (graph("resnet50"), graph("alexbn"), graph("digits"));
+        // ResNet-50: 75 FLOP per byte of weights per sample; AlexNet 9 (a share of four passes 32).
+        assert_eq!([r(&resnet, 2, 2), r(&resnet, 8, 4), r(&alex, 8, 2), r(&alex, 16, 4)], [2, 4, 2, 4]);
+        assert_eq!([r(&alex, 2, 2), r(&alex, 4, 2)], [1, 1]);
+        // Weights that stay in L2: any share.
+        assert_eq!([r(&digits, 2, 2), r(&digits, 3, 3)], [2, 3]);
+        // One thread, a batch the threads do not divide, or smaller than the thread count.
+        assert_eq!([r(&resnet, 8, 1), r(&resnet, 3, 2), r(&digits, 1, 2), r(&digits, 2, 4)], [1; 4]);
     }
 }

@@ -1,7 +1,8 @@
-//! A scoped parallel map for start-up work (reading and decoding weights, packing them): one thread
-//! per core claims items one at a time from a shared counter, so one large item (AlexBN's fc6) does
-//! not leave a core idle behind a fixed split. Results come back in item order, so a caller is as
-//! deterministic as the sequential loop it replaces; the threads end before `map` returns.
+//! A scoped parallel map for start-up work (reading and decoding weights, packing them): the caller
+//! and one more thread per other core claim items one at a time from a shared counter, so one large
+//! item (AlexBN's fc6) does not leave a core idle behind a fixed split. Results come back in item
+//! order, so a caller is as deterministic as the sequential loop it replaces; the threads end before
+//! `map` returns.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -20,9 +21,11 @@ pub fn map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> 
             done.push((i, f(item)));
         }
     };
+    // The caller works too rather than wait: a thread fewer to start, and no core idle meanwhile.
     let parts: Vec<Vec<(usize, R)>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads).map(|_| s.spawn(work)).collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
+        let handles: Vec<_> = (1..threads).map(|_| s.spawn(work)).collect();
+        let mine = work();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).chain([mine]).collect()
     });
     let mut out: Vec<Option<R>> = std::iter::repeat_with(|| None).take(items.len()).collect();
     for (i, r) in parts.into_iter().flatten() {
