@@ -122,11 +122,9 @@ const CACHED_WEIGHTS: u64 = 1 << 20;
 /// the samples, where the threads divide the batch and each share does enough work per byte of the
 /// weights it reads (every replica streams all of them); else one, run by all threads together. A
 /// replica never waits for another and keeps its activations in its own core's caches, where threads
-/// sharing every launch meet at a barrier after each and read what the other wrote. Measured on the
-/// 2-core VM (docs/benchmarks.md): at batch 2, ResNet-50, GoogLeNet and NIN 11-17 % faster as two
-/// replicas of one sample (75, 60 and 78 FLOP per byte of weights) and the digits model twice as
-/// fast (its 0.2 MB of weights stay in L2); AlexNet (9 FLOP per byte per sample) slower at shares of
-/// one and two samples, faster at four.
+/// sharing every launch meet at a barrier after each and read what the other wrote. The threshold sits
+/// between AlexNet's shares of two samples (slower as replicas) and of four (faster); ResNet-50,
+/// GoogLeNet and NIN pass it with one sample (docs/benchmarks.md).
 fn replicas(g: &Graph, batch: usize, threads: usize) -> usize {
     let bytes: u64 = g.params().iter().map(|p| 4 * p.shape.iter().product::<usize>() as u64).sum();
     let share_flops = 2 * g.macs() * (batch / threads.max(1)) as u64;
