@@ -72,6 +72,8 @@ pub struct Options {
 pub enum BackendError {
     #[error("`--{flag} {value}` needs a compiled backend (jit or cuda): the reference interpreter {why}")]
     NeedsCompiled { flag: &'static str, value: String, why: &'static str },
+    #[error("`--winograd {0}` needs the jit backend: the cuda backend computes every convolution as an implicit GEMM")]
+    WinogradOnCuda(String),
     #[error("at batch {batch} the model needs {:.1} GiB ({:.1} GiB of activations, {:.1} GiB of parameters), more than cnnc's limit of {:.1} GiB (80 % of this machine's memory): lower the batch size", crate::weights::gib(.arena + .params), crate::weights::gib(*.arena), crate::weights::gib(*.params), crate::weights::gib(*.limit))]
     TooLarge { batch: usize, arena: u64, params: u64, limit: u64 },
     #[error(transparent)]
@@ -94,6 +96,9 @@ impl Options {
         if self.backend == Backend::Reference && self.winograd != Winograd::Auto {
             return Err(BackendError::NeedsCompiled { flag: "winograd", value: value(&self.winograd), why: "convolves directly" });
         }
+        if self.backend == Backend::Cuda && self.winograd != Winograd::Auto {
+            return Err(BackendError::WinogradOnCuda(value(&self.winograd)));
+        }
         if self.backend == Backend::Cuda {
             crate::ptx::cuda::available()?;
         }
@@ -104,11 +109,12 @@ impl Options {
         self.threads.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), |t| t as usize)
     }
 
-    /// The lowering of a compiled backend (CUDA runs the portable tier's: PTX that does not depend on
-    /// the host CPU).
+    /// The lowering of a compiled backend (CUDA's: GPU-shaped kernels, see [`Lowering::gpu`]).
     fn lowering(&self) -> Lowering {
-        let tier = if self.backend == Backend::Cuda { Tier::Portable } else { self.tier.get() };
-        Lowering { fc_weights: self.weights_dtype, winograd: self.winograd, ..Lowering::new(tier) }
+        match self.backend {
+            Backend::Cuda => Lowering { fc_weights: self.weights_dtype, ..Lowering::gpu() },
+            _ => Lowering { fc_weights: self.weights_dtype, winograd: self.winograd, ..Lowering::new(self.tier.get()) },
+        }
     }
 }
 

@@ -8,7 +8,6 @@ use cnnc::backend::{self, Runner, TierChoice};
 use cnnc::diag::{Failed, Source};
 use cnnc::input::{self, Preprocess};
 use cnnc::ir::{self, Graph};
-use cnnc::target::Tier;
 use cnnc::weights;
 use cnnc::{LoadError, Loaded, ModelSource};
 use cnnc_runtime::Tensor;
@@ -296,8 +295,11 @@ fn compile(a: &CompileArgs) -> Result<()> {
     }
     // Kernels depend on shapes, not on values: lower with zero parameters.
     let zeros = || weights::Bound::zeros(&optimized);
-    let program_for = |tier: Tier| cnnc::kernel::program(&optimized, zeros(), batch, tier);
-    let program = || program_for(a.tier.get());
+    let lowering = match a.target {
+        Target::Cpu => cnnc::kernel::Lowering::new(a.tier.get()),
+        Target::Cuda => cnnc::kernel::Lowering::gpu(),
+    };
+    let program = || cnnc::kernel::program_with(&optimized, zeros(), batch, lowering);
     let text = match a.emit {
         Emit::Table => {
             let p = program();
@@ -314,15 +316,12 @@ fn compile(a: &CompileArgs) -> Result<()> {
         Emit::IrOpt => ir::dump(&optimized, &src),
         Emit::Dot => ir::dot(&optimized),
         Emit::Kernels => match a.after {
-            Some(pass) => cnnc::kernel::listing_after(&optimized, zeros(), batch, cnnc::kernel::Lowering::new(a.tier.get()), pass),
+            Some(pass) => cnnc::kernel::listing_after(&optimized, zeros(), batch, lowering, pass),
             None => cnnc::kernel::listing(&program()),
         },
         Emit::Clif => cnnc::jit::clif(&program(), false)?,
         Emit::Asm => cnnc::jit::clif(&program(), true)?,
-        Emit::Ptx => {
-            // The portable tier: PTX that does not depend on the host CPU (see docs/ptx.md).
-            cnnc::ptx::emit(&program_for(Tier::Portable), a.sm)?
-        }
+        Emit::Ptx => cnnc::ptx::emit(&program(), a.sm)?,
     };
     match &a.output {
         Some(path) => write_atomic(path, |w| Ok(w.write_all(text.as_bytes())?)),

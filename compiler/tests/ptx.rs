@@ -210,15 +210,18 @@ mod emu {
         pub name: String,
         /// (buffer number, floats) of each `.local` array.
         locals: Vec<(usize, usize)>,
+        /// (buffer number, floats) of each `.shared` array.
+        shared: Vec<(usize, usize)>,
         code: Vec<Ins>,
         labels: HashMap<String, usize>,
         regs: [usize; 4],
     }
 
     /// Addresses: region << 40 | byte offset. Region 1 is the arena, 2.. the parameters, LOCAL.. the
-    /// running thread's `.local` arrays.
+    /// running thread's `.local` arrays, SHARED.. its block's `.shared` arrays.
     const SHIFT: u32 = 40;
     const LOCAL: u64 = 1 << 20;
+    const SHARED: u64 = 1 << 21;
 
     fn split_top(s: &str) -> Vec<String> {
         let (mut out, mut cur, mut depth) = (vec![], String::new(), 0);
@@ -274,13 +277,23 @@ mod emu {
         for line in ptx.lines() {
             let line = line.trim();
             if let Some(name) = line.strip_prefix(".visible .entry ") {
-                entries.push(Entry { name: name.trim_end_matches('(').into(), locals: vec![], code: vec![], labels: HashMap::new(), regs: [0; 4] });
+                entries.push(Entry {
+                    name: name.trim_end_matches('(').into(),
+                    locals: vec![],
+                    shared: vec![],
+                    code: vec![],
+                    labels: HashMap::new(),
+                    regs: [0; 4],
+                });
                 continue;
             }
             let Some(e) = entries.last_mut() else { continue };
             if let Some(decl) = line.strip_prefix(".local .align 16 .b8 ") {
                 let (name, size) = decl.trim_end_matches("];").split_once('[').expect("local array");
                 e.locals.push((name.trim_start_matches("local_").parse().expect("local name"), size.parse::<usize>().expect("local size") / 4));
+            } else if let Some(decl) = line.strip_prefix(".shared .align 16 .b8 ") {
+                let (name, size) = decl.trim_end_matches("];").split_once('[').expect("shared array");
+                e.shared.push((name.trim_start_matches("shared_").parse().expect("shared name"), size.parse::<usize>().expect("shared size") / 4));
             } else if let Some(label) = line.strip_suffix(':') {
                 e.labels.insert(label.to_string(), e.code.len());
             } else if let Some(ins) = line.strip_suffix(';').filter(|l| !l.starts_with('.') && !l.starts_with("//")) {
@@ -322,8 +335,35 @@ mod emu {
         f: Vec<f32>,
         special: [u32; 4],
         params: &'a [u64],
-        local_ids: Vec<usize>,
+        local_ids: &'a [usize],
+        shared_ids: &'a [usize],
         locals: Vec<Vec<f32>>,
+        /// Where the thread stopped (at a barrier), `None` once it has returned.
+        pc: Option<usize>,
+    }
+
+    /// Shared memory of the running block and who touched it since the last barrier: a thread may not
+    /// read or write a word another thread wrote, nor write one another thread read (a race on a GPU).
+    struct Block {
+        shared: Vec<Vec<f32>>,
+        written: HashMap<u64, u32>,
+        read: HashMap<u64, u32>,
+    }
+
+    impl Block {
+        fn access(&mut self, addr: u64, tid: u32, write: bool) -> Result<(), String> {
+            let other = |m: &HashMap<u64, u32>| m.get(&addr).is_some_and(|&t| t != tid);
+            if other(&self.written) || (write && other(&self.read)) {
+                return Err(format!("race on shared address {addr:#x} between barriers"));
+            }
+            if write {
+                self.written.insert(addr, tid);
+            } else if self.read.insert(addr, tid).is_some_and(|t| t != tid) {
+                // Read by several threads: a write by any of them races too, so no thread owns it.
+                self.read.insert(addr, u32::MAX);
+            }
+            Ok(())
+        }
     }
 
     impl Thread<'_> {
@@ -334,8 +374,12 @@ mod emu {
                 Opd::Imm(v) => *v as u64,
                 Opd::Special(s) => self.special[["%ctaid.x", "%ntid.x", "%tid.x", "%nctaid.x"].iter().position(|x| x == s).expect("special register")] as u64,
                 Opd::Sym(s) => {
-                    let buf: usize = s.strip_prefix("local_").and_then(|n| n.parse().ok()).expect("local array");
-                    (LOCAL + self.local_ids.iter().position(|&b| b == buf).expect("declared") as u64) << SHIFT
+                    let (region, ids, n) = match s.strip_prefix("shared_") {
+                        Some(n) => (SHARED, self.shared_ids, n),
+                        None => (LOCAL, self.local_ids, s.strip_prefix("local_").expect("a local or shared array")),
+                    };
+                    let buf: usize = n.parse().expect("array number");
+                    (region + ids.iter().position(|&b| b == buf).expect("declared") as u64) << SHIFT
                 }
                 o => panic!("not an integer operand: {o:?}"),
             }
@@ -385,24 +429,37 @@ mod emu {
                 .collect();
             let (grid, block) = cnnc::ptx::launch_config(&l.kernel);
             let (mut written, mut nc_read) = (HashSet::new(), HashSet::new());
-            let mut t = Thread {
-                p: vec![false; e.regs[0]],
-                r: vec![0; e.regs[1]],
-                rd: vec![0; e.regs[2]],
-                f: vec![0.0; e.regs[3]],
-                special: [0, block, 0, grid],
-                params: &params,
-                local_ids: e.locals.iter().map(|l| l.0).collect(),
-                locals: vec![],
-            };
-            for task in 0..grid * block {
-                // Registers and local memory start as garbage.
-                t.rd.fill(0xdead_beef_dead_beef);
-                t.f.fill(f32::NAN);
-                t.locals = e.locals.iter().map(|&(_, n)| vec![f32::NAN; n]).collect();
-                t.special[0] = task / block;
-                t.special[2] = task % block;
-                exec(e, &mut t, &mut mem, &mut written, &mut nc_read).map_err(|m| format!("{} (task {task}): {m}", e.name))?;
+            let (local_ids, shared_ids): (Vec<usize>, Vec<usize>) = (e.locals.iter().map(|l| l.0).collect(), e.shared.iter().map(|l| l.0).collect());
+            for b in 0..grid {
+                // Registers, local and shared memory start as garbage.
+                let mut threads: Vec<Thread> = (0..block)
+                    .map(|tid| Thread {
+                        p: vec![false; e.regs[0]],
+                        r: vec![0; e.regs[1]],
+                        rd: vec![0xdead_beef_dead_beef; e.regs[2]],
+                        f: vec![f32::NAN; e.regs[3]],
+                        special: [b, block, tid, grid],
+                        params: &params,
+                        local_ids: &local_ids,
+                        shared_ids: &shared_ids,
+                        locals: e.locals.iter().map(|&(_, n)| vec![f32::NAN; n]).collect(),
+                        pc: Some(0),
+                    })
+                    .collect();
+                let mut blk = Block { shared: e.shared.iter().map(|&(_, n)| vec![f32::NAN; n]).collect(), written: HashMap::new(), read: HashMap::new() };
+                // Every thread runs to the next barrier (or its end); all must stop at the same one.
+                while threads.iter().any(|t| t.pc.is_some()) {
+                    for t in threads.iter_mut() {
+                        exec(e, t, &mut mem, &mut blk, &mut written, &mut nc_read)
+                            .map_err(|m| format!("{} (block {b}, thread {}): {m}", e.name, t.special[2]))?;
+                    }
+                    let stops: HashSet<Option<usize>> = threads.iter().map(|t| t.pc).collect();
+                    if stops.len() > 1 {
+                        return Err(format!("{} (block {b}): threads stopped at different barriers or returned: {stops:?}", e.name));
+                    }
+                    blk.written.clear();
+                    blk.read.clear();
+                }
             }
             if let Some(a) = nc_read.intersection(&written).next() {
                 return Err(format!("{}: ld.global.nc of address {a:#x}, which the launch writes", e.name));
@@ -412,8 +469,9 @@ mod emu {
         Ok(Tensor::new(shape.clone(), mem[1][*offset..*offset + shape.iter().product::<usize>()].to_vec()).expect("sized"))
     }
 
-    fn exec(e: &Entry, t: &mut Thread, mem: &mut [Vec<f32>], written: &mut HashSet<u64>, nc_read: &mut HashSet<u64>) -> Result<(), String> {
-        let mut pc = 0;
+    /// Runs `t` from where it stopped to its next barrier (left at the instruction after it) or its end.
+    fn exec(e: &Entry, t: &mut Thread, mem: &mut [Vec<f32>], blk: &mut Block, written: &mut HashSet<u64>, nc_read: &mut HashSet<u64>) -> Result<(), String> {
+        let Some(mut pc) = t.pc else { return Ok(()) };
         let mut steps = 0u64;
         while pc < e.code.len() {
             steps += 1;
@@ -431,7 +489,14 @@ mod emu {
             let op = ins.op.as_str();
             let si = |x: u64| x as i64;
             match op {
-                "ret" => return Ok(()),
+                "ret" => {
+                    t.pc = None;
+                    return Ok(());
+                }
+                "bar.sync" => {
+                    t.pc = Some(pc);
+                    return Ok(());
+                }
                 "bra" => {
                     let Opd::Sym(l) = &a[0] else { return Err("branch target".into()) };
                     pc = *e.labels.get(l).ok_or(format!("no label {l}"))?;
@@ -503,7 +568,7 @@ mod emu {
                     t.set_f(&a[0], if op.starts_with("ex2") { x.exp2() } else { x.log2() })
                 }
                 _ if op.starts_with("ld.") || op.starts_with("st.") => {
-                    let local = op.contains(".local");
+                    let (local, shared) = (op.contains(".local"), op.contains(".shared"));
                     let (mem_arg, regs) = if op.starts_with("ld.") { (&a[1], &a[0]) } else { (&a[0], &a[1]) };
                     let addr = t.addr(mem_arg);
                     let lanes: Vec<&Opd> = match regs {
@@ -514,16 +579,22 @@ mod emu {
                         return Err(format!("{op}: misaligned address {addr:#x}"));
                     }
                     let (region, byte) = (addr >> SHIFT, (addr & ((1 << SHIFT) - 1)) as usize);
-                    if local != (region >= LOCAL) {
-                        return Err(format!("{op} of address {addr:#x} in the other state space"));
+                    if local != (LOCAL..SHARED).contains(&region) || shared != (region >= SHARED) {
+                        return Err(format!("{op} of address {addr:#x} in another state space"));
                     }
                     for (l, r) in lanes.into_iter().enumerate() {
                         let idx = byte / 4 + l;
                         let value = if op.starts_with("st.") { t.f(r) } else { 0.0 };
-                        let cell = if local { t.locals.get_mut((region - LOCAL) as usize) } else { mem.get_mut(region as usize) }
-                            .and_then(|m| m.get_mut(idx))
-                            .ok_or(format!("{op}: address {addr:#x} (+{l}) is outside its buffer"))?;
                         let a = addr + 4 * l as u64;
+                        if shared {
+                            blk.access(a, t.special[2], op.starts_with("st."))?;
+                        }
+                        let space = match (local, shared) {
+                            (true, _) => t.locals.get_mut((region - LOCAL) as usize),
+                            (_, true) => blk.shared.get_mut((region - SHARED) as usize),
+                            _ => mem.get_mut(region as usize),
+                        };
+                        let cell = space.and_then(|m| m.get_mut(idx)).ok_or(format!("{op}: address {addr:#x} (+{l}) is outside its buffer"))?;
                         if op.starts_with("ld.") {
                             let v = *cell;
                             if op.contains(".nc") {
@@ -532,7 +603,7 @@ mod emu {
                             t.set_f(r, v);
                         } else {
                             *cell = value;
-                            if !local {
+                            if !local && !shared {
                                 written.insert(a);
                             }
                         }
@@ -658,7 +729,7 @@ fn emitted_ptx_computes_what_the_jit_computes() {
                 _ => Winograd::Auto,
             };
             let dtype = if name.starts_with("bf16") { WeightsDtype::Bf16 } else { WeightsDtype::F32 };
-            let lowering = |tier| Lowering { tier, winograd, fc_weights: dtype, replicas: 1 };
+            let lowering = |tier| Lowering { tier, winograd, fc_weights: dtype, ..Lowering::new(tier) };
             let cpu = cnnc::kernel::program_with(&g, bound(&g), batch, lowering(Tier::Portable));
             let want = cnnc::jit::compile(&cpu, cnnc::jit::Options { checked: true }).expect("jit").exe.run(&[&x], 1).expect("runs");
             for tier in Tier::ALL {
@@ -675,6 +746,12 @@ fn emitted_ptx_computes_what_the_jit_computes() {
                     assert!(bits(&got) == bits(&want), "{what}: not the JIT's bytes\n{:?}\n{:?}", got, want);
                 }
             }
+            // The GPU-shaped lowering sums in other orders (split-K, the GEMV's tree, pooling's windows).
+            let p = cnnc::kernel::program_with(&g, bound(&g), batch, Lowering { fc_weights: dtype, ..Lowering::gpu() });
+            let what = format!("{name}, batch {batch}, gpu lowering");
+            let got = emu::run(&ptx::emit(&p, 80).expect("emits"), &p, &[&x]).unwrap_or_else(|e| panic!("{what}: {e}"));
+            let tol = 1e-5 * want.max_abs().max(1e-30);
+            assert!(got.shape() == want.shape() && got.max_abs_diff(&want) <= tol, "{what}: max diff {} > {tol}", got.max_abs_diff(&want));
         }
     }
 }

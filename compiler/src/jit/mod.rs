@@ -411,6 +411,9 @@ fn build(
     tiles: Option<&mut Tiles>,
 ) -> Result<(), JitError> {
     let err = |e: cranelift_module::ModuleError| JitError::Codegen { kernel: k.name.clone(), message: e.to_string() };
+    if k.block.is_some() {
+        return Err(JitError::Codegen { kernel: k.name.clone(), message: "a GPU-shaped kernel (thread blocks) runs only on the cuda backend".into() });
+    }
     let sig = |params: &[Type], ret: &[Type]| {
         let mut s = Signature::new(m.isa().default_call_conv());
         s.params.extend(params.iter().map(|&t| AbiParam::new(t)));
@@ -535,6 +538,7 @@ impl Gen<'_, '_> {
                 self.b.switch_to_block(exit);
             }
             Stmt::Gemm(g) => self.gemm(g),
+            Stmt::Barrier => unreachable!("`build` refuses GPU-shaped kernels"),
             Stmt::If { cond, then, els } => {
                 let c = self.expr(cond);
                 let [t, f, join] = [(); 3].map(|_| self.b.create_block());
@@ -807,6 +811,7 @@ impl Gen<'_, '_> {
                 let c = self.b.ins().icmp_imm_s(IntCC::NotEqual, c, 0);
                 self.b.ins().select(c, x, y)
             }
+            Expr::Thread => unreachable!("`build` refuses GPU-shaped kernels"),
         }
     }
 }

@@ -24,6 +24,8 @@ pub struct Tables {
     pub tier: Tier,
     pub winograd: Winograd,
     pub fc_weights: WeightsDtype,
+    /// GPU-shaped kernels where there are some ([`super::gpu`]): the cuda backend's lowering.
+    pub gpu: bool,
     /// The whole batch, which methods are chosen for (a node's `batch` is one replica's share).
     pub batch: usize,
     pub stores: Vec<usize>,

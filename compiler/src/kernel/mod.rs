@@ -19,6 +19,7 @@ mod common;
 mod elementwise;
 mod gemm;
 mod gemv;
+pub mod gpu;
 mod ops;
 mod pool;
 mod program;
@@ -127,6 +128,8 @@ pub enum Expr {
     },
     /// `cond != 0 ? a : b` (both sides are evaluated).
     Select(Box<[Expr; 3]>),
+    /// The running thread's number in its block, `0..block` (GPU-shaped kernels only: [`Kernel::block`]).
+    Thread,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -153,6 +156,10 @@ pub enum Stmt {
     },
     /// One GEMM tile, for backends with their own microkernel (see [`Gemm`]).
     Gemm(Box<Gemm>),
+    /// Every thread of the block waits here until all have arrived; their [`Access::Shared`] stores
+    /// before it are visible to all after it. Every thread of a block must reach the same barriers
+    /// (GPU-shaped kernels only).
+    Barrier,
 }
 
 impl Stmt {
@@ -284,6 +291,9 @@ pub enum Access {
     /// Scratch private to one invocation: not passed in, contents undefined at entry (the JIT puts it
     /// on the stack).
     Local,
+    /// Scratch shared by the threads of one block (GPU-shaped kernels only): not passed in, contents
+    /// undefined at entry; a thread may read what another stored only across a [`Stmt::Barrier`].
+    Shared,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -294,8 +304,20 @@ pub struct BufDecl {
     pub access: Access,
 }
 
+impl BufDecl {
+    /// Whether the runtime passes the buffer in (scratch is the kernel's own).
+    pub fn passed(&self) -> bool {
+        !matches!(self.access, Access::Local | Access::Shared)
+    }
+}
+
 /// One kernel: `for i in 0..extent` split across tasks, each task running `body` with
-/// [`Kernel::lo`]..[`Kernel::hi`] bound to its contiguous share of the iterations.
+/// [`Kernel::LO`]..[`Kernel::HI`] bound to its contiguous share of the iterations.
+///
+/// A GPU-shaped kernel (`block: Some(threads)`, lowered only for the cuda backend) is instead a grid
+/// of `extent` thread blocks: every thread of block `i` runs `body` with `lo = i`, `hi = i + 1` and its
+/// own [`Expr::Thread`], sharing the block's [`Access::Shared`] buffers and meeting at
+/// [`Stmt::Barrier`]s. Tasks are then blocks: what "tasks write disjoint elements" asks of them.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Kernel {
     pub name: String,
@@ -303,12 +325,14 @@ pub struct Kernel {
     pub vars: Vec<Ty>,
     pub extent: usize,
     pub body: Vec<Stmt>,
+    /// Threads per block of a GPU-shaped kernel; `None` for the CPU's task-shaped ones.
+    pub block: Option<u32>,
 }
 
 impl Kernel {
-    /// The buffers the runtime passes in (all but [`Access::Local`] ones), in order.
+    /// The buffers the runtime passes in (all but [`Access::Local`] and [`Access::Shared`] ones), in order.
     pub fn args(&self) -> impl Iterator<Item = &BufDecl> {
-        self.bufs.iter().filter(|b| b.access != Access::Local)
+        self.bufs.iter().filter(|b| b.passed())
     }
 
     /// The first and one-past-last parallel iteration of the running task (variables 0 and 1).
@@ -331,6 +355,7 @@ impl Kernel {
             Expr::Fma(abc) => self.ty(&abc[0]),
             Expr::Load { lanes, .. } => lane_ty(*lanes),
             Expr::Select(abc) => self.ty(&abc[1]),
+            Expr::Thread => Ty::I64,
         }
     }
 }
@@ -430,7 +455,19 @@ pub struct Kb {
 
 impl Kb {
     pub fn new(name: impl Into<String>, extent: usize) -> Kb {
-        Kb { k: Kernel { name: name.into(), bufs: vec![], vars: vec![Ty::I64, Ty::I64], extent, body: vec![] }, blocks: vec![vec![]] }
+        Kb { k: Kernel { name: name.into(), bufs: vec![], vars: vec![Ty::I64, Ty::I64], extent, body: vec![], block: None }, blocks: vec![vec![]] }
+    }
+
+    /// A GPU-shaped kernel: `blocks` thread blocks of `threads` threads (see [`Kernel::block`]).
+    pub fn blocks(name: impl Into<String>, blocks: usize, threads: u32) -> Kb {
+        let mut kb = Kb::new(name, blocks);
+        kb.k.block = Some(threads);
+        kb
+    }
+
+    /// All threads of the block meet here ([`Stmt::Barrier`]).
+    pub fn barrier(&mut self) {
+        self.push(Stmt::Barrier);
     }
 
     /// This task's share of the parallel loop, `lo..hi`.
@@ -544,6 +581,7 @@ impl fmt::Display for Expr {
             Expr::Fma(abc) => write!(f, "fma({}, {}, {})", abc[0], abc[1], abc[2]),
             Expr::Load { buf, idx, lanes } => write!(f, "b{}[{idx}{}]", buf.0, if *lanes == 1 { "" } else { ";4" }),
             Expr::Select(abc) => write!(f, "({} ? {} : {})", abc[0], abc[1], abc[2]),
+            Expr::Thread => write!(f, "thread"),
         }
     }
 }
@@ -578,6 +616,7 @@ fn write_block(f: &mut fmt::Formatter<'_>, body: &[Stmt], depth: usize) -> fmt::
                     "{pad}gemm(b{a}[{a0}], b{bias}[{bias0}], b{b}[{b0}] -> b{c}[{c0}]; {rows_b}, ldc {ldc}, depth {depth}, rows {rows}, cols {cols}{flags})"
                 )?
             }
+            Stmt::Barrier => writeln!(f, "{pad}barrier")?,
             Stmt::If { cond, then, els } => {
                 writeln!(f, "{pad}if {cond} {{")?;
                 write_block(f, then, depth + 1)?;
@@ -594,7 +633,10 @@ fn write_block(f: &mut fmt::Formatter<'_>, body: &[Stmt], depth: usize) -> fmt::
 
 impl fmt::Display for Kernel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "kernel {} parallel lo..hi in 0..{} {{", self.name, self.extent)?;
+        match self.block {
+            None => writeln!(f, "kernel {} parallel lo..hi in 0..{} {{", self.name, self.extent)?,
+            Some(t) => writeln!(f, "kernel {} blocks lo in 0..{} of {t} threads {{", self.name, self.extent)?,
+        }
         for (i, b) in self.bufs.iter().enumerate() {
             writeln!(f, "  b{i}: {}[{}] {:?}", b.name, b.len, b.access)?;
         }

@@ -2,7 +2,8 @@
 //! (`elementwise.rs`, `pool.rs`, `gemv.rs`, `gemm.rs`, `winograd.rs`; none of them calls back here).
 //! Convolutions take Winograd's minimal filtering — F(2×2, 3×3), F(3×3, 3×3), F(4×4, 3×3), F(2×2, 5×5)
 //! or F(3×3, 5×5) — where [`winograd::chosen`] takes it, else a direct GEMM; linear layers a GEMV at
-//! batch 1 and GEMM tiles above.
+//! batch 1 and GEMM tiles above. The cuda backend's lowering (`Tables::gpu`) takes the GPU-shaped
+//! kernels of `gpu.rs` for convolutions, linear layers and pooling instead.
 //! Invariant left: every choice depends on the op, its shapes and the whole batch size ([`Tables::batch`]),
 //! never on the tier, the thread count or the replicas sharing the batch, so results are bitwise
 //! identical across those. (Linear layers change method above batch 1 and Winograd is chosen per batch
@@ -10,7 +11,7 @@
 //! depends on its place.)
 
 use super::common::{Epilogue, Node, Tables};
-use super::{e, elementwise, gemm, gemv, pool, winograd};
+use super::{e, elementwise, gemm, gemv, gpu, pool, winograd};
 use cnnc_runtime::op::{window_out, Conv2d, FusedBase, Linear};
 use cnnc_runtime::Op;
 
@@ -30,6 +31,7 @@ pub fn lower(t: &mut Tables, n: &Node) {
         Op::Concat { axis } => elementwise::copies(t, n, *axis, None),
         Op::Slice { axis, start, len } => elementwise::copies(t, n, *axis, Some((*start, *len))),
         Op::Transpose { axes } => elementwise::transpose(t, n, axes),
+        Op::MaxPool2d(p) | Op::AvgPool2d(p) if t.gpu => gpu::pool(t, n, p),
         Op::MaxPool2d(p) | Op::AvgPool2d(p) => pool::lower(t, n, p),
         Op::Linear(l) => linear(t, n, l, false),
         Op::Conv2d(c) => conv(t, n, c, Epilogue::default()),
@@ -43,6 +45,9 @@ pub fn lower(t: &mut Tables, n: &Node) {
 /// A linear layer: at batch 1 a GEMV streams each weight once; above, GEMM tiles use each weight for up
 /// to MR samples.
 fn linear(t: &mut Tables, n: &Node, l: &Linear, relu: bool) {
+    if t.gpu {
+        return gpu::linear(t, n, l, relu);
+    }
     match t.batch {
         1 => gemv::linear(t, n, l, relu),
         _ => gemm::linear(t, n, l, relu),
@@ -52,6 +57,9 @@ fn linear(t: &mut Tables, n: &Node, l: &Linear, relu: bool) {
 /// A convolution (with its fused add, ReLU and max pooling): Winograd if the cost model (or the caller's
 /// [`super::Winograd`] choice) takes it, else direct.
 fn conv(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue) {
+    if t.gpu {
+        return gpu::conv(t, n, c, ep);
+    }
     // The convolution's own output size (before pooling).
     let out = match ep.pool {
         Some(_) => [0, 1].map(|i| window_out(n.ins[0].1[1 + i], c.span()[i], c.stride[i], c.pad[i], false).expect("validated")),

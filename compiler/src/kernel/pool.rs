@@ -20,14 +20,19 @@ pub fn lower(t: &mut Tables, n: &Node, p: &Pool2d) {
     let mut args = vec![x, y];
     // With `exclude_pad`, each output's divisor (the input cells its window holds) is a compile-time table.
     let counts = (avg && p.exclude_pad).then(|| {
-        let cells =
-            |o: usize, a: usize, size: usize| (o * p.stride[a] + p.kernel[a]).min(size + p.pad[a]).saturating_sub((o * p.stride[a]).max(p.pad[a])) as f32;
-        args.push(t.param((0..oh * ow).map(|i| cells(i / ow, 0, h) * cells(i % ow, 1, w)).collect()));
+        args.push(t.param(counts(p, [h, w], [oh, ow])));
         kb.buf("counts", oh * ow, Access::Read)
     });
     let (lo, hi) = kb.range();
     pool(&mut kb, p, avg.then_some(counts), xb, yb, lo, hi, [h, w, w], [oh, ow]);
     t.launch(kb.finish(), args, n.out_len() as u64 * (p.kernel[0] * p.kernel[1]) as u64);
+}
+
+/// Per output of an [oh, ow] pooling of [h, w] planes, the input cells its window holds (the
+/// divisors of average pooling with `exclude_pad`).
+pub fn counts(p: &Pool2d, [h, w]: [usize; 2], [oh, ow]: [usize; 2]) -> Vec<f32> {
+    let cells = |o: usize, a: usize, size: usize| (o * p.stride[a] + p.kernel[a]).min(size + p.pad[a]).saturating_sub((o * p.stride[a]).max(p.pad[a])) as f32;
+    (0..oh * ow).map(|i| cells(i / ow, 0, h) * cells(i % ow, 1, w)).collect()
 }
 
 /// Max or average pooling of planes `lo..hi` of `x` into `y` (plane-major NCHW, same plane numbering).

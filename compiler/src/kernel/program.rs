@@ -75,12 +75,20 @@ pub struct Lowering {
     /// the samples (batch / replicas, which must divide it), on one thread each. Methods are chosen for
     /// the whole batch, so the bytes do not depend on the split.
     pub replicas: usize,
+    /// GPU-shaped convolutions, linear layers and pooling ([`super::gpu`]) for the cuda backend.
+    pub gpu: bool,
 }
 
 impl Lowering {
     /// The defaults for `tier`: Winograd where the cost model takes it, f32 weights, one replica.
     pub fn new(tier: Tier) -> Lowering {
-        Lowering { tier, winograd: Winograd::Auto, fc_weights: WeightsDtype::F32, replicas: 1 }
+        Lowering { tier, winograd: Winograd::Auto, fc_weights: WeightsDtype::F32, replicas: 1, gpu: false }
+    }
+
+    /// The cuda backend's: GPU-shaped kernels where there are some, the portable tier's elsewhere (code
+    /// that does not depend on the host CPU), no Winograd.
+    pub fn gpu() -> Lowering {
+        Lowering { winograd: Winograd::Never, gpu: true, ..Lowering::new(Tier::Portable) }
     }
 }
 
@@ -143,9 +151,10 @@ struct Build {
 
 /// Runs the passes up to `last`, in order.
 fn run(graph: &Graph, bound: Bound, batch: usize, lowering: Lowering, last: Pass, each: &mut dyn FnMut(&Kernel)) -> Build {
-    let Lowering { tier, winograd, fc_weights, replicas } = lowering;
+    let Lowering { tier, winograd, fc_weights, replicas, gpu } = lowering;
+    assert!(!gpu || replicas == 1, "a GPU runs the whole batch in one program");
     assert!(replicas >= 1 && batch.is_multiple_of(replicas), "{replicas} replicas do not share a batch of {batch}");
-    let t = Tables { tier, winograd, fc_weights, batch, stores: vec![], params: vec![], launches: vec![], subsampled: vec![] };
+    let t = Tables { tier, winograd, fc_weights, gpu, batch, stores: vec![], params: vec![], launches: vec![], subsampled: vec![] };
     let mut b = Build { last, home: vec![], t, inputs: vec![], out: Ref::Store(0), life: vec![], offsets: vec![], arena_len: 0, program: None };
     let mut bound = Some(bound);
     for pass in Pass::ALL.into_iter().filter(|&p| p <= last) {

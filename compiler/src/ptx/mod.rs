@@ -58,8 +58,12 @@ pub enum PtxError {
 }
 
 /// The launch geometry of a kernel: (blocks, threads per block), at least one thread per parallel
-/// iteration (capped at 2³¹ − 1 blocks; the kernel then gives threads several iterations).
+/// iteration (capped at 2³¹ − 1 blocks; the kernel then gives threads several iterations); a
+/// GPU-shaped kernel's own grid and block.
 pub fn launch_config(kernel: &Kernel) -> (u32, u32) {
+    if let Some(threads) = kernel.block {
+        return (kernel.extent as u32, threads);
+    }
     let grid = kernel.extent.div_ceil(BLOCK as usize).clamp(1, i32::MAX as usize) as u32;
     (grid, BLOCK)
 }
@@ -91,7 +95,7 @@ pub fn emit(program: &Program, sm: u32) -> Result<String, PtxError> {
     let mr = program.tier.mr();
     for (i, l) in program.launches.iter().enumerate() {
         let err = |message: String| PtxError::Kernel { kernel: l.kernel.name.clone(), message };
-        let args = l.kernel.bufs.iter().filter(|b| b.access != Access::Local).count();
+        let args = l.kernel.args().count();
         if args != l.slots.len() {
             return Err(err(format!("{} slots for {args} argument buffers", l.slots.len())));
         }
@@ -176,6 +180,7 @@ fn entry(index: usize, k: &Kernel, slots: &[Slot], mr: usize) -> Result<String, 
         var_regs: [0; 3],
         bases: vec![],
         mult: Multiples::of(&k),
+        thread: String::new(),
     };
     g.vars = k.vars.iter().map(|&t| g.fresh_var(t)).collect();
     g.var_regs = g.counts;
@@ -184,7 +189,7 @@ fn entry(index: usize, k: &Kernel, slots: &[Slot], mr: usize) -> Result<String, 
     let mut params = vec![];
     let mut locals = vec![];
     let mut arg_slots = slots.iter();
-    let ranges: Vec<Option<Slot>> = k.bufs.iter().map(|b| if b.access == Access::Local { None } else { arg_slots.next().copied() }).collect();
+    let ranges: Vec<Option<Slot>> = k.bufs.iter().map(|b| if b.passed() { arg_slots.next().copied() } else { None }).collect();
     let overlaps = |a: Slot, b: Slot| match (a, b) {
         (Slot::Arena { offset: o1, len: l1 }, Slot::Arena { offset: o2, len: l2 }) => o1 < o2 + l2 && o2 < o1 + l1,
         (Slot::Param(p), Slot::Param(q)) => p == q,
@@ -193,6 +198,11 @@ fn entry(index: usize, k: &Kernel, slots: &[Slot], mr: usize) -> Result<String, 
     for (i, b) in k.bufs.iter().enumerate() {
         let reg = g.tmp(Kind::Rd);
         let base = match ranges[i] {
+            None if b.access == Access::Shared => {
+                locals.push(format!("\t.shared .align 16 .b8 shared_{i}[{}];\n", 4 * b.len.max(1)));
+                g.ins(format!("mov.u64 {reg}, shared_{i}"));
+                Base { reg, space: "shared", nc: false, aligned: true }
+            }
             None => {
                 locals.push(format!("\t.local .align 16 .b8 local_{i}[{}];\n", 4 * b.len.max(1)));
                 g.ins(format!("mov.u64 {reg}, local_{i}"));
@@ -212,7 +222,7 @@ fn entry(index: usize, k: &Kernel, slots: &[Slot], mr: usize) -> Result<String, 
         };
         g.bases.push(base);
     }
-    g.prologue(k.extent);
+    g.prologue(k.extent, k.block.is_some());
     let done = g.new_label();
     let (lo, hi) = (g.var(Kernel::LO)?, g.var(Kernel::HI)?);
     let p = g.tmp(Kind::P);
@@ -224,7 +234,11 @@ fn entry(index: usize, k: &Kernel, slots: &[Slot], mr: usize) -> Result<String, 
     let [np, nrd, nf] = g.counts;
     let n = params.len();
     let params: String = params.iter().enumerate().map(|(j, (decl, note))| format!("\t{decl}{} // {note}\n", if j + 1 < n { "," } else { "" })).collect();
-    let mut out = format!("\n// {}: parallel lo..hi in 0..{}\n.visible .entry {name}(\n{params})\n.maxntid {BLOCK}, 1, 1\n{{\n", k.name, k.extent);
+    let shape = match k.block {
+        None => format!("parallel lo..hi in 0..{}", k.extent),
+        Some(t) => format!("blocks lo in 0..{} of {t} threads", k.extent),
+    };
+    let mut out = format!("\n// {}: {shape}\n.visible .entry {name}(\n{params})\n.maxntid {}, 1, 1\n{{\n", k.name, launch_config(&k).1);
     out += &locals.concat();
     let _ = writeln!(out, "\t.reg .pred %p<{}>;\n\t.reg .b32 %r<5>;\n\t.reg .b64 %rd<{}>;\n\t.reg .f32 %f<{}>;\n", np.max(1), nrd.max(1), nf.max(1));
     out += &g.code;
@@ -250,6 +264,8 @@ struct Gen {
     var_regs: [u32; 3],
     bases: Vec<Base>,
     mult: Multiples,
+    /// The register holding the thread's number in its block.
+    thread: String,
 }
 
 impl Gen {
@@ -285,12 +301,19 @@ impl Gen {
         }
     }
 
-    /// task, ntasks → lo, hi (variables 0 and 1), as the JIT computes them (unsigned division).
-    fn prologue(&mut self, extent: usize) {
+    /// task, ntasks → lo, hi (variables 0 and 1), as the JIT computes them (unsigned division); for a
+    /// GPU-shaped kernel (`blocks`), lo = the block's number, hi = lo + 1, and the thread's number.
+    fn prologue(&mut self, extent: usize, blocks: bool) {
         let (lo, hi) = (self.var(Kernel::LO).unwrap_or_default(), self.var(Kernel::HI).unwrap_or_default());
         let (task, ntasks, t) = (self.tmp(Kind::Rd), self.tmp(Kind::Rd), self.tmp(Kind::Rd));
         for (i, sreg) in ["%ctaid.x", "%ntid.x", "%tid.x", "%nctaid.x"].iter().enumerate() {
             self.ins(format!("mov.u32 %r{i}, {sreg}"));
+        }
+        if blocks {
+            self.thread = self.tmp(Kind::Rd);
+            self.ins(format!("cvt.u64.u32 {}, %r2", self.thread));
+            self.ins(format!("cvt.u64.u32 {lo}, %r0"));
+            return self.ins(format!("add.s64 {hi}, {lo}, 1"));
         }
         let code = format!(
             "mul.wide.u32 {task}, %r0, %r1; cvt.u64.u32 {t}, %r2; add.s64 {task}, {task}, {t}; mul.wide.u32 {ntasks}, %r3, %r1; \
@@ -404,6 +427,7 @@ impl Gen {
                 self.code += &format!("{end}:\n");
             }
             Stmt::Gemm(_) => return Err("a gemm statement survived expansion".into()),
+            Stmt::Barrier => self.ins("bar.sync 0"),
         }
         Ok(())
     }
@@ -456,6 +480,8 @@ impl Gen {
         Ok(match e {
             Expr::Int(v) => Val::I(v.to_string()),
             Expr::F32(v) => Val::F(imm_f32(*v)),
+            Expr::Thread if self.thread.is_empty() => return Err("the thread's number, outside a GPU-shaped kernel".into()),
+            Expr::Thread => Val::I(self.thread.clone()),
             Expr::Var(v) => self.vars.get(v.0 as usize).cloned().ok_or_else(|| format!("unknown variable %v{}", v.0))?,
             Expr::Bin(op, a, b) => {
                 let (x, y) = (self.expr(a)?, self.expr(b)?);
