@@ -1,5 +1,7 @@
 //! The PTX backend without a GPU: every kernel of every model in `models/` assembled by NVIDIA's ptxas
-//! for sm_80 and sm_90 (both GEMM tiers' lowerings), and snapshots of the PTX of a few small kernels.
+//! for sm_80 and sm_90 (the GPU lowering and the portable tier's), the GPU kernels' resources (no
+//! spills; docs/ptx-resources.md), the emitted PTX run by an interpreter against the JIT and the
+//! reference, and snapshots of the PTX of a few small kernels.
 //!
 //! ptxas comes from `$CNNC_PTXAS` (`.ci/run` installs the `nvidia-cuda-nvcc-cu12` wheel and sets it),
 //! `ptxas` on the PATH, or python3's site-packages; failing those, the test installs the wheel into
@@ -22,10 +24,33 @@ fn program(name: &str, text: &str, batch: usize, tier: Tier) -> Program {
 }
 
 fn program_as(name: &str, text: &str, batch: usize, tier: Tier, dtype: WeightsDtype) -> Program {
+    lowered(name, text, batch, Lowering { fc_weights: dtype, ..Lowering::new(tier) })
+}
+
+fn lowered(name: &str, text: &str, batch: usize, lowering: Lowering) -> Program {
     let src = cnnc::diag::Source::new(name, text);
     let (g, _) = cnnc::compile(&src).unwrap_or_else(|f| panic!("{}", src.render_plain(&f.0)));
     let (g, _) = cnnc::opt::optimize(&g, &cnnc::opt::Options { level: 1, model: cnnc::opt::lang::CUDA });
-    cnnc::kernel::program_with(&g, cnnc::weights::Bound::zeros(&g), batch, Lowering { fc_weights: dtype, ..Lowering::new(tier) })
+    cnnc::kernel::program_with(&g, cnnc::weights::Bound::zeros(&g), batch, lowering)
+}
+
+fn models() -> Vec<(String, String)> {
+    let mut models: Vec<PathBuf> = std::fs::read_dir(root().join("models"))
+        .expect("models/")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "model"))
+        .collect();
+    models.sort();
+    assert!(models.len() >= 6, "{models:?}");
+    models.iter().map(|p| (p.file_name().expect("file").to_string_lossy().into_owned(), std::fs::read_to_string(p).expect("readable model"))).collect()
+}
+
+/// Runs `job` on every item, two at a time (ptxas is single-threaded), in order.
+fn two_at_a_time<T: Sync, R: Send>(items: &[T], job: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    std::thread::scope(|s| {
+        let halves: Vec<_> = items.chunks(items.len().div_ceil(2).max(1)).map(|c| s.spawn(|| c.iter().map(&job).collect::<Vec<_>>())).collect();
+        halves.into_iter().flat_map(|h| h.join().expect("ptxas thread")).collect()
+    })
 }
 
 /// The ptxas of the `nvidia-cuda-nvcc-cu12` wheel in `target/ci-venv`, installed on first use.
@@ -71,18 +96,9 @@ fn ptxas() -> Option<PathBuf> {
 #[test]
 fn ptxas_assembles_every_kernel_of_every_model_for_sm_80_and_sm_90() {
     let Some(ptxas) = ptxas() else { return };
-    let mut models: Vec<PathBuf> = std::fs::read_dir(root().join("models"))
-        .expect("models/")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "model"))
-        .collect();
-    models.sort();
-    assert!(models.len() >= 6, "{models:?}");
     let mut jobs = vec![];
-    for path in &models {
-        let text = std::fs::read_to_string(path).expect("readable model");
-        let name = path.file_name().expect("file").to_string_lossy().into_owned();
-        // AlexBN at batch 8 takes Winograd for conv3–5.
+    for (name, text) in models() {
+        // AlexBN at batch 8 takes Winograd for conv3–5 on the CPU.
         let batches: &[usize] = if name == "alexbn.model" { &[1, 2, 8] } else { &[1] };
         let mut variants: Vec<(usize, WeightsDtype)> = batches.iter().map(|&b| (b, WeightsDtype::F32)).collect();
         if name == "alexbn.model" {
@@ -90,30 +106,71 @@ fn ptxas_assembles_every_kernel_of_every_model_for_sm_80_and_sm_90() {
             variants.push((1, WeightsDtype::Bf16));
         }
         for (batch, dtype) in variants {
-            for tier in [Tier::Portable, Tier::Avx512] {
-                let p = program_as(&name, &text, batch, tier, dtype);
+            // The cuda backend's lowering, and the CPU's portable tier (the printer prints any program).
+            for (what, lowering) in [("gpu", Lowering::gpu()), ("portable", Lowering::new(Tier::Portable))] {
+                let p = lowered(&name, &text, batch, Lowering { fc_weights: dtype, ..lowering });
                 for sm in [80, 90] {
                     let ptx = ptx::emit(&p, sm).unwrap_or_else(|e| panic!("{name}: {e}"));
                     assert_eq!(ptx.matches(".visible .entry ").count(), p.launches.len());
-                    jobs.push((format!("{name} batch {batch} {tier:?} {dtype:?} sm_{sm}"), ptx, sm));
+                    jobs.push((format!("{name} batch {batch} {what} {dtype:?} sm_{sm}"), ptx, sm));
                 }
             }
         }
     }
-    // Two at a time (ptxas is single-threaded).
-    let failures: Vec<String> = std::thread::scope(|s| {
-        let chunks: Vec<_> = jobs
-            .chunks(jobs.len().div_ceil(2))
-            .map(|c| {
-                s.spawn(|| {
-                    c.iter().filter_map(|(what, ptx, sm)| ptx::ptxas::assemble(&ptxas, ptx, *sm).err().map(|e| format!("{what}: {e}"))).collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        chunks.into_iter().flat_map(|h| h.join().expect("ptxas thread")).collect()
-    });
+    let failures: Vec<String> =
+        two_at_a_time(&jobs, |(what, ptx, sm)| ptx::ptxas::assemble(&ptxas, ptx, *sm).err().map(|e| format!("{what}: {e}"))).into_iter().flatten().collect();
     assert!(failures.is_empty(), "{} of {} modules rejected:\n{}", failures.len(), jobs.len(), failures.join("\n\n"));
     eprintln!("ptxas ({}) accepted {} modules", ptxas.display(), jobs.len());
+}
+
+/// `ptxas -v` for sm_90 on the GPU lowering of every model at batch 1, and of AlexBN and ResNet-50 at
+/// batch 64: no kernel may spill, and docs/ptx-resources.md must be the table [`ptx::roofline::table`]
+/// makes of them (resources, occupancy, FLOPs, bytes, H200 roofline per launch). Rewrite it with
+/// `CNNC_BLESS=1`; it is compared only under the ptxas that made it (12.9.86), whose register counts it holds.
+#[test]
+fn gpu_kernels_do_not_spill_and_their_resources_are_documented() {
+    let Some(ptxas) = ptxas() else { return };
+    const PINNED: &str = "V12.9.86";
+    let version = std::process::Command::new(&ptxas).arg("--version").output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    let mut jobs = vec![];
+    for (name, text) in models() {
+        let batches: &[usize] = if name == "alexbn.model" || name == "resnet50.model" { &[1, 64] } else { &[1] };
+        for &batch in batches {
+            let p = lowered(&name, &text, batch, Lowering::gpu());
+            let ptx = ptx::emit(&p, 90).expect("emits");
+            jobs.push((name.trim_end_matches(".model").to_string(), batch, p, ptx));
+        }
+    }
+    let resources =
+        two_at_a_time(&jobs, |(name, batch, _, ptx)| ptx::ptxas::resources(&ptxas, ptx, 90).unwrap_or_else(|e| panic!("{name} batch {batch}: {e}")));
+    let mut doc = format!(
+        "# GPU kernels: resources and roofline\n\n\
+         Generated by `CNNC_BLESS=1 cargo test --release -p cnnc --test ptx gpu_kernels_do_not_spill` (ptxas {PINNED}, \
+         `-arch=sm_90 -v`) from the cuda backend's lowering (`Lowering::gpu`, docs/ptx.md); the test fails when this file is stale. \
+         Per launch: grid × block; registers per thread, static shared memory per block and spill bytes (all 0) from ptxas; \
+         resident blocks per multiprocessor on sm_90 and the occupancy in warps that follows (`ptx::roofline::blocks_per_sm`: \
+         32 blocks, 2048 threads, 65,536 registers allocated per warp in units of 256, 228 KiB of shared memory with 1 KiB \
+         reserved per block); FLOPs (2 per multiply-add); MB every buffer passed to it (each read or written once: a lower \
+         bound on traffic); and the roofline time on an {} (67 TFLOP/s FP32 without tensor cores, 4.8 TB/s), the larger of \
+         FLOPs / peak and bytes / bandwidth, with what bounds it. No GPU measured these: they are what the kernels could reach.\n",
+        ptx::roofline::H200.name
+    );
+    let mut spills = vec![];
+    for ((name, batch, p, _), res) in jobs.iter().zip(&resources) {
+        assert_eq!(res.len(), p.launches.len(), "{name}: one report per entry");
+        spills.extend(res.iter().filter(|r| r.spill_stores + r.spill_loads + r.stack > 0).map(|r| format!("{name} batch {batch}: {r:?}")));
+        doc += &format!("\n## {name}, batch {batch}\n\n{}", ptx::roofline::table(p, res, ptx::roofline::H200));
+    }
+    assert!(spills.is_empty(), "kernels that spill or use a stack:\n{}", spills.join("\n"));
+    let path = root().join("docs/ptx-resources.md");
+    if std::env::var_os("CNNC_BLESS").is_some() {
+        std::fs::write(&path, &doc).expect("writes docs/ptx-resources.md");
+    } else if version.contains(PINNED) {
+        let old = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(old == doc, "docs/ptx-resources.md is stale: rerun with CNNC_BLESS=1 and review the diff");
+    } else {
+        eprintln!("docs/ptx-resources.md not compared: ptxas is not {PINNED}");
+    }
 }
 
 #[test]
@@ -753,5 +810,175 @@ fn emitted_ptx_computes_what_the_jit_computes() {
             let tol = 1e-5 * want.max_abs().max(1e-30);
             assert!(got.shape() == want.shape() && got.max_abs_diff(&want) <= tol, "{what}: max diff {} > {tol}", got.max_abs_diff(&want));
         }
+    }
+}
+
+/// A layer the GPU lowering has its own kernels for (tract's problem style): a convolution with its
+/// epilogue, a linear layer or a pooling, over a small batch. [`GpuProblem::reference`] is the reference
+/// interpreter; the emitted PTX, run by [`emu`], must agree within 1e-5 × max |reference| (split-K, the
+/// GEMV's tree and pooling's window order round differently from it).
+#[derive(Clone, Debug)]
+struct GpuProblem {
+    batch: usize,
+    c: usize,
+    hw: [usize; 2],
+    layer: GpuLayer,
+}
+
+#[derive(Clone, Debug)]
+enum GpuLayer {
+    /// `groups`, out channels, kernel, stride, pad, dilation, bias, ReLU, a residual add of a twin
+    /// convolution, a max pool (k, stride) after it.
+    Conv {
+        groups: usize,
+        out: usize,
+        k: [usize; 2],
+        stride: usize,
+        pad: usize,
+        dilate: usize,
+        bias: bool,
+        relu: bool,
+        add: bool,
+        pool: Option<[usize; 2]>,
+    },
+    Linear {
+        out: usize,
+        relu: bool,
+    },
+    Pool {
+        max: bool,
+        k: usize,
+        stride: usize,
+        pad: usize,
+        flag: bool,
+    },
+}
+
+impl GpuProblem {
+    fn source(&self) -> String {
+        let py = |b: bool| if b { "True" } else { "False" };
+        let (links, body) = match &self.layer {
+            GpuLayer::Conv { groups, out, k, stride, pad, dilate, bias, relu, add, pool } => {
+                let conv = |name: &str, bias: bool| {
+                    let [kh, kw] = k;
+                    format!(
+                        "    {name} = L.Convolution2D({}, {out}, ({kh}, {kw}), stride={stride}, pad={pad}, dilate={dilate}, groups={groups}, nobias={})\n",
+                        self.c,
+                        py(!bias)
+                    )
+                };
+                let (mut links, mut body) = (conv("l", *bias), "self.l(x)".to_string());
+                if *add {
+                    links += &conv("m", !bias);
+                    body += " + self.m(x)";
+                }
+                if *relu {
+                    body = format!("F.relu({body})");
+                }
+                if let Some([k, s]) = pool {
+                    body = format!("F.max_pooling_2d({body}, {k}, stride={s})");
+                }
+                (links, body)
+            }
+            GpuLayer::Linear { out, relu } => {
+                let body = if *relu { "F.relu(self.l(x))" } else { "self.l(x)" };
+                (format!("    l = L.Linear({}, {out})\n", self.c * self.hw[0] * self.hw[1]), body.to_string())
+            }
+            GpuLayer::Pool { max: true, k, stride, pad, flag } => {
+                (String::new(), format!("F.max_pooling_2d(x, {k}, stride={stride}, pad={pad}, cover_all={})", py(*flag)))
+            }
+            GpuLayer::Pool { max: false, k, stride, pad, flag } => {
+                (String::new(), format!("F.average_pooling_2d(x, {k}, stride={stride}, pad={pad}{})", if *flag { ", pad_value=None" } else { "" }))
+            }
+        };
+        let [h, w] = self.hw;
+        format!("model Case {{\n{links}    forward(x: [{}, {h}, {w}]) {{\n        return {body}\n    }}\n}}\n", self.c)
+    }
+
+    fn graph(&self) -> Option<cnnc::ir::Graph> {
+        let src = cnnc::diag::Source::new("case.model", self.source());
+        let (g, _) = cnnc::compile(&src).ok()?;
+        Some(cnnc::opt::optimize(&g, &cnnc::opt::Options { level: 1, model: cnnc::opt::lang::CUDA }).0)
+    }
+
+    fn input(&self) -> Tensor {
+        let shape = vec![self.batch, self.c, self.hw[0], self.hw[1]];
+        Tensor::new(shape.clone(), cnnc_runtime::rng::normal("x", shape.iter().product()).map(|v| v as f32).collect()).expect("sized")
+    }
+
+    /// The reference interpreter's output.
+    fn reference(&self, g: &cnnc::ir::Graph) -> Tensor {
+        cnnc::lower::lower(g, bound(g)).expect("lowers").run(vec![self.input()]).expect("runs")
+    }
+
+    fn check(&self) {
+        let g = self.graph().unwrap_or_else(|| panic!("does not compile:\n{}", self.source()));
+        let want = self.reference(&g);
+        let p = cnnc::kernel::program_with(&g, bound(&g), self.batch, Lowering::gpu());
+        let got = emu::run(&ptx::emit(&p, 90).expect("emits"), &p, &[&self.input()]).unwrap_or_else(|e| panic!("{e}\n{}", self.source()));
+        let tol = 1e-5 * want.max_abs().max(1e-30);
+        assert!(got.shape() == want.shape() && got.max_abs_diff(&want) <= tol, "max diff {} > {tol}\n{}", got.max_abs_diff(&want), self.source());
+    }
+}
+
+fn gpu_problem() -> impl proptest::strategy::Strategy<Value = GpuProblem> {
+    use proptest::prelude::*;
+    let conv = (1usize..3, 1usize..17, 1usize..40, (1usize..4, 1usize..4), 1usize..3, 0usize..2, 1usize..3, any::<[bool; 3]>(), any::<bool>()).prop_map(
+        |(groups, cg, out_g, (kh, kw), stride, pad, dilate, [bias, relu, add], pool)| {
+            let pool = (pool && !add).then_some([2, 2]);
+            (groups * cg, GpuLayer::Conv { groups, out: out_g * groups, k: [kh, kw], stride, pad, dilate, bias, relu, add, pool })
+        },
+    );
+    let linear = (1usize..6, 1usize..70, any::<bool>()).prop_map(|(c, out, relu)| (c, GpuLayer::Linear { out, relu }));
+    let pool = (1usize..4, any::<bool>(), 1usize..4, 1usize..3, 0usize..2, any::<bool>())
+        .prop_map(|(c, max, k, stride, pad, flag)| (c, GpuLayer::Pool { max, k, stride, pad: pad.min(k - 1), flag }));
+    (prop_oneof![3 => conv, 1 => linear, 1 => pool], 1usize..3, 1usize..10, 1usize..10).prop_map(|((c, layer), batch, h, w)| GpuProblem {
+        batch,
+        c,
+        hw: [h, w],
+        layer,
+    })
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 128, ..Default::default() })]
+    #[test]
+    fn gpu_kernels_match_the_reference(p in gpu_problem()) {
+        proptest::prop_assume!(p.graph().is_some());
+        p.check();
+    }
+}
+
+fn gpu_conv(batch: usize, c: usize, hw: usize, out: usize, k: usize, groups: usize) -> GpuProblem {
+    let layer = GpuLayer::Conv { groups, out, k: [k, k], stride: 1, pad: k / 2, dilate: 1, bias: true, relu: true, add: false, pool: None };
+    GpuProblem { batch, c, hw: [hw, hw], layer }
+}
+
+/// 65 output channels and 65 pixels: one row and one column past the 64 × 64 tile, both stored only
+/// where they exist.
+#[test]
+fn gpu_tile_edges() {
+    gpu_conv(1, 3, 13, 65, 1, 1).check();
+    gpu_conv(1, 2, 5, 65, 3, 1).check();
+}
+
+/// k = 36·3·3 = 324 is 41 slices: split in two (a partial tile each), summed by the second launch,
+/// with the residual add applied there.
+#[test]
+fn gpu_split_k_with_add() {
+    let layer = GpuLayer::Conv { groups: 1, out: 6, k: [3, 3], stride: 1, pad: 1, dilate: 1, bias: true, relu: true, add: true, pool: None };
+    let p = GpuProblem { batch: 1, c: 36, hw: [4, 4], layer };
+    let g = p.graph().expect("compiles");
+    let program = cnnc::kernel::program_with(&g, bound(&g), 1, Lowering::gpu());
+    assert!(program.launches.iter().any(|l| l.kernel.name.ends_with(".splitk_sum")), "not split");
+    p.check();
+}
+
+/// Linear layers at batch 1 (the GEMV: k a multiple of 4 takes vector loads, 75 does not; rows past the
+/// last block of four are not stored) and at batch 2 (the GEMM).
+#[test]
+fn gpu_linear_layers() {
+    for (batch, c, out) in [(1, 4, 10), (1, 3, 7), (2, 3, 66)] {
+        GpuProblem { batch, c, hw: [5, 5], layer: GpuLayer::Linear { out, relu: true } }.check();
     }
 }

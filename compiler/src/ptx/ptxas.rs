@@ -56,3 +56,49 @@ pub fn assemble(ptxas: &Path, ptx: &str, sm: u32) -> Result<(), PtxasError> {
         .join("\n");
     Err(PtxasError::Rejected { sm, report })
 }
+
+/// What `ptxas -v` reports for one entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Resources {
+    pub entry: String,
+    /// Registers per thread.
+    pub registers: u32,
+    /// Static shared memory per block, in bytes.
+    pub shared: u32,
+    /// Bytes of stack frame, spill stores and spill loads per thread.
+    pub stack: u32,
+    pub spill_stores: u32,
+    pub spill_loads: u32,
+}
+
+/// Assembles `ptx` for `sm_{sm}` with `-v` and returns every entry's resources, in the order ptxas
+/// reports them.
+pub fn resources(ptxas: &Path, ptx: &str, sm: u32) -> Result<Vec<Resources>, PtxasError> {
+    let run = |source| PtxasError::Run { path: ptxas.to_path_buf(), source };
+    let dir = tempfile::tempdir().map_err(run)?;
+    let (src, obj) = (dir.path().join("module.ptx"), dir.path().join("module.cubin"));
+    std::fs::write(&src, ptx).map_err(run)?;
+    let out = Command::new(ptxas).arg(format!("-arch=sm_{sm}")).arg("-v").arg("-o").arg(&obj).arg(&src).output().map_err(run)?;
+    let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(PtxasError::Rejected { sm, report: text });
+    }
+    // The number before `unit` in a comma-separated line: `Used 80 registers, … 8192 bytes smem`.
+    let number = |line: &str, unit: &str| {
+        line.split(',').find_map(|part| part.trim().strip_suffix(unit).and_then(|n| n.trim().rsplit(' ').next()?.parse().ok())).unwrap_or(0)
+    };
+    let mut all: Vec<Resources> = vec![];
+    for line in text.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            all.push(Resources { entry: rest.split('\'').next().unwrap_or_default().to_string(), ..Resources::default() });
+        } else if let Some(r) = all.last_mut() {
+            if line.contains("bytes stack frame") {
+                (r.stack, r.spill_stores, r.spill_loads) =
+                    (number(line, "bytes stack frame"), number(line, "bytes spill stores"), number(line, "bytes spill loads"));
+            } else if line.contains("Used ") {
+                (r.registers, r.shared) = (number(line, "registers"), number(line, "bytes smem"));
+            }
+        }
+    }
+    Ok(all)
+}
