@@ -3,7 +3,8 @@
 //!
 //! Directive: `# test: WHAT [batch=N] [sm=SM] [after=PASS]`, WHAT one of `diagnostics` (the rendered
 //! errors and warnings), `table`, `ir`, `ir-opt`, `kernels` (the portable tier's kernel IR,
-//! host-independent; with `after`, as it stands after that pass of program building) or `ptx`.
+//! host-independent; with `after`, as it stands after that pass of program building) or `ptx` (what
+//! `cnnc compile --target cuda --emit ptx` prints).
 //! Re-bless after an intended change with `CNNC_BLESS=1 cargo test --release -p cnnc-tests --test filetests`
 //! and read the diff; under CI (`CI` set) blessing is refused, so a changed output fails the build.
 
@@ -62,7 +63,9 @@ fn output(path: &Path) -> Result<String, String> {
         },
         "ptx" => {
             let g = cnnc::opt::optimize(&g, &cnnc::opt::Options { level: 1, model: cnnc::opt::lang::CUDA }).0;
-            cnnc::ptx::emit(&program(&g), sm).map_err(|e| e.to_string())?
+            // What `cnnc compile --target cuda --emit ptx` prints: the cuda backend's lowering.
+            let p = cnnc::kernel::program_with(&g, Bound::zeros(&g), batch, Lowering::gpu());
+            cnnc::ptx::emit(&p, sm).map_err(|e| e.to_string())?
         }
         other => return Err(format!("unknown test kind `{other}`")),
     })

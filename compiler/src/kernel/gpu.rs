@@ -104,7 +104,7 @@ pub fn conv(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue) {
         None => n.out.0,
     };
     let bias = n.params.get(1).map(|b| b.data());
-    gemm(t, &n.name, n.batch, &geo, (n.ins[0].0, n.params[0].data(), bias), y, ep.add, ep.relu);
+    gemm(t, n.name, n.batch, &geo, (n.ins[0].0, n.params[0].data(), bias), y, ep.add, ep.relu);
     if let Some(p) = ep.pool {
         let planes = n.batch * c.out_channels;
         pool_launch(t, format!("{}.max_pool2d", n.name), p, false, planes, [y, n.out.0], [out, [n.out.1[1], n.out.1[2]]]);
@@ -120,7 +120,7 @@ pub fn linear(t: &mut Tables, n: &Node, l: &Linear, relu: bool) {
         return gemv(t, n, l, &wts, bias, relu);
     }
     let geo = Geo { groups: 1, cig: l.in_features, m: l.out_features, hw: [1, 1], kernel: [1, 1], stride: [1, 1], pad: [0, 0], dilation: [1, 1], out: [1, 1] };
-    gemm(t, &n.name, n.batch, &geo, (n.ins[0].0, &wts, bias), n.out.0, None, relu);
+    gemm(t, n.name, n.batch, &geo, (n.ins[0].0, &wts, bias), n.out.0, None, relu);
 }
 
 /// Max or average pooling op `n`, one output per thread.

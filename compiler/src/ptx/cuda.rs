@@ -2,17 +2,22 @@
 //! API (cudarc, with `libcuda` opened at run time, so cnnc builds and runs where no CUDA is installed).
 //!
 //! [`CudaExecutable::new`] checks that a driver and a device exist ([`available`]: cudarc would panic
-//! otherwise), loads the module, uploads the packed parameters once and allocates one device arena of
-//! `program.arena_len` floats with the program's memory plan. [`CudaExecutable::run`] copies the inputs
-//! to their arena offsets, launches every kernel in order on one stream with [`launch_config`], and
-//! copies the output back. Invariant left: each launch gets exactly its slots' device addresses, which
-//! the kernels index inside (the kernel IR's invariant), and runs of one executable are serialized (they
-//! share the arena).
+//! otherwise), loads the module, uploads the packed parameters once, allocates one device arena of
+//! `program.arena_len` floats with the program's memory plan and page-locked host buffers for the
+//! inputs and the output, and records every launch once, with its grid ([`launch_config`]) and
+//! arguments, as a CUDA graph. [`CudaExecutable::run`] copies the inputs through the pinned buffers to
+//! their arena offsets, replays the graph (no host work or synchronisation between layers) and copies
+//! the output back, all on one stream, then waits once. Invariant left: each launch gets exactly its
+//! slots' device addresses, which the kernels index inside (the kernel IR's invariant), and runs of one
+//! executable are serialized (they share the arena and the pinned buffers).
 
 use super::{emit, entry_name, launch_config, PtxError};
 use crate::kernel::{Program, Slot};
 use cnnc_runtime::Tensor;
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig, PushKernelArg};
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig, PinnedHostSlice, PushKernelArg,
+};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,6 +33,8 @@ pub enum CudaError {
     Ptx(#[from] PtxError),
     #[error("CUDA {what} failed: {source}")]
     Driver { what: String, source: DriverError },
+    #[error("CUDA graph capture recorded no graph")]
+    NoGraph,
     #[error("the program takes {want} inputs, {got} given")]
     InputCount { want: usize, got: usize },
     #[error("input {index} has shape {got:?}; the program was built for {want:?}")]
@@ -61,14 +68,47 @@ struct Launch {
     ptrs: Vec<u64>,
 }
 
+impl Launch {
+    fn launch(&self, stream: &CudaStream) -> Result<(), CudaError> {
+        let mut b = stream.launch_builder(&self.f);
+        for p in &self.ptrs {
+            b.arg(p);
+        }
+        let cfg = LaunchConfig { grid_dim: (self.grid.0, 1, 1), block_dim: (self.grid.1, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the entry was emitted from this launch's kernel and takes one u64 device address per
+        // slot, in this order (shared arrays are static, declared in the PTX); the addresses point into
+        // the arena and parameter allocations, which the executable owns and which hold at least as many
+        // elements as the kernel indexes (the kernel IR's invariant, checked when the program was built);
+        // runs are serialized by the executable's lock.
+        unsafe { b.launch(cfg) }.map(drop).map_err(driver(format!("launch of {}", self.name)))
+    }
+}
+
+/// The recorded launches. A graph is not internally synchronized (CUDA's docs), so cudarc marks it
+/// neither `Send` nor `Sync`; it lives behind the executable's lock, which serializes every use.
+struct Graph(CudaGraph);
+
+// SAFETY: a CUDA graph may be used from any thread (cudarc binds the context before each call); what it
+// must not be is used from two at once, which the `Mutex<Io>` holding it rules out.
+unsafe impl Send for Graph {}
+
+/// What one run uses, behind the executable's lock: the arena, the pinned staging buffers and the graph.
+struct Io {
+    /// Every launch, recorded once; replayed by [`CudaExecutable::run`].
+    graph: Graph,
+    arena: CudaSlice<f32>,
+    inputs: Vec<PinnedHostSlice<f32>>,
+    output: PinnedHostSlice<f32>,
+}
+
 /// A program loaded on the GPU: its module, parameters and arena.
 pub struct CudaExecutable {
     stream: Arc<CudaStream>,
     _module: Arc<CudaModule>,
     launches: Vec<Launch>,
     _params: Vec<CudaSlice<f32>>,
-    /// The activation arena; the lock serializes runs, which share it.
-    arena: Mutex<CudaSlice<f32>>,
+    /// The lock serializes runs, which share the arena and the staging buffers.
+    io: Mutex<Io>,
     inputs: Vec<(usize, Vec<usize>)>,
     output: (usize, Vec<usize>),
 }
@@ -85,7 +125,8 @@ impl CudaExecutable {
         if device < sm {
             return Err(CudaError::TooOld { device, target: sm });
         }
-        let stream = ctx.default_stream();
+        // A stream of its own: the legacy default stream cannot be captured into a graph.
+        let stream = ctx.new_stream().map_err(driver("stream creation"))?;
         let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(driver("loading the PTX module"))?;
         let upload = |data: &[f32]| -> Result<CudaSlice<f32>, CudaError> {
             // Zero-length allocations fail; every buffer gets at least one element.
@@ -111,12 +152,25 @@ impl CudaExecutable {
             launches.push(Launch { name: l.kernel.name.clone(), flops: l.flops, f, grid: launch_config(&l.kernel), ptrs });
         }
         stream.synchronize().map_err(driver("parameter upload"))?;
+        stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(driver("graph capture"))?;
+        // The capture must end whatever happened, or the stream stays unusable.
+        let recorded = launches.iter().try_for_each(|l| l.launch(&stream));
+        let graph = stream.end_capture(CUgraphInstantiate_flags(0)).map_err(driver("graph capture"));
+        recorded?;
+        let graph = Graph(graph?.ok_or(CudaError::NoGraph)?);
+        let pinned = |len: usize| {
+            // SAFETY: the contents are undefined until written; runs write every element they read
+            // (each input whole before its upload, the output by its download before it is read).
+            unsafe { ctx.alloc_pinned_with_flags::<f32>(len.max(1), 0) }.map_err(driver("pinned host allocation"))
+        };
+        let inputs = program.inputs.iter().map(|(_, shape)| pinned(shape.iter().product())).collect::<Result<_, _>>()?;
+        let output = pinned(program.output.1.iter().product())?;
         Ok(CudaExecutable {
             stream,
             _module: module,
             launches,
             _params: params,
-            arena: Mutex::new(arena),
+            io: Mutex::new(Io { graph, arena, inputs, output }),
             inputs: program.inputs.clone(),
             output: program.output.clone(),
         })
@@ -142,37 +196,31 @@ impl CudaExecutable {
                 return Err(CudaError::InputShape { index, want: want.clone(), got: x.shape().to_vec() });
             }
         }
-        let mut arena = self.arena.lock().unwrap_or_else(|e| e.into_inner());
-        for (x, (offset, _)) in inputs.iter().zip(&self.inputs) {
+        let mut io = self.io.lock().unwrap_or_else(|e| e.into_inner());
+        let Io { graph, arena, inputs: staged, output } = &mut *io;
+        for ((x, (offset, _)), pinned) in inputs.iter().zip(&self.inputs).zip(staged.iter_mut()) {
+            pinned.as_mut_slice().map_err(driver("input staging"))?[..x.data().len()].copy_from_slice(x.data());
             let mut dst = arena.slice_mut(*offset..*offset + x.data().len());
-            self.stream.memcpy_htod(x.data(), &mut dst).map_err(driver("input upload"))?;
+            self.stream.memcpy_htod(&*pinned, &mut dst).map_err(driver("input upload"))?;
         }
+        // Profiling launches one kernel at a time between events; a plain run replays the graph.
         let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
         let mut events = vec![];
         if profile {
             events.push(self.stream.record_event(timing).map_err(driver("event"))?);
-        }
-        for l in &self.launches {
-            let mut b = self.stream.launch_builder(&l.f);
-            for p in &l.ptrs {
-                b.arg(p);
-            }
-            let cfg = LaunchConfig { grid_dim: (l.grid.0, 1, 1), block_dim: (l.grid.1, 1, 1), shared_mem_bytes: 0 };
-            // SAFETY: the entry was emitted from this launch's kernel and takes one u64 device address per
-            // slot, in this order; the addresses point into the arena and parameter allocations, which
-            // `self` owns and which hold at least as many elements as the kernel indexes (the kernel
-            // IR's invariant, checked when the program was built); runs are serialized by the lock.
-            unsafe { b.launch(cfg) }.map_err(driver(format!("launch of {}", l.name)))?;
-            if profile {
+            for l in &self.launches {
+                l.launch(&self.stream)?;
                 events.push(self.stream.record_event(timing).map_err(driver("event"))?);
             }
+        } else {
+            graph.0.launch().map_err(driver("graph launch"))?;
         }
         let (offset, shape) = &self.output;
         let len = shape.iter().product::<usize>();
-        let data = self.stream.clone_dtoh(&arena.slice(*offset..*offset + len)).map_err(driver("running the kernels or the output download"))?;
-        // The copy to pageable memory returns when done; synchronize anyway so that a failed kernel is
-        // reported here and the events are complete.
+        self.stream.memcpy_dtoh(&arena.slice(*offset..*offset + len), &mut *output).map_err(driver("running the kernels or the output download"))?;
+        // Reported here if a kernel failed; the events are complete after it.
         self.stream.synchronize().map_err(driver("running the kernels"))?;
+        let data = output.as_slice().map_err(driver("output download"))?[..len].to_vec();
         let times = events.windows(2).map(|w| w[0].elapsed_ms(&w[1]).map(|ms| Duration::from_secs_f64(ms as f64 / 1e3)));
         let times = times.collect::<Result<_, _>>().map_err(driver("event timing"))?;
         Ok((Tensor::new(shape.clone(), data).expect("the output slot holds the output shape"), times))
