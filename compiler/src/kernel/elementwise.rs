@@ -4,12 +4,22 @@
 //! do not depend on how the parallel loop is split.
 
 use super::common::{copy, vector_loop, Node, Ref, Tables};
-use super::{e, Access, Buf, Expr, Kb};
+use super::{e, Access, Buf, Expr, Kb, LANES};
 use cnnc_runtime::op::{Axis, BatchNorm, Lrn};
 
 /// Elements per parallel iteration of element-wise kernels: large enough to amortize the loop, small
-/// enough that two tasks get equal shares of a 55×55 feature map.
+/// enough that two tasks get equal shares of a 55×55 feature map. On a GPU a parallel iteration is a
+/// thread, and a thread a vector ([`chunk`]).
 const CHUNK: usize = 4096;
+
+/// Elements per parallel iteration of [`map`] for the lowering `t` is doing.
+fn chunk(t: &Tables) -> usize {
+    if t.gpu {
+        LANES
+    } else {
+        CHUNK
+    }
+}
 
 /// The launch's name: the node's, then the op's.
 fn name(n: &Node) -> String {
@@ -64,29 +74,41 @@ pub fn batch_norm(t: &mut Tables, n: &Node, bn: &BatchNorm) {
     t.launch(kb.finish(), vec![x, s, shift, y], 2 * n.out_len() as u64);
 }
 
-/// Chainer's LRN, one plane per parallel iteration.
+/// Chainer's LRN, one plane per parallel iteration (on a GPU, one element).
 pub fn lrn(t: &mut Tables, n: &Node, l: &Lrn) {
     let (x, y) = (n.ins[0].0, n.out.0);
     let [c, hw] = [n.ins[0].1[0], n.ins[0].1[1..].iter().product()];
-    let mut kb = Kb::new(name(n), n.batch * c);
+    let mut kb = Kb::new(name(n), n.batch * c * if t.gpu { hw } else { 1 });
     let (xb, yb) = (kb.buf("x", n.in_len(0), Access::Read), kb.buf("y", n.out_len(), Access::Write));
     let (lo, hi) = kb.range();
     let half = (l.n / 2) as i64;
-    kb.for_(lo, hi, |kb, plane| {
+    // A plane's image and window of channels (once per plane on the CPU), then one element of it.
+    let window = |kb: &mut Kb, plane: &Expr| {
         let (img, ch) = (kb.let_(plane.clone() / c), kb.let_(plane.clone() % c));
-        let (j0, j1) = (kb.let_((ch.clone() - half).max(0i64)), kb.let_((ch + half + 1i64).min(c)));
-        kb.for_(0usize, hw, |kb, p| {
-            let sum = kb.var(0.0f32);
-            kb.for_(j0, j1, |kb, j| {
-                let v = kb.let_(xb.at((img.clone() * c + j) * hw + p.clone()));
-                kb.set(sum, v.clone().fma(v, sum));
-            });
-            // x · (k + α Σ)^(−β), as exp(−β · ln(k + α Σ)).
-            let i = plane.clone() * hw + p;
-            let denom = (e(sum).fma(l.alpha.0 as f32, l.k.0 as f32)).ln() * (-l.beta.0 as f32);
-            kb.store(yb, i.clone(), xb.at(i) * denom.exp());
+        [img, kb.let_((ch.clone() - half).max(0i64)), kb.let_((ch + half + 1i64).min(c))]
+    };
+    let element = |kb: &mut Kb, [img, j0, j1]: &[Expr; 3], plane: &Expr, p: Expr| {
+        let sum = kb.var(0.0f32);
+        kb.for_(j0.clone(), j1.clone(), |kb, j| {
+            let v = kb.let_(xb.at((img.clone() * c + j) * hw + p.clone()));
+            kb.set(sum, v.clone().fma(v, sum));
         });
-    });
+        // x · (k + α Σ)^(−β), as exp(−β · ln(k + α Σ)).
+        let i = plane.clone() * hw + p;
+        let denom = (e(sum).fma(l.alpha.0 as f32, l.k.0 as f32)).ln() * (-l.beta.0 as f32);
+        kb.store(yb, i.clone(), xb.at(i) * denom.exp());
+    };
+    match t.gpu {
+        true => kb.for_(lo, hi, |kb, it| {
+            let plane = kb.let_(it.clone() / hw);
+            let w = window(kb, &plane);
+            element(kb, &w, &plane, it % hw)
+        }),
+        false => kb.for_(lo, hi, |kb, plane| {
+            let w = window(kb, &plane);
+            kb.for_(0usize, hw, |kb, p| element(kb, &w, &plane, p))
+        }),
+    }
     t.launch(kb.finish(), vec![x, y], n.out_len() as u64 * (2 * l.n as u64 + 4));
 }
 
@@ -112,13 +134,14 @@ pub fn softmax(t: &mut Tables, n: &Node, axis: Axis) {
 
 /// Concat along `axis`, or (with `slice`, its start and length) a slice of one input: block copies,
 /// `outer` rows each a run of elements per input. Each row is copied in pieces of at least 16 KiB, in
-/// parallel: a channel concat at batch 1 is one row (GoogLeNet's were one task each).
+/// parallel: a channel concat at batch 1 is one row (GoogLeNet's were one task each). On a GPU a piece
+/// is a vector, each a thread's.
 pub fn copies(t: &mut Tables, n: &Node, axis: Axis, slice: Option<(usize, usize)>) {
     let y = n.out.0;
     let ax = axis.0 - 1;
     let out = n.out.1;
     let (outer, per_out) = (n.batch * out[..ax].iter().product::<usize>(), out[ax..].iter().product::<usize>());
-    let pieces = (per_out / 4096).clamp(1, 16);
+    let pieces = if t.gpu { (per_out / LANES).max(1) } else { (per_out / 4096).clamp(1, 16) };
     let mut kb = Kb::new(name(n), outer * pieces);
     let ins: Vec<Buf> = (0..n.ins.len()).map(|i| kb.buf(format!("x{i}"), n.in_len(i), Access::Read)).collect();
     let yb = kb.buf("y", n.out_len(), Access::Write);
@@ -173,13 +196,14 @@ pub fn transpose(t: &mut Tables, n: &Node, axes: &[usize]) {
 
 /// Element-wise kernel over `len` elements: `y = f(inputs)`, vectorized.
 fn map<const K: usize>(t: &mut Tables, name: &str, len: usize, ins: &[Ref; K], y: Ref, f: impl Fn([Expr; K]) -> Expr) {
-    let mut kb = Kb::new(name, len.div_ceil(CHUNK));
+    let chunk = chunk(t);
+    let mut kb = Kb::new(name, len.div_ceil(chunk));
     let bufs: [Buf; K] = std::array::from_fn(|i| kb.buf(format!("x{i}"), len, Access::Read));
     let yb = kb.buf("y", len, Access::Write);
     let (lo, hi) = kb.range();
     kb.for_(lo, hi, |kb, c| {
-        let start = kb.let_(c * CHUNK);
-        let end = start.clone() + CHUNK;
+        let start = kb.let_(c * chunk);
+        let end = start.clone() + chunk;
         vector_loop(kb, start, end.min(len), |kb, i, vec| {
             let args = bufs.map(|b| b.load(i.clone(), vec));
             let mut v = f(args);
