@@ -273,17 +273,17 @@ fn gemm(t: &mut Tables, name: &str, batch: usize, geo: &Geo, (x, a, bias): (Ref,
         let cur = kb.let_((slice.clone() - s_lo.clone()) % 2i64);
         let more = kb.let_((slice.clone() + 1i64).lt(s_hi.clone()));
         kb.if_(more.clone(), |kb| load_slice(kb, slice + 1i64));
-        kb.for_(0usize, BK, |kb, kk| {
-            let arow = kb.let_(cur.clone() * (BK * bm) + kk.clone() * bm + ty.clone());
-            let brow = kb.let_(cur.clone() * (BK * bn) + kk * bn + tx.clone());
-            let av: Vec<Expr> = (0..tm).map(|i| kb.let_(sa.at(arow.clone() + (i * bm / tm) as i64))).collect();
-            let bv: Vec<Expr> = (0..tn).map(|j| kb.let_(sb.at(brow.clone() + (j * bn / tn) as i64))).collect();
+        // Unrolled: every shared load is then the slice's base plus a constant.
+        let (arow, brow) = (kb.let_(cur.clone() * (BK * bm) + ty.clone()), kb.let_(cur.clone() * (BK * bn) + tx.clone()));
+        for kk in 0..BK {
+            let av: Vec<Expr> = (0..tm).map(|i| kb.let_(sa.at(arow.clone() + (kk * bm + i * bm / tm) as i64))).collect();
+            let bv: Vec<Expr> = (0..tn).map(|j| kb.let_(sb.at(brow.clone() + (kk * bn + j * bn / tn) as i64))).collect();
             for (i, row) in acc.iter().enumerate() {
                 for (j, &c) in row.iter().enumerate() {
                     kb.set(c, av[i].clone().fma(bv[j].clone(), c));
                 }
             }
-        });
+        }
         kb.if_(more, |kb| store_slice(kb, e(1i64) - cur.clone()));
         kb.barrier();
     });

@@ -239,9 +239,10 @@ fn entry(index: usize, k: &Kernel, slots: &[Slot], mr: usize) -> Result<String, 
         None => format!("parallel lo..hi in 0..{}", k.extent),
         Some(t) => format!("blocks lo in 0..{} of {t} threads", k.extent),
     };
-    // GPU-shaped kernels keep a tile of accumulators in registers: `.minnctapersm 1` lets ptxas use
-    // what one resident block allows (without it, ptxas held some GEMMs to 64 registers and spilled).
-    let min_blocks = if k.block.is_some() { ".minnctapersm 1\n" } else { "" };
+    // GPU-shaped kernels keep a tile of accumulators in registers. ptxas's default held some GEMMs to
+    // 64 registers and spilled; one resident block per multiprocessor gave the 128 × 128 tile 130, so
+    // that a block's wait at a barrier left the multiprocessor idle. Two blocks: at most 128 each.
+    let min_blocks = if k.block.is_some() { ".minnctapersm 2\n" } else { "" };
     let mut out = format!("\n// {}: {shape}\n.visible .entry {name}(\n{params})\n.maxntid {}, 1, 1\n{min_blocks}{{\n", k.name, launch_config(&k).1);
     out += &locals.concat();
     let _ = writeln!(out, "\t.reg .pred %p<{}>;\n\t.reg .b32 %r<5>;\n\t.reg .b64 %rd<{}>;\n\t.reg .f32 %f<{}>;\n", np.max(1), nrd.max(1), nf.max(1));
