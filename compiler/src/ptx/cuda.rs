@@ -103,12 +103,13 @@ struct Io {
 
 /// A program loaded on the GPU: its module, parameters and arena.
 pub struct CudaExecutable {
+    /// The lock serializes runs, which share the arena and the staging buffers. First, so that it is
+    /// dropped first: the graph goes before the module and the memory its launches name.
+    io: Mutex<Io>,
     stream: Arc<CudaStream>,
     _module: Arc<CudaModule>,
     launches: Vec<Launch>,
     _params: Vec<CudaSlice<f32>>,
-    /// The lock serializes runs, which share the arena and the staging buffers.
-    io: Mutex<Io>,
     inputs: Vec<(usize, Vec<usize>)>,
     output: (usize, Vec<usize>),
 }
@@ -166,11 +167,11 @@ impl CudaExecutable {
         let inputs = program.inputs.iter().map(|(_, shape)| pinned(shape.iter().product())).collect::<Result<_, _>>()?;
         let output = pinned(program.output.1.iter().product())?;
         Ok(CudaExecutable {
+            io: Mutex::new(Io { graph, arena, inputs, output }),
             stream,
             _module: module,
             launches,
             _params: params,
-            io: Mutex::new(Io { graph, arena, inputs, output }),
             inputs: program.inputs.clone(),
             output: program.output.clone(),
         })
