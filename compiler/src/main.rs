@@ -199,6 +199,9 @@ fn main() -> ExitCode {
             if matches!(a.emit, Emit::Ptx) && a.target != Target::Cuda {
                 Cli::command().error(clap::error::ErrorKind::ArgumentConflict, "--emit ptx needs --target cuda").exit();
             }
+            if matches!(a.emit, Emit::Clif | Emit::Asm) && a.target == Target::Cuda {
+                Cli::command().error(clap::error::ErrorKind::ArgumentConflict, "--emit clif and --emit asm show the CPU's code: they need --target cpu").exit();
+            }
             if a.after.is_some() && !matches!(a.emit, Emit::Kernels) {
                 Cli::command().error(clap::error::ErrorKind::ArgumentConflict, "--after shows a pass of program building: it needs --emit kernels").exit();
             }
