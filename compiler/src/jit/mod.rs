@@ -752,6 +752,7 @@ impl Gen<'_, '_> {
                 let x = self.expr(a);
                 match op {
                     UnOp::Splat => self.b.ins().splat(types::F32X4, x),
+                    UnOp::Lane(i) => self.b.ins().extractlane(x, *i),
                     UnOp::HSum => {
                         let l = [0u8, 1, 2, 3].map(|i| self.b.ins().extractlane(x, i));
                         let (p, q) = (self.b.ins().fadd(l[0], l[1]), self.b.ins().fadd(l[2], l[3]));
@@ -852,6 +853,17 @@ mod tests {
         // The blocked store went to element 0 instead; nothing past the buffer was written.
         assert_eq!(&out[1..8], &[2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]);
         assert!(out[8..].iter().all(|&v| v == 0.0), "{out:?}");
+    }
+
+    #[test]
+    fn lanes_of_a_vector() {
+        let mut kb = Kb::new("lanes", 1);
+        let (x, y) = (kb.buf("x", 8, Access::Read), kb.buf("y", 8, Access::Write));
+        // y[i] = lane 3 − i of x[0..4], reversed.
+        let v = kb.let_(x.at4(0usize));
+        (0..4).for_each(|i| kb.store(y, i, v.clone().lane(3 - i)));
+        let (out, v) = run(kb.finish(), (0..8).map(|i| i as f32).collect(), Tier::Portable);
+        assert_eq!((&out[..4], v.len()), (&[3.0, 2.0, 1.0, 0.0][..], 0));
     }
 
     #[test]

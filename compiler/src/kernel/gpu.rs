@@ -12,8 +12,9 @@
 //! residual add and ReLU are applied at the store; with split-K a second launch sums the partial tiles
 //! in order and applies them. A fused max pooling runs as the next launch, one output per thread.
 //! Invariant left: without split-K each output is its bias, then one FMA per k in order, as on the CPU;
-//! a thread's rows and columns are interleaved (row ty + i·BM/TM, column tx + j·BN/TN), so a warp's
-//! shared loads are broadcasts or consecutive words and its global stores consecutive.
+//! a thread's rows and columns come in runs of four (one 16-byte shared load each per step of k), the
+//! runs of neighbouring threads adjacent, so a warp's shared loads are broadcasts or consecutive and its
+//! global stores consecutive.
 
 use super::common::{Epilogue, Node, Ref, Tables};
 use super::pool::counts;
@@ -254,16 +255,20 @@ fn gemm(t: &mut Tables, name: &str, batch: usize, geo: &Geo, (x, a, bias): (Ref,
         }
     };
 
-    // The micro-tile: rows ty + i·BM/TM, columns tx + j·BN/TN of the block's tile.
+    // The micro-tile: rows and columns in runs of four (one vector load from shared memory each),
+    // run r of rows at 4·ty + r·4·BM/TM, run r of columns at 4·tx + r·4·BN/TN of the block's tile.
     let (tx, ty) = (kb.let_(tid.clone() % (bn / tn)), kb.let_(tid.clone() / (bn / tn)));
+    let row = |i: usize| ty.clone() * 4i64 + (i / 4 * 4 * bm / tm + i % 4) as i64;
+    let col = |j: usize| tx.clone() * 4i64 + (j / 4 * 4 * bn / tn + j % 4) as i64;
+    // acc[i][r]: row i, columns run r (four lanes).
     let acc: Vec<Vec<Var>> = (0..tm)
         .map(|i| {
             let init = match partial {
                 Some(_) => e(0.0f32),
-                None => biasb.at(g.clone() * mp + m0.clone() + ty.clone() + (i * bm / tm) as i64),
+                None => biasb.at(g.clone() * mp + m0.clone() + row(i)),
             };
-            let init = kb.let_(init);
-            (0..tn).map(|_| kb.var(init.clone())).collect()
+            let init = kb.let_(init.splat());
+            (0..tn / 4).map(|_| kb.var(init.clone())).collect()
         })
         .collect();
     load_slice(&mut kb, s_lo.clone());
@@ -273,17 +278,19 @@ fn gemm(t: &mut Tables, name: &str, batch: usize, geo: &Geo, (x, a, bias): (Ref,
         let cur = kb.let_((slice.clone() - s_lo.clone()) % 2i64);
         let more = kb.let_((slice.clone() + 1i64).lt(s_hi.clone()));
         kb.if_(more.clone(), |kb| load_slice(kb, slice + 1i64));
-        // Unrolled: every shared load is then the slice's base plus a constant.
-        let (arow, brow) = (kb.let_(cur.clone() * (BK * bm) + ty.clone()), kb.let_(cur.clone() * (BK * bn) + tx.clone()));
-        for kk in 0..BK {
-            let av: Vec<Expr> = (0..tm).map(|i| kb.let_(sa.at(arow.clone() + (kk * bm + i * bm / tm) as i64))).collect();
-            let bv: Vec<Expr> = (0..tn).map(|j| kb.let_(sb.at(brow.clone() + (kk * bn + j * bn / tn) as i64))).collect();
-            for (i, row) in acc.iter().enumerate() {
-                for (j, &c) in row.iter().enumerate() {
-                    kb.set(c, av[i].clone().fma(bv[j].clone(), c));
+        // A loop ptxas unrolls within the register budget (unrolled here, it hoisted the shared loads
+        // of all eight steps and spilled at 128 registers).
+        kb.for_(0usize, BK, |kb, kk| {
+            let (arow, brow) = (kb.let_(cur.clone() * (BK * bm) + kk.clone() * bm + row(0)), kb.let_(cur.clone() * (BK * bn) + kk * bn + col(0)));
+            let av: Vec<Expr> = (0..tm / 4).map(|r| kb.let_(sa.at4(arow.clone() + (r * 4 * bm / tm) as i64))).collect();
+            let bv: Vec<Expr> = (0..tn / 4).map(|r| kb.let_(sb.at4(brow.clone() + (r * 4 * bn / tn) as i64))).collect();
+            for (i, runs) in acc.iter().enumerate() {
+                let a = av[i / 4].clone().lane(i % 4).splat();
+                for (r, &c) in runs.iter().enumerate() {
+                    kb.set(c, a.clone().fma(bv[r].clone(), c));
                 }
             }
-        }
+        });
         kb.if_(more, |kb| store_slice(kb, e(1i64) - cur.clone()));
         kb.barrier();
     });
@@ -291,16 +298,17 @@ fn gemm(t: &mut Tables, name: &str, batch: usize, geo: &Geo, (x, a, bias): (Ref,
     // The store, or the partial tile's.
     let at = |img: Expr, gm: Expr, q: Expr| img * (groups * m * pixels) + gm * pixels + q;
     for j in 0..tn {
-        let colj = kb.let_(c0.clone() + tx.clone() + (j * bn / tn) as i64);
+        let colj = kb.let_(c0.clone() + col(j));
         let (imgj, qj) = (kb.let_(colj.clone() / pixels), kb.let_(colj.clone() % pixels));
-        for (i, row) in acc.iter().enumerate() {
-            let mi = kb.let_(m0.clone() + ty.clone() + (i * bm / tm) as i64);
+        for (i, runs) in acc.iter().enumerate() {
+            let v = e(runs[j / 4]).lane(j % 4);
+            let mi = kb.let_(m0.clone() + row(i));
             let inside = mi.clone().lt(m).and(colj.clone().lt(ncols));
             kb.if_(inside, |kb| match partial {
-                Some(_) => kb.store(yb, ((s.clone() * groups + g.clone()) * m + mi) * ncols + colj.clone(), row[j]),
+                Some(_) => kb.store(yb, ((s.clone() * groups + g.clone()) * m + mi) * ncols + colj.clone(), v.clone()),
                 None => {
                     let idx = kb.let_(at(imgj.clone(), g.clone() * m + mi, qj.clone()));
-                    let v = addb.map_or(e(row[j]), |r| e(row[j]) + r.at(idx.clone()));
+                    let v = addb.map_or(v.clone(), |r| v.clone() + r.at(idx.clone()));
                     kb.store(yb, idx, if relu { v.max(0.0f32) } else { v });
                 }
             });

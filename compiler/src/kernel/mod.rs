@@ -103,6 +103,8 @@ pub enum UnOp {
     Splat,
     /// f32x4 → f32: `(l0 + l1) + (l2 + l3)`.
     HSum,
+    /// f32x4 → f32: lane `i` (0–3).
+    Lane(u8),
     Exp,
     Ln,
     /// Per lane, the f32 whose top 16 bits are the lane's low 16 bits (a bfloat16 stored there),
@@ -350,7 +352,7 @@ impl Kernel {
                 _ => self.ty(a),
             },
             Expr::Un(UnOp::Splat, _) => Ty::F32x4,
-            Expr::Un(UnOp::HSum, _) => Ty::F32,
+            Expr::Un(UnOp::HSum | UnOp::Lane(_), _) => Ty::F32,
             Expr::Un(_, a) => self.ty(a),
             Expr::Fma(abc) => self.ty(&abc[0]),
             Expr::Load { lanes, .. } => lane_ty(*lanes),
@@ -402,6 +404,11 @@ impl Expr {
     }
     methods!(bin: min Min, max Max, lt Lt, le Le, eq Eq, and And);
     methods!(un: splat Splat, hsum HSum, exp Exp, ln Ln);
+    /// Lane `i` of a vector ([`UnOp::Lane`]).
+    pub fn lane(self, i: usize) -> Expr {
+        assert!(i < LANES, "lane {i} of a {LANES}-lane vector");
+        self.un(UnOp::Lane(i as u8))
+    }
     /// [`Expr::splat`] when `vec`, else itself: scalars for loop bodies written once for both widths.
     pub fn lanes(self, vec: bool) -> Expr {
         if vec {

@@ -499,6 +499,7 @@ impl Gen {
             }
             Expr::Un(op, a) => match (op, self.expr(a)?) {
                 (UnOp::Splat, Val::F(x)) => Val::V([x.clone(), x.clone(), x.clone(), x]),
+                (UnOp::Lane(i), Val::V(x)) if (*i as usize) < 4 => Val::F(x[*i as usize].clone()),
                 (UnOp::HSum, Val::V(x)) => {
                     let (p, q) = (self.float_op(BinOp::Add, &x[0], &x[1])?, self.float_op(BinOp::Add, &x[2], &x[3])?);
                     Val::F(self.float_op(BinOp::Add, &p, &q)?)
