@@ -13,6 +13,7 @@
 #    GPU (random weights, eval mode, cudnn.benchmark, TF32 off so both are fp32; torchvision's
 #    resnet50, whose stride sits on the 3×3 convolution instead of the first 1×1: the same FLOPs within
 #    1 %), timed with CUDA events on a resident input; prints the ratio.
+# 4. `cnnc bench --profile` (each kernel's GPU time) for AlexBN at batch 1 and 64 and ResNet-50 at 1.
 # Exit status: 0 when every model matches, 1 otherwise. Each command has a time limit, so the whole
 # check stays within about 5 minutes.
 set -euo pipefail
@@ -145,6 +146,12 @@ for model in ["models/alexbn.model", "models/resnet50.model"]:
         ratio = f"{c / t:.2f}" if c and t else "-"
         fmt = lambda v: f"{v:.3f}" if v else "-"
         print(f"{os.path.basename(model)[:-6]:<10} {batch:>5} {fmt(c):>13} {fmt(t):>15} {ratio:>11}")
+
+# ---- 4. where the time goes: per-kernel GPU times (CUDA events), for the next round of tuning ----
+for model, batch in [("models/alexbn.model", 1), ("models/alexbn.model", 64), ("models/resnet50.model", 1)]:
+    ok, out, err = run(["bench", model, "--backend", "cuda", "--batch", str(batch), "--runs", "5", "--profile"], 100)
+    print(f"\n{os.path.basename(model)} batch {batch}, --profile:")
+    print(out.rstrip() if ok else f"failed: {err}")
 
 print(f"\n{failed} model(s) failed; total {time.time() - start:.0f} s")
 sys.exit(1 if failed else 0)
