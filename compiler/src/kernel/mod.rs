@@ -467,6 +467,9 @@ impl Kb {
 
     /// A GPU-shaped kernel: `blocks` thread blocks of `threads` threads (see [`Kernel::block`]).
     pub fn blocks(name: impl Into<String>, blocks: usize, threads: u32) -> Kb {
+        // A grid's x dimension holds 2³¹ − 1 blocks; memory runs out long before (each block of a
+        // GEMM owns 4096+ outputs).
+        assert!(blocks <= i32::MAX as usize, "a grid of {blocks} blocks");
         let mut kb = Kb::new(name, blocks);
         kb.k.block = Some(threads);
         kb

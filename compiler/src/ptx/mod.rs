@@ -6,7 +6,10 @@
 //! ([`Kernel::args`]). The IR's parallel loop maps to the grid: each thread is one task, `task =
 //! ctaid.x·ntid.x + tid.x` of `ntasks = nctaid.x·ntid.x`, and runs `lo..hi = extent·task/ntasks ..
 //! extent·(task+1)/ntasks` exactly as the JIT's tasks do; [`launch_config`] launches at least `extent`
-//! threads, so every parallel iteration is its own thread. Kernel variables become PTX registers (PTX
+//! threads, so every parallel iteration is its own thread. A GPU-shaped kernel (`Kernel::block`, from
+//! the cuda backend's lowering, `kernel/gpu.rs`) maps directly instead: block `ctaid.x` is `lo`, the
+//! thread's number `tid.x`, `Access::Shared` buffers are `.shared` arrays and `Stmt::Barrier` is
+//! `bar.sync 0`. Kernel variables become PTX registers (PTX
 //! registers are mutable, so `Set` is a `mov` and no SSA is built), expressions become fresh temporaries,
 //! loops and conditionals become labels and predicated branches, and each IR operation is printed from a
 //! table of instruction templates ([`INT_OPS`], [`FLOAT_OPS`]). `Stmt::Gemm` (the assembled tiers' tiles) is
@@ -22,17 +25,15 @@
 //! kernels) use `ld.global.nc` (the read-only cache); 4-lane loads and stores use `ld/st.v4.f32` where a
 //! congruence analysis ([`Multiples`]) proves the element index a multiple of 4 and the buffer 16-byte
 //! aligned (arena tensors are 64-byte aligned, device allocations 256-byte), and four scalar accesses
-//! elsewhere. `Access::Local` buffers are per-thread `.local` arrays.
+//! elsewhere. `Access::Local` buffers are per-thread `.local` arrays, `Access::Shared` ones `.shared`.
 //!
 //! This stage owns: the IR → PTX mapping, the launch geometry, and (in [`ptxas`]) finding and running
 //! NVIDIA's assembler to validate the text offline. Invariant left: the text is one self-contained PTX
 //! module whose `k{i}_…` entry is launch `i` of the program, takes exactly that launch's slots as
-//! pointers in order, and computes what the JIT's kernel computes (bitwise, except for `exp`/`ln`),
-//! when launched with [`launch_config`]'s block size (declared as `.maxntid`) and any grid.
-//!
-//! Not done yet (see docs/ptx.md): the kernels keep the CPU lowering's work split — a convolution's
-//! GEMM has one thread per block of 4 (portable) or 12 (AVX-512 tier) output channels, so it runs on few
-//! threads and without shared-memory tiling. This printer is correct, not fast.
+//! pointers in order, and computes what the kernel IR says (for CPU-shaped kernels the JIT's result,
+//! bitwise except for `exp`/`ln`), when launched with [`launch_config`]'s geometry (its block size
+//! declared as `.maxntid`; any grid for CPU-shaped kernels). [`roofline`] estimates what a launch
+//! could reach on a GPU, beside ptxas's resources.
 
 pub mod cuda;
 pub mod ptxas;
