@@ -16,9 +16,9 @@
 //! runs of neighbouring threads adjacent, so a warp's shared loads are broadcasts or consecutive and its
 //! global stores consecutive.
 
-use super::common::{Epilogue, Node, Ref, Tables};
+use super::common::{buffer, Epilogue, Node, Ref, Tables};
 use super::pool::counts;
-use super::{e, Access, Expr, Kb, Var};
+use super::{e, Access, Expr, Kb, Var, WeightsDtype};
 use cnnc_runtime::op::{window_out, Conv2d, Linear, Pool2d};
 use cnnc_runtime::Op;
 
@@ -105,7 +105,7 @@ pub fn conv(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue) {
         None => n.out.0,
     };
     let bias = n.params.get(1).map(|b| b.data());
-    gemm(t, n.name, n.batch, &geo, (n.ins[0].0, n.params[0].data(), bias), y, ep.add, ep.relu);
+    gemm(t, n.name, n.batch, &geo, (n.ins[0].0, n.params[0].data(), bias, WeightsDtype::F32), y, ep.add, ep.relu);
     if let Some(p) = ep.pool {
         let planes = n.batch * c.out_channels;
         pool_launch(t, format!("{}.max_pool2d", n.name), p, false, planes, [y, n.out.0], [out, [n.out.1[1], n.out.1[2]]]);
@@ -113,15 +113,14 @@ pub fn conv(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue) {
 }
 
 /// A linear layer: a GEMV at batch 1, else the GEMM of a 1×1 convolution over 1 × 1 images.
+/// With `--weights-dtype bf16` the weights are rounded to bfloat16 and kept as f32.
 pub fn linear(t: &mut Tables, n: &Node, l: &Linear, relu: bool) {
-    let dtype = t.fc_weights;
-    let wts: Vec<f32> = n.params[0].data().iter().map(|&v| dtype.round(v)).collect();
-    let bias = n.params.get(1).map(|b| b.data());
+    let (wts, bias) = (n.params[0].data(), n.params.get(1).map(|b| b.data()));
     if n.batch == 1 {
-        return gemv(t, n, l, &wts, bias, relu);
+        return gemv(t, n, l, wts, bias, relu);
     }
     let geo = Geo { groups: 1, cig: l.in_features, m: l.out_features, hw: [1, 1], kernel: [1, 1], stride: [1, 1], pad: [0, 0], dilation: [1, 1], out: [1, 1] };
-    gemm(t, n.name, n.batch, &geo, (n.ins[0].0, &wts, bias), n.out.0, None, relu);
+    gemm(t, n.name, n.batch, &geo, (n.ins[0].0, wts, bias, t.fc_weights), n.out.0, None, relu);
 }
 
 /// Max or average pooling op `n`, one output per thread.
@@ -170,9 +169,18 @@ fn pool_launch(t: &mut Tables, name: String, p: &Pool2d, avg: bool, planes: usiz
 }
 
 /// `y = act(x · Aᵀ + bias (+ add))` for `geo`'s convolution over `batch` images, as an implicit GEMM
-/// (see the module doc). `a` holds (M·groups) rows of K weights.
+/// (see the module doc). `a` holds (M·groups) rows of K weights, stored as `dtype` rounds them.
 #[allow(clippy::too_many_arguments)]
-fn gemm(t: &mut Tables, name: &str, batch: usize, geo: &Geo, (x, a, bias): (Ref, &[f32], Option<&[f32]>), y: Ref, add: Option<Ref>, relu: bool) {
+fn gemm(
+    t: &mut Tables,
+    name: &str,
+    batch: usize,
+    geo: &Geo,
+    (x, a, bias, dtype): (Ref, &[f32], Option<&[f32]>, WeightsDtype),
+    y: Ref,
+    add: Option<Ref>,
+    relu: bool,
+) {
     let (groups, m, k, pixels) = (geo.groups, geo.m, geo.k(), geo.pixels());
     let ncols = batch * pixels;
     let (tile, splits) = plan(groups, [m, ncols, k]);
@@ -180,19 +188,16 @@ fn gemm(t: &mut Tables, name: &str, batch: usize, geo: &Geo, (x, a, bias): (Ref,
     let (mt, nt, slices) = (m.div_ceil(bm), ncols.div_ceil(bn), k.div_ceil(BK));
     let (mp, kp) = (mt * bm, slices * BK);
     // A, per group, k-major with zero rows and columns up to whole tiles: [g][kp][mp].
-    let mut packed = vec![0.0f32; groups * kp * mp];
-    for g in 0..groups {
-        for mm in 0..m {
-            for kk in 0..k {
-                packed[(g * kp + kk) * mp + mm] = a[(g * m + mm) * k + kk];
-            }
+    let ap = t.packed(buffer(groups * kp * mp, |packed| {
+        for (g, gm, kk) in (0..groups).flat_map(|g| (0..m).flat_map(move |mm| (0..k).map(move |kk| (g, mm, kk)))) {
+            packed[(g * kp + kk) * mp + gm] = dtype.round(a[(g * m + gm) * k + kk]);
         }
-    }
-    let mut bias_p = vec![0.0f32; groups * mp];
-    if let Some(b) = bias {
-        (0..groups).for_each(|g| bias_p[g * mp..g * mp + m].copy_from_slice(&b[g * m..(g + 1) * m]));
-    }
-    let (ap, bp) = (t.param(packed), t.param(bias_p));
+    }));
+    let bp = t.packed(buffer(groups * mp, |bias_p| {
+        if let Some(b) = bias {
+            (0..groups).for_each(|g| bias_p[g * mp..g * mp + m].copy_from_slice(&b[g * m..(g + 1) * m]));
+        }
+    }));
     let [h, w] = geo.hw;
     let (x_len, out_len) = (batch * groups * geo.cig * h * w, batch * groups * m * pixels);
     // With split-K the tiles go to a scratch store of every split's partial sums: [s][g][m][col].
@@ -344,11 +349,10 @@ fn gemv(t: &mut Tables, n: &Node, l: &Linear, wts: &[f32], bias: Option<&[f32]>,
     let (k, o) = (l.in_features, l.out_features);
     let blocks = o.div_ceil(GEMV_ROWS);
     let op = blocks * GEMV_ROWS;
-    let mut w = wts.to_vec();
-    w.resize(op * k, 0.0);
-    let mut b = bias.map_or_else(|| vec![0.0; o], |b| b.to_vec());
-    b.resize(op, 0.0);
-    let (wp, bp) = (t.param(w), t.param(b));
+    let dtype = t.fc_weights;
+    // Zero rows up to whole blocks.
+    let wp = t.packed(buffer(op * k, |w| w.iter_mut().zip(wts).for_each(|(d, &v)| *d = dtype.round(v))));
+    let bp = t.packed(buffer(op, |b| bias.into_iter().for_each(|bias| b[..o].copy_from_slice(bias))));
     let mut kb = Kb::blocks(format!("{}.{}", n.name, n.op.name()), blocks, THREADS as u32);
     let (xb, wb, bb, yb) = (kb.buf("x", k, Access::Read), kb.buf("w", op * k, Access::Read), kb.buf("bias", op, Access::Read), kb.buf("y", o, Access::Write));
     let red = kb.buf("partial_sums", GEMV_ROWS * THREADS, Access::Shared);
