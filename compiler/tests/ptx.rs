@@ -234,10 +234,13 @@ fn without_a_gpu_the_cuda_runtime_is_an_error_not_a_panic() {
 // ---- running the emitted PTX without a GPU ----
 
 /// An interpreter for exactly the PTX subset the printer emits, so the tests can check the emitted code
-/// computes what the JIT computes (ptxas only checks that it assembles). Threads run one after another,
-/// which is sound because tasks write disjoint elements; every access is checked (bounds, 4-byte
-/// alignment, 16 bytes for `.v4`, the right state space), and a launch fails if it reads through
-/// `ld.global.nc` an address the same launch writes.
+/// computes what the JIT computes (ptxas only checks that it assembles). Blocks run one after another,
+/// and within a block every thread runs to its next `bar.sync` before any goes on (all must stop at
+/// the same barrier, or all return), which is sound because blocks write disjoint global elements and
+/// threads exchange data only through shared memory across barriers: a read or write of a shared word
+/// another thread wrote, or a write of one another thread read, since the last barrier is an error (a
+/// race). Every access is checked (bounds, 4-byte alignment, 16 bytes for `.v4`, the right state
+/// space), and a launch fails if it reads through `ld.global.nc` an address the same launch writes.
 mod emu {
     use cnnc::kernel::{Program, Slot};
     use cnnc_runtime::Tensor;
