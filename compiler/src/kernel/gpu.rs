@@ -17,7 +17,7 @@
 //! global stores consecutive.
 
 use super::common::{buffer, Epilogue, Node, Ref, Tables};
-use super::pool::counts;
+use super::pool::{counts, window};
 use super::{e, Access, Expr, Kb, Var, WeightsDtype};
 use cnnc_runtime::op::{window_out, Conv2d, Linear, Pool2d};
 use cnnc_runtime::Op;
@@ -55,51 +55,42 @@ pub fn plan(groups: usize, [m, n, k]: [usize; 3]) -> (Tile, usize) {
     (tile, splits)
 }
 
-/// A convolution as the GEMM reads it: `groups` of `cig` input channels of h × w, taps kh × kw with
-/// stride, padding and dilation, outputs oh × ow. A linear layer is a 1×1 one over 1 × 1 images.
-struct Geo {
-    groups: usize,
-    cig: usize,
-    m: usize,
+/// A convolution as the GEMM reads it: the layer, its input's h × w, its output's oh × ow. A linear
+/// layer is a 1×1 one over 1 × 1 images.
+struct Geo<'a> {
+    c: &'a Conv2d,
     hw: [usize; 2],
-    kernel: [usize; 2],
-    stride: [usize; 2],
-    pad: [usize; 2],
-    dilation: [usize; 2],
     out: [usize; 2],
 }
 
-impl Geo {
+impl Geo<'_> {
+    /// Input channels per group, the GEMM's depth and rows per group, and its columns per image.
+    fn cig(&self) -> usize {
+        self.c.in_channels / self.c.groups
+    }
     fn k(&self) -> usize {
-        self.cig * self.kernel[0] * self.kernel[1]
+        self.cig() * self.c.kernel[0] * self.c.kernel[1]
+    }
+    fn m(&self) -> usize {
+        self.c.out_channels / self.c.groups
     }
     fn pixels(&self) -> usize {
         self.out[0] * self.out[1]
     }
     /// Every tap reads the pixel under its output (1×1, stride 1, no padding).
     fn pointwise(&self) -> bool {
-        self.kernel == [1, 1] && self.stride == [1, 1] && self.pad == [0, 0]
+        self.c.kernel == [1, 1] && self.c.stride == [1, 1] && self.c.pad == [0, 0]
     }
 }
 
 /// A convolution with its epilogue; a fused max pooling runs as a second launch over its output.
 pub fn conv(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue) {
-    let [ci, h, w] = [n.ins[0].1[0], n.ins[0].1[1], n.ins[0].1[2]];
+    let [h, w] = [n.ins[0].1[1], n.ins[0].1[2]];
     let out = match ep.pool {
         Some(_) => [0, 1].map(|i| window_out([h, w][i], c.span()[i], c.stride[i], c.pad[i], false).expect("validated")),
         None => [n.out.1[1], n.out.1[2]],
     };
-    let geo = Geo {
-        groups: c.groups,
-        cig: ci / c.groups,
-        m: c.out_channels / c.groups,
-        hw: [h, w],
-        kernel: c.kernel,
-        stride: c.stride,
-        pad: c.pad,
-        dilation: c.dilation,
-        out,
-    };
+    let geo = Geo { c, hw: [h, w], out };
     let y = match ep.pool {
         Some(_) => t.store(n.batch * c.out_channels * geo.pixels()),
         None => n.out.0,
@@ -119,7 +110,17 @@ pub fn linear(t: &mut Tables, n: &Node, l: &Linear, relu: bool) {
     if n.batch == 1 {
         return gemv(t, n, l, wts, bias, relu);
     }
-    let geo = Geo { groups: 1, cig: l.in_features, m: l.out_features, hw: [1, 1], kernel: [1, 1], stride: [1, 1], pad: [0, 0], dilation: [1, 1], out: [1, 1] };
+    let c = Conv2d {
+        in_channels: l.in_features,
+        out_channels: l.out_features,
+        kernel: [1, 1],
+        stride: [1, 1],
+        pad: [0, 0],
+        dilation: [1, 1],
+        groups: 1,
+        bias: l.bias,
+    };
+    let geo = Geo { c: &c, hw: [1, 1], out: [1, 1] };
     gemm(t, n.name, n.batch, &geo, (n.ins[0].0, wts, bias, t.fc_weights), n.out.0, None, relu);
 }
 
@@ -143,12 +144,8 @@ fn pool_launch(t: &mut Tables, name: String, p: &Pool2d, avg: bool, planes: usiz
     let (lo, hi) = kb.range();
     kb.for_(lo, hi, |kb, o| {
         let (plane, q) = (kb.let_(o.clone() / (oh * ow)), kb.let_(o.clone() % (oh * ow)));
-        let window = |kb: &mut Kb, at: Expr, a: usize, size: usize| {
-            let start = kb.let_(at * p.stride[a] - p.pad[a]);
-            (kb.let_(start.clone().max(0i64)), kb.let_((start + p.kernel[a]).min(size)))
-        };
-        let (ylo, yhi) = window(kb, q.clone() / ow, 0, h);
-        let (xlo, xhi) = window(kb, q.clone() % ow, 1, w);
+        let (ylo, yhi) = window(kb, q.clone() / ow, p.kernel[0], p.stride[0], p.pad[0], h);
+        let (xlo, xhi) = window(kb, q.clone() % ow, p.kernel[1], p.stride[1], p.pad[1], w);
         let acc = kb.var(if avg { 0.0 } else { f32::NEG_INFINITY });
         let base = kb.let_(plane * (h * w));
         kb.for_(ylo, yhi, |kb, iy| {
@@ -181,7 +178,8 @@ fn gemm(
     add: Option<Ref>,
     relu: bool,
 ) {
-    let (groups, m, k, pixels) = (geo.groups, geo.m, geo.k(), geo.pixels());
+    let (groups, m, k, pixels, cig) = (geo.c.groups, geo.m(), geo.k(), geo.pixels(), geo.cig());
+    let (stride, pad, dilation) = (geo.c.stride, geo.c.pad, geo.c.dilation);
     let ncols = batch * pixels;
     let (tile, splits) = plan(groups, [m, ncols, k]);
     let Tile { bm, bn, tm, tn } = tile;
@@ -199,7 +197,7 @@ fn gemm(
         }
     }));
     let [h, w] = geo.hw;
-    let (x_len, out_len) = (batch * groups * geo.cig * h * w, batch * groups * m * pixels);
+    let (x_len, out_len) = (batch * groups * cig * h * w, batch * groups * m * pixels);
     // With split-K the tiles go to a scratch store of every split's partial sums: [s][g][m][col].
     let partial = (splits > 1).then(|| t.store(splits * groups * m * ncols));
     let mut kb = Kb::blocks(format!("{name}.gemm"), groups * mt * nt * splits, THREADS as u32);
@@ -222,9 +220,9 @@ fn gemm(
     let valid = kb.let_(col.clone().lt(ncols));
     let (img, q) = (kb.let_(col.clone() / pixels), kb.let_(col.clone() % pixels));
     let (oy, ox) = (kb.let_(q.clone() / geo.out[1]), kb.let_(q.clone() % geo.out[1]));
-    let iy0 = kb.let_(oy * geo.stride[0] - geo.pad[0]);
-    let ix0 = kb.let_(ox * geo.stride[1] - geo.pad[1]);
-    let xbase = kb.let_((img * groups + g.clone()) * (geo.cig * h * w));
+    let iy0 = kb.let_(oy * stride[0] - pad[0]);
+    let ix0 = kb.let_(ox * stride[1] - pad[1]);
+    let xbase = kb.let_((img * groups + g.clone()) * (cig * h * w));
     let (la, lb) = (BK * bm / THREADS, BK * bn / THREADS);
     let ra: Vec<Var> = (0..la).map(|_| kb.var(0.0f32)).collect();
     let rb: Vec<Var> = (0..lb).map(|_| kb.var(0.0f32)).collect();
@@ -242,10 +240,10 @@ fn gemm(
             if geo.pointwise() {
                 kb.if_(inside, |kb| kb.set(r, xb.at(xbase.clone() + kk * (h * w) + q.clone())));
             } else {
-                let [kh, kw] = geo.kernel;
+                let [kh, kw] = geo.c.kernel;
                 let (c, tap) = (kb.let_(kk.clone() / (kh * kw)), kb.let_(kk % (kh * kw)));
-                let iy = kb.let_(iy0.clone() + tap.clone() / kw * geo.dilation[0]);
-                let ix = kb.let_(ix0.clone() + tap % kw * geo.dilation[1]);
+                let iy = kb.let_(iy0.clone() + tap.clone() / kw * dilation[0]);
+                let ix = kb.let_(ix0.clone() + tap % kw * dilation[1]);
                 let inside = inside.and(e(0i64).le(iy.clone())).and(iy.clone().lt(h)).and(e(0i64).le(ix.clone())).and(ix.clone().lt(w));
                 kb.if_(inside, |kb| kb.set(r, xb.at(xbase.clone() + c * (h * w) + iy * w + ix)));
             }

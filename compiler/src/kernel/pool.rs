@@ -28,6 +28,13 @@ pub fn lower(t: &mut Tables, n: &Node, p: &Pool2d) {
     t.launch(kb.finish(), args, n.out_len() as u64 * (p.kernel[0] * p.kernel[1]) as u64);
 }
 
+/// The window of output `o` along an axis (k taps, stride s, padding pad), clipped to `0..size`:
+/// its first and one-past-last input position.
+pub fn window(kb: &mut Kb, o: Expr, k: usize, s: usize, pad: usize, size: usize) -> (Expr, Expr) {
+    let start = kb.let_(o * s - pad);
+    (kb.let_(start.clone().max(0i64)), kb.let_((start + k).min(size)))
+}
+
 /// Per output of an [oh, ow] pooling of [h, w] planes, the input cells its window holds (the
 /// divisors of average pooling with `exclude_pad`).
 pub fn counts(p: &Pool2d, [h, w]: [usize; 2], [oh, ow]: [usize; 2]) -> Vec<f32> {
@@ -51,11 +58,6 @@ pub fn counts(p: &Pool2d, [h, w]: [usize; 2], [oh, ow]: [usize; 2]) -> Vec<f32> 
 #[allow(clippy::too_many_arguments)]
 pub fn pool(kb: &mut Kb, p: &Pool2d, avg: Option<Option<Buf>>, x: Buf, y: Buf, lo: Expr, hi: Expr, [h, w, pitch]: [usize; 3], [oh, ow]: [usize; 2]) {
     let [kh, kw] = p.kernel;
-    // The window of output o along an axis, clipped to 0..size.
-    let window = |kb: &mut Kb, o: Expr, k: usize, s: usize, pad: usize, size: usize| {
-        let start = kb.let_(o * s - pad);
-        (kb.let_(start.clone().max(0i64)), kb.let_((start + k).min(size)))
-    };
     let (init, reduce): (f32, fn(Expr, Expr) -> Expr) = match avg {
         Some(_) => (0.0, |a, b| a + b),
         None => (f32::NEG_INFINITY, |a, b| a.max(b)),

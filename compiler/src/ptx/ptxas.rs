@@ -33,15 +33,21 @@ pub fn find() -> Option<PathBuf> {
 /// Assembles `ptx` for `sm_{sm}` (output discarded). On rejection, every message ptxas printed is
 /// returned, those that name a line prefixed with the kernel it belongs to.
 pub fn assemble(ptxas: &Path, ptx: &str, sm: u32) -> Result<(), PtxasError> {
+    run(ptxas, ptx, sm, &[]).map(drop)
+}
+
+/// Runs ptxas on `ptx` for `sm_{sm}` with `extra` arguments; returns what it printed, or on rejection
+/// its messages, each that names a line prefixed with the kernel it belongs to.
+fn run(ptxas: &Path, ptx: &str, sm: u32, extra: &[&str]) -> Result<String, PtxasError> {
     let run = |source| PtxasError::Run { path: ptxas.to_path_buf(), source };
     let dir = tempfile::tempdir().map_err(run)?;
     let (src, obj) = (dir.path().join("module.ptx"), dir.path().join("module.cubin"));
     std::fs::write(&src, ptx).map_err(run)?;
-    let out = Command::new(ptxas).arg(format!("-arch=sm_{sm}")).arg("-o").arg(&obj).arg(&src).output().map_err(run)?;
-    if out.status.success() {
-        return Ok(());
-    }
+    let out = Command::new(ptxas).arg(format!("-arch=sm_{sm}")).args(extra).arg("-o").arg(&obj).arg(&src).output().map_err(run)?;
     let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    if out.status.success() {
+        return Ok(text);
+    }
     let report = text
         .lines()
         .map(|l| {
@@ -74,15 +80,7 @@ pub struct Resources {
 /// Assembles `ptx` for `sm_{sm}` with `-v` and returns every entry's resources, in the order ptxas
 /// reports them.
 pub fn resources(ptxas: &Path, ptx: &str, sm: u32) -> Result<Vec<Resources>, PtxasError> {
-    let run = |source| PtxasError::Run { path: ptxas.to_path_buf(), source };
-    let dir = tempfile::tempdir().map_err(run)?;
-    let (src, obj) = (dir.path().join("module.ptx"), dir.path().join("module.cubin"));
-    std::fs::write(&src, ptx).map_err(run)?;
-    let out = Command::new(ptxas).arg(format!("-arch=sm_{sm}")).arg("-v").arg("-o").arg(&obj).arg(&src).output().map_err(run)?;
-    let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        return Err(PtxasError::Rejected { sm, report: text });
-    }
+    let text = run(ptxas, ptx, sm, &["-v"])?;
     // The number before `unit` in a comma-separated line: `Used 80 registers, … 8192 bytes smem`.
     let number = |line: &str, unit: &str| {
         line.split(',').find_map(|part| part.trim().strip_suffix(unit).and_then(|n| n.trim().rsplit(' ').next()?.parse().ok())).unwrap_or(0)
