@@ -646,3 +646,26 @@ fn strided_one_by_one_convolutions_share_a_subsample_only_while_it_is_current() 
         }
     }
 }
+
+/// A NaN (an overflow upstream) survives max pooling and ReLU as numpy's `maximum` keeps it: wherever
+/// the reference has a NaN the JIT has one, at the start, middle and end of windows and rows, in
+/// clipped and interior windows, whichever operand of a comparison it is.
+#[test]
+fn nan_survives_max_pooling_and_relu() {
+    let shape = [1usize, 2, 7, 9];
+    let mut data: Vec<f32> = rng::normal("nan", shape.iter().product()).map(|v| v as f32).collect();
+    for at in [0, 3 * 9 + 4, 2 * 9 + 8, 63 + 6 * 9 + 8, 63 + 2 * 9, 63 + 4 * 9 + 3] {
+        data[at] = f32::NAN;
+    }
+    let x = Tensor::new(shape.to_vec(), data).unwrap();
+    for body in ["F.max_pooling_2d(x, 3, stride=1, pad=1)", "F.max_pooling_2d(x, 3, stride=2)", "F.max_pooling_2d(x, 2, stride=1)", "F.relu(x)"] {
+        let src = cnnc::diag::Source::new("case.model", format!("model Case {{\n    forward(x: [2, 7, 9]) {{\n        return {body}\n    }}\n}}\n"));
+        let (g, _) = cnnc::compile(&src).unwrap_or_else(|f| panic!("{}", src.render_plain(&f.0)));
+        let want = run_graph(&src, &g, Params::Generated(prng_param), x.clone());
+        let got = jit_graph(&src, &g, Params::Generated(prng_param), &x);
+        assert!(want.data().iter().any(|v| v.is_nan()), "{body}: no NaN to check");
+        for (i, (a, b)) in got.data().iter().zip(want.data()).enumerate() {
+            assert!(a.is_nan() == b.is_nan() && (a.is_nan() || a == b), "{body}: element {i} is {a}, the reference's {b}");
+        }
+    }
+}

@@ -17,7 +17,7 @@ pub mod avx512;
 use crate::kernel::{Access, BRows, BinOp, Expr, Gemm, Kernel, Program, Stmt, Taps, Ty, UnOp};
 use crate::target::Tier;
 use cnnc_runtime::exec::{Arena, Executable, Step};
-use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{types, AbiParam, Endianness, FuncRef, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, Type, Value};
 use cranelift_codegen::{settings::Configurable, Context};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
@@ -702,6 +702,27 @@ impl Gen<'_, '_> {
         self.ptr(buf, i)
     }
 
+    /// The larger lanes of x and y, NaN where either is (as `fmax`), of +0 and −0 either one: one
+    /// `maxps` and, unless an operand is a constant (`constant`: which are), a blend of x's NaNs.
+    /// Cranelift's `fmax` also orders −0 below +0: seven instructions per vector, which were most of
+    /// max pooling's and ReLU's work (measured: docs/benchmarks.md).
+    fn max(&mut self, x: Value, y: Value, constant: [bool; 2]) -> Value {
+        // `maxps x, y` is y unless y < x: y when either is NaN. With a constant (never NaN) operand
+        // in x, that propagates every NaN.
+        let (x, y) = if constant[1] { (y, x) } else { (x, y) };
+        let lanes = MemFlagsData::new().with_endianness(Endianness::Little);
+        let ins = self.b.ins();
+        let lt = ins.fcmp(FloatCC::LessThan, y, x);
+        let lt = self.b.ins().bitcast(types::F32X4, lanes, lt);
+        let m = self.b.ins().bitselect(lt, x, y);
+        if constant[0] || constant[1] {
+            return m;
+        }
+        let nan = self.b.ins().fcmp(FloatCC::Unordered, x, x);
+        let nan = self.b.ins().bitcast(types::F32X4, lanes, nan);
+        self.b.ins().bitselect(nan, x, m)
+    }
+
     fn expr(&mut self, e: &Expr) -> Value {
         match e {
             Expr::Int(v) => self.b.ins().iconst(types::I64, *v),
@@ -737,13 +758,26 @@ impl Gen<'_, '_> {
                     // Scalar fmin/fmax go through the 4-lane instruction: on x64 the scalar form is a
                     // branchy sequence (NaN and ±0 cases) that mispredicts on post-ReLU data full of
                     // equal zeros (measured: docs/benchmarks.md); the vector form is branch-free.
-                    (BinOp::Min | BinOp::Max, false) if self.k.ty(a) == Ty::F32 => {
+                    (BinOp::Min, false) if self.k.ty(a) == Ty::F32 => {
                         let (vx, vy) = (ins.splat(types::F32X4, x), self.b.ins().splat(types::F32X4, y));
-                        let m = if *op == BinOp::Min { self.b.ins().fmin(vx, vy) } else { self.b.ins().fmax(vx, vy) };
+                        let m = self.b.ins().fmin(vx, vy);
                         self.b.ins().extractlane(m, 0)
                     }
+                    (BinOp::Max, false) => {
+                        let scalar = self.k.ty(a) == Ty::F32;
+                        let (vx, vy) = if scalar { (ins.splat(types::F32X4, x), self.b.ins().splat(types::F32X4, y)) } else { (x, y) };
+                        let m = self.max(
+                            vx,
+                            vy,
+                            [a, c].map(|v| matches!(**v, Expr::F32(_)) || matches!(&**v, Expr::Un(UnOp::Splat, s) if matches!(**s, Expr::F32(_)))),
+                        );
+                        if scalar {
+                            self.b.ins().extractlane(m, 0)
+                        } else {
+                            m
+                        }
+                    }
                     (BinOp::Min, false) => ins.fmin(x, y),
-                    (BinOp::Max, false) => ins.fmax(x, y),
                     (BinOp::Lt | BinOp::Le | BinOp::Eq, _) => unreachable!("handled above"),
                     (BinOp::Rem, false) => unreachable!("no float remainder in kernels"),
                 }

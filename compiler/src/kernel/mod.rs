@@ -523,11 +523,18 @@ impl Kb {
     }
 
     /// `for i in lo..hi step`; the closure receives `i`.
+    /// `for var in lo..hi step step { f }`; nothing where the range is constant and empty.
     pub fn for_step(&mut self, lo: impl Into<Expr>, hi: impl Into<Expr>, step: i64, f: impl FnOnce(&mut Kb, Expr)) {
+        let (lo, hi) = (lo.into(), hi.into());
+        if let (Expr::Int(l), Expr::Int(h)) = (&lo, &hi) {
+            if l >= h {
+                return;
+            }
+        }
         let var = Var(self.k.vars.len() as u32);
         self.k.vars.push(Ty::I64);
         let body = self.block(|kb| f(kb, var.into()));
-        self.push(Stmt::For { var, lo: lo.into(), hi: hi.into(), step, body });
+        self.push(Stmt::For { var, lo, hi, step, body });
     }
 
     pub fn for_(&mut self, lo: impl Into<Expr>, hi: impl Into<Expr>, f: impl FnOnce(&mut Kb, Expr)) {

@@ -69,8 +69,7 @@ pub fn pool(kb: &mut Kb, p: &Pool2d, avg: Option<Option<Buf>>, x: Buf, y: Buf, l
         None => acc,
     };
     // Output columns whose window lies inside the row: ox·s − pad ≥ 0 and ox·s − pad + kw ≤ w.
-    let first = p.pad[1].div_ceil(p.stride[1]).min(ow);
-    let last = if w + p.pad[1] >= kw { ((w + p.pad[1] - kw) / p.stride[1] + 1).min(ow).max(first) } else { first };
+    let (first, last) = inside(p, 1, w, ow);
     // The separable form keeps one plane's row reductions on the task's stack; planes too large for
     // that (over 64 KiB of them: worker threads have 2 MiB stacks) take the direct form, window by window.
     if oh * w * 4 > 64 << 10 {
@@ -107,15 +106,30 @@ pub fn pool(kb: &mut Kb, p: &Pool2d, avg: Option<Option<Buf>>, x: Buf, y: Buf, l
     let slide = kb.buf("slide", w, Access::Local);
     kb.for_(lo, hi, |kb, plane| {
         let (src, dst) = (kb.let_(plane.clone() * (h * pitch)), kb.let_(plane * (oh * ow)));
-        kb.for_(0usize, oh, |kb, oy| {
-            let (ylo, yhi) = window(kb, oy.clone(), kh, p.stride[0], p.pad[0], h);
-            let to = kb.let_(oy * w);
+        // Rows whose window lies inside the plane take their kh taps unrolled (a loop per vector of
+        // four cost more than its three loads); the clipped ones loop over their window.
+        let row = |kb: &mut Kb, oy: Expr, clipped: bool| {
+            let to = kb.let_(oy.clone() * w);
+            let (ylo, yhi) = window(kb, oy, kh, p.stride[0], p.pad[0], h);
             overlapping_vector_loop(kb, e(0i64), e(w), |kb, ix, vec| {
-                let acc = kb.var(e(init).lanes(vec));
-                kb.for_(ylo.clone(), yhi.clone(), |kb, iy| kb.set(acc, reduce(e(acc), x.load(src.clone() + iy * pitch + ix.clone(), vec))));
+                let tap = |iy: Expr| x.load(src.clone() + iy * pitch + ix.clone(), vec);
+                let acc = match clipped {
+                    true => {
+                        let acc = kb.var(e(init).lanes(vec));
+                        kb.for_(ylo.clone(), yhi.clone(), |kb, iy| kb.set(acc, reduce(e(acc), tap(iy))));
+                        e(acc)
+                    }
+                    // The same chain as the loop's: max(−∞, a) is a, but 0 + (−0) is +0.
+                    false => (1..kh)
+                        .fold(if avg.is_some() { e(0.0f32).lanes(vec) + tap(ylo.clone()) } else { tap(ylo.clone()) }, |m, ky| reduce(m, tap(ylo.clone() + ky))),
+                };
                 kb.store(rows, to.clone() + ix, acc);
             });
-        });
+        };
+        let (top, bottom) = inside(p, 0, h, oh);
+        kb.for_(0usize, top, |kb, oy| row(kb, oy, true));
+        kb.for_(top, bottom, |kb, oy| row(kb, oy, false));
+        kb.for_(bottom, oh, |kb, oy| row(kb, oy, true));
         kb.for_(0usize, oh, |kb, oy| {
             let (from, to) = (kb.let_(oy.clone() * w), kb.let_(oy.clone() * ow));
             let clipped = |kb: &mut Kb, ox: Expr| {
@@ -148,6 +162,14 @@ pub fn pool(kb: &mut Kb, p: &Pool2d, avg: Option<Option<Buf>>, x: Buf, y: Buf, l
             kb.for_(last, ow, |kb, ox| clipped(kb, ox));
         });
     });
+}
+
+/// The outputs along `axis` whose window lies inside `0..size` (o·s − pad ≥ 0 and o·s − pad + k ≤
+/// size), as a range `first..last` of the `out` outputs (empty where none does).
+fn inside(p: &Pool2d, axis: usize, size: usize, out: usize) -> (usize, usize) {
+    let (k, s, pad) = (p.kernel[axis], p.stride[axis], p.pad[axis]);
+    let first = pad.div_ceil(s).min(out);
+    (first, if size + pad >= k { ((size + pad - k) / s + 1).min(out).max(first) } else { first })
 }
 
 /// Launches the max pooling fused after convolution `n`, from its [oh, ow] output in `x`.
