@@ -623,6 +623,10 @@ mod emu {
                     let v = t.f(&a[1]).mul_add(t.f(&a[2]), t.f(&a[3]));
                     t.set_f(&a[0], v)
                 }
+                "sqrt.rn.f32" => {
+                    let v = t.f(&a[1]).sqrt();
+                    t.set_f(&a[0], v)
+                }
                 "ex2.approx.f32" | "lg2.approx.f32" => {
                     let x = t.f(&a[1]);
                     t.set_f(&a[0], if op.starts_with("ex2") { x.exp2() } else { x.log2() })

@@ -18,7 +18,9 @@ use crate::kernel::{Access, BRows, BinOp, Expr, Gemm, Kernel, Program, Stmt, Tap
 use crate::target::Tier;
 use cnnc_runtime::exec::{Arena, Executable, Step};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
-use cranelift_codegen::ir::{types, AbiParam, Endianness, FuncRef, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, Type, Value};
+use cranelift_codegen::ir::{
+    types, AbiParam, ConstantData, Endianness, FuncRef, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, Type, Value,
+};
 use cranelift_codegen::{settings::Configurable, Context};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 use cranelift_jit::{JITBuilder, JITModule};
@@ -792,6 +794,7 @@ impl Gen<'_, '_> {
                         let (p, q) = (self.b.ins().fadd(l[0], l[1]), self.b.ins().fadd(l[2], l[3]));
                         self.b.ins().fadd(p, q)
                     }
+                    UnOp::Sqrt => self.b.ins().sqrt(x),
                     UnOp::Exp | UnOp::Ln => {
                         // libm's scalar function, lane by lane on a vector.
                         let f = self.math[usize::from(*op == UnOp::Ln)];
@@ -845,6 +848,18 @@ impl Gen<'_, '_> {
                 let [c, x, y] = [0, 1, 2].map(|i| self.expr(&abc[i]));
                 let c = self.b.ins().icmp_imm_s(IntCC::NotEqual, c, 0);
                 self.b.ins().select(c, x, y)
+            }
+            Expr::Shuffle(ab, lanes) => {
+                // Cranelift shuffles bytes; x64 lowers the lane patterns used here to `unpck*ps`/`shufps`.
+                let bytes = MemFlagsData::new().with_endianness(Endianness::Little);
+                let [a, b] = [0, 1].map(|i| {
+                    let v = self.expr(&ab[i]);
+                    self.b.ins().bitcast(types::I8X16, bytes, v)
+                });
+                let mask: Vec<u8> = lanes.iter().flat_map(|&l| (0..4).map(move |k| 4 * l + k)).collect();
+                let mask = self.b.func.dfg.immediates.push(ConstantData::from(mask));
+                let s = self.b.ins().shuffle(a, b, mask);
+                self.b.ins().bitcast(types::F32X4, bytes, s)
             }
             Expr::Thread => unreachable!("`build` refuses GPU-shaped kernels"),
         }

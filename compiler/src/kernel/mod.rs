@@ -107,6 +107,8 @@ pub enum UnOp {
     Lane(u8),
     Exp,
     Ln,
+    /// Correctly rounded, as IEEE 754 requires.
+    Sqrt,
     /// Per lane, the f32 whose top 16 bits are the lane's low 16 bits (a bfloat16 stored there),
     /// zeros below.
     Bf16Lo,
@@ -130,6 +132,9 @@ pub enum Expr {
     },
     /// `cond != 0 ? a : b` (both sides are evaluated).
     Select(Box<[Expr; 3]>),
+    /// Lanes of two vectors: lane i is lane `lanes[i]` of a ++ b (0–3 from a, 4–7 from b). The
+    /// transposes that stride phases and tile outputs need, one or two instructions each on x64.
+    Shuffle(Box<[Expr; 2]>, [u8; 4]),
     /// The running thread's number in its block, `0..block` (GPU-shaped kernels only: [`Kernel::block`]).
     Thread,
 }
@@ -357,6 +362,7 @@ impl Kernel {
             Expr::Fma(abc) => self.ty(&abc[0]),
             Expr::Load { lanes, .. } => lane_ty(*lanes),
             Expr::Select(abc) => self.ty(&abc[1]),
+            Expr::Shuffle(..) => Ty::F32x4,
             Expr::Thread => Ty::I64,
         }
     }
@@ -403,7 +409,7 @@ impl Expr {
         Expr::Un(op, Box::new(self))
     }
     methods!(bin: min Min, max Max, lt Lt, le Le, eq Eq, and And);
-    methods!(un: splat Splat, hsum HSum, exp Exp, ln Ln);
+    methods!(un: splat Splat, hsum HSum, exp Exp, ln Ln, sqrt Sqrt);
     /// Lane `i` of a vector ([`UnOp::Lane`]).
     pub fn lane(self, i: usize) -> Expr {
         assert!(i < LANES, "lane {i} of a {LANES}-lane vector");
@@ -428,6 +434,25 @@ impl Expr {
     pub fn select(self, a: impl Into<Expr>, b: impl Into<Expr>) -> Expr {
         Expr::Select(Box::new([self, a.into(), b.into()]))
     }
+    /// [`Expr::Shuffle`] of `self` and `b`.
+    pub fn shuffle(self, b: impl Into<Expr>, lanes: [u8; 4]) -> Expr {
+        assert!(lanes.iter().all(|&l| l < 8), "lanes {lanes:?} of two 4-lane vectors");
+        Expr::Shuffle(Box::new([self, b.into()]), lanes)
+    }
+}
+
+/// The 4 × 4 transpose of four vectors (row r's lane c becomes row c's lane r): lanes of rows 0 and 1,
+/// then of 2 and 3, interleaved, then their halves joined (x64: eight `unpck` instructions).
+pub fn transpose(rows: [Expr; 4]) -> [Expr; 4] {
+    let [a, b, c, d] = rows;
+    let (ab_lo, ab_hi) = (a.clone().shuffle(b.clone(), [0, 4, 1, 5]), a.shuffle(b, [2, 6, 3, 7]));
+    let (cd_lo, cd_hi) = (c.clone().shuffle(d.clone(), [0, 4, 1, 5]), c.shuffle(d, [2, 6, 3, 7]));
+    [
+        ab_lo.clone().shuffle(cd_lo.clone(), [0, 1, 4, 5]),
+        ab_lo.shuffle(cd_lo, [2, 3, 6, 7]),
+        ab_hi.clone().shuffle(cd_hi.clone(), [0, 1, 4, 5]),
+        ab_hi.shuffle(cd_hi, [2, 3, 6, 7]),
+    ]
 }
 
 /// Converts to an [`Expr`] (`e(v)` reads better than `Expr::from(v)` in kernel builders).
@@ -598,6 +623,7 @@ impl fmt::Display for Expr {
             Expr::Fma(abc) => write!(f, "fma({}, {}, {})", abc[0], abc[1], abc[2]),
             Expr::Load { buf, idx, lanes } => write!(f, "b{}[{idx}{}]", buf.0, if *lanes == 1 { "" } else { ";4" }),
             Expr::Select(abc) => write!(f, "({} ? {} : {})", abc[0], abc[1], abc[2]),
+            Expr::Shuffle(ab, l) => write!(f, "shuffle({}, {}, {l:?})", ab[0], ab[1]),
             Expr::Thread => write!(f, "thread"),
         }
     }

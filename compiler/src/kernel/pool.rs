@@ -151,12 +151,22 @@ pub fn pool(kb: &mut Kb, p: &Pool2d, avg: Option<Option<Buf>>, x: Buf, y: Buf, l
                         kb.store(y, dst.clone() + at.clone(), finish(window_at(ox - p.pad[1], vec), at, vec));
                     });
                 } else {
-                    let start = |ox: usize| (ox * p.stride[1] - p.pad[1]) as i64;
+                    let s = p.stride[1];
+                    let start = |ox: usize| (ox * s - p.pad[1]) as i64;
                     overlapping_vector_loop(kb, e(start(first)), e(start(last - 1) + 1), |kb, i, vec| kb.store(slide, i.clone(), window_at(i, vec)));
-                    kb.for_(first, last, |kb, ox| {
+                    // Stride 2 takes four outputs as the even lanes of two vectors from the first one's
+                    // start, where the second vector stays inside `slide` (its last lane is not used).
+                    let pairs = s == 2 && start(last) <= w as i64;
+                    let pick = |kb: &mut Kb, ox: Expr, vec: bool| {
                         let at = kb.let_(to.clone() + ox.clone());
-                        kb.store(y, dst.clone() + at.clone(), finish(slide.at(ox * p.stride[1] - p.pad[1]), at, false));
-                    });
+                        let from = kb.let_(ox * s - p.pad[1]);
+                        let v = if vec { slide.load(from.clone(), true).shuffle(slide.load(from + 4i64, true), [0, 2, 4, 6]) } else { slide.at(from) };
+                        kb.store(y, dst.clone() + at.clone(), finish(v, at, vec));
+                    };
+                    match pairs {
+                        true => overlapping_vector_loop(kb, e(first), e(last), pick),
+                        false => kb.for_(first, last, |kb, ox| pick(kb, ox, false)),
+                    }
                 }
             }
             kb.for_(last, ow, |kb, ox| clipped(kb, ox));

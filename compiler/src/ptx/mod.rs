@@ -505,8 +505,8 @@ impl Gen {
                     let (p, q) = (self.float_op(BinOp::Add, &x[0], &x[1])?, self.float_op(BinOp::Add, &x[2], &x[3])?);
                     Val::F(self.float_op(BinOp::Add, &p, &q)?)
                 }
-                (UnOp::Exp | UnOp::Ln, Val::F(x)) => Val::F(self.math(*op, &x)),
-                (UnOp::Exp | UnOp::Ln, Val::V(x)) => Val::V(lanes(|l| Ok(self.math(*op, &x[l])))?),
+                (UnOp::Exp | UnOp::Ln | UnOp::Sqrt, Val::F(x)) => Val::F(self.math(*op, &x)),
+                (UnOp::Exp | UnOp::Ln | UnOp::Sqrt, Val::V(x)) => Val::V(lanes(|l| Ok(self.math(*op, &x[l])))?),
                 (UnOp::Bf16Lo | UnOp::Bf16Hi, Val::F(x)) => Val::F(self.bf16(*op, &x)),
                 (UnOp::Bf16Lo | UnOp::Bf16Hi, Val::V(x)) => Val::V(lanes(|l| Ok(self.bf16(*op, &x[l])))?),
                 _ => return Err(format!("`{e}` applies {op:?} to an operand of the wrong type")),
@@ -541,6 +541,11 @@ impl Gen {
                     _ => return Err(format!("`{e}` loads {n} lanes")),
                 }
             }
+            Expr::Shuffle(ab, lanes) => match (self.expr(&ab[0])?, self.expr(&ab[1])?) {
+                // Registers renamed, no instruction.
+                (Val::V(x), Val::V(y)) => Val::V(lanes.map(|l| if l < 4 { x[l as usize].clone() } else { y[l as usize - 4].clone() })),
+                _ => return Err(format!("`{e}` shuffles operands that are not vectors")),
+            },
             Expr::Select(abc) => {
                 let c = self.int(&abc[0])?;
                 let p = self.tmp(Kind::P);
@@ -576,15 +581,19 @@ impl Gen {
         d
     }
 
-    /// `exp(x) = 2^(x·log2 e)`, `ln(x) = log2(x)·ln 2`.
+    /// `exp(x) = 2^(x·log2 e)`, `ln(x) = log2(x)·ln 2`; `sqrt` correctly rounded, as the CPU's.
     fn math(&mut self, op: UnOp, x: &str) -> String {
         let (t, d) = (self.tmp(Kind::F), self.tmp(Kind::F));
-        if op == UnOp::Exp {
-            self.ins(format!("mul.rn.f32 {t}, {x}, {}", imm_f32(LOG2_E)));
-            self.ins(format!("ex2.approx.f32 {d}, {t}"));
-        } else {
-            self.ins(format!("lg2.approx.f32 {t}, {x}"));
-            self.ins(format!("mul.rn.f32 {d}, {t}, {}", imm_f32(LN_2)));
+        match op {
+            UnOp::Exp => {
+                self.ins(format!("mul.rn.f32 {t}, {x}, {}", imm_f32(LOG2_E)));
+                self.ins(format!("ex2.approx.f32 {d}, {t}"));
+            }
+            UnOp::Sqrt => self.ins(format!("sqrt.rn.f32 {d}, {x}")),
+            _ => {
+                self.ins(format!("lg2.approx.f32 {t}, {x}"));
+                self.ins(format!("mul.rn.f32 {d}, {t}, {}", imm_f32(LN_2)));
+            }
         }
         d
     }
