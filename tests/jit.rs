@@ -669,3 +669,31 @@ fn nan_survives_max_pooling_and_relu() {
         }
     }
 }
+
+/// ResNet's conv1 in miniature: a 7×7 stride-2 convolution over a padded 30 × 30 input, whose two
+/// column phases are split four columns at a time (deinterleaved vectors between scalar edges), then
+/// the 3×3 stride-2 max pool that takes four outputs from two vectors' even lanes.
+#[test]
+fn stride_two_phases_and_pool_in_vectors() {
+    for w in [30, 33] {
+        Problem {
+            batch: 2,
+            c: 3,
+            h: 30,
+            w,
+            layer: Layer::Conv {
+                out: 8,
+                k: [7, 7],
+                stride: 2,
+                pad: 3,
+                groups: 1,
+                bias: true,
+                relu: true,
+                pool: Some(Pool { max: true, k: 3, stride: 2, pad: 0, cover_all: true }),
+                add: false,
+                dilate: 1,
+            },
+        }
+        .check();
+    }
+}

@@ -4,7 +4,7 @@
 //! Invariant left: a helper writes only the elements it is given, and [`Tables`] numbers stores,
 //! parameters and launches in the order they are asked for (the memory plan and listings rely on it).
 
-use super::{e, Access, Buf, Expr, Kb, Kernel, Tier, WeightsDtype, Winograd, LANES};
+use super::{e, transpose, Access, Buf, Expr, Kb, Kernel, Tier, WeightsDtype, Winograd, LANES};
 use cnnc_runtime::exec::Buffer;
 use cnnc_runtime::op::Pool2d;
 use cnnc_runtime::{Op, Tensor};
@@ -274,14 +274,20 @@ pub fn phase_split(t: &mut Tables, n: &Node, stride: [usize; 2], [p0, p1]: [usiz
         let src0 = kb.let_(plane.clone() * (h * w) + iy * w - p1);
         // The column phases unrolled, so that each one's bounds are constants: rows are short (a
         // Winograd input's phases are 4–5 wide) and computing them per row cost more than the copy.
-        for rx in 0..s1 {
-            let dst = kb.let_((((plane.clone() * s0 + ry.clone()) * s1 + rx) * ph.hq + iq.clone()) * ph.wq);
-            // Phase columns jq whose input column jq·s1 + rx − p1 is inside the image.
-            let jlo = ((p1 + s1 - 1).saturating_sub(rx) / s1).min(ph.wq);
-            let jhi = ((w + p1 + s1 - 1 - rx) / s1).min(ph.wq).max(jlo);
-            kb.if_else(
-                inside.clone(),
-                |kb| {
+        let dst: Vec<Expr> = (0..s1).map(|rx| kb.let_((((plane.clone() * s0 + ry.clone()) * s1 + rx) * ph.hq + iq.clone()) * ph.wq)).collect();
+        // Phase columns jq whose input column jq·s1 + rx − p1 is inside the image: jlo(rx)..jhi(rx).
+        let jlo = |rx: usize| ((p1 + s1 - 1).saturating_sub(rx) / s1).min(ph.wq);
+        let jhi = |rx: usize| ((w + p1 + s1 - 1 - rx) / s1).min(ph.wq).max(jlo(rx));
+        // With 2 or 4 phases, the columns inside for every phase (j0..j1, four or more) are
+        // deinterleaved four at a time: s1 vectors of 4·s1 consecutive input columns, transposed
+        // (4 phases) or split into even and odd lanes (2), one vector store per phase.
+        let (j0, j1) = ((0..s1).map(jlo).max().unwrap_or(0), (0..s1).map(jhi).min().unwrap_or(0));
+        let (j0, j1) = if (s1 == 2 || s1 == 4) && j1 >= j0 + LANES { (j0, j1) } else { (0, 0) };
+        kb.if_else(
+            inside,
+            |kb| {
+                for (rx, dst) in dst.iter().enumerate() {
+                    let (jlo, jhi) = (jlo(rx), jhi(rx));
                     if jlo > 0 {
                         zero(kb, qb, dst.clone(), e(jlo));
                     }
@@ -291,20 +297,35 @@ pub fn phase_split(t: &mut Tables, n: &Node, stride: [usize; 2], [p0, p1]: [usiz
                     } else {
                         // Loop-carried addresses: Cranelift otherwise recomputed src and dst from their
                         // multiplications in every iteration (seen in --emit asm).
-                        let (from, to) = (kb.var(src.clone() + jlo * s1), kb.var(dst.clone() + jlo));
-                        kb.for_(jlo, jhi, |kb, _| {
-                            kb.store(qb, to, xb.at(from));
-                            kb.set(from, from + s1);
-                            kb.set(to, to + 1i64);
-                        });
+                        for (a, b) in [(jlo, j0.max(jlo)), (j1.max(jlo), jhi)] {
+                            let (from, to) = (kb.var(src.clone() + a * s1), kb.var(dst.clone() + a));
+                            kb.for_(a, b, |kb, _| {
+                                kb.store(qb, to, xb.at(from));
+                                kb.set(from, from + s1);
+                                kb.set(to, to + 1i64);
+                            });
+                        }
                     }
                     if jhi < ph.wq {
                         zero(kb, qb, dst.clone() + jhi, e(ph.wq - jhi));
                     }
-                },
-                |kb| zero(kb, qb, dst.clone(), e(ph.wq)),
-            );
-        }
+                }
+                if j1 > j0 {
+                    overlapping_vector_loop(kb, e(j0), e(j1), |kb, jq, _| {
+                        let at = kb.let_(src0.clone() + jq.clone() * s1);
+                        let l: Vec<Expr> = (0..s1).map(|k| kb.let_(xb.load(at.clone() + k * LANES, true))).collect();
+                        let phases = match s1 {
+                            4 => transpose([0, 1, 2, 3].map(|k| l[k].clone())).to_vec(),
+                            _ => vec![l[0].clone().shuffle(l[1].clone(), [0, 2, 4, 6]), l[0].clone().shuffle(l[1].clone(), [1, 3, 5, 7])],
+                        };
+                        for (dst, v) in dst.iter().zip(phases) {
+                            kb.store(qb, dst.clone() + jq.clone(), v);
+                        }
+                    });
+                }
+            },
+            |kb| dst.iter().for_each(|dst| zero(kb, qb, dst.clone(), e(ph.wq))),
+        );
     });
     t.launch(kb.finish(), vec![n.ins[0].0, out], 0);
     (out, ph)

@@ -24,7 +24,7 @@
 use super::common::{add_tail, guarded, overlapping_vector_loop, phase_split, Epilogue, Node, Ref, Tables};
 use super::gemm::{packed_planes, plane_products};
 use super::pool::pool_launch;
-use super::{e, Access, Expr, Kb, Tier, LANES};
+use super::{e, transpose, Access, Expr, Kb, Tier, LANES};
 use cnnc_runtime::op::Conv2d;
 
 /// One minimal filtering algorithm: m×m output tiles of an r×r filter.
@@ -404,12 +404,31 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, ep: Epilogue, [oh, ow
         };
         // Stores `out` (one tile's, or four's as vectors): tile u's (i, j) at y[at + i·yw + j] for
         // `places[u]` = [at, rows, columns] inside the output, checked unless `full` (a constant 1: always).
-        let scatter = |kb: &mut Kb, out: Vec<Expr>, places: Vec<[Expr; 3]>, full: Expr| {
+        // Four `adjacent` tiles (each mo columns right of the last) of 2×2 or 4×4 values make each of
+        // their output rows 4·mo contiguous floats: where all are inside, the vectors are transposed
+        // into those rows (8 or 4 shuffles, 4·mo/4 stores a row); otherwise each value goes through `tmp`.
+        let scatter = |kb: &mut Kb, out: Vec<Expr>, places: Vec<[Expr; 3]>, full: Expr, adjacent: bool| {
             let tiles = places.len();
-            for (i, val) in out.into_iter().enumerate() {
-                kb.store(tmp, e(i * tiles), val);
-            }
+            let out: Vec<Expr> = out.into_iter().map(|v| kb.let_(v)).collect();
+            let rows = |kb: &mut Kb| {
+                for i in 0..mo {
+                    let r = &out[i * mo..][..mo];
+                    let line = match mo {
+                        4 => transpose([0, 1, 2, 3].map(|j| r[j].clone())).to_vec(),
+                        _ => vec![r[0].clone().shuffle(r[1].clone(), [0, 4, 1, 5]), r[0].clone().shuffle(r[1].clone(), [2, 6, 3, 7])],
+                    };
+                    for (k, v) in line.into_iter().enumerate() {
+                        kb.store(yb, places[0][0].clone() + (i * yw + k * LANES), v);
+                    }
+                }
+            };
             let stores = |kb: &mut Kb, checked: bool| {
+                if !checked && adjacent && tiles == LANES && (mo == 2 || mo == 4) {
+                    return rows(kb);
+                }
+                for (i, val) in out.iter().enumerate() {
+                    kb.store(tmp, e(i * tiles), val.clone());
+                }
                 for i in 0..mo {
                     for (u, [at, rows, width]) in places.iter().enumerate() {
                         guarded(kb, (checked && i > 0).then(|| e(i).lt(rows.clone())), |kb| {
@@ -441,7 +460,7 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, ep: Epilogue, [oh, ow
                     };
                     let places = (0..if vec { LANES } else { 1 }).map(|u| place(kb, u)).collect();
                     // Every tile lies inside the output when the map is a whole number of tiles.
-                    scatter(kb, out, places, e(i64::from(yh % mo == 0 && yw % mo == 0)))
+                    scatter(kb, out, places, e(i64::from(yh % mo == 0 && yw % mo == 0)), false)
                 });
                 if let Some(rb) = residual {
                     kb.for_(0usize, images, |kb, img| {
@@ -468,7 +487,7 @@ pub fn lower(t: &mut Tables, n: &Node, c: &Conv2d, f: Fmr, ep: Epilogue, [oh, ow
                         }
                         let tiles = if vec { LANES } else { 1 };
                         let places = (0..tiles).map(|u| [at.clone() + u * mo, rows.clone(), width.clone() - u * mo]).collect();
-                        scatter(kb, out, places, rows.clone().eq(mo).and(e(tiles * mo).le(width.clone())))
+                        scatter(kb, out, places, rows.clone().eq(mo).and(e(tiles * mo).le(width.clone())), true)
                     });
                 });
                 if let Some(rb) = residual {
