@@ -2,7 +2,8 @@
 //!
 //! A [`Kernel`] is a function over numbered flat `f32` buffers: one parallel loop `0..extent` that the
 //! runtime splits into contiguous ranges (one per task), and inside it ordinary statements — counted
-//! loops, conditionals, scalar and 4-lane vector loads, stores, FMAs, min/max and a few math calls.
+//! loops, conditionals, scalar and 4-lane vector loads, stores, FMAs, min/max, lane shuffles and a few
+//! math calls.
 //! Integers are `i64`, indices count elements (not bytes). Kernels are built with [`Kb`], whose
 //! closures keep the nesting of the source equal to the nesting of the loops.
 //!

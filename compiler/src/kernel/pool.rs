@@ -49,12 +49,13 @@ pub fn counts(p: &Pool2d, [h, w]: [usize; 2], [oh, ow]: [usize; 2]) -> Vec<f32> 
 ///
 /// Both are separable (planes whose row reductions would not fit the stack go window by window, in
 /// (ky, kx) order): each output row first reduces its window's input rows, column by column, into a
-/// local buffer (in ky order), then each window of kw columns there (in kx order) at every start
-/// position (both four columns at a time), of which the output takes every stride-th; windows clipped
-/// by the edges are scalar. For max this is the same result; a sum is reassociated (columns first),
-/// within an ulp or so of the reference's (ky, kx) order. Per 3×3 window that is 4 adds instead of 8,
-/// each chain two deep instead of eight, and scalar maxima are what it avoids: Cranelift's IEEE `fmax`
-/// is a several-instruction sequence on x64 (measured: docs/benchmarks.md).
+/// local buffer (in ky order; rows whose window lies inside the plane with their taps unrolled), then
+/// each window of kw columns there (in kx order) at every start position (both four columns at a
+/// time), of which the output takes every stride-th (with stride 2 four at a time, the even lanes of
+/// two vectors); windows clipped by the edges are scalar. For max this is the same result; a sum is
+/// reassociated (columns first), within an ulp or so of the reference's (ky, kx) order. Per 3×3 window
+/// that is 4 adds instead of 8, each chain two deep instead of eight, and few scalar maxima, each of
+/// which costs what a vector of four does (measured: docs/benchmarks.md).
 #[allow(clippy::too_many_arguments)]
 pub fn pool(kb: &mut Kb, p: &Pool2d, avg: Option<Option<Buf>>, x: Buf, y: Buf, lo: Expr, hi: Expr, [h, w, pitch]: [usize; 3], [oh, ow]: [usize; 2]) {
     let [kh, kw] = p.kernel;
