@@ -258,8 +258,12 @@ fn direct(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue, [oh, ow]: [usize; 
     // A strided 1×1 convolution reads the pixels it uses, copied out (a quarter of ResNet's stride-2
     // inputs) instead of every stride phase of the input.
     let x = if c.stride == [1, 1] || columns != Columns::Input { n.ins[0].0 } else { subsample(t, n, c.stride, [oh, ow]) };
-    // Slices of k per tile call, whole rows of kw taps.
-    let kc = kc(t.tier).map_or(g.k, |kc| (kc / kw).max(1) * kw);
+    // Slices of k per tile call, whole rows of kw taps. An AVX2 tile reading the input in place, whose
+    // rows are not whole cache lines apart (7 × 7 and 14 × 14 maps), touches two lines per k for its
+    // 16 columns: where k takes several slices anyway, half the depth keeps that panel in L1d. (Not
+    // under one whole tile: NIN's 9-column Winograd products were slower.)
+    let split = t.tier == Tier::Avx2 && columns == Columns::Input && g.p > nr && g.p % nr != 0 && kc(t.tier).is_some_and(|kc| g.k > kc);
+    let kc = kc(t.tier).map_or(g.k, |kc| (kc / if split { 2 } else { 1 } / kw).max(1) * kw);
     let slices = g.k.div_ceil(kc);
     let ntiles = g.p.div_ceil(nr);
     // Packing reads the input through a zero-padded, stride-phase-split copy (see [`Phased`]), so that
