@@ -262,7 +262,7 @@ fn direct(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue, [oh, ow]: [usize; 
     // rows are not whole cache lines apart (7 × 7 and 14 × 14 maps), touches two lines per k for its
     // 16 columns: where k takes several slices anyway, half the depth keeps that panel in L1d. (Not
     // under one whole tile: NIN's 9-column Winograd products were slower.)
-    let split = t.tier == Tier::Avx2 && columns == Columns::Input && g.p > nr && g.p % nr != 0 && kc(t.tier).is_some_and(|kc| g.k > kc);
+    let split = t.tier == Tier::Avx2 && columns == Columns::Input && g.p > nr && !g.p.is_multiple_of(nr) && kc(t.tier).is_some_and(|kc| g.k > kc);
     let kc = kc(t.tier).map_or(g.k, |kc| (kc / if split { 2 } else { 1 } / kw).max(1) * kw);
     let slices = g.k.div_ceil(kc);
     let ntiles = g.p.div_ceil(nr);
