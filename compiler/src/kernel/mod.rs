@@ -548,8 +548,7 @@ impl Kb {
         self.blocks.pop().expect("opened above")
     }
 
-    /// `for i in lo..hi step`; the closure receives `i`.
-    /// `for var in lo..hi step step { f }`; nothing where the range is constant and empty.
+    /// `for i in lo..hi step`; the closure receives `i`. Nothing where the range is constant and empty.
     pub fn for_step(&mut self, lo: impl Into<Expr>, hi: impl Into<Expr>, step: i64, f: impl FnOnce(&mut Kb, Expr)) {
         let (lo, hi) = (lo.into(), hi.into());
         if let (Expr::Int(l), Expr::Int(h)) = (&lo, &hi) {

@@ -583,17 +583,18 @@ impl Gen {
 
     /// `exp(x) = 2^(x·log2 e)`, `ln(x) = log2(x)·ln 2`; `sqrt` correctly rounded, as the CPU's.
     fn math(&mut self, op: UnOp, x: &str) -> String {
+        if op == UnOp::Sqrt {
+            let d = self.tmp(Kind::F);
+            self.ins(format!("sqrt.rn.f32 {d}, {x}"));
+            return d;
+        }
         let (t, d) = (self.tmp(Kind::F), self.tmp(Kind::F));
-        match op {
-            UnOp::Exp => {
-                self.ins(format!("mul.rn.f32 {t}, {x}, {}", imm_f32(LOG2_E)));
-                self.ins(format!("ex2.approx.f32 {d}, {t}"));
-            }
-            UnOp::Sqrt => self.ins(format!("sqrt.rn.f32 {d}, {x}")),
-            _ => {
-                self.ins(format!("lg2.approx.f32 {t}, {x}"));
-                self.ins(format!("mul.rn.f32 {d}, {t}, {}", imm_f32(LN_2)));
-            }
+        if op == UnOp::Exp {
+            self.ins(format!("mul.rn.f32 {t}, {x}, {}", imm_f32(LOG2_E)));
+            self.ins(format!("ex2.approx.f32 {d}, {t}"));
+        } else {
+            self.ins(format!("lg2.approx.f32 {t}, {x}"));
+            self.ins(format!("mul.rn.f32 {d}, {t}, {}", imm_f32(LN_2)));
         }
         d
     }
