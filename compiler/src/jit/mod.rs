@@ -75,6 +75,15 @@ extern "C" fn cnnc_logf(x: f32) -> f32 {
     x.ln()
 }
 
+/// Whether `e` is a float constant, or a splat of one.
+fn constant(e: &Expr) -> bool {
+    match e {
+        Expr::F32(_) => true,
+        Expr::Un(UnOp::Splat, s) => matches!(**s, Expr::F32(_)),
+        _ => false,
+    }
+}
+
 /// The JIT module, kept alive while its code may run, freed after.
 struct Code(Option<JITModule>);
 // SAFETY: after `finalize_definitions` the module is never used again except to free it on drop; the
@@ -768,11 +777,7 @@ impl Gen<'_, '_> {
                     (BinOp::Max, false) => {
                         let scalar = self.k.ty(a) == Ty::F32;
                         let (vx, vy) = if scalar { (ins.splat(types::F32X4, x), self.b.ins().splat(types::F32X4, y)) } else { (x, y) };
-                        let m = self.max(
-                            vx,
-                            vy,
-                            [a, c].map(|v| matches!(**v, Expr::F32(_)) || matches!(&**v, Expr::Un(UnOp::Splat, s) if matches!(**s, Expr::F32(_)))),
-                        );
+                        let m = self.max(vx, vy, [a, c].map(|v| constant(v)));
                         if scalar {
                             self.b.ins().extractlane(m, 0)
                         } else {

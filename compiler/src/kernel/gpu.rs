@@ -187,8 +187,12 @@ fn gemm(
     let (mp, kp) = (mt * bm, slices * BK);
     // A, per group, k-major with zero rows and columns up to whole tiles: [g][kp][mp].
     let ap = t.packed(buffer(groups * kp * mp, |packed| {
-        for (g, gm, kk) in (0..groups).flat_map(|g| (0..m).flat_map(move |mm| (0..k).map(move |kk| (g, mm, kk)))) {
-            packed[(g * kp + kk) * mp + gm] = dtype.round(a[(g * m + gm) * k + kk]);
+        // Row g·m + gm of A is output channel gm of group g.
+        for (row, weights) in a.chunks(k).enumerate() {
+            let (g, gm) = (row / m, row % m);
+            for (kk, &v) in weights.iter().enumerate() {
+                packed[(g * kp + kk) * mp + gm] = dtype.round(v);
+            }
         }
     }));
     let bp = t.packed(buffer(groups * mp, |bias_p| {
