@@ -5,7 +5,7 @@
 //! stack; the order depends only on the shape, never on the tier or the thread count.
 
 use super::common::{overlapping_vector_loop, Node, Ref, Tables};
-use super::{e, Access, Buf, Expr, Kb};
+use super::{e, Access, Buf, Expr, Kb, LANES};
 use cnnc_runtime::op::Pool2d;
 use cnnc_runtime::Op;
 
@@ -49,13 +49,15 @@ pub fn counts(p: &Pool2d, [h, w]: [usize; 2], [oh, ow]: [usize; 2]) -> Vec<f32> 
 ///
 /// Both are separable (planes whose row reductions would not fit the stack go window by window, in
 /// (ky, kx) order): each output row first reduces its window's input rows, column by column, into a
-/// local buffer (in ky order; rows whose window lies inside the plane with their taps unrolled), then
-/// each window of kw columns there (in kx order) at every start position (both four columns at a
-/// time), of which the output takes every stride-th (with stride 2 four at a time, the even lanes of
-/// two vectors); windows clipped by the edges are scalar. For max this is the same result; a sum is
-/// reassociated (columns first), within an ulp or so of the reference's (ky, kx) order. Per 3×3 window
-/// that is 4 adds instead of 8, each chain two deep instead of eight, and few scalar maxima, each of
-/// which costs what a vector of four does (measured: docs/benchmarks.md).
+/// local row (in ky order; rows whose window lies inside the plane with their taps unrolled), padded
+/// with the reduction's identity (−∞ or 0) where windows reach past the row; then each window of kw
+/// cells there (in kx order) at every start position, four at a time, of which the output takes every
+/// stride-th (with stride 2 four at a time, the even lanes of two vectors). For max this is the same
+/// result; a sum is reassociated (columns first), within an ulp or so of the reference's (ky, kx)
+/// order, and an identity cell adds nothing (x + 0 = x but for −0, whose sign a sum from 0 loses
+/// anyway). Per 3×3 window that is 4 adds instead of 8, each chain two deep instead of eight, and no
+/// scalar windows at the edges (a scalar costs what a vector of four does; measured:
+/// docs/benchmarks.md).
 #[allow(clippy::too_many_arguments)]
 pub fn pool(kb: &mut Kb, p: &Pool2d, avg: Option<Option<Buf>>, x: Buf, y: Buf, lo: Expr, hi: Expr, [h, w, pitch]: [usize; 3], [oh, ow]: [usize; 2]) {
     let [kh, kw] = p.kernel;
@@ -71,9 +73,15 @@ pub fn pool(kb: &mut Kb, p: &Pool2d, avg: Option<Option<Buf>>, x: Buf, y: Buf, l
     };
     // Output columns whose window lies inside the row: ox·s − pad ≥ 0 and ox·s − pad + kw ≤ w.
     let (first, last) = inside(p, 1, w, ow);
+    // Each row's reductions sit between `left` cells of the reduction's identity (−∞ or 0) and `right`
+    // more (a ceil-mode window may end past the right padding), `stride` apart: every window then
+    // reduces kw cells, as a clipped one would its cells inside (max(−∞, a) = a, 0 + a = a, in the same
+    // order), and all outputs go four at a time.
+    let (left, right) = (p.pad[1], (ow - 1) * p.stride[1] + kw - (p.pad[1] + w).min((ow - 1) * p.stride[1] + kw));
+    let stride = left + w + right;
     // The separable form keeps one plane's row reductions on the task's stack; planes too large for
     // that (over 64 KiB of them: worker threads have 2 MiB stacks) take the direct form, window by window.
-    if oh * w * 4 > 64 << 10 {
+    if oh * stride * 4 > 64 << 10 {
         // Window by window in (ky, kx) order; with stride 1 the windows inside the row four at a time.
         let (first, last) = if p.stride[1] == 1 { (first, last) } else { (ow, ow) };
         return kb.for_(lo, hi, |kb, plane| {
@@ -101,16 +109,18 @@ pub fn pool(kb: &mut Kb, p: &Pool2d, avg: Option<Option<Buf>>, x: Buf, y: Buf, l
             });
         });
     }
-    let rows = kb.buf("rows", oh * w, Access::Local);
-    // Window reductions at every start position of a row (`slide[i]`: its kw columns from i), of which
-    // the output takes every stride-th.
-    let slide = kb.buf("slide", w, Access::Local);
+    let rows = kb.buf("rows", oh * stride, Access::Local);
+    // Window reductions at every start position of a row (`slide[i]`: its kw cells from i), of which
+    // the output takes every stride-th; 2·LANES more for the pairs' unused lanes.
+    let slide = kb.buf("slide", stride + 2 * LANES, Access::Local);
     kb.for_(lo, hi, |kb, plane| {
         let (src, dst) = (kb.let_(plane.clone() * (h * pitch)), kb.let_(plane * (oh * ow)));
         // Rows whose window lies inside the plane take their kh taps unrolled (a loop per vector of
         // four cost more than its three loads); the clipped ones loop over their window.
         let row = |kb: &mut Kb, oy: Expr, clipped: bool| {
-            let to = kb.let_(oy.clone() * w);
+            let to = kb.let_(oy.clone() * stride);
+            (0..left).chain(left + w..stride).for_each(|i| kb.store(rows, to.clone() + i, e(init)));
+            let to = kb.let_(to + left);
             let (ylo, yhi) = window(kb, oy, kh, p.stride[0], p.pad[0], h);
             overlapping_vector_loop(kb, e(0i64), e(w), |kb, ix, vec| {
                 let tap = |iy: Expr| x.load(src.clone() + iy * pitch + ix.clone(), vec);
@@ -132,45 +142,31 @@ pub fn pool(kb: &mut Kb, p: &Pool2d, avg: Option<Option<Buf>>, x: Buf, y: Buf, l
         kb.for_(top, bottom, |kb, oy| row(kb, oy, false));
         kb.for_(bottom, oh, |kb, oy| row(kb, oy, true));
         kb.for_(0usize, oh, |kb, oy| {
-            let (from, to) = (kb.let_(oy.clone() * w), kb.let_(oy.clone() * ow));
-            let clipped = |kb: &mut Kb, ox: Expr| {
-                let (xlo, xhi) = window(kb, ox.clone(), kw, p.stride[1], p.pad[1], w);
-                let acc = kb.var(e(init));
-                kb.for_(xlo, xhi, |kb, ix| kb.set(acc, reduce(e(acc), rows.at(from.clone() + ix))));
-                let at = kb.let_(to.clone() + ox);
-                kb.store(y, dst.clone() + at.clone(), finish(e(acc), at, false));
-            };
-            kb.for_(0usize, first, |kb, ox| clipped(kb, ox));
-            if last > first {
-                let window_at = |i: Expr, vec: bool| {
-                    (1..kw).fold(rows.load(from.clone() + i.clone(), vec), |m, kx| reduce(m, rows.load(from.clone() + i.clone() + kx, vec)))
-                };
-                if p.stride[1] == 1 {
-                    // Output column ox's window starts at ox − pad: straight into y.
-                    overlapping_vector_loop(kb, e(first), e(last), |kb, ox, vec| {
-                        let at = kb.let_(to.clone() + ox.clone());
-                        kb.store(y, dst.clone() + at.clone(), finish(window_at(ox - p.pad[1], vec), at, vec));
-                    });
-                } else {
-                    let s = p.stride[1];
-                    let start = |ox: usize| (ox * s - p.pad[1]) as i64;
-                    overlapping_vector_loop(kb, e(start(first)), e(start(last - 1) + 1), |kb, i, vec| kb.store(slide, i.clone(), window_at(i, vec)));
-                    // Stride 2 takes four outputs as the even lanes of two vectors from the first one's
-                    // start, where the second vector stays inside `slide` (its last lane is not used).
-                    let pairs = s == 2 && start(last) <= w as i64;
-                    let pick = |kb: &mut Kb, ox: Expr, vec: bool| {
-                        let at = kb.let_(to.clone() + ox.clone());
-                        let from = kb.let_(ox * s - p.pad[1]);
-                        let v = if vec { slide.load(from.clone(), true).shuffle(slide.load(from + 4i64, true), [0, 2, 4, 6]) } else { slide.at(from) };
-                        kb.store(y, dst.clone() + at.clone(), finish(v, at, vec));
-                    };
-                    match pairs {
-                        true => overlapping_vector_loop(kb, e(first), e(last), pick),
-                        false => kb.for_(first, last, |kb, ox| pick(kb, ox, false)),
-                    }
-                }
+            let (from, to) = (kb.let_(oy.clone() * stride), kb.let_(oy.clone() * ow));
+            // The window from cell i of the row, in kx order.
+            let window_at =
+                |i: Expr, vec: bool| (1..kw).fold(rows.load(from.clone() + i.clone(), vec), |m, kx| reduce(m, rows.load(from.clone() + i.clone() + kx, vec)));
+            let s = p.stride[1];
+            if s == 1 {
+                // Output column ox's window starts at cell ox: straight into y.
+                return overlapping_vector_loop(kb, e(0i64), e(ow), |kb, ox, vec| {
+                    let at = kb.let_(to.clone() + ox.clone());
+                    kb.store(y, dst.clone() + at.clone(), finish(window_at(ox, vec), at, vec));
+                });
             }
-            kb.for_(last, ow, |kb, ox| clipped(kb, ox));
+            overlapping_vector_loop(kb, e(0i64), e((ow - 1) * s + 1), |kb, i, vec| kb.store(slide, i.clone(), window_at(i, vec)));
+            // Stride 2 takes four outputs as the even lanes of two vectors from the first one's
+            // start (the last lane of the second is not used).
+            let pick = |kb: &mut Kb, ox: Expr, vec: bool| {
+                let at = kb.let_(to.clone() + ox.clone());
+                let from = kb.let_(ox * s);
+                let v = if vec { slide.load(from.clone(), true).shuffle(slide.load(from + 4i64, true), [0, 2, 4, 6]) } else { slide.at(from) };
+                kb.store(y, dst.clone() + at.clone(), finish(v, at, vec));
+            };
+            match s {
+                2 => overlapping_vector_loop(kb, e(0i64), e(ow), pick),
+                _ => kb.for_(0usize, ow, |kb, ox| pick(kb, ox, false)),
+            }
         });
     });
 }
