@@ -50,14 +50,13 @@ pub fn counts(p: &Pool2d, [h, w]: [usize; 2], [oh, ow]: [usize; 2]) -> Vec<f32> 
 /// Both are separable (planes whose row reductions would not fit the stack go window by window, in
 /// (ky, kx) order): each output row first reduces its window's input rows, column by column, into a
 /// local row (in ky order; rows whose window lies inside the plane with their taps unrolled), padded
-/// with the reduction's identity (−∞ or 0) where windows reach past the row; then each window of kw
-/// cells there (in kx order) at every start position, four at a time, of which the output takes every
-/// stride-th (with stride 2 four at a time, the even lanes of two vectors). For max this is the same
-/// result; a sum is reassociated (columns first), within an ulp or so of the reference's (ky, kx)
-/// order, and an identity cell adds nothing (x + 0 = x but for −0, whose sign a sum from 0 loses
-/// anyway). Per 3×3 window that is 4 adds instead of 8, each chain two deep instead of eight, and no
-/// scalar windows at the edges (a scalar costs what a vector of four does; measured:
-/// docs/benchmarks.md).
+/// with the reduction's identity (−∞ or 0) where windows reach past the row; then each output's window
+/// of kw cells there (in kx order), four outputs at a time for strides 1 and 2 (stride 2: each pair of
+/// taps from the even and odd lanes of two vectors). For max this is the same result; a sum is
+/// reassociated (columns first), within an ulp or so of the reference's (ky, kx) order, and an
+/// identity cell adds nothing (x + 0 = x but for −0, whose sign a sum from 0 loses anyway). Per 3×3
+/// window that is 4 adds instead of 8, each chain two deep instead of eight, and no scalar windows at
+/// the edges (a scalar costs what a vector of four does; measured: docs/benchmarks.md).
 #[allow(clippy::too_many_arguments)]
 pub fn pool(kb: &mut Kb, p: &Pool2d, avg: Option<Option<Buf>>, x: Buf, y: Buf, lo: Expr, hi: Expr, [h, w, pitch]: [usize; 3], [oh, ow]: [usize; 2]) {
     let [kh, kw] = p.kernel;
@@ -109,10 +108,8 @@ pub fn pool(kb: &mut Kb, p: &Pool2d, avg: Option<Option<Buf>>, x: Buf, y: Buf, l
             });
         });
     }
-    let rows = kb.buf("rows", oh * stride, Access::Local);
-    // Window reductions at every start position of a row (`slide[i]`: its kw cells from i), of which
-    // the output takes every stride-th; 2·LANES more for the pairs' unused lanes.
-    let slide = kb.buf("slide", stride + 2 * LANES, Access::Local);
+    // (2·LANES more: stride 2 reads a few cells past the last row, into lanes it does not use.)
+    let rows = kb.buf("rows", oh * stride + 2 * LANES, Access::Local);
     kb.for_(lo, hi, |kb, plane| {
         let (src, dst) = (kb.let_(plane.clone() * (h * pitch)), kb.let_(plane * (oh * ow)));
         // Rows whose window lies inside the plane take their kh taps unrolled (a loop per vector of
@@ -154,19 +151,32 @@ pub fn pool(kb: &mut Kb, p: &Pool2d, avg: Option<Option<Buf>>, x: Buf, y: Buf, l
                     kb.store(y, dst.clone() + at.clone(), finish(window_at(ox, vec), at, vec));
                 });
             }
-            overlapping_vector_loop(kb, e(0i64), e((ow - 1) * s + 1), |kb, i, vec| kb.store(slide, i.clone(), window_at(i, vec)));
-            // Stride 2 takes four outputs as the even lanes of two vectors from the first one's
-            // start (the last lane of the second is not used).
-            let pick = |kb: &mut Kb, ox: Expr, vec: bool| {
-                let at = kb.let_(to.clone() + ox.clone());
-                let from = kb.let_(ox * s);
-                let v = if vec { slide.load(from.clone(), true).shuffle(slide.load(from + 4i64, true), [0, 2, 4, 6]) } else { slide.at(from) };
-                kb.store(y, dst.clone() + at.clone(), finish(v, at, vec));
-            };
-            match s {
-                2 => overlapping_vector_loop(kb, e(0i64), e(ow), pick),
-                _ => kb.for_(0usize, ow, |kb, ox| pick(kb, ox, false)),
+            if s == 2 {
+                // Four outputs from cells 2·ox + 2t + kx (t < 4): tap kx = 2j (+1) is the even (odd)
+                // lanes of the two vectors from cell 2·ox + 2j, which both taps of a pair share.
+                return overlapping_vector_loop(kb, e(0i64), e(ow), |kb, ox, vec| {
+                    let at = kb.let_(to.clone() + ox.clone());
+                    let c = kb.let_(ox * 2i64);
+                    let v = match vec {
+                        false => window_at(c, false),
+                        true => {
+                            let pairs: Vec<[Expr; 2]> =
+                                (0..kw.div_ceil(2)).map(|j| [0, LANES].map(|d| kb.let_(rows.load(from.clone() + c.clone() + (2 * j + d), true)))).collect();
+                            let tap = |kx: usize| {
+                                let [a, b] = pairs[kx / 2].clone();
+                                a.shuffle(b, if kx.is_multiple_of(2) { [0, 2, 4, 6] } else { [1, 3, 5, 7] })
+                            };
+                            (1..kw).fold(tap(0), |m, kx| reduce(m, tap(kx)))
+                        }
+                    };
+                    kb.store(y, dst.clone() + at.clone(), finish(v, at, vec));
+                });
             }
+            // Wider strides: every stride-th window, one at a time.
+            kb.for_(0usize, ow, |kb, ox| {
+                let at = kb.let_(to.clone() + ox.clone());
+                kb.store(y, dst.clone() + at.clone(), finish(window_at(ox * s, false), at, false));
+            });
         });
     });
 }
