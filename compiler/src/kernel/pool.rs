@@ -76,7 +76,7 @@ pub fn pool(kb: &mut Kb, p: &Pool2d, avg: Option<Option<Buf>>, x: Buf, y: Buf, l
     // more (a ceil-mode window may end past the right padding), `stride` apart: every window then
     // reduces kw cells, as a clipped one would its cells inside (max(−∞, a) = a, 0 + a = a, in the same
     // order), and all outputs go four at a time.
-    let (left, right) = (p.pad[1], (ow - 1) * p.stride[1] + kw - (p.pad[1] + w).min((ow - 1) * p.stride[1] + kw));
+    let (left, right) = (p.pad[1], ((ow - 1) * p.stride[1] + kw).saturating_sub(p.pad[1] + w));
     let stride = left + w + right;
     // The separable form keeps one plane's row reductions on the task's stack; planes too large for
     // that (over 64 KiB of them: worker threads have 2 MiB stacks) take the direct form, window by window.
