@@ -70,8 +70,6 @@ pub fn pool(kb: &mut Kb, p: &Pool2d, avg: Option<Option<Buf>>, x: Buf, y: Buf, l
         Some(None) => acc / e((kh * kw) as f32).lanes(vec),
         None => acc,
     };
-    // Output columns whose window lies inside the row: ox·s − pad ≥ 0 and ox·s − pad + kw ≤ w.
-    let (first, last) = inside(p, 1, w, ow);
     // Each row's reductions sit between `left` cells of the reduction's identity (−∞ or 0) and `right`
     // more (a ceil-mode window may end past the right padding), `stride` apart: every window then
     // reduces kw cells, as a clipped one would its cells inside (max(−∞, a) = a, 0 + a = a, in the same
@@ -81,8 +79,9 @@ pub fn pool(kb: &mut Kb, p: &Pool2d, avg: Option<Option<Buf>>, x: Buf, y: Buf, l
     // The separable form keeps one plane's row reductions on the task's stack; planes too large for
     // that (over 64 KiB of them: worker threads have 2 MiB stacks) take the direct form, window by window.
     if oh * stride * 4 > 64 << 10 {
-        // Window by window in (ky, kx) order; with stride 1 the windows inside the row four at a time.
-        let (first, last) = if p.stride[1] == 1 { (first, last) } else { (ow, ow) };
+        // Window by window in (ky, kx) order; with stride 1 the windows inside the row (ox − pad ≥ 0 and
+        // ox − pad + kw ≤ w) four at a time.
+        let (first, last) = if p.stride[1] == 1 { inside(p, 1, w, ow) } else { (ow, ow) };
         return kb.for_(lo, hi, |kb, plane| {
             let (src, dst) = (kb.let_(plane.clone() * (h * pitch)), kb.let_(plane * (oh * ow)));
             kb.for_(0usize, oh, |kb, oy| {
@@ -143,20 +142,18 @@ pub fn pool(kb: &mut Kb, p: &Pool2d, avg: Option<Option<Buf>>, x: Buf, y: Buf, l
             // The window from cell i of the row, in kx order.
             let window_at =
                 |i: Expr, vec: bool| (1..kw).fold(rows.load(from.clone() + i.clone(), vec), |m, kx| reduce(m, rows.load(from.clone() + i.clone() + kx, vec)));
-            let s = p.stride[1];
-            if s == 1 {
-                // Output column ox's window starts at cell ox: straight into y.
-                return overlapping_vector_loop(kb, e(0i64), e(ow), |kb, ox, vec| {
-                    let at = kb.let_(to.clone() + ox.clone());
-                    kb.store(y, dst.clone() + at.clone(), finish(window_at(ox, vec), at, vec));
-                });
-            }
-            if s == 2 {
+            // Output ox (four from ox when `vec`) is the reduction `v`.
+            let put = |kb: &mut Kb, ox: Expr, v: Expr, vec: bool| {
+                let at = kb.let_(to.clone() + ox);
+                kb.store(y, dst.clone() + at.clone(), finish(v, at, vec));
+            };
+            match p.stride[1] {
+                // Output column ox's window starts at cell ox.
+                1 => overlapping_vector_loop(kb, e(0i64), e(ow), |kb, ox, vec| put(kb, ox.clone(), window_at(ox, vec), vec)),
                 // Four outputs from cells 2·ox + 2t + kx (t < 4): tap kx = 2j (+1) is the even (odd)
                 // lanes of the two vectors from cell 2·ox + 2j, which both taps of a pair share.
-                return overlapping_vector_loop(kb, e(0i64), e(ow), |kb, ox, vec| {
-                    let at = kb.let_(to.clone() + ox.clone());
-                    let c = kb.let_(ox * 2i64);
+                2 => overlapping_vector_loop(kb, e(0i64), e(ow), |kb, ox, vec| {
+                    let c = kb.let_(ox.clone() * 2i64);
                     let v = match vec {
                         false => window_at(c, false),
                         true => {
@@ -169,14 +166,11 @@ pub fn pool(kb: &mut Kb, p: &Pool2d, avg: Option<Option<Buf>>, x: Buf, y: Buf, l
                             (1..kw).fold(tap(0), |m, kx| reduce(m, tap(kx)))
                         }
                     };
-                    kb.store(y, dst.clone() + at.clone(), finish(v, at, vec));
-                });
+                    put(kb, ox, v, vec)
+                }),
+                // Wider strides: every stride-th window, one at a time.
+                s => kb.for_(0usize, ow, |kb, ox| put(kb, ox.clone(), window_at(ox * s, false), false)),
             }
-            // Wider strides: every stride-th window, one at a time.
-            kb.for_(0usize, ow, |kb, ox| {
-                let at = kb.let_(to.clone() + ox.clone());
-                kb.store(y, dst.clone() + at.clone(), finish(window_at(ox * s, false), at, false));
-            });
         });
     });
 }
