@@ -14,7 +14,8 @@
 //! plain loads and stores instead, so full tiles never pay for masking.
 //!
 //! ABI (System V), as the AVX-512 strided tile: `extern "C" fn(a, b, c, depth, ldb, bias, rows, cols,
-//! ldc)`; the last three arrive on the stack. Only caller-saved registers are used, and `vzeroupper`
+//! ldc, add)`; the last four arrive on the stack, and a non-null `add` is a residual laid out as C,
+//! added before ReLU. Only caller-saved registers are used, and `vzeroupper`
 //! precedes `ret`. The `narrow` variant (6 × 8, 6 accumulators) is for calls of at most 8 columns, and
 //! [`column_tile`] for a GEMM's last 1–4 columns over several row blocks at once.
 
@@ -121,20 +122,30 @@ fn body(a: &mut CodeAssembler, accumulate: bool, relu: bool, vectors: usize, mas
     a.jnz(step)?;
     a.set_label(&mut store)?;
     if relu {
-        // max(0, x) returns its second operand when either is NaN: NaN stays NaN, as in the portable tier.
         a.vxorps(BS[0], BS[0], BS[0])?;
-        for r in 0..MR {
-            for v in 0..vectors {
-                a.vmaxps(acc(r, v), BS[0], acc(r, v))?;
-            }
-        }
     }
     let mut done = a.create_label();
     a.mov(rax, qword_ptr(rsp + 8))?;
+    a.mov(r10, qword_ptr(rsp + 32))?;
     for r in 0..MR {
         a.cmp(rax, r as i32)?;
         a.jbe(done)?;
+        // The residual (when `add` ≠ 0) before ReLU, as the unfused add would: the same roundings.
+        let mut added = a.create_label();
+        a.test(r10, r10)?;
+        a.jz(added)?;
         for v in 0..vectors {
+            load(a, BS[1], ymmword_ptr(r10 + 32 * v as i32), v)?;
+            a.vaddps(acc(r, v), acc(r, v), BS[1])?;
+        }
+        a.add(r10, r11)?;
+        a.set_label(&mut added)?;
+        for v in 0..vectors {
+            if relu {
+                // max(0, x) returns its second operand when either is NaN: NaN stays NaN, as in the
+                // portable tier.
+                a.vmaxps(acc(r, v), BS[0], acc(r, v))?;
+            }
             let at = ymmword_ptr(rdx + 32 * v as i32);
             if masked && v == last {
                 a.vmaskmovps(at, MASK, acc(r, v))?;
@@ -160,7 +171,7 @@ fn body(a: &mut CodeAssembler, accumulate: bool, relu: bool, vectors: usize, mas
 /// A vector load of a block's 6 rows reads 2 floats more (the next k's); the last k step loads with a
 /// 6-lane mask, so the call never reads past the last block.
 ///
-/// ABI: the strided tile's (`a, b, c, depth, ldb, bias, rows, cols, ldc`) plus `a_pitch` on the stack;
+/// ABI: the strided tile's (`a, b, c, depth, ldb, bias, rows, cols, ldc`), then `a_pitch` and `add` on the stack;
 /// `rows` (= blocks·6) and `cols` are the ones the code was assembled for.
 pub fn column_tile(accumulate: bool, relu: bool, cols: usize) -> Result<Vec<u8>, IcedError> {
     let blocks = Tier::Avx2.column_blocks(cols).expect("1 to 4 columns");
@@ -259,6 +270,26 @@ pub fn column_tile(accumulate: bool, relu: bool, cols: usize) -> Result<Vec<u8>,
     a.set_label(&mut last)?;
     step(&mut a, true)?;
     a.set_label(&mut store)?;
+    // The residual (when `add` ≠ 0), gathered through the red zone as C is for `accumulate`.
+    let mut added = a.create_label();
+    a.mov(rax, qword_ptr(rsp + 40))?;
+    a.test(rax, rax)?;
+    a.jz(added)?;
+    a.mov(r11, qword_ptr(rsp + 24))?;
+    a.shl(r11, 2)?;
+    for b in 0..blocks {
+        for r in 0..MR {
+            for j in 0..cols {
+                a.mov(r10d, dword_ptr(rax + 4 * j as i32))?;
+                a.mov(slot(j, r), r10d)?;
+            }
+            a.add(rax, r11)?;
+        }
+        for j in 0..cols {
+            a.vaddps(acc(b, j), acc(b, j), ymmword_ptr(rsp - 32 * (j + 1) as i32))?;
+        }
+    }
+    a.set_label(&mut added)?;
     if relu {
         // max(0, x) returns its second operand when either is NaN, as the strided tile.
         a.vxorps(bc, bc, bc)?;

@@ -10,8 +10,11 @@
 //! every load and store (masked-off lanes never fault), so the tile never touches memory outside the
 //! rows and columns it owns.
 //!
-//! ABI (System V): `extern "C" fn(a, b, c, depth, ldb, bias, rows, cols, ldc)`; the last three arrive
-//! on the stack. Only caller-saved registers are used, and `vzeroupper` precedes `ret`.
+//! The epilogue adds a residual first when `add` is not null: `act(… + R[r·ldc + j])`, R laid out as C
+//! (a residual add fused into the convolution that produces its other operand).
+//!
+//! ABI (System V): `extern "C" fn(a, b, c, depth, ldb, bias, rows, cols, ldc, add)`; the last four
+//! arrive on the stack. Only caller-saved registers are used, and `vzeroupper` precedes `ret`.
 //!
 //! Each comes in a one-vector variant too (`narrow`: 12 × 16, 12 accumulators), which the JIT calls for
 //! at most 16 columns (linear layers at batch ≤ 16 as GEMMs, a plane's last column tile): the same
@@ -19,7 +22,7 @@
 //!
 //! The implicit-convolution variant ([`Taps`], one per geometry, whose tap columns it takes as
 //! immediates) reads B in place from the convolution's input instead:
-//! `fn(a, b, c, taps, offsets, bias, rows, cols, ldc, masks)`, where `b` points at output pixel `col`'s
+//! `fn(a, b, c, taps, offsets, bias, rows, cols, ldc, masks, add)`, where `b` points at output pixel `col`'s
 //! element of its group's input (less the padding), `taps` = depth / kw tap rows, `offsets` at the
 //! slice's first tap-row offset (i32) and `masks` at the kw u32 lane masks of this column tile: each
 //! tap is one pair of zero-masked loads at its row's offset plus its column's immediate. Tap columns
@@ -213,20 +216,30 @@ pub fn tile(accumulate: bool, relu: bool, taps: Option<&Taps>, narrow: bool) -> 
     a.jnz(body)?;
     a.set_label(&mut store)?;
     if relu {
-        // max(0, x): NaN stays NaN, as in the portable tier.
         a.vpxord(zmm31, zmm31, zmm31)?;
-        for &reg in &accs {
-            a.vmaxps(reg, zmm31, reg)?;
-        }
     }
     let mut done = a.create_label();
     a.mov(rax, qword_ptr(rsp + 8))?;
+    a.mov(r10, qword_ptr(rsp + if taps.is_some() { 40 } else { 32 }))?;
     for r in 0..MR {
         a.cmp(rax, r as i32)?;
         a.jbe(done)?;
-        a.vmovups(zmmword_ptr(rdx).k1(), acc(r, 0))?;
-        if !narrow {
-            a.vmovups(zmmword_ptr(rdx + 64).k2(), acc(r, 1))?;
+        // The residual (when `add` ≠ 0) before ReLU, as the unfused add would: the same roundings.
+        let mut added = a.create_label();
+        a.test(r10, r10)?;
+        a.jz(added)?;
+        for v in 0..vectors {
+            a.vaddps(masked(acc(r, v), 1 + v), acc(r, v), zmmword_ptr(r10 + 64 * v as i32))?;
+        }
+        a.add(r10, r11)?;
+        a.set_label(&mut added)?;
+        for v in 0..vectors {
+            if relu {
+                // max(0, x): NaN stays NaN, as in the portable tier.
+                a.vmaxps(acc(r, v), zmm31, acc(r, v))?;
+            }
+            let at = zmmword_ptr(rdx + 64 * v as i32);
+            a.vmovups(if v == 0 { at.k1() } else { at.k2() }, acc(r, v))?;
         }
         a.add(rdx, r11)?;
     }

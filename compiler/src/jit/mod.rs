@@ -170,7 +170,7 @@ fn define_tiles(m: &mut JITModule, tier: Tier, taps: Option<&Taps>) -> Result<[F
             Tier::Avx2 => avx2::tile(accumulate, relu, narrow),
             _ => avx512::tile(accumulate, relu, taps, narrow),
         };
-        *id = define_code(m, if taps.is_some() { 10 } else { 9 }, &format!("{tier:?} tile"), code)?;
+        *id = define_code(m, if taps.is_some() { 11 } else { 10 }, &format!("{tier:?} tile"), code)?;
     }
     Ok(ids)
 }
@@ -182,7 +182,7 @@ fn define_columns(m: &mut JITModule, tier: Tier) -> Result<Vec<FuncId>, JitError
         return Ok(vec![]);
     }
     let variants = (1..=4).flat_map(|cols| [(false, false), (false, true), (true, false), (true, true)].map(|(acc, relu)| (cols, acc, relu)));
-    variants.map(|(cols, acc, relu)| define_code(m, 10, "AVX2 column tile", avx2::column_tile(acc, relu, cols))).collect()
+    variants.map(|(cols, acc, relu)| define_code(m, 11, "AVX2 column tile", avx2::column_tile(acc, relu, cols))).collect()
 }
 
 /// Defines assembled `code`, a function of `params` i64 arguments, in `m` (`what` names it in errors).
@@ -598,6 +598,7 @@ impl Gen<'_, '_> {
             BRows::Taps { .. } => None,
         };
         let mut checks = vec![(g.a.0, a0), (g.a.0, a_last), (g.bias.0, bias0), (g.c.0, c0), (g.c.0, c_last)];
+        checks.extend(g.add.into_iter().flat_map(|r| [(r.0, c0), (r.0, c_last)]));
         let bias_last = self.b.ins().iadd_imm_s(bias0, (g.blocks * self.tier.mr()) as i64 - 1);
         checks.push((g.bias.0, bias_last));
         match (b_last, taps) {
@@ -643,6 +644,11 @@ impl Gen<'_, '_> {
         let ldc = self.b.ins().iconst(types::I64, g.ldc as i64);
         let variant = 2 * usize::from(g.accumulate) + usize::from(g.relu);
         let tiles = self.tiles[&taps.as_ref().map(|t| t.taps)];
+        // The residual at C's position, or null: the tiles' last argument.
+        let add = match g.add {
+            Some(r) => self.ptr(r.0, c0),
+            None => self.b.ins().iconst(types::I64, 0),
+        };
         let args = match (&g.rows_b, taps) {
             (BRows::Strided(ldb), _) => {
                 let b = self.ptr(g.b.0, b0);
@@ -665,9 +671,10 @@ impl Gen<'_, '_> {
             let Expr::Int(cols) = g.cols else { unreachable!("a column tile's columns are a constant") };
             let pitch = self.b.ins().iconst(types::I64, g.a_pitch as i64);
             let tile = self.columns[column_variant(cols as usize, g.accumulate, g.relu)];
-            self.b.ins().call(tile, &[args, vec![pitch]].concat());
+            self.b.ins().call(tile, &[args, vec![pitch, add]].concat());
             return;
         }
+        let args = [args, vec![add]].concat();
         // Calls of at most half a tile's columns take the one-vector variant: half the FMAs, the same sums.
         let (narrow, wide, cont) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
         let fits = self.b.ins().icmp_imm_u(IntCC::UnsignedLessThanOrEqual, cols, self.tier.nr() as i64 / 2);
@@ -1001,6 +1008,7 @@ mod tests {
             a_pitch: 0,
             accumulate: false,
             relu: false,
+            add: None,
         });
         let (out, v) = run(kb.finish(), vec![1.0; mr], tier);
         assert_eq!(v.len(), 1, "{v:?}");

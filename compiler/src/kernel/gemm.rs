@@ -8,7 +8,7 @@
 //! Invariant left: per output element the arithmetic is fixed — bias, then one FMA per k in (channel,
 //! ky, kx) order — whatever the tile, tier or thread count, so results are bitwise identical across them.
 
-use super::common::{add_tail, buffer, copy, copy_short, guarded, phase_split, subsample, Epilogue, Node, Phased, Ref, Tables};
+use super::common::{buffer, copy, copy_short, guarded, phase_split, subsample, Epilogue, Node, Phased, Ref, Tables};
 use super::pool::{pool, pool_launch};
 use super::{e, Access, BRows, Buf, Expr, Gemm, Kb, Taps, Tier, LANES};
 use cnnc_runtime::exec::Buffer;
@@ -97,6 +97,7 @@ pub fn linear(t: &mut Tables, n: &Node, l: &Linear, relu: bool) {
                 a_pitch: 0,
                 accumulate: true,
                 relu,
+                add: None,
             };
             match width {
                 Some(w) => micro(kb, &g, w, true),
@@ -324,15 +325,15 @@ fn direct(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue, [oh, ow]: [usize; 
         (kb.buf("masks", masks.len(), Access::Read), t.param(masks), kb.buf("offsets", offsets.len(), Access::Read), t.param(offsets))
     });
     let (lo, hi) = kb.range();
-    // Runs `f(k0, depth, accumulate, relu)` for every slice of k: the first starts from the bias, the
+    // Runs `f(k0, depth, accumulate, last)` for every slice of k: the first starts from the bias, the
     // last applies the epilogue.
     let each_slice = |kb: &mut Kb, f: &dyn Fn(&mut Kb, Expr, Expr, bool, bool)| {
         if slices == 1 {
-            return f(kb, e(0i64), e(g.k), false, ep.relu_on_sum());
+            return f(kb, e(0i64), e(g.k), false, true);
         }
         f(kb, e(0i64), e(kc), false, false);
         kb.for_(1usize, slices - 1, |kb, s| f(kb, s * kc, e(kc), true, false));
-        f(kb, e((slices - 1) * kc), e(g.k - (slices - 1) * kc), true, ep.relu_on_sum());
+        f(kb, e((slices - 1) * kc), e(g.k - (slices - 1) * kc), true, true);
     };
     // Per (image, group) `ig`: the first column-matrix element and the first output element.
     let bbase = |ig: &Expr| {
@@ -344,8 +345,9 @@ fn direct(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue, [oh, ow]: [usize; 
         }
     };
     let cbase = |ig: &Expr| ig.clone() * gp_out;
-    // The tile of channel block `blk` × columns col..col + cols, for k in k0..k0 + depth.
-    let gemm = |ig: &Expr, blk: Expr, k0: &Expr, depth: &Expr, col: &Expr, cols: Expr, accumulate: bool, relu: bool| {
+    // The tile of channel block `blk` × columns col..col + cols, for k in k0..k0 + depth; the last
+    // slice's applies the epilogue (residual add, ReLU) before its store.
+    let gemm = |ig: &Expr, blk: Expr, k0: &Expr, depth: &Expr, col: &Expr, cols: Expr, accumulate: bool, last: bool| {
         let blocks = ig.clone() % c.groups * g.ncb + blk.clone();
         Gemm {
             a: ab,
@@ -375,7 +377,8 @@ fn direct(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue, [oh, ow]: [usize; 
             blocks: 1,
             a_pitch: 0,
             accumulate,
-            relu,
+            relu: last && ep.relu,
+            add: residual.filter(|_| last),
         }
     };
     let pack_panel = |kb: &mut Kb, ig: &Expr, k0: &Expr, depth: &Expr, col: &Expr, cols: &Expr| {
@@ -388,16 +391,10 @@ fn direct(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue, [oh, ow]: [usize; 
             let ig = kb.let_(it.clone() / ntiles);
             let col = kb.let_(it % ntiles * nr);
             let cols = kb.let_((e(g.p) - col.clone()).min(nr));
-            each_slice(kb, &|kb, k0, depth, accumulate, relu| {
+            each_slice(kb, &|kb, k0, depth, accumulate, last| {
                 pack_panel(kb, &ig, &k0, &depth, &col, &cols);
-                kb.for_(0usize, g.ncb, |kb, blk| kb.gemm(gemm(&ig, blk, &k0, &depth, &col, cols.clone(), accumulate, relu)));
+                kb.for_(0usize, g.ncb, |kb, blk| kb.gemm(gemm(&ig, blk, &k0, &depth, &col, cols.clone(), accumulate, last)));
             });
-            if let Some(rb) = residual {
-                kb.for_(0usize, g.cog, |kb, ch| {
-                    let at = kb.let_(cbase(&ig) + ch * g.p + col.clone());
-                    add_tail(kb, [yb, rb], at.clone(), at + cols.clone(), ep.relu);
-                });
-            }
         });
     } else {
         // Tasks own ranges of (image, group, channel block); each range is walked in chunks of blocks
@@ -417,10 +414,10 @@ fn direct(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue, [oh, ow]: [usize; 
             let mcb = chunk_blocks(t.tier);
             kb.for_step(b0, b1.clone(), mcb as i64, |kb, c0| {
                 let c1 = kb.let_((c0.clone() + mcb).min(b1.clone()));
-                each_slice(kb, &|kb, k0, depth, accumulate, relu| {
+                each_slice(kb, &|kb, k0, depth, accumulate, last| {
                     let blocks = |kb: &mut Kb, col: Expr, cols: Expr, width: Option<Width>| {
                         kb.for_(c0.clone(), c1.clone(), |kb, blk| {
-                            let tile = gemm(&ig, blk, &k0, &depth, &col, cols.clone(), accumulate, relu);
+                            let tile = gemm(&ig, blk, &k0, &depth, &col, cols.clone(), accumulate, last);
                             match width {
                                 Some(w) => micro(kb, &tile, w, !g.cog.is_multiple_of(mr)),
                                 None => kb.gemm(tile),
@@ -457,14 +454,14 @@ fn direct(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue, [oh, ow]: [usize; 
                                         rows: e(nb * mr),
                                         blocks: nb,
                                         a_pitch: g.k * mr,
-                                        ..gemm(&ig, blk.clone(), &k0, &depth, &e(full), e(tail), accumulate, relu)
+                                        ..gemm(&ig, blk.clone(), &k0, &depth, &e(full), e(tail), accumulate, last)
                                     };
                                     kb.if_else(
                                         column,
                                         |kb| kb.gemm(tile),
                                         |kb| {
                                             kb.for_(blk.clone(), (blk.clone() + nb).min(c1.clone()), |kb, b| {
-                                                kb.gemm(gemm(&ig, b, &k0, &depth, &e(full), e(tail), accumulate, relu))
+                                                kb.gemm(gemm(&ig, b, &k0, &depth, &e(full), e(tail), accumulate, last))
                                             })
                                         },
                                     );
@@ -473,19 +470,6 @@ fn direct(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue, [oh, ow]: [usize; 
                         }
                     }
                 });
-                // The chunk's channels are whole planes of y (no pool: the pitch is ow), or with parts
-                // the part's columns of each.
-                if let Some(rb) = residual {
-                    let base = kb.let_(cbase(&ig));
-                    let (ch0, ch1) = (c0.clone() * mr, (c1.clone() * mr).min(g.cog));
-                    match part {
-                        None => add_tail(kb, [yb, rb], base.clone() + ch0 * g.p, base + ch1 * g.p, ep.relu),
-                        Some(_) => kb.for_(ch0, ch1, |kb, ch| {
-                            let row = kb.let_(base.clone() + ch * g.p);
-                            add_tail(kb, [yb, rb], row.clone() + first_col.clone(), row + end_col.clone(), ep.relu)
-                        }),
-                    }
-                }
                 if let (Some(p), Some(pb)) = (pool_after, pooled) {
                     let first = ig.clone() * g.cog + c0.clone() * mr;
                     let last = (ig.clone() * g.cog + c1.clone() * mr).min(ig.clone() * g.cog + g.cog);
@@ -671,6 +655,9 @@ fn micro(kb: &mut Kb, g: &Gemm, width: Width, ragged: bool) {
         guarded(kb, ragged.then(|| e(r).lt(g.rows.clone())), |kb| {
             for (v, &acc) in row.iter().enumerate() {
                 let mut val = e(acc);
+                if let Some(res) = g.add {
+                    val = val + res.load(g.c0.clone() + r * g.ldc + v * LANES, vec);
+                }
                 if g.relu {
                     val = val.max(e(0.0f32).lanes(vec));
                 }

@@ -188,9 +188,11 @@ impl Stmt {
 }
 
 /// A GEMM tile with its epilogue, as one statement:
-/// `C[c0 + r·ldc + j] = act(init + Σ_{k < depth} A[a0 + k·MR + r] · B(k, j))` for `r < rows`,
-/// `j < cols`, one FMA per k in order, where init is `bias[bias0 + r]`, or with `accumulate` the value
-/// already in C (so a long sum can be split into slices of k without changing a single rounding).
+/// `C[c0 + r·ldc + j] = act(init + Σ_{k < depth} A[a0 + k·MR + r] · B(k, j) [+ R[c0 + r·ldc + j]])`
+/// for `r < rows`, `j < cols`, one FMA per k in order, where init is `bias[bias0 + r]`, or with
+/// `accumulate` the value already in C (so a long sum can be split into slices of k without changing a
+/// single rounding), and R the residual buffer `add` (laid out as C), added after the sum as an
+/// unfused add would.
 /// MR and NR are the [`Tier`]'s tile shape, `rows ≤ MR`, `cols ≤ NR`, and `A` holds MR rows per k
 /// (zero rows pad the last block). `B(k, j)` is read as [`BRows`] says. With `blocks` > 1 (AVX2's column
 /// tile, [`crate::jit::avx2::column_tile`]) the call covers `rows` = blocks·MR rows of a constant 1–4
@@ -215,6 +217,7 @@ pub struct Gemm {
     pub a_pitch: usize,
     pub accumulate: bool,
     pub relu: bool,
+    pub add: Option<Buf>,
 }
 
 /// How a [`Gemm`] finds B(k, j).
@@ -650,6 +653,9 @@ fn write_block(f: &mut fmt::Formatter<'_>, body: &[Stmt], depth: usize) -> fmt::
                     }
                 };
                 let mut flags = [(g.accumulate, ", accumulate"), (g.relu, ", relu")].map(|(on, s)| if on { s } else { "" }).concat();
+                if let Some(r) = g.add {
+                    flags = format!("{flags}, add b{}", r.0);
+                }
                 if g.blocks > 1 {
                     flags = format!(", {} blocks {} apart{flags}", g.blocks, g.a_pitch);
                 }

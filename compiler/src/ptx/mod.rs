@@ -713,6 +713,9 @@ fn gemm_loops(g: &Gemm, mr: usize, vars: &mut Vec<Ty>) -> Vec<Stmt> {
         }
     };
     let mut cell = vec![Stmt::Set(acc, init), Stmt::For { var: kk, lo: 0i64.into(), hi: depth.into(), step: 1, body: step }];
+    if let Some(res) = g.add {
+        cell.push(Stmt::Set(acc, Expr::from(acc) + res.at(at_c.clone())));
+    }
     if g.relu {
         cell.push(Stmt::Set(acc, Expr::from(acc).max(0.0f32)));
     }
