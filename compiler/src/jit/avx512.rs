@@ -98,13 +98,16 @@ fn tap_masks(t: &Taps, vectors: usize) -> Vec<TapMask> {
 
 /// Machine code of the tile: accumulating onto C or starting from the bias, with ReLU applied before
 /// the store or not, B strided or (`taps`) read in place, over two vectors of columns or (`narrow`)
-/// only the first, for calls with at most 16 columns. Position independent.
-pub fn tile(accumulate: bool, relu: bool, taps: Option<&Taps>, narrow: bool) -> Result<Vec<u8>, IcedError> {
+/// only the first, for calls with at most 16 columns, over the first `height` of A's MR rows (calls of
+/// at most `height` rows: the rows past it would be FMAs whose sums are never stored). Position
+/// independent.
+pub fn tile(accumulate: bool, relu: bool, taps: Option<&Taps>, narrow: bool, height: usize) -> Result<Vec<u8>, IcedError> {
+    assert!(height <= MR);
     let mut a = CodeAssembler::new(64)?;
     let acc = |r: usize, v: usize| ACC[2 * r + v];
     // The column vectors this variant computes, and their accumulators.
     let vectors = if narrow { 1 } else { 2 };
-    let accs: Vec<_> = (0..MR).flat_map(|r| (0..vectors).map(move |v| acc(r, v))).collect();
+    let accs: Vec<_> = (0..height).flat_map(|r| (0..vectors).map(move |v| acc(r, v))).collect();
     // B vectors; vector v is masked by k(1 + v) for the columns, by k(3 + v) for taps.
     let bs = [zmm24, zmm25];
     // Column masks: the low `cols` bits of 32, split into one 16-lane mask per vector.
@@ -127,7 +130,7 @@ pub fn tile(accumulate: bool, relu: bool, taps: Option<&Taps>, narrow: bool) -> 
         for &reg in &accs {
             a.vpxord(reg, reg, reg)?;
         }
-        for r in 0..MR {
+        for r in 0..height {
             a.cmp(r10, r as i32)?;
             a.jbe(loaded)?;
             for v in 0..vectors {
@@ -137,7 +140,7 @@ pub fn tile(accumulate: bool, relu: bool, taps: Option<&Taps>, narrow: bool) -> 
         }
         a.set_label(&mut loaded)?;
     } else {
-        for r in 0..MR {
+        for r in 0..height {
             a.vbroadcastss(acc(r, 0), dword_ptr(r9 + 4 * r as i32))?;
             if !narrow {
                 a.vmovaps(acc(r, 1), acc(r, 0))?;
@@ -169,7 +172,7 @@ pub fn tile(accumulate: bool, relu: bool, taps: Option<&Taps>, narrow: bool) -> 
     // 14 loads per 24 FMAs. (An embedded-broadcast operand per FMA needs 26 loads per 24 FMAs and is
     // load-port bound: docs/benchmarks.md.)
     let fmas = |a: &mut CodeAssembler, k: usize| -> Result<(), IcedError> {
-        for r in 0..MR {
+        for r in 0..height {
             let bc = BCAST[r % BCAST.len()];
             a.vbroadcastss(bc, dword_ptr(rdi + 4 * (r + MR * k) as i32))?;
             for (v, &b) in bs.iter().enumerate().take(vectors) {
@@ -221,7 +224,7 @@ pub fn tile(accumulate: bool, relu: bool, taps: Option<&Taps>, narrow: bool) -> 
     let mut done = a.create_label();
     a.mov(rax, qword_ptr(rsp + 8))?;
     a.mov(r10, qword_ptr(rsp + if taps.is_some() { 40 } else { 32 }))?;
-    for r in 0..MR {
+    for r in 0..height {
         a.cmp(rax, r as i32)?;
         a.jbe(done)?;
         // The residual (when `add` ≠ 0) before ReLU, as the unfused add would: the same roundings.

@@ -130,8 +130,12 @@ struct TapArgs {
     masks0: Value,
 }
 
-/// Tile variants: 4·narrow + 2·accumulate + relu.
-const VARIANTS: usize = 8;
+/// Tile variants: 8·short + 4·narrow + 2·accumulate + relu, where `short` (0–2) selects a tile of
+/// MR, or (AVX-512 only) of [`SHORT`]`[short − 1]` rows.
+const VARIANTS: usize = 24;
+/// The AVX-512 tile's shorter variants: a channel block's last rows (64 = 5·12 + 4) would cost a
+/// whole 12-row tile otherwise.
+const SHORT: [usize; 2] = [8, 4];
 
 /// The assembled tiles defined in a module, by variant: the strided one, and (AVX-512) one per
 /// implicit-convolution geometry, defined when a kernel first calls it.
@@ -164,13 +168,18 @@ impl Tiles {
 #[cfg(target_arch = "x86_64")]
 fn define_tiles(m: &mut JITModule, tier: Tier, taps: Option<&Taps>) -> Result<[FuncId; VARIANTS], JitError> {
     let mut ids = [FuncId::from_u32(0); VARIANTS];
-    for (variant, id) in ids.iter_mut().enumerate() {
-        let (accumulate, relu, narrow) = (variant & 2 != 0, variant & 1 != 0, variant & 4 != 0);
-        let code = match tier {
-            Tier::Avx2 => avx2::tile(accumulate, relu, narrow),
-            _ => avx512::tile(accumulate, relu, taps, narrow),
+    for variant in 0..VARIANTS {
+        let (accumulate, relu, narrow, short) = (variant & 2 != 0, variant & 1 != 0, variant & 4 != 0, variant / 8);
+        let code = match (tier, short) {
+            (Tier::Avx2, 0) => avx2::tile(accumulate, relu, narrow),
+            (Tier::Avx2, _) => {
+                ids[variant] = ids[variant % 8];
+                continue;
+            }
+            (_, 0) => avx512::tile(accumulate, relu, taps, narrow, tier.mr()),
+            _ => avx512::tile(accumulate, relu, taps, narrow, SHORT[short - 1]),
         };
-        *id = define_code(m, if taps.is_some() { 11 } else { 10 }, &format!("{tier:?} tile"), code)?;
+        ids[variant] = define_code(m, if taps.is_some() { 11 } else { 10 }, &format!("{tier:?} tile"), code)?;
     }
     Ok(ids)
 }
@@ -675,15 +684,29 @@ impl Gen<'_, '_> {
             return;
         }
         let args = [args, vec![add]].concat();
-        // Calls of at most half a tile's columns take the one-vector variant: half the FMAs, the same sums.
-        let (narrow, wide, cont) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
-        let fits = self.b.ins().icmp_imm_u(IntCC::UnsignedLessThanOrEqual, cols, self.tier.nr() as i64 / 2);
-        self.b.ins().brif(fits, narrow, &[], wide, &[]);
-        for (block, tile) in [(narrow, tiles[4 + variant]), (wide, tiles[variant])] {
-            self.b.switch_to_block(block);
-            self.b.ins().call(tile, &args);
-            self.b.ins().jump(cont, &[]);
+        // Calls of at most half a tile's columns take the one-vector variant: half the FMAs, the same
+        // sums; on AVX-512, calls of at most 8 or 4 rows a shorter one likewise.
+        let cont = self.b.create_block();
+        let calls = |g: &mut Self, short: usize| {
+            let (narrow, wide) = (g.b.create_block(), g.b.create_block());
+            let fits = g.b.ins().icmp_imm_u(IntCC::UnsignedLessThanOrEqual, cols, g.tier.nr() as i64 / 2);
+            g.b.ins().brif(fits, narrow, &[], wide, &[]);
+            for (block, tile) in [(narrow, tiles[8 * short + 4 + variant]), (wide, tiles[8 * short + variant])] {
+                g.b.switch_to_block(block);
+                g.b.ins().call(tile, &args);
+                g.b.ins().jump(cont, &[]);
+            }
+        };
+        let shorts = if self.tier == Tier::Avx512 { SHORT.len() } else { 0 };
+        for short in (1..=shorts).rev() {
+            let (this, next) = (self.b.create_block(), self.b.create_block());
+            let fits = self.b.ins().icmp_imm_u(IntCC::UnsignedLessThanOrEqual, rows, SHORT[short - 1] as i64);
+            self.b.ins().brif(fits, this, &[], next, &[]);
+            self.b.switch_to_block(this);
+            calls(self, short);
+            self.b.switch_to_block(next);
         }
+        calls(self, 0);
         self.b.switch_to_block(cont);
     }
 
