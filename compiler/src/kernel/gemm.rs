@@ -38,25 +38,17 @@ fn kc(tier: Tier) -> Option<usize> {
     }
 }
 
-/// Linear above batch 1, as GEMM tiles with the roles turned around, so that each weight is loaded as
-/// part of a vector and used by up to MR samples: the tile's rows are samples (A = X packed per k in
-/// blocks of MR samples, by a `pack_x` launch), its columns output features (B = Wᵀ, packed at compile
-/// time in [feature tile][k][NR] panels and streamed once per MR samples), and C is Y itself. The
-/// tile's bias is per row, so each task first fills its block of Y with the bias and the tile
-/// accumulates onto it: bias, then one FMA per k in order, as everywhere. (A 1×1 convolution over Xᵀ,
-/// one weight load per FMA, and the GEMV, one weight stream per sample, are slower: docs/benchmarks.md.)
+/// Linear above batch 1, as GEMM tiles with the roles turned around ([`turned`]): the tile's rows are
+/// samples (A = X packed per k in blocks of MR samples, by a `pack_x` launch), its columns output
+/// features, and C is Y itself. (A 1×1 convolution over Xᵀ, one weight load per FMA, and the GEMV, one
+/// weight stream per sample, are slower: docs/benchmarks.md.)
 pub fn linear(t: &mut Tables, n: &Node, l: &Linear, relu: bool) {
     let (k, o, b) = (l.in_features, l.out_features, n.batch);
-    let (mr, nr) = (t.tier.mr(), t.tier.nr());
-    let (blocks, tiles) = (b.div_ceil(mr), o.div_ceil(nr));
-    // The bias is padded to whole tiles: at least MR long, as the tile's (unused) bias operand must be.
-    let dtype = t.fc_weights;
-    let panels = pack_blocks(n.params[0].data(), 1, k, nr, |v| dtype.round(v));
-    let bias = pack_bias(n.params.get(1).map(|b| b.data()), 1, o, nr);
-    let (wp, bp, xp) = (t.packed(panels), t.param(bias), t.store(blocks * k * mr));
-    let name = |s: &str| format!("{}.{s}", n.name);
+    let mr = t.tier.mr();
+    let blocks = b.div_ceil(mr);
+    let xp = t.store(blocks * k * mr);
     // xp[block][kk][r] = x[block·MR + r][kk], zero past the batch.
-    let mut kb = Kb::new(name("pack_x"), blocks * k);
+    let mut kb = Kb::new(format!("{}.pack_x", n.name), blocks * k);
     let (xb, pb) = (kb.buf("x", b * k, Access::Read), kb.buf("xp", blocks * k * mr, Access::Write));
     let (lo, hi) = kb.range();
     kb.for_(lo, hi, |kb, it| {
@@ -66,17 +58,44 @@ pub fn linear(t: &mut Tables, n: &Node, l: &Linear, relu: bool) {
         kb.for_(rows, mr, |kb, r| kb.store(pb, it.clone() * mr + r, e(0.0f32)));
     });
     t.launch(kb.finish(), vec![n.ins[0].0, xp], 0);
-    // Tasks own feature tiles; each streams its panels once per block of samples.
-    let mut kb = Kb::new(name("gemm"), tiles);
+    let dtype = t.fc_weights;
+    let weights = (n.params[0].data(), n.params.get(1).map(|b| b.data()));
+    turned(t, &n.name, [b, k, o], xp, weights, |v| dtype.round(v), relu, n.out.0);
+}
+
+/// `Y[q][f] = act(bias[f] + Σ_kk X[q][kk] · W[f][kk])` for q < rows, f < o: GEMM tiles with the roles
+/// turned around, so that each weight is loaded as part of a vector and used by up to MR rows of X. The
+/// tile's rows are X's (A = `xp`, X packed as [block][k][MR], zero past the last row), its columns
+/// output features (B = Wᵀ, packed at compile time in [feature tile][k][NR] panels, each weight through
+/// `round`, streamed once per block of rows), and C is Y (rows × o). The tile's bias is per row, so each
+/// task first fills its block of Y with the bias and the tile accumulates onto it: bias, then one FMA
+/// per k in order, as everywhere.
+#[allow(clippy::too_many_arguments)]
+fn turned(
+    t: &mut Tables,
+    name: &str,
+    [rows, k, o]: [usize; 3],
+    xp: Ref,
+    (w, bias): (&[f32], Option<&[f32]>),
+    round: impl Fn(f32) -> f32 + Sync,
+    relu: bool,
+    y: Ref,
+) {
+    let (mr, nr) = (t.tier.mr(), t.tier.nr());
+    let (blocks, tiles) = (rows.div_ceil(mr), o.div_ceil(nr));
+    // The bias is padded to whole tiles: at least MR long, as the tile's (unused) bias operand must be.
+    let (wp, bp) = (t.packed(pack_blocks(w, 1, k, nr, round)), t.param(pack_bias(bias, 1, o, nr)));
+    // Tasks own feature tiles; each streams its panels once per block of rows.
+    let mut kb = Kb::new(format!("{name}.gemm"), tiles);
     let [ab, wb, bb, yb] =
-        [("xp", blocks * k * mr, Access::Read), ("Wt", tiles * k * nr, Access::Read), ("b", tiles * nr, Access::Read), ("y", b * o, Access::Write)]
+        [("xp", blocks * k * mr, Access::Read), ("Wt", tiles * k * nr, Access::Read), ("b", tiles * nr, Access::Read), ("y", rows * o, Access::Write)]
             .map(|(nm, len, a)| kb.buf(nm, len, a));
     let (lo, hi) = kb.range();
     let tier = t.tier;
-    // Features f0..f0 + cols (`width`: how the portable tile covers them) of every sample block.
+    // Features f0..f0 + cols (`width`: how the portable tile covers them) of every block of rows.
     let tile = |kb: &mut Kb, f0: Expr, cols: Expr, width: Option<Width>| {
         kb.for_(0usize, blocks, |kb, blk| {
-            let rows = kb.let_((e(b) - blk.clone() * mr).min(mr));
+            let rows = kb.let_((e(rows) - blk.clone() * mr).min(mr));
             let c0 = kb.let_(blk.clone() * (mr * o) + f0.clone());
             kb.for_(0usize, rows.clone(), |kb, r| copy(kb, yb, c0.clone() + r * o, bb, f0.clone(), cols.clone()));
             let g = Gemm {
@@ -123,9 +142,156 @@ pub fn linear(t: &mut Tables, n: &Node, l: &Linear, relu: bool) {
             }
         }
     });
-    t.launch(kb.finish(), vec![xp, wp, bp, n.out.0], 2 * (b * k * o) as u64);
+    t.launch(kb.finish(), vec![xp, wp, bp, y], 2 * (rows * k * o) as u64);
 }
 
+/// Tile calls' cost, in row × lane units, of an `m` × `n` GEMM on `tier`'s tile: rows come in MR blocks
+/// (on AVX-512 the last in 4, 8 or 12, see the JIT's short tiles), columns in vectors.
+fn tile_cost(tier: Tier, m: usize, n: usize) -> usize {
+    let mr = tier.mr();
+    let rows = match (tier, m % mr) {
+        (_, 0) => m,
+        (Tier::Avx512, rem) => m - rem + rem.div_ceil(4) * 4,
+        _ => m.div_ceil(mr) * mr,
+    };
+    let lanes = tier.nr() / 2;
+    rows * n.div_ceil(lanes) * lanes
+}
+
+/// Whether convolution `c` (output [oh, ow] per plane) is cheaper as [`turned_conv`]: on AVX-512, where
+/// its planes would leave a tenth or more of the tile's lanes idle (ResNet's 7×7 maps: 49 pixels on 64
+/// lanes, 52 rows of 12-row blocks turned around; NIN's 6×6: 36 on 48, 36 turned around).
+fn turns(t: &Tables, n: &Node, c: &Conv2d, ep: &Epilogue, [oh, ow]: [usize; 2]) -> bool {
+    let one = c.kernel == [1, 1] && c.pad == [0, 0];
+    let plain = c.groups == 1 && c.dilation == [1, 1] && ep.pool.is_none() && (one || c.stride == [1, 1]);
+    let (p, co) = (oh * ow, c.out_channels);
+    plain && t.tier == Tier::Avx512 && 10 * tile_cost(t.tier, n.batch * p, co) <= 9 * n.batch * tile_cost(t.tier, co, p)
+}
+
+/// A convolution as [`turned`] GEMM tiles: rows are output pixels (of every image), columns output
+/// channels. A `pack_x` launch writes the column matrix transposed, X[q][kk] for pixel q and k = (channel,
+/// ky, kx), from the input (or its subsample, for a strided 1×1 convolution, or its zero-padded copy);
+/// the tiles write Yᵀ (bias, and ReLU unless an add comes first); a `transpose` launch writes Y, adding
+/// the residual and then ReLU if there is one: the roundings of the direct GEMM, bit for bit.
+fn turned_conv(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue, [oh, ow]: [usize; 2]) {
+    let [ci, h, w] = [n.ins[0].1[0], n.ins[0].1[1], n.ins[0].1[2]];
+    let ([kh, kw], co, mr) = (c.kernel, c.out_channels, t.tier.mr());
+    let (p, k) = (oh * ow, ci * kh * kw);
+    let (rows, blocks) = (n.batch * p, (n.batch * p).div_ceil(mr));
+    let name = |s: &str| format!("{}.{s}", n.name);
+    // Planes of hq × wq elements in which output pixel (oy, ox)'s tap (ky, kx) is (oy + ky, ox + kx).
+    let (x, [hq, wq]) = match (c.kernel, c.pad, c.stride) {
+        ([1, 1], [0, 0], [1, 1]) => (n.ins[0].0, [h, w]),
+        ([1, 1], [0, 0], stride) => (subsample(t, n, stride, [oh, ow]), [oh, ow]),
+        _ => {
+            let (xq, ph) = phase_split(t, n, [1, 1], c.pad, [0, 0]);
+            (xq, [ph.hq, ph.wq])
+        }
+    };
+    let xp = t.store(blocks * k * mr);
+    // xp[block][kk][r] = X[block·MR + r][kk], zero past the last pixel; one iteration per block and
+    // CH channels, whose kh·kw·MR elements per channel are contiguous in xp.
+    const CH: usize = 64;
+    let chunks = ci.div_ceil(CH);
+    let mut kb = Kb::new(name("pack_x"), blocks * chunks);
+    let (xb, pb) = (kb.buf("x", n.batch * ci * hq * wq, Access::Read), kb.buf("xp", blocks * k * mr, Access::Write));
+    let (lo, hi) = kb.range();
+    kb.for_(lo, hi, |kb, it| {
+        let (blk, ch0) = (kb.let_(it.clone() / chunks), kb.let_(it % chunks * CH));
+        let q0 = kb.let_(blk.clone() * mr);
+        let channels = |kb: &mut Kb, f: &dyn Fn(&mut Kb, Expr, Expr)| {
+            kb.for_(ch0.clone(), (ch0.clone() + CH).min(ci), |kb, ch| {
+                let (src, dst) = (kb.let_(ch.clone() * (hq * wq)), kb.let_((blk.clone() * ci + ch) * (kh * kw * mr)));
+                f(kb, src, dst)
+            })
+        };
+        // Pixel r's first tap in channel 0, and (with `check`, the last block) whether r is a pixel:
+        // past the last, 0 is read and replaced by zero.
+        let scalar = |kb: &mut Kb, check: bool| {
+            let taps: Vec<(Expr, Expr)> = (0..mr)
+                .map(|r| {
+                    let q = kb.let_(q0.clone() + r);
+                    let valid = kb.let_(if check { q.clone().lt(rows) } else { e(1i64).eq(1i64) });
+                    let (img, pix) = (q.clone() / p, q % p);
+                    let at = img * (ci * hq * wq) + pix.clone() / ow * wq + pix % ow;
+                    (valid.clone(), kb.let_(if check { valid.select(at, 0i64) } else { at }))
+                })
+                .collect();
+            channels(kb, &|kb, src, dst| {
+                for (ky, kx) in (0..kh).flat_map(|ky| (0..kw).map(move |kx| (ky, kx))) {
+                    for (r, (valid, at)) in taps.iter().enumerate() {
+                        let x = xb.at(src.clone() + at.clone() + ky * wq + kx);
+                        kb.store(pb, dst.clone() + (ky * kw + kx) * mr + r, if check { valid.clone().select(x, e(0.0f32)) } else { x });
+                    }
+                }
+            });
+        };
+        let whole = (q0.clone() + mr).le(rows);
+        if [kh, kw, hq, wq] != [1, 1, oh, ow] {
+            return kb.if_else(whole, |kb| scalar(kb, false), |kb| scalar(kb, true));
+        }
+        // 1×1 over the plane itself: a block of one image is MR consecutive elements of each channel.
+        let one_image = whole.and((q0.clone() % p + mr).le(p));
+        kb.if_else(
+            one_image,
+            |kb| {
+                let at = kb.let_(q0.clone() / p * (ci * p) + q0.clone() % p);
+                channels(kb, &|kb, src, dst| {
+                    for r in (0..mr).step_by(LANES) {
+                        kb.store(pb, dst.clone() + r, xb.at4(src.clone() + at.clone() + r));
+                    }
+                })
+            },
+            |kb| scalar(kb, true),
+        );
+    });
+    t.launch(kb.finish(), vec![x, xp], 0);
+    let yt = t.store(rows * co);
+    let weights = (n.params[0].data(), n.params.get(1).map(|b| b.data()));
+    turned(t, &n.name, [rows, k, co], xp, weights, |v| v, ep.relu_on_sum(), yt);
+    // y[img][f][pix] = Yᵀ[img·p + pix][f] (+ residual, then ReLU); one task per image and 16 channels,
+    // which read a cache line of Yᵀ per pixel and write 16 rows of Y in step.
+    const F: usize = 16;
+    let mut kb = Kb::new(name("transpose"), n.batch * co.div_ceil(F));
+    let (tb, yb) = (kb.buf("yt", rows * co, Access::Read), kb.buf("y", rows * co, Access::Write));
+    let rb = ep.add.map(|_| kb.buf("residual", rows * co, Access::Read));
+    let (lo, hi) = kb.range();
+    kb.for_(lo, hi, |kb, it| {
+        let (img, f0) = (kb.let_(it.clone() / co.div_ceil(F)), kb.let_(it % co.div_ceil(F) * F));
+        let f1 = kb.let_((f0.clone() + F).min(co));
+        // Y at `at` from Yᵀ's `v` (vectors or not): the residual added, then ReLU.
+        let put = |kb: &mut Kb, at: Expr, v: Expr, vec: bool| {
+            let v = match rb {
+                Some(rb) if ep.relu => (v + rb.load(at.clone(), vec)).max(e(0.0f32).lanes(vec)),
+                Some(rb) => v + rb.load(at.clone(), vec),
+                None => v,
+            };
+            kb.store(yb, at, v)
+        };
+        // 4 pixels × 4 channels at a time, 4 vectors of Yᵀ turned into 4 of Y.
+        let quads = if co.is_multiple_of(LANES) { p / LANES * LANES } else { 0 };
+        kb.for_step(0usize, quads, LANES as i64, |kb, pix| {
+            let from = kb.let_((img.clone() * p + pix.clone()) * co);
+            let to = kb.let_(img.clone() * (co * p) + pix);
+            kb.for_step(f0.clone(), f1.clone(), LANES as i64, |kb, f| {
+                let rows = [0, 1, 2, 3].map(|i| tb.at4(from.clone() + i * co + f.clone()));
+                for (j, v) in super::transpose(rows).into_iter().enumerate() {
+                    let at = kb.let_(to.clone() + (f.clone() + j) * p);
+                    put(kb, at, v, true);
+                }
+            });
+        });
+        kb.for_(quads, p, |kb, pix| {
+            let from = kb.let_((img.clone() * p + pix.clone()) * co);
+            let to = kb.let_(img.clone() * (co * p) + pix);
+            kb.for_(f0.clone(), f1.clone(), |kb, f| {
+                let at = kb.let_(to.clone() + f.clone() * p);
+                put(kb, at, tb.at(from.clone() + f), false);
+            });
+        });
+    });
+    t.launch(kb.finish(), [vec![yt, n.out.0], ep.add.into_iter().collect()].concat(), 0);
+}
 /// How the portable tile covers `cols` ≤ NR columns: (first column, columns, width) — the whole vectors
 /// in one call, then single columns.
 fn pieces(cols: usize) -> Vec<(usize, usize, Width)> {
@@ -171,6 +337,9 @@ fn pack_bias(b: Option<&[f32]>, groups: usize, rows: usize, mr: usize) -> Vec<f3
 
 /// Lowers convolution `n` (whose own output, before the epilogue's pool, is [oh, ow]) as a direct GEMM.
 pub fn conv(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue, out: [usize; 2]) {
+    if turns(t, n, c, &ep, out) {
+        return turned_conv(t, n, c, ep, out);
+    }
     let weights = Weights::Rows(n.params[0].data(), n.params.get(1).map(|b| b.data()));
     direct(t, n, c, ep, out, weights, None);
 }
