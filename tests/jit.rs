@@ -537,7 +537,8 @@ fn implicit_columns_with_a_pitch() {
 }
 
 /// Implicit columns (AVX-512 tier, stride-1 convolutions): a 3×2 kernel with k = 30·6 = 180, so the
-/// second slice of k starts mid-channel (tap row 64, kernel row 1); padding wider than the kernel needs
+/// second slice of k starts mid-channel (tap row 64, kernel row 1), and 24 channels (with 13, its 7 × 10
+/// maps would be turned around); padding wider than the kernel needs
 /// (output wider than input) with a fused pool; a 1×1 kernel with padding; groups.
 #[test]
 fn implicit_columns() {
@@ -547,7 +548,7 @@ fn implicit_columns() {
             c: 30,
             h: 7,
             w: 9,
-            layer: Layer::Conv { out: 13, k: [3, 2], stride: 1, pad: 1, groups: 1, bias: true, relu: true, pool: None, add: false, dilate: 1 },
+            layer: Layer::Conv { out: 24, k: [3, 2], stride: 1, pad: 1, groups: 1, bias: true, relu: true, pool: None, add: false, dilate: 1 },
         },
         conv(3, 6, 5, 3, 1, 2, 1, Some(Pool { max: true, k: 3, stride: 2, pad: 0, cover_all: true })),
         Problem {
