@@ -98,6 +98,17 @@ fn body(a: &mut CodeAssembler, accumulate: bool, relu: bool, vectors: usize, mas
             }
         }
     }
+    // The residual's lines are asked for now, to arrive during the k loop (as the AVX-512 tile does).
+    let mut fetched = a.create_label();
+    a.mov(r10, qword_ptr(rsp + 32))?;
+    a.test(r10, r10)?;
+    a.jz(fetched)?;
+    for _ in 0..MR {
+        a.prefetcht0(byte_ptr(r10))?;
+        a.prefetcht0(byte_ptr(r10 + 32 * vectors as i32 - 4))?;
+        a.add(r10, r11)?;
+    }
+    a.set_label(&mut fetched)?;
     let (mut step, mut store) = (a.create_label(), a.create_label());
     // B rows PREFETCH k steps ahead are asked for while this one is used (a streamed B: a linear
     // layer's weight panels, read once).
