@@ -31,9 +31,19 @@ pub struct Tables {
     pub stores: Vec<usize>,
     pub params: Vec<Arc<Buffer>>,
     pub launches: Vec<(Kernel, Vec<Ref>, u64)>,
-    /// The [`subsample`]s made, by input and stride, with the launch count then: ResNet's strided 1×1
-    /// convolution and its projection shortcut read the same one.
-    pub subsampled: Vec<((Ref, [usize; 2]), Ref, usize)>,
+    /// Copies of tensors made for convolutions, by input and kind, with the launch count then: ResNet's
+    /// strided 1×1 convolution and its projection shortcut read the same [`subsample`], GoogLeNet's 1×1
+    /// convolutions of one input on 7 × 7 maps the same turned-around `pack_x`.
+    pub copies: Vec<((Ref, Copied), Ref, usize)>,
+}
+
+/// What a copy in [`Tables::copies`] holds.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Copied {
+    /// Every stride-th pixel: [`subsample`].
+    Subsample([usize; 2]),
+    /// The input as a turned-around 1×1 convolution's A (`gemm::turned_conv`).
+    TurnedColumns,
 }
 
 impl Tables {
@@ -57,6 +67,15 @@ impl Tables {
     /// store).
     fn written(&self, r: Ref, since: usize) -> bool {
         self.launches[since..].iter().any(|(k, refs, _)| k.args().zip(refs).any(|(b, &x)| x == r && b.access != Access::Read))
+    }
+    /// The copy `key` made earlier, if nothing has written its input since.
+    pub fn copy_of(&self, key: (Ref, Copied)) -> Option<Ref> {
+        self.copies.iter().find(|(k, ..)| *k == key).filter(|&&(_, _, at)| !self.written(key.0, at)).map(|&(_, made, _)| made)
+    }
+    /// Records `made`, launched just now, as the copy `key`.
+    pub fn copied(&mut self, key: (Ref, Copied), made: Ref) {
+        self.copies.retain(|(k, ..)| *k != key);
+        self.copies.push((key, made, self.launches.len()));
     }
 }
 
@@ -226,11 +245,9 @@ impl Phased {
 /// store: the column matrix of a 1×1 unpadded convolution with that stride. Launches the copy unless an
 /// earlier node made the same one of a store nothing has written since.
 pub fn subsample(t: &mut Tables, n: &Node, [s0, s1]: [usize; 2], [oh, ow]: [usize; 2]) -> Ref {
-    let key = (n.ins[0].0, [s0, s1]);
-    if let Some(&(_, made, at)) = t.subsampled.iter().find(|(k, ..)| *k == key) {
-        if !t.written(key.0, at) {
-            return made;
-        }
+    let key = (n.ins[0].0, Copied::Subsample([s0, s1]));
+    if let Some(made) = t.copy_of(key) {
+        return made;
     }
     let [ci, h, w] = [n.ins[0].1[0], n.ins[0].1[1], n.ins[0].1[2]];
     let len = n.batch * ci * oh * ow;
@@ -248,8 +265,7 @@ pub fn subsample(t: &mut Tables, n: &Node, [s0, s1]: [usize; 2], [oh, ow]: [usiz
         });
     });
     t.launch(kb.finish(), vec![n.ins[0].0, out], 0);
-    t.subsampled.retain(|(k, ..)| *k != key);
-    t.subsampled.push((key, out, t.launches.len()));
+    t.copied(key, out);
     out
 }
 

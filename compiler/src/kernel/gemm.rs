@@ -8,7 +8,7 @@
 //! Invariant left: per output element the arithmetic is fixed — bias, then one FMA per k in (channel,
 //! ky, kx) order — whatever the tile, tier or thread count, so results are bitwise identical across them.
 
-use super::common::{buffer, copy, copy_short, guarded, phase_split, subsample, Epilogue, Node, Phased, Ref, Tables};
+use super::common::{buffer, copy, copy_short, guarded, phase_split, subsample, Copied, Epilogue, Node, Phased, Ref, Tables};
 use super::pool::{pool, pool_launch};
 use super::{e, Access, BRows, Buf, Expr, Gemm, Kb, Taps, Tier, LANES};
 use cnnc_runtime::exec::Buffer;
@@ -158,14 +158,19 @@ fn tile_cost(tier: Tier, m: usize, n: usize) -> usize {
     rows * n.div_ceil(lanes) * lanes
 }
 
-/// Whether convolution `c` (output [oh, ow] per plane) is cheaper as [`turned_conv`]: on AVX-512, where
-/// its planes would leave a tenth or more of the tile's lanes idle (ResNet's 7×7 maps: 49 pixels on 64
-/// lanes, 52 rows of 12-row blocks turned around; NIN's 6×6: 36 on 48, 36 turned around).
+/// Whether convolution `c` (output [oh, ow] per plane) is cheaper as [`turned_conv`], on AVX-512: where
+/// the lanes its planes leave idle (ResNet's 7×7 maps: 49 pixels on 64 lanes, 52 rows of 12-row blocks
+/// turned around; NIN's 6×6: 36 on 48, 36) cost more than its copies. Per k step the tiles run about
+/// 24 row × lane units a cycle; `pack_x` about 2 cycles per element (a 1×1 kernel's vector copies a
+/// third of one) and `transpose` half a cycle per output (measured on Zen 5: docs/benchmarks.md).
 fn turns(t: &Tables, n: &Node, c: &Conv2d, ep: &Epilogue, [oh, ow]: [usize; 2]) -> bool {
     let one = c.kernel == [1, 1] && c.pad == [0, 0];
     let plain = c.groups == 1 && c.dilation == [1, 1] && ep.pool.is_none() && (one || c.stride == [1, 1]);
-    let (p, co) = (oh * ow, c.out_channels);
-    plain && t.tier == Tier::Avx512 && 10 * tile_cost(t.tier, n.batch * p, co) <= 9 * n.batch * tile_cost(t.tier, co, p)
+    let (p, co, mr) = (oh * ow, c.out_channels, t.tier.mr());
+    let (rows, k) = (n.batch * p, c.in_channels * c.kernel[0] * c.kernel[1]);
+    let (direct, turned) = (n.batch * tile_cost(t.tier, co, p), tile_cost(t.tier, rows, co));
+    let copies = rows.div_ceil(mr) * mr * k * if one { 1 } else { 6 } / 3 + rows * co / 2;
+    plain && t.tier == Tier::Avx512 && turned < direct && (direct - turned) * k >= 24 * copies
 }
 
 /// A convolution as [`turned`] GEMM tiles: rows are output pixels (of every image), columns output
@@ -188,64 +193,76 @@ fn turned_conv(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue, [oh, ow]: [us
             (xq, [ph.hq, ph.wq])
         }
     };
-    let xp = t.store(blocks * k * mr);
-    // xp[block][kk][r] = X[block·MR + r][kk], zero past the last pixel; one iteration per block and
-    // CH channels, whose kh·kw·MR elements per channel are contiguous in xp.
-    const CH: usize = 64;
-    let chunks = ci.div_ceil(CH);
-    let mut kb = Kb::new(name("pack_x"), blocks * chunks);
-    let (xb, pb) = (kb.buf("x", n.batch * ci * hq * wq, Access::Read), kb.buf("xp", blocks * k * mr, Access::Write));
-    let (lo, hi) = kb.range();
-    kb.for_(lo, hi, |kb, it| {
-        let (blk, ch0) = (kb.let_(it.clone() / chunks), kb.let_(it % chunks * CH));
-        let q0 = kb.let_(blk.clone() * mr);
-        let channels = |kb: &mut Kb, f: &dyn Fn(&mut Kb, Expr, Expr)| {
-            kb.for_(ch0.clone(), (ch0.clone() + CH).min(ci), |kb, ch| {
-                let (src, dst) = (kb.let_(ch.clone() * (hq * wq)), kb.let_((blk.clone() * ci + ch) * (kh * kw * mr)));
-                f(kb, src, dst)
-            })
-        };
-        // Pixel r's first tap in channel 0, and (with `check`, the last block) whether r is a pixel:
-        // past the last, 0 is read and replaced by zero.
-        let scalar = |kb: &mut Kb, check: bool| {
-            let taps: Vec<(Expr, Expr)> = (0..mr)
-                .map(|r| {
-                    let q = kb.let_(q0.clone() + r);
-                    let valid = kb.let_(if check { q.clone().lt(rows) } else { e(1i64).eq(1i64) });
-                    let (img, pix) = (q.clone() / p, q % p);
-                    let at = img * (ci * hq * wq) + pix.clone() / ow * wq + pix % ow;
-                    (valid.clone(), kb.let_(if check { valid.select(at, 0i64) } else { at }))
-                })
-                .collect();
-            channels(kb, &|kb, src, dst| {
-                for (ky, kx) in (0..kh).flat_map(|ky| (0..kw).map(move |kx| (ky, kx))) {
-                    for (r, (valid, at)) in taps.iter().enumerate() {
-                        let x = xb.at(src.clone() + at.clone() + ky * wq + kx);
-                        kb.store(pb, dst.clone() + (ky * kw + kx) * mr + r, if check { valid.clone().select(x, e(0.0f32)) } else { x });
-                    }
+    // A 1×1 kernel's is the input's (or subsample's) alone: one copy for every such convolution of it.
+    let key = (x, Copied::TurnedColumns);
+    let one = [kh, kw, hq, wq] == [1, 1, oh, ow];
+    let xp = match t.copy_of(key).filter(|_| one) {
+        Some(xp) => xp,
+        None => {
+            let xp = t.store(blocks * k * mr);
+            // xp[block][kk][r] = X[block·MR + r][kk], zero past the last pixel; one iteration per block and
+            // CH channels, whose kh·kw·MR elements per channel are contiguous in xp.
+            const CH: usize = 64;
+            let chunks = ci.div_ceil(CH);
+            let mut kb = Kb::new(name("pack_x"), blocks * chunks);
+            let (xb, pb) = (kb.buf("x", n.batch * ci * hq * wq, Access::Read), kb.buf("xp", blocks * k * mr, Access::Write));
+            let (lo, hi) = kb.range();
+            kb.for_(lo, hi, |kb, it| {
+                let (blk, ch0) = (kb.let_(it.clone() / chunks), kb.let_(it % chunks * CH));
+                let q0 = kb.let_(blk.clone() * mr);
+                let channels = |kb: &mut Kb, f: &dyn Fn(&mut Kb, Expr, Expr)| {
+                    kb.for_(ch0.clone(), (ch0.clone() + CH).min(ci), |kb, ch| {
+                        let (src, dst) = (kb.let_(ch.clone() * (hq * wq)), kb.let_((blk.clone() * ci + ch) * (kh * kw * mr)));
+                        f(kb, src, dst)
+                    })
+                };
+                // Pixel r's first tap in channel 0, and (with `check`, the last block) whether r is a pixel:
+                // past the last, 0 is read and replaced by zero.
+                let scalar = |kb: &mut Kb, check: bool| {
+                    let taps: Vec<(Expr, Expr)> = (0..mr)
+                        .map(|r| {
+                            let q = kb.let_(q0.clone() + r);
+                            let valid = kb.let_(if check { q.clone().lt(rows) } else { e(1i64).eq(1i64) });
+                            let (img, pix) = (q.clone() / p, q % p);
+                            let at = img * (ci * hq * wq) + pix.clone() / ow * wq + pix % ow;
+                            (valid.clone(), kb.let_(if check { valid.select(at, 0i64) } else { at }))
+                        })
+                        .collect();
+                    channels(kb, &|kb, src, dst| {
+                        for (ky, kx) in (0..kh).flat_map(|ky| (0..kw).map(move |kx| (ky, kx))) {
+                            for (r, (valid, at)) in taps.iter().enumerate() {
+                                let x = xb.at(src.clone() + at.clone() + ky * wq + kx);
+                                kb.store(pb, dst.clone() + (ky * kw + kx) * mr + r, if check { valid.clone().select(x, e(0.0f32)) } else { x });
+                            }
+                        }
+                    });
+                };
+                let whole = (q0.clone() + mr).le(rows);
+                if [kh, kw, hq, wq] != [1, 1, oh, ow] {
+                    return kb.if_else(whole, |kb| scalar(kb, false), |kb| scalar(kb, true));
                 }
+                // 1×1 over the plane itself: a block of one image is MR consecutive elements of each channel.
+                let one_image = whole.and((q0.clone() % p + mr).le(p));
+                kb.if_else(
+                    one_image,
+                    |kb| {
+                        let at = kb.let_(q0.clone() / p * (ci * p) + q0.clone() % p);
+                        channels(kb, &|kb, src, dst| {
+                            for r in (0..mr).step_by(LANES) {
+                                kb.store(pb, dst.clone() + r, xb.at4(src.clone() + at.clone() + r));
+                            }
+                        })
+                    },
+                    |kb| scalar(kb, true),
+                );
             });
-        };
-        let whole = (q0.clone() + mr).le(rows);
-        if [kh, kw, hq, wq] != [1, 1, oh, ow] {
-            return kb.if_else(whole, |kb| scalar(kb, false), |kb| scalar(kb, true));
+            t.launch(kb.finish(), vec![x, xp], 0);
+            if one {
+                t.copied(key, xp);
+            }
+            xp
         }
-        // 1×1 over the plane itself: a block of one image is MR consecutive elements of each channel.
-        let one_image = whole.and((q0.clone() % p + mr).le(p));
-        kb.if_else(
-            one_image,
-            |kb| {
-                let at = kb.let_(q0.clone() / p * (ci * p) + q0.clone() % p);
-                channels(kb, &|kb, src, dst| {
-                    for r in (0..mr).step_by(LANES) {
-                        kb.store(pb, dst.clone() + r, xb.at4(src.clone() + at.clone() + r));
-                    }
-                })
-            },
-            |kb| scalar(kb, true),
-        );
-    });
-    t.launch(kb.finish(), vec![x, xp], 0);
+    };
     let yt = t.store(rows * co);
     let weights = (n.params[0].data(), n.params.get(1).map(|b| b.data()));
     turned(t, &n.name, [rows, k, co], xp, weights, |v| v, ep.relu_on_sum(), yt);

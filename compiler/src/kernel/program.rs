@@ -154,7 +154,7 @@ fn run(graph: &Graph, bound: Bound, batch: usize, lowering: Lowering, last: Pass
     let Lowering { tier, winograd, fc_weights, replicas, gpu } = lowering;
     assert!(!gpu || replicas == 1, "a GPU runs the whole batch in one program");
     assert!(replicas >= 1 && batch.is_multiple_of(replicas), "{replicas} replicas do not share a batch of {batch}");
-    let t = Tables { tier, winograd, fc_weights, gpu, batch, stores: vec![], params: vec![], launches: vec![], subsampled: vec![] };
+    let t = Tables { tier, winograd, fc_weights, gpu, batch, stores: vec![], params: vec![], launches: vec![], copies: vec![] };
     let mut b = Build { last, home: vec![], t, inputs: vec![], out: Ref::Store(0), life: vec![], offsets: vec![], arena_len: 0, program: None };
     let mut bound = Some(bound);
     for pass in Pass::ALL.into_iter().filter(|&p| p <= last) {
