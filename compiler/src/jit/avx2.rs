@@ -207,9 +207,11 @@ pub fn column_tile(accumulate: bool, relu: bool, cols: usize) -> Result<Vec<u8>,
     a.lea(r10, ptr(table))?;
     a.vmovups(mask, ymmword_ptr(r10))?;
     a.mov(r11, qword_ptr(rsp + 24))?;
-    a.shl(r11, 2)?; // ldc in bytes
-    if accumulate {
-        a.mov(rax, rdx)?;
+    // ldc in bytes.
+    a.shl(r11, 2)?;
+    // Every block's rows of a C-shaped matrix at rax (rows r11 bytes apart) into the accumulators,
+    // through the red zone: loaded, or (`add`) added.
+    let gather = |a: &mut CodeAssembler, add: bool| -> Result<(), IcedError> {
         for b in 0..blocks {
             for r in 0..MR {
                 for j in 0..cols {
@@ -219,9 +221,18 @@ pub fn column_tile(accumulate: bool, relu: bool, cols: usize) -> Result<Vec<u8>,
                 a.add(rax, r11)?;
             }
             for j in 0..cols {
-                a.vmovups(acc(b, j), ymmword_ptr(rsp - 32 * (j + 1) as i32))?;
+                let at = ymmword_ptr(rsp - 32 * (j + 1) as i32);
+                match add {
+                    true => a.vaddps(acc(b, j), acc(b, j), at)?,
+                    false => a.vmovups(acc(b, j), at)?,
+                }
             }
         }
+        Ok(())
+    };
+    if accumulate {
+        a.mov(rax, rdx)?;
+        gather(&mut a, false)?;
     } else {
         for b in 0..blocks {
             a.vmaskmovps(acc(b, 0), mask, ymmword_ptr(r9 + 4 * (MR * b) as i32))?;
@@ -288,18 +299,7 @@ pub fn column_tile(accumulate: bool, relu: bool, cols: usize) -> Result<Vec<u8>,
     a.jz(added)?;
     a.mov(r11, qword_ptr(rsp + 24))?;
     a.shl(r11, 2)?;
-    for b in 0..blocks {
-        for r in 0..MR {
-            for j in 0..cols {
-                a.mov(r10d, dword_ptr(rax + 4 * j as i32))?;
-                a.mov(slot(j, r), r10d)?;
-            }
-            a.add(rax, r11)?;
-        }
-        for j in 0..cols {
-            a.vaddps(acc(b, j), acc(b, j), ymmword_ptr(rsp - 32 * (j + 1) as i32))?;
-        }
-    }
+    gather(&mut a, true)?;
     a.set_label(&mut added)?;
     if relu {
         // max(0, x) returns its second operand when either is NaN, as the strided tile.

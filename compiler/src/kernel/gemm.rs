@@ -60,7 +60,7 @@ pub fn linear(t: &mut Tables, n: &Node, l: &Linear, relu: bool) {
     t.launch(kb.finish(), vec![n.ins[0].0, xp], 0);
     let dtype = t.fc_weights;
     let weights = (n.params[0].data(), n.params.get(1).map(|b| b.data()));
-    turned(t, &n.name, [b, k, o], xp, weights, |v| dtype.round(v), relu, n.out.0);
+    turned(t, n.name, [b, k, o], xp, weights, |v| dtype.round(v), relu, n.out.0);
 }
 
 /// `Y[q][f] = act(bias[f] + Σ_kk X[q][kk] · W[f][kk])` for q < rows, f < o: GEMM tiles with the roles
@@ -265,7 +265,7 @@ fn turned_conv(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue, [oh, ow]: [us
     };
     let yt = t.store(rows * co);
     let weights = (n.params[0].data(), n.params.get(1).map(|b| b.data()));
-    turned(t, &n.name, [rows, k, co], xp, weights, |v| v, ep.relu_on_sum(), yt);
+    turned(t, n.name, [rows, k, co], xp, weights, |v| v, ep.relu_on_sum(), yt);
     // y[img][f][pix] = Yᵀ[img·p + pix][f] (+ residual, then ReLU); one task per image and 16 channels,
     // which read a cache line of Yᵀ per pixel and write 16 rows of Y in step.
     const F: usize = 16;
