@@ -150,16 +150,15 @@ pub fn tile(accumulate: bool, relu: bool, taps: Option<&Taps>, narrow: bool, hei
     // The residual's lines are asked for now, to arrive during the k loop: the epilogue's loads of 12
     // rows ldc apart are a pattern no hardware prefetcher follows (at batch 8, ResNet-50's residual
     // layers spent more waiting for them than the add used to take as a pass of its own).
+    let add = rsp + if taps.is_some() { 40 } else { 32 };
     let mut fetched = a.create_label();
-    a.mov(r10, qword_ptr(rsp + if taps.is_some() { 40 } else { 32 }))?;
+    a.mov(r10, qword_ptr(add))?;
     a.test(r10, r10)?;
     a.jz(fetched)?;
+    let lines: &[i32] = if narrow { &[0, 60] } else { &[0, 64, 124] };
     for _ in 0..height {
-        for at in if narrow { [0, 60] } else { [0, 124] } {
+        for &at in lines {
             a.prefetcht0(byte_ptr(r10 + at))?;
-        }
-        if !narrow {
-            a.prefetcht0(byte_ptr(r10 + 64))?;
         }
         a.add(r10, r11)?;
     }
@@ -240,7 +239,7 @@ pub fn tile(accumulate: bool, relu: bool, taps: Option<&Taps>, narrow: bool, hei
     }
     let mut done = a.create_label();
     a.mov(rax, qword_ptr(rsp + 8))?;
-    a.mov(r10, qword_ptr(rsp + if taps.is_some() { 40 } else { 32 }))?;
+    a.mov(r10, qword_ptr(add))?;
     for r in 0..height {
         a.cmp(rax, r as i32)?;
         a.jbe(done)?;

@@ -165,7 +165,8 @@ pub struct Epilogue<'a> {
 }
 
 impl Epilogue<'_> {
-    /// Whether ReLU goes on the sum itself; after an add, [`add_tail`] applies it.
+    /// Whether ReLU goes on the sum itself; after an add, whatever adds applies it (the tile's epilogue,
+    /// [`add_tail`], a turned convolution's transpose).
     pub fn relu_on_sum(&self) -> bool {
         self.relu && self.add.is_none()
     }

@@ -5,6 +5,8 @@
 //! of the tile's width, as the tile reads them, or read in place by the AVX-512 tile ([`Columns`]). The
 //! register-blocked microkernel ([`micro`], or an assembled AVX2/AVX-512 tile) keeps an MR×NR tile of the output in
 //! registers; bias, ReLU and max pooling are applied by the same launch before anything leaves the task.
+//! On AVX-512, convolutions over planes that would leave the tile's lanes idle are turned around
+//! ([`turned_conv`]: pixels as the tile's rows), as linear layers above batch 1 are.
 //! Invariant left: per output element the arithmetic is fixed — bias, then one FMA per k in (channel,
 //! ky, kx) order — whatever the tile, tier or thread count, so results are bitwise identical across them.
 
@@ -219,26 +221,35 @@ fn turned_conv(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue, [oh, ow]: [us
                 // Pixel r's first tap in channel 0, and (with `check`, the last block) whether r is a pixel:
                 // past the last, 0 is read and replaced by zero.
                 let scalar = |kb: &mut Kb, check: bool| {
-                    let taps: Vec<(Expr, Expr)> = (0..mr)
+                    let taps: Vec<(Option<Expr>, Expr)> = (0..mr)
                         .map(|r| {
                             let q = kb.let_(q0.clone() + r);
-                            let valid = kb.let_(if check { q.clone().lt(rows) } else { e(1i64).eq(1i64) });
-                            let (img, pix) = (q.clone() / p, q % p);
+                            let (img, pix) = (q.clone() / p, q.clone() % p);
                             let at = img * (ci * hq * wq) + pix.clone() / ow * wq + pix % ow;
-                            (valid.clone(), kb.let_(if check { valid.select(at, 0i64) } else { at }))
+                            match check {
+                                true => {
+                                    let valid = kb.let_(q.lt(rows));
+                                    (Some(valid.clone()), kb.let_(valid.select(at, 0i64)))
+                                }
+                                false => (None, kb.let_(at)),
+                            }
                         })
                         .collect();
                     channels(kb, &|kb, src, dst| {
                         for (ky, kx) in (0..kh).flat_map(|ky| (0..kw).map(move |kx| (ky, kx))) {
                             for (r, (valid, at)) in taps.iter().enumerate() {
                                 let x = xb.at(src.clone() + at.clone() + ky * wq + kx);
-                                kb.store(pb, dst.clone() + (ky * kw + kx) * mr + r, if check { valid.clone().select(x, e(0.0f32)) } else { x });
+                                let x = match valid {
+                                    Some(v) => v.clone().select(x, e(0.0f32)),
+                                    None => x,
+                                };
+                                kb.store(pb, dst.clone() + (ky * kw + kx) * mr + r, x);
                             }
                         }
                     });
                 };
                 let whole = (q0.clone() + mr).le(rows);
-                if [kh, kw, hq, wq] != [1, 1, oh, ow] {
+                if !one {
                     return kb.if_else(whole, |kb| scalar(kb, false), |kb| scalar(kb, true));
                 }
                 // 1×1 over the plane itself: a block of one image is MR consecutive elements of each channel.
@@ -309,6 +320,7 @@ fn turned_conv(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue, [oh, ow]: [us
     });
     t.launch(kb.finish(), [vec![yt, n.out.0], ep.add.into_iter().collect()].concat(), 0);
 }
+
 /// How the portable tile covers `cols` ≤ NR columns: (first column, columns, width) — the whole vectors
 /// in one call, then single columns.
 fn pieces(cols: usize) -> Vec<(usize, usize, Width)> {
