@@ -28,6 +28,14 @@ impl Tier {
             Tier::Avx512 => 12,
         }
     }
+    /// Shorter tiles than MR rows, tallest first, for a channel block's last rows (64 channels = 5·12 + 4
+    /// would pay for 72): the AVX-512 tile's 8- and 4-row variants.
+    pub const fn short_rows(self) -> &'static [usize] {
+        match self {
+            Tier::Avx512 => &[8, 4],
+            Tier::Portable | Tier::Avx2 => &[],
+        }
+    }
     /// How many MR-row blocks AVX2's column tile covers for the last `cols` (1–4) columns of a GEMM
     /// (see `jit::avx2::column_tile`): 8 accumulators in all; `None` where it does not apply.
     pub fn column_blocks(self, cols: usize) -> Option<usize> {

@@ -292,13 +292,14 @@ pub fn column_tile(accumulate: bool, relu: bool, cols: usize) -> Result<Vec<u8>,
     a.set_label(&mut last)?;
     step(&mut a, true)?;
     a.set_label(&mut store)?;
+    // r11 held A's last blocks in the loop: ldc in bytes again, for the residual and the store.
+    a.mov(r11, qword_ptr(rsp + 24))?;
+    a.shl(r11, 2)?;
     // The residual (when `add` ≠ 0), gathered through the red zone as C is for `accumulate`.
     let mut added = a.create_label();
     a.mov(rax, qword_ptr(rsp + 40))?;
     a.test(rax, rax)?;
     a.jz(added)?;
-    a.mov(r11, qword_ptr(rsp + 24))?;
-    a.shl(r11, 2)?;
     gather(&mut a, true)?;
     a.set_label(&mut added)?;
     if relu {
@@ -308,8 +309,6 @@ pub fn column_tile(accumulate: bool, relu: bool, cols: usize) -> Result<Vec<u8>,
             a.vmaxps(r, bc, r)?;
         }
     }
-    a.mov(r11, qword_ptr(rsp + 24))?;
-    a.shl(r11, 2)?;
     a.mov(rax, rdx)?;
     for b in 0..blocks {
         for j in 0..cols {

@@ -131,11 +131,8 @@ struct TapArgs {
 }
 
 /// Tile variants: 8·short + 4·narrow + 2·accumulate + relu, where `short` (0–2) selects a tile of
-/// MR, or (AVX-512 only) of [`SHORT`]`[short − 1]` rows.
+/// MR, or of [`Tier::short_rows`]`[short − 1]` rows (AVX-512 only).
 const VARIANTS: usize = 24;
-/// The AVX-512 tile's shorter variants: a channel block's last rows (64 = 5·12 + 4) would cost a
-/// whole 12-row tile otherwise.
-const SHORT: [usize; 2] = [8, 4];
 
 /// The assembled tiles defined in a module, by variant: the strided one, and (AVX-512) one per
 /// implicit-convolution geometry, defined when a kernel first calls it.
@@ -177,7 +174,7 @@ fn define_tiles(m: &mut JITModule, tier: Tier, taps: Option<&Taps>) -> Result<[F
                 continue;
             }
             (_, 0) => avx512::tile(accumulate, relu, taps, narrow, tier.mr()),
-            _ => avx512::tile(accumulate, relu, taps, narrow, SHORT[short - 1]),
+            _ => avx512::tile(accumulate, relu, taps, narrow, tier.short_rows()[short - 1]),
         };
         ids[variant] = define_code(m, if taps.is_some() { 11 } else { 10 }, &format!("{tier:?} tile"), code)?;
     }
@@ -697,10 +694,10 @@ impl Gen<'_, '_> {
                 g.b.ins().jump(cont, &[]);
             }
         };
-        let shorts = if self.tier == Tier::Avx512 { SHORT.len() } else { 0 };
-        for short in (1..=shorts).rev() {
+        let shorts = self.tier.short_rows();
+        for short in (1..=shorts.len()).rev() {
             let (this, next) = (self.b.create_block(), self.b.create_block());
-            let fits = self.b.ins().icmp_imm_u(IntCC::UnsignedLessThanOrEqual, rows, SHORT[short - 1] as i64);
+            let fits = self.b.ins().icmp_imm_u(IntCC::UnsignedLessThanOrEqual, rows, shorts[short - 1] as i64);
             self.b.ins().brif(fits, this, &[], next, &[]);
             self.b.switch_to_block(this);
             calls(self, short);

@@ -148,14 +148,11 @@ fn turned(
 }
 
 /// Tile calls' cost, in row × lane units, of an `m` × `n` GEMM on `tier`'s tile: rows come in MR blocks
-/// (on AVX-512 the last in 4, 8 or 12, see the JIT's short tiles), columns in vectors.
+/// (the last in the shortest tile that holds it, [`Tier::short_rows`]), columns in vectors.
 fn tile_cost(tier: Tier, m: usize, n: usize) -> usize {
-    let mr = tier.mr();
-    let rows = match (tier, m % mr) {
-        (_, 0) => m,
-        (Tier::Avx512, rem) => m - rem + rem.div_ceil(4) * 4,
-        _ => m.div_ceil(mr) * mr,
-    };
+    let (mr, rem) = (tier.mr(), m % tier.mr());
+    let last = tier.short_rows().iter().copied().filter(|&h| h >= rem).min().unwrap_or(mr);
+    let rows = m - rem + if rem == 0 { 0 } else { last };
     let lanes = tier.nr() / 2;
     rows * n.div_ceil(lanes) * lanes
 }
