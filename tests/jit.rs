@@ -464,6 +464,66 @@ fn pooling_edges() {
     Problem { batch: 2, c: 3, h: 5, w: 7, layer: Layer::Pool(Pool { max: false, k: 3, stride: 2, pad: 1, cover_all: false }) }.check();
 }
 
+/// The assembled tiers pool with a native routine (16- or 8-lane chunks, the last overlapping; strides
+/// 1 and 2 in vectors, wider ones one output at a time), the portable tier with the IR's loops: every
+/// tier gives the same bytes, for planes wide enough for whole chunks and narrower ones, zeros of both
+/// signs included (which zero a max keeps depends on the order of its operands); a NaN stays a NaN.
+#[test]
+fn native_pooling_gives_the_loops_bytes() {
+    for (c, h, w) in [(3, 20, 37), (2, 9, 16), (2, 5, 3)] {
+        let shape = [2, c, h, w];
+        let mut data: Vec<f32> = rng::normal("x", shape.iter().product()).map(|v| v as f32).collect();
+        for (i, v) in data.iter_mut().enumerate() {
+            match i % 11 {
+                3 => *v = 0.0,
+                7 => *v = -0.0,
+                _ => {}
+            }
+        }
+        data[5] = f32::NAN;
+        let x = Tensor::new(shape.to_vec(), data).unwrap();
+        for (max, k, stride, pad, cover_all) in pools_to_check() {
+            let p = Pool { max, k, stride, pad, cover_all };
+            let problem = Problem { batch: 2, c, h, w, layer: Layer::Pool(p) };
+            let src = cnnc::diag::Source::new("case.model", problem.source());
+            let Ok((g, _)) = cnnc::compile(&src) else { continue };
+            let g = optimized(&g, 1);
+            let runs: Vec<(Tier, Tensor)> = tiers()
+                .into_iter()
+                .map(|tier| {
+                    let program = cnnc::kernel::program(&g, bind(&src, &g, Params::Generated(prng_param)), 2, tier);
+                    let jit = cnnc::jit::compile(&program, cnnc::jit::Options { checked: true }).expect("compiles");
+                    let got = jit.exe.run(&[&x], 3).expect("runs");
+                    assert_eq!(jit.violations(), vec![], "out-of-bounds accesses: {tier:?}\n{}", problem.source());
+                    (tier, got)
+                })
+                .collect();
+            let (first, want) = &runs[0];
+            for (tier, got) in &runs[1..] {
+                for (i, (a, b)) in got.data().iter().zip(want.data()).enumerate() {
+                    let same = if b.is_nan() { a.is_nan() } else { a.to_bits() == b.to_bits() };
+                    assert!(same, "{tier:?} against {first:?}: element {i} is {a}, not {b}\n{}", problem.source());
+                }
+            }
+        }
+    }
+}
+
+/// (max, kernel, stride, pad, cover_all) over the pools [`native_pooling_gives_the_loops_bytes`] checks.
+fn pools_to_check() -> Vec<(bool, usize, usize, usize, bool)> {
+    let mut all = vec![];
+    for max in [true, false] {
+        for (k, pad) in [(2, 0), (3, 0), (3, 1), (4, 1)] {
+            for stride in 1..=3 {
+                for cover_all in [false, true] {
+                    all.push((max, k, stride, pad, cover_all));
+                }
+            }
+        }
+    }
+    all
+}
+
 /// Linear layers above batch 1 run as GEMM tiles over packed samples and weight panels: ragged feature
 /// tiles (14 and 3 features), sample blocks past MR (37 = 3 × 12 + 1 = 6 × 6 + 1), and batch 2.
 #[test]

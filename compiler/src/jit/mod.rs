@@ -3,7 +3,8 @@
 //! Each [`Kernel`] becomes one function `fn(bufs, task, ntasks)`. Kernel variables become Cranelift
 //! variables (SSA is built by `cranelift-frontend`), loops become header/body/exit blocks, f32x4
 //! values map to 128-bit vectors (the widest the x64 backend lowers) and `fma` to one `vfmadd` (the ISA
-//! comes from `cranelift_native`, which enables FMA where the CPU has it). `exp` and `ln` call Rust.
+//! comes from `cranelift_native`, which enables FMA where the CPU has it). `exp` and `ln` call Rust, as
+//! does a pooling statement on the assembled tiers ([`pool`]), its geometry a data object of the module.
 //!
 //! Checked mode ([`Options::checked`]) guards every load and store: an index outside its buffer is
 //! recorded (kernel, buffer, index) and replaced by 0, so a bad kernel is reported instead of reading
@@ -13,18 +14,19 @@
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
+pub mod pool;
 
-use crate::kernel::{Access, BRows, BinOp, Expr, Gemm, Kernel, Program, Stmt, Taps, Ty, UnOp};
+use crate::kernel::{Access, BRows, BinOp, Expr, Gemm, Kernel, Pool, PoolGeo, Program, Stmt, Taps, Ty, UnOp};
 use crate::target::Tier;
 use cnnc_runtime::exec::{Arena, Executable, Step};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{
-    types, AbiParam, ConstantData, Endianness, FuncRef, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, Type, Value,
+    types, AbiParam, ConstantData, Endianness, FuncRef, GlobalValue, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, Type, Value,
 };
 use cranelift_codegen::{settings::Configurable, Context};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 use cranelift_jit::{JITBuilder, JITModule};
-use cranelift_module::{default_libcall_names, FuncId, Linkage, Module, ModuleReloc};
+use cranelift_module::{default_libcall_names, DataDescription, FuncId, Linkage, Module, ModuleReloc};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -229,6 +231,8 @@ fn module(tier: Tier, verify: bool) -> Result<(JITModule, Option<Tiles>), JitErr
     b.symbol("cnnc_oob", cnnc_oob as *const u8);
     b.symbol("cnnc_expf", cnnc_expf as *const u8);
     b.symbol("cnnc_logf", cnnc_logf as *const u8);
+    b.symbol("cnnc_pool_avx512", pool::cnnc_pool_avx512 as *const u8);
+    b.symbol("cnnc_pool_avx2", pool::cnnc_pool_avx2 as *const u8);
     let mut m = JITModule::new(b);
     if !tier.available() {
         return Err(JitError::Unsupported(tier));
@@ -440,11 +444,39 @@ fn build(
     ctx.func.signature = sig(&[types::I64; 3], &[]);
     let unary = sig(&[types::F32], &[types::F32]);
     let oob_sig = sig(&[types::I64; 4], &[]);
+    let pool_sig = sig(&[types::I64; 6], &[]);
     let exp = m.declare_function("cnnc_expf", Linkage::Import, &unary).map_err(err)?;
     let ln = m.declare_function("cnnc_logf", Linkage::Import, &unary).map_err(err)?;
     let oob = m.declare_function("cnnc_oob", Linkage::Import, &oob_sig).map_err(err)?;
     let math = [m.declare_func_in_func(exp, &mut ctx.func), m.declare_func_in_func(ln, &mut ctx.func)];
     let oob = m.declare_func_in_func(oob, &mut ctx.func);
+    // The tier's pooling routine, and each pooling geometry as read-only data beside the code.
+    let mut geos = vec![];
+    Stmt::visit(&k.body, &mut |s| {
+        if let Stmt::Pool(p) = s {
+            geos.push(p.geo);
+        }
+    });
+    let mut pools = (None, HashMap::new());
+    if !geos.is_empty() {
+        let name = match tiles.as_ref().map(|t| t.tier) {
+            Some(Tier::Avx512) => "cnnc_pool_avx512",
+            Some(Tier::Avx2) => "cnnc_pool_avx2",
+            _ => return Err(JitError::Codegen { kernel: k.name.clone(), message: "a pooling statement needs an assembled tier".into() }),
+        };
+        let f = m.declare_function(name, Linkage::Import, &pool_sig).map_err(err)?;
+        pools.0 = Some(m.declare_func_in_func(f, &mut ctx.func));
+        for geo in geos {
+            let id = m.declare_anonymous_data(false, false).map_err(err)?;
+            let mut data = DataDescription::new();
+            // SAFETY: `PoolGeo` is `repr(C)` plain integers: its bytes are its value.
+            let bytes = unsafe { std::slice::from_raw_parts((&geo as *const PoolGeo).cast::<u8>(), std::mem::size_of::<PoolGeo>()) };
+            data.define(bytes.into());
+            data.set_align(8);
+            m.define_data(id, &data).map_err(err)?;
+            pools.1.insert(geo, m.declare_data_in_func(id, &mut ctx.func));
+        }
+    }
     // Every tile variant the kernel calls, by geometry (None: strided).
     let (mut calls, mut columns, mut tier) = (HashMap::new(), vec![], Tier::Portable);
     if let Some(tiles) = tiles {
@@ -495,7 +527,7 @@ fn build(
         });
     }
     let frontend = m.isa().frontend_config();
-    let mut g = Gen { b, k, vars, bases, math, tiles: calls, columns, tier, check: check.map(|(log, kernel)| (log, kernel, oob)) };
+    let mut g = Gen { b, k, vars, bases, math, tiles: calls, columns, tier, pools, check: check.map(|(log, kernel)| (log, kernel, oob)) };
     g.block(&k.body);
     g.b.ins().return_(&[]);
     g.b.seal_all_blocks();
@@ -514,6 +546,8 @@ struct Gen<'a, 'f> {
     columns: Vec<FuncRef>,
     /// The tier whose tiles `tiles` are.
     tier: Tier,
+    /// The pooling routine, if the kernel calls it, and its geometries' addresses.
+    pools: (Option<FuncRef>, HashMap<PoolGeo, GlobalValue>),
     check: Option<(i64, i64, FuncRef)>,
 }
 
@@ -555,6 +589,7 @@ impl Gen<'_, '_> {
                 self.b.switch_to_block(exit);
             }
             Stmt::Gemm(g) => self.gemm(g),
+            Stmt::Pool(p) => self.pool(p),
             Stmt::Barrier => unreachable!("`build` refuses GPU-shaped kernels"),
             Stmt::If { cond, then, els } => {
                 let c = self.expr(cond);
@@ -704,6 +739,50 @@ impl Gen<'_, '_> {
             self.b.switch_to_block(next);
         }
         calls(self, 0);
+        self.b.switch_to_block(cont);
+    }
+
+    /// Calls the pooling routine on planes lo..hi; in checked mode only if the first and last element
+    /// of each buffer it touches are inside (an empty range touches none).
+    fn pool(&mut self, p: &Pool) {
+        let (lo, hi) = (self.expr(&p.lo), self.expr(&p.hi));
+        let zero = self.b.ins().iconst(types::I64, 0);
+        let (x, y) = (self.ptr(p.x.0, zero), self.ptr(p.y.0, zero));
+        let counts = match p.counts {
+            Some(c) => self.ptr(c.0, zero),
+            None => zero,
+        };
+        let geo = self.b.ins().symbol_value(types::I64, self.pools.1[&p.geo]);
+        let f = self.pools.0.expect("declared for every kernel with a pooling statement");
+        let args = [geo, x, y, counts, lo, hi];
+        if self.check.is_none() {
+            self.b.ins().call(f, &args);
+            return;
+        }
+        let g = p.geo;
+        let [some, call, cont] = [(); 3].map(|_| self.b.create_block());
+        let any = self.b.ins().icmp(IntCC::SignedLessThan, lo, hi);
+        self.b.ins().brif(any, some, &[], cont, &[]);
+        self.b.switch_to_block(some);
+        let mut ok = self.b.ins().iconst(types::I8, 1);
+        for (buf, per) in [(p.x.0, g.h * g.pitch), (p.y.0, g.oh * g.ow)] {
+            let first = self.b.ins().imul_imm_s(lo, per);
+            let end = self.b.ins().imul_imm_s(hi, per);
+            let last = self.b.ins().iadd_imm_s(end, -1);
+            for idx in [first, last] {
+                let inside = self.checked_index(buf, idx, 1).1;
+                ok = self.b.ins().band(ok, inside);
+            }
+        }
+        if let Some(c) = p.counts {
+            let last = self.b.ins().iconst(types::I64, g.oh * g.ow - 1);
+            let inside = self.checked_index(c.0, last, 1).1;
+            ok = self.b.ins().band(ok, inside);
+        }
+        self.b.ins().brif(ok, call, &[], cont, &[]);
+        self.b.switch_to_block(call);
+        self.b.ins().call(f, &args);
+        self.b.ins().jump(cont, &[]);
         self.b.switch_to_block(cont);
     }
 

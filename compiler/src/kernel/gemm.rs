@@ -668,7 +668,7 @@ fn direct(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue, [oh, ow]: [usize; 
                 if let (Some(p), Some(pb)) = (pool_after, pooled) {
                     let first = ig.clone() * g.cog + c0.clone() * mr;
                     let last = (ig.clone() * g.cog + c1.clone() * mr).min(ig.clone() * g.cog + g.cog);
-                    pool(kb, p, None, yb, pb, first, last, [oh, ow, pitch], [n.out.1[1], n.out.1[2]]);
+                    pool(kb, p, None, t.tier.assembled(), yb, pb, first, last, [oh, ow, pitch], [n.out.1[1], n.out.1[2]]);
                 }
             });
         });

@@ -164,6 +164,8 @@ pub enum Stmt {
     },
     /// One GEMM tile, for backends with their own microkernel (see [`Gemm`]).
     Gemm(Box<Gemm>),
+    /// Pooling of whole planes by a native routine, for the assembled tiers (see [`Pool`]).
+    Pool(Box<Pool>),
     /// Every thread of the block waits here until all have arrived; their [`Access::Shared`] stores
     /// before it are visible to all after it. Every thread of a block must reach the same barriers
     /// (GPU-shaped kernels only).
@@ -218,6 +220,43 @@ pub struct Gemm {
     pub accumulate: bool,
     pub relu: bool,
     pub add: Option<Buf>,
+}
+
+/// Max or average pooling of planes `lo..hi` of `x` into `y` (plane-major, planes `h·pitch` and
+/// `oh·ow` elements apart), by the assembled tiers' native routine ([`crate::jit::pool`]): the values
+/// of [`pool::pool`]'s loops, whose separable order it keeps (rows, then columns). `counts` holds an
+/// average's per-output divisors with `exclude_pad`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pool {
+    pub x: Buf,
+    pub y: Buf,
+    pub counts: Option<Buf>,
+    pub lo: Expr,
+    pub hi: Expr,
+    pub geo: PoolGeo,
+}
+
+/// A [`Pool`]'s geometry, as the native routine reads it (`#[repr(C)]`, baked into the code): `kind`
+/// is [`PoolGeo::MAX`], [`PoolGeo::AVG`] (divided by the window's size) or [`PoolGeo::AVG_COUNTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PoolGeo {
+    pub kind: i64,
+    pub kernel: [i64; 2],
+    pub stride: [i64; 2],
+    pub pad: [i64; 2],
+    /// Input rows and columns, and the input's row pitch.
+    pub h: i64,
+    pub w: i64,
+    pub pitch: i64,
+    pub oh: i64,
+    pub ow: i64,
+}
+
+impl PoolGeo {
+    pub const MAX: i64 = 0;
+    pub const AVG: i64 = 1;
+    pub const AVG_COUNTS: i64 = 2;
 }
 
 /// How a [`Gemm`] finds B(k, j).
@@ -578,6 +617,10 @@ impl Kb {
         self.push(Stmt::Gemm(Box::new(g)));
     }
 
+    pub fn pool(&mut self, p: Pool) {
+        self.push(Stmt::Pool(Box::new(p)));
+    }
+
     pub fn if_(&mut self, cond: Expr, then: impl FnOnce(&mut Kb)) {
         self.if_else(cond, then, |_| {})
     }
@@ -664,6 +707,14 @@ fn write_block(f: &mut fmt::Formatter<'_>, body: &[Stmt], depth: usize) -> fmt::
                     f,
                     "{pad}gemm(b{a}[{a0}], b{bias}[{bias0}], b{b}[{b0}] -> b{c}[{c0}]; {rows_b}, ldc {ldc}, depth {depth}, rows {rows}, cols {cols}{flags})"
                 )?
+            }
+            Stmt::Pool(p) => {
+                let Pool { x, y, counts, lo, hi, geo: g } = &**p;
+                let kind = ["max", "avg", "avg counted"][g.kind as usize];
+                let counts = counts.map_or(String::new(), |c| format!(", counts b{}", c.0));
+                let ([kh, kw], [sh, sw], [ph, pw]) = (g.kernel, g.stride, g.pad);
+                let geo = format!("{kh}x{kw}/{sh}x{sw} pad {ph}x{pw}, {}x{} (pitch {}) -> {}x{}", g.h, g.w, g.pitch, g.oh, g.ow);
+                writeln!(f, "{pad}pool {kind}(b{}[planes {lo}..{hi}] -> b{}; {geo}{counts})", x.0, y.0)?
             }
             Stmt::Barrier => writeln!(f, "{pad}barrier")?,
             Stmt::If { cond, then, els } => {

@@ -5,7 +5,7 @@
 //! stack; the order depends only on the shape, never on the tier or the thread count.
 
 use super::common::{overlapping_vector_loop, Node, Ref, Tables};
-use super::{e, Access, Buf, Expr, Kb, LANES};
+use super::{e, Access, Buf, Expr, Kb, Pool, PoolGeo, LANES};
 use cnnc_runtime::op::Pool2d;
 use cnnc_runtime::Op;
 
@@ -24,7 +24,7 @@ pub fn lower(t: &mut Tables, n: &Node, p: &Pool2d) {
         kb.buf("counts", oh * ow, Access::Read)
     });
     let (lo, hi) = kb.range();
-    pool(&mut kb, p, avg.then_some(counts), xb, yb, lo, hi, [h, w, w], [oh, ow]);
+    pool(&mut kb, p, avg.then_some(counts), t.tier.assembled(), xb, yb, lo, hi, [h, w, w], [oh, ow]);
     t.launch(kb.finish(), args, n.out_len() as u64 * (p.kernel[0] * p.kernel[1]) as u64);
 }
 
@@ -57,8 +57,22 @@ pub fn counts(p: &Pool2d, [h, w]: [usize; 2], [oh, ow]: [usize; 2]) -> Vec<f32> 
 /// identity cell adds nothing (x + 0 = x but for −0, whose sign a sum from 0 loses anyway). Per 3×3
 /// window that is 4 adds instead of 8, each chain two deep instead of eight, and no scalar windows at
 /// the edges (a scalar costs what a vector of four does; measured: docs/benchmarks.md).
+///
+/// With `native` (the assembled tiers), the separable form is one [`Pool`] statement instead: the
+/// JIT's routine reduces in the same order, on the CPU's widest vectors.
 #[allow(clippy::too_many_arguments)]
-pub fn pool(kb: &mut Kb, p: &Pool2d, avg: Option<Option<Buf>>, x: Buf, y: Buf, lo: Expr, hi: Expr, [h, w, pitch]: [usize; 3], [oh, ow]: [usize; 2]) {
+pub fn pool(
+    kb: &mut Kb,
+    p: &Pool2d,
+    avg: Option<Option<Buf>>,
+    native: bool,
+    x: Buf,
+    y: Buf,
+    lo: Expr,
+    hi: Expr,
+    [h, w, pitch]: [usize; 3],
+    [oh, ow]: [usize; 2],
+) {
     let [kh, kw] = p.kernel;
     let (init, reduce): (f32, fn(Expr, Expr) -> Expr) = match avg {
         Some(_) => (0.0, |a, b| a + b),
@@ -78,7 +92,19 @@ pub fn pool(kb: &mut Kb, p: &Pool2d, avg: Option<Option<Buf>>, x: Buf, y: Buf, l
     let stride = left + w + right;
     // The separable form keeps one plane's row reductions on the task's stack; planes too large for
     // that (over 64 KiB of them: worker threads have 2 MiB stacks) take the direct form, window by window.
-    if oh * stride * 4 > 64 << 10 {
+    let separable = oh * stride * 4 <= 64 << 10;
+    if native && separable {
+        let kind = match avg {
+            None => PoolGeo::MAX,
+            Some(None) => PoolGeo::AVG,
+            Some(Some(_)) => PoolGeo::AVG_COUNTS,
+        };
+        let [kernel, stride, pad] = [p.kernel, p.stride, p.pad].map(|v| v.map(|v| v as i64));
+        let [h, w, pitch, oh, ow] = [h, w, pitch, oh, ow].map(|v| v as i64);
+        let geo = PoolGeo { kind, kernel, stride, pad, h, w, pitch, oh, ow };
+        return kb.pool(Pool { x, y, counts: avg.flatten(), lo, hi, geo });
+    }
+    if !separable {
         // Window by window in (ky, kx) order; with stride 1 the windows inside the row (ox − pad ≥ 0 and
         // ox − pad + kw ≤ w) four at a time.
         let (first, last) = if p.stride[1] == 1 { inside(p, 1, w, ow) } else { (ow, ow) };
@@ -189,6 +215,6 @@ pub fn pool_launch(t: &mut Tables, n: &Node, p: &Pool2d, x: Ref, [oh, ow]: [usiz
     let mut kb = Kb::new(format!("{}.max_pool2d", n.name), n.batch * co);
     let (xb, pb) = (kb.buf("x", n.batch * co * oh * ow, Access::Read), kb.buf("y", n.out_len(), Access::Write));
     let (lo, hi) = kb.range();
-    pool(&mut kb, p, None, xb, pb, lo, hi, [oh, ow, ow], [n.out.1[1], n.out.1[2]]);
+    pool(&mut kb, p, None, t.tier.assembled(), xb, pb, lo, hi, [oh, ow, ow], [n.out.1[1], n.out.1[2]]);
     t.launch(kb.finish(), vec![x, n.out.0], 0);
 }

@@ -433,6 +433,7 @@ impl Gen {
                 self.code += &format!("{end}:\n");
             }
             Stmt::Gemm(_) => return Err("a gemm statement survived expansion".into()),
+            Stmt::Pool(_) => return Err("a native pooling statement (the assembled CPU tiers') reached the cuda backend".into()),
             Stmt::Barrier => self.ins("bar.sync 0"),
         }
         Ok(())
