@@ -27,6 +27,7 @@ mod program;
 mod winograd;
 
 pub use crate::target::Tier;
+pub use pool::expand as expand_pools;
 pub use program::{listing_after, program, program_each, program_with, Launch, Lowering, Pass, Program, Slot, ALIGN};
 pub use winograd::Winograd;
 
@@ -623,6 +624,11 @@ impl Kb {
 
     pub fn if_(&mut self, cond: Expr, then: impl FnOnce(&mut Kb)) {
         self.if_else(cond, then, |_| {})
+    }
+
+    /// Continues building in `k`: its buffers and variables, an empty body.
+    fn resume(k: &Kernel) -> Kb {
+        Kb { k: Kernel { body: vec![], ..k.clone() }, blocks: vec![vec![]] }
     }
 
     pub fn finish(mut self) -> Kernel {

@@ -5,7 +5,7 @@
 //! stack; the order depends only on the shape, never on the tier or the thread count.
 
 use super::common::{overlapping_vector_loop, Node, Ref, Tables};
-use super::{e, Access, Buf, Expr, Kb, Pool, PoolGeo, LANES};
+use super::{e, Access, Buf, Expr, Kb, Kernel, Pool, PoolGeo, Stmt, LANES};
 use cnnc_runtime::op::Pool2d;
 use cnnc_runtime::Op;
 
@@ -73,26 +73,9 @@ pub fn pool(
     [h, w, pitch]: [usize; 3],
     [oh, ow]: [usize; 2],
 ) {
-    let [kh, kw] = p.kernel;
-    let (init, reduce): (f32, fn(Expr, Expr) -> Expr) = match avg {
-        Some(_) => (0.0, |a, b| a + b),
-        None => (f32::NEG_INFINITY, |a, b| a.max(b)),
-    };
-    // A window's reduction, divided for an average (by its cells with `exclude_pad`).
-    let finish = |acc: Expr, at: Expr, vec: bool| match avg {
-        Some(Some(counts)) => acc / counts.load(at, vec),
-        Some(None) => acc / e((kh * kw) as f32).lanes(vec),
-        None => acc,
-    };
-    // Each row's reductions sit between `left` cells of the reduction's identity (−∞ or 0) and `right`
-    // more (a ceil-mode window may end past the right padding), `stride` apart: every window then
-    // reduces kw cells, as a clipped one would its cells inside (max(−∞, a) = a, 0 + a = a, in the same
-    // order), and all outputs go four at a time.
-    let (left, right) = (p.pad[1], ((ow - 1) * p.stride[1] + kw).saturating_sub(p.pad[1] + w));
-    let stride = left + w + right;
     // The separable form keeps one plane's row reductions on the task's stack; planes too large for
     // that (over 64 KiB of them: worker threads have 2 MiB stacks) take the direct form, window by window.
-    let separable = oh * stride * 4 <= 64 << 10;
+    let separable = oh * row_cells(p, w, ow) * 4 <= 64 << 10;
     if native && separable {
         let kind = match avg {
             None => PoolGeo::MAX,
@@ -104,7 +87,56 @@ pub fn pool(
         let geo = PoolGeo { kind, kernel, stride, pad, h, w, pitch, oh, ow };
         return kb.pool(Pool { x, y, counts: avg.flatten(), lo, hi, geo });
     }
-    if !separable {
+    loops(kb, p, avg, x, y, lo, hi, [h, w, pitch], [oh, ow])
+}
+
+/// `k` with every [`Stmt::Pool`] replaced by the loops [`pool`] builds without `native`: for a backend
+/// without the native routine (the cuda backend printing a CPU tier's program).
+pub fn expand(k: &Kernel) -> Kernel {
+    fn go(kb: &mut Kb, body: &[Stmt]) -> Vec<Stmt> {
+        let mut out = vec![];
+        for s in body {
+            match s {
+                Stmt::For { var, lo, hi, step, body } => out.push(Stmt::For { var: *var, lo: lo.clone(), hi: hi.clone(), step: *step, body: go(kb, body) }),
+                Stmt::If { cond, then, els } => out.push(Stmt::If { cond: cond.clone(), then: go(kb, then), els: go(kb, els) }),
+                Stmt::Pool(n) => {
+                    let g = n.geo;
+                    let [kernel, stride, pad] = [g.kernel, g.stride, g.pad].map(|v| v.map(|v| v as usize));
+                    let p = Pool2d { kernel, stride, pad, cover_all: false, exclude_pad: g.kind == PoolGeo::AVG_COUNTS };
+                    let avg = (g.kind != PoolGeo::MAX).then_some(n.counts);
+                    let [h, w, pitch, oh, ow] = [g.h, g.w, g.pitch, g.oh, g.ow].map(|v| v as usize);
+                    out.extend(kb.block(|kb| loops(kb, &p, avg, n.x, n.y, n.lo.clone(), n.hi.clone(), [h, w, pitch], [oh, ow])));
+                }
+                s => out.push(s.clone()),
+            }
+        }
+        out
+    }
+    let mut kb = Kb::resume(k);
+    let body = go(&mut kb, &k.body);
+    Kernel { body, ..kb.finish() }
+}
+
+/// [`pool`]'s loops.
+#[allow(clippy::too_many_arguments)]
+fn loops(kb: &mut Kb, p: &Pool2d, avg: Option<Option<Buf>>, x: Buf, y: Buf, lo: Expr, hi: Expr, [h, w, pitch]: [usize; 3], [oh, ow]: [usize; 2]) {
+    let [kh, kw] = p.kernel;
+    let (init, reduce): (f32, fn(Expr, Expr) -> Expr) = match avg {
+        Some(_) => (0.0, |a, b| a + b),
+        None => (f32::NEG_INFINITY, |a, b| a.max(b)),
+    };
+    // A window's reduction, divided for an average (by its cells with `exclude_pad`).
+    let finish = |acc: Expr, at: Expr, vec: bool| match avg {
+        Some(Some(counts)) => acc / counts.load(at, vec),
+        Some(None) => acc / e((kh * kw) as f32).lanes(vec),
+        None => acc,
+    };
+    // Each row's reductions sit between `left` cells of the reduction's identity (−∞ or 0) and more on
+    // the right (a ceil-mode window may end past the right padding), `stride` apart: every window then
+    // reduces kw cells, as a clipped one would its cells inside (max(−∞, a) = a, 0 + a = a, in the same
+    // order), and all outputs go four at a time.
+    let (left, stride) = (p.pad[1], row_cells(p, w, ow));
+    if oh * stride * 4 > 64 << 10 {
         // Window by window in (ky, kx) order; with stride 1 the windows inside the row (ox − pad ≥ 0 and
         // ox − pad + kw ≤ w) four at a time.
         let (first, last) = if p.stride[1] == 1 { inside(p, 1, w, ow) } else { (ow, ow) };
@@ -199,6 +231,12 @@ pub fn pool(
             }
         });
     });
+}
+
+/// The cells of a row of row reductions: `pad` cells of the identity, the `w` columns, and as many
+/// more as the last of `ow` windows needs.
+pub fn row_cells(p: &Pool2d, w: usize, ow: usize) -> usize {
+    p.pad[1] + w + ((ow - 1) * p.stride[1] + p.kernel[1]).saturating_sub(p.pad[1] + w)
 }
 
 /// The outputs along `axis` whose window lies inside `0..size` (o·s − pad ≥ 0 and o·s − pad + k ≤
