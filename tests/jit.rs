@@ -464,10 +464,10 @@ fn pooling_edges() {
     Problem { batch: 2, c: 3, h: 5, w: 7, layer: Layer::Pool(Pool { max: false, k: 3, stride: 2, pad: 1, cover_all: false }) }.check();
 }
 
-/// The assembled tiers pool with a native routine (16- or 8-lane chunks, the last overlapping; strides
-/// 1 and 2 in vectors, wider ones one output at a time), the portable tier with the IR's loops: every
-/// tier gives the same bytes, for planes wide enough for whole chunks and narrower ones, zeros of both
-/// signs included (which zero a max keeps depends on the order of its operands); a NaN stays a NaN.
+/// The assembled tiers pool rows of 8 outputs or more with a native routine (16- or 8-lane chunks, the
+/// last overlapping; strides 1 and 2 in vectors, wider ones one output at a time), the portable tier
+/// (and narrower rows) with the IR's loops: every tier gives the same bytes, zeros of both signs
+/// included (which zero a max keeps depends on the order of its operands); a NaN stays a NaN.
 #[test]
 fn native_pooling_gives_the_loops_bytes() {
     for (c, h, w) in [(3, 20, 37), (2, 9, 16), (2, 5, 3)] {

@@ -58,8 +58,8 @@ pub fn counts(p: &Pool2d, [h, w]: [usize; 2], [oh, ow]: [usize; 2]) -> Vec<f32> 
 /// window that is 4 adds instead of 8, each chain two deep instead of eight, and no scalar windows at
 /// the edges (a scalar costs what a vector of four does; measured: docs/benchmarks.md).
 ///
-/// With `native` (the assembled tiers), the separable form is one [`Pool`] statement instead: the
-/// JIT's routine reduces in the same order, on the CPU's widest vectors.
+/// With `native` (the assembled tiers), the separable form of rows of 8 outputs or more is one [`Pool`]
+/// statement instead: the JIT's routine reduces in the same order, on the CPU's widest vectors.
 #[allow(clippy::too_many_arguments)]
 pub fn pool(
     kb: &mut Kb,
@@ -76,7 +76,9 @@ pub fn pool(
     // The separable form keeps one plane's row reductions on the task's stack; planes too large for
     // that (over 64 KiB of them: worker threads have 2 MiB stacks) take the direct form, window by window.
     let separable = oh * row_cells(p, w, ow) * 4 <= 64 << 10;
-    if native && separable {
+    // Rows of 8 outputs or more: narrower ones (the digits model's 4 and 2, a global average's 1) pay
+    // more for the call and its setup than the loops, whose constants the JIT builds in.
+    if native && separable && ow >= 8 {
         let kind = match avg {
             None => PoolGeo::MAX,
             Some(None) => PoolGeo::AVG,
