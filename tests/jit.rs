@@ -376,7 +376,8 @@ fn columns_split_into_parts() {
 /// channels as columns: `pack_x`, the tiles on Yᵀ, `transpose`) where that pays for the copies: 1×1 on
 /// 7 × 7 maps with a fused add, strided (13 × 13 to 7 × 7), a 3×3 (padded), and a 3×3 on 6 × 6 with an
 /// add whose 250 channels are not whole vectors of the transpose; two images, whose pixels share
-/// blocks. The same bytes as every tier.
+/// blocks. The same bytes as every tier; and the native transpose (whole items of 16 channels) the
+/// bytes of its loops.
 #[test]
 fn turned_small_planes() {
     for (c, hw, out, k, stride, add) in [(256, 7, 64, 1, 1, true), (256, 13, 64, 1, 2, false), (64, 7, 256, 3, 1, false), (20, 6, 250, 3, 1, true)] {
@@ -389,7 +390,33 @@ fn turned_small_planes() {
         let turned = program.launches.iter().any(|l| l.kernel.name.ends_with(".transpose"));
         assert!(turned, "not turned around:\n{}", p.source());
         p.check();
+        // 16 channels per item: the native transpose (250 channels keep the loops).
+        if Tier::Avx512.available() && out % 16 == 0 {
+            let shape = [p.batch, c, hw, hw];
+            let x = Tensor::new(shape.to_vec(), rng::normal("x", shape.iter().product()).map(|v| v as f32).collect()).unwrap();
+            let program = || cnnc::kernel::program_with(&g, bind(&src, &g, Params::Generated(prng_param)), p.batch, lowering);
+            native_calls_match_their_loops(program, &x, &p.source());
+        }
     }
+}
+
+/// Runs `program()` as lowered (native calls) and with every call expanded into the portable loops
+/// (`kernel::expand_calls`, as the cuda backend prints them), and requires the same bytes.
+fn native_calls_match_their_loops(program: impl Fn() -> Program, x: &Tensor, what: &str) {
+    let (native, mut expanded) = (program(), program());
+    let mut calls = false;
+    for l in &mut expanded.launches {
+        Stmt::visit(&l.kernel.body, &mut |s| calls |= matches!(s, Stmt::Call(_)));
+        l.kernel = cnnc::kernel::expand_calls(&l.kernel);
+    }
+    assert!(calls, "no native call:\n{what}");
+    let [native, loops] = [native, expanded].map(|p| {
+        let jit = cnnc::jit::compile(&p, cnnc::jit::Options { checked: true }).expect("compiles");
+        let y = jit.exe.run(&[x], 3).expect("runs");
+        assert_eq!(jit.violations(), vec![], "out-of-bounds accesses:\n{what}");
+        y
+    });
+    assert!(bits(&native) == bits(&loops), "native calls are not their loops' bytes:\n{what}");
 }
 
 /// Grouped convolution with pooling fused into its kernel (AlexNet's conv2 in miniature).

@@ -4,7 +4,7 @@
 //! variables (SSA is built by `cranelift-frontend`), loops become header/body/exit blocks, f32x4
 //! values map to 128-bit vectors (the widest the x64 backend lowers) and `fma` to one `vfmadd` (the ISA
 //! comes from `cranelift_native`, which enables FMA where the CPU has it). `exp` and `ln` call Rust, as
-//! does a pooling statement on the assembled tiers ([`pool`]), its geometry a data object of the module.
+//! do the assembled tiers' native calls ([`native`]), each geometry a data object of the module.
 //!
 //! Checked mode ([`Options::checked`]) guards every load and store: an index outside its buffer is
 //! recorded (kernel, buffer, index) and replaced by 0, so a bad kernel is reported instead of reading
@@ -14,9 +14,9 @@
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
-pub mod pool;
+pub mod native;
 
-use crate::kernel::{Access, BRows, BinOp, Expr, Gemm, Kernel, Pool, PoolGeo, Program, Stmt, Taps, Ty, UnOp};
+use crate::kernel::{Access, BRows, BinOp, Call, Expr, Gemm, Kernel, Program, Routine, Stmt, Taps, Ty, UnOp};
 use crate::target::Tier;
 use cnnc_runtime::exec::{Arena, Executable, Step};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
@@ -75,6 +75,13 @@ extern "C" fn cnnc_expf(x: f32) -> f32 {
 }
 extern "C" fn cnnc_logf(x: f32) -> f32 {
     x.ln()
+}
+
+/// The bytes of a `#[repr(C)]` geometry of plain integers (a native routine's, baked into the code).
+fn repr_bytes<T: Copy>(v: &T) -> Vec<u8> {
+    // SAFETY: `T` is one of the kernel IR's `repr(C)` geometries of `i64`s: no padding, every byte
+    // initialized.
+    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }.to_vec()
 }
 
 /// Whether `e` is a float constant, or a splat of one.
@@ -231,8 +238,9 @@ fn module(tier: Tier, verify: bool) -> Result<(JITModule, Option<Tiles>), JitErr
     b.symbol("cnnc_oob", cnnc_oob as *const u8);
     b.symbol("cnnc_expf", cnnc_expf as *const u8);
     b.symbol("cnnc_logf", cnnc_logf as *const u8);
-    b.symbol("cnnc_pool_avx512", pool::cnnc_pool_avx512 as *const u8);
-    b.symbol("cnnc_pool_avx2", pool::cnnc_pool_avx2 as *const u8);
+    b.symbol("cnnc_pool_avx512", native::cnnc_pool_avx512 as *const u8);
+    b.symbol("cnnc_pool_avx2", native::cnnc_pool_avx2 as *const u8);
+    b.symbol("cnnc_transpose_avx512", native::cnnc_transpose_avx512 as *const u8);
     let mut m = JITModule::new(b);
     if !tier.available() {
         return Err(JitError::Unsupported(tier));
@@ -444,38 +452,38 @@ fn build(
     ctx.func.signature = sig(&[types::I64; 3], &[]);
     let unary = sig(&[types::F32], &[types::F32]);
     let oob_sig = sig(&[types::I64; 4], &[]);
-    let pool_sig = sig(&[types::I64; 6], &[]);
+    let call_sig = sig(&[types::I64; 6], &[]);
     let exp = m.declare_function("cnnc_expf", Linkage::Import, &unary).map_err(err)?;
     let ln = m.declare_function("cnnc_logf", Linkage::Import, &unary).map_err(err)?;
     let oob = m.declare_function("cnnc_oob", Linkage::Import, &oob_sig).map_err(err)?;
     let math = [m.declare_func_in_func(exp, &mut ctx.func), m.declare_func_in_func(ln, &mut ctx.func)];
     let oob = m.declare_func_in_func(oob, &mut ctx.func);
-    // The tier's pooling routine, and each pooling geometry as read-only data beside the code.
-    let mut geos = vec![];
+    // The native routines the kernel calls, and each geometry as read-only data beside the code.
+    let mut routines = vec![];
     Stmt::visit(&k.body, &mut |s| {
-        if let Stmt::Pool(p) = s {
-            geos.push(p.geo);
+        if let Stmt::Call(c) = s {
+            routines.push(c.routine);
         }
     });
-    let mut pools = (None, HashMap::new());
-    if !geos.is_empty() {
-        let name = match tiles.as_ref().map(|t| t.tier) {
-            Some(Tier::Avx512) => "cnnc_pool_avx512",
-            Some(Tier::Avx2) => "cnnc_pool_avx2",
-            _ => return Err(JitError::Codegen { kernel: k.name.clone(), message: "a pooling statement needs an assembled tier".into() }),
+    let mut natives = (HashMap::new(), HashMap::new());
+    for routine in routines {
+        let tier = tiles.as_ref().map(|t| t.tier);
+        let (name, bytes) = match (routine, tier) {
+            (Routine::Pool(g), Some(Tier::Avx512)) => ("cnnc_pool_avx512", repr_bytes(&g)),
+            (Routine::Pool(g), Some(Tier::Avx2)) => ("cnnc_pool_avx2", repr_bytes(&g)),
+            (Routine::Transpose(g), Some(Tier::Avx512)) => ("cnnc_transpose_avx512", repr_bytes(&g)),
+            _ => return Err(JitError::Codegen { kernel: k.name.clone(), message: format!("no native {routine:?} for the {tier:?} tier") }),
         };
-        let f = m.declare_function(name, Linkage::Import, &pool_sig).map_err(err)?;
-        pools.0 = Some(m.declare_func_in_func(f, &mut ctx.func));
-        for geo in geos {
-            let id = m.declare_anonymous_data(false, false).map_err(err)?;
-            let mut data = DataDescription::new();
-            // SAFETY: `PoolGeo` is `repr(C)` plain integers: its bytes are its value.
-            let bytes = unsafe { std::slice::from_raw_parts((&geo as *const PoolGeo).cast::<u8>(), std::mem::size_of::<PoolGeo>()) };
-            data.define(bytes.into());
-            data.set_align(8);
-            m.define_data(id, &data).map_err(err)?;
-            pools.1.insert(geo, m.declare_data_in_func(id, &mut ctx.func));
+        if !natives.0.contains_key(name) {
+            let f = m.declare_function(name, Linkage::Import, &call_sig).map_err(err)?;
+            natives.0.insert(name, m.declare_func_in_func(f, &mut ctx.func));
         }
+        let id = m.declare_anonymous_data(false, false).map_err(err)?;
+        let mut data = DataDescription::new();
+        data.define(bytes.into());
+        data.set_align(8);
+        m.define_data(id, &data).map_err(err)?;
+        natives.1.insert(routine, (natives.0[name], m.declare_data_in_func(id, &mut ctx.func)));
     }
     // Every tile variant the kernel calls, by geometry (None: strided).
     let (mut calls, mut columns, mut tier) = (HashMap::new(), vec![], Tier::Portable);
@@ -498,7 +506,6 @@ fn build(
             columns = tiles.columns.iter().map(|&id| m.declare_func_in_func(id, &mut ctx.func)).collect();
         }
     }
-
     let mut b = FunctionBuilder::new(&mut ctx.func, fctx);
     let entry = b.create_block();
     b.append_block_params_for_function_params(entry);
@@ -527,7 +534,7 @@ fn build(
         });
     }
     let frontend = m.isa().frontend_config();
-    let mut g = Gen { b, k, vars, bases, math, tiles: calls, columns, tier, pools, check: check.map(|(log, kernel)| (log, kernel, oob)) };
+    let mut g = Gen { b, k, vars, bases, math, tiles: calls, columns, tier, natives: natives.1, check: check.map(|(log, kernel)| (log, kernel, oob)) };
     g.block(&k.body);
     g.b.ins().return_(&[]);
     g.b.seal_all_blocks();
@@ -546,8 +553,8 @@ struct Gen<'a, 'f> {
     columns: Vec<FuncRef>,
     /// The tier whose tiles `tiles` are.
     tier: Tier,
-    /// The pooling routine, if the kernel calls it, and its geometries' addresses.
-    pools: (Option<FuncRef>, HashMap<PoolGeo, GlobalValue>),
+    /// Per native routine the kernel calls: the function and its geometry's address.
+    natives: HashMap<Routine, (FuncRef, GlobalValue)>,
     check: Option<(i64, i64, FuncRef)>,
 }
 
@@ -589,7 +596,7 @@ impl Gen<'_, '_> {
                 self.b.switch_to_block(exit);
             }
             Stmt::Gemm(g) => self.gemm(g),
-            Stmt::Pool(p) => self.pool(p),
+            Stmt::Call(c) => self.call(c),
             Stmt::Barrier => unreachable!("`build` refuses GPU-shaped kernels"),
             Stmt::If { cond, then, els } => {
                 let c = self.expr(cond);
@@ -742,42 +749,55 @@ impl Gen<'_, '_> {
         self.b.switch_to_block(cont);
     }
 
-    /// Calls the pooling routine on planes lo..hi; in checked mode only if the first and last element
-    /// of each buffer it touches are inside (an empty range touches none).
-    fn pool(&mut self, p: &Pool) {
-        let (lo, hi) = (self.expr(&p.lo), self.expr(&p.hi));
+    /// Calls a native routine on items lo..hi; in checked mode only if the first and last element of
+    /// each buffer it touches are inside (an empty range touches none).
+    fn call(&mut self, c: &Call) {
+        let (lo, hi) = (self.expr(&c.lo), self.expr(&c.hi));
         let zero = self.b.ins().iconst(types::I64, 0);
-        let (x, y) = (self.ptr(p.x.0, zero), self.ptr(p.y.0, zero));
-        let counts = match p.counts {
-            Some(c) => self.ptr(c.0, zero),
+        let (x, y) = (self.ptr(c.x.0, zero), self.ptr(c.y.0, zero));
+        let extra = match c.extra {
+            Some(b) => self.ptr(b.0, zero),
             None => zero,
         };
-        let geo = self.b.ins().symbol_value(types::I64, self.pools.1[&p.geo]);
-        let f = self.pools.0.expect("declared for every kernel with a pooling statement");
-        let args = [geo, x, y, counts, lo, hi];
+        let (f, gv) = self.natives[&c.routine];
+        let geo = self.b.ins().symbol_value(types::I64, gv);
+        let args = [geo, x, y, extra, lo, hi];
         if self.check.is_none() {
             self.b.ins().call(f, &args);
             return;
         }
-        let g = p.geo;
         let [some, call, cont] = [(); 3].map(|_| self.b.create_block());
         let any = self.b.ins().icmp(IntCC::SignedLessThan, lo, hi);
         self.b.ins().brif(any, some, &[], cont, &[]);
         self.b.switch_to_block(some);
+        // Per buffer, elements per item and per group of items: a pooling's planes; a transpose's
+        // images (of co / 16 items each), whose whole extent is checked.
+        let (per_x, per_y, group) = match c.routine {
+            Routine::Pool(g) => (g.h * g.pitch, g.oh * g.ow, 1),
+            Routine::Transpose(g) => (g.p * g.co, g.p * g.co, g.co / 16),
+        };
         let mut ok = self.b.ins().iconst(types::I8, 1);
-        for (buf, per) in [(p.x.0, g.h * g.pitch), (p.y.0, g.oh * g.ow)] {
-            let first = self.b.ins().imul_imm_s(lo, per);
-            let end = self.b.ins().imul_imm_s(hi, per);
+        let mut buffers = vec![(c.x.0, per_x), (c.y.0, per_y)];
+        match (c.routine, c.extra) {
+            (Routine::Transpose(_), Some(r)) => buffers.push((r.0, per_y)),
+            (Routine::Pool(g), Some(counts)) => {
+                let last = self.b.ins().iconst(types::I64, g.oh * g.ow - 1);
+                let inside = self.checked_index(counts.0, last, 1).1;
+                ok = self.b.ins().band(ok, inside);
+            }
+            (_, None) => {}
+        }
+        for (buf, per) in buffers {
+            let first = self.b.ins().udiv_imm_u(lo, group);
+            let first = self.b.ins().imul_imm_s(first, per);
+            let end = self.b.ins().iadd_imm_s(hi, group - 1);
+            let end = self.b.ins().udiv_imm_u(end, group);
+            let end = self.b.ins().imul_imm_s(end, per);
             let last = self.b.ins().iadd_imm_s(end, -1);
             for idx in [first, last] {
                 let inside = self.checked_index(buf, idx, 1).1;
                 ok = self.b.ins().band(ok, inside);
             }
-        }
-        if let Some(c) = p.counts {
-            let last = self.b.ins().iconst(types::I64, g.oh * g.ow - 1);
-            let inside = self.checked_index(c.0, last, 1).1;
-            ok = self.b.ins().band(ok, inside);
         }
         self.b.ins().brif(ok, call, &[], cont, &[]);
         self.b.switch_to_block(call);

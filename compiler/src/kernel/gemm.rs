@@ -12,7 +12,7 @@
 
 use super::common::{buffer, copy, copy_short, guarded, phase_split, subsample, Copied, Epilogue, Node, Phased, Ref, Tables};
 use super::pool::{pool, pool_launch};
-use super::{e, Access, BRows, Buf, Expr, Gemm, Kb, Taps, Tier, LANES};
+use super::{e, Access, BRows, Buf, Call, Expr, Gemm, Kb, Routine, Taps, Tier, TransposeGeo, LANES};
 use cnnc_runtime::exec::Buffer;
 use cnnc_runtime::op::{Conv2d, Linear};
 use cnnc_runtime::Op;
@@ -274,26 +274,40 @@ fn turned_conv(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue, [oh, ow]: [us
     let yt = t.store(rows * co);
     let weights = (n.params[0].data(), n.params.get(1).map(|b| b.data()));
     turned(t, n.name, [rows, k, co], xp, weights, |v| v, ep.relu_on_sum(), yt);
-    // y[img][f][pix] = Yᵀ[img·p + pix][f] (+ residual, then ReLU); one task per image and 16 channels,
-    // which read a cache line of Yᵀ per pixel and write 16 rows of Y in step.
-    const F: usize = 16;
-    let mut kb = Kb::new(name("transpose"), n.batch * co.div_ceil(F));
-    let (tb, yb) = (kb.buf("yt", rows * co, Access::Read), kb.buf("y", rows * co, Access::Write));
-    let rb = ep.add.map(|_| kb.buf("residual", rows * co, Access::Read));
+    // y[img][f][pix] = Yᵀ[img·p + pix][f] (+ residual, then ReLU): one item per image and 16 channels,
+    // natively on AVX-512 where the channels come in 16s (one 16 × 16 transpose per 16 pixels).
+    let mut kb = Kb::new(name("transpose"), n.batch * co.div_ceil(16));
+    let (x, y) = (kb.buf("yt", rows * co, Access::Read), kb.buf("y", rows * co, Access::Write));
+    let extra = ep.add.map(|_| kb.buf("residual", rows * co, Access::Read));
     let (lo, hi) = kb.range();
-    kb.for_(lo, hi, |kb, it| {
+    let geo = TransposeGeo { p: p as i64, co: co as i64, relu: i64::from(ep.add.is_some() && ep.relu) };
+    let call = Call { routine: Routine::Transpose(geo), x, y, extra, lo, hi };
+    match t.tier == Tier::Avx512 && co.is_multiple_of(16) {
+        true => kb.call(call),
+        false => transpose_loops(&mut kb, &geo, &call),
+    }
+    t.launch(kb.finish(), [vec![yt, n.out.0], ep.add.into_iter().collect()].concat(), 0);
+}
+
+/// The loops of [`Routine::Transpose`] call `c` (its portable form, and the cuda backend's): per item
+/// (image, 16 channels), 4 pixels × 4 channels at a time, 4 vectors of Yᵀ turned into 4 of Y, which
+/// read a cache line of Yᵀ per pixel and write 16 rows of Y in step; the residual added, then ReLU.
+pub fn transpose_loops(kb: &mut Kb, g: &TransposeGeo, c: &Call) {
+    const F: usize = 16;
+    let ([p, co], relu) = ([g.p, g.co].map(|v| v as usize), g.relu != 0);
+    let (tb, yb, rb) = (c.x, c.y, c.extra);
+    kb.for_(c.lo.clone(), c.hi.clone(), |kb, it| {
         let (img, f0) = (kb.let_(it.clone() / co.div_ceil(F)), kb.let_(it % co.div_ceil(F) * F));
         let f1 = kb.let_((f0.clone() + F).min(co));
         // Y at `at` from Yᵀ's `v` (vectors or not): the residual added, then ReLU.
         let put = |kb: &mut Kb, at: Expr, v: Expr, vec: bool| {
             let v = match rb {
-                Some(rb) if ep.relu => (v + rb.load(at.clone(), vec)).max(e(0.0f32).lanes(vec)),
+                Some(rb) if relu => (v + rb.load(at.clone(), vec)).max(e(0.0f32).lanes(vec)),
                 Some(rb) => v + rb.load(at.clone(), vec),
                 None => v,
             };
             kb.store(yb, at, v)
         };
-        // 4 pixels × 4 channels at a time, 4 vectors of Yᵀ turned into 4 of Y.
         let quads = if co.is_multiple_of(LANES) { p / LANES * LANES } else { 0 };
         kb.for_step(0usize, quads, LANES as i64, |kb, pix| {
             let from = kb.let_((img.clone() * p + pix.clone()) * co);
@@ -315,7 +329,6 @@ fn turned_conv(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue, [oh, ow]: [us
             });
         });
     });
-    t.launch(kb.finish(), [vec![yt, n.out.0], ep.add.into_iter().collect()].concat(), 0);
 }
 
 /// How the portable tile covers `cols` ≤ NR columns: (first column, columns, width) — the whole vectors

@@ -27,7 +27,7 @@ mod program;
 mod winograd;
 
 pub use crate::target::Tier;
-pub use pool::expand as expand_pools;
+pub use ops::expand_calls;
 pub use program::{listing_after, program, program_each, program_with, Launch, Lowering, Pass, Program, Slot, ALIGN};
 pub use winograd::Winograd;
 
@@ -165,8 +165,8 @@ pub enum Stmt {
     },
     /// One GEMM tile, for backends with their own microkernel (see [`Gemm`]).
     Gemm(Box<Gemm>),
-    /// Pooling of whole planes by a native routine, for the assembled tiers (see [`Pool`]).
-    Pool(Box<Pool>),
+    /// A native routine of the assembled tiers over items `lo..hi` (see [`Call`]).
+    Call(Box<Call>),
     /// Every thread of the block waits here until all have arrived; their [`Access::Shared`] stores
     /// before it are visible to all after it. Every thread of a block must reach the same barriers
     /// (GPU-shaped kernels only).
@@ -223,22 +223,44 @@ pub struct Gemm {
     pub add: Option<Buf>,
 }
 
-/// Max or average pooling of planes `lo..hi` of `x` into `y` (plane-major, planes `h·pitch` and
-/// `oh·ow` elements apart), by the assembled tiers' native routine ([`crate::jit::pool`]): the values
-/// of [`pool::pool`]'s loops, whose separable order it keeps (rows, then columns). `counts` holds an
-/// average's per-output divisors with `exclude_pad`.
+/// A routine the assembled tiers run natively (Rust compiled for their vectors, [`crate::jit::native`])
+/// over items `lo..hi` of the launch, from `x` into `y`, with `extra` where the routine reads one (a
+/// pooling's divisors with `exclude_pad`, a transpose's residual). Other backends run the loops the
+/// portable tier builds instead ([`expand_calls`]): the same values, rounding for rounding.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Pool {
+pub struct Call {
+    pub routine: Routine,
     pub x: Buf,
     pub y: Buf,
-    pub counts: Option<Buf>,
+    pub extra: Option<Buf>,
     pub lo: Expr,
     pub hi: Expr,
-    pub geo: PoolGeo,
 }
 
-/// A [`Pool`]'s geometry, as the native routine reads it (`#[repr(C)]`, baked into the code): `kind`
-/// is [`PoolGeo::MAX`], [`PoolGeo::AVG`] (divided by the window's size) or [`PoolGeo::AVG_COUNTS`].
+/// The native routines, each with its geometry as the routine reads it (`#[repr(C)]` integers, baked
+/// into the code as data).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Routine {
+    /// Max or average pooling of planes (planes `h·pitch` and `oh·ow` elements apart), separably:
+    /// `pool::pool`'s order (rows, then columns).
+    Pool(PoolGeo),
+    /// A turned convolution's output: per item (image, 16 channels), `y[img][f][pix] = yt[img·p +
+    /// pix][f]`, plus the residual, then ReLU (`gemm::turned_conv`'s `transpose`).
+    Transpose(TransposeGeo),
+}
+
+/// A [`Routine::Transpose`]'s geometry: `p` pixels and `co` channels (a multiple of 16) per image,
+/// `relu` 1 to apply it after the residual.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TransposeGeo {
+    pub p: i64,
+    pub co: i64,
+    pub relu: i64,
+}
+
+/// A [`Routine::Pool`]'s geometry: `kind` is [`PoolGeo::MAX`], [`PoolGeo::AVG`] (divided by the
+/// window's size) or [`PoolGeo::AVG_COUNTS`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PoolGeo {
@@ -618,8 +640,8 @@ impl Kb {
         self.push(Stmt::Gemm(Box::new(g)));
     }
 
-    pub fn pool(&mut self, p: Pool) {
-        self.push(Stmt::Pool(Box::new(p)));
+    pub fn call(&mut self, c: Call) {
+        self.push(Stmt::Call(Box::new(c)));
     }
 
     pub fn if_(&mut self, cond: Expr, then: impl FnOnce(&mut Kb)) {
@@ -714,13 +736,18 @@ fn write_block(f: &mut fmt::Formatter<'_>, body: &[Stmt], depth: usize) -> fmt::
                     "{pad}gemm(b{a}[{a0}], b{bias}[{bias0}], b{b}[{b0}] -> b{c}[{c0}]; {rows_b}, ldc {ldc}, depth {depth}, rows {rows}, cols {cols}{flags})"
                 )?
             }
-            Stmt::Pool(p) => {
-                let Pool { x, y, counts, lo, hi, geo: g } = &**p;
-                let kind = ["max", "avg", "avg counted"][g.kind as usize];
-                let counts = counts.map_or(String::new(), |c| format!(", counts b{}", c.0));
-                let ([kh, kw], [sh, sw], [ph, pw]) = (g.kernel, g.stride, g.pad);
-                let geo = format!("{kh}x{kw}/{sh}x{sw} pad {ph}x{pw}, {}x{} (pitch {}) -> {}x{}", g.h, g.w, g.pitch, g.oh, g.ow);
-                writeln!(f, "{pad}pool {kind}(b{}[planes {lo}..{hi}] -> b{}; {geo}{counts})", x.0, y.0)?
+            Stmt::Call(c) => {
+                let Call { routine, x, y, extra, lo, hi } = &**c;
+                let extra = extra.map_or(String::new(), |b| format!(", b{}", b.0));
+                let what = match routine {
+                    Routine::Pool(g) => {
+                        let kind = ["max", "avg", "avg counted"][g.kind as usize];
+                        let ([kh, kw], [sh, sw], [ph, pw]) = (g.kernel, g.stride, g.pad);
+                        format!("pool({kind} {kh}x{kw}/{sh}x{sw} pad {ph}x{pw}, {}x{} (pitch {}) -> {}x{}", g.h, g.w, g.pitch, g.oh, g.ow)
+                    }
+                    Routine::Transpose(g) => format!("transpose({} pixels x {} channels{}", g.p, g.co, if g.relu != 0 { ", relu" } else { "" }),
+                };
+                writeln!(f, "{pad}call {what}; b{}[{lo}..{hi}] -> b{}{extra})", x.0, y.0)?
             }
             Stmt::Barrier => writeln!(f, "{pad}barrier")?,
             Stmt::If { cond, then, els } => {

@@ -11,7 +11,7 @@
 //! depends on its place.)
 
 use super::common::{Epilogue, Node, Tables};
-use super::{e, elementwise, gemm, gemv, gpu, pool, winograd};
+use super::{e, elementwise, gemm, gemv, gpu, pool, winograd, Kb, Kernel, Routine, Stmt};
 use cnnc_runtime::op::{window_out, Conv2d, FusedBase, Linear};
 use cnnc_runtime::Op;
 
@@ -69,4 +69,27 @@ fn conv(t: &mut Tables, n: &Node, c: &Conv2d, ep: Epilogue) {
         Some(f) => winograd::lower(t, n, c, f, ep, out),
         None => gemm::conv(t, n, c, ep, out),
     }
+}
+
+/// `k` with every [`Stmt::Call`] replaced by the loops the portable tier builds for its routine: for a
+/// backend without the native routines (the cuda backend printing an assembled tier's program).
+pub fn expand_calls(k: &Kernel) -> Kernel {
+    fn go(kb: &mut Kb, body: &[Stmt]) -> Vec<Stmt> {
+        let mut out = vec![];
+        for s in body {
+            match s {
+                Stmt::For { var, lo, hi, step, body } => out.push(Stmt::For { var: *var, lo: lo.clone(), hi: hi.clone(), step: *step, body: go(kb, body) }),
+                Stmt::If { cond, then, els } => out.push(Stmt::If { cond: cond.clone(), then: go(kb, then), els: go(kb, els) }),
+                Stmt::Call(c) => out.extend(kb.block(|kb| match &c.routine {
+                    Routine::Pool(g) => pool::call_loops(kb, g, c),
+                    Routine::Transpose(g) => gemm::transpose_loops(kb, g, c),
+                })),
+                s => out.push(s.clone()),
+            }
+        }
+        out
+    }
+    let mut kb = Kb::resume(k);
+    let body = go(&mut kb, &k.body);
+    Kernel { body, ..kb.finish() }
 }

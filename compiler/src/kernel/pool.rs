@@ -5,7 +5,7 @@
 //! stack; the order depends only on the shape, never on the tier or the thread count.
 
 use super::common::{overlapping_vector_loop, Node, Ref, Tables};
-use super::{e, Access, Buf, Expr, Kb, Kernel, Pool, PoolGeo, Stmt, LANES};
+use super::{e, Access, Buf, Call, Expr, Kb, PoolGeo, Routine, LANES};
 use cnnc_runtime::op::Pool2d;
 use cnnc_runtime::Op;
 
@@ -87,36 +87,18 @@ pub fn pool(
         let [kernel, stride, pad] = [p.kernel, p.stride, p.pad].map(|v| v.map(|v| v as i64));
         let [h, w, pitch, oh, ow] = [h, w, pitch, oh, ow].map(|v| v as i64);
         let geo = PoolGeo { kind, kernel, stride, pad, h, w, pitch, oh, ow };
-        return kb.pool(Pool { x, y, counts: avg.flatten(), lo, hi, geo });
+        return kb.call(Call { routine: Routine::Pool(geo), x, y, extra: avg.flatten(), lo, hi });
     }
     loops(kb, p, avg, x, y, lo, hi, [h, w, pitch], [oh, ow])
 }
 
-/// `k` with every [`Stmt::Pool`] replaced by the loops [`pool`] builds without `native`: for a backend
-/// without the native routine (the cuda backend printing a CPU tier's program).
-pub fn expand(k: &Kernel) -> Kernel {
-    fn go(kb: &mut Kb, body: &[Stmt]) -> Vec<Stmt> {
-        let mut out = vec![];
-        for s in body {
-            match s {
-                Stmt::For { var, lo, hi, step, body } => out.push(Stmt::For { var: *var, lo: lo.clone(), hi: hi.clone(), step: *step, body: go(kb, body) }),
-                Stmt::If { cond, then, els } => out.push(Stmt::If { cond: cond.clone(), then: go(kb, then), els: go(kb, els) }),
-                Stmt::Pool(n) => {
-                    let g = n.geo;
-                    let [kernel, stride, pad] = [g.kernel, g.stride, g.pad].map(|v| v.map(|v| v as usize));
-                    let p = Pool2d { kernel, stride, pad, cover_all: false, exclude_pad: g.kind == PoolGeo::AVG_COUNTS };
-                    let avg = (g.kind != PoolGeo::MAX).then_some(n.counts);
-                    let [h, w, pitch, oh, ow] = [g.h, g.w, g.pitch, g.oh, g.ow].map(|v| v as usize);
-                    out.extend(kb.block(|kb| loops(kb, &p, avg, n.x, n.y, n.lo.clone(), n.hi.clone(), [h, w, pitch], [oh, ow])));
-                }
-                s => out.push(s.clone()),
-            }
-        }
-        out
-    }
-    let mut kb = Kb::resume(k);
-    let body = go(&mut kb, &k.body);
-    Kernel { body, ..kb.finish() }
+/// The loops [`pool`] builds without `native` for the call `c` of [`Routine::Pool`] `g`.
+pub fn call_loops(kb: &mut Kb, g: &PoolGeo, c: &Call) {
+    let [kernel, stride, pad] = [g.kernel, g.stride, g.pad].map(|v| v.map(|v| v as usize));
+    let p = Pool2d { kernel, stride, pad, cover_all: false, exclude_pad: g.kind == PoolGeo::AVG_COUNTS };
+    let avg = (g.kind != PoolGeo::MAX).then_some(c.extra);
+    let [h, w, pitch, oh, ow] = [g.h, g.w, g.pitch, g.oh, g.ow].map(|v| v as usize);
+    loops(kb, &p, avg, c.x, c.y, c.lo.clone(), c.hi.clone(), [h, w, pitch], [oh, ow])
 }
 
 /// [`pool`]'s loops.

@@ -14,7 +14,7 @@
 //! loops and conditionals become labels and predicated branches, and each IR operation is printed from a
 //! table of instruction templates ([`INT_OPS`], [`FLOAT_OPS`]). `Stmt::Gemm` (the assembled tiers' tiles) is
 //! expanded into scalar IR loops with the tile's documented semantics before printing ([`expand_gemm`]),
-//! and `Stmt::Pool` (their native pooling) into the portable tier's loops (`kernel::expand_pools`).
+//! and `Stmt::Call` (their native routines) into the portable tier's loops (`kernel::expand_calls`).
 //!
 //! Arithmetic is the JIT's: `add/sub/mul/div.rn.f32` (the `.rn` forbids ptxas from contracting a
 //! multiply and an add into an FMA), `fma.rn.f32` for `fma`, and `min/max.NaN.f32`, which propagate NaN
@@ -164,7 +164,7 @@ struct Base {
 
 /// Prints launch `index`.
 fn entry(index: usize, k: &Kernel, slots: &[Slot], mr: usize) -> Result<String, String> {
-    let k = crate::kernel::expand_pools(&expand_gemm(k, mr));
+    let k = crate::kernel::expand_calls(&expand_gemm(k, mr));
     let mut written = vec![false; k.bufs.len()];
     Stmt::visit(&k.body, &mut |s| {
         if let Stmt::Store { buf, .. } = s {
@@ -434,7 +434,7 @@ impl Gen {
                 self.code += &format!("{end}:\n");
             }
             Stmt::Gemm(_) => return Err("a gemm statement survived expansion".into()),
-            Stmt::Pool(_) => return Err("a pooling statement survived expansion".into()),
+            Stmt::Call(_) => return Err("a native call survived expansion".into()),
             Stmt::Barrier => self.ins("bar.sync 0"),
         }
         Ok(())

@@ -1,12 +1,14 @@
-//! Native pooling: the routine the JIT calls for a [`Stmt::Pool`](crate::kernel::Stmt::Pool) on the
-//! assembled tiers. Cranelift's vectors are four lanes wide; this is plain Rust compiled for AVX-512 and
-//! for AVX2, whose fixed-width chunks LLVM turns into 16- or 8-lane vectors.
-//! Invariant left: the values of `kernel::pool::pool`'s separable loops, rounding for rounding (a row
-//! reduction over ky from the identity, then a window of kw cells in kx order, then the divisor), with
-//! the JIT's max (the later operand between equal values, so between zeros of both signs; a NaN
-//! operand gives a NaN).
+//! The native routines the JIT calls for a [`Stmt::Call`](crate::kernel::Stmt::Call) on the assembled
+//! tiers: Cranelift's vectors are four lanes wide; these are Rust compiled for AVX-512 and for AVX2.
+//! Pooling: plain code whose fixed-width chunks LLVM turns into 16- or 8-lane vectors. Transposes:
+//! 16 × 16 blocks of AVX-512 intrinsics.
+//! Invariant left: the values of the loops the portable tier builds for the same call, rounding for
+//! rounding. Pooling keeps `kernel::pool::pool`'s separable order (a row reduction over ky from the
+//! identity, then a window of kw cells in kx order, then the divisor) and the JIT's max (the later
+//! operand between equal values, so between zeros of both signs; a NaN operand gives a NaN); the
+//! transpose adds the residual, then applies the JIT's ReLU (`a < 0 ? 0 : a`).
 
-use crate::kernel::PoolGeo;
+use crate::kernel::{PoolGeo, TransposeGeo};
 
 /// The reduction of a pooling: its identity (what padding reads) and its operation.
 trait Reduce {
@@ -258,4 +260,86 @@ pub unsafe extern "C" fn cnnc_pool_avx512(geo: *const PoolGeo, x: *const f32, y:
 pub unsafe extern "C" fn cnnc_pool_avx2(geo: *const PoolGeo, x: *const f32, y: *mut f32, counts: *const f32, lo: i64, hi: i64) {
     #[cfg(target_arch = "x86_64")]
     pool_avx2(&*geo, x, y, counts, lo, hi)
+}
+
+/// Items `lo..hi` of a [`TransposeGeo`] (item: image, 16 channels) from `yt` into `y`, adding
+/// `residual` (laid out as `y`; null: none) and then, with `relu`, ReLU: 16 pixels at a time, the last
+/// block's missing pixels masked off.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_avx512(g: &TransposeGeo, yt: *const f32, y: *mut f32, residual: *const f32, lo: i64, hi: i64) {
+    use std::arch::x86_64::*;
+    let [p, co] = [g.p, g.co].map(|v| v as usize);
+    let groups = co / 16;
+    for item in lo as usize..hi.max(lo) as usize {
+        let (img, f0) = (item / groups, item % groups * 16);
+        let (from, to) = (yt.add(img * p * co + f0), img * co * p + f0 * p);
+        for pix in (0..p).step_by(16) {
+            let n = (p - pix).min(16);
+            let mask: __mmask16 = ((1u32 << n) - 1) as u16;
+            // Row i: pixel pix + i's 16 channels (zeros past the last pixel).
+            let r: [__m512; 16] = std::array::from_fn(|i| if i < n { _mm512_loadu_ps(from.add((pix + i) * co)) } else { _mm512_setzero_ps() });
+            for (j, mut v) in transpose16(r).into_iter().enumerate() {
+                let at = to + j * p + pix;
+                if !residual.is_null() {
+                    v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, residual.add(at)));
+                    if g.relu != 0 {
+                        // maxps(0, v) is v unless 0 > v: the JIT's ReLU, −0 and NaN kept.
+                        v = _mm512_max_ps(_mm512_setzero_ps(), v);
+                    }
+                }
+                _mm512_mask_storeu_ps(y.add(at), mask, v);
+            }
+        }
+    }
+}
+
+/// The transpose of 16 rows of 16 lanes: lane i of row j becomes lane j of row i.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn transpose16(r: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86_64::__m512; 16] {
+    use std::arch::x86_64::*;
+    // Pairs of rows interleaved (2 × 2 blocks), then pairs of pairs (4 × 4), then 128-bit lanes twice.
+    let t: [__m512; 16] = std::array::from_fn(|i| {
+        let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_ps(a, b)
+        } else {
+            _mm512_unpackhi_ps(a, b)
+        }
+    });
+    let u: [__m512; 16] = std::array::from_fn(|i| {
+        let (a, b) = (t[i / 4 * 4 + i % 4 / 2], t[i / 4 * 4 + i % 4 / 2 + 2]);
+        if i % 2 == 0 {
+            _mm512_shuffle_ps::<0x44>(a, b)
+        } else {
+            _mm512_shuffle_ps::<0xEE>(a, b)
+        }
+    });
+    let v: [__m512; 16] = std::array::from_fn(|i| {
+        let (a, b) = (u[i / 8 * 8 + i % 4], u[i / 8 * 8 + i % 4 + 4]);
+        if i % 8 < 4 {
+            _mm512_shuffle_f32x4::<0x88>(a, b)
+        } else {
+            _mm512_shuffle_f32x4::<0xDD>(a, b)
+        }
+    });
+    std::array::from_fn(|i| {
+        let (a, b) = (v[i % 8], v[i % 8 + 8]);
+        if i < 8 {
+            _mm512_shuffle_f32x4::<0x88>(a, b)
+        } else {
+            _mm512_shuffle_f32x4::<0xDD>(a, b)
+        }
+    })
+}
+
+/// The AVX-512 tier's transpose: items `lo..hi` of `geo` from `yt` into `y` (element 0 of each),
+/// with `residual` or null.
+///
+/// # Safety
+/// `geo` describes buffers `yt`, `y` and `residual` hold for items `lo..hi`, on a CPU with AVX-512F.
+pub unsafe extern "C" fn cnnc_transpose_avx512(geo: *const TransposeGeo, yt: *const f32, y: *mut f32, residual: *const f32, lo: i64, hi: i64) {
+    #[cfg(target_arch = "x86_64")]
+    transpose_avx512(&*geo, yt, y, residual, lo, hi)
 }
