@@ -194,7 +194,7 @@ impl SpinBarrier {
 /// 2.3 ms per inference of the digits model at 2 threads, every other run of ten.
 fn relax(spins: &mut u32) {
     *spins = spins.wrapping_add(1);
-    if *spins % 256 == 0 {
+    if spins.is_multiple_of(256) {
         std::thread::yield_now();
     } else {
         std::hint::spin_loop();
