@@ -467,6 +467,9 @@ fn build(
     });
     let mut natives = (HashMap::new(), HashMap::new());
     for routine in routines {
+        if natives.1.contains_key(&routine) {
+            continue;
+        }
         let tier = tiles.as_ref().map(|t| t.tier);
         let (name, bytes) = match (routine, tier) {
             (Routine::Pool(g), Some(Tier::Avx512)) => ("cnnc_pool_avx512", repr_bytes(&g)),

@@ -58,8 +58,8 @@ pub fn counts(p: &Pool2d, [h, w]: [usize; 2], [oh, ow]: [usize; 2]) -> Vec<f32> 
 /// window that is 4 adds instead of 8, each chain two deep instead of eight, and no scalar windows at
 /// the edges (a scalar costs what a vector of four does; measured: docs/benchmarks.md).
 ///
-/// With `native` (the assembled tiers), the separable form of rows of 8 outputs or more is one [`Pool`]
-/// statement instead: the JIT's routine reduces in the same order, on the CPU's widest vectors.
+/// With `native` (the assembled tiers), the separable form of rows of 8 outputs or more is one [`Call`]
+/// of [`Routine::Pool`] instead: the JIT's routine reduces in the same order, on the CPU's widest vectors.
 #[allow(clippy::too_many_arguments)]
 pub fn pool(
     kb: &mut Kb,
