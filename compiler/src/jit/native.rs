@@ -8,7 +8,7 @@
 //! operand between equal values, so between zeros of both signs; a NaN operand gives a NaN); the
 //! transpose adds the residual, then applies the JIT's ReLU (`a < 0 ? 0 : a`).
 
-use crate::kernel::{PoolGeo, TransposeGeo};
+use crate::kernel::{row_cells, PoolGeo, TransposeGeo};
 
 /// The reduction of a pooling: its identity (what padding reads) and its operation.
 trait Reduce {
@@ -168,7 +168,7 @@ unsafe fn planes<R: Reduce, const K: usize>(g: &PoolGeo, x: *const f32, y: *mut 
     let u = |v: i64| v as usize;
     let [h, w, pitch, oh, ow] = [g.h, g.w, g.pitch, g.oh, g.ow].map(u);
     let ([kh, kw], [sh, sw], [ph, pw]) = (g.kernel.map(u), g.stride.map(u), g.pad.map(u));
-    let width = pw + w + ((ow - 1) * sw + kw).saturating_sub(pw + w);
+    let width = row_cells([pw, sw, kw], w, ow);
     let g = Geo { kernel: [kh, kw], stride: [sh, sw], pad: [ph, pw], h, w, pitch, oh, ow, width };
     // Row reductions for two planes (and 32 cells that only lanes a stride-2 window skips read): a
     // plane's windows are taken after the next plane's rows, when their stores have left the store
@@ -217,15 +217,17 @@ unsafe fn planes<R: Reduce, const K: usize>(g: &PoolGeo, x: *const f32, y: *mut 
 #[inline(always)]
 unsafe fn pool(g: &PoolGeo, x: *const f32, y: *mut f32, counts: *const f32, lo: i64, hi: i64) {
     let range = [lo as usize, hi.max(lo) as usize];
+    let finish = match g.kind {
+        PoolGeo::MAX => Finish::Keep,
+        PoolGeo::AVG => Finish::Div((g.kernel[0] * g.kernel[1]) as f32),
+        _ => Finish::Counts(counts),
+    };
     // 3×3 windows (nearly all of them) with their taps unrolled.
-    let three = g.kernel == [3, 3];
-    match (g.kind, three) {
-        (PoolGeo::MAX, true) => planes::<Max, 3>(g, x, y, Finish::Keep, range),
-        (PoolGeo::MAX, false) => planes::<Max, 0>(g, x, y, Finish::Keep, range),
-        (PoolGeo::AVG, true) => planes::<Sum, 3>(g, x, y, Finish::Div(9.0), range),
-        (PoolGeo::AVG, false) => planes::<Sum, 0>(g, x, y, Finish::Div((g.kernel[0] * g.kernel[1]) as f32), range),
-        (_, true) => planes::<Sum, 3>(g, x, y, Finish::Counts(counts), range),
-        (_, false) => planes::<Sum, 0>(g, x, y, Finish::Counts(counts), range),
+    match (g.kind == PoolGeo::MAX, g.kernel == [3, 3]) {
+        (true, true) => planes::<Max, 3>(g, x, y, finish, range),
+        (true, false) => planes::<Max, 0>(g, x, y, finish, range),
+        (false, true) => planes::<Sum, 3>(g, x, y, finish, range),
+        (false, false) => planes::<Sum, 0>(g, x, y, finish, range),
     }
 }
 

@@ -28,6 +28,7 @@ mod winograd;
 
 pub use crate::target::Tier;
 pub use ops::expand_calls;
+pub use pool::row_cells;
 pub use program::{listing_after, program, program_each, program_with, Launch, Lowering, Pass, Program, Slot, ALIGN};
 pub use winograd::Winograd;
 

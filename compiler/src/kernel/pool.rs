@@ -75,7 +75,7 @@ pub fn pool(
 ) {
     // The separable form keeps one plane's row reductions on the task's stack; planes too large for
     // that (over 64 KiB of them: worker threads have 2 MiB stacks) take the direct form, window by window.
-    let separable = oh * row_cells(p, w, ow) * 4 <= 64 << 10;
+    let separable = oh * row_cells([p.pad[1], p.stride[1], p.kernel[1]], w, ow) * 4 <= 64 << 10;
     // Rows of 8 outputs or more: narrower ones (the digits model's 4 and 2, a global average's 1) pay
     // more for the call and its setup than the loops, whose constants the JIT builds in.
     if native && separable && ow >= 8 {
@@ -119,7 +119,7 @@ fn loops(kb: &mut Kb, p: &Pool2d, avg: Option<Option<Buf>>, x: Buf, y: Buf, lo: 
     // the right (a ceil-mode window may end past the right padding), `stride` apart: every window then
     // reduces kw cells, as a clipped one would its cells inside (max(−∞, a) = a, 0 + a = a, in the same
     // order), and all outputs go four at a time.
-    let (left, stride) = (p.pad[1], row_cells(p, w, ow));
+    let (left, stride) = (p.pad[1], row_cells([p.pad[1], p.stride[1], p.kernel[1]], w, ow));
     if oh * stride * 4 > 64 << 10 {
         // Window by window in (ky, kx) order; with stride 1 the windows inside the row (ox − pad ≥ 0 and
         // ox − pad + kw ≤ w) four at a time.
@@ -217,10 +217,11 @@ fn loops(kb: &mut Kb, p: &Pool2d, avg: Option<Option<Buf>>, x: Buf, y: Buf, lo: 
     });
 }
 
-/// The cells of a row of row reductions: `pad` cells of the identity, the `w` columns, and as many
-/// more as the last of `ow` windows needs.
-pub fn row_cells(p: &Pool2d, w: usize, ow: usize) -> usize {
-    p.pad[1] + w + ((ow - 1) * p.stride[1] + p.kernel[1]).saturating_sub(p.pad[1] + w)
+/// The cells of a row of row reductions (for the loops and the native routine alike): `pad` cells of
+/// the identity, the `w` columns, and as many more as the last of `ow` windows (kw wide, `stride`
+/// apart) needs.
+pub fn row_cells([pad, stride, kw]: [usize; 3], w: usize, ow: usize) -> usize {
+    pad + w + ((ow - 1) * stride + kw).saturating_sub(pad + w)
 }
 
 /// The outputs along `axis` whose window lies inside `0..size` (o·s − pad ≥ 0 and o·s − pad + k ≤
